@@ -1,0 +1,18 @@
+"""gradserve.engine: computational graphs, forward and reverse mode, the mode planner.
+
+Depends on numpy only; knows nothing of gRPC or protobuf.
+"""
+
+from .errors import (DifferentiationError, DTypeError, EngineError, GraphError, InputError,
+                     ResourceLimitError, ShapeError)
+from .ir import DTYPES, FLOAT_DTYPES, Graph, Input, Node
+from .ops import OPS, AttrSpec, OpDef
+from .plan import JacobianResult, JVPResult, Plan, VJPResult, compile
+from .planner import REVERSE_COST_RATIO, ModeDecision, plan_mode
+
+__all__ = [
+    "AttrSpec", "DTYPES", "DifferentiationError", "DTypeError", "EngineError", "FLOAT_DTYPES",
+    "Graph", "GraphError", "Input", "InputError", "JacobianResult", "JVPResult", "ModeDecision",
+    "Node", "OPS", "OpDef", "Plan", "REVERSE_COST_RATIO", "ResourceLimitError", "ShapeError",
+    "VJPResult", "compile", "plan_mode",
+]

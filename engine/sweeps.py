@@ -1,0 +1,93 @@
+"""The three sweeps over a Plan's prepared steps: values, forward mode, reverse mode.
+
+Each is one flat loop (no recursion), so graph depth is bounded by memory only.
+The loops special-case one and two inputs: for small tensors the interpreter's
+own overhead is most of the cost, and building argument lists shows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+
+class Step(NamedTuple):
+    node: str
+    op: str
+    eval: Callable
+    jvp: Callable
+    vjp: Callable
+    ins: tuple  # input slots
+    out: int  # output slot
+    free: tuple = ()  # slots last used here (not outputs): freed after the step
+    drop: tuple = ()  # of those, the ones no vjp reads: only their shape is kept
+
+
+class Stub(NamedTuple):
+    """What the reverse sweep keeps of a value no vjp reads: its shape."""
+
+    shape: tuple
+    dtype: np.dtype
+    ndim: int
+
+
+def _args(vals, ins):
+    n = len(ins)
+    if n == 1:
+        return (vals[ins[0]],)
+    if n == 2:
+        return (vals[ins[0]], vals[ins[1]])
+    return tuple([vals[i] for i in ins])
+
+
+def values_sweep(steps, vals):
+    for _, _, ev, _, _, ins, out, free, _ in steps:
+        vals[out] = ev(*_args(vals, ins))
+        for s in free:
+            vals[s] = None
+
+
+def forward_sweep(steps, vals, tans):
+    """Values and tangents in one sweep; a node with no tangent in is skipped."""
+    for _, _, ev, jvp, _, ins, out, free, _ in steps:
+        xs = _args(vals, ins)
+        ans = vals[out] = ev(*xs)
+        ts = _args(tans, ins)
+        for t in ts:
+            if t is not None:
+                tans[out] = jvp(ts, xs, ans)
+                break
+        for s in free:
+            vals[s] = tans[s] = None
+
+
+def reverse_sweep(steps, vals, seeds, needs):
+    """Values forward (keeping what the vjps read), then cotangents backward,
+    summed where a value fans out. `needs[j]` lists the input positions of step
+    j that lead back to a differentiated input. Returns the cotangent per slot."""
+    for _, _, ev, _, _, ins, out, _, drop in steps:
+        vals[out] = ev(*_args(vals, ins))
+        for s in drop:
+            v = vals[s]
+            vals[s] = Stub(v.shape, v.dtype, v.ndim)
+    cots = [None] * len(vals)
+    for s, g in seeds.items():
+        cots[s] = g
+    for j in range(len(steps) - 1, -1, -1):
+        positions = needs[j]
+        if not positions:
+            continue
+        _, _, _, _, vjp, ins, out, _, _ = steps[j]
+        g = cots[out]
+        if g is None:
+            continue
+        cots[out] = None
+        xs = _args(vals, ins)
+        ans = vals[out]
+        for pos in positions:
+            gi = vjp(pos, g, xs, ans)
+            i = ins[pos]
+            prev = cots[i]
+            cots[i] = gi if prev is None else prev + gi
+    return cots

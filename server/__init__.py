@@ -1,0 +1,1 @@
+"""gradserve.server: the gRPC service around the engine, and the `gradserve` command."""
