@@ -1,0 +1,10 @@
+"""gradserve.client: build graphs and talk to a gradserve server.
+
+Imports the wire API (gradserve.v1) only, never the engine: a user can install
+the package and talk to a remote server.
+"""
+
+from .builder import GraphBuilder, Value
+from .client import Client, DifferentiateSession, Planner, Result
+
+__all__ = ["Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result", "Value"]

@@ -1,0 +1,272 @@
+"""Client: numpy arrays in, values and derivatives out, over gRPC.
+
+A graph (a GraphBuilder or a Graph proto) is registered once per client and
+then sent by id. When a server answers NOT_FOUND (it restarted, or another
+replica answered) the client registers again and retries once; UNAVAILABLE is
+retried with exponential backoff; every call has a deadline. Arrays in results
+are read-only views of the received bytes (np.array(a) makes a writable copy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+import grpc
+import numpy as np
+
+from gradserve.v1 import gradient_service_pb2 as pb
+from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
+from gradserve.v1 import graph_pb2
+from gradserve.v1.codec import fill_tensors, from_tensor, from_tensors
+
+from .builder import GraphBuilder
+
+MODES = {"auto": pb.MODE_AUTO, "forward": pb.MODE_FORWARD, "reverse": pb.MODE_REVERSE}
+MODE_NAMES = {pb.MODE_FORWARD: "forward", pb.MODE_REVERSE: "reverse"}
+MAX_MESSAGE_BYTES = 256 << 20
+_STREAM_END = object()
+
+
+@dataclass(frozen=True)
+class Planner:
+    """The server's mode decision and its figures (costs in forward sweeps)."""
+
+    mode: str
+    n: int
+    m: int
+    cost_forward: float
+    cost_reverse: float
+    reason: str
+
+
+@dataclass
+class Result:
+    outputs: dict
+    jacobian: dict = field(default_factory=dict)  # (of, wrt) -> of.shape + wrt.shape
+    tangents: dict = field(default_factory=dict)  # JVP: output name -> tangent
+    cotangents: dict = field(default_factory=dict)  # VJP: input name -> cotangent
+    mode: str = ""
+    planner: Planner | None = None
+    graph_id: str = ""
+    request_id: str = ""
+
+
+def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
+    p = reply.planner
+    return Result(
+        outputs=from_tensors(reply.outputs, "outputs"),
+        jacobian={(b.of, b.wrt): from_tensor(b.value, f"jacobian[{b.of}, {b.wrt}]")
+                  for b in reply.jacobian},
+        tangents=from_tensors(reply.tangents, "tangents"),
+        cotangents=from_tensors(reply.cotangents, "cotangents"),
+        mode=MODE_NAMES.get(reply.mode, ""),
+        planner=Planner(MODE_NAMES.get(p.mode, ""), p.n, p.m, p.cost_forward, p.cost_reverse,
+                        p.reason),
+        graph_id=reply.graph_id, request_id=reply.request_id)
+
+
+def _target(address: str | Iterable[str]) -> tuple[str, list]:
+    """One address, a dns:/// target, or several host:port addresses balanced round-robin."""
+    if isinstance(address, str):
+        return address, []
+    addresses = list(address)
+    if len(addresses) == 1:
+        return addresses[0], []
+    return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
+
+
+class Client:
+    """A connection to a gradserve server (or several replicas).
+
+    `timeout` is each call's deadline in seconds; `retries` how often UNAVAILABLE
+    is retried, waiting `backoff`, then twice as long each time (at most 2 s).
+    """
+
+    def __init__(self, address: str | Iterable[str] = "127.0.0.1:50051", *,
+                 timeout: float = 30.0, retries: int = 5, backoff: float = 0.05,
+                 options: list | None = None):
+        target, lb_options = _target(address)
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *lb_options, *(options or [])])
+        self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
+        self._lock = threading.Lock()
+        self._request_ids = itertools.count(1)
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- calls -------------------------------------------------------------------
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+
+    def register(self, graph: GraphBuilder | graph_pb2.Graph) -> str:
+        """Register a graph (idempotent) and return its id."""
+        return self._register(graph, force=True)
+
+    def evaluate(self, graph, inputs: Mapping[str, np.ndarray]) -> dict:
+        """Output values: name -> array."""
+        request = pb.EvaluateRequest()
+        fill_tensors(request.inputs, inputs)
+        reply = self._by_id(self._stub.Evaluate, graph, request)
+        return from_tensors(reply.outputs, "outputs")
+
+    def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
+                      mode: str = "auto", tangents=None, cotangents=None) -> Result:
+        """Values and derivatives: Jacobian blocks, or a JVP (tangents), or a VJP (cotangents)."""
+        request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents)
+        return result_from_proto(self._by_id(self._stub.Differentiate, graph, request))
+
+    def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto") -> dict:
+        """Jacobian blocks: (of, wrt) -> array shaped of.shape + wrt.shape."""
+        return self.differentiate(graph, inputs, wrt=wrt, of=of, mode=mode).jacobian
+
+    def grad(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
+        """Gradients of one scalar output: wrt name -> array shaped like that input."""
+        result = self.differentiate(graph, inputs, wrt=wrt, of=None if of is None else [of])
+        outs = {o for o, _ in result.jacobian}
+        if len(outs) != 1 or result.outputs[next(iter(outs))].size != 1:
+            raise ValueError("grad needs exactly one scalar output; use jacobian() "
+                             f"(outputs differentiated: {sorted(outs)})")
+        return {w: block.reshape(np.shape(inputs[w])) for (_, w), block in result.jacobian.items()}
+
+    def jvp(self, graph, inputs, tangents) -> tuple[dict, dict]:
+        """Forward mode: (outputs, output tangents)."""
+        r = self.differentiate(graph, inputs, tangents=tangents)
+        return r.outputs, r.tangents
+
+    def vjp(self, graph, inputs, cotangents, *, wrt=None) -> tuple[dict, dict]:
+        """Reverse mode: (outputs, input cotangents)."""
+        r = self.differentiate(graph, inputs, cotangents=cotangents, wrt=wrt)
+        return r.outputs, r.cotangents
+
+    def stream(self, graph) -> "DifferentiateSession":
+        """Many Differentiate steps of one graph over one DifferentiateStream."""
+        return DifferentiateSession(self, graph)
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
+        request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=MODES[mode],
+                                          request_id=str(next(self._request_ids)))
+        fill_tensors(request.inputs, inputs)
+        if tangents is not None:
+            fill_tensors(request.tangents, tangents)
+        if cotangents is not None:
+            fill_tensors(request.cotangents, cotangents)
+        return request
+
+    def _register(self, graph, force=False) -> str:
+        data, key = _serialized(graph)
+        with self._lock:
+            known = self._ids.get(key)
+        if known is not None and not force:
+            return known
+        proto = graph if isinstance(graph, graph_pb2.Graph) else graph_pb2.Graph.FromString(data)
+        graph_id = self._call(self._stub.RegisterGraph,
+                              pb.RegisterGraphRequest(graph=proto)).graph_id
+        with self._lock:
+            self._ids[key] = graph_id
+        return graph_id
+
+    def _by_id(self, method, graph, request):
+        """Send by graph id; on NOT_FOUND register again and retry once."""
+        if isinstance(graph, str):
+            request.graph_id = graph
+            return self._call(method, request)
+        request.graph_id = self._register(graph)
+        try:
+            return self._call(method, request)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        request.graph_id = self._register(graph, force=True)
+        return self._call(method, request)
+
+    def _call(self, method, request):
+        delay = self.backoff
+        for attempt in itertools.count():
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _serialized(graph) -> tuple[bytes, str]:
+    if isinstance(graph, GraphBuilder):
+        return graph.serialized()
+    if isinstance(graph, graph_pb2.Graph):
+        data = graph.SerializeToString(deterministic=True)
+        return data, hashlib.sha256(data).hexdigest()
+    raise TypeError(f"expected a GraphBuilder, a Graph proto or a graph id, not {type(graph)}")
+
+
+class DifferentiateSession:
+    """One open DifferentiateStream: each `differentiate` call sends a request and
+    waits for its reply. On NOT_FOUND the graph is registered again and the
+    stream reopened once; other errors end the session."""
+
+    def __init__(self, client: Client, graph):
+        self._client, self._graph = client, graph
+        self._open()
+
+    def _open(self, force=False):
+        self._graph_id = self._client._register(self._graph, force=force)
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = self._client._stub.DifferentiateStream(
+            iter(self._requests.get, _STREAM_END))
+
+    def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
+                      cotangents=None) -> Result:
+        request = self._client._differentiate_request(inputs, wrt, of, mode, tangents,
+                                                      cotangents)
+        try:
+            return self._send(request)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+        self._open(force=True)
+        return self._send(request)
+
+    def _send(self, request) -> Result:
+        request.graph_id = self._graph_id
+        self._requests.put(request)
+        return result_from_proto(next(self._replies))
+
+    def close(self) -> None:
+        """End the stream: the server finishes it with OK."""
+        self._requests.put(_STREAM_END)
+        try:
+            for _ in self._replies:
+                pass
+        except grpc.RpcError:
+            pass
+
+    def __enter__(self) -> "DifferentiateSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,112 @@
+"""Tensor <-> numpy and Attribute <-> Python values, as the protos define them.
+
+Hand-written, not generated; shared by the server and the client. A Tensor is
+little-endian, C order, len(data) == prod(shape) * itemsize. Decoding is
+np.frombuffer on the received bytes: no copy and no per-element Python work;
+the result is read-only.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import Mapping
+
+import numpy as np
+
+from gradserve.v1 import graph_pb2, tensor_pb2
+
+DTYPES = {
+    tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    tensor_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
+    tensor_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
+}
+WIRE_DTYPES = {dt.name: code for code, dt in DTYPES.items()}
+
+
+class TensorError(ValueError):
+    """A Tensor message that does not describe an array; `field` says which one."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def to_tensor(array) -> tensor_pb2.Tensor:
+    return fill_tensor(tensor_pb2.Tensor(), array)
+
+
+def fill_tensor(t: tensor_pb2.Tensor, array, field: str = "tensor") -> tensor_pb2.Tensor:
+    """Write `array` into the (empty) message `t` in place: one copy of the data."""
+    a = np.asarray(array)
+    code = WIRE_DTYPES.get(a.dtype.name)
+    if code is None:
+        raise TensorError(field, f"unsupported dtype {a.dtype.name} "
+                          f"(supported: {', '.join(WIRE_DTYPES)})")
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    t.dtype = code
+    t.shape.extend(a.shape)
+    t.data = a.tobytes()
+    return t
+
+
+def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
+                max_elements: int | None = None) -> np.ndarray:
+    dtype = DTYPES.get(t.dtype)
+    if dtype is None:
+        name = (tensor_pb2.DataType.Name(t.dtype) if t.dtype in tensor_pb2.DataType.values()
+                else str(t.dtype))
+        raise TensorError(field, f"unsupported dtype {name}")
+    shape = tuple(t.shape)
+    for d in shape:
+        if d < 0:
+            raise TensorError(field, f"negative dimension {d} in shape {list(shape)}")
+    count = prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise TensorLimitError(field, f"{count:,} elements, over the limit of {max_elements:,}")
+    if len(t.data) != count * dtype.itemsize:
+        raise TensorError(field, f"{len(t.data)} data bytes, but shape {list(shape)} of "
+                          f"{dtype.name} needs {count * dtype.itemsize}")
+    return np.frombuffer(t.data, dtype).reshape(shape)
+
+
+class TensorLimitError(TensorError):
+    """A tensor larger than the receiver accepts."""
+
+
+def fill_tensors(field, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write arrays into a map<string, Tensor> field of a message."""
+    for name, a in arrays.items():
+        fill_tensor(field[name], a, f"['{name}']")
+
+
+def from_tensors(tensors, field: str, max_elements: int | None = None) -> dict:
+    return {name: from_tensor(t, f"{field}['{name}']", max_elements)
+            for name, t in tensors.items()}
+
+
+def fill_attribute(attr: graph_pb2.Attribute, value) -> graph_pb2.Attribute:
+    """Write a Python value (bool, int, float, str, or a list of ints or floats) into `attr`."""
+    if isinstance(value, (bool, np.bool_)):
+        attr.b = bool(value)
+    elif isinstance(value, (int, np.integer)):
+        attr.i = int(value)
+    elif isinstance(value, (float, np.floating)):
+        attr.f = float(value)
+    elif isinstance(value, str):
+        attr.s = value
+    elif all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+             for v in value):
+        attr.ints.values.extend(int(v) for v in value)
+    else:
+        attr.floats.values.extend(float(v) for v in value)
+    return attr
+
+
+def attribute_value(attr: graph_pb2.Attribute):
+    """The Python value of an Attribute, or None when no value is set."""
+    which = attr.WhichOneof("value")
+    if which in ("ints", "floats"):
+        return list(getattr(attr, which).values)
+    return None if which is None else getattr(attr, which)

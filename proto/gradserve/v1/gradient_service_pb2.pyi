@@ -1,0 +1,239 @@
+from gradserve.v1 import graph_pb2 as _graph_pb2
+from gradserve.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_AUTO: _ClassVar[Mode]
+    MODE_FORWARD: _ClassVar[Mode]
+    MODE_REVERSE: _ClassVar[Mode]
+MODE_UNSPECIFIED: Mode
+MODE_AUTO: Mode
+MODE_FORWARD: Mode
+MODE_REVERSE: Mode
+
+class PlannerDecision(_message.Message):
+    __slots__ = ("mode", "n", "m", "cost_forward", "cost_reverse", "reason")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    M_FIELD_NUMBER: _ClassVar[int]
+    COST_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    COST_REVERSE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    mode: Mode
+    n: int
+    m: int
+    cost_forward: float
+    cost_reverse: float
+    reason: str
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., cost_forward: _Optional[float] = ..., cost_reverse: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RegisterGraphRequest(_message.Message):
+    __slots__ = ("graph",)
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ...) -> None: ...
+
+class RegisterGraphResponse(_message.Message):
+    __slots__ = ("graph_id",)
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    graph_id: str
+    def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("graph", "graph_id", "inputs")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    graph_id: str
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("outputs", "graph_id")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    graph_id: str
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+
+class DifferentiateRequest(_message.Message):
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id")
+    class InputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class CotangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    OF_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    graph_id: str
+    inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    of: _containers.RepeatedScalarFieldContainer[str]
+    mode: Mode
+    tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    request_id: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class JacobianBlock(_message.Message):
+    __slots__ = ("of", "wrt", "value")
+    OF_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    of: str
+    wrt: str
+    value: _tensor_pb2.Tensor
+    def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class DifferentiateResponse(_message.Message):
+    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id")
+    class OutputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class TangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class CotangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    JACOBIAN_FIELD_NUMBER: _ClassVar[int]
+    TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    jacobian: _containers.RepeatedCompositeFieldContainer[JacobianBlock]
+    tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    mode: Mode
+    planner: PlannerDecision
+    graph_id: str
+    request_id: str
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AttributeInfo(_message.Message):
+    __slots__ = ("name", "type", "required", "default", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    required: bool
+    default: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., required: _Optional[bool] = ..., default: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
+
+class OpInfo(_message.Message):
+    __slots__ = ("name", "min_inputs", "max_inputs", "attrs", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIN_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    min_inputs: int
+    max_inputs: int
+    attrs: _containers.RepeatedCompositeFieldContainer[AttributeInfo]
+    description: str
+    def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs")
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NODES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_INTERMEDIATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHED_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    max_message_bytes: int
+    max_nodes: int
+    max_tensor_elements: int
+    max_intermediate_bytes: int
+    max_cached_graphs: int
+    max_cache_bytes: int
+    max_concurrent_rpcs: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ...) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    DTYPES_FIELD_NUMBER: _ClassVar[int]
+    PLANNER_RATIO_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
+    limits: Limits
+    dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DataType]
+    planner_ratio: float
+    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,81 @@
+"""Proto <-> engine: graphs, attributes and the planner's decision.
+
+Tensors are converted by gradserve.v1.tensors (shared with the client).
+"""
+
+from __future__ import annotations
+
+from gradserve import engine
+from gradserve.v1 import gradient_service_pb2 as service_pb2
+from gradserve.v1 import graph_pb2, tensor_pb2
+from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_attribute, from_tensor,
+                                to_tensor)
+
+MODES = {
+    service_pb2.MODE_UNSPECIFIED: "auto",
+    service_pb2.MODE_AUTO: "auto",
+    service_pb2.MODE_FORWARD: "forward",
+    service_pb2.MODE_REVERSE: "reverse",
+}
+WIRE_MODES = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE,
+              "auto": service_pb2.MODE_AUTO}
+
+
+def dtype_name(code: int, where: str, field: str) -> str:
+    dtype = DTYPES.get(code)
+    if dtype is None:
+        name = (tensor_pb2.DataType.Name(code) if code in tensor_pb2.DataType.values()
+                else str(code))
+        raise engine.DTypeError(f"unsupported dtype {name} (supported: "
+                                + ", ".join(WIRE_DTYPES) + ")", node=where, field=field)
+    return dtype.name
+
+
+def attr_from_proto(attr: graph_pb2.Attribute, node: str, op: str, name: str):
+    value = attribute_value(attr)
+    if value is None:
+        raise engine.GraphError(f"attribute '{name}' has no value", node=node, op=op,
+                                field=f"attrs.{name}")
+    return value
+
+
+def graph_from_proto(g: graph_pb2.Graph, max_elements: int | None = None) -> engine.Graph:
+    inputs = [engine.Input(i.name, dtype_name(i.dtype, i.name, "dtype"), i.shape)
+              for i in g.inputs]
+    constants = {name: from_tensor(t, f"graph.constants['{name}']", max_elements)
+                 for name, t in sorted(g.constants.items())}
+    nodes = [engine.Node(n.name, n.op, n.inputs,
+                         {k: attr_from_proto(a, n.name, n.op, k) for k, a in n.attrs.items()})
+             for n in g.nodes]
+    return engine.Graph(inputs, nodes, list(g.outputs), constants)
+
+
+def graph_to_proto(graph: engine.Graph) -> graph_pb2.Graph:
+    return graph_pb2.Graph(
+        inputs=[graph_pb2.Input(name=i.name, dtype=WIRE_DTYPES[i.dtype], shape=i.shape)
+                for i in graph.inputs],
+        constants={name: to_tensor(v) for name, v in graph.constants.items()},
+        nodes=[graph_pb2.Node(name=n.name, op=n.op, inputs=n.inputs,
+                              attrs={k: fill_attribute(graph_pb2.Attribute(), v)
+                                     for k, v in n.attrs.items()})
+               for n in graph.nodes],
+        outputs=graph.outputs)
+
+
+def decision_to_proto(d: engine.ModeDecision) -> service_pb2.PlannerDecision:
+    return service_pb2.PlannerDecision(mode=WIRE_MODES[d.mode], n=d.n, m=d.m,
+                                       cost_forward=d.cost_forward,
+                                       cost_reverse=d.cost_reverse, reason=d.reason)
+
+
+def op_info(op: engine.OpDef) -> service_pb2.OpInfo:
+    attrs = []
+    for spec in op.attrs:
+        required = spec.default is engine.ops.REQUIRED
+        default = "" if required else ("absent" if spec.default is None else repr(spec.default))
+        attrs.append(service_pb2.AttributeInfo(name=spec.name, type=spec.type,
+                                               required=required, default=default,
+                                               description=spec.description))
+    return service_pb2.OpInfo(name=op.name, min_inputs=op.arity or 1,
+                              max_inputs=-1 if op.arity is None else op.arity,
+                              attrs=attrs, description=op.description)

@@ -1,0 +1,116 @@
+"""One table from exceptions to gRPC status codes, and the decorator that applies it.
+
+Messages name the node and field, e.g. "node 'h2' (matmul): shapes (3, 4) and
+(5, 2) do not align". Each error also carries a google.rpc.BadRequest detail
+whose field violation gives the path into the request, for programs.
+Anything unmapped is INTERNAL and logged: that is a bug, never bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gradserve import engine
+from gradserve.v1.codec import TensorError, TensorLimitError
+
+log = logging.getLogger("gradserve.server")
+
+
+class RequestError(Exception):
+    """A request the server refuses; `field` names the offending field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        self.field = field
+        super().__init__(message)
+
+
+class GraphNotFound(RequestError):
+    pass
+
+
+class LimitExceeded(RequestError):
+    pass
+
+
+class BadRequest(RequestError):
+    pass
+
+
+# Most specific first: the first matching row wins.
+STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (GraphNotFound, grpc.StatusCode.NOT_FOUND),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (engine.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TensorLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (engine.EngineError, grpc.StatusCode.INVALID_ARGUMENT),
+    (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    for kind, code in STATUS_TABLE:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def field_path(exc: BaseException) -> str:
+    """Where the problem is, as a path into the request."""
+    if isinstance(exc, engine.EngineError):
+        parts = []
+        if exc.node is not None:
+            parts.append(f"graph['{exc.node}']")
+        if exc.field:
+            parts.append(exc.field)
+        return ".".join(parts) or "graph"
+    return getattr(exc, "field", None) or ""
+
+
+def to_status(code: grpc.StatusCode, exc: BaseException) -> grpc.Status:
+    message = str(exc)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field=field_path(exc), description=message)]))
+    return rpc_status.to_status(status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message, details=[detail]))
+
+
+def abort(context: grpc.ServicerContext, exc: BaseException):
+    code = status_for(exc)
+    if code is None:
+        log.exception("internal error")
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    context.abort_with_status(to_status(code, exc))
+
+
+def rpc(method):
+    """Map raised exceptions to statuses for a unary RPC method."""
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            abort(context, exc)
+    return wrapper
+
+
+def stream_rpc(method):
+    """The same for a streaming RPC: an error ends the stream with its status."""
+    @functools.wraps(method)
+    def wrapper(self, requests, context):
+        try:
+            yield from method(self, requests, context)
+        except grpc.RpcError:
+            if context.is_active():
+                raise
+            return  # the client cancelled or went away: nothing to answer
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc)
+    return wrapper

@@ -1,0 +1,30 @@
+"""What one server accepts: sizes checked before any work is done."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 64 * MiB  # largest request or reply on the wire
+    max_nodes: int = 250_000  # nodes in one graph
+    max_tensor_elements: int = 1 << 25  # elements in one input, seed or constant
+    max_intermediate_bytes: int = 2048 * MiB  # estimated values + seeds of one request
+    max_cached_graphs: int = 1024  # compiled graphs kept, least recently used dropped
+    max_cache_bytes: int = 512 * MiB  # size of the graphs kept (wire size, constants included)
+    max_concurrent_rpcs: int = 128  # calls in progress; more get RESOURCE_EXHAUSTED
+
+    @classmethod
+    def from_env(cls, environ=os.environ, **overrides) -> "Limits":
+        """Defaults, then GRADSERVE_<FIELD> variables, then explicit overrides."""
+        values = {}
+        for f in fields(cls):
+            raw = environ.get("GRADSERVE_" + f.name.upper())
+            if raw:
+                values[f.name] = int(raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
