@@ -221,6 +221,28 @@ def _reduce_rule(shapes, dtypes, axes, keepdims):
     return tuple(d for i, d in enumerate(shapes[0]) if i not in axes)
 
 
+def _nonempty(shape, axes, what):
+    """max-like ops have no value over an empty axis (NumPy raises; so do we, earlier)."""
+    for a in axes:
+        if shape[a] == 0:
+            raise RuleError(f"axis {a} of {fmt_shape(shape)} is empty: {what} has no value",
+                            "attrs.axes" if what == "max" else "attrs.axis")
+
+
+def _max_rule(shapes, dtypes, axes, keepdims):
+    _nonempty(shapes[0], axes, "max")
+    return _reduce_rule(shapes, dtypes, axes, keepdims)
+
+
+def _normalizing_rule(what):
+    def rule(shapes, dtypes, axis, keepdims=None):
+        _nonempty(shapes[0], (axis,), what)
+        if keepdims is None:
+            return shapes[0]
+        return _reduce_rule(shapes, dtypes, (axis,), keepdims)
+    return rule
+
+
 def _shift(axes):
     return tuple(a + 1 for a in axes)
 
@@ -243,8 +265,8 @@ def _max_share(x, ans, axes, keepdims):
     return (hit / hit.sum(axis=axes, keepdims=True)).astype(ans.dtype, copy=False)
 
 
-def reduction(name, f, jvp, vjp, saves, float_only, description):
-    return _row(OpDef(name, 1, _reduce_rule, f, jvp, vjp, (AXES, KEEPDIMS), frozenset(saves),
+def reduction(name, f, jvp, vjp, saves, float_only, description, rule=_reduce_rule):
+    return _row(OpDef(name, 1, rule, f, jvp, vjp, (AXES, KEEPDIMS), frozenset(saves),
                       float_only, _norm_axes, description))
 
 
@@ -266,7 +288,7 @@ reduction(
         t[0] * _max_share(x[0], ans, axes, keepdims), axis=_shift(axes), keepdims=keepdims),
     lambda i, g, x, ans, axes, keepdims: (
         _expand(g, axes, keepdims) * _max_share(x[0], ans, axes, keepdims)),
-    {"x", "ans"}, False, "max over axes; tied maxima share the derivative evenly")
+    {"x", "ans"}, False, "max over axes; tied maxima share the derivative evenly", _max_rule)
 
 
 # --- shape ops ---------------------------------------------------------------
@@ -551,17 +573,16 @@ def _lse_weights(x, ans, axis, keepdims):
 
 
 _row(OpDef(
-    "softmax", 1, lambda shapes, dtypes, axis: shapes[0], _softmax,
+    "softmax", 1, _normalizing_rule("softmax"), _softmax,
     lambda t, x, ans, axis: _softmax_map(t[0], ans, axis),
     lambda i, g, x, ans, axis: _softmax_map(g, ans, axis),
     (AXIS,), frozenset({"ans"}), True, _norm_axis, "exp(x) / sum(exp(x)) along axis"))
 _row(OpDef(
-    "log_softmax", 1, lambda shapes, dtypes, axis: shapes[0],
+    "log_softmax", 1, _normalizing_rule("log_softmax"),
     lambda x, axis: x - _logsumexp(x, axis, True), _log_softmax_jvp, _log_softmax_vjp,
     (AXIS,), frozenset({"ans"}), True, _norm_axis, "x - logsumexp(x) along axis"))
 _row(OpDef(
-    "logsumexp", 1,
-    lambda shapes, dtypes, axis, keepdims: _reduce_rule(shapes, dtypes, (axis,), keepdims),
+    "logsumexp", 1, _normalizing_rule("logsumexp"),
     _logsumexp,
     lambda t, x, ans, axis, keepdims: np.sum(
         t[0] * _lse_weights(x[0], ans, axis, keepdims), axis=axis + 1, keepdims=keepdims),

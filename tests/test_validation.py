@@ -74,25 +74,30 @@ COMPILE_ERRORS = [
      GraphError, "h", "attrs.axis"),
     ("unknown-attr-sum", graph(Node("h", "sum", ["x"], {"axis": [0]})),
      GraphError, "h", "attrs.axis"),
-    ("axis-range-sum", graph(Node("h", "sum", ["x"], {"axes": [5]})), ShapeError, "h", "attrs.axes"),
+    ("axis-range-sum", graph(Node("h", "sum", ["x"], {"axes": [5]})),
+     ShapeError, "h", "attrs.axes"),
     ("axis-range-sum-negative", graph(Node("h", "sum", ["x"], {"axes": [-3]})),
      ShapeError, "h", "attrs.axes"),
-    ("axis-range-max", graph(Node("h", "max", ["x"], {"axes": [2]})), ShapeError, "h", "attrs.axes"),
+    ("axis-range-max", graph(Node("h", "max", ["x"], {"axes": [2]})),
+     ShapeError, "h", "attrs.axes"),
     ("axis-range-softmax", graph(Node("h", "softmax", ["x"], {"axis": 3})),
      ShapeError, "h", "attrs.axis"),
     ("axis-range-logsumexp", graph(Node("h", "logsumexp", ["x"], {"axis": -3})),
      ShapeError, "h", "attrs.axis"),
     ("axis-range-concat", graph(Node("h", "concat", ["x", "y"], {"axis": 2})),
      ShapeError, "h", "attrs.axis"),
-    ("axis-range-slice", graph(Node("h", "slice", ["x"], {"starts": [0], "stops": [1], "axes": [2]})),
+    ("axis-range-slice",
+     graph(Node("h", "slice", ["x"], {"starts": [0], "stops": [1], "axes": [2]})),
      ShapeError, "h", "attrs.axes"),
     ("axis-range-perm", graph(Node("h", "transpose", ["x"], {"perm": [0, 2]})),
      GraphError, "h", "attrs.perm"),
-    ("no-broadcast", graph(Node("h", "add", ["a", "b"]), inputs=on((3,), (4,))), ShapeError, "h", None),
+    ("no-broadcast", graph(Node("h", "add", ["a", "b"]), inputs=on((3,), (4,))),
+     ShapeError, "h", None),
     ("no-broadcast-to", graph(Node("h", "broadcast_to", ["x"], {"shape": [3, 3]})),
      ShapeError, "h", None),
     ("reshape-size", graph(Node("h", "reshape", ["x"], {"shape": [4, 4]})), ShapeError, "h", None),
-    ("concat-other-dims", graph(Node("h", "concat", ["a", "b"], {"axis": 1}), inputs=on((2, 3), (3, 3))),
+    ("concat-other-dims",
+     graph(Node("h", "concat", ["a", "b"], {"axis": 1}), inputs=on((2, 3), (3, 3))),
      ShapeError, "h", None),
     ("matmul-align", graph(Node("h2", "matmul", ["a", "b"]), inputs=on((3, 4), (5, 2))),
      ShapeError, "h2", None),
@@ -110,7 +115,8 @@ COMPILE_ERRORS = [
     *[(f"unsupported-constant-{dt}",
        graph(Node("h", "add", ["x", "c"]), constants={"c": np.ones(3, dtype=dt)}),
        DTypeError, "c", None) for dt in ("float16", "complex64")],
-    ("negative-dimension", graph(Node("h", "neg", ["a"]), inputs=on((2, -5))), ShapeError, "a", "shape"),
+    ("negative-dimension", graph(Node("h", "neg", ["a"]), inputs=on((2, -5))),
+     ShapeError, "a", "shape"),
     ("missing-output", graph(Node("h", "sin", ["x"]), outputs=["h", "zz"]),
      GraphError, "zz", "outputs[1]"),
 ]
@@ -222,6 +228,47 @@ def test_any_size_dimension_accepts_any_size(rows):
     assert_allclose(out, np.full((2, 3), rows, np.float32))
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_any_size_dimension_differentiates_at_each_calls_shape(mode):
+    """o[i, j] = a[i, j] * sum_r b[r, j], so do[i, j]/db[r, l] = a[i, j] if j == l else 0."""
+    plan = compile(F32)
+    a = np.arange(1.0, 7.0, dtype=np.float32).reshape(2, 3)
+    for rows in (5, 2, 5, 1):  # the same plan, shapes changing between calls
+        result = plan.jacobian({"a": a, "b": np.ones((rows, 3), np.float32)}, mode=mode)
+        block = result.jacobian["o", "b"]
+        assert block.shape == (2, 3, rows, 3)
+        want = a[:, :, None, None] * np.eye(3, dtype=np.float32)[None, :, None, :]
+        assert_allclose(block, np.broadcast_to(want, block.shape), rtol=1e-6)
+        assert (result.decision.n, result.decision.m) == (6 + 3 * rows, 6)
+
+
+ZERO_SIZE_REDUCTIONS = [("max", {"axes": [0]}), ("max", {}), ("logsumexp", {"axis": 0}),
+                        ("softmax", {"axis": 0}), ("log_softmax", {"axis": 0}),
+                        ("sum", {"axes": [0]}), ("mean", {"axes": [0]})]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mean of nothing is nan
+@pytest.mark.parametrize("shape", [(0, 3), (-1, 3)], ids=["static", "any-size"])
+@pytest.mark.parametrize("op, attrs", ZERO_SIZE_REDUCTIONS,
+                         ids=[f"{op}-{attrs}".replace(" ", "") for op, attrs in ZERO_SIZE_REDUCTIONS])
+def test_zero_size_axis_is_a_result_or_an_engine_error(op, attrs, shape):
+    """Bad input is always an EngineError (the server maps those); never a bare NumPy error."""
+    g = Graph([Input("x", "float64", shape)], [Node("y", op, ["x"], attrs)], ["y"])
+    try:
+        plan = compile(g)
+    except EngineError:
+        return
+    x = np.ones((0, 3))
+    with np.errstate(all="ignore"):
+        for call in (lambda: plan.evaluate({"x": x}),
+                     lambda: plan.jacobian({"x": x}, mode="forward"),
+                     lambda: plan.jacobian({"x": x}, mode="reverse")):
+            try:
+                call()
+            except EngineError:
+                pass
+
+
 @pytest.mark.parametrize("seeds, name", [
     ({"a": np.ones((3, 2), np.float32)}, "a"),  # not a's shape
     ({"a": np.ones((2, 2, 3), np.float32), "b": np.ones((3, 5, 3), np.float32)}, None),  # k differs
@@ -233,7 +280,8 @@ def test_bad_tangents(seeds, name):
         assert f"'{name}'" in str(info.value)
 
 
-@pytest.mark.parametrize("seeds", [{"o": np.ones((3, 2), np.float32)}, {"o": np.ones((2, 4), np.float32)}])
+@pytest.mark.parametrize("seeds", [{"o": np.ones((3, 2), np.float32)},
+                                   {"o": np.ones((2, 4), np.float32)}])
 def test_bad_cotangents(seeds):
     with pytest.raises(InputError) as info:
         compile(F32).vjp(GOOD, seeds)
@@ -264,8 +312,9 @@ def test_100k_node_chain():
     for mode in ("forward", "reverse"):
         assert_allclose(plan.jacobian({"x": x}, mode=mode).jacobian[prev, "x"], want_slope,
                         rtol=1e-9, err_msg=mode)
-    assert_allclose(plan.jvp({"x": x}, {"x": np.float64(1.0)}).tangents[prev], want_slope, rtol=1e-9)
-    assert_allclose(plan.vjp({"x": x}, {prev: np.float64(1.0)}).cotangents["x"], want_slope, rtol=1e-9)
+    one = np.float64(1.0)
+    assert_allclose(plan.jvp({"x": x}, {"x": one}).tangents[prev], want_slope, rtol=1e-9)
+    assert_allclose(plan.vjp({"x": x}, {prev: one}).cotangents["x"], want_slope, rtol=1e-9)
 
 
 def test_100k_node_chain_error_at_the_end():
