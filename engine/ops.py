@@ -108,11 +108,8 @@ def _broadcast_rule(shapes, dtypes):
 
 def _jvp_sum(a, b, shape):
     """a + b for tangent terms that may be None, filled to (k,) + shape."""
-    if b is None:
-        return fill_seed(a, shape)
-    if a is None:
-        return fill_seed(b, shape)
-    return fill_seed(a + b, shape)
+    r = a if b is None else b if a is None else a + b
+    return r if r.shape[1:] == shape else fill_seed(r, shape)
 
 
 def binary(name, f, jvp, vjp, saves, float_only=True, description=""):
@@ -122,8 +119,13 @@ def binary(name, f, jvp, vjp, saves, float_only=True, description=""):
 
 def _lift2(t, x, ans):
     """Tangents lifted to the output's rank (their direction axis stays first)."""
+    ta, tb = t
     n = ans.ndim
-    return (None if t[0] is None else lift(t[0], n)), (None if t[1] is None else lift(t[1], n))
+    if ta is not None and x[0].ndim != n:
+        ta = lift(ta, n)
+    if tb is not None and x[1].ndim != n:
+        tb = lift(tb, n)
+    return ta, tb
 
 
 def _add_jvp(t, x, ans):

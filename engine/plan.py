@@ -267,14 +267,18 @@ class Plan:
 
     # --- public API --------------------------------------------------------------
 
-    def evaluate(self, inputs, *, max_bytes=None) -> dict:
+    # Every method takes, by keyword: `max_bytes`, a limit on the estimated memory of
+    # values and seeds (ResourceLimitError before anything runs), and `check`, a
+    # callable run between chunks of ops that may raise to stop the computation.
+
+    def evaluate(self, inputs, *, max_bytes=None, check=None) -> dict:
         """Output values: name -> array."""
         vals, shapes, _ = self._bind(inputs)
         self._check_memory(shapes, 0, max_bytes)
-        values_sweep(self._steps, vals)
+        values_sweep(self._steps, vals, check)
         return self._outputs(vals)
 
-    def jvp(self, inputs, tangents, *, max_bytes=None) -> JVPResult:
+    def jvp(self, inputs, tangents, *, max_bytes=None, check=None) -> JVPResult:
         """Forward mode: push input tangents to every output in the values' sweep."""
         vals, shapes, _ = self._bind(inputs)
         self._names(tuple(tangents), self.input_names, (), "input", "tangents")
@@ -283,7 +287,7 @@ class Plan:
         tans = [None] * self._n_slots
         for s, t in seeds.items():
             tans[s] = t
-        forward_sweep(self._steps, vals, tans)
+        forward_sweep(self._steps, vals, tans, check)
         out = {}
         for name in self.output_names:
             t = tans[self.slot[name]]
@@ -294,14 +298,14 @@ class Plan:
             out[name] = t if batched else t[0]
         return JVPResult(self._outputs(vals), out)
 
-    def vjp(self, inputs, cotangents, wrt=None, *, max_bytes=None) -> VJPResult:
+    def vjp(self, inputs, cotangents, wrt=None, *, max_bytes=None, check=None) -> VJPResult:
         """Reverse mode: pull output cotangents back to the `wrt` inputs."""
         vals, shapes, _ = self._bind(inputs)
         self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
         wrt = self._wrt(wrt)
         seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
         self._check_memory(shapes, k, max_bytes)
-        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt))
+        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check)
         out = {}
         for name in wrt:
             g = cots[self.slot[name]]
@@ -311,7 +315,7 @@ class Plan:
         return VJPResult(self._outputs(vals), out)
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
-                 ratio=None) -> JacobianResult:
+                 ratio=None, check=None) -> JacobianResult:
         """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks."""
         vals, shapes, signature = self._bind(inputs)
         key = (signature, None if wrt is None else tuple(wrt), None if of is None else tuple(of),
@@ -327,7 +331,7 @@ class Plan:
             d = setup.decision
             self._check_memory(shapes, d.n if d.mode == "forward" else d.m, max_bytes,
                                extra=setup.result_bytes)
-        return self._jacobian_blocks(vals, shapes, setup)
+        return self._jacobian_blocks(vals, setup, check)
 
     def _jacobian_setup(self, shapes, wrt, of, mode, ratio) -> "_JacobianSetup":
         """Everything about a Jacobian that depends on shapes only: the mode, the
@@ -368,15 +372,15 @@ class Plan:
         seed_bytes = sum(seed.nbytes for seed in seeds.values())
         return _JacobianSetup(wrt, of, seeds, decision, pieces, n * m * itemsize, seed_bytes)
 
-    def _jacobian_blocks(self, vals, shapes, setup) -> JacobianResult:
+    def _jacobian_blocks(self, vals, setup, check) -> JacobianResult:
         decision = setup.decision
         if decision.mode == "forward":
             res = [None] * self._n_slots
             for s, t in setup.seeds.items():
                 res[s] = t
-            forward_sweep(self._steps, vals, res)
+            forward_sweep(self._steps, vals, res, check)
         else:
-            res = reverse_sweep(self._steps, vals, setup.seeds, self._needs(setup.wrt))
+            res = reverse_sweep(self._steps, vals, setup.seeds, self._needs(setup.wrt), check)
         blocks = {}
         for key, src, at, stop, flat, shape, transpose, dtype in setup.pieces:
             r = res[src]

@@ -3,6 +3,9 @@
 Each is one flat loop (no recursion), so graph depth is bounded by memory only.
 The loops special-case one and two inputs: for small tensors the interpreter's
 own overhead is most of the cost, and building argument lists shows.
+
+`check`, when given, is called before every CHUNK steps (so a long sweep can be
+stopped between ops when its caller is gone) and stops the sweep by raising.
 """
 
 from __future__ import annotations
@@ -24,6 +27,22 @@ class Step(NamedTuple):
     drop: tuple = ()  # of those, the ones no vjp reads: only their shape is kept
 
 
+CHUNK = 64
+
+
+def _chunks(steps, check):
+    """The steps in chunks, calling `check` before each (no cost per step)."""
+    if check is None:
+        return (steps,)
+    return _checked_chunks(steps, check)
+
+
+def _checked_chunks(steps, check):
+    for start in range(0, len(steps), CHUNK):
+        check()
+        yield steps[start:start + CHUNK]
+
+
 class Stub(NamedTuple):
     """What the reverse sweep keeps of a value no vjp reads: its shape."""
 
@@ -41,40 +60,45 @@ def _args(vals, ins):
     return tuple([vals[i] for i in ins])
 
 
-def values_sweep(steps, vals):
-    for _, _, ev, _, _, ins, out, free, _ in steps:
-        vals[out] = ev(*_args(vals, ins))
-        for s in free:
-            vals[s] = None
+def values_sweep(steps, vals, check=None):
+    for chunk in _chunks(steps, check):
+        for _, _, ev, _, _, ins, out, free, _ in chunk:
+            vals[out] = ev(*_args(vals, ins))
+            for s in free:
+                vals[s] = None
 
 
-def forward_sweep(steps, vals, tans):
+def forward_sweep(steps, vals, tans, check=None):
     """Values and tangents in one sweep; a node with no tangent in is skipped."""
-    for _, _, ev, jvp, _, ins, out, free, _ in steps:
-        xs = _args(vals, ins)
-        ans = vals[out] = ev(*xs)
-        ts = _args(tans, ins)
-        for t in ts:
-            if t is not None:
-                tans[out] = jvp(ts, xs, ans)
-                break
-        for s in free:
-            vals[s] = tans[s] = None
+    for chunk in _chunks(steps, check):
+        for _, _, ev, jvp, _, ins, out, free, _ in chunk:
+            xs = _args(vals, ins)
+            ans = vals[out] = ev(*xs)
+            ts = _args(tans, ins)
+            for t in ts:
+                if t is not None:
+                    tans[out] = jvp(ts, xs, ans)
+                    break
+            for s in free:
+                vals[s] = tans[s] = None
 
 
-def reverse_sweep(steps, vals, seeds, needs):
+def reverse_sweep(steps, vals, seeds, needs, check=None):
     """Values forward (keeping what the vjps read), then cotangents backward,
     summed where a value fans out. `needs[j]` lists the input positions of step
     j that lead back to a differentiated input. Returns the cotangent per slot."""
-    for _, _, ev, _, _, ins, out, _, drop in steps:
-        vals[out] = ev(*_args(vals, ins))
-        for s in drop:
-            v = vals[s]
-            vals[s] = Stub(v.shape, v.dtype, v.ndim)
+    for chunk in _chunks(steps, check):
+        for _, _, ev, _, _, ins, out, _, drop in chunk:
+            vals[out] = ev(*_args(vals, ins))
+            for s in drop:
+                v = vals[s]
+                vals[s] = Stub(v.shape, v.dtype, v.ndim)
     cots = [None] * len(vals)
     for s, g in seeds.items():
         cots[s] = g
     for j in range(len(steps) - 1, -1, -1):
+        if check is not None and j % CHUNK == 0:
+            check()
         positions = needs[j]
         if not positions:
             continue

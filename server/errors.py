@@ -42,9 +42,14 @@ class BadRequest(RequestError):
     pass
 
 
+class CallEnded(RequestError):
+    """The client cancelled or its deadline passed: stop computing for it."""
+
+
 # Most specific first: the first matching row wins.
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (GraphNotFound, grpc.StatusCode.NOT_FOUND),
+    (CallEnded, grpc.StatusCode.CANCELLED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (engine.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TensorLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -52,6 +57,15 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (engine.EngineError, grpc.StatusCode.INVALID_ARGUMENT),
     (TensorError, grpc.StatusCode.INVALID_ARGUMENT),
 ]
+
+
+def stop_when_ended(context: grpc.ServicerContext):
+    """A `check` for the engine: raises CallEnded once the call is cancelled or past
+    its deadline, so an abandoned request stops using the server between ops."""
+    def check():
+        if not context.is_active():
+            raise CallEnded("the call was cancelled or its deadline passed")
+    return check
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:

@@ -10,7 +10,7 @@ from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import WIRE_DTYPES, fill_tensor, fill_tensors, from_tensors
 
 from .convert import MODES, decision_to_proto, op_info
-from .errors import BadRequest, rpc, stream_rpc
+from .errors import BadRequest, rpc, stop_when_ended, stream_rpc
 from .limits import Limits
 from .registry import GraphRegistry
 
@@ -31,19 +31,21 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Evaluate(self, request, context):
         graph_id, plan = self.registry.resolve(request)
         inputs = from_tensors(request.inputs, "inputs", self.limits.max_tensor_elements)
-        outputs = plan.evaluate(inputs, max_bytes=self.limits.max_intermediate_bytes)
+        outputs = plan.evaluate(inputs, max_bytes=self.limits.max_intermediate_bytes,
+                                check=stop_when_ended(context))
         reply = pb.EvaluateResponse(graph_id=graph_id)
         fill_tensors(reply.outputs, outputs)
         return reply
 
     @rpc
     def Differentiate(self, request, context):
-        return self._differentiate(request)
+        return self._differentiate(request, stop_when_ended(context))
 
     @stream_rpc
     def DifferentiateStream(self, requests, context):
+        check = stop_when_ended(context)
         for request in requests:
-            yield self._differentiate(request)
+            yield self._differentiate(request, check)
 
     @rpc
     def GetServerInfo(self, request, context):
@@ -53,7 +55,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             version=VERSION, ops=[op_info(op) for op in engine.OPS.values()], limits=limits,
             dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO)
 
-    def _differentiate(self, request) -> pb.DifferentiateResponse:
+    def _differentiate(self, request, check) -> pb.DifferentiateResponse:
         graph_id, plan = self.registry.resolve(request)
         limit = self.limits.max_tensor_elements
         inputs = from_tensors(request.inputs, "inputs", limit)
@@ -63,7 +65,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if mode is None:
             raise BadRequest(f"unknown mode {request.mode}", field="mode")
         reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id)
-        max_bytes = self.limits.max_intermediate_bytes
+        run = {"max_bytes": self.limits.max_intermediate_bytes, "check": check}
 
         if request.tangents and request.cotangents:
             raise BadRequest("give tangents (JVP) or cotangents (VJP), not both",
@@ -72,7 +74,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             _seed_keys(request.tangents, wrt, "tangents", "wrt")
             _seed_mode(mode, "forward", "tangents")
             tangents = from_tensors(request.tangents, "tangents", limit)
-            result = plan.jvp(inputs, tangents, max_bytes=max_bytes)
+            result = plan.jvp(inputs, tangents, **run)
             fill_tensors(reply.tangents, result.tangents)
             n = sum(prod(inputs[name].shape) for name in tangents if name in inputs)
             m = sum(a.size for a in result.outputs.values())
@@ -82,14 +84,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             _seed_keys(request.cotangents, of, "cotangents", "of")
             _seed_mode(mode, "reverse", "cotangents")
             cotangents = from_tensors(request.cotangents, "cotangents", limit)
-            result = plan.vjp(inputs, cotangents, wrt=wrt, max_bytes=max_bytes)
+            result = plan.vjp(inputs, cotangents, wrt=wrt, **run)
             fill_tensors(reply.cotangents, result.cotangents)
             n = sum(a.size for a in result.cotangents.values())
             m = sum(result.outputs[name].size for name in cotangents if name in result.outputs)
             decision = engine.plan_mode(n, m, forced="reverse")
             reason = "cotangents given: a VJP is reverse mode"
         else:
-            result = plan.jacobian(inputs, wrt=wrt, of=of, mode=mode, max_bytes=max_bytes)
+            result = plan.jacobian(inputs, wrt=wrt, of=of, mode=mode, **run)
             for (o, w), block in result.jacobian.items():
                 fill_tensor(reply.jacobian.add(of=o, wrt=w).value, block)
             decision, reason = result.decision, None

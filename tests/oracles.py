@@ -29,7 +29,8 @@ def numeric_jvp(f, inputs, tangents, eps=1e-6):
 
 
 def numeric_jacobian(f, inputs, wrt=None, eps=1e-6):
-    """Jacobian blocks {(of, wrt): array shaped of.shape + wrt.shape}, one unit direction at a time."""
+    """Jacobian blocks {(of, wrt): array shaped of.shape + wrt.shape}, one unit direction
+    at a time."""
     outputs = {k: np.asarray(v) for k, v in f(inputs).items()}
     blocks = {}
     for name in (list(inputs) if wrt is None else wrt):

@@ -17,10 +17,13 @@ PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
 METHODS = ["jacobian-forward", "jacobian-reverse", "jacobian-auto", "vjp", "jvp"]
 
 
-def seed_graph(dtype, shape, y_shape=None):
-    return Graph([Input("x", dtype, shape), Input("y", dtype, shape if y_shape is None else y_shape)],
-                 [Node("s", "add", ["x", "y"]), Node("sx", "sin", ["x"]), Node("o", "mul", ["s", "sx"])],
-                 ["o"])
+def seed_nodes(y="y"):
+    """o = (x + y) * sin(x)."""
+    return [Node("s", "add", ["x", y]), Node("sx", "sin", ["x"]), Node("o", "mul", ["s", "sx"])]
+
+
+def seed_graph(dtype, shape):
+    return Graph([Input("x", dtype, shape), Input("y", dtype, shape)], seed_nodes(), ["o"])
 
 
 def seed_inputs(dtype, shape):
@@ -125,7 +128,7 @@ def test_decision_reverse_for_many_inputs_one_output():
 def test_decision_forward_for_one_input_many_outputs():
     c = np.linspace(-1.0, 1.0, 1000, dtype=np.float32)
     graph = Graph([Input("x", "float32", (1,))],
-                  [Node("s", "add", ["x", "c"]), Node("sx", "sin", ["x"]), Node("o", "mul", ["s", "sx"])],
+                  seed_nodes(y="c"),
                   ["o"], constants={"c": c})
     x = np.float32([np.pi])
     result = compile(graph).jacobian({"x": x})
