@@ -5,6 +5,6 @@ the package and talk to a remote server.
 """
 
 from .builder import GraphBuilder, Value
-from .client import Client, DifferentiateSession, Planner, Result
+from .client import TLS, Client, DifferentiateSession, Planner, Result
 
-__all__ = ["Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result", "Value"]
+__all__ = ["TLS", "Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result", "Value"]

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import grpc
@@ -81,22 +82,43 @@ def _target(address: str | Iterable[str]) -> tuple[str, list]:
     return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
 
 
+@dataclass(frozen=True)
+class TLS:
+    """PEM files for a TLS channel: the CA that signed the server's certificate
+    (None: the system's roots) and, for mutual TLS, the client's certificate and key."""
+
+    ca: str | Path | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path):
+            return None if path is None else Path(path).read_bytes()
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
 class Client:
     """A connection to a gradserve server (or several replicas).
 
     `timeout` is each call's deadline in seconds; `retries` how often UNAVAILABLE
     is retried, waiting `backoff`, then twice as long each time (at most 2 s).
+    `token` is sent as `authorization: Bearer <token>`; `tls` (a TLS) makes the
+    channel secure.
     """
 
     def __init__(self, address: str | Iterable[str] = "127.0.0.1:50051", *,
                  timeout: float = 30.0, retries: int = 5, backoff: float = 0.05,
+                 token: str | None = None, tls: TLS | None = None,
                  options: list | None = None):
         target, lb_options = _target(address)
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
-        self._channel = grpc.insecure_channel(target, options=[
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        channel_options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            *lb_options, *(options or [])])
+            *lb_options, *(options or [])]
+        self._channel = (grpc.secure_channel(target, tls.credentials(), channel_options) if tls
+                         else grpc.insecure_channel(target, channel_options))
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
         self._lock = threading.Lock()
@@ -207,7 +229,7 @@ class Client:
         delay = self.backoff
         for attempt in itertools.count():
             try:
-                return method(request, timeout=self.timeout)
+                return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
                     raise
@@ -237,7 +259,7 @@ class DifferentiateSession:
         self._graph_id = self._client._register(self._graph, force=force)
         self._requests: queue.Queue = queue.Queue()
         self._replies = self._client._stub.DifferentiateStream(
-            iter(self._requests.get, _STREAM_END))
+            iter(self._requests.get, _STREAM_END), metadata=self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None) -> Result:

@@ -40,11 +40,15 @@ class VJPResult(NamedTuple):
 class _JacobianSetup(NamedTuple):
     wrt: tuple
     of: tuple
-    seeds: dict  # slot -> read-only identity block with a leading axis of directions
+    seed_names: tuple  # the wrt inputs (forward) or the of outputs (reverse)
+    offsets: dict  # seed name -> its first direction
+    directions: int
+    seeds: dict  # slot -> read-only identity seed, filled on first use when small
     decision: ModeDecision
     pieces: list  # (key, result slot, first row, stop row, 2-D shape, block shape, transpose, dtype)
     result_bytes: int
     seed_bytes: int
+    largest_block: int  # elements
 
 
 class JacobianResult(NamedTuple):
@@ -178,7 +182,7 @@ class Plan:
                          [a for _, _, a in self._nodes], [n.inputs for n, _, _ in self._nodes],
                          shapes)
             if len(self._specializations) >= _SPECIALIZATION_CACHE:
-                self._specializations.pop(next(iter(self._specializations)))
+                self._specializations.pop(next(iter(self._specializations)), None)
             self._specializations[signature] = shapes
         return shapes
 
@@ -230,7 +234,8 @@ class Plan:
             shape, dtype = tuple(shapes[name]), self._np_dtypes[name]
             seed = np.asarray(seed)
             if seed.dtype != dtype:
-                seed = seed.astype(dtype)
+                raise InputError(f"seed dtype {seed.dtype} does not match the value's "
+                                 f"{dtype}", node=name, field=field)
             if seed.shape == shape:
                 seed, is_batched = seed[None], False
             elif seed.shape[1:] == shape:
@@ -315,27 +320,36 @@ class Plan:
         return VJPResult(self._outputs(vals), out)
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
-                 ratio=None, check=None) -> JacobianResult:
-        """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks."""
+                 max_block_elements=None, ratio=None, check=None) -> JacobianResult:
+        """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks.
+
+        `max_block_elements` refuses (ResourceLimitError) a Jacobian with a larger
+        block, before any work; `max_bytes` counts the identity seeds and the result.
+        """
         vals, shapes, signature = self._bind(inputs)
         key = (signature, None if wrt is None else tuple(wrt), None if of is None else tuple(of),
                mode, ratio)
         setup = self._jacobian_setups.get(key)
         if setup is None:
             setup = self._jacobian_setup(shapes, *key[1:])
-            if setup.seed_bytes <= _CACHED_SEED_BYTES:
-                if len(self._jacobian_setups) >= _SPECIALIZATION_CACHE:
-                    self._jacobian_setups.pop(next(iter(self._jacobian_setups)))
-                self._jacobian_setups[key] = setup
+            if len(self._jacobian_setups) >= _SPECIALIZATION_CACHE:
+                self._jacobian_setups.pop(next(iter(self._jacobian_setups)), None)
+            self._jacobian_setups[key] = setup
+        if max_block_elements is not None and setup.largest_block > max_block_elements:
+            raise ResourceLimitError(
+                f"a Jacobian block would have {setup.largest_block:,} elements, over the "
+                f"limit of {max_block_elements:,}: ask for fewer `of`/`wrt` or use JVPs/VJPs",
+                field="of")
         if max_bytes is not None:
             d = setup.decision
             self._check_memory(shapes, d.n if d.mode == "forward" else d.m, max_bytes,
-                               extra=setup.result_bytes)
-        return self._jacobian_blocks(vals, setup, check)
+                               extra=setup.result_bytes + setup.seed_bytes)
+        seeds = setup.seeds or self._identity_seeds(setup, shapes)
+        return self._jacobian_blocks(vals, setup, seeds, check)
 
     def _jacobian_setup(self, shapes, wrt, of, mode, ratio) -> "_JacobianSetup":
         """Everything about a Jacobian that depends on shapes only: the mode, the
-        identity seeds and where each name's block sits in them."""
+        identity seeds' layout and where each block sits in the swept result."""
         if mode not in ("auto", "forward", "reverse"):
             raise DifferentiationError(f"unknown mode {mode!r} (auto, forward or reverse)",
                                        field="mode")
@@ -347,18 +361,14 @@ class Plan:
         decision = plan_mode(n, m, forced=None if mode == "auto" else mode, **kwargs)
         forward = decision.mode == "forward"
         seed_names, total = (wrt, n) if forward else (of, m)
-        seeds, offsets, at = {}, {}, 0
+        offsets, at = {}, 0
         for name in seed_names:
-            size, dtype = sizes[name], self._np_dtypes[name]
-            block = np.zeros((total, size), dtype)
-            block[at:at + size] = np.eye(size, dtype=dtype)
-            block.setflags(write=False)  # shared by every call with this setup
-            seeds[self.slot[name]] = block.reshape((total,) + tuple(shapes[name]))
             offsets[name] = at
-            at += size
+            at += sizes[name]
+        seed_bytes = sum(total * sizes[x] * self._np_dtypes[x].itemsize for x in seed_names)
         itemsize = max((self._np_dtypes[x].itemsize for x in wrt + of), default=8)
-        # Where each block sits in the swept result: forward mode gives d(of)/d(all wrt)
-        # per output (directions first), reverse mode d(all of)/d(wrt) per input.
+        # Forward mode gives d(of)/d(all wrt) per output (directions first), reverse
+        # mode d(all of)/d(wrt) per input.
         pieces = []
         for o in of:
             for w in wrt:
@@ -369,18 +379,34 @@ class Plan:
                     src, at, size, flat = self.slot[w], offsets[o], sizes[o], (m, sizes[w])
                 pieces.append(((o, w), src, at, at + size, flat, shape, forward,
                                self._np_dtypes[o]))
-        seed_bytes = sum(seed.nbytes for seed in seeds.values())
-        return _JacobianSetup(wrt, of, seeds, decision, pieces, n * m * itemsize, seed_bytes)
+        largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
+        return _JacobianSetup(wrt, of, seed_names, offsets, total, {}, decision, pieces,
+                              n * m * itemsize, seed_bytes, largest)
 
-    def _jacobian_blocks(self, vals, setup, check) -> JacobianResult:
+    def _identity_seeds(self, setup, shapes) -> dict:
+        """The identity, split into one seed per name, with a leading axis of directions.
+        Small ones are kept with the setup (read-only, shared by later calls)."""
+        seeds = {}
+        for name in setup.seed_names:
+            at, dtype, shape = setup.offsets[name], self._np_dtypes[name], tuple(shapes[name])
+            size = prod(shape)
+            block = np.zeros((setup.directions, size), dtype)
+            block[at:at + size] = np.eye(size, dtype=dtype)
+            block.setflags(write=False)
+            seeds[self.slot[name]] = block.reshape((setup.directions,) + shape)
+        if setup.seed_bytes <= _CACHED_SEED_BYTES:
+            setup.seeds.update(seeds)
+        return seeds
+
+    def _jacobian_blocks(self, vals, setup, seeds, check) -> JacobianResult:
         decision = setup.decision
         if decision.mode == "forward":
             res = [None] * self._n_slots
-            for s, t in setup.seeds.items():
+            for s, t in seeds.items():
                 res[s] = t
             forward_sweep(self._steps, vals, res, check)
         else:
-            res = reverse_sweep(self._steps, vals, setup.seeds, self._needs(setup.wrt), check)
+            res = reverse_sweep(self._steps, vals, seeds, self._needs(setup.wrt), check)
         blocks = {}
         for key, src, at, stop, flat, shape, transpose, dtype in setup.pieces:
             r = res[src]

@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,11 +16,28 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from .auth import TokenAuthInterceptor
 from .limits import Limits
 from .servicer import GradientServicer
 
 log = logging.getLogger("gradserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files: the server's certificate chain and key; with `client_ca`, clients
+    must present a certificate signed by it (mutual TLS)."""
+
+    cert: str | Path
+    key: str | Path
+    client_ca: str | Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=ca, require_client_auth=ca is not None)
 
 
 class Server:
@@ -30,8 +49,12 @@ class Server:
         self.port = port
         self.health = health_servicer
         self.servicer = servicer
+        self.metrics_port: int | None = None
 
-    def start(self) -> "Server":
+    def start(self, metrics_address: tuple[str, int] | None = None) -> "Server":
+        """Start serving; with `metrics_address` (host, port), also Prometheus /metrics."""
+        if metrics_address is not None:
+            self.metrics_port = self.servicer.telemetry.serve_metrics(*metrics_address)
         self.grpc_server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -40,7 +63,10 @@ class Server:
     def stop(self, grace: float | None = 10.0) -> None:
         """Health NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
         self.health.enter_graceful_shutdown()
-        self.grpc_server.stop(grace).wait()
+        self.servicer.telemetry.close()
+        # Bounded: grpcio can keep a call that failed to parse in its state for good,
+        # and then the event stop() returns is never set.
+        self.grpc_server.stop(grace).wait(None if grace is None else grace + 5.0)
 
     def __enter__(self):
         return self.start()
@@ -50,8 +76,13 @@ class Server:
 
 
 def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
-                  max_workers: int = 16, reflection_enabled: bool = True) -> Server:
-    """A gradserve server bound to `address` (port 0 picks a free port), not started."""
+                  max_workers: int = 16, reflection_enabled: bool = True,
+                  auth_token: str | None = None, tls: TLSConfig | None = None) -> Server:
+    """A gradserve server bound to `address` (port 0 picks a free port), not started.
+
+    With `auth_token`, every call but health checks needs `authorization: Bearer
+    <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
+    """
     limits = limits or Limits()
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -60,6 +91,7 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="gradserve"),
                          options=options,
+                         interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [],
                          maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     servicer = GradientServicer(limits)
     pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
@@ -69,17 +101,24 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = (server.add_secure_port(address, tls.credentials()) if tls
+            else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"could not bind {address}")
     return Server(server, port, health_servicer, servicer)
 
 
 def serve(host: str, port: int, limits: Limits, max_workers: int, reflection_enabled: bool,
-          grace: float) -> int:
+          grace: float, auth_token: str | None = None, tls: TLSConfig | None = None,
+          metrics_port: int | None = None) -> int:
     """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code."""
-    server = create_server(f"{host}:{port}", limits, max_workers, reflection_enabled).start()
-    log.warning("gradserve listening on %s:%d", host, server.port)
+    server = create_server(f"{host}:{port}", limits, max_workers, reflection_enabled,
+                           auth_token, tls)
+    server.start(None if metrics_port is None else (host, metrics_port))
+    if server.metrics_port is not None:
+        log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
+    log.warning("gradserve listening on %s:%d%s%s", host, server.port,
+                " (TLS)" if tls else "", " (token required)" if auth_token else "")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

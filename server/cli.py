@@ -23,10 +23,19 @@ def _env(name: str, default):
 def _serve(args) -> int:
     from .app import serve
 
+    from .app import TLSConfig
+    from .auth import read_token
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("gradserve serve: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("gradserve serve: --tls-client-ca needs --tls-cert and --tls-key")
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
     return serve(args.host, args.port, Limits.from_env(**overrides), args.max_workers,
-                 not args.no_reflection, args.grace)
+                 not args.no_reflection, args.grace, token, tls, args.metrics_port)
 
 
 @contextlib.contextmanager
@@ -78,6 +87,15 @@ def _print_planner(r) -> None:
     print(f"   why   = {p.reason}")
 
 
+def _train(args) -> int:
+    from gradserve.client.train_command import main as train_main
+
+    if args.server:
+        return train_main(args, args.server)
+    with _server_address(None) as address:
+        return train_main(args, [address], in_process=True)
+
+
 def _health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -119,9 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-reflection", action="store_true",
                        default=_env("NO_REFLECTION", "") not in ("", "0"),
                        help="turn off gRPC server reflection")
+    serve.add_argument("--metrics-port", type=int, default=_env("METRICS_PORT", None),
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(default: off; 0 picks a free port)")
+    serve.add_argument("--auth-token-file", default=_env("AUTH_TOKEN_FILE", None),
+                       metavar="PATH", help="require 'authorization: Bearer <token>' on every "
+                       "call but health checks; the token is the file's content")
+    serve.add_argument("--tls-cert", default=_env("TLS_CERT", None), metavar="PEM",
+                       help="serve TLS with this certificate chain (needs --tls-key)")
+    serve.add_argument("--tls-key", default=_env("TLS_KEY", None), metavar="PEM",
+                       help="the certificate's private key")
+    serve.add_argument("--tls-client-ca", default=_env("TLS_CLIENT_CA", None), metavar="PEM",
+                       help="mutual TLS: clients must present a certificate signed by this CA")
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "warning"),
                        choices=["debug", "info", "warning", "error"],
-                       help="log level (default: %(default)s)")
+                       help="log level; info adds one JSON line per request with method, "
+                            "graph_id, mode, status code and milliseconds "
+                            "(default: %(default)s)")
     defaults = Limits()
     for f in fields(Limits):
         serve.add_argument("--" + f.name.replace("_", "-"), type=int, default=None,
@@ -135,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--server", metavar="HOST:PORT",
                       help="a running server (default: start one in-process on a free port)")
     demo.set_defaults(func=_demo)
+
+    from gradserve.client.train_command import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="train a model with SGD through the service",
+                           description="An SGD worker: holds the parameters and the data and "
+                                       "asks the service for each minibatch's gradient.")
+    add_train_arguments(train)
+    train.set_defaults(func=_train)
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--server", metavar="HOST:PORT",

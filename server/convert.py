@@ -62,10 +62,13 @@ def graph_to_proto(graph: engine.Graph) -> graph_pb2.Graph:
         outputs=graph.outputs)
 
 
-def decision_to_proto(d: engine.ModeDecision) -> service_pb2.PlannerDecision:
-    return service_pb2.PlannerDecision(mode=WIRE_MODES[d.mode], n=d.n, m=d.m,
-                                       cost_forward=d.cost_forward,
-                                       cost_reverse=d.cost_reverse, reason=d.reason)
+def fill_decision(p: service_pb2.PlannerDecision, d: engine.ModeDecision,
+                  reason: str | None = None) -> service_pb2.PlannerDecision:
+    """Write the planner's decision into `p` (in place: no message copy)."""
+    p.mode, p.n, p.m = WIRE_MODES[d.mode], d.n, d.m
+    p.cost_forward, p.cost_reverse = d.cost_forward, d.cost_reverse
+    p.reason = reason or d.reason
+    return p
 
 
 def op_info(op: engine.OpDef) -> service_pb2.OpInfo:

@@ -8,7 +8,6 @@ Anything unmapped is INTERNAL and logged: that is a bug, never bad input.
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import grpc
@@ -102,29 +101,3 @@ def abort(context: grpc.ServicerContext, exc: BaseException):
         log.exception("internal error")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
     context.abort_with_status(to_status(code, exc))
-
-
-def rpc(method):
-    """Map raised exceptions to statuses for a unary RPC method."""
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        try:
-            return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            abort(context, exc)
-    return wrapper
-
-
-def stream_rpc(method):
-    """The same for a streaming RPC: an error ends the stream with its status."""
-    @functools.wraps(method)
-    def wrapper(self, requests, context):
-        try:
-            yield from method(self, requests, context)
-        except grpc.RpcError:
-            if context.is_active():
-                raise
-            return  # the client cancelled or went away: nothing to answer
-        except Exception as exc:  # noqa: BLE001
-            abort(context, exc)
-    return wrapper

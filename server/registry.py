@@ -70,6 +70,9 @@ class GraphRegistry:
         key, size = graph_id(graph)
         plan = self.cache.get(key)
         if plan is None:
+            if size > self.limits.max_cache_bytes:
+                raise LimitExceeded(f"graph is {size:,} bytes, over the cache's limit of "
+                                    f"{self.limits.max_cache_bytes:,}", field="graph")
             plan = self._compile(graph)
             self.cache.put(key, plan, size)
         return key, plan

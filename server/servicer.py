@@ -9,10 +9,12 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import WIRE_DTYPES, fill_tensor, fill_tensors, from_tensors
 
-from .convert import MODES, decision_to_proto, op_info
-from .errors import BadRequest, rpc, stop_when_ended, stream_rpc
+from .convert import MODES, fill_decision, op_info
+from .calls import rpc, stream_rpc
+from .errors import BadRequest, stop_when_ended
 from .limits import Limits
 from .registry import GraphRegistry
+from .telemetry import Telemetry
 
 VERSION = "0.1.0"
 
@@ -21,6 +23,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def __init__(self, limits: Limits | None = None):
         self.limits = limits or Limits()
         self.registry = GraphRegistry(self.limits)
+        self.telemetry = Telemetry(self.registry.cache)
 
     @rpc
     def RegisterGraph(self, request, context):
@@ -91,15 +94,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             decision = engine.plan_mode(n, m, forced="reverse")
             reason = "cotangents given: a VJP is reverse mode"
         else:
-            result = plan.jacobian(inputs, wrt=wrt, of=of, mode=mode, **run)
+            result = plan.jacobian(inputs, wrt=wrt, of=of, mode=mode,
+                                   max_block_elements=self.limits.max_tensor_elements, **run)
             for (o, w), block in result.jacobian.items():
                 fill_tensor(reply.jacobian.add(of=o, wrt=w).value, block)
             decision, reason = result.decision, None
         fill_tensors(reply.outputs, result.outputs)
-        reply.planner.CopyFrom(decision_to_proto(decision))
-        if reason:
-            reply.planner.reason = reason
-        reply.mode = reply.planner.mode
+        reply.mode = fill_decision(reply.planner, decision, reason).mode
         return reply
 
 

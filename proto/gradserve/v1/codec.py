@@ -2,7 +2,8 @@
 
 Hand-written, not generated; shared by the server and the client. A Tensor is
 little-endian, C order, len(data) == prod(shape) * itemsize. Decoding is
-np.frombuffer on the received bytes: no copy and no per-element Python work;
+np.frombuffer on the received bytes, with no per-element Python work and no
+copy beyond the one protobuf's Python API makes when a bytes field is read;
 the result is read-only.
 """
 
@@ -22,6 +23,7 @@ DTYPES = {
     tensor_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
 }
 WIRE_DTYPES = {dt.name: code for code, dt in DTYPES.items()}
+_CODES = {dt: code for code, dt in DTYPES.items()}  # by np.dtype: no name lookup per call
 
 
 class TensorError(ValueError):
@@ -39,12 +41,12 @@ def to_tensor(array) -> tensor_pb2.Tensor:
 def fill_tensor(t: tensor_pb2.Tensor, array, field: str = "tensor") -> tensor_pb2.Tensor:
     """Write `array` into the (empty) message `t` in place: one copy of the data."""
     a = np.asarray(array)
-    code = WIRE_DTYPES.get(a.dtype.name)
+    code = _CODES.get(a.dtype)
     if code is None:
+        if a.dtype.byteorder == ">" and a.dtype.newbyteorder("<") in _CODES:
+            return fill_tensor(t, a.astype(a.dtype.newbyteorder("<")), field)
         raise TensorError(field, f"unsupported dtype {a.dtype.name} "
                           f"(supported: {', '.join(WIRE_DTYPES)})")
-    if a.dtype.byteorder == ">":
-        a = a.astype(a.dtype.newbyteorder("<"))
     t.dtype = code
     t.shape.extend(a.shape)
     t.data = a.tobytes()

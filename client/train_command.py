@@ -1,0 +1,247 @@
+"""`gradserve train`: flags, progress bar, summary, JSON and plot around the SGD worker.
+
+The server side of the command (starting an in-process server when no
+--server is given) lives in gradserve.server.cli; this module only talks to
+the addresses it is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+
+import grpc
+
+from .datasets import DatasetError, load_dataset
+from .extras import MissingExtra, import_optional
+from .gradients import DEFAULT_RETRIES, remote_gradient
+from .models import ACTIVATIONS, ModelSpec
+from .training import CheckpointError, Trainer, TrainConfig, save_checkpoint
+
+DEFAULT_HIDDEN = [64]
+UNAVAILABLE_HINT = ("\nIs a gradserve server running there (gradserve serve --port PORT)? Leave "
+                    "out --server to train against an in-process server.")
+
+
+class UsageError(ValueError):
+    """Flags that do not fit together."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--model", choices=["logreg", "mlp"], default="mlp",
+        help="logistic regression or a multilayer perceptron (default: %(default)s)")
+    add("--hidden", type=int, action="append", metavar="WIDTH",
+        help=f"an MLP hidden layer's width; repeat for more layers (default: {DEFAULT_HIDDEN[0]})")
+    add("--activation", choices=ACTIVATIONS, default="relu",
+        help="the MLP's nonlinearity (default: %(default)s)")
+    add("--l2", type=float, default=0.0, help="L2 penalty on the weights (default: 0)")
+    add("--dataset", default="digits", metavar="digits|PATH.npz|PATH.csv",
+        help="scikit-learn's 8x8 digits, or a file: .npz with arrays X and y, or .csv with "
+             "the label in the last column (default: %(default)s)")
+    add("--test-fraction", type=float, default=0.2,
+        help="share of each class held out for testing (default: %(default)s)")
+    add("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    add("--lr", type=float, default=d.lr, help="learning rate (default: %(default)s)")
+    add("--momentum", type=float, default=d.momentum, help="default: %(default)s")
+    add("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    add("--seed", type=int, default=d.seed,
+        help="seeds the split, the initial parameters and the batch order (default: %(default)s)")
+    add("--server", action="append", metavar="HOST:PORT",
+        help="a gradserve server; give several to split each minibatch across them "
+             "(default: start one in-process)")
+    add("--stream", action="store_true",
+        help="send the steps over one DifferentiateStream per server instead of unary calls")
+    add("--retries", type=int, default=DEFAULT_RETRIES,
+        help="retries of an unreachable server before giving up, with backoff up to 2 s "
+             "(default: %(default)s, about a minute)")
+    add("--checkpoint", metavar="PATH", help="save the training state to this file")
+    add("--checkpoint-every", type=int, default=0, metavar="N",
+        help="save every N steps (default: at the end of each epoch)")
+    add("--resume", action="store_true",
+        help="continue from --checkpoint if it exists; the result equals an uninterrupted run")
+    add("--plot", metavar="PNG", help="write train and test loss per epoch to this PNG file")
+    add("--json", action="store_true",
+        help="no progress bar; print the summary as one JSON object on the last line of stdout")
+
+
+def main(args: argparse.Namespace, addresses: list[str], in_process: bool = False) -> int:
+    try:
+        return _train(args, addresses, in_process)
+    except (UsageError, DatasetError, CheckpointError, MissingExtra) as err:
+        print(f"gradserve train: error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        hint = UNAVAILABLE_HINT if err.code() == grpc.StatusCode.UNAVAILABLE else ""
+        print(f"gradserve train: error from {', '.join(addresses)}: "
+              f"{err.code().name}: {err.details()}{hint}", file=sys.stderr)
+        return 1
+
+
+def _train(args, addresses, in_process) -> int:
+    show_progress = not args.json and sys.stderr.isatty()
+    tqdm = import_optional("tqdm", "tqdm", "the progress bar").tqdm if show_progress else None
+    if args.plot:
+        import_optional("matplotlib", "matplotlib", "--plot")
+    data = load_dataset(args.dataset, args.test_fraction, args.seed)
+    spec, config = _spec_and_config(args, data)
+
+    gradient = remote_gradient(addresses, spec.build_graph(), spec.param_names,
+                               stream=args.stream, retries=args.retries)
+    try:
+        trainer = Trainer(spec, data, gradient, config)
+        state = trainer.start(resume=args.resume)
+        if args.resume:
+            _note_resume(args.checkpoint, state, config)
+        first_step, started = state.step, time.perf_counter()
+        progress = _Progress(tqdm, trainer, first_step)
+        try:
+            state = trainer.run(state, on_step=progress)
+        except KeyboardInterrupt:
+            return _interrupted(trainer, config)
+        finally:
+            progress.close()
+        seconds = time.perf_counter() - started
+    finally:
+        gradient.close()
+
+    summary = _summary(args, spec, data, state, state.step - first_step, seconds,
+                       progress.last, addresses, in_process)
+    if args.plot:
+        plot_losses(state.history, args.plot, f"{spec.description} on {data.name}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary, spec, data)
+    return 0
+
+
+def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    if args.model == "logreg" and args.hidden:
+        raise UsageError("--hidden applies to --model mlp only")
+    try:
+        if args.model == "logreg":
+            spec = ModelSpec.logistic_regression(data.num_features, data.num_classes, args.l2)
+        else:
+            spec = ModelSpec.mlp(data.num_features, data.num_classes,
+                                 args.hidden or DEFAULT_HIDDEN, args.activation, args.l2)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             momentum=args.momentum, seed=args.seed,
+                             checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    return spec, config
+
+
+def _note_resume(checkpoint: str, state, config: TrainConfig) -> None:
+    if state.epoch >= config.epochs:
+        _note(f"{checkpoint} has finished {state.epoch} epochs already: nothing to train "
+              "(raise --epochs to train further)")
+    elif state.step:
+        _note(f"resuming from {checkpoint} at step {state.step} "
+              f"(epoch {state.epoch + 1} of {config.epochs})")
+    else:
+        _note(f"no checkpoint at {checkpoint} yet: starting from step 0")
+
+
+class _Progress:
+    """The step callback: a tqdm bar (steps/s, epoch, loss, last test accuracy) when
+    shown, and the last gradient (for the mode the server chose)."""
+
+    def __init__(self, tqdm, trainer: Trainer, initial: int):
+        self.last = None
+        self.steps_per_epoch = trainer.steps_per_epoch
+        self.bar = None if tqdm is None else tqdm(
+            total=trainer.total_steps, initial=initial, unit="step", file=sys.stderr,
+            dynamic_ncols=True)
+
+    def __call__(self, state, gradient) -> None:
+        self.last = gradient
+        if self.bar is not None:
+            postfix = {"epoch": -(-state.step // self.steps_per_epoch),
+                       "loss": f"{gradient.loss:.4f}"}
+            if state.history:
+                postfix["test_acc"] = f"{state.history[-1].test_accuracy:.3f}"
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interrupted(trainer: Trainer, config: TrainConfig) -> int:
+    state = trainer.state
+    if config.checkpoint and state is not None:
+        save_checkpoint(config.checkpoint, state, trainer.run_identity())
+        _note(f"interrupted after step {state.step}; saved {config.checkpoint}: "
+              "run the same command with --resume to continue")
+    else:
+        _note("interrupted" + ("" if state is None else f" after step {state.step}"))
+    return 130
+
+
+def _summary(args, spec, data, state, steps_run, seconds, last, addresses, in_process) -> dict:
+    final = state.history[-1]
+    return {
+        "model": args.model, "widths": list(spec.widths), "activation": spec.activation,
+        "l2": spec.l2, "parameters": spec.num_params,
+        "dataset": data.name, "train_samples": len(data.y_train),
+        "test_samples": len(data.y_test),
+        "epochs": state.epoch, "steps": state.step, "steps_this_run": steps_run,
+        "seconds": round(seconds, 3),
+        "steps_per_second": round(steps_run / seconds, 1) if steps_run else None,
+        "final_train_loss": final.train_loss, "test_loss": final.test_loss,
+        "test_accuracy": final.test_accuracy,
+        "mode": last.mode if last else None,
+        "planner": None if last is None or last.planner is None else {
+            "n": last.planner.n, "m": last.planner.m, "reason": last.planner.reason},
+        "servers": addresses, "in_process_server": in_process,
+        "data_parallel": len(addresses) > 1, "stream": args.stream,
+        "checkpoint": args.checkpoint,
+        "history": [asdict(r) for r in state.history],
+    }
+
+
+def _print_summary(s: dict, spec: ModelSpec, data) -> None:
+    where = (f"an in-process server on {s['servers'][0]}" if s["in_process_server"]
+             else ", ".join(s["servers"]))
+    if s["data_parallel"]:
+        where += f" (data parallel: each minibatch split in {len(s['servers'])})"
+    rows = [("model", f"{spec.description}, {s['parameters']:,} parameters"),
+            ("data", data.description),
+            ("server", where + (", over DifferentiateStream" if s["stream"] else ""))]
+    if s["mode"]:
+        rows.append(("mode", f"{s['mode']} (the server's planner: {s['planner']['reason']})"))
+    rate = f": {s['steps_per_second']:,.1f} steps/s" if s["steps_this_run"] else ""
+    epochs = f"{s['epochs']} epoch" + ("" if s["epochs"] == 1 else "s")
+    rows.append(("trained", f"{epochs}, {s['steps']} steps ({s['steps_this_run']} "
+                            f"in this run, {s['seconds']:.2f} s{rate})"))
+    rows.append(("result", f"final train loss {s['final_train_loss']:.4f}, test loss "
+                           f"{s['test_loss']:.4f}, test accuracy {s['test_accuracy']:.2%}"))
+    for label, text in rows:
+        print(f"{label:8} {text}")
+
+
+def plot_losses(history, path: str, title: str) -> None:
+    """A PNG of train and test loss per epoch (matplotlib's Agg canvas, no pyplot state)."""
+    figure_module = import_optional("matplotlib.figure", "matplotlib", "--plot")
+    fig = figure_module.Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    epochs = [r.epoch for r in history]
+    ax.plot(epochs, [r.train_loss for r in history], marker="o", label="train loss")
+    ax.plot(epochs, [r.test_loss for r in history], marker="s", label="test loss")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, format="png", dpi=100)
+
+
+def _note(text: str) -> None:
+    print(f"gradserve train: {text}", file=sys.stderr)

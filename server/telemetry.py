@@ -1,0 +1,78 @@
+"""What the server tells operators: Prometheus metrics and one log line per request.
+
+Metrics (on --metrics-port, Prometheus text format at /metrics):
+  gradserve_request_seconds{method}            latency histogram per RPC
+  gradserve_requests_total{method,code}        requests by status code
+  gradserve_differentiations_total{mode}       Differentiate replies by mode used
+  gradserve_graph_cache_graphs, _bytes         compiled graphs cached, their size
+  gradserve_graph_cache_lookups_total{result}  cache hits and misses (hit rate)
+Each server has its own registry, so several servers can live in one process.
+Request logs go to the "gradserve.requests" logger at INFO (quiet by default):
+one JSON object per line with method, graph_id, mode, code and milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+request_log = logging.getLogger("gradserve.requests")
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            10.0, 30.0)
+
+
+class _CacheCollector:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        yield GaugeMetricFamily("gradserve_graph_cache_graphs", "compiled graphs cached",
+                                value=len(self.cache))
+        yield GaugeMetricFamily("gradserve_graph_cache_bytes", "wire size of the cached graphs",
+                                value=self.cache.nbytes)
+        lookups = CounterMetricFamily("gradserve_graph_cache_lookups", "graph cache lookups",
+                                      labels=["result"])
+        lookups.add_metric(["hit"], self.cache.hits)
+        lookups.add_metric(["miss"], self.cache.misses)
+        yield lookups
+
+
+class Telemetry:
+    def __init__(self, cache):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("gradserve_request_seconds", "time to answer one request",
+                                 ["method"], registry=self.registry, buckets=_BUCKETS)
+        self.requests = Counter("gradserve_requests", "requests answered",
+                                ["method", "code"], registry=self.registry)
+        self.modes = Counter("gradserve_differentiations", "differentiations by mode used",
+                             ["mode"], registry=self.registry)
+        self.registry.register(_CacheCollector(cache))
+        self._http = None
+
+    def serve_metrics(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None
+
+    def record(self, method: str, code: str, started: float, request=None, reply=None,
+               mode: str | None = None) -> None:
+        seconds = time.perf_counter() - started
+        self.latency.labels(method).observe(seconds)
+        self.requests.labels(method, code).inc()
+        if mode:
+            self.modes.labels(mode).inc()
+        if request_log.isEnabledFor(logging.INFO):
+            graph_id = getattr(reply, "graph_id", "") or getattr(request, "graph_id", "")
+            request_log.info(json.dumps({"method": method, "graph_id": graph_id or None,
+                                         "mode": mode, "code": code,
+                                         "ms": round(seconds * 1e3, 3)}))
