@@ -14,7 +14,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import gradient_service_pb2 as pb
-from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 
 from .auth import TokenAuthInterceptor
 from .limits import Limits
@@ -75,6 +74,23 @@ class Server:
         self.stop(grace=1.0)
 
 
+def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
+    """GradientService's methods taking raw request bytes (the servicer's decorators
+    parse them, so that bad bytes get INVALID_ARGUMENT) and serializing replies."""
+    service = pb.DESCRIPTOR.services_by_name["GradientService"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        reply_type = getattr(pb, method.output_type.name)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     response_serializer=reply_type.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   max_workers: int = 16, reflection_enabled: bool = True,
                   auth_token: str | None = None, tls: TLSConfig | None = None) -> Server:
@@ -94,7 +110,7 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                          interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [],
                          maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     servicer = GradientServicer(limits)
-    pb_grpc.add_GradientServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((service_handler(servicer),))
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:

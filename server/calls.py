@@ -1,4 +1,10 @@
-"""The decorators every RPC method wears: map errors to statuses, record the outcome."""
+"""The decorators every RPC method wears: parse the request bytes, map errors to
+statuses, record the outcome.
+
+Requests arrive as raw bytes (the handlers are registered without a
+deserializer) so that bytes that are not a valid request are INVALID_ARGUMENT
+with a message, not grpcio's INTERNAL "Exception deserializing request!".
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ import functools
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradient_service_pb2 as pb
 
-from .errors import abort, status_for
+from .errors import BadRequest, abort, status_for
 
 _MODES = {pb.MODE_FORWARD: "forward", pb.MODE_REVERSE: "reverse"}
 
@@ -19,14 +26,28 @@ def _code(exc: BaseException) -> str:
     return code.name if code is not None else "INTERNAL"
 
 
+def parse(request_type, data):
+    """The request message from its bytes (a message passes through unchanged)."""
+    if not isinstance(data, bytes):
+        return data
+    try:
+        return request_type.FromString(data)
+    except DecodeError as err:
+        raise BadRequest(f"the request bytes are not a valid "
+                         f"{request_type.DESCRIPTOR.full_name}: {err}") from None
+
+
 def rpc(method):
     """A unary RPC: an exception becomes its status (INTERNAL, logged, if unmapped)."""
     name = method.__name__
+    request_type = getattr(pb, pb.DESCRIPTOR.services_by_name["GradientService"]
+                           .methods_by_name[name].input_type.name)
 
     @functools.wraps(method)
     def wrapper(self, request, context):
         started = time.perf_counter()
         try:
+            request = parse(request_type, request)
             reply = method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             self.telemetry.record(name, _code(exc), started, request)
@@ -41,11 +62,15 @@ def stream_rpc(method):
     """A streaming RPC: each reply is recorded; an error ends the stream with its status."""
     name = method.__name__
 
+    request_type = getattr(pb, pb.DESCRIPTOR.services_by_name["GradientService"]
+                           .methods_by_name[name].input_type.name)
+
     @functools.wraps(method)
     def wrapper(self, requests, context):
         started = time.perf_counter()
         try:
-            for reply in method(self, requests, context):
+            parsed = (parse(request_type, r) for r in requests)
+            for reply in method(self, parsed, context):
                 self.telemetry.record(name, "OK", started, None, reply,
                                       _MODES.get(reply.mode))
                 yield reply
