@@ -53,6 +53,7 @@ class Telemetry:
                              ["mode"], registry=self.registry)
         self.registry.register(_CacheCollector(cache))
         self._http = None
+        self._children: dict = {}
 
     def serve_metrics(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
@@ -67,10 +68,15 @@ class Telemetry:
     def record(self, method: str, code: str, started: float, request=None, reply=None,
                mode: str | None = None) -> None:
         seconds = time.perf_counter() - started
-        self.latency.labels(method).observe(seconds)
-        self.requests.labels(method, code).inc()
+        children = self._children.get((method, code, mode))
+        if children is None:  # labels() takes a lock and a lookup: do it once per kind
+            children = self._children[method, code, mode] = (
+                self.latency.labels(method), self.requests.labels(method, code),
+                self.modes.labels(mode) if mode else None)
+        children[0].observe(seconds)
+        children[1].inc()
         if mode:
-            self.modes.labels(mode).inc()
+            children[2].inc()
         if request_log.isEnabledFor(logging.INFO):
             graph_id = getattr(reply, "graph_id", "") or getattr(request, "graph_id", "")
             request_log.info(json.dumps({"method": method, "graph_id": graph_id or None,

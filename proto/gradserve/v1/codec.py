@@ -54,23 +54,31 @@ def fill_tensor(t: tensor_pb2.Tensor, array, field: str = "tensor") -> tensor_pb
 
 
 def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
-                max_elements: int | None = None) -> np.ndarray:
+                max_elements: int | None = None, key: str | None = None) -> np.ndarray:
+    """The array a Tensor describes; errors name `field` (and the map `key`, if any)."""
     dtype = DTYPES.get(t.dtype)
+    shape = tuple(t.shape)
+    data = t.data  # each read of a bytes field copies it: read once
+    count = prod(shape)
+    if (dtype is None or count * dtype.itemsize != len(data) or min(shape, default=0) < 0
+            or (max_elements is not None and count > max_elements)):
+        _tensor_error(t, shape, count, len(data), dtype, max_elements,
+                      field if key is None else f"{field}['{key}']")
+    return np.frombuffer(data, dtype).reshape(shape)
+
+
+def _tensor_error(t, shape, count, nbytes, dtype, max_elements, field):
     if dtype is None:
         name = (tensor_pb2.DataType.Name(t.dtype) if t.dtype in tensor_pb2.DataType.values()
                 else str(t.dtype))
         raise TensorError(field, f"unsupported dtype {name}")
-    shape = tuple(t.shape)
     for d in shape:
         if d < 0:
             raise TensorError(field, f"negative dimension {d} in shape {list(shape)}")
-    count = prod(shape)
     if max_elements is not None and count > max_elements:
         raise TensorLimitError(field, f"{count:,} elements, over the limit of {max_elements:,}")
-    if len(t.data) != count * dtype.itemsize:
-        raise TensorError(field, f"{len(t.data)} data bytes, but shape {list(shape)} of "
-                          f"{dtype.name} needs {count * dtype.itemsize}")
-    return np.frombuffer(t.data, dtype).reshape(shape)
+    raise TensorError(field, f"{nbytes} data bytes, but shape {list(shape)} of "
+                      f"{dtype.name} needs {count * dtype.itemsize}")
 
 
 class TensorLimitError(TensorError):
@@ -80,12 +88,11 @@ class TensorLimitError(TensorError):
 def fill_tensors(field, arrays: Mapping[str, np.ndarray]) -> None:
     """Write arrays into a map<string, Tensor> field of a message."""
     for name, a in arrays.items():
-        fill_tensor(field[name], a, f"['{name}']")
+        fill_tensor(field[name], a, name)
 
 
 def from_tensors(tensors, field: str, max_elements: int | None = None) -> dict:
-    return {name: from_tensor(t, f"{field}['{name}']", max_elements)
-            for name, t in tensors.items()}
+    return {name: from_tensor(t, field, max_elements, name) for name, t in tensors.items()}
 
 
 def fill_attribute(attr: graph_pb2.Attribute, value) -> graph_pb2.Attribute:
