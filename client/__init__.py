@@ -4,7 +4,8 @@ Imports the wire API (gradserve.v1) only, never the engine: a user can install
 the package and talk to a remote server.
 """
 
-from .builder import GraphBuilder, Value
-from .client import TLS, Client, DifferentiateSession, Planner, Result
+from .builder import GraphBuilder, Value, load_graph
+from .client import TLS, Client, DifferentiateSession, Planner, Result, TraceEdge, TraceNode
 
-__all__ = ["TLS", "Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result", "Value"]
+__all__ = ["TLS", "Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result",
+           "TraceEdge", "TraceNode", "Value", "load_graph"]

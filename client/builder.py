@@ -11,12 +11,16 @@ The builder knows op names and attributes only; the server validates shapes.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from google.protobuf import json_format
 
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import WIRE_DTYPES, fill_attribute, fill_tensor
+
+from .render import graph_dot
 
 UNARY = ("neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
          "tanh", "sigmoid", "relu", "softplus", "log1p")
@@ -179,6 +183,20 @@ class GraphBuilder:
                 fill_attribute(node.attrs[key], attr)
         return g
 
+    def to_dot(self, **options) -> str:
+        """Graphviz DOT of the graph's structure (gradserve.client.render.graph_dot)."""
+        return graph_dot(self.build(), **options)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the Graph proto to `path`: JSON (protobuf's JSON mapping) when it ends
+        in .json, binary otherwise (e.g. .pb). `load_graph` reads either back."""
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            path.write_text(json_format.MessageToJson(self.build()) + "\n")
+        else:
+            path.write_bytes(self.serialized()[0])
+        return path
+
     def serialized(self) -> tuple[bytes, str]:
         """Deterministic bytes of the graph and their sha256, rebuilt only after a change."""
         if self._cache is None:
@@ -225,6 +243,14 @@ class GraphBuilder:
             else:
                 out.append(self.constant(v, dtype=dtype))
         return out
+
+
+def load_graph(path: str | Path) -> graph_pb2.Graph:
+    """A Graph proto saved by GraphBuilder.save: JSON if `path` ends in .json, else binary."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return json_format.Parse(path.read_text(), graph_pb2.Graph())
+    return graph_pb2.Graph.FromString(path.read_bytes())
 
 
 def _attrs(**kwargs) -> dict:

@@ -2,16 +2,19 @@
 
 A graph (a GraphBuilder or a Graph proto) is registered once per client and
 then sent by id. When a server answers NOT_FOUND (it restarted, or another
-replica answered) the client registers again and retries once; UNAVAILABLE is
-retried with exponential backoff; every call has a deadline. Arrays in results
+replica answered) the client sends the request once more with the graph
+inline, which that server compiles and caches; UNAVAILABLE is retried with
+exponential backoff; every call has a deadline. Arrays in results
 are read-only views of the received bytes (np.array(a) makes a writable copy).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import itertools
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,10 +30,12 @@ from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import fill_tensors, from_tensor, from_tensors
 
 from .builder import GraphBuilder
+from .render import trace_dot
 
 MODES = {"auto": pb.MODE_AUTO, "forward": pb.MODE_FORWARD, "reverse": pb.MODE_REVERSE}
 MODE_NAMES = {pb.MODE_FORWARD: "forward", pb.MODE_REVERSE: "reverse"}
 MAX_MESSAGE_BYTES = 256 << 20
+INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUND
 _STREAM_END = object()
 
 
@@ -46,6 +51,31 @@ class Planner:
     reason: str
 
 
+@dataclass(frozen=True)
+class TraceEdge:
+    """A node reading one input: forward mode's partial (elementwise ops) and tangent
+    carried, reverse mode's cotangent flowing back; None where absent."""
+
+    input: str
+    partial: np.ndarray | None = None
+    tangent: np.ndarray | None = None
+    cotangent: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TraceNode:
+    """One value the server computed: an input, a constant or a node (see the
+    Trace message in gradient_service.proto)."""
+
+    name: str
+    op: str  # the op, or "input" / "constant"
+    inputs: tuple
+    value: np.ndarray
+    tangent: np.ndarray | None = None
+    adjoint: np.ndarray | None = None
+    edges: tuple = ()
+
+
 @dataclass
 class Result:
     outputs: dict
@@ -56,10 +86,22 @@ class Result:
     planner: Planner | None = None
     graph_id: str = ""
     request_id: str = ""
+    trace: list | None = None  # TraceNode per value, when asked for with trace=True
+    trace_mode: str = ""  # the trace's mode: "forward" or "reverse"
+
+    def to_dot(self, mode: str | None = None, **options) -> str:
+        """Graphviz DOT of the traced computation (see gradserve.client.render.trace_dot);
+        `mode` defaults to the trace's own."""
+        if self.trace is None:
+            raise ValueError("this result has no trace: ask for one with "
+                             "differentiate(..., trace=True)")
+        return trace_dot(self.trace, mode or self.trace_mode, outputs=tuple(self.outputs),
+                         **options)
 
 
 def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
     p = reply.planner
+    has_trace = reply.HasField("trace")
     return Result(
         outputs=from_tensors(reply.outputs, "outputs"),
         jacobian={(b.of, b.wrt): from_tensor(b.value, f"jacobian[{b.of}, {b.wrt}]")
@@ -69,17 +111,45 @@ def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
         mode=MODE_NAMES.get(reply.mode, ""),
         planner=Planner(MODE_NAMES.get(p.mode, ""), p.n, p.m, p.cost_forward, p.cost_reverse,
                         p.reason),
-        graph_id=reply.graph_id, request_id=reply.request_id)
+        graph_id=reply.graph_id, request_id=reply.request_id,
+        trace=trace_from_proto(reply.trace) if has_trace else None,
+        trace_mode=MODE_NAMES.get(reply.trace.mode, "") if has_trace else "")
+
+
+def trace_from_proto(trace: pb.Trace) -> list:
+    """TraceNode per value, arrays decoded (read-only views of the received bytes)."""
+    def array(message, name, where):
+        return from_tensor(getattr(message, name), where) if message.HasField(name) else None
+
+    nodes = []
+    for n in trace.nodes:
+        where = f"trace['{n.name}']"
+        edges = tuple(TraceEdge(e.input, *(array(e, f, f"{where}.edges['{e.input}'].{f}")
+                                           for f in ("partial", "tangent", "cotangent")))
+                      for e in n.edges)
+        nodes.append(TraceNode(n.name, n.op, tuple(n.inputs), array(n, "value", where),
+                               array(n, "tangent", where), array(n, "adjoint", where), edges))
+    return nodes
 
 
 def _target(address: str | Iterable[str]) -> tuple[str, list]:
-    """One address, a dns:/// target, or several host:port addresses balanced round-robin."""
-    if isinstance(address, str):
-        return address, []
-    addresses = list(address)
-    if len(addresses) == 1:
-        return addresses[0], []
-    return "ipv4:" + ",".join(addresses), [("grpc.lb_policy_name", "round_robin")]
+    """One address or target (e.g. dns:///gradserve-headless:50051), or several
+    host:port addresses; calls are spread over every address resolved, round-robin."""
+    addresses = [address] if isinstance(address, str) else list(address)
+    target = (addresses[0] if len(addresses) == 1
+              else "ipv4:" + ",".join(_ipv4(a) for a in addresses))
+    return target, [("grpc.lb_policy_name", "round_robin")]
+
+
+def _ipv4(address: str) -> str:
+    """host:port with the host resolved to an IPv4 address (the ipv4: target needs it)."""
+    host, _, port = address.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+        return address
+    except ValueError:
+        info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        return f"{info[0][4][0]}:{port}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +191,7 @@ class Client:
                          else grpc.insecure_channel(target, channel_options))
         self._stub = pb_grpc.GradientServiceStub(self._channel)
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
+        self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
 
@@ -152,9 +223,17 @@ class Client:
         return from_tensors(reply.outputs, "outputs")
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
-                      mode: str = "auto", tangents=None, cotangents=None) -> Result:
-        """Values and derivatives: Jacobian blocks, or a JVP (tangents), or a VJP (cotangents)."""
-        request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents)
+                      mode: str = "auto", tangents=None, cotangents=None,
+                      trace: bool = False) -> Result:
+        """Values and derivatives: Jacobian blocks, or a JVP (tangents), or a VJP (cotangents).
+
+        `trace=True` also returns every value the server computed with its tangents
+        (forward, from `tangents`) or adjoints (reverse, from `cotangents`, or from 1 on
+        a one-element output) and those of every edge, in `Result.trace`; draw it with
+        `Result.to_dot()`.
+        """
+        request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
+                                              trace)
         return result_from_proto(self._by_id(self._stub.Differentiate, graph, request))
 
     def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto") -> dict:
@@ -186,11 +265,13 @@ class Client:
 
     # --- plumbing ------------------------------------------------------------------
 
-    def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents):
+    def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents,
+                               trace=False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
         request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=MODES[mode],
-                                          request_id=str(next(self._request_ids)))
+                                          request_id=str(next(self._request_ids)),
+                                          trace=trace)
         fill_tensors(request.inputs, inputs)
         if tangents is not None:
             fill_tensors(request.tangents, tangents)
@@ -204,25 +285,36 @@ class Client:
             known = self._ids.get(key)
         if known is not None and not force:
             return known
-        proto = graph if isinstance(graph, graph_pb2.Graph) else graph_pb2.Graph.FromString(data)
         graph_id = self._call(self._stub.RegisterGraph,
-                              pb.RegisterGraphRequest(graph=proto)).graph_id
+                              pb.RegisterGraphRequest(graph=_graph_proto(graph))).graph_id
         with self._lock:
             self._ids[key] = graph_id
         return graph_id
 
     def _by_id(self, method, graph, request):
-        """Send by graph id; on NOT_FOUND register again and retry once."""
+        """Send by graph id. On NOT_FOUND (a restarted server, or a replica that has not
+        seen the graph) send the graph inline instead: the replica that answers compiles
+        and caches it under the same id. Behind a round-robin balancer the retry lands
+        on another replica, so the next INLINE_AFTER_NOT_FOUND calls go inline too,
+        which teaches every replica in the rotation."""
         if isinstance(graph, str):
             request.graph_id = graph
             return self._call(method, request)
-        request.graph_id = self._register(graph)
-        try:
-            return self._call(method, request)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        request.graph_id = self._register(graph, force=True)
+        key = _serialized(graph)[1]
+        with self._lock:
+            inline = self._inline_left.get(key, 0)
+            if inline:
+                self._inline_left[key] = inline - 1
+        if not inline:
+            request.graph_id = self._register(graph)
+            try:
+                return self._call(method, request)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            with self._lock:
+                self._inline_left[key] = INLINE_AFTER_NOT_FOUND
+        request.graph.CopyFrom(_graph_proto(graph))
         return self._call(method, request)
 
     def _call(self, method, request):
@@ -237,6 +329,12 @@ class Client:
             delay = min(delay * 2, 2.0)
 
 
+def _graph_proto(graph) -> graph_pb2.Graph:
+    if isinstance(graph, graph_pb2.Graph):
+        return graph
+    return graph_pb2.Graph.FromString(_serialized(graph)[0])
+
+
 def _serialized(graph) -> tuple[bytes, str]:
     if isinstance(graph, GraphBuilder):
         return graph.serialized()
@@ -248,33 +346,38 @@ def _serialized(graph) -> tuple[bytes, str]:
 
 class DifferentiateSession:
     """One open DifferentiateStream: each `differentiate` call sends a request and
-    waits for its reply. On NOT_FOUND the graph is registered again and the
-    stream reopened once; other errors end the session."""
+    waits for its reply. On NOT_FOUND the stream is reopened and its first request
+    carries the graph inline; other errors end the session."""
 
     def __init__(self, client: Client, graph):
         self._client, self._graph = client, graph
         self._open()
 
-    def _open(self, force=False):
-        self._graph_id = self._client._register(self._graph, force=force)
+    def _open(self, inline=False):
+        self._graph_id = self._client._register(self._graph)
+        self._inline = inline
         self._requests: queue.Queue = queue.Queue()
         self._replies = self._client._stub.DifferentiateStream(
             iter(self._requests.get, _STREAM_END), metadata=self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
-                      cotangents=None) -> Result:
+                      cotangents=None, trace=False) -> Result:
         request = self._client._differentiate_request(inputs, wrt, of, mode, tangents,
-                                                      cotangents)
+                                                      cotangents, trace)
         try:
             return self._send(request)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-        self._open(force=True)
+        self._open(inline=True)
         return self._send(request)
 
     def _send(self, request) -> Result:
-        request.graph_id = self._graph_id
+        if self._inline:  # the first request of a reopened stream teaches its replica
+            request.graph.CopyFrom(_graph_proto(self._graph))
+            self._inline = False
+        else:
+            request.graph_id = self._graph_id
         self._requests.put(request)
         return result_from_proto(next(self._replies))
 

@@ -49,6 +49,7 @@ class OpDef:
     float_only: bool = True
     normalize: Callable | None = None  # (attrs, shapes) -> attrs, raises RuleError
     description: str = ""
+    elementwise: bool = False  # each output element depends on the same element of each input
 
 
 OPS: dict[str, OpDef] = {}
@@ -72,7 +73,8 @@ def unary(name, f, d, saves, float_only=True, description=""):
         name, 1, _same_shape, f,
         jvp=lambda t, x, ans: d(t[0], x[0], ans),
         vjp=lambda i, g, x, ans: d(g, x[0], ans),
-        saves=frozenset(saves), float_only=float_only, description=description))
+        saves=frozenset(saves), float_only=float_only, description=description,
+        elementwise=True))
 
 
 def _sigmoid(x):
@@ -114,7 +116,7 @@ def _jvp_sum(a, b, shape):
 
 def binary(name, f, jvp, vjp, saves, float_only=True, description=""):
     return _row(OpDef(name, 2, _broadcast_rule, f, jvp, vjp, saves=frozenset(saves),
-                      float_only=float_only, description=description))
+                      float_only=float_only, description=description, elementwise=True))
 
 
 def _lift2(t, x, ans):

@@ -96,6 +96,12 @@ def _train(args) -> int:
         return train_main(args, [address], in_process=True)
 
 
+def _graph(args) -> int:
+    from gradserve.client.graph_command import main as graph_main
+
+    return graph_main(args, lambda: _server_address(args.server))
+
+
 def _health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -175,6 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "asks the service for each minibatch's gradient.")
     add_train_arguments(train)
     train.set_defaults(func=_train)
+
+    from gradserve.client.graph_command import add_arguments as add_graph_arguments
+
+    graph = sub.add_parser("graph", help="draw a graph with its values and derivatives",
+                           description="Draw a computational graph with Graphviz: its "
+                                       "structure, or the values, tangents or adjoints a "
+                                       "server computes on it.")
+    add_graph_arguments(graph)
+    graph.set_defaults(func=_graph)
 
     health = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_argument("--server", metavar="HOST:PORT",

@@ -1,4 +1,4 @@
-"""Proto <-> engine: graphs, attributes and the planner's decision.
+"""Proto <-> engine: graphs, attributes, the planner's decision and traces.
 
 Tensors are converted by gradserve.v1.tensors (shared with the client).
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as service_pb2
 from gradserve.v1 import graph_pb2, tensor_pb2
-from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_attribute, from_tensor,
-                                to_tensor)
+from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_attribute,
+                                fill_tensor, from_tensor, to_tensor)
 
 MODES = {
     service_pb2.MODE_UNSPECIFIED: "auto",
@@ -69,6 +69,27 @@ def fill_decision(p: service_pb2.PlannerDecision, d: engine.ModeDecision,
     p.cost_forward, p.cost_reverse = d.cost_forward, d.cost_reverse
     p.reason = reason or d.reason
     return p
+
+
+def fill_trace(t: service_pb2.Trace, trace: engine.Trace) -> service_pb2.Trace:
+    """Write an engine trace into `t` (in place); absent derivatives stay unset."""
+    t.mode = WIRE_MODES[trace.mode]
+    for node in trace.nodes:
+        n = t.nodes.add(name=node.name, op=node.op, inputs=node.inputs)
+        _fill_optional(n, "value", node.value)
+        _fill_optional(n, "tangent", node.tangent)
+        _fill_optional(n, "adjoint", node.adjoint)
+        for edge in node.edges:
+            e = n.edges.add(input=edge.input)
+            _fill_optional(e, "partial", edge.partial)
+            _fill_optional(e, "tangent", edge.tangent)
+            _fill_optional(e, "cotangent", edge.cotangent)
+    return t
+
+
+def _fill_optional(message, field: str, array) -> None:
+    if array is not None:
+        fill_tensor(getattr(message, field), array)
 
 
 def op_info(op: engine.OpDef) -> service_pb2.OpInfo:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from math import prod
 
+import numpy as np
+
 from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import WIRE_DTYPES, fill_tensor, fill_tensors, from_tensors
 
-from .convert import MODES, fill_decision, op_info
+from .convert import MODES, fill_decision, fill_trace, op_info
 from .calls import rpc, stream_rpc
 from .errors import BadRequest, stop_when_ended
 from .limits import Limits
@@ -101,7 +103,39 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             decision, reason = result.decision, None
         fill_tensors(reply.outputs, result.outputs)
         reply.mode = fill_decision(reply.planner, decision, reason).mode
+        if request.trace:
+            _trace(request, plan, inputs, mode, result.outputs, reply.trace, self.limits, check)
         return reply
+
+
+def _trace(request, plan, inputs, mode, outputs, into, limits, check) -> None:
+    """The request's trace: forward from its tangents, reverse from its cotangents,
+    or reverse from a cotangent of 1 on a one-element output (a scalar loss)."""
+    limit = limits.max_tensor_elements
+    seeds = {}
+    if request.tangents:
+        trace_mode = "forward"
+        seeds["tangents"] = from_tensors(request.tangents, "tangents", limit)
+    elif request.cotangents:
+        trace_mode = "reverse"
+        seeds["cotangents"] = from_tensors(request.cotangents, "cotangents", limit)
+    elif mode == "forward":
+        raise BadRequest("a forward-mode trace needs tangents: give a tangent for each input "
+                         "to trace from", field="tangents")
+    else:
+        of = tuple(request.of) or plan.float_outputs
+        if len(of) != 1 or outputs[of[0]].size != 1:
+            sizes = ", ".join(f"'{o}' ({outputs[o].size} elements)" for o in of) or "none"
+            raise BadRequest("a trace without tangents or cotangents needs one output with "
+                             f"one element (a scalar loss) to start from; outputs: {sizes}. "
+                             "Give cotangents (reverse) or tangents (forward)",
+                             field="cotangents")
+        trace_mode = "reverse"
+        seeds["cotangents"] = {of[0]: np.ones_like(outputs[of[0]])}
+    result = engine.trace(plan, inputs, trace_mode, **seeds,
+                          max_elements=limits.max_trace_elements or None,
+                          max_bytes=limits.max_intermediate_bytes, check=check)
+    fill_trace(into, result)
 
 
 def _seed_keys(seeds, names, field, names_field):

@@ -26,7 +26,7 @@ from gradserve.v1 import graph_pb2 as gradserve_dot_v1_dot_graph__pb2
 from gradserve.v1 import tensor_pb2 as gradserve_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#gradserve/v1/gradient_service.proto\x12\x0cgradserve.v1\x1a\x18gradserve/v1/graph.proto\x1a\x19gradserve/v1/tensor.proto\"\x85\x01\n\x0fPlannerDecision\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12\t\n\x01n\x18\x02 \x01(\x03\x12\t\n\x01m\x18\x03 \x01(\x03\x12\x14\n\x0c\x63ost_forward\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ost_reverse\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\":\n\x14RegisterGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.Graph\")\n\x15RegisterGraphResponse\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\xd8\x01\n\x0f\x45valuateRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.GraphH\x00\x12\x12\n\x08graph_id\x18\x02 \x01(\tH\x00\x12\x39\n\x06inputs\x18\x03 \x03(\x0b\x32).gradserve.v1.EvaluateRequest.InputsEntry\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"\xa8\x01\n\x10\x45valuateResponse\x12<\n\x07outputs\x18\x01 \x03(\x0b\x32+.gradserve.v1.EvaluateResponse.OutputsEntry\x12\x10\n\x08graph_id\x18\x02 \x01(\t\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xcd\x04\n\x14\x44ifferentiateRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.GraphH\x00\x12\x12\n\x08graph_id\x18\x02 \x01(\tH\x00\x12>\n\x06inputs\x18\x03 \x03(\x0b\x32..gradserve.v1.DifferentiateRequest.InputsEntry\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12\n\n\x02of\x18\x05 \x03(\t\x12 \n\x04mode\x18\x06 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12\x42\n\x08tangents\x18\x07 \x03(\x0b\x32\x30.gradserve.v1.DifferentiateRequest.TangentsEntry\x12\x46\n\ncotangents\x18\x08 \x03(\x0b\x32\x32.gradserve.v1.DifferentiateRequest.CotangentsEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aG\n\x0f\x43otangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"M\n\rJacobianBlock\x12\n\n\x02of\x18\x01 \x01(\t\x12\x0b\n\x03wrt\x18\x02 \x01(\t\x12#\n\x05value\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"\xe5\x04\n\x15\x44ifferentiateResponse\x12\x41\n\x07outputs\x18\x01 \x03(\x0b\x32\x30.gradserve.v1.DifferentiateResponse.OutputsEntry\x12-\n\x08jacobian\x18\x02 \x03(\x0b\x32\x1b.gradserve.v1.JacobianBlock\x12\x43\n\x08tangents\x18\x03 \x03(\x0b\x32\x31.gradserve.v1.DifferentiateResponse.TangentsEntry\x12G\n\ncotangents\x18\x04 \x03(\x0b\x32\x33.gradserve.v1.DifferentiateResponse.CotangentsEntry\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12.\n\x07planner\x18\x06 \x01(\x0b\x32\x1d.gradserve.v1.PlannerDecision\x12\x10\n\x08graph_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aG\n\x0f\x43otangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\x16\n\x14GetServerInfoRequest\"c\n\rAttributeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\x7f\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmin_inputs\x18\x02 \x01(\x05\x12\x12\n\nmax_inputs\x18\x03 \x01(\x05\x12*\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1b.gradserve.v1.AttributeInfo\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xc4\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x11\n\tmax_nodes\x18\x02 \x01(\x03\x12\x1b\n\x13max_tensor_elements\x18\x03 \x01(\x03\x12\x1e\n\x16max_intermediate_bytes\x18\x04 \x01(\x03\x12\x19\n\x11max_cached_graphs\x18\x05 \x01(\x03\x12\x17\n\x0fmax_cache_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13max_concurrent_rpcs\x18\x07 \x01(\x03\"\xb0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12!\n\x03ops\x18\x02 \x03(\x0b\x32\x14.gradserve.v1.OpInfo\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Limits\x12&\n\x06\x64types\x18\x04 \x03(\x0e\x32\x16.gradserve.v1.DataType\x12\x15\n\rplanner_ratio\x18\x05 \x01(\x01*O\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\x10\n\x0cMODE_FORWARD\x10\x02\x12\x10\n\x0cMODE_REVERSE\x10\x03\x32\xce\x03\n\x0fGradientService\x12X\n\rRegisterGraph\x12\".gradserve.v1.RegisterGraphRequest\x1a#.gradserve.v1.RegisterGraphResponse\x12I\n\x08\x45valuate\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse\x12X\n\rDifferentiate\x12\".gradserve.v1.DifferentiateRequest\x1a#.gradserve.v1.DifferentiateResponse\x12\x62\n\x13\x44ifferentiateStream\x12\".gradserve.v1.DifferentiateRequest\x1a#.gradserve.v1.DifferentiateResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".gradserve.v1.GetServerInfoRequest\x1a#.gradserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#gradserve/v1/gradient_service.proto\x12\x0cgradserve.v1\x1a\x18gradserve/v1/graph.proto\x1a\x19gradserve/v1/tensor.proto\"\x85\x01\n\x0fPlannerDecision\x12 \n\x04mode\x18\x01 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12\t\n\x01n\x18\x02 \x01(\x03\x12\t\n\x01m\x18\x03 \x01(\x03\x12\x14\n\x0c\x63ost_forward\x18\x04 \x01(\x01\x12\x14\n\x0c\x63ost_reverse\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\":\n\x14RegisterGraphRequest\x12\"\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.Graph\")\n\x15RegisterGraphResponse\x12\x10\n\x08graph_id\x18\x01 \x01(\t\"\xd8\x01\n\x0f\x45valuateRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.GraphH\x00\x12\x12\n\x08graph_id\x18\x02 \x01(\tH\x00\x12\x39\n\x06inputs\x18\x03 \x03(\x0b\x32).gradserve.v1.EvaluateRequest.InputsEntry\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"\xa8\x01\n\x10\x45valuateResponse\x12<\n\x07outputs\x18\x01 \x03(\x0b\x32+.gradserve.v1.EvaluateResponse.OutputsEntry\x12\x10\n\x08graph_id\x18\x02 \x01(\t\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"\xdc\x04\n\x14\x44ifferentiateRequest\x12$\n\x05graph\x18\x01 \x01(\x0b\x32\x13.gradserve.v1.GraphH\x00\x12\x12\n\x08graph_id\x18\x02 \x01(\tH\x00\x12>\n\x06inputs\x18\x03 \x03(\x0b\x32..gradserve.v1.DifferentiateRequest.InputsEntry\x12\x0b\n\x03wrt\x18\x04 \x03(\t\x12\n\n\x02of\x18\x05 \x03(\t\x12 \n\x04mode\x18\x06 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12\x42\n\x08tangents\x18\x07 \x03(\x0b\x32\x30.gradserve.v1.DifferentiateRequest.TangentsEntry\x12\x46\n\ncotangents\x18\x08 \x03(\x0b\x32\x32.gradserve.v1.DifferentiateRequest.CotangentsEntry\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\r\n\x05trace\x18\n \x01(\x08\x1a\x43\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aG\n\x0f\x43otangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x42\x0b\n\tgraph_ref\"M\n\rJacobianBlock\x12\n\n\x02of\x18\x01 \x01(\t\x12\x0b\n\x03wrt\x18\x02 \x01(\t\x12#\n\x05value\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"\x89\x05\n\x15\x44ifferentiateResponse\x12\x41\n\x07outputs\x18\x01 \x03(\x0b\x32\x30.gradserve.v1.DifferentiateResponse.OutputsEntry\x12-\n\x08jacobian\x18\x02 \x03(\x0b\x32\x1b.gradserve.v1.JacobianBlock\x12\x43\n\x08tangents\x18\x03 \x03(\x0b\x32\x31.gradserve.v1.DifferentiateResponse.TangentsEntry\x12G\n\ncotangents\x18\x04 \x03(\x0b\x32\x33.gradserve.v1.DifferentiateResponse.CotangentsEntry\x12 \n\x04mode\x18\x05 \x01(\x0e\x32\x12.gradserve.v1.Mode\x12.\n\x07planner\x18\x06 \x01(\x0b\x32\x1d.gradserve.v1.PlannerDecision\x12\x10\n\x08graph_id\x18\x07 \x01(\t\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\"\n\x05trace\x18\t \x01(\x0b\x32\x13.gradserve.v1.Trace\x1a\x44\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1a\x45\n\rTangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\x1aG\n\x0f\x43otangentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor:\x02\x38\x01\"Q\n\x05Trace\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.gradserve.v1.NodeTrace\x12 \n\x04mode\x18\x02 \x01(\x0e\x32\x12.gradserve.v1.Mode\"\xd0\x01\n\tNodeTrace\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12#\n\x05value\x18\x04 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12%\n\x07tangent\x18\x05 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12%\n\x07\x61\x64joint\x18\x06 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12&\n\x05\x65\x64ges\x18\x07 \x03(\x0b\x32\x17.gradserve.v1.EdgeTrace\"\x91\x01\n\tEdgeTrace\x12\r\n\x05input\x18\x01 \x01(\t\x12%\n\x07partial\x18\x02 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12%\n\x07tangent\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Tensor\x12\'\n\tcotangent\x18\x04 \x01(\x0b\x32\x14.gradserve.v1.Tensor\"\x16\n\x14GetServerInfoRequest\"c\n\rAttributeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\x7f\n\x06OpInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nmin_inputs\x18\x02 \x01(\x05\x12\x12\n\nmax_inputs\x18\x03 \x01(\x05\x12*\n\x05\x61ttrs\x18\x04 \x03(\x0b\x32\x1b.gradserve.v1.AttributeInfo\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\"\xe0\x01\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x11\n\tmax_nodes\x18\x02 \x01(\x03\x12\x1b\n\x13max_tensor_elements\x18\x03 \x01(\x03\x12\x1e\n\x16max_intermediate_bytes\x18\x04 \x01(\x03\x12\x19\n\x11max_cached_graphs\x18\x05 \x01(\x03\x12\x17\n\x0fmax_cache_bytes\x18\x06 \x01(\x03\x12\x1b\n\x13max_concurrent_rpcs\x18\x07 \x01(\x03\x12\x1a\n\x12max_trace_elements\x18\x08 \x01(\x03\"\xb0\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12!\n\x03ops\x18\x02 \x03(\x0b\x32\x14.gradserve.v1.OpInfo\x12$\n\x06limits\x18\x03 \x01(\x0b\x32\x14.gradserve.v1.Limits\x12&\n\x06\x64types\x18\x04 \x03(\x0e\x32\x16.gradserve.v1.DataType\x12\x15\n\rplanner_ratio\x18\x05 \x01(\x01*O\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_AUTO\x10\x01\x12\x10\n\x0cMODE_FORWARD\x10\x02\x12\x10\n\x0cMODE_REVERSE\x10\x03\x32\xce\x03\n\x0fGradientService\x12X\n\rRegisterGraph\x12\".gradserve.v1.RegisterGraphRequest\x1a#.gradserve.v1.RegisterGraphResponse\x12I\n\x08\x45valuate\x12\x1d.gradserve.v1.EvaluateRequest\x1a\x1e.gradserve.v1.EvaluateResponse\x12X\n\rDifferentiate\x12\".gradserve.v1.DifferentiateRequest\x1a#.gradserve.v1.DifferentiateResponse\x12\x62\n\x13\x44ifferentiateStream\x12\".gradserve.v1.DifferentiateRequest\x1a#.gradserve.v1.DifferentiateResponse(\x01\x30\x01\x12X\n\rGetServerInfo\x12\".gradserve.v1.GetServerInfoRequest\x1a#.gradserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,8 +49,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DIFFERENTIATERESPONSE_TANGENTSENTRY']._serialized_options = b'8\001'
   _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._loaded_options = None
   _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=2654
-  _globals['_MODE']._serialized_end=2733
+  _globals['_MODE']._serialized_start=3175
+  _globals['_MODE']._serialized_end=3254
   _globals['_PLANNERDECISION']._serialized_start=107
   _globals['_PLANNERDECISION']._serialized_end=240
   _globals['_REGISTERGRAPHREQUEST']._serialized_start=242
@@ -66,33 +66,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVALUATERESPONSE_OUTPUTSENTRY']._serialized_start=665
   _globals['_EVALUATERESPONSE_OUTPUTSENTRY']._serialized_end=733
   _globals['_DIFFERENTIATEREQUEST']._serialized_start=736
-  _globals['_DIFFERENTIATEREQUEST']._serialized_end=1325
+  _globals['_DIFFERENTIATEREQUEST']._serialized_end=1340
   _globals['_DIFFERENTIATEREQUEST_INPUTSENTRY']._serialized_start=482
   _globals['_DIFFERENTIATEREQUEST_INPUTSENTRY']._serialized_end=549
-  _globals['_DIFFERENTIATEREQUEST_TANGENTSENTRY']._serialized_start=1170
-  _globals['_DIFFERENTIATEREQUEST_TANGENTSENTRY']._serialized_end=1239
-  _globals['_DIFFERENTIATEREQUEST_COTANGENTSENTRY']._serialized_start=1241
-  _globals['_DIFFERENTIATEREQUEST_COTANGENTSENTRY']._serialized_end=1312
-  _globals['_JACOBIANBLOCK']._serialized_start=1327
-  _globals['_JACOBIANBLOCK']._serialized_end=1404
-  _globals['_DIFFERENTIATERESPONSE']._serialized_start=1407
-  _globals['_DIFFERENTIATERESPONSE']._serialized_end=2020
+  _globals['_DIFFERENTIATEREQUEST_TANGENTSENTRY']._serialized_start=1185
+  _globals['_DIFFERENTIATEREQUEST_TANGENTSENTRY']._serialized_end=1254
+  _globals['_DIFFERENTIATEREQUEST_COTANGENTSENTRY']._serialized_start=1256
+  _globals['_DIFFERENTIATEREQUEST_COTANGENTSENTRY']._serialized_end=1327
+  _globals['_JACOBIANBLOCK']._serialized_start=1342
+  _globals['_JACOBIANBLOCK']._serialized_end=1419
+  _globals['_DIFFERENTIATERESPONSE']._serialized_start=1422
+  _globals['_DIFFERENTIATERESPONSE']._serialized_end=2071
   _globals['_DIFFERENTIATERESPONSE_OUTPUTSENTRY']._serialized_start=665
   _globals['_DIFFERENTIATERESPONSE_OUTPUTSENTRY']._serialized_end=733
-  _globals['_DIFFERENTIATERESPONSE_TANGENTSENTRY']._serialized_start=1170
-  _globals['_DIFFERENTIATERESPONSE_TANGENTSENTRY']._serialized_end=1239
-  _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._serialized_start=1241
-  _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._serialized_end=1312
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2022
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2044
-  _globals['_ATTRIBUTEINFO']._serialized_start=2046
-  _globals['_ATTRIBUTEINFO']._serialized_end=2145
-  _globals['_OPINFO']._serialized_start=2147
-  _globals['_OPINFO']._serialized_end=2274
-  _globals['_LIMITS']._serialized_start=2277
-  _globals['_LIMITS']._serialized_end=2473
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=2476
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=2652
-  _globals['_GRADIENTSERVICE']._serialized_start=2736
-  _globals['_GRADIENTSERVICE']._serialized_end=3198
+  _globals['_DIFFERENTIATERESPONSE_TANGENTSENTRY']._serialized_start=1185
+  _globals['_DIFFERENTIATERESPONSE_TANGENTSENTRY']._serialized_end=1254
+  _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._serialized_start=1256
+  _globals['_DIFFERENTIATERESPONSE_COTANGENTSENTRY']._serialized_end=1327
+  _globals['_TRACE']._serialized_start=2073
+  _globals['_TRACE']._serialized_end=2154
+  _globals['_NODETRACE']._serialized_start=2157
+  _globals['_NODETRACE']._serialized_end=2365
+  _globals['_EDGETRACE']._serialized_start=2368
+  _globals['_EDGETRACE']._serialized_end=2513
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2515
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2537
+  _globals['_ATTRIBUTEINFO']._serialized_start=2539
+  _globals['_ATTRIBUTEINFO']._serialized_end=2638
+  _globals['_OPINFO']._serialized_start=2640
+  _globals['_OPINFO']._serialized_end=2767
+  _globals['_LIMITS']._serialized_start=2770
+  _globals['_LIMITS']._serialized_end=2994
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2997
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=3173
+  _globals['_GRADIENTSERVICE']._serialized_start=3257
+  _globals['_GRADIENTSERVICE']._serialized_end=3719
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id")
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class DifferentiateRequest(_message.Message):
     TANGENTS_FIELD_NUMBER: _ClassVar[int]
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -121,7 +122,8 @@ class DifferentiateRequest(_message.Message):
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     request_id: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    trace: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ...) -> None: ...
 
 class JacobianBlock(_message.Message):
     __slots__ = ("of", "wrt", "value")
@@ -134,7 +136,7 @@ class JacobianBlock(_message.Message):
     def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DifferentiateResponse(_message.Message):
-    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id")
+    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +166,7 @@ class DifferentiateResponse(_message.Message):
     PLANNER_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TRACE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     jacobian: _containers.RepeatedCompositeFieldContainer[JacobianBlock]
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -172,7 +175,46 @@ class DifferentiateResponse(_message.Message):
     planner: PlannerDecision
     graph_id: str
     request_id: str
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    trace: Trace
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ...) -> None: ...
+
+class Trace(_message.Message):
+    __slots__ = ("nodes", "mode")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeTrace]
+    mode: Mode
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeTrace, _Mapping]]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+
+class NodeTrace(_message.Message):
+    __slots__ = ("name", "op", "inputs", "value", "tangent", "adjoint", "edges")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    TANGENT_FIELD_NUMBER: _ClassVar[int]
+    ADJOINT_FIELD_NUMBER: _ClassVar[int]
+    EDGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    op: str
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    value: _tensor_pb2.Tensor
+    tangent: _tensor_pb2.Tensor
+    adjoint: _tensor_pb2.Tensor
+    edges: _containers.RepeatedCompositeFieldContainer[EdgeTrace]
+    def __init__(self, name: _Optional[str] = ..., op: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., adjoint: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., edges: _Optional[_Iterable[_Union[EdgeTrace, _Mapping]]] = ...) -> None: ...
+
+class EdgeTrace(_message.Message):
+    __slots__ = ("input", "partial", "tangent", "cotangent")
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    TANGENT_FIELD_NUMBER: _ClassVar[int]
+    COTANGENT_FIELD_NUMBER: _ClassVar[int]
+    input: str
+    partial: _tensor_pb2.Tensor
+    tangent: _tensor_pb2.Tensor
+    cotangent: _tensor_pb2.Tensor
+    def __init__(self, input: _Optional[str] = ..., partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -207,7 +249,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +257,7 @@ class Limits(_message.Message):
     MAX_CACHED_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TRACE_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_nodes: int
     max_tensor_elements: int
@@ -222,7 +265,8 @@ class Limits(_message.Message):
     max_cached_graphs: int
     max_cache_bytes: int
     max_concurrent_rpcs: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ...) -> None: ...
+    max_trace_elements: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio")
