@@ -37,11 +37,15 @@ def parse(request_type, data):
                          f"{request_type.DESCRIPTOR.full_name}: {err}") from None
 
 
+def _request_type(method_name: str):
+    service = pb.DESCRIPTOR.services_by_name["GradientService"]
+    return getattr(pb, service.methods_by_name[method_name].input_type.name)
+
+
 def rpc(method):
     """A unary RPC: an exception becomes its status (INTERNAL, logged, if unmapped)."""
     name = method.__name__
-    request_type = getattr(pb, pb.DESCRIPTOR.services_by_name["GradientService"]
-                           .methods_by_name[name].input_type.name)
+    request_type = _request_type(name)
 
     @functools.wraps(method)
     def wrapper(self, request, context):
@@ -62,8 +66,7 @@ def stream_rpc(method):
     """A streaming RPC: each reply is recorded; an error ends the stream with its status."""
     name = method.__name__
 
-    request_type = getattr(pb, pb.DESCRIPTOR.services_by_name["GradientService"]
-                           .methods_by_name[name].input_type.name)
+    request_type = _request_type(name)
 
     @functools.wraps(method)
     def wrapper(self, requests, context):
