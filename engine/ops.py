@@ -501,6 +501,8 @@ def _from_matrix(out, a_ndim, b_ndim):
 
 def _matmul_jvp(t, x, ans):
     a, b = x
+    if a.ndim <= 2 and b.ndim <= 2 and (a.ndim == 1) != (b.ndim == 1):
+        return _matvec_jvp(t, a, b)
     ta, tb, _ = _as_matrices(a.ndim, b.ndim, t[0], t[1])
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
@@ -514,8 +516,25 @@ def _matmul_jvp(t, x, ans):
     return fill_seed(_from_matrix(out, a.ndim, b.ndim), ans.shape)
 
 
+def _matvec_jvp(t, a, b):
+    """Vector @ matrix or matrix @ vector: the k directions of the vector form a
+    matrix, so its term is one matrix product rather than k vector products."""
+    ta, tb = t
+    if a.ndim == 1:  # (K,) @ (K, N): directions (k, K) @ (K, N)
+        terms = [ta @ b if ta is not None else None,
+                 np.matmul(a, tb) if tb is not None else None]
+    else:  # (M, K) @ (K,): directions (k, K) @ (K, M)
+        k = ta.shape[0] if ta is not None else None
+        terms = [(ta.reshape(-1, ta.shape[-1]) @ b).reshape(k, -1) if ta is not None else None,
+                 tb @ a.T if tb is not None else None]
+    ta_term, tb_term = terms
+    return ta_term if tb_term is None else tb_term if ta_term is None else ta_term + tb_term
+
+
 def _matmul_vjp(i, g, x, ans):
     a, b = x
+    if a.ndim <= 2 and b.ndim <= 2 and (a.ndim == 1) != (b.ndim == 1):
+        return _matvec_vjp(i, g, a, b)
     _, _, g2 = _as_matrices(a.ndim, b.ndim, seed_out=g)
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
@@ -531,6 +550,14 @@ def _matmul_vjp(i, g, x, ans):
     gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
     gb = gb[..., 0] if b.ndim == 1 else gb
     return unbroadcast(gb, b.shape)
+
+
+def _matvec_vjp(i, g, a, b):
+    """Cotangents of a vector @ matrix or matrix @ vector product, k directions at once."""
+    if a.ndim == 1:  # g (k, N)
+        return g @ b.T if i == 0 else a[None, :, None] * g[:, None, :]
+    # a (M, K), b (K,), g (k, M)
+    return g[:, :, None] * b[None, None, :] if i == 0 else g @ a
 
 
 _row(OpDef("matmul", 2, _matmul_rule, np.matmul, _matmul_jvp, _matmul_vjp,
@@ -581,9 +608,14 @@ _row(OpDef(
     lambda t, x, ans, axis: _softmax_map(t[0], ans, axis),
     lambda i, g, x, ans, axis: _softmax_map(g, ans, axis),
     (AXIS,), frozenset({"ans"}), True, _norm_axis, "exp(x) / sum(exp(x)) along axis"))
+def _log_softmax(x, axis):
+    z = x - np.max(x, axis=axis, keepdims=True)
+    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+
+
 _row(OpDef(
     "log_softmax", 1, _normalizing_rule("log_softmax"),
-    lambda x, axis: x - _logsumexp(x, axis, True), _log_softmax_jvp, _log_softmax_vjp,
+    _log_softmax, _log_softmax_jvp, _log_softmax_vjp,
     (AXIS,), frozenset({"ans"}), True, _norm_axis, "x - logsumexp(x) along axis"))
 _row(OpDef(
     "logsumexp", 1, _normalizing_rule("logsumexp"),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Cost of one reverse sweep in forward sweeps. CasADi (ad_weight = 0.33) and
-# ADOL-C's jacobian() both take a reverse sweep as about twice a forward one;
-# bench/bench_planner.py measures it for this engine.
-REVERSE_COST_RATIO = 2.0
+# Cost of one reverse direction in forward directions. CasADi (ad_weight = 0.33)
+# and ADOL-C's jacobian() take a reverse sweep as about twice a forward one; for
+# this engine bench/bench_planner.py measured them about equal (median 0.94 over
+# 34 shapes, crossovers at n/m = 0.95-1.35), and any ratio from 0.5 to 1.43
+# picked as well as the best, so 1.25.
+REVERSE_COST_RATIO = 1.25
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,11 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
               forced: str | None = None) -> ModeDecision:
     """Forward iff n <= ratio * m.
 
-    A Jacobian of n inputs and m outputs takes n forward sweeps (one per input
-    direction) or m reverse sweeps (one per output direction), and a reverse
-    sweep costs about `ratio` forward ones (CasADi, ADOL-C). `forced` names the
-    mode the caller asked for; the figures are reported either way.
+    A Jacobian of n inputs and m outputs takes n forward directions (one per
+    input element) or m reverse directions (one per output element), and a
+    reverse direction costs about `ratio` forward ones: CasADi and ADOL-C take 2,
+    this engine measures 1.25 (REVERSE_COST_RATIO). `forced` names the mode the
+    caller asked for; the figures are reported either way.
     """
     cost_forward, cost_reverse = float(n), float(ratio * m)
     if forced is not None:

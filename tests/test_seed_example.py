@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from gradserve.engine import Graph, Input, Node, compile, plan_mode
+from gradserve.engine import REVERSE_COST_RATIO, Graph, Input, Node, compile, plan_mode
 
 PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
 METHODS = ["jacobian-forward", "jacobian-reverse", "jacobian-auto", "vjp", "jvp"]
@@ -102,8 +102,8 @@ def test_jvp_with_tangent_omitted_is_zero_tangent():
 
 
 # --- the planner's decision ------------------------------------------------------------
-# Contract: forward iff n <= ratio * m (ratio 2 by default), n = input elements
-# differentiated, m = output elements differentiated.
+# Contract: forward iff n <= ratio * m (ratio REVERSE_COST_RATIO by default), n = input
+# elements differentiated, m = output elements differentiated.
 
 
 def test_decision_for_the_seed():
@@ -111,7 +111,8 @@ def test_decision_for_the_seed():
     result = plan.jacobian(inputs)  # mode="auto"
     d = result.decision
     assert (d.n, d.m) == (2, 1)
-    assert d.mode == result.mode == ("forward" if 2 <= 2.0 * 1 else "reverse")
+    assert d.mode == result.mode == ("forward" if 2 <= REVERSE_COST_RATIO * 1 else "reverse")
+    assert (d.cost_forward, d.cost_reverse) == (2, REVERSE_COST_RATIO * 1)
 
 
 def test_decision_reverse_for_many_inputs_one_output():
