@@ -41,7 +41,7 @@ _STREAM_END = object()
 
 @dataclass(frozen=True)
 class Planner:
-    """The server's mode decision and its figures (costs in forward sweeps)."""
+    """The server's mode decision and its figures (costs in forward directions)."""
 
     mode: str
     n: int

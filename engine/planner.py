@@ -17,7 +17,7 @@ class ModeDecision:
     mode: str  # "forward" or "reverse"
     n: int  # scalar elements of the inputs differentiated (directions forward mode needs)
     m: int  # scalar elements of the outputs differentiated (directions reverse mode needs)
-    cost_forward: float  # in units of one forward sweep
+    cost_forward: float  # in units of one forward direction
     cost_reverse: float
     reason: str
 
@@ -36,10 +36,10 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
     if forced is not None:
         return ModeDecision(forced, n, m, cost_forward, cost_reverse,
                             f"{forced} mode requested by the caller")
+    why = (f"{n} input elements (one forward direction each) against {m} output "
+           f"elements (one reverse direction each, costing {ratio:g} forward ones): ")
     if n <= ratio * m:
         return ModeDecision("forward", n, m, cost_forward, cost_reverse,
-                            f"n={n} inputs <= {ratio:g} x m={m} outputs: "
-                            f"{n} forward directions cost no more than {m} reverse ones")
+                            why + f"forward costs {cost_forward:g} <= reverse {cost_reverse:g}")
     return ModeDecision("reverse", n, m, cost_forward, cost_reverse,
-                        f"n={n} inputs > {ratio:g} x m={m} outputs: "
-                        f"{m} reverse directions cost less than {n} forward ones")
+                        why + f"reverse costs {cost_reverse:g} < forward {cost_forward:g}")

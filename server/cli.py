@@ -83,7 +83,8 @@ def _demo(args) -> int:
 def _print_planner(r) -> None:
     p = r.planner
     print(f"   mode  = {r.mode}: n = {p.n} input elements, m = {p.m} output elements, "
-          f"cost forward {p.cost_forward:g}, reverse {p.cost_reverse:g} (forward sweeps)")
+          f"cost forward {p.cost_forward:g}, reverse {p.cost_reverse:g} "
+          "(in forward directions)")
     print(f"   why   = {p.reason}")
 
 
