@@ -19,12 +19,13 @@ import numpy as np
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES, Graph
 from .planner import ModeDecision, plan_mode
-from .shapes import fill_seed, fmt_shape
-from .sweeps import Step, forward_sweep, reverse_sweep, values_sweep
+from .shapes import MAX_SPAN, fill_seed, fmt_shape, span
+from .sweeps import Step, check_points, forward_sweep, reverse_sweep, values_sweep
 from .validate import infer_shapes, validate
 
 _SPECIALIZATION_CACHE = 64  # distinct input-shape signatures remembered per plan
-_CACHED_SEED_BYTES = 1 << 20  # identity seeds larger than this are rebuilt per call
+_CACHED_SEED_BYTES = 1 << 20
+_HEAVY_ELEMENTS = 1 << 16  # identity seeds larger than this are rebuilt per call
 
 
 class JVPResult(NamedTuple):
@@ -137,6 +138,12 @@ class Plan:
                 drop[j].append(s)
         self._steps = [st._replace(free=tuple(f), drop=tuple(d))
                        for st, f, d in zip(steps, free, drop)]
+        # A cancelled call is noticed before each heavy op (matmul, or a value of 64K+
+        # elements or of a size known only at run time) and at least every 64 ops.
+        self._points = check_points([
+            op.name == "matmul" or any(d is None for d in self.shapes[node.name])
+            or prod(self.shapes[node.name]) >= _HEAVY_ELEMENTS
+            for node, op, _ in self._nodes])
 
     # --- binding run-time values --------------------------------------------------
 
@@ -280,7 +287,7 @@ class Plan:
         """Output values: name -> array."""
         vals, shapes, _ = self._bind(inputs)
         self._check_memory(shapes, 0, max_bytes)
-        values_sweep(self._steps, vals, check)
+        values_sweep(self._steps, vals, check, self._points)
         return self._outputs(vals)
 
     def jvp(self, inputs, tangents, *, max_bytes=None, check=None) -> JVPResult:
@@ -292,7 +299,7 @@ class Plan:
         tans = [None] * self._n_slots
         for s, t in seeds.items():
             tans[s] = t
-        forward_sweep(self._steps, vals, tans, check)
+        forward_sweep(self._steps, vals, tans, check, self._points)
         out = {}
         for name in self.output_names:
             t = tans[self.slot[name]]
@@ -310,7 +317,7 @@ class Plan:
         wrt = self._wrt(wrt)
         seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
         self._check_memory(shapes, k, max_bytes)
-        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check)
+        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
         out = {}
         for name in wrt:
             g = cots[self.slot[name]]
@@ -380,6 +387,13 @@ class Plan:
                 pieces.append(((o, w), src, at, at + size, flat, shape, forward,
                                self._np_dtypes[o]))
         largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
+        for o in of:
+            for w in wrt:
+                if span(tuple(shapes[o]) + tuple(shapes[w])) > MAX_SPAN:
+                    raise ResourceLimitError(
+                        f"the Jacobian block d{o}/d{w} of shape "
+                        f"{fmt_shape(tuple(shapes[o]) + tuple(shapes[w]))} is too large for an "
+                        "array", field="of")
         return _JacobianSetup(wrt, of, seed_names, offsets, total, {}, decision, pieces,
                               n * m * itemsize, seed_bytes, largest)
 
@@ -404,9 +418,10 @@ class Plan:
             res = [None] * self._n_slots
             for s, t in seeds.items():
                 res[s] = t
-            forward_sweep(self._steps, vals, res, check)
+            forward_sweep(self._steps, vals, res, check, self._points)
         else:
-            res = reverse_sweep(self._steps, vals, seeds, self._needs(setup.wrt), check)
+            res = reverse_sweep(self._steps, vals, seeds, self._needs(setup.wrt), check,
+                                self._points)
         blocks = {}
         for key, src, at, stop, flat, shape, transpose, dtype in setup.pieces:
             r = res[src]

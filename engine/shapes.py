@@ -55,6 +55,26 @@ def num_elements(shape: Sequence) -> int | None:
     return n
 
 
+# NumPy refuses a shape whose dimensions, zeros left out, multiply past what it can
+# index ("array is too big"), even when a zero dimension makes the array empty.
+MAX_SPAN = 1 << 59
+
+
+def span(shape) -> int:
+    """The product of the dimensions with zeros (and unknown ones) counted as 1."""
+    n = 1
+    for d in shape:
+        if d:
+            n *= d
+    return n
+
+
+def check_span(shape, field: str | None = None) -> None:
+    if span(shape) > MAX_SPAN:
+        raise RuleError(f"shape {fmt_shape(shape)} is too large for an array "
+                        f"(its non-zero dimensions multiply past 2^59)", field)
+
+
 def normalize_axis(axis: int, ndim: int, field: str) -> int:
     if not -ndim <= axis < ndim:
         raise RuleError(f"axis {axis} is out of range for rank {ndim}", field)

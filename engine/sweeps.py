@@ -4,8 +4,9 @@ Each is one flat loop (no recursion), so graph depth is bounded by memory only.
 The loops special-case one and two inputs: for small tensors the interpreter's
 own overhead is most of the cost, and building argument lists shows.
 
-`check`, when given, is called before every CHUNK steps (so a long sweep can be
-stopped between ops when its caller is gone) and stops the sweep by raising.
+`check`, when given, is called before each step listed in `points` (see
+check_points: every heavy op and at least every CHUNK steps), so a sweep whose
+caller is gone stops between ops; it stops the sweep by raising.
 """
 
 from __future__ import annotations
@@ -30,17 +31,28 @@ class Step(NamedTuple):
 CHUNK = 64
 
 
-def _chunks(steps, check):
+def check_points(heavy: list[bool]) -> tuple[int, ...]:
+    """The steps to check before: the first, every heavy one, and at least every CHUNK."""
+    points, last = [], None
+    for j, is_heavy in enumerate(heavy):
+        if last is None or is_heavy or j - last >= CHUNK:
+            points.append(j)
+            last = j
+    return tuple(points)
+
+
+def _chunks(steps, check, points):
     """The steps in chunks, calling `check` before each (no cost per step)."""
     if check is None:
         return (steps,)
-    return _checked_chunks(steps, check)
+    return _checked_chunks(steps, check, points)
 
 
-def _checked_chunks(steps, check):
-    for start in range(0, len(steps), CHUNK):
+def _checked_chunks(steps, check, points):
+    ends = points[1:] + (len(steps),)
+    for start, end in zip(points, ends):
         check()
-        yield steps[start:start + CHUNK]
+        yield steps[start:end]
 
 
 class Stub(NamedTuple):
@@ -60,17 +72,17 @@ def _args(vals, ins):
     return tuple([vals[i] for i in ins])
 
 
-def values_sweep(steps, vals, check=None):
-    for chunk in _chunks(steps, check):
+def values_sweep(steps, vals, check=None, points=()):
+    for chunk in _chunks(steps, check, points):
         for _, _, ev, _, _, ins, out, free, _ in chunk:
             vals[out] = ev(*_args(vals, ins))
             for s in free:
                 vals[s] = None
 
 
-def forward_sweep(steps, vals, tans, check=None):
+def forward_sweep(steps, vals, tans, check=None, points=()):
     """Values and tangents in one sweep; a node with no tangent in is skipped."""
-    for chunk in _chunks(steps, check):
+    for chunk in _chunks(steps, check, points):
         for _, _, ev, jvp, _, ins, out, free, _ in chunk:
             xs = _args(vals, ins)
             ans = vals[out] = ev(*xs)
@@ -83,11 +95,11 @@ def forward_sweep(steps, vals, tans, check=None):
                 vals[s] = tans[s] = None
 
 
-def reverse_sweep(steps, vals, seeds, needs, check=None):
+def reverse_sweep(steps, vals, seeds, needs, check=None, points=()):
     """Values forward (keeping what the vjps read), then cotangents backward,
     summed where a value fans out. `needs[j]` lists the input positions of step
     j that lead back to a differentiated input. Returns the cotangent per slot."""
-    for chunk in _chunks(steps, check):
+    for chunk in _chunks(steps, check, points):
         for _, _, ev, _, _, ins, out, _, drop in chunk:
             vals[out] = ev(*_args(vals, ins))
             for s in drop:
@@ -96,8 +108,9 @@ def reverse_sweep(steps, vals, seeds, needs, check=None):
     cots = [None] * len(vals)
     for s, g in seeds.items():
         cots[s] = g
+    backward_points = frozenset(points) if check is not None else ()
     for j in range(len(steps) - 1, -1, -1):
-        if check is not None and j % CHUNK == 0:
+        if j in backward_points:
             check()
         positions = needs[j]
         if not positions:

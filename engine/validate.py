@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .errors import DTypeError, GraphError, RuleError, ShapeError
 from .ir import DTYPES, Graph
 from .ops import OPS, OpDef, check_attrs, check_dtypes
+from .shapes import MAX_SPAN, check_span, span
 
 
 @dataclass
@@ -55,6 +56,9 @@ def validate(graph: Graph) -> CheckedGraph:
                 raise ShapeError(f"dimension {d} in shape {list(inp.shape)} is negative "
                                  "(-1 means any size)", node=inp.name, field="shape")
         shapes[inp.name] = tuple(None if d == -1 else d for d in inp.shape)
+        if span(shapes[inp.name]) > MAX_SPAN:
+            raise ShapeError(f"shape {list(inp.shape)} is too large for an array", node=inp.name,
+                             field="shape")
         dtypes[inp.name] = inp.dtype
 
     for name, value in graph.constants.items():
@@ -88,6 +92,7 @@ def validate(graph: Graph) -> CheckedGraph:
             dtype = check_dtypes(op, node.inputs, [dtypes[r] for r in node.inputs])
             resolved = check_attrs(op, node.attrs, in_shapes)
             shape = op.shape(in_shapes, None, **resolved)
+            check_span(shape)
         except RuleError as err:
             _reraise(err, node.name, node.op)
         shapes[node.name] = shape
@@ -119,6 +124,7 @@ def infer_shapes(names, ops, attrs, ins, shapes: dict) -> dict:
     for name, op, resolved, refs in zip(names, ops, attrs, ins):
         try:
             shapes[name] = op.shape([shapes[r] for r in refs], None, **resolved)
+            check_span(shapes[name])
         except RuleError as err:
             _reraise(err, name, op.name)
     return shapes

@@ -23,6 +23,7 @@ DTYPES = {
     tensor_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
 }
 WIRE_DTYPES = {dt.name: code for code, dt in DTYPES.items()}
+MAX_SPAN = 1 << 59  # NumPy refuses larger shapes even when a zero dimension empties them
 _CODES = {dt: code for code, dt in DTYPES.items()}  # by np.dtype: no name lookup per call
 
 
@@ -61,7 +62,8 @@ def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
     data = t.data  # each read of a bytes field copies it: read once
     count = prod(shape)
     if (dtype is None or count * dtype.itemsize != len(data) or min(shape, default=0) < 0
-            or (max_elements is not None and count > max_elements)):
+            or (max_elements is not None and count > max_elements)
+            or (count == 0 and prod(d for d in shape if d) > MAX_SPAN)):
         _tensor_error(t, shape, count, len(data), dtype, max_elements,
                       field if key is None else f"{field}['{key}']")
     return np.frombuffer(data, dtype).reshape(shape)
@@ -77,6 +79,9 @@ def _tensor_error(t, shape, count, nbytes, dtype, max_elements, field):
             raise TensorError(field, f"negative dimension {d} in shape {list(shape)}")
     if max_elements is not None and count > max_elements:
         raise TensorLimitError(field, f"{count:,} elements, over the limit of {max_elements:,}")
+    if count == 0 and prod(d for d in shape if d) > MAX_SPAN:
+        raise TensorError(field, f"shape {list(shape)} is too large for an array (its "
+                          "non-zero dimensions multiply past 2^59)")
     raise TensorError(field, f"{nbytes} data bytes, but shape {list(shape)} of "
                       f"{dtype.name} needs {count * dtype.itemsize}")
 
