@@ -259,13 +259,8 @@ def test_node_count_bomb_is_refused_before_any_allocation():
     assert growth < 100, f"peak RSS grew by {growth:.0f} MiB refusing a node-count bomb"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the node count is checked only after the whole request is parsed into protobuf "
-    "messages, which take 11-18x the wire size: 2,500,000 nodes in a 31 MiB message (under "
-    "the default 64 MiB max_message_bytes) are refused, but only after the server's peak "
-    "RSS grew by ~570 MiB (a 2,000,000-node chain of 45 MiB: ~500 MiB, and RSS stays ~400 "
-    "MiB higher after); 16 workers doing this at once need ~8 GB. The servicer now gets "
-    "the raw bytes, so it could count the nodes before parsing"))
+# Parsing takes 11-18x the wire size (2,500,000 nodes in 31 MiB: ~570 MiB), so the
+# server counts the nodes on the wire before parsing.
 def test_node_count_bomb_at_the_message_size_limit_is_refused_before_parsing():
     data = flat_request_bytes(2_500_000)
     size = len(data) / MiB
