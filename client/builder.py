@@ -66,7 +66,7 @@ def _binary(op):
     def method(self, a, b, name=None):
         return self.node(op, [a, b], name=name)
     method.__name__ = op
-    method.__doc__ = (f"NumPy matmul(a, b)." if op == "matmul"
+    method.__doc__ = ("NumPy matmul(a, b)." if op == "matmul"
                       else f"Elementwise {op}(a, b) with NumPy broadcasting.")
     return method
 

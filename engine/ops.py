@@ -16,7 +16,7 @@ values no vjp reads are dropped during a reverse sweep (only their shapes stay).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import RuleError, ShapeError
+from .errors import RuleError
 
 Shape = tuple  # of int | None
 
@@ -115,7 +115,3 @@ def fill_seed(seed: np.ndarray, shape: tuple) -> np.ndarray:
     """Broadcast a seed to the full (k,) + `shape` (a view, no copy)."""
     full = seed.shape[:1] + shape
     return seed if seed.shape == full else np.broadcast_to(lift(seed, len(shape)), full)
-
-
-def shape_error(message: str, field: str | None = None) -> RuleError:
-    return RuleError(message, field, ShapeError)
