@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from gradserve.v1 import gradient_service_pb2 as pb
 
 from .auth import TokenAuthInterceptor
+from .calls import method_handler
 from .limits import Limits
 from .servicer import GradientServicer
 
@@ -78,16 +79,12 @@ def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
     """GradientService's methods taking raw request bytes (the servicer's decorators
     parse them, so that bad bytes get INVALID_ARGUMENT) and serializing replies."""
     service = pb.DESCRIPTOR.services_by_name["GradientService"]
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     handlers = {}
     for method in service.methods:
-        make = kinds[(method.client_streaming, method.server_streaming)]
         reply_type = getattr(pb, method.output_type.name)
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     response_serializer=reply_type.SerializeToString)
+        handlers[method.name] = method_handler(
+            method.client_streaming, method.server_streaming, getattr(servicer, method.name),
+            response_serializer=reply_type.SerializeToString)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import grpc
 
+from .calls import method_handler
+
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
@@ -29,15 +31,9 @@ def _deny(message: str):
 
 def _denied_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that refuses the call."""
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(_deny(message), request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return method_handler(handler.request_streaming, handler.response_streaming,
+                          _deny(message), request_deserializer=handler.request_deserializer,
+                          response_serializer=handler.response_serializer)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

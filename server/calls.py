@@ -47,6 +47,19 @@ def parse(request_type, data, max_nodes: int | None = None):
                          f"{request_type.DESCRIPTOR.full_name}: {err}") from None
 
 
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def method_handler(request_streaming: bool, response_streaming: bool, behavior, **kwargs):
+    """A grpc.RpcMethodHandler of the given kind (unary or streaming each way)."""
+    return _HANDLER_KINDS[(request_streaming, response_streaming)](behavior, **kwargs)
+
+
 _GRAPH_FIELD = 1  # `graph` in RegisterGraphRequest, EvaluateRequest, DifferentiateRequest
 _NODES_FIELD = 3  # `nodes` in Graph
 

@@ -34,6 +34,7 @@ from gradserve.v1 import graph_pb2, tensor_pb2
 from gradserve.v1.codec import to_tensor
 
 from test_cli import Serve
+from test_hardening import status_mib
 
 CLIENTS = 64
 LOAD_REQUESTS = int(os.environ.get("GRADSERVE_LOAD_REQUESTS", "100"))
@@ -174,14 +175,6 @@ def record_alone(stub, channel, jobs) -> None:
                                              "RESOURCE_EXHAUSTED"), job.expected_error
 
 
-def status_mib(pid, field="VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise LookupError(field)
-
-
 class Tally:
     def __init__(self):
         self.lock = threading.Lock()
@@ -230,14 +223,20 @@ def load(address, jobs, per_client, tally: Tally, allowed_extra=()):
     return time.monotonic() - started
 
 
+def prepared_jobs(server) -> tuple[str, list]:
+    """The server's address and the jobs, each with its reply when sent alone."""
+    host, port = server.address()
+    address = f"{host}:{port}"
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GradientServiceStub(channel)
+        jobs = make_jobs(stub)
+        record_alone(stub, channel, jobs)
+    return address, jobs
+
+
 def run_load(per_client: int):
     with Serve("--port", "0", "--max-workers", "16") as server:
-        host, port = server.address()
-        address = f"{host}:{port}"
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.GradientServiceStub(channel)
-            jobs = make_jobs(stub)
-            record_alone(stub, channel, jobs)
+        address, jobs = prepared_jobs(server)
         warm = Tally()
         load(address, jobs, WARMUP_REQUESTS, warm)
         assert not warm.wrong, warm.wrong
@@ -283,12 +282,7 @@ def test_load_above_the_admission_limit():
     alone) or RESOURCE_EXHAUSTED, invalid ones their own error or RESOURCE_EXHAUSTED;
     both OK and RESOURCE_EXHAUSTED occur."""
     with Serve("--port", "0", "--max-workers", "8", "--max-concurrent-rpcs", "4") as server:
-        host, port = server.address()
-        address = f"{host}:{port}"
-        with grpc.insecure_channel(address) as channel:
-            stub = pb_grpc.GradientServiceStub(channel)
-            jobs = make_jobs(stub)
-            record_alone(stub, channel, jobs)
+        address, jobs = prepared_jobs(server)
         tally = Tally()
         load(address, jobs, 30, tally, allowed_extra=("RESOURCE_EXHAUSTED",))
         assert server.terminate(timeout=60) == 0
