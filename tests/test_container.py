@@ -11,6 +11,7 @@ laptop) they skip with the reason, unless GRADSERVE_REQUIRE_CONTAINER=1 (set by
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import textwrap
@@ -24,6 +25,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gradserve.client import Client, GraphBuilder
+
+# podman asks runc for its own open-files and process limits (above this sandbox's
+# hard limits, which runc may not raise: "error setting rlimit ... operation not
+# permitted"); the container gets the test process's own limits instead.
+HOST_ULIMITS = tuple(
+    f"--ulimit={name}={soft}:{hard}"
+    for name, (soft, hard) in (("nofile", resource.getrlimit(resource.RLIMIT_NOFILE)),
+                               ("nproc", resource.getrlimit(resource.RLIMIT_NPROC)))
+    if hard != resource.RLIM_INFINITY)
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_BASE_IMAGE = REPO.parent / "shared" / "container" / "make-base-image.sh"
@@ -127,7 +137,7 @@ def test_image_serves_the_seed_example_and_stops_cleanly_on_sigterm(podman, imag
     name = f"gradserve-test-{uuid.uuid4().hex[:12]}"
     try:
         started = time.monotonic()
-        podman("run", "-d", "--name", name, "-p", "127.0.0.1::50051", image)
+        podman("run", "-d", *HOST_ULIMITS, "--name", name, "-p", "127.0.0.1::50051", image)
         host_port = podman("port", name, "50051/tcp").stdout.strip().splitlines()[0]
         assert host_port.startswith("127.0.0.1:"), f"published beyond loopback: {host_port}"
         address = host_port
@@ -184,8 +194,8 @@ def test_build_context_holds_only_what_the_image_needs(podman, tmp_path):
     podman("build", "--build-arg", f"BASE={podman.env['GRADSERVE_BASE_IMAGE']}",
            "-f", str(dockerfile), "-t", tag, str(REPO), timeout=300)
     try:
-        top = podman("run", "--rm", tag, "ls", "-A", "/context").stdout.split()
-        caches = podman("run", "--rm", tag, "find", "/context", "-name", "__pycache__",
+        top = podman("run", "--rm", *HOST_ULIMITS, tag, "ls", "-A", "/context").stdout.split()
+        caches = podman("run", "--rm", *HOST_ULIMITS, tag, "find", "/context", "-name", "__pycache__",
                         "-o", "-name", "*.pyc", "-o", "-name", "*.egg-info").stdout.split()
     finally:
         podman("rmi", "-f", tag, check=False)
