@@ -12,6 +12,8 @@ MiB = 1 << 20
 class Limits:
     max_message_bytes: int = 64 * MiB  # largest request or reply on the wire
     max_nodes: int = 250_000  # nodes in one graph
+    max_inputs: int = 10_000  # inputs of one graph (and entries of inputs/tangents/wrt)
+    max_constants: int = 100_000  # constants of one graph
     max_tensor_elements: int = 1 << 25  # elements in one input, seed or constant
     max_intermediate_bytes: int = 2048 * MiB  # estimated values + seeds of one request
     max_cached_graphs: int = 1024  # compiled graphs kept, least recently used dropped

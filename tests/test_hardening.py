@@ -238,7 +238,7 @@ def reset_peak_rss(pid):
 
 def test_node_count_bomb_is_refused_before_any_allocation():
     """200,000 nodes (4 MiB on the wire) against --max-nodes 1000: RESOURCE_EXHAUSTED naming
-    both counts, and the server's peak RSS grows by about what parsing the message takes
+    the limit, and the server's peak RSS grows by about what parsing the message takes
     (~50 MiB here), far less than compiling those nodes would (~330 MiB), i.e. the engine
     never saw the graph."""
     data = chain_request_bytes(200_000)
@@ -251,7 +251,7 @@ def test_node_count_bomb_is_refused_before_any_allocation():
             for i in range(3):
                 with pytest.raises(grpc.RpcError) as info:
                     register_raw(channel, data)
-                check_status(info.value, EXHAUSTED, ("200,000 nodes", "1,000"), "graph.nodes")
+                check_status(info.value, EXHAUSTED, ("more than 1,000 nodes",), "graph.nodes")
                 if i == 0:  # one request: later ones may land on another worker thread's
                     growth = status_mib(server.proc.pid, "VmHWM") - before  # malloc arena
             check_good_request(pb_grpc.GradientServiceStub(channel))
@@ -275,7 +275,7 @@ def test_node_count_bomb_at_the_message_size_limit_is_refused_before_parsing():
             with pytest.raises(grpc.RpcError) as info:
                 register_raw(channel, data)
             growth = status_mib(server.proc.pid, "VmHWM") - before
-            check_status(info.value, EXHAUSTED, ("2,500,000 nodes",), "graph.nodes")
+            check_status(info.value, EXHAUSTED, ("more than 250,000 nodes",), "graph.nodes")
             check_good_request(pb_grpc.GradientServiceStub(channel))
         assert server.terminate(timeout=30) == 0
     assert growth <= 4 * size + 32, (
@@ -287,7 +287,7 @@ def test_node_count_bomb_at_the_default_limit(stub, channel):
     limit = Limits().max_nodes
     with pytest.raises(grpc.RpcError) as info:
         register_raw(channel, chain_request_bytes(limit + 1))
-    check_status(info.value, EXHAUSTED, (f"{limit + 1:,} nodes", f"{limit:,}"), "graph.nodes")
+    check_status(info.value, EXHAUSTED, (f"more than {limit:,} nodes",), "graph.nodes")
     check_good_request(stub)
 
 
