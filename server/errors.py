@@ -4,6 +4,11 @@ Messages name the node and field, e.g. "node 'h2' (matmul): shapes (3, 4) and
 (5, 2) do not align". Each error also carries a google.rpc.BadRequest detail
 whose field violation gives the path into the request, for programs.
 Anything unmapped is INTERNAL and logged: that is a bug, never bad input.
+
+A status travels in gRPC trailers, which clients cap (8 KiB by default): the
+message and the detail's description take at most engine.errors.MESSAGE_LIMIT
+bytes of UTF-8 and the field path at most FIELD_LIMIT, whatever the request
+echoed into them, so that the client gets the status and its detail.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from gradserve import engine
+from gradserve.engine.errors import MESSAGE_LIMIT, clip, echo
 from gradserve.v1.codec import TensorError, TensorLimitError
 
 log = logging.getLogger("gradserve.server")
+FIELD_LIMIT = 256  # characters of a BadRequest field path
 
 
 class RequestError(Exception):
@@ -79,18 +86,28 @@ def field_path(exc: BaseException) -> str:
     if isinstance(exc, engine.EngineError):
         parts = []
         if exc.node is not None:
-            parts.append(f"graph['{exc.node}']")
+            parts.append(f"graph['{echo(exc.node)}']")
         if exc.field:
             parts.append(exc.field)
         return ".".join(parts) or "graph"
     return getattr(exc, "field", None) or ""
 
 
+def short(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text` in at most `limit` bytes of UTF-8: clipped, and non-ASCII characters
+    escaped (\\uXXXX) when they would make it longer."""
+    text = clip(text, limit)
+    if len(text.encode()) > limit:
+        text = clip(text.encode("ascii", "backslashreplace").decode(), limit)
+    return text
+
+
 def to_status(code: grpc.StatusCode, exc: BaseException) -> grpc.Status:
-    message = str(exc)
+    message = short(str(exc))
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field=field_path(exc), description=message)]))
+        error_details_pb2.BadRequest.FieldViolation(field=short(field_path(exc), FIELD_LIMIT),
+                                                    description=message)]))
     return rpc_status.to_status(status_pb2.Status(
         code=getattr(code_pb2, code.name), message=message, details=[detail]))
 
@@ -99,5 +116,6 @@ def abort(context: grpc.ServicerContext, exc: BaseException):
     code = status_for(exc)
     if code is None:
         log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        context.abort(grpc.StatusCode.INTERNAL,
+                      short(f"internal error: {type(exc).__name__}: {exc}"))
     context.abort_with_status(to_status(code, exc))

@@ -1,0 +1,88 @@
+"""Error messages that echo what the request sent stay short, over real gRPC.
+
+An 8 KB node name, a 1,000-entry `perm` or a wrong-typed 1,000,000-int attribute made
+error strings of 8 KB to 8 MB; gRPC carries the status in trailers that the client caps
+at 8 KiB, so the client got RESOURCE_EXHAUSTED "received metadata size exceeds limit"
+and lost the BadRequest detail. Echoed values are now clipped (engine.errors.echo,
+ECHO_LIMIT characters each) and a whole message to MESSAGE_LIMIT bytes: each case gets
+INVALID_ARGUMENT with a short message that still names the node, op and field, and the
+BadRequest detail.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.engine.errors import MESSAGE_LIMIT, clip, echo
+from gradserve.v1 import gradient_service_pb2 as pb
+from gradserve.v1 import graph_pb2
+
+from test_service_errors import (F32, INVALID, call, check_good_request, check_status, graph, inp,
+                                 node, tensors)
+
+LONG_NAME = "n" * 8192
+WIDE_NAME = "\N{GREEK SMALL LETTER ALPHA}" * 8192  # 2 bytes each in UTF-8
+
+
+def million_ints() -> graph_pb2.Attribute:
+    attr = graph_pb2.Attribute()
+    attr.ints.values.extend(np.zeros(1_000_000, np.int64).tolist())
+    return attr
+
+
+X = tensors({"x": np.ones((2, 3), np.float32)})
+CASES = [
+    # (id, () -> (rpc, request), substrings of the message, field path prefix)
+    ("8KB-node-name", lambda: ("RegisterGraph", pb.RegisterGraphRequest(graph=graph(
+        [inp("x")], [node(LONG_NAME, "sin", "y")], [LONG_NAME]))),
+     ("(sin)", "input 'y' is not an input", "8,192 characters"), "graph['nnn"),
+    ("8KB-non-ascii-node-name", lambda: ("RegisterGraph", pb.RegisterGraphRequest(graph=graph(
+        [inp("x")], [node(WIDE_NAME, "sin", "y")], [WIDE_NAME]))),
+     ("(sin)", "is not an input"), "graph['"),
+    ("8KB-input-reference", lambda: ("RegisterGraph", pb.RegisterGraphRequest(graph=graph(
+        [inp("x")], [node("o", "sin", LONG_NAME)]))), ("node 'o' (sin)",), "graph['o']"),
+    ("1000-entry-perm", lambda: ("Evaluate", pb.EvaluateRequest(graph=graph(
+        [inp("x", F32, (2, 3))], [node("o", "transpose", "x", perm=list(range(1000)))]),
+        inputs=X)), ("node 'o' (transpose)", "perm [0, 1, 2", "is not a permutation of the 2 axes"), "graph['o'].attrs.perm"),
+    ("1M-int-attribute-of-the-wrong-type", lambda: ("Differentiate", pb.DifferentiateRequest(
+        graph=graph([inp("x", F32, (2, 3))], [node("o", "softmax", "x", axis=million_ints())]),
+        inputs=X)), ("node 'o' (softmax)", "attribute 'axis' must be int, got [0, 0"),
+     "graph['o'].attrs.axis"),
+    ("8KB-input-key", lambda: ("Evaluate", pb.EvaluateRequest(
+        graph=graph([inp("x", F32, (2, 3))], [node("o", "sin", "x")]),
+        inputs=tensors({"x": np.ones((2, 3), np.float32), LONG_NAME: np.ones(1, np.float32)}))),
+     ("is not an input",), ""),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("rpc_kind", ["unary", "stream"])
+def test_echoed_values_are_clipped(stub, case, rpc_kind):
+    _, make, says, field = case
+    rpc, request = make()
+    if rpc_kind == "stream":
+        if rpc == "RegisterGraph":
+            request = pb.DifferentiateRequest(graph=request.graph)
+        elif rpc == "Evaluate":
+            request = pb.DifferentiateRequest(graph=request.graph, inputs=request.inputs)
+        rpc = "DifferentiateStream"
+    with pytest.raises(grpc.RpcError) as info:
+        call(stub, rpc, request)
+    err = info.value
+    check_status(err, INVALID, says, field)
+    assert len(err.details().encode()) <= MESSAGE_LIMIT, len(err.details())
+    check_good_request(stub)
+
+
+def test_echo_and_clip():
+    assert echo("short") == "short" and echo(3) == "3" and echo((3,)) == "(3,)"
+    assert echo([1, 2, 3]) == "[1, 2, 3]"
+    long = echo(list(range(10**6)))
+    assert long.startswith("[0, 1, 2,") and long.endswith(", ... (1,000,000 items)]")
+    assert len(long) < 120
+    name = echo("a" * 8192)
+    assert len(name) <= 80 and "8,192 characters" in name and name.startswith("aaa")
+    text = clip("x" * 5000 + " is not a permutation of the 3 axes")
+    assert len(text) == MESSAGE_LIMIT and text.endswith("is not a permutation of the 3 axes")
