@@ -12,18 +12,30 @@ Seeds are batched: a tangent or cotangent of a value of shape S has shape
 rules already checked and normalized (axes non-negative, defaults filled in).
 `saves` says which values the vjp reads: "x" (the inputs), "ans" (the output);
 values no vjp reads are dropped during a reverse sweep (only their shapes stay).
+
+Only floating values have derivatives. A jvp returns None when its result has
+none (comparisons, a cast to an integer or bool); a vjp returns None for an
+input that has none (indices, a condition, an integer cast to a float). Integer
+and bool values therefore never carry a tangent or a cotangent.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from math import prod
 from typing import Any, Callable
 
 import numpy as np
 
-from .errors import DTypeError, GraphError, RuleError
+from .errors import DTypeError, GraphError, InputError, RuleError
+from .ir import DTYPES, FLOAT_DTYPES
 from .shapes import (broadcast_shapes, fill_seed, fmt_shape, lift, normalize_axes,
                      normalize_axis, num_elements, unbroadcast)
+from .special import erf
+from .windows import (Window, avg_pool, avg_pool_scratch, avg_pool_vjp, conv,
+                      conv_input_grad, conv_scratch, conv_weight_grad, max_pool, max_pool_jvp,
+                      max_pool_scratch, max_pool_vjp)
 
 REQUIRED = object()
 
@@ -31,7 +43,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class AttrSpec:
     name: str
-    type: str  # "int", "ints", "bool", "float"
+    type: str  # "int", "ints", "bool", "float", "string"
     default: Any = REQUIRED
     description: str = ""
 
@@ -50,6 +62,14 @@ class OpDef:
     normalize: Callable | None = None  # (attrs, shapes) -> attrs, raises RuleError
     description: str = ""
     elementwise: bool = False  # each output element depends on the same element of each input
+    # (names, dtypes, **attrs) -> the result's dtype, raising RuleError; None: the operands
+    # share one numeric dtype (floating if float_only), which the result keeps.
+    dtype: Callable | None = None
+    # (shapes, **attrs) -> elements of scratch memory the op allocates beyond its output,
+    # per seed direction (the values-only pass counts as one direction); None: none to speak
+    # of. For memory estimates made before anything runs.
+    scratch: Callable | None = None
+    node_attr: bool = False  # the rules also get the node's name as `node` (run-time errors)
 
 
 OPS: dict[str, OpDef] = {}
@@ -58,6 +78,34 @@ OPS: dict[str, OpDef] = {}
 def _row(op: OpDef) -> OpDef:
     OPS[op.name] = op
     return op
+
+
+def shared_dtype(names, dtypes, float_only=False, bool_ok=False) -> str:
+    """The one dtype all operands share: float_only refuses integers and bool, and bool
+    is refused unless bool_ok (arithmetic has no meaning for it)."""
+    for name, dtype in zip(names[1:], dtypes[1:]):
+        if dtype != dtypes[0]:
+            raise RuleError(f"dtype mismatch: '{names[0]}' is {dtypes[0]}, "
+                            f"'{name}' is {dtype}", "inputs", DTypeError)
+    if float_only and dtypes[0] not in FLOAT_DTYPES:
+        raise RuleError(f"needs floating inputs; '{names[0]}' is {dtypes[0]}", "inputs",
+                        DTypeError)
+    if dtypes[0] == "bool" and not bool_ok:
+        raise RuleError(f"needs numeric inputs; '{names[0]}' is bool", "inputs", DTypeError)
+    return dtypes[0]
+
+
+def _any_dtype(names, dtypes, **attrs):
+    """Ops that move elements without arithmetic take any dtype, bool included."""
+    return shared_dtype(names, dtypes, bool_ok=True)
+
+
+def _no_tangent(t, x, ans, **attrs):
+    return None
+
+
+def _no_cotangent(i, g, x, ans, **attrs):
+    return None
 
 
 # --- elementwise unary -----------------------------------------------------
@@ -75,6 +123,9 @@ def unary(name, f, d, saves, float_only=True, description=""):
         vjp=lambda i, g, x, ans: d(g, x[0], ans),
         saves=frozenset(saves), float_only=float_only, description=description,
         elementwise=True))
+
+
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
 
 
 def _sigmoid(x):
@@ -100,6 +151,9 @@ unary("relu", lambda x: np.maximum(x, 0), lambda s, x, ans: s * (ans > 0), {"ans
 unary("softplus", lambda x: np.logaddexp(0, x), lambda s, x, ans: s * _sigmoid(x), "x",
       description="log(1 + exp(x)), computed without overflow")
 unary("log1p", np.log1p, lambda s, x, ans: s / (1 + x), "x")
+unary("erf", erf, lambda s, x, ans: s * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))), "x",
+      description="the error function (W. J. Cody's rational approximations, float64 "
+      "accuracy)")
 
 
 # --- elementwise binary ----------------------------------------------------
@@ -230,12 +284,14 @@ def _nonempty(shape, axes, what):
     for a in axes:
         if shape[a] == 0:
             raise RuleError(f"axis {a} of {fmt_shape(shape)} is empty: {what} has no value",
-                            "attrs.axes" if what == "max" else "attrs.axis")
+                            "attrs.axes" if what in ("max", "min") else "attrs.axis")
 
 
-def _max_rule(shapes, dtypes, axes, keepdims):
-    _nonempty(shapes[0], axes, "max")
-    return _reduce_rule(shapes, dtypes, axes, keepdims)
+def _extreme_rule(what):
+    def rule(shapes, dtypes, axes, keepdims):
+        _nonempty(shapes[0], axes, what)
+        return _reduce_rule(shapes, dtypes, axes, keepdims)
+    return rule
 
 
 def _normalizing_rule(what):
@@ -263,8 +319,8 @@ def _count(shape, axes):
     return n
 
 
-def _max_share(x, ans, axes, keepdims):
-    """Each element's share of the max's derivative: ties share it evenly."""
+def _extreme_share(x, ans, axes, keepdims):
+    """Each element's share of the max's (or min's) derivative: ties share it evenly."""
     hit = x == (ans if keepdims else np.expand_dims(ans, axes))
     return (hit / hit.sum(axis=axes, keepdims=True)).astype(ans.dtype, copy=False)
 
@@ -275,24 +331,56 @@ def reduction(name, f, jvp, vjp, saves, float_only, description, rule=_reduce_ru
 
 
 reduction(
-    "sum", lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims),
+    "sum", lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
     lambda t, x, ans, axes, keepdims: np.sum(t[0], axis=_shift(axes), keepdims=keepdims),
     lambda i, g, x, ans, axes, keepdims: np.broadcast_to(
         _expand(g, axes, keepdims), g.shape[:1] + x[0].shape),
-    (), False, "sum over axes")
+    (), False, "sum over axes, in the input's dtype")
 reduction(
     "mean", lambda x, axes, keepdims: np.mean(x, axis=axes, keepdims=keepdims),
     lambda t, x, ans, axes, keepdims: np.mean(t[0], axis=_shift(axes), keepdims=keepdims),
     lambda i, g, x, ans, axes, keepdims: np.broadcast_to(
         _expand(g, axes, keepdims) / _count(x[0].shape, axes), g.shape[:1] + x[0].shape),
     (), True, "mean over axes")
+
+
+def _extreme_jvp(t, x, ans, axes, keepdims):
+    return np.sum(t[0] * _extreme_share(x[0], ans, axes, keepdims), axis=_shift(axes),
+                  keepdims=keepdims)
+
+
+def _extreme_vjp(i, g, x, ans, axes, keepdims):
+    return _expand(g, axes, keepdims) * _extreme_share(x[0], ans, axes, keepdims)
+
+
 reduction(
     "max", lambda x, axes, keepdims: np.max(x, axis=axes, keepdims=keepdims),
+    _extreme_jvp, _extreme_vjp, {"x", "ans"}, False,
+    "max over axes; tied maxima share the derivative evenly", _extreme_rule("max"))
+reduction(
+    "min", lambda x, axes, keepdims: np.min(x, axis=axes, keepdims=keepdims),
+    _extreme_jvp, _extreme_vjp, {"x", "ans"}, False,
+    "min over axes; tied minima share the derivative evenly", _extreme_rule("min"))
+
+
+def _prod_partials(x, axes):
+    """d prod / d x_i, the product of the other elements, exact where x has zeros: a
+    reduced slice with one zero gives the zero the product of the rest and the other
+    elements 0; with two or more zeros every partial is 0."""
+    zero = x == 0
+    zeros = np.sum(zero, axis=axes, keepdims=True)
+    rest = np.where(zero, 1, x)
+    others = np.prod(rest, axis=axes, keepdims=True)
+    return np.where(zeros == 0, others / rest,
+                    np.where(zero & (zeros == 1), others, 0)).astype(x.dtype, copy=False)
+
+
+reduction(
+    "prod", lambda x, axes, keepdims: np.prod(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
     lambda t, x, ans, axes, keepdims: np.sum(
-        t[0] * _max_share(x[0], ans, axes, keepdims), axis=_shift(axes), keepdims=keepdims),
-    lambda i, g, x, ans, axes, keepdims: (
-        _expand(g, axes, keepdims) * _max_share(x[0], ans, axes, keepdims)),
-    {"x", "ans"}, False, "max over axes; tied maxima share the derivative evenly", _max_rule)
+        t[0] * _prod_partials(x[0], axes), axis=_shift(axes), keepdims=keepdims),
+    lambda i, g, x, ans, axes, keepdims: _expand(g, axes, keepdims) * _prod_partials(x[0], axes),
+    "x", False, "product over axes, in the input's dtype; exact derivative where inputs are 0")
 
 
 # --- shape ops ---------------------------------------------------------------
@@ -334,7 +422,8 @@ _row(OpDef(
     lambda t, x, ans, shape: np.reshape(t[0], t[0].shape[:1] + ans.shape),
     lambda i, g, x, ans, shape: np.reshape(g, g.shape[:1] + x[0].shape),
     (AttrSpec("shape", "ints", description="new shape; one entry may be -1"),),
-    frozenset(), False, _norm_reshape, "NumPy reshape (C order)"))
+    frozenset(), False, _norm_reshape, "NumPy reshape (C order)",
+    dtype=_any_dtype))
 
 
 def _norm_perm(attrs, shapes):
@@ -354,7 +443,8 @@ _row(OpDef(
     lambda t, x, ans, perm: np.transpose(t[0], (0,) + _shift(perm)),
     lambda i, g, x, ans, perm: np.transpose(g, (0,) + _shift(np.argsort(perm))),
     (AttrSpec("perm", "ints", None, "axis order; absent: reversed"),),
-    frozenset(), False, _norm_perm, "NumPy transpose"))
+    frozenset(), False, _norm_perm, "NumPy transpose",
+    dtype=_any_dtype))
 
 
 def _norm_target(attrs, shapes):
@@ -376,7 +466,8 @@ _row(OpDef(
     lambda t, x, ans, shape: fill_seed(t[0], shape),
     lambda i, g, x, ans, shape: unbroadcast(g, x[0].shape),
     (AttrSpec("shape", "ints", description="target shape"),),
-    frozenset(), False, _norm_target, "NumPy broadcast_to"))
+    frozenset(), False, _norm_target, "NumPy broadcast_to",
+    dtype=_any_dtype))
 
 
 def _norm_concat(attrs, shapes):
@@ -418,7 +509,8 @@ _row(OpDef(
     "concat", None, _concat_rule,
     lambda *x, axis: np.concatenate(x, axis=axis), _concat_jvp, _concat_vjp,
     (AttrSpec("axis", "int", 0, "axis to join along"),),
-    frozenset(), False, _norm_concat, "NumPy concatenate of one or more inputs"))
+    frozenset(), False, _norm_concat, "NumPy concatenate of one or more inputs",
+    dtype=_any_dtype))
 
 
 def _norm_slice(attrs, shapes):
@@ -454,7 +546,8 @@ _row(OpDef(
     (AttrSpec("starts", "ints", description="first index per axis (NumPy semantics)"),
      AttrSpec("stops", "ints", description="one past the last index per axis"),
      AttrSpec("axes", "ints", None, "axes the starts and stops refer to; absent: 0, 1, ...")),
-    frozenset(), False, _norm_slice, "x[start:stop] along the given axes, step 1"))
+    frozenset(), False, _norm_slice, "x[start:stop] along the given axes, step 1",
+    dtype=_any_dtype))
 
 
 # --- matmul --------------------------------------------------------------------
@@ -524,8 +617,10 @@ def _matvec_jvp(t, a, b):
         terms = [ta @ b if ta is not None else None,
                  np.matmul(a, tb) if tb is not None else None]
     else:  # (M, K) @ (K,): directions (k, K) @ (K, M)
-        k = ta.shape[0] if ta is not None else None
-        terms = [(ta.reshape(-1, ta.shape[-1]) @ b).reshape(k, -1) if ta is not None else None,
+        # explicit sizes, not -1: a zero-size operand leaves -1 undetermined
+        m, kk = a.shape
+        terms = [(ta.reshape(ta.shape[0] * m, kk) @ b).reshape(ta.shape[0], m)
+                 if ta is not None else None,
                  tb @ a.T if tb is not None else None]
     ta_term, tb_term = terms
     return ta_term if tb_term is None else tb_term if ta_term is None else ta_term + tb_term
@@ -545,8 +640,8 @@ def _matmul_vjp(i, g, x, ans):
     if b.ndim == 2 and a2.ndim > 2:
         # A weight shared across the batch: fold the batch into one product per direction.
         k, n = g2.shape[0], b2.shape[1]
-        rows = a2.reshape(-1, a2.shape[-1])
-        return np.matmul(rows.T, g2.reshape(k, -1, n))
+        rows = a2.reshape(prod(a2.shape[:-1]), a2.shape[-1])
+        return np.matmul(rows.T, g2.reshape(k, rows.shape[0], n))
     gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
     gb = gb[..., 0] if b.ndim == 1 else gb
     return unbroadcast(gb, b.shape)
@@ -628,6 +723,405 @@ _row(OpDef(
     "log(sum(exp(x))) along axis, computed without overflow"))
 
 
+# --- compare and select ------------------------------------------------------------
+
+def _compare_dtype(names, dtypes, **attrs):
+    shared_dtype(names, dtypes, bool_ok=True)
+    return "bool"
+
+
+def comparison(name, f, symbol):
+    return _row(OpDef(name, 2, _broadcast_rule, f, _no_tangent, _no_cotangent,
+                      saves=frozenset(), float_only=False, dtype=_compare_dtype,
+                      description=f"a {symbol} b, elementwise with broadcasting; bool "
+                      "result, no derivative"))
+
+
+comparison("equal", np.equal, "==")
+comparison("not_equal", np.not_equal, "!=")
+comparison("less", np.less, "<")
+comparison("less_equal", np.less_equal, "<=")
+comparison("greater", np.greater, ">")
+comparison("greater_equal", np.greater_equal, ">=")
+
+
+def _where_dtype(names, dtypes):
+    if dtypes[0] != "bool":
+        raise RuleError(f"the condition '{names[0]}' must be bool, got {dtypes[0]}",
+                        "inputs[0]", DTypeError)
+    return shared_dtype(names[1:], dtypes[1:], bool_ok=True)
+
+
+def _where_jvp(t, x, ans):
+    _, ta, tb = t
+    if ta is None and tb is None:
+        return None
+    cond, n = x[0], ans.ndim
+    return _jvp_sum(None if ta is None else np.where(cond, lift(ta, n), 0),
+                    None if tb is None else np.where(cond, 0, lift(tb, n)), ans.shape)
+
+
+def _where_vjp(i, g, x, ans):
+    if i == 0:
+        return None
+    picked = np.where(x[0], g, 0) if i == 1 else np.where(x[0], 0, g)
+    return unbroadcast(picked, x[i].shape)
+
+
+_row(OpDef(
+    "where", 3, _broadcast_rule, np.where, _where_jvp, _where_vjp, saves=frozenset({"x"}),
+    float_only=False, dtype=_where_dtype,
+    description="where(cond, a, b): a where cond is true, else b (bool cond, broadcasting); "
+    "the derivative goes to a where cond holds, to b elsewhere, none to cond"))
+
+
+def _norm_clip(attrs, shapes):
+    for name in ("min", "max"):
+        if attrs[name] is not None and math.isnan(attrs[name]):
+            raise RuleError(f"{name} is NaN", f"attrs.{name}")
+    return attrs
+
+
+def _clip_bounds(dtype, low, high):
+    """The bounds as the values of `dtype` they admit (integers: rounded inwards, kept
+    within the type's range)."""
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if low is not None:
+            low = min(max(math.ceil(low), info.min), info.max) if math.isfinite(low) \
+                else (info.min if low < 0 else None)
+        if high is not None:
+            high = max(min(math.floor(high), info.max), info.min) if math.isfinite(high) \
+                else (info.max if high > 0 else None)
+    return low, high
+
+
+def _clip(x, min, max):
+    low, high = _clip_bounds(x.dtype, min, max)
+    if low is None and high is None:
+        return x
+    return np.clip(x, low, high)
+
+
+def _clip_mask(x, min, max):
+    """Where the derivative passes: min <= x <= max, bounds included (as PyTorch)."""
+    mask = True
+    if min is not None:
+        mask = x >= min
+    if max is not None:
+        mask = mask & (x <= max)
+    return mask
+
+
+_row(OpDef(
+    "clip", 1, lambda shapes, dtypes, min, max: shapes[0], _clip,
+    lambda t, x, ans, min, max: t[0] * _clip_mask(x[0], min, max),
+    lambda i, g, x, ans, min, max: g * _clip_mask(x[0], min, max),
+    (AttrSpec("min", "float", None, "lower bound; absent: none"),
+     AttrSpec("max", "float", None, "upper bound; absent: none")),
+    frozenset({"x"}), False, _norm_clip,
+    "x limited to [min, max]; the derivative is 1 where min <= x <= max (bounds included, "
+    "as in PyTorch), else 0", elementwise=True))
+
+
+# --- cumsum, pad, take, cast ---------------------------------------------------------
+
+def _cumsum(x, axis, reverse, exclusive):
+    if reverse:
+        x = np.flip(x, axis)
+    out = np.cumsum(x, axis=axis, dtype=x.dtype)
+    if exclusive:
+        shifted = np.zeros_like(out)
+        dst, src = [slice(None)] * out.ndim, [slice(None)] * out.ndim
+        dst[axis], src[axis] = slice(1, None), slice(None, -1)
+        shifted[tuple(dst)] = out[tuple(src)]
+        out = shifted
+    return np.flip(out, axis) if reverse else out
+
+
+_row(OpDef(
+    "cumsum", 1, lambda shapes, dtypes, axis, reverse, exclusive: shapes[0],
+    _cumsum,
+    lambda t, x, ans, axis, reverse, exclusive: _cumsum(t[0], axis + 1, reverse, exclusive),
+    # the transpose of a running sum is the running sum the other way
+    lambda i, g, x, ans, axis, reverse, exclusive: _cumsum(g, axis + 1, not reverse,
+                                                           exclusive),
+    (AttrSpec("axis", "int", description="the axis to sum along"),
+     AttrSpec("reverse", "bool", False, "sum from the end of the axis"),
+     AttrSpec("exclusive", "bool", False, "leave each element out of its own sum (ONNX)")),
+    frozenset(), False, _norm_axis, "running sum along axis, in the input's dtype"))
+
+
+def _norm_pad(attrs, shapes):
+    ndim, pads = len(shapes[0]), attrs["pads"]
+    if len(pads) != 2 * ndim:
+        raise RuleError(f"pads has {len(pads)} values, expected {2 * ndim}: a begin value "
+                        "for each axis, then an end value for each", "attrs.pads")
+    if min(pads, default=0) < 0:
+        raise RuleError(f"negative pads in {list(pads)} are not supported (use slice to "
+                        "crop)", "attrs.pads")
+    return dict(attrs, pads=tuple(zip(pads[:ndim], pads[ndim:])))
+
+
+def _pad_vjp(i, g, x, ans, pads, value):
+    inner = tuple(slice(b, b + d) for (b, _), d in zip(pads, x[0].shape))
+    return g[(slice(None),) + inner]
+
+
+_row(OpDef(
+    "pad", 1,
+    lambda shapes, dtypes, pads, value: tuple(
+        None if d is None else d + b + e for d, (b, e) in zip(shapes[0], pads)),
+    lambda x, pads, value: np.pad(x, pads, constant_values=value) if pads else x,
+    lambda t, x, ans, pads, value: np.pad(t[0], ((0, 0),) + pads),
+    _pad_vjp,
+    (AttrSpec("pads", "ints", description="begin values for each axis, then end values "
+              "(ONNX order), each >= 0"),
+     AttrSpec("value", "float", 0.0, "the value padded in")),
+    frozenset(), False, _norm_pad, "constant padding (ONNX Pad, mode constant)",
+    dtype=_any_dtype))
+
+
+def _take_dtype(names, dtypes, axis):
+    if dtypes[1] not in ("int32", "int64"):
+        raise RuleError(f"indices '{names[1]}' must be int32 or int64, got {dtypes[1]}",
+                        "inputs[1]", DTypeError)
+    return dtypes[0]
+
+
+def _norm_take(attrs, shapes):
+    return dict(attrs, axis=normalize_axis(attrs["axis"], len(shapes[0]), "attrs.axis"))
+
+
+def _take(data, indices, axis, node=None):
+    size = data.shape[axis]
+    if indices.size:
+        low, high = int(indices.min()), int(indices.max())
+        if low < -size or high >= size:
+            bad = low if low < -size else high
+            raise InputError(f"index {bad} is out of range for axis {axis} of size {size} "
+                             f"(valid: {-size} to {size - 1})", node=node, op="take",
+                             field="inputs[1]")
+    return np.take(data, indices, axis=axis)
+
+
+def _take_vjp(i, g, x, ans, axis, node=None):
+    """Scatter-add g back along axis: sort the indices once, sum repeated ones with
+    one add.reduceat (np.add.at is much slower), then one fancy assignment."""
+    if i == 1:
+        return None
+    data, indices = x
+    size = data.shape[axis]
+    flat = indices.ravel().astype(np.intp)
+    flat = np.where(flat < 0, flat + size, flat)
+    k = g.shape[0]
+    before, after = prod(data.shape[:axis]), prod(data.shape[axis + 1:])
+    g4 = g.reshape(k, before, flat.size, after)
+    out = np.zeros((k, before, size, after), g.dtype)
+    if flat.size:
+        order = np.argsort(flat, kind="stable")
+        ordered = flat[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        if starts.size == flat.size:  # no index repeats
+            out[:, :, flat] = g4
+        else:
+            out[:, :, ordered[starts]] = np.add.reduceat(g4[:, :, order], starts, axis=2)
+    return out.reshape((k,) + data.shape)
+
+
+_row(OpDef(
+    "take", 2,
+    lambda shapes, dtypes, axis, node=None: (
+        shapes[0][:axis] + tuple(shapes[1]) + shapes[0][axis + 1:]),
+    _take,
+    lambda t, x, ans, axis, node=None: (
+        None if t[0] is None else np.take(t[0], x[1], axis=axis + 1)),
+    _take_vjp,
+    (AttrSpec("axis", "int", 0, "the axis of data to pick along"),),
+    frozenset({"x"}), False, _norm_take,
+    "NumPy take(data, indices, axis) = ONNX Gather: int32 or int64 indices of any shape, "
+    "negative ones counted from the end; an index out of range is an error; no derivative "
+    "with respect to the indices", dtype=_take_dtype, node_attr=True))
+
+
+def _norm_cast(attrs, shapes):
+    if attrs["dtype"] not in DTYPES:
+        raise RuleError(f"unknown dtype {attrs['dtype']!r} (supported: {', '.join(DTYPES)})",
+                        "attrs.dtype", DTypeError)
+    return attrs
+
+
+def _cast(x, dtype):
+    with np.errstate(invalid="ignore"):  # NaN or inf to an integer: NumPy's value, no warning
+        return x.astype(dtype, copy=False)
+
+
+def _floats(*dtypes):
+    return all(np.dtype(d).kind == "f" for d in dtypes)
+
+
+_row(OpDef(
+    "cast", 1, lambda shapes, dtypes, dtype: shapes[0], _cast,
+    lambda t, x, ans, dtype: (
+        t[0].astype(dtype, copy=False) if t[0] is not None and _floats(x[0].dtype, dtype)
+        else None),
+    lambda i, g, x, ans, dtype: (
+        g.astype(x[0].dtype, copy=False) if _floats(x[0].dtype, dtype) else None),
+    (AttrSpec("dtype", "string", description="the result's dtype: " + ", ".join(DTYPES)),),
+    frozenset(), False, _norm_cast,
+    "x converted to dtype (as NumPy astype); the derivative passes between floating dtypes, "
+    "none flows into or out of integers and bool",
+    dtype=lambda names, dtypes, dtype: dtype))
+
+
+# --- convolution and pooling (kernels in windows.py) ------------------------------------
+
+def _spatial_rank(shape):
+    if len(shape) < 3:
+        raise RuleError(f"the input must be (N, C, spatial...) with at least one spatial axis, "
+                        f"got {fmt_shape(shape)}", "inputs[0]")
+    return len(shape) - 2
+
+
+def _spatial_ints(attrs, name, count, default, low):
+    values = attrs[name]
+    if values is None:
+        return (default,) * count
+    if len(values) != count:
+        per = ("a begin value for each spatial axis, then an end value for each"
+               if name == "pads" else "one per spatial axis")
+        raise RuleError(f"{name} has {len(values)} values, expected {count} ({per})",
+                        f"attrs.{name}")
+    for v in values:
+        if v < low:
+            raise RuleError(f"{name} value {v} is below {low}", f"attrs.{name}")
+    return tuple(values)
+
+
+def _geometry(attrs, d):
+    return dict(strides=_spatial_ints(attrs, "strides", d, 1, 1),
+                pads=_spatial_ints(attrs, "pads", 2 * d, 0, 0),
+                dilations=_spatial_ints(attrs, "dilations", d, 1, 1))
+
+
+def _window_out(spatial, win):
+    out = win.out(spatial)
+    padded = [None if s is None else s + b + e for s, b, e in zip(spatial, win.begin, win.end)]
+    for axis, (p, o, extent) in enumerate(zip(padded, out, win.extents())):
+        if o is not None and o < 1:
+            raise RuleError(f"spatial axis {axis}: the padded input has {p} elements, fewer "
+                            f"than the (dilated) kernel's extent {extent}")
+    return out
+
+
+WINDOW_ATTRS = (
+    AttrSpec("strides", "ints", None, "step per spatial axis; absent: 1s"),
+    AttrSpec("pads", "ints", None, "begin values for each spatial axis, then end values "
+             "(ONNX order); absent: 0s"),
+    AttrSpec("dilations", "ints", None, "kernel dilation per spatial axis; absent: 1s"),
+)
+
+
+def _norm_conv(attrs, shapes):
+    d = _spatial_rank(shapes[0])
+    if attrs["groups"] < 1:
+        raise RuleError(f"groups {attrs['groups']} is below 1", "attrs.groups")
+    return dict(_geometry(attrs, d), groups=attrs["groups"])
+
+
+def _conv_rule(shapes, dtypes, strides, pads, dilations, groups):
+    x, w = shapes
+    if len(w) != len(x):
+        raise RuleError(f"the weight {fmt_shape(w)} must have the input's rank {len(x)}: "
+                        "(O, C / groups, kernel...)", "inputs[1]")
+    c, (o, cg) = x[1], w[:2]
+    if c is not None and cg is not None and c != cg * groups:
+        raise RuleError(f"the input has {c} channels, but the weight {fmt_shape(w)} takes "
+                        f"{cg} per group x {groups} group(s)", "inputs[1]")
+    if o is not None and o % groups:
+        raise RuleError(f"{o} output channels do not split into {groups} groups",
+                        "attrs.groups")
+    if None in w[2:]:
+        return (x[0], o) + (None,) * (len(x) - 2)
+    return (x[0], o) + _window_out(x[2:], Window(w[2:], strides, pads, dilations))
+
+
+def _conv_jvp(t, x, ans, **geometry):
+    (tx, tw), (xv, wv) = t, x
+    terms = []
+    if tx is not None:
+        k, n = tx.shape[0], xv.shape[0]
+        tx = fill_seed(tx, xv.shape).reshape((k * n,) + xv.shape[1:])
+        terms.append(conv(tx, wv[None], **geometry)[0].reshape((k,) + ans.shape))
+    if tw is not None:
+        terms.append(conv(xv, fill_seed(tw, wv.shape), **geometry))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _conv_vjp(i, g, x, ans, **geometry):
+    xv, wv = x
+    if i == 1:
+        return conv_weight_grad(g, xv, wv.shape[2:], **geometry)
+    k, n = g.shape[:2]
+    gx = conv_input_grad(g.reshape((k * n,) + g.shape[2:]), wv, xv.shape[2:], **geometry)
+    return gx.reshape((k,) + xv.shape)
+
+
+_row(OpDef(
+    "conv", 2, _conv_rule, lambda x, w, **geometry: conv(x, w[None], **geometry)[0],
+    _conv_jvp, _conv_vjp,
+    WINDOW_ATTRS + (AttrSpec("groups", "int", 1, "channel groups (C and O divisible by it)"),),
+    frozenset({"x"}), True, _norm_conv,
+    "N-d convolution (cross-correlation, as ONNX Conv and PyTorch), NCHW: x (N, C, *S), "
+    "weight (O, C / groups, *kernel); no bias (add it)",
+    scratch=lambda shapes, **geometry: conv_scratch(shapes[0], shapes[1], **geometry)))
+
+
+def _norm_pool(attrs, shapes):
+    d = _spatial_rank(shapes[0])
+    kernel = _spatial_ints(attrs, "kernel_shape", d, None, 1)
+    win = Window(kernel, **_geometry(attrs, d))
+    for axis, (b, e, extent) in enumerate(zip(win.begin, win.end, win.extents())):
+        if max(b, e) >= extent:
+            raise RuleError(f"pads {list(win.pads)}: spatial axis {axis} is padded by "
+                            f"{max(b, e)}, not less than the kernel's extent {extent} (a "
+                            "window could hold only padding)", "attrs.pads")
+    out = {"window": win}
+    if "count_include_pad" in attrs:
+        out["count_include_pad"] = attrs["count_include_pad"]
+    return out
+
+
+def _pool_rule(shapes, dtypes, window, count_include_pad=None):
+    x = shapes[0]
+    return x[:2] + _window_out(x[2:], window)
+
+
+POOL_ATTRS = (AttrSpec("kernel_shape", "ints", description="window size per spatial axis"),
+              ) + WINDOW_ATTRS
+
+_row(OpDef(
+    "max_pool", 1, _pool_rule, lambda x, window: max_pool(x, window),
+    lambda t, x, ans, window: max_pool_jvp(fill_seed(t[0], x[0].shape), x[0], ans, window),
+    lambda i, g, x, ans, window: max_pool_vjp(g, x[0], ans, window),
+    POOL_ATTRS, frozenset({"x", "ans"}), True, _norm_pool,
+    "N-d max pooling, NCHW, padding -inf (ONNX MaxPool without ceil_mode); the derivative of "
+    "a window goes to its first maximal element in row-major order, as in PyTorch",
+    scratch=lambda shapes, window: max_pool_scratch(shapes[0], window)))
+_row(OpDef(
+    "avg_pool", 1, _pool_rule,
+    lambda x, window, count_include_pad: avg_pool(x, window, count_include_pad),
+    lambda t, x, ans, window, count_include_pad: avg_pool(t[0], window, count_include_pad),
+    lambda i, g, x, ans, window, count_include_pad: avg_pool_vjp(
+        g, x[0].shape[2:], window, count_include_pad),
+    POOL_ATTRS + (AttrSpec("count_include_pad", "bool", False,
+                           "divide by the whole window, padding included (else by the "
+                           "elements that are not padding)"),),
+    frozenset(), True, _norm_pool,
+    "N-d average pooling, NCHW (ONNX AveragePool without ceil_mode)",
+    scratch=lambda shapes, window, count_include_pad: avg_pool_scratch(shapes[0], window)))
+
+
 # --- attribute checking --------------------------------------------------------
 
 _ATTR_CHECKS = {
@@ -637,6 +1131,7 @@ _ATTR_CHECKS = {
     and not isinstance(v, (bool, np.bool_)),
     "ints": lambda v: isinstance(v, (list, tuple, np.ndarray)) and all(
         _ATTR_CHECKS["int"](e) for e in v),
+    "string": lambda v: isinstance(v, str),
 }
 
 
@@ -647,6 +1142,8 @@ def _convert(spec: AttrSpec, value):
         return int(value)
     if spec.type == "bool":
         return bool(value)
+    if spec.type == "string":
+        return str(value)
     return float(value)
 
 
@@ -674,13 +1171,9 @@ def check_attrs(op: OpDef, attrs, shapes) -> dict:
     return op.normalize(out, shapes) if op.normalize else out
 
 
-def check_dtypes(op: OpDef, names, dtypes) -> str:
-    """The op's result dtype: operands share one dtype; float-only ops refuse ints."""
-    for name, dtype in zip(names[1:], dtypes[1:]):
-        if dtype != dtypes[0]:
-            raise RuleError(f"dtype mismatch: '{names[0]}' is {dtypes[0]}, "
-                            f"'{name}' is {dtype}", "inputs", DTypeError)
-    if op.float_only and not dtypes[0].startswith("float"):
-        raise RuleError(f"needs floating inputs; '{names[0]}' is {dtypes[0]}", "inputs",
-                        DTypeError)
-    return dtypes[0]
+def check_dtypes(op: OpDef, names, dtypes, attrs=None) -> str:
+    """The op's result dtype, by its own rule or else: operands share one dtype, which
+    the result keeps; float-only ops refuse integers, and only some ops take bool."""
+    if op.dtype is not None:
+        return op.dtype(names, dtypes, **(attrs or {}))
+    return shared_dtype(names, dtypes, op.float_only)

@@ -89,8 +89,10 @@ def validate(graph: Graph) -> CheckedGraph:
                                  field=f"inputs[{i}]")
         in_shapes = [shapes[r] for r in node.inputs]
         try:
-            dtype = check_dtypes(op, node.inputs, [dtypes[r] for r in node.inputs])
             resolved = check_attrs(op, node.attrs, in_shapes)
+            dtype = check_dtypes(op, node.inputs, [dtypes[r] for r in node.inputs], resolved)
+            if op.node_attr:
+                resolved["node"] = node.name
             shape = op.shape(in_shapes, None, **resolved)
             check_span(shape)
         except RuleError as err:

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # --- finite differences --------------------------------------------------------------
@@ -17,9 +19,11 @@ def numeric_jvp(f, inputs, tangents, eps=1e-6):
     """(f(x + eps t) - f(x - eps t)) / (2 eps), in float64.
 
     `f` maps a dict name -> array to a dict name -> array; inputs missing from
-    `tangents` are held fixed. Returns a dict shaped like f's result.
+    `tangents` are held fixed, and so are integer and bool inputs (kept as they are).
+    Returns a dict shaped like f's result.
     """
-    x = {k: np.asarray(v, dtype=np.float64) for k, v in inputs.items()}
+    x = {k: np.asarray(v, dtype=np.float64) if np.asarray(v).dtype.kind == "f" else v
+         for k, v in inputs.items()}
     t = {k: np.asarray(v, dtype=np.float64) for k, v in tangents.items()}
     plus = {k: v + eps * t[k] if k in t else v for k, v in x.items()}
     minus = {k: v - eps * t[k] if k in t else v for k, v in x.items()}
@@ -76,6 +80,12 @@ OP_DOMAINS = {
     "relu": ("nonzero",),
     "log1p": ("above_minus_one",),
     "max": ("distinct",),
+    "min": ("distinct",),
+    "max_pool": ("distinct",),
+    **{op: ("distinct", "distinct") for op in ("equal", "not_equal", "less", "less_equal",
+                                                "greater", "greater_equal")},
+    "where": ("bool", "real", "real"),
+    "take": ("real", "index:2"),
 }
 
 
@@ -85,6 +95,13 @@ def domains_for(op, arity):
 
 
 def _sample(rng, shape, domain):
+    """Floats of a domain; "bool" and "index:N" (int64 in [-N, N)) keep their own dtype."""
+    if domain == "bool":
+        return rng.random(shape) < 0.5
+    if domain.startswith("index"):
+        kind, n = domain.split(":")
+        dtype = np.int32 if kind == "index32" else np.int64
+        return rng.integers(-int(n), int(n), shape).astype(dtype)
     if domain == "real":
         return rng.uniform(-2.0, 2.0, shape)
     if domain == "positive":
@@ -101,7 +118,8 @@ def _sample(rng, shape, domain):
 def random_inputs(rng, specs, dtype="float64"):
     """Draw {name: array} for `specs`, a list of (name, shape, domain).
 
-    Operands in the "distinct" domain are drawn together: every element of all of
+    Operands in the "bool" and "index:N" domains keep their own dtype. Operands in the
+    "distinct" domain are drawn together: every element of all of
     them is a different point of a grid 0.25 apart (jittered by < 0.05), so no two
     elements are within 0.15 of each other, whatever broadcasting pairs them with.
     """
@@ -117,7 +135,8 @@ def random_inputs(rng, specs, dtype="float64"):
     for name, shape, domain in specs:
         if domain != "distinct":
             out[name] = _sample(rng, shape, domain)
-    return {name: np.asarray(out[name], dtype=dtype) for name, _, _ in specs}
+    return {name: np.asarray(out[name], dtype=dtype) if out[name].dtype.kind == "f"
+            else out[name] for name, _, _ in specs}
 
 
 # --- NumPy references ------------------------------------------------------------------
@@ -143,6 +162,78 @@ def _slice(x, starts, stops, axes=None):
     for axis, start, stop in zip(range(len(starts)) if axes is None else axes, starts, stops):
         index[axis] = slice(start, stop)
     return x[tuple(index)]
+
+
+def _erf(x):
+    return np.vectorize(math.erf, otypes=[np.float64])(x).astype(np.result_type(x, np.float32))
+
+
+def _clip(x, min=None, max=None):
+    return np.clip(x, min, max) if min is not None or max is not None else x
+
+
+def _cumsum(x, axis, reverse=False, exclusive=False):
+    y = np.flip(x, axis) if reverse else x
+    c = np.cumsum(y, axis=axis)
+    if exclusive:
+        c = c - y
+    return np.flip(c, axis) if reverse else c
+
+
+def _pad(x, pads, value=0.0):
+    n = np.ndim(x)
+    if n == 0:  # np.pad refuses a scalar; padding it is the identity
+        return np.array(x)
+    return np.pad(x, list(zip(pads[:n], pads[n:])), constant_values=value)
+
+
+def _windows(x, kernel, strides, pads, dilations, fill):
+    """Each window of x (N, C, *S) by plain Python iteration over the output positions:
+    yields (output shape, output position, the window (N, C, *kernel))."""
+    d = len(kernel)
+    strides = strides or [1] * d
+    pads = pads or [0] * (2 * d)
+    dilations = dilations or [1] * d
+    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(pads[:d], pads[d:])), constant_values=fill)
+    out = [(xp.shape[2 + i] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+           for i in range(d)]
+    for pos in np.ndindex(*out):
+        index = tuple(slice(p * s, p * s + dl * (k - 1) + 1, dl)
+                      for p, s, dl, k in zip(pos, strides, dilations, kernel))
+        yield out, pos, xp[(slice(None), slice(None)) + index]
+
+
+def _conv(x, w, strides=None, pads=None, dilations=None, groups=1):
+    d, (n_out, cg), og = x.ndim - 2, w.shape[:2], w.shape[0] // groups
+    y = None
+    for out, pos, patch in _windows(x, w.shape[2:], strides, pads, dilations, 0):
+        if y is None:
+            y = np.zeros((x.shape[0], n_out) + tuple(out), np.result_type(x, w))
+        for g in range(groups):
+            y[(slice(None), slice(g * og, (g + 1) * og)) + pos] = np.tensordot(
+                patch[:, g * cg:(g + 1) * cg], w[g * og:(g + 1) * og],
+                axes=(list(range(1, d + 2)), list(range(1, d + 2))))
+    return y
+
+
+def _pool(reduce):
+    def pool(x, kernel_shape, strides=None, pads=None, dilations=None, count_include_pad=False):
+        fill = -np.inf if reduce == "max" else 0
+        ones = np.ones((1, 1) + x.shape[2:])
+        counts = {pos: patch.sum() for _, pos, patch in
+                  _windows(ones, kernel_shape, strides, pads, dilations, 0)}
+        y = None
+        for out, pos, patch in _windows(x, kernel_shape, strides, pads, dilations, fill):
+            if y is None:
+                y = np.zeros(x.shape[:2] + tuple(out), x.dtype)
+            flat = patch.reshape(patch.shape[:2] + (-1,))
+            if reduce == "max":
+                y[(...,) + pos] = flat.max(axis=-1)
+            else:
+                y[(...,) + pos] = flat.sum(axis=-1) / (
+                    flat.shape[-1] if count_include_pad else counts[pos])
+        return y
+    return pool
 
 
 REFERENCE = {
@@ -180,6 +271,24 @@ REFERENCE = {
     "softmax": _softmax,
     "log_softmax": lambda x, axis=-1: x - _logsumexp(x, axis=axis, keepdims=True),
     "logsumexp": _logsumexp,
+    "erf": _erf,
+    "min": lambda x, axes=None, keepdims=False: np.min(x, axis=_axes(axes), keepdims=keepdims),
+    "prod": lambda x, axes=None, keepdims=False: np.prod(x, axis=_axes(axes), keepdims=keepdims),
+    "equal": np.equal,
+    "not_equal": np.not_equal,
+    "less": np.less,
+    "less_equal": np.less_equal,
+    "greater": np.greater,
+    "greater_equal": np.greater_equal,
+    "where": np.where,
+    "clip": _clip,
+    "cumsum": _cumsum,
+    "pad": _pad,
+    "take": lambda x, indices, axis=0: np.take(x, indices, axis=axis),
+    "cast": lambda x, dtype: x.astype(dtype),
+    "conv": _conv,
+    "max_pool": _pool("max"),
+    "avg_pool": _pool("avg"),
 }
 
 

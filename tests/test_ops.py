@@ -29,6 +29,16 @@ class Row(NamedTuple):
         return tuple("abcdefgh"[:len(self.shapes)])
 
     @property
+    def floats(self):
+        """The operands that are floating (the others are bool or integer indices)."""
+        return tuple(n for n, d in zip(self.names, self.domains)
+                     if d != "bool" and not d.startswith("index"))
+
+    @property
+    def differentiable(self):
+        return self.op not in NO_DERIVATIVE
+
+    @property
     def id(self):
         shapes = "x".join(str(s).replace(" ", "") for s in self.shapes)
         attrs = ",".join(f"{k}={v}".replace(" ", "") for k, v in self.attrs.items())
@@ -41,7 +51,9 @@ def row(op, *shapes, domains=None, **attrs):
 
 BROADCAST = [((2, 3), (2, 3)), ((3, 1), (1, 4)), ((2, 3), (3,)), ((), (2, 2))]
 UNARY = ["neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
-         "tanh", "sigmoid", "relu", "softplus", "log1p"]
+         "tanh", "sigmoid", "relu", "softplus", "log1p", "erf"]
+COMPARISONS = ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+NO_DERIVATIVE = set(COMPARISONS)  # bool results
 
 TABLE = [
     *[row(op, a, b) for op in ("add", "sub", "mul", "div", "pow", "maximum", "minimum")
@@ -50,7 +62,7 @@ TABLE = [
     row("pow", (2, 3), ()),
     *[row(op, (2, 3)) for op in UNARY],
     *[row(op, ()) for op in ("sin", "exp", "log", "relu", "sigmoid")],
-    *[r for op in ("sum", "mean", "max") for r in (
+    *[r for op in ("sum", "mean", "max", "min", "prod") for r in (
         row(op, (2, 3)),
         row(op, ()),
         row(op, (2, 3), axes=[0]),
@@ -99,20 +111,65 @@ TABLE = [
     row("logsumexp", (2, 3), axis=0, keepdims=True),
     row("logsumexp", (2, 3, 4), axis=-2),
     row("logsumexp", (4,)),
+    *[row(op, a, b) for op in COMPARISONS for a, b in BROADCAST],
+    row("where", (2, 3), (2, 3), (2, 3)),
+    row("where", (3,), (2, 3), ()),
+    row("where", (2, 1), (3,), (2, 3)),
+    row("clip", (2, 3), min=-0.5, max=0.7),
+    row("clip", (2, 3), min=0.25),
+    row("clip", (2, 3), max=-0.25),
+    row("clip", (2, 3)),
+    row("cumsum", (5,), axis=0),
+    row("cumsum", (2, 3, 4), axis=1, reverse=True),
+    row("cumsum", (2, 3), axis=-1, exclusive=True),
+    row("cumsum", (2, 3), axis=0, reverse=True, exclusive=True),
+    row("pad", (3,), pads=[1, 2]),
+    row("pad", (2, 3), pads=[0, 1, 2, 0], value=1.5),
+    row("pad", (), pads=[]),
+    row("take", (5,), (3,), domains=("real", "index:5")),
+    row("take", (4, 3), (2, 2), domains=("real", "index:4")),
+    row("take", (2, 3, 4), (), axis=-1, domains=("real", "index:4")),
+    row("take", (3, 4), (6,), axis=1, domains=("real", "index32:4")),  # repeats
+    row("take", (3, 2), (0,), domains=("real", "index:3")),
+    row("cast", (2, 3), dtype="float64"),
+    # conv: x (N, C, *S), w (O, C / groups, *K); 1-D, 2-D and 3-D
+    row("conv", (2, 3, 7), (4, 3, 3)),
+    row("conv", (1, 2, 8), (3, 2, 2), strides=[2], pads=[1, 2], dilations=[2]),
+    row("conv", (2, 2, 5, 5), (3, 2, 3, 3)),
+    row("conv", (1, 2, 6, 5), (2, 2, 3, 2), strides=[2, 1], pads=[1, 0, 2, 1]),
+    row("conv", (1, 4, 5, 5), (6, 2, 2, 3), groups=2, dilations=[2, 1], pads=[0, 1, 1, 0]),
+    row("conv", (2, 4, 4, 4), (4, 1, 3, 3), groups=4, pads=[1, 1, 1, 1]),  # depthwise
+    row("conv", (1, 2, 4, 3, 4), (2, 2, 2, 2, 3), strides=[1, 2, 1], pads=[1, 0, 0, 0, 1, 1]),
+    *[r for op in ("max_pool", "avg_pool") for r in (
+        row(op, (2, 3, 6), kernel_shape=[2], strides=[2]),
+        row(op, (1, 2, 5), kernel_shape=[3], pads=[1, 1]),
+        row(op, (2, 2, 5, 5), kernel_shape=[2, 2]),
+        row(op, (1, 2, 6, 5), kernel_shape=[3, 2], strides=[2, 2], pads=[1, 0, 1, 1]),
+        row(op, (1, 1, 7, 7), kernel_shape=[2, 3], dilations=[2, 1], strides=[1, 2]),
+        row(op, (1, 1, 4, 3, 4), kernel_shape=[2, 2, 2], pads=[1, 0, 0, 0, 1, 1]),
+    )],
+    row("avg_pool", (1, 2, 5), kernel_shape=[3], pads=[1, 1], count_include_pad=True),
+    row("avg_pool", (1, 1, 6, 5), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 2, 1, 1],
+        count_include_pad=True),
 ]
+DIFFERENTIABLE = [r for r in TABLE if r.differentiable]
 
 
-def table(rows=TABLE):
+def table(rows=DIFFERENTIABLE):
     return pytest.mark.parametrize("r", rows, ids=[r.id for r in rows])
 
 
 def setup(r, dtype="float64"):
     """The one-node graph y = op(a, b, ...) of row `r`, compiled, with inputs drawn for it."""
-    graph = Graph([Input(n, dtype, s) for n, s in zip(r.names, r.shapes)],
-                  [Node("y", r.op, r.names, r.attrs)], ["y"])
     rng = np.random.default_rng(zlib.crc32(r.id.encode()))
     inputs = random_inputs(rng, list(zip(r.names, r.shapes, r.domains)), dtype)
+    graph = Graph([Input(n, inputs[n].dtype.name, s) for n, s in zip(r.names, r.shapes)],
+                  [Node("y", r.op, r.names, r.attrs)], ["y"])
     return compile(graph), inputs, rng
+
+
+def float_inputs(r, inputs):
+    return {n: inputs[n] for n in r.floats}
 
 
 def numpy_op(r):
@@ -127,7 +184,7 @@ def numpy_op(r):
 def test_jvp_matches_finite_differences(r):
     plan, inputs, rng = setup(r)
     out_shape = numpy_op(r)(inputs)["y"].shape
-    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in inputs.items()}
+    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in float_inputs(r, inputs).items()}
 
     got = plan.jvp(inputs, tangents).tangents["y"]
 
@@ -137,7 +194,7 @@ def test_jvp_matches_finite_differences(r):
         assert_allclose(got[i], want, rtol=1e-5, atol=1e-7, err_msg=f"direction {i}")
     single = plan.jvp(inputs, {n: t[0] for n, t in tangents.items()}).tangents["y"]
     assert_allclose(single, got[0], rtol=1e-12, atol=1e-14, err_msg="unbatched seed")
-    last = r.names[-1]  # the other inputs get no tangent: held fixed
+    last = r.floats[-1]  # the other inputs get no tangent: held fixed
     partial = plan.jvp(inputs, {last: tangents[last]}).tangents["y"]
     for i in range(K):
         want = numeric_jvp(numpy_op(r), inputs, {last: tangents[last][i]})["y"]
@@ -149,7 +206,8 @@ def test_jvp_matches_finite_differences(r):
 def test_vjp_dot_product(r):
     plan, inputs, rng = setup(r)
     out_shape = numpy_op(r)(inputs)["y"].shape
-    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in inputs.items()}
+    floats = float_inputs(r, inputs)
+    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in floats.items()}
     cotangents = {"y": rng.standard_normal((K,) + out_shape)}
 
     before = {**{n: x.copy() for n, x in inputs.items()},
@@ -161,15 +219,15 @@ def test_vjp_dot_product(r):
     for key, value in before.items():
         assert_array_equal(after[key], value, err_msg=f"{key} was modified")
 
-    assert set(jtc) == set(inputs)
-    for n, x in inputs.items():
+    assert set(jtc) == set(floats)
+    for n, x in floats.items():
         assert jtc[n].shape == (K,) + x.shape, n
     assert_allclose(dot(cotangents, jt, batched=True), dot(jtc, tangents, batched=True),
                     rtol=1e-10, atol=1e-12)
     single = plan.vjp(inputs, {"y": cotangents["y"][0]}).cotangents
-    for n in inputs:
+    for n in floats:
         assert_allclose(single[n], jtc[n][0], rtol=1e-12, atol=1e-14, err_msg=f"unbatched {n}")
-    last = r.names[-1]
+    last = r.floats[-1]
     only = plan.vjp(inputs, cotangents, wrt=[last]).cotangents
     assert set(only) == {last}
     assert_allclose(only[last], jtc[last], rtol=1e-12, atol=1e-14, err_msg=f"wrt=[{last}]")
@@ -184,12 +242,12 @@ def test_forward_and_reverse_jacobians_agree(r):
     reverse = plan.jacobian(inputs, mode="reverse")
 
     assert (forward.mode, reverse.mode) == ("forward", "reverse")
-    assert set(forward.jacobian) == set(reverse.jacobian) == {("y", n) for n in inputs}
-    for n, x in inputs.items():
+    assert set(forward.jacobian) == set(reverse.jacobian) == {("y", n) for n in r.floats}
+    for n, x in float_inputs(r, inputs).items():
         assert forward.jacobian["y", n].shape == out_shape + x.shape, n
         assert_allclose(forward.jacobian["y", n], reverse.jacobian["y", n],
                         rtol=1e-10, atol=1e-12, err_msg=n)
-    first = r.names[0]
+    first = r.floats[0]
     for mode in ("forward", "reverse"):
         only = plan.jacobian(inputs, wrt=[first], of=["y"], mode=mode).jacobian
         assert set(only) == {("y", first)}
@@ -197,14 +255,14 @@ def test_forward_and_reverse_jacobians_agree(r):
                         err_msg=f"{mode}, wrt=[{first}]")
 
 
-@table()
+@table(TABLE)
 def test_evaluate_matches_numpy(r):
     plan, inputs, _ = setup(r)
 
     got = plan.evaluate(inputs)["y"]
 
     want = numpy_op(r)(inputs)["y"]
-    assert got.dtype == np.float64
+    assert got.dtype == (np.float64 if r.differentiable else np.bool_)
     assert got.shape == want.shape
     assert_allclose(got, want, rtol=1e-12, atol=1e-14)
 
@@ -235,7 +293,7 @@ def strided_readonly(x):
 @table()
 def test_strided_readonly_arguments(r):
     plan, inputs, rng = setup(r)
-    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in inputs.items()}
+    tangents = {n: rng.standard_normal((K,) + x.shape) for n, x in float_inputs(r, inputs).items()}
     cotangents = {"y": rng.standard_normal((K,) + plan.evaluate(inputs)["y"].shape)}
     views = {n: strided_readonly(x) for n, x in inputs.items()}
     t_views = {n: strided_readonly(t) for n, t in tangents.items()}
@@ -318,22 +376,22 @@ def test_fan_out(nodes):
 # --- float32 in, float32 out ------------------------------------------------------------
 
 
-@table()
+@table([r for r in DIFFERENTIABLE if r.op != "cast"])  # cast fixes its dtype: test_cast_*
 def test_float32_stays_float32(r):
     plan, inputs, rng = setup(r, "float32")
     value = plan.evaluate(inputs)["y"]
     tangents = {n: rng.standard_normal((2,) + x.shape).astype(np.float32)
-                for n, x in inputs.items()}
+                for n, x in float_inputs(r, inputs).items()}
     cotangents = {"y": rng.standard_normal((2,) + value.shape).astype(np.float32)}
 
     assert value.dtype == np.float32
-    want = reference(r.op, [inputs[n].astype(np.float64) for n in r.names], r.attrs)
+    wide = {n: x.astype(np.float64) if n in r.floats else x for n, x in inputs.items()}
+    want = reference(r.op, [wide[n] for n in r.names], r.attrs)
     assert_allclose(value, want, rtol=1e-4, atol=1e-5)
     assert plan.jvp(inputs, tangents).tangents["y"].dtype == np.float32
     for n, g in plan.vjp(inputs, cotangents).cotangents.items():
         assert g.dtype == np.float32, n
     plan64 = setup(r)[0]
-    wide = {n: x.astype(np.float64) for n, x in inputs.items()}
     for mode in ("forward", "reverse"):
         want = plan64.jacobian(wide, mode=mode).jacobian
         for key, block in plan.jacobian(inputs, mode=mode).jacobian.items():

@@ -1,0 +1,278 @@
+"""Sliding windows over N-d NCHW tensors: the kernels of conv, max_pool and avg_pool.
+
+Layout as ONNX and PyTorch: a tensor is (N, C, *spatial); a conv weight is
+(O, C / groups, *kernel). A `Window` is the geometry: kernel, strides, pads
+(begin values for each spatial axis, then end values, ONNX order) and dilations.
+
+Convolution gathers every window of the padded input once into a contiguous
+(windows, C / groups * prod(kernel)) matrix (im2col, one copy of a strided
+view) and multiplies it by the weights: one BLAS product per group, with the
+seed directions folded into the batch (input directions) or into the weight
+rows (weight directions). Its input cotangent scatters back with one strided
+add per kernel offset (col2im). Pooling walks the kernel offsets, each a
+strided view of the padded input; no Python loop runs over pixels.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import NamedTuple
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+class Window(NamedTuple):
+    kernel: tuple
+    strides: tuple
+    pads: tuple  # begin values per spatial axis, then end values
+    dilations: tuple
+
+    @property
+    def begin(self):
+        return self.pads[:len(self.kernel)]
+
+    @property
+    def end(self):
+        return self.pads[len(self.kernel):]
+
+    def extents(self):
+        """The span of each dilated kernel axis."""
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilations))
+
+    def padded(self, spatial):
+        return tuple(s + b + e for s, b, e in zip(spatial, self.begin, self.end))
+
+    def out(self, spatial):
+        """Output spatial sizes (None where the input's is unknown). A kernel that does
+        not fit gives a size below 1: shape rules check."""
+        return tuple(None if s is None else (s + b + e - x) // st + 1
+                     for s, b, e, x, st in zip(spatial, self.begin, self.end, self.extents(),
+                                               self.strides))
+
+    def overlapping(self):
+        """Whether one input element can fall in two windows."""
+        return any(s < e for s, e in zip(self.strides, self.extents()))
+
+
+def pad(x, w: Window, value=0):
+    """x with its last len(kernel) axes padded by `value`."""
+    if not any(w.pads):
+        return x
+    lead = [(0, 0)] * (x.ndim - len(w.kernel))
+    return np.pad(x, lead + list(zip(w.begin, w.end)), constant_values=value)
+
+
+def unpad(xp, w: Window, spatial):
+    """The inverse of `pad`: a view of the unpadded region."""
+    if not any(w.pads):
+        return xp
+    index = tuple(slice(b, b + s) for b, s in zip(w.begin, spatial))
+    return xp[(Ellipsis,) + index]
+
+
+def _offsets(w: Window, out):
+    """(kernel offset, index of the padded spatial axes it reads for every window)."""
+    for offset in np.ndindex(*w.kernel):
+        yield offset, tuple(
+            slice(o * d, o * d + s * (p - 1) + 1, s) if p else slice(0, 0)
+            for o, d, s, p in zip(offset, w.dilations, w.strides, out))
+
+
+def _columns(xp, w: Window, out):
+    """The windows of padded xp (B, C, *Sp) as a read-only view (B, *out, C, *kernel)."""
+    st = xp.strides
+    d = len(w.kernel)
+    shape = xp.shape[:1] + out + xp.shape[1:2] + w.kernel
+    strides = (st[:1] + tuple(st[2 + i] * w.strides[i] for i in range(d)) + st[1:2]
+               + tuple(st[2 + i] * w.dilations[i] for i in range(d)))
+    return as_strided(xp, shape, strides, writeable=False)
+
+
+def _channels(view, d, start, stop):
+    """The channels start:stop of a window view (B, *out, C, *kernel)."""
+    return view[(slice(None),) * (1 + d) + (slice(start, stop),)]
+
+
+# --- convolution -----------------------------------------------------------------------
+
+def conv(x, w, strides, pads, dilations, groups):
+    """x (B, C, *S), w (k, O, C / groups, *kernel) -> (k, B, O, *out): k weight stacks
+    applied to one gathered input (k = 1 for a plain convolution)."""
+    k, n_out, cg = w.shape[:3]
+    win = Window(w.shape[3:], strides, pads, dilations)
+    d, b = len(win.kernel), x.shape[0]
+    out = win.out(x.shape[2:])
+    p, kp, og = prod(out), prod(win.kernel), n_out // groups
+    view = _columns(pad(x, win), win, out)
+    res = np.empty((k, b, n_out, p), np.result_type(x, w))
+    for gi in range(groups):
+        cols = _channels(view, d, gi * cg, (gi + 1) * cg).reshape(b * p, cg * kp)
+        wg = w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp)
+        r = cols @ wg.T
+        res[:, :, gi * og:(gi + 1) * og] = r.reshape(b, p, k, og).transpose(2, 0, 3, 1)
+    return res.reshape((k, b, n_out) + out)
+
+
+def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
+    """The transpose of conv in x: g (B, O, *out), w (O, C / groups, *kernel) -> (B, C, *S)."""
+    b, n_out = g.shape[:2]
+    out = g.shape[2:]
+    cg = w.shape[1]
+    win = Window(w.shape[2:], strides, pads, dilations)
+    p, kp, og = prod(out), prod(win.kernel), n_out // groups
+    dxp = np.zeros((b, cg * groups) + win.padded(spatial), g.dtype)
+    g3 = g.reshape(b, n_out, p)
+    for gi in range(groups):
+        gg = g3[:, gi * og:(gi + 1) * og].transpose(0, 2, 1).reshape(b * p, og)
+        cols = (gg @ w[gi * og:(gi + 1) * og].reshape(og, cg * kp)).reshape(
+            (b,) + out + (cg,) + win.kernel)
+        target = dxp[:, gi * cg:(gi + 1) * cg]
+        for offset, index in _offsets(win, out):
+            dst = target[(slice(None), slice(None)) + index]
+            dst += np.moveaxis(cols[(Ellipsis,) + offset], -1, 1)
+    return unpad(dxp, win, spatial)
+
+
+def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
+    """The transpose of conv in w: g (k, N, O, *out), x (N, C, *S) -> (k, O, C / groups,
+    *kernel)."""
+    k, n, n_out = g.shape[:3]
+    out = g.shape[3:]
+    win = Window(tuple(kernel), strides, pads, dilations)
+    d = len(kernel)
+    cg = x.shape[1] // groups
+    p, kp, og = prod(out), prod(win.kernel), n_out // groups
+    view = _columns(pad(x, win), win, out)
+    g4 = g.reshape(k, n, n_out, p)
+    dw = np.empty((k, n_out, cg * kp), np.result_type(g, x))
+    for gi in range(groups):
+        cols = _channels(view, d, gi * cg, (gi + 1) * cg).reshape(n * p, cg * kp)
+        gg = g4[:, :, gi * og:(gi + 1) * og].transpose(0, 2, 1, 3).reshape(k * og, n * p)
+        dw[:, gi * og:(gi + 1) * og] = (gg @ cols).reshape(k, og, cg * kp)
+    return dw.reshape((k, n_out, cg) + win.kernel)
+
+
+def conv_scratch(x_shape, w_shape, strides, pads, dilations, groups) -> int:
+    """Elements conv allocates beyond its output, per direction: the gathered windows
+    of one group and the padded input (or its cotangent)."""
+    n, c = x_shape[:2]
+    win = Window(tuple(w_shape[2:]), strides, pads, dilations)
+    out = win.out(x_shape[2:])
+    return n * (prod(out) * (c // groups) * prod(win.kernel) + c * prod(win.padded(x_shape[2:])))
+
+
+# --- pooling -----------------------------------------------------------------------------
+# Pooling reads the last len(kernel) axes; any axes in front (N, C, and a direction
+# axis for seeds) are carried along.
+
+def max_pool(x, w: Window):
+    xp = pad(x, w, -np.inf)
+    out = w.out(x.shape[-len(w.kernel):])
+    res = None
+    for _, index in _offsets(w, out):
+        v = xp[(Ellipsis,) + index]
+        if res is None:
+            res = v.copy()
+        else:
+            np.maximum(res, v, out=res)
+    return res
+
+
+def argmax_positions(x, ans, w: Window):
+    """For each output element, the flat position, in x padded (all axes), of the first
+    element of its window (row-major window order) that equals the maximum."""
+    d = len(w.kernel)
+    spatial = x.shape[-d:]
+    sp = w.padded(spatial)
+    out = ans.shape[-d:]
+    xp = pad(x, w, -np.inf)
+    plane = np.array([prod(sp[i + 1:]) for i in range(d)], np.intp)
+    found = np.zeros(ans.shape, bool)
+    where = np.zeros(ans.shape, np.intp)
+    for offset, index in _offsets(w, out):
+        hit = xp[(Ellipsis,) + index] == ans
+        hit &= ~found
+        np.copyto(where, int(np.dot(np.multiply(offset, w.dilations), plane)), where=hit)
+        found |= hit
+    base = np.zeros(out, np.intp)
+    for i in range(d):
+        shape = [1] * d
+        shape[i] = out[i]
+        base = base + (np.arange(out[i], dtype=np.intp) * (w.strides[i] * plane[i])).reshape(shape)
+    lead = np.arange(prod(x.shape[:-d]), dtype=np.intp).reshape(x.shape[:-d] + (1,) * d)
+    return where + base + lead * prod(sp)
+
+
+def max_pool_jvp(t, x, ans, w: Window):
+    """t (k, *x.shape) -> (k, *ans.shape): the tangent of each window's first maximum."""
+    k = t.shape[0]
+    flat = argmax_positions(x, ans, w)
+    tp = pad(t, w, 0).reshape(k, -1)
+    return tp[:, flat.ravel()].reshape((k,) + ans.shape)
+
+
+def max_pool_vjp(g, x, ans, w: Window):
+    """g (k, *ans.shape) -> (k, *x.shape): each window's cotangent to its first maximum."""
+    k = g.shape[0]
+    d = len(w.kernel)
+    flat = argmax_positions(x, ans, w).ravel()
+    size = prod(x.shape[:-d]) * prod(w.padded(x.shape[-d:]))
+    gk = g.reshape(k, -1)
+    if w.overlapping():  # two windows may pick the same element: sum them
+        ids = (np.arange(k, dtype=np.intp)[:, None] * size + flat).ravel()
+        grad = np.bincount(ids, gk.ravel(), k * size).astype(g.dtype, copy=False)
+    else:
+        grad = np.zeros((k, size), g.dtype)
+        grad[:, flat] = gk
+    grad = grad.reshape((k,) + x.shape[:-d] + w.padded(x.shape[-d:]))
+    return unpad(grad, w, x.shape[-d:])
+
+
+def max_pool_scratch(x_shape, w: Window) -> int:
+    """The padded input (or its cotangent) and each window's position of its maximum."""
+    d = len(w.kernel)
+    lead = prod(x_shape[:-d])
+    return lead * (prod(w.padded(x_shape[-d:])) + 2 * prod(w.out(x_shape[-d:])))
+
+
+def _divisor(spatial, w: Window, out, count_include_pad, dtype):
+    """What each window's sum is divided by: the kernel size, or the number of
+    non-padding elements in the window."""
+    if count_include_pad or not any(w.pads):
+        return dtype.type(prod(w.kernel))
+    ones = pad(np.ones(spatial, dtype), w, 0)
+    count = None
+    for _, index in _offsets(w, out):
+        count = ones[index].copy() if count is None else count + ones[index]
+    return np.maximum(count, 1)
+
+
+def avg_pool(x, w: Window, count_include_pad):
+    d = len(w.kernel)
+    spatial = x.shape[-d:]
+    out = w.out(spatial)
+    xp = pad(x, w, 0)
+    res = None
+    for _, index in _offsets(w, out):
+        v = xp[(Ellipsis,) + index]
+        res = v.copy() if res is None else np.add(res, v, out=res)
+    res /= _divisor(spatial, w, out, count_include_pad, res.dtype)
+    return res
+
+
+def avg_pool_vjp(g, spatial, w: Window, count_include_pad):
+    """g (..., *out) -> (..., *spatial): each window's share back to its elements."""
+    d = len(w.kernel)
+    out = g.shape[-d:]
+    share = g / _divisor(spatial, w, out, count_include_pad, g.dtype)
+    grad = np.zeros(g.shape[:-d] + w.padded(spatial), g.dtype)
+    for _, index in _offsets(w, out):
+        dst = grad[(Ellipsis,) + index]
+        dst += share
+    return unpad(grad, w, spatial)
+
+
+def avg_pool_scratch(x_shape, w: Window) -> int:
+    d = len(w.kernel)
+    return prod(x_shape[:-d]) * prod(w.padded(x_shape[-d:]))
