@@ -23,6 +23,7 @@ COPY README.md ./
 COPY engine/ engine/
 COPY server/ server/
 COPY client/ client/
+COPY cli/ cli/
 COPY proto/ proto/
 RUN python3 -m pip wheel --no-deps --wheel-dir /wheels .
 

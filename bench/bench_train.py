@@ -25,13 +25,11 @@ from __future__ import annotations
 import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
 import contextlib
-import socket
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-import grpc
 import numpy as np
 
 from _timing import (environment_lines, load_torch, parse_args, print_table, ratio_line,
@@ -44,9 +42,11 @@ from gradserve.client.models import LOSS, ModelSpec
 from gradserve.client.training import Trainer, TrainConfig
 from gradserve.server.app import create_server
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
+
 TARGET = 0.5
 EPOCHS_PER_ROUND = 2
-SERVER_COMMAND = [sys.executable, "-m", "gradserve.server.cli", "serve"]
 
 
 def fmt_rate(steps_per_second: float) -> str:
@@ -58,18 +58,8 @@ def fmt_rate(steps_per_second: float) -> str:
 @contextlib.contextmanager
 def server_process():
     """A `gradserve serve` subprocess on a free loopback port; yields its address."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen([*SERVER_COMMAND, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            grpc.channel_ready_future(channel).result(timeout=60)
-        yield f"127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
+    with ServerProcess("--port", "0") as process:
+        yield process.wait_serving(timeout=60)
 
 
 # --- the two training loops -----------------------------------------------------------------

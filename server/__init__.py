@@ -1,1 +1,2 @@
-"""gradserve.server: the gRPC service around the engine, and the `gradserve` command."""
+"""gradserve.server: a library serving the engine over gRPC (`create_server`); the
+`gradserve` command that runs it is gradserve.cli."""

@@ -1,10 +1,9 @@
-"""Building and running the gRPC server: service, health, reflection, shutdown."""
+"""Building the gRPC server: service, health, reflection, start and graceful stop.
+
+The `gradserve serve` command (gradserve.cli.serve) runs one until a signal."""
 
 from __future__ import annotations
 
-import logging
-import signal
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ from .calls import method_handler
 from .limits import Limits
 from .servicer import GradientServicer
 
-log = logging.getLogger("gradserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 
 
@@ -120,22 +118,3 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
         raise OSError(f"could not bind {address}")
     return Server(server, port, health_servicer, servicer)
 
-
-def serve(host: str, port: int, limits: Limits, max_workers: int, reflection_enabled: bool,
-          grace: float, auth_token: str | None = None, tls: TLSConfig | None = None,
-          metrics_port: int | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then shut down cleanly; returns the exit code."""
-    server = create_server(f"{host}:{port}", limits, max_workers, reflection_enabled,
-                           auth_token, tls)
-    server.start(None if metrics_port is None else (host, metrics_port))
-    if server.metrics_port is not None:
-        log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
-    log.warning("gradserve listening on %s:%d%s%s", host, server.port,
-                " (TLS)" if tls else "", " (token required)" if auth_token else "")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    log.warning("shutting down: health NOT_SERVING, finishing calls in flight (up to %gs)", grace)
-    server.stop(grace)
-    return 0

@@ -32,7 +32,7 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import to_tensor
 
-from test_cli import Serve
+from server_process import ServerProcess
 
 TOKEN = "s3cret-t0ken"
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -59,7 +59,7 @@ def check_seed(client: Client):
     assert abs(r.jacobian["o", "y"].item() - -8.7423e-08) < 1e-11
 
 
-def stderr_says(server: Serve, text: str, timeout: float = 10.0) -> bool:
+def stderr_says(server: ServerProcess, text: str, timeout: float = 10.0) -> bool:
     """Whether the server's stderr (read by a thread, so maybe late) comes to contain `text`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -202,7 +202,8 @@ def test_many_refusals_then_still_answering(token_server):
 def test_cli_auth_token_file(tmp_path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")  # surrounding whitespace is not part of the token
-    with Serve("--port", "0", "--auth-token-file", str(token_file), "--grace", "1") as server:
+    with ServerProcess("--port", "0", "--auth-token-file", str(token_file),
+                       "--grace", "1") as server:
         host, port = server.address()
         assert "token required" in "".join(server.stderr)
         address = f"{host}:{port}"
@@ -221,7 +222,7 @@ def test_cli_auth_token_file(tmp_path):
 def test_cli_refuses_an_empty_token_file(tmp_path):
     empty = tmp_path / "empty"
     empty.write_text("  \n")
-    with Serve("--port", "0", "--auth-token-file", str(empty)) as server:
+    with ServerProcess("--port", "0", "--auth-token-file", str(empty)) as server:
         try:
             code = server.proc.wait(30)
         except subprocess.TimeoutExpired:
@@ -394,9 +395,9 @@ def test_tls_and_token_together(pki):
 
 
 def test_cli_tls_and_mutual_tls(pki):
-    with Serve("--port", "0", "--grace", "1", "--tls-cert", str(pki / "server.pem"),
-               "--tls-key", str(pki / "server.key"), "--tls-client-ca",
-               str(pki / "ca.pem")) as server:
+    with ServerProcess("--port", "0", "--grace", "1", "--tls-cert", str(pki / "server.pem"),
+                       "--tls-key", str(pki / "server.key"), "--tls-client-ca",
+                       str(pki / "ca.pem")) as server:
         host, port = server.address()
         assert "(TLS)" in "".join(server.stderr)
         address = f"{host}:{port}"
@@ -414,7 +415,7 @@ def test_cli_tls_and_mutual_tls(pki):
     (["--tls-client-ca", "ca.pem"], "needs --tls-cert"),
 ])
 def test_cli_refuses_incomplete_tls_flags(args, says):
-    with Serve("--port", "0", *args) as server:
+    with ServerProcess("--port", "0", *args) as server:
         try:
             code = server.proc.wait(30)
         except subprocess.TimeoutExpired:

@@ -4,88 +4,24 @@ health, --help, and a clean exit on SIGTERM.
 
 from __future__ import annotations
 
-import os
-import queue
 import re
-import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
+from importlib.metadata import entry_points
 
 import grpc
 import numpy as np
 import pytest
 
 from gradserve.client import Client
+from server_process import COMMAND, ServerProcess, clean_env, free_port
 
-CLI = [sys.executable, "-m", "gradserve.server.cli"]
 PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
-LISTENING = re.compile(r"gradserve listening on ([^\s:]+):(\d+)")
-
-
-def clean_env(**extra):
-    """This environment without GRADSERVE_* variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSERVE_")}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def run(*args, env=None, timeout=60):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(COMMAND + list(args), capture_output=True, text=True, timeout=timeout,
                           env=env or clean_env(), stdin=subprocess.DEVNULL)
-
-
-class Serve:
-    """`gradserve serve ...` in a subprocess; its stderr is read by a thread."""
-
-    def __init__(self, *args, env=None):
-        self.proc = subprocess.Popen(CLI + ["serve", *args], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     text=True, env=env or clean_env())
-        self.lines: queue.Queue = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
-
-    def address(self, timeout=20.0) -> tuple[str, int]:
-        """HOST and PORT from the "gradserve listening on HOST:PORT" log line."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            match = LISTENING.search(line)
-            if match:
-                return match.group(1), int(match.group(2))
-        raise AssertionError(f"no 'listening' line; stderr: {''.join(self.stderr)}")
-
-    def terminate(self, timeout) -> int:
-        """SIGTERM, then the exit code (TimeoutExpired if the process is still running)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def figure(name, text):
@@ -120,7 +56,7 @@ def test_demo_with_an_in_process_server():
 
 
 def test_serve_on_port_0_then_health_demo_and_sigterm():
-    with Serve("--port", "0", "--grace", "2") as server:
+    with ServerProcess("--port", "0", "--grace", "2") as server:
         host, port = server.address()
         assert host == "127.0.0.1" and port > 0
         address = f"{host}:{port}"
@@ -149,7 +85,7 @@ def test_serve_on_port_0_then_health_demo_and_sigterm():
 def test_gradserve_port_and_limit_variables_are_honoured():
     port = free_port()
     env = clean_env(GRADSERVE_PORT=port, GRADSERVE_MAX_NODES=77)
-    with Serve(env=env) as server:
+    with ServerProcess(env=env) as server:
         assert server.address()[1] == port
         health = run("health", env=env)  # health's default server follows GRADSERVE_PORT too
         assert health.returncode == 0, health.stderr
@@ -160,13 +96,18 @@ def test_gradserve_port_and_limit_variables_are_honoured():
 
 def test_a_flag_wins_over_its_variable():
     taken = free_port()
-    with Serve("--port", "0", "--max-nodes", "5",
+    with ServerProcess("--port", "0", "--max-nodes", "5",
                env=clean_env(GRADSERVE_PORT=taken, GRADSERVE_MAX_NODES=77)) as server:
         host, port = server.address()
         assert port != taken
         with Client(f"{host}:{port}", timeout=10) as client:
             assert client.server_info().limits.max_nodes == 5
         assert server.terminate(timeout=15) == 0
+
+
+def test_the_console_script_is_gradserve_cli():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "gradserve"]
+    assert script.value == "gradserve.cli:main"
 
 
 @pytest.mark.parametrize("command", ["", "serve", "demo", "health"])
@@ -187,7 +128,7 @@ def test_serve_exits_on_sigterm_after_garbage_on_the_stream():
     """grpcio keeps a stream call whose message failed to parse in its state for good, so the
     event grpc.Server.stop(grace) returns is never set: the server must not wait on it
     forever (30 such streams hung `gradserve serve` in 5 of 5 runs when it did)."""
-    with Serve("--port", "0", "--grace", "0.5") as server:
+    with ServerProcess("--port", "0", "--grace", "0.5") as server:
         host, port = server.address()
         with grpc.insecure_channel(f"{host}:{port}") as channel:
             stream = channel.stream_stream("/gradserve.v1.GradientService/DifferentiateStream")

@@ -40,7 +40,7 @@ MAKE_BASE_IMAGE = REPO.parent / "shared" / "container" / "make-base-image.sh"
 IMAGE = "localhost/gradserve:test"
 REQUIRED = os.environ.get("GRADSERVE_REQUIRE_CONTAINER") == "1"
 # What the build context may hold (.dockerignore): the package and what its build reads.
-CONTEXT = {"pyproject.toml", "README.md", "engine", "server", "client", "proto"}
+CONTEXT = {"pyproject.toml", "README.md", "engine", "server", "client", "cli", "proto"}
 
 
 def _unavailable(reason: str):
@@ -200,7 +200,7 @@ def test_build_context_holds_only_what_the_image_needs(podman, tmp_path):
     finally:
         podman("rmi", "-f", tag, check=False)
     assert set(top) <= CONTEXT, f"unexpected in the build context: {sorted(set(top) - CONTEXT)}"
-    assert {"pyproject.toml", "README.md", "engine", "server", "client", "proto"} <= set(top)
+    assert CONTEXT <= set(top)
     assert not caches, caches
 
 

@@ -35,7 +35,7 @@ from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import from_tensor, to_tensor
 
-from test_cli import Serve
+from server_process import ServerProcess
 from test_service_errors import (EXHAUSTED, F32, INVALID, call, check_good_request, check_status,
                                  graph, inp, node, raw_tensor)
 
@@ -242,7 +242,7 @@ def test_node_count_bomb_is_refused_before_any_allocation():
     (~50 MiB here), far less than compiling those nodes would (~330 MiB), i.e. the engine
     never saw the graph."""
     data = chain_request_bytes(200_000)
-    with Serve("--port", "0", "--max-nodes", "1000") as server:
+    with ServerProcess("--port", "0", "--max-nodes", "1000") as server:
         host, port = server.address()
         with grpc.insecure_channel(f"{host}:{port}") as channel:
             check_good_request(pb_grpc.GradientServiceStub(channel))  # warm
@@ -265,7 +265,7 @@ def test_node_count_bomb_at_the_message_size_limit_is_refused_before_parsing():
     data = flat_request_bytes(2_500_000)
     size = len(data) / MiB
     assert size < Limits().max_message_bytes / MiB
-    with Serve("--port", "0") as server:
+    with ServerProcess("--port", "0") as server:
         host, port = server.address()
         with grpc.insecure_channel(f"{host}:{port}", options=[
                 ("grpc.max_send_message_length", 128 * MiB)]) as channel:
@@ -296,7 +296,7 @@ def test_graph_cache_memory_stays_within_max_cache_bytes():
     the wire bytes: six distinct 20,000-node chains (~0.6 MB each on the wire, ~24 MB
     compiled) under a 64 MiB cache may not grow the server's RSS by much more than 64 MiB,
     and a chain whose plan alone is over the cache is refused."""
-    with Serve("--port", "0", "--max-cache-bytes", str(64 * MiB)) as server:
+    with ServerProcess("--port", "0", "--max-cache-bytes", str(64 * MiB)) as server:
         host, port = server.address()
         with grpc.insecure_channel(f"{host}:{port}") as channel:
             register_raw(channel, chain_request_bytes(100, "warm"))

@@ -33,7 +33,7 @@ from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2, tensor_pb2
 from gradserve.v1.codec import to_tensor
 
-from test_cli import Serve
+from server_process import ServerProcess
 from test_hardening import status_mib
 
 CLIENTS = 64
@@ -235,7 +235,7 @@ def prepared_jobs(server) -> tuple[str, list]:
 
 
 def run_load(per_client: int):
-    with Serve("--port", "0", "--max-workers", "16") as server:
+    with ServerProcess("--port", "0", "--max-workers", "16") as server:
         address, jobs = prepared_jobs(server)
         warm = Tally()
         load(address, jobs, WARMUP_REQUESTS, warm)
@@ -281,7 +281,8 @@ def test_load_above_the_admission_limit():
     """--max-concurrent-rpcs 4 and 64 clients: valid requests get OK (the replies they get
     alone) or RESOURCE_EXHAUSTED, invalid ones their own error or RESOURCE_EXHAUSTED;
     both OK and RESOURCE_EXHAUSTED occur."""
-    with Serve("--port", "0", "--max-workers", "8", "--max-concurrent-rpcs", "4") as server:
+    with ServerProcess("--port", "0", "--max-workers", "8",
+                       "--max-concurrent-rpcs", "4") as server:
         address, jobs = prepared_jobs(server)
         tally = Tally()
         load(address, jobs, 30, tally, allowed_extra=("RESOURCE_EXHAUSTED",))

@@ -11,22 +11,21 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 
 import grpc
 import numpy as np
 import pytest
 from google.protobuf import json_format
 
+from gradserve import cli
 from gradserve.client import Client, GraphBuilder, load_graph
 from gradserve.client.render import format_array, trace_dot
-from gradserve.server import cli
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import to_tensor
+from server_process import COMMAND
 
-CLI = [sys.executable, "-m", "gradserve.server.cli"]
 EDGE = re.compile(r'^\s*"([^"]+)" -> "([^"]+)"(?: \[(.*)\])?;$', re.M)
 NODE = re.compile(r'^\s*"([^"]+)" \[(.*label=<(.*)>)\];$', re.M)
 
@@ -339,7 +338,7 @@ def test_cli_without_graphviz_still_writes_dot(tmp_path, seed):
     """PATH without `dot`: the DOT file is written and the message says to install Graphviz."""
     g, _ = seed
     path = g.save(tmp_path / "seed.json")
-    done = subprocess.run(CLI + ["graph", "show", str(path), "-o", str(tmp_path / "s.png")],
+    done = subprocess.run(COMMAND + ["graph", "show", str(path), "-o", str(tmp_path / "s.png")],
                           capture_output=True, text=True, timeout=60, env={"PATH": ""})
     assert done.returncode == 1
     assert "install Graphviz" in done.stderr and (tmp_path / "s.dot").exists()
@@ -351,8 +350,8 @@ def test_cli_png_with_an_in_process_server(tmp_path):
     path = tmp_path / "seed.py"
     path.write_text(SEED_PY)
     png = tmp_path / "seed.png"
-    done = subprocess.run(CLI + ["graph", "show", str(path), "--inputs", "x=pi,y=pi",
-                                 "-o", str(png)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(COMMAND + ["graph", "show", str(path), "--inputs", "x=pi,y=pi",
+                                     "-o", str(png)], capture_output=True, text=True, timeout=60)
     assert "adj=-6.283<" in (tmp_path / "seed.dot").read_text(encoding="utf-8")
     if shutil.which("dot") is None:
         assert done.returncode == 1 and "install Graphviz" in done.stderr

@@ -11,25 +11,21 @@ a replica that lacks the graph gets it again).
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
+from server_process import ServerProcess
 
 CALLS = 300
 WORKERS = 4
@@ -37,17 +33,13 @@ WORKERS = 4
 
 @dataclass
 class Replica:
-    proc: subprocess.Popen
-    port: int
+    process: ServerProcess
+    address: str
     metrics_port: int
-    log: Path
 
     @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
+    def proc(self) -> subprocess.Popen:
+        return self.process.proc
 
     def served(self) -> int:
         """Differentiate calls this replica answered with OK, from its own /metrics."""
@@ -61,66 +53,14 @@ class Replica:
                        and sample.labels.get("code") == "OK"))
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _wait_serving(replica: Replica, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(replica.address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if replica.proc.poll() is not None:
-                pytest.fail(f"replica on {replica.address} exited with {replica.proc.returncode}:"
-                            f"\n{replica.output()}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status == \
-                        health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    pytest.fail(f"replica on {replica.address} not SERVING after {timeout:g} s:\n"
-                f"{replica.output()}")
-
-
 @pytest.fixture
-def replicas(tmp_path):
+def replicas():
     """Three `gradserve serve` processes, each with its own gRPC and metrics port."""
-    ports = _free_ports(6)
-    env = {**os.environ, "GRADSERVE_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
-    env.pop("GRADSERVE_HOST", None)
-    started = []
-    try:
-        for i in range(3):
-            log = tmp_path / f"replica-{i}.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "gradserve.server.cli", "serve",
-                     "--host", "127.0.0.1", "--port", str(ports[i]),
-                     "--metrics-port", str(ports[3 + i]), "--grace", "1"],
-                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
-            started.append(Replica(proc, ports[i], ports[3 + i], log))
-        for replica in started:
-            _wait_serving(replica)
-        yield started
-    finally:
-        for replica in started:
-            if replica.proc.poll() is None:
-                replica.proc.send_signal(signal.SIGTERM)
-        for replica in started:
-            try:
-                replica.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                replica.proc.kill()
-                replica.proc.wait()
+    with contextlib.ExitStack() as stack:
+        processes = [stack.enter_context(ServerProcess(
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--grace", "1"))
+            for _ in range(3)]
+        yield [Replica(p, p.wait_serving(), p.metrics_port()) for p in processes]
 
 
 def _seed_graph() -> GraphBuilder:

@@ -25,7 +25,7 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import from_tensor, to_tensor
 
-from test_cli import Serve
+from server_process import ServerProcess
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 GRACE = 20.0  # seconds: far more than any call here needs
@@ -73,7 +73,7 @@ class Recorder:
 def test_sigterm_under_load():
     graph = slow_graph()
     x = np.linspace(0.0, 1.0, 1000)
-    with Serve("--port", "0", "--grace", str(GRACE), "--max-workers", "16") as server:
+    with ServerProcess("--port", "0", "--grace", str(GRACE), "--max-workers", "16") as server:
         host, port = server.address()
         address = f"{host}:{port}"
         rec = Recorder()
@@ -230,7 +230,7 @@ def test_sigterm_with_a_call_longer_than_the_grace():
     """A call that outlasts --grace is cut when the grace ends; the process still exits 0
     promptly and the client gets an error, not a hang."""
     graph = slow_graph(length=200_000, size=200)  # several seconds
-    with Serve("--port", "0", "--grace", "0.5") as server:
+    with ServerProcess("--port", "0", "--grace", "0.5") as server:
         host, port = server.address()
         with grpc.insecure_channel(f"{host}:{port}") as channel:
             stub = pb_grpc.GradientServiceStub(channel)

@@ -10,26 +10,24 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
+from gradserve import cli
 from gradserve.client.datasets import DatasetError, load_dataset, stratified_split
 from gradserve.client.gradients import DataParallelGradient, RemoteGradient, remote_gradient
 from gradserve.client.models import ModelSpec, one_hot
 from gradserve.client.training import CheckpointError, Trainer, TrainConfig, load_checkpoint
-from gradserve.server import cli
+from server_process import COMMAND, ServerProcess, free_port
 from test_models import reference_loss_and_grads
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SERVER_COMMAND = [sys.executable, "-m", "gradserve.server.cli", "serve"]
 
 pytest.importorskip("sklearn", reason="the digits data set needs the train extra")
 
@@ -162,17 +160,9 @@ def test_a_checkpoint_of_another_run_is_refused(address, digits, tmp_path):
 
 # --- fault tolerance ---------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server_process(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([*SERVER_COMMAND, "--port", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
+def start_server_process(port: int) -> ServerProcess:
+    process = ServerProcess("--port", port)
+    process.wait_serving()
     return process
 
 
@@ -207,7 +197,6 @@ def test_killed_server_costs_retries_never_a_step(address, digits, stream):
     try:
         assert reached.wait(60), "training never reached the kill step"
         server.kill()
-        server.wait()
         killed_at = time.monotonic()
         killed.set()
         time.sleep(0.5)  # down for a while: the worker retries
@@ -216,7 +205,6 @@ def test_killed_server_costs_retries_never_a_step(address, digits, stream):
     finally:
         killed.set()
         server.kill()
-        server.wait()
     assert "error" not in outcome, outcome.get("error")
     assert applied == list(range(1, fault_free.step + 1))  # each step once, in order
     assert step_times[kill_at + 1] - killed_at >= 0.4  # it waited for the new server
@@ -275,7 +263,7 @@ def test_data_parallel_training_goes_on_without_a_dead_server(address, start_ser
 
 def test_train_command_prints_json_and_writes_a_png(tmp_path):
     plot, checkpoint = tmp_path / "loss.png", tmp_path / "run.ckpt"
-    command = [sys.executable, "-m", "gradserve.server.cli", "train", "--model", "logreg",
+    command = [*COMMAND, "train", "--model", "logreg",
                "--epochs", "2", "--momentum", "0.9", "--json", "--plot", str(plot),
                "--checkpoint", str(checkpoint)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -13,9 +13,6 @@ Without input values the picture is the structure. With them (`--inputs`,
 `--inputs-file`) the server traces the computation: reverse mode (the default)
 from a cotangent of ones on each output (or on `--of`), forward mode from a
 tangent of ones on each `--wrt` input.
-
-The server side (starting an in-process server when no --server is given)
-lives in gradserve.server.cli; this module only talks to the address it is given.
 """
 
 from __future__ import annotations
@@ -34,9 +31,10 @@ import numpy as np
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import DTYPES
 
-from .builder import GraphBuilder, load_graph
-from .client import Client
-from .render import graph_dot
+from gradserve.client import Client, GraphBuilder, load_graph
+from gradserve.client.render import graph_dot
+
+from .in_process import server_address
 
 DOT_SUFFIXES = (".dot", ".gv")
 RENDERED_SUFFIXES = (".svg", ".png", ".pdf")
@@ -82,10 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="layout direction of the data flow (default: %(default)s, left to right)")
 
 
-def main(args: argparse.Namespace, server_address) -> int:
-    """`server_address()` is a context manager yielding the address to talk to."""
+def run(args: argparse.Namespace) -> int:
     try:
-        return _show(args, server_address)
+        return _show(args)
     except (UsageError, OSError) as err:
         print(f"gradserve graph show: error: {err}", file=sys.stderr)
         return 2
@@ -95,7 +92,7 @@ def main(args: argparse.Namespace, server_address) -> int:
         return 1
 
 
-def _show(args, server_address) -> int:
+def _show(args) -> int:
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in DOT_SUFFIXES + RENDERED_SUFFIXES:
         raise UsageError(f"--output {output}: use a name ending in "
@@ -108,7 +105,7 @@ def _show(args, server_address) -> int:
         text = graph_dot(graph, rankdir=args.rankdir)
     else:
         inputs = input_values(graph, args.inputs or [], args.inputs_file)
-        with server_address() as address, Client(address) as client:
+        with server_address(args.server) as address, Client(address) as client:
             text = _traced_dot(client, graph, inputs, args)
     return _write(text, output)
 

@@ -1,9 +1,6 @@
-"""`gradserve train`: flags, progress bar, summary, JSON and plot around the SGD worker.
-
-The server side of the command (starting an in-process server when no
---server is given) lives in gradserve.server.cli; this module only talks to
-the addresses it is given.
-"""
+"""`gradserve train`: flags, progress bar, summary, JSON and plot around the SGD worker
+(gradserve.client's Trainer and remote_gradient), against the --server addresses or
+an in-process server."""
 
 from __future__ import annotations
 
@@ -15,11 +12,13 @@ from dataclasses import asdict
 
 import grpc
 
-from .datasets import DatasetError, load_dataset
-from .extras import MissingExtra, import_optional
-from .gradients import DEFAULT_RETRIES, remote_gradient
-from .models import ACTIVATIONS, ModelSpec
-from .training import CheckpointError, Trainer, TrainConfig, save_checkpoint
+from gradserve.client.datasets import DatasetError, load_dataset
+from gradserve.client.extras import MissingExtra, import_optional
+from gradserve.client.gradients import DEFAULT_RETRIES, remote_gradient
+from gradserve.client.models import ACTIVATIONS, ModelSpec
+from gradserve.client.training import CheckpointError, Trainer, TrainConfig, save_checkpoint
+
+from .in_process import server_address
 
 DEFAULT_HIDDEN = [64]
 UNAVAILABLE_HINT = ("\nIs a gradserve server running there (gradserve serve --port PORT)? Leave "
@@ -69,7 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no progress bar; print the summary as one JSON object on the last line of stdout")
 
 
-def main(args: argparse.Namespace, addresses: list[str], in_process: bool = False) -> int:
+def run(args: argparse.Namespace) -> int:
+    if args.server:
+        return _run(args, args.server)
+    with server_address(None) as address:
+        return _run(args, [address], in_process=True)
+
+
+def _run(args: argparse.Namespace, addresses: list[str], in_process: bool = False) -> int:
     try:
         return _train(args, addresses, in_process)
     except (UsageError, DatasetError, CheckpointError, MissingExtra) as err:

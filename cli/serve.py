@@ -1,0 +1,92 @@
+"""`gradserve serve`: flags (each also GRADSERVE_<FLAG>), then serve until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from dataclasses import fields
+
+from gradserve.server.app import TLSConfig, create_server
+from gradserve.server.auth import read_token
+from gradserve.server.limits import Limits
+
+DEFAULT_PORT = 50051
+DEFAULT_GRACE = 10.0
+# The server's own messages keep the library's logger name, as before the command moved.
+log = logging.getLogger("gradserve.server")
+
+
+def env(name: str, default):
+    """GRADSERVE_<NAME> from the environment, or `default`."""
+    return os.environ.get("GRADSERVE_" + name, default)
+
+
+def add_arguments(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--host", default=env("HOST", "127.0.0.1"),
+                       help="address to bind; 0.0.0.0 for all interfaces, e.g. in a container "
+                            "(default: %(default)s)")
+    serve.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
+                       help="port to bind, 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--max-workers", type=int, default=int(env("MAX_WORKERS", 16)),
+                       help="threads serving calls (default: %(default)s)")
+    serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE)),
+                       help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
+    serve.add_argument("--no-reflection", action="store_true",
+                       default=env("NO_REFLECTION", "") not in ("", "0"),
+                       help="turn off gRPC server reflection")
+    serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                            "(default: off; 0 picks a free port)")
+    serve.add_argument("--auth-token-file", default=env("AUTH_TOKEN_FILE", None),
+                       metavar="PATH", help="require 'authorization: Bearer <token>' on every "
+                       "call but health checks; the token is the file's content")
+    serve.add_argument("--tls-cert", default=env("TLS_CERT", None), metavar="PEM",
+                       help="serve TLS with this certificate chain (needs --tls-key)")
+    serve.add_argument("--tls-key", default=env("TLS_KEY", None), metavar="PEM",
+                       help="the certificate's private key")
+    serve.add_argument("--tls-client-ca", default=env("TLS_CLIENT_CA", None), metavar="PEM",
+                       help="mutual TLS: clients must present a certificate signed by this CA")
+    serve.add_argument("--log-level", default=env("LOG_LEVEL", "warning"),
+                       choices=["debug", "info", "warning", "error"],
+                       help="log level; info adds one JSON line per request with method, "
+                            "graph_id, mode, status code and milliseconds "
+                            "(default: %(default)s)")
+    defaults = Limits()
+    for f in fields(Limits):
+        serve.add_argument("--" + f.name.replace("_", "-"), type=int, default=None,
+                           help=f"default {getattr(defaults, f.name):,}, or GRADSERVE_{f.name.upper()}")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("gradserve serve: --tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SystemExit("gradserve serve: --tls-client-ca needs --tls-cert and --tls-key")
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    server = create_server(f"{args.host}:{args.port}", Limits.from_env(**overrides),
+                           args.max_workers, not args.no_reflection, token, tls)
+    return serve_until_signal(server, args.host, args.metrics_port, args.grace,
+                              tls is not None, token is not None)
+
+
+def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
+                       tls: bool, token: bool) -> int:
+    """Start `server`, run until SIGTERM or SIGINT, then shut down cleanly; the exit code."""
+    server.start(None if metrics_port is None else (host, metrics_port))
+    if server.metrics_port is not None:
+        log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
+    log.warning("gradserve listening on %s:%d%s%s", host, server.port,
+                " (TLS)" if tls else "", " (token required)" if token else "")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.warning("shutting down: health NOT_SERVING, finishing calls in flight (up to %gs)", grace)
+    server.stop(grace)
+    return 0
