@@ -4,7 +4,7 @@ W. J. Cody, "Rational Chebyshev approximations for the error function", Math.
 Comp. 23 (1969), as in his SPECFUN routine CALERF: three rational
 approximations, on |x| <= 0.5 (of erf), 0.5 < |x| <= 4 and |x| > 4 (of
 erfc, times exp(-x^2)). Within 2 ulp of math.erf in float64
-(tests/test_ops_nn.py checks it on a dense grid).
+(tests/test_ops_edges.py checks it on a dense grid).
 """
 
 from __future__ import annotations

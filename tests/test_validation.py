@@ -30,6 +30,85 @@ FLOAT_ONLY_UNARY = ["sin", "cos", "tan", "exp", "log", "sqrt", "reciprocal", "ta
                     "softplus", "log1p", "mean", "softmax", "log_softmax", "logsumexp"]
 FLOAT_ONLY_BINARY = ["div", "pow"]
 
+IMG, KER = on((2, 4, 5, 5), (6, 2, 3, 3))  # conv input and weight (groups=2)
+
+
+def conv(**attrs):
+    return graph(Node("h", "conv", ["a", "b"], attrs), inputs=(IMG, KER))
+
+
+def pool(op, shape=(2, 4, 5, 5), **attrs):
+    return graph(Node("h", op, ["a"], attrs), inputs=on(shape))
+
+
+INDICES = Input("i", "int64", (3,))
+FLAG = Input("f", "bool", (2, 3))
+
+# The ops that came with real models: each bad attribute names its field.
+NEW_OP_ERRORS = [
+    ("conv-strides-length", conv(strides=[1]), ShapeError, "h", "attrs.strides"),
+    ("conv-strides-zero", conv(strides=[1, 0]), ShapeError, "h", "attrs.strides"),
+    ("conv-pads-length", conv(pads=[1, 1]), ShapeError, "h", "attrs.pads"),
+    ("conv-pads-negative", conv(pads=[0, 0, -1, 0]), ShapeError, "h", "attrs.pads"),
+    ("conv-dilations-zero", conv(dilations=[0, 1]), ShapeError, "h", "attrs.dilations"),
+    ("conv-groups-zero", conv(groups=0), ShapeError, "h", "attrs.groups"),
+    ("conv-groups-channels", conv(groups=1), ShapeError, "h", "inputs[1]"),
+    ("conv-groups-outputs", graph(Node("h", "conv", ["a", "b"], {"groups": 4}),
+                                  inputs=on((1, 4, 5, 5), (6, 1, 3, 3))),
+     ShapeError, "h", "attrs.groups"),
+    ("conv-strides-type", conv(strides=[1.5, 1]), GraphError, "h", "attrs.strides"),
+    ("conv-weight-rank", graph(Node("h", "conv", ["a", "b"]), inputs=on((1, 2, 5, 5), (3, 2, 3))),
+     ShapeError, "h", "inputs[1]"),
+    ("conv-input-rank", graph(Node("h", "conv", ["a", "b"]), inputs=on((2, 5), (3, 2, 3))),
+     ShapeError, "h", "inputs[0]"),
+    ("conv-kernel-too-big", conv(dilations=[3, 1]), ShapeError, "h", None),
+    ("max_pool-missing-kernel", pool("max_pool"), GraphError, "h", "attrs.kernel_shape"),
+    ("max_pool-kernel-length", pool("max_pool", kernel_shape=[2]),
+     ShapeError, "h", "attrs.kernel_shape"),
+    ("max_pool-kernel-zero", pool("max_pool", kernel_shape=[2, 0]),
+     ShapeError, "h", "attrs.kernel_shape"),
+    ("max_pool-pads-not-below-kernel", pool("max_pool", kernel_shape=[2, 2], pads=[0, 2, 0, 0]),
+     ShapeError, "h", "attrs.pads"),
+    ("avg_pool-strides-zero", pool("avg_pool", kernel_shape=[2, 2], strides=[0, 1]),
+     ShapeError, "h", "attrs.strides"),
+    ("avg_pool-count-include-pad-int", pool("avg_pool", kernel_shape=[2, 2],
+                                            count_include_pad=1),
+     GraphError, "h", "attrs.count_include_pad"),
+    ("max_pool-unknown-attr", pool("max_pool", kernel_shape=[2, 2], ceil_mode=True),
+     GraphError, "h", "attrs.ceil_mode"),
+    ("take-axis-range", graph(Node("h", "take", ["x", "i"], {"axis": 2}), inputs=(X, INDICES)),
+     ShapeError, "h", "attrs.axis"),
+    ("take-float-indices", graph(Node("h", "take", ["x", "y"])), DTypeError, "h", "inputs[1]"),
+    ("cast-unknown-dtype", graph(Node("h", "cast", ["x"], {"dtype": "float16"})),
+     DTypeError, "h", "attrs.dtype"),
+    ("cast-dtype-not-string", graph(Node("h", "cast", ["x"], {"dtype": 3})),
+     GraphError, "h", "attrs.dtype"),
+    ("cast-missing-dtype", graph(Node("h", "cast", ["x"])), GraphError, "h", "attrs.dtype"),
+    ("clip-nan", graph(Node("h", "clip", ["x"], {"min": float("nan")})),
+     ShapeError, "h", "attrs.min"),
+    ("clip-string", graph(Node("h", "clip", ["x"], {"max": "1"})), GraphError, "h", "attrs.max"),
+    ("cumsum-missing-axis", graph(Node("h", "cumsum", ["x"])), GraphError, "h", "attrs.axis"),
+    ("cumsum-axis-range", graph(Node("h", "cumsum", ["x"], {"axis": 2})),
+     ShapeError, "h", "attrs.axis"),
+    ("pad-length", graph(Node("h", "pad", ["x"], {"pads": [1, 1]})), ShapeError, "h", "attrs.pads"),
+    ("pad-negative", graph(Node("h", "pad", ["x"], {"pads": [0, 0, -1, 0]})),
+     ShapeError, "h", "attrs.pads"),
+    ("where-float-condition", graph(Node("h", "where", ["x", "x", "y"])),
+     DTypeError, "h", "inputs[0]"),
+    ("where-operands-differ", graph(Node("h", "where", ["f", "x", "n"]),
+                                    inputs=(X, FLAG, Input("n", "int32", (2, 3)))),
+     DTypeError, "h", "inputs"),
+    ("less-dtype-mismatch", graph(Node("h", "less", ["x", "n"]),
+                                  inputs=(X, Input("n", "int32", (2, 3)))),
+     DTypeError, "h", "inputs"),
+    ("bool-arithmetic", graph(Node("h", "add", ["f", "f"]), inputs=(FLAG,)),
+     DTypeError, "h", "inputs"),
+    ("bool-float-only", graph(Node("h", "erf", ["f"]), inputs=(FLAG,)),
+     DTypeError, "h", "inputs"),
+    ("min-empty-axis", graph(Node("h", "min", ["a"], {"axes": [0]}), inputs=on((0, 3))),
+     ShapeError, "h", "attrs.axes"),
+]
+
 # id, graph, exception class, .node, .field (None: the contract gives none)
 COMPILE_ERRORS = [
     ("duplicate-input", graph(Node("h", "sin", ["x"]), inputs=(X, Input("x", "float64", (3,)))),
@@ -119,6 +198,7 @@ COMPILE_ERRORS = [
      ShapeError, "a", "shape"),
     ("missing-output", graph(Node("h", "sin", ["x"]), outputs=["h", "zz"]),
      GraphError, "zz", "outputs[1]"),
+    *NEW_OP_ERRORS,
 ]
 
 
