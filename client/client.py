@@ -4,8 +4,9 @@ A graph (a GraphBuilder or a Graph proto) is registered once per client and
 then sent by id. When a server answers NOT_FOUND (it restarted, or another
 replica answered) the client sends the request once more with the graph
 inline, which that server compiles and caches; UNAVAILABLE is retried with
-exponential backoff; every call has a deadline. Arrays in results
-are read-only views of the received bytes (np.array(a) makes a writable copy).
+exponential backoff; every call, and every reply on a stream, has a deadline.
+Arrays in results are read-only views of the received bytes (np.array(a) makes
+a writable copy).
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ class TLS:
 class Client:
     """A connection to a gradserve server (or several replicas).
 
-    `timeout` is each call's deadline in seconds; `retries` how often UNAVAILABLE
-    is retried, waiting `backoff`, then twice as long each time (at most 2 s).
+    `timeout` is each call's deadline in seconds (on a `stream()`, each reply's);
+    `retries` how often UNAVAILABLE is retried, waiting `backoff`, then twice as
+    long each time (at most 2 s).
     `token` is sent as `authorization: Bearer <token>`; `tls` (a TLS) makes the
     channel secure.
     """
@@ -260,7 +262,8 @@ class Client:
         return r.outputs, r.cotangents
 
     def stream(self, graph) -> "DifferentiateSession":
-        """Many Differentiate steps of one graph over one DifferentiateStream."""
+        """Many Differentiate steps of one graph over one DifferentiateStream (see
+        DifferentiateSession: each reply has the client's `timeout` as its deadline)."""
         return DifferentiateSession(self, graph)
 
     # --- plumbing ------------------------------------------------------------------
@@ -345,53 +348,138 @@ def _serialized(graph) -> tuple[bytes, str]:
 
 
 class DifferentiateSession:
-    """One open DifferentiateStream: each `differentiate` call sends a request and
-    waits for its reply. On NOT_FOUND the stream is reopened and its first request
-    carries the graph inline; other errors end the session."""
+    """Many Differentiate steps of one graph over one DifferentiateStream: each
+    `differentiate` call sends a request and waits for its reply.
+
+    Deadline, per message: each reply must come within the client's `timeout`
+    seconds of its request, else the stream is cancelled (the server stops
+    computing) and the call raises DEADLINE_EXCEEDED. The stream itself has no
+    deadline, so a session can serve a training run of any length.
+
+    Errors: UNAVAILABLE is retried as unary calls retry it (the client's `retries`
+    times, with the same backoff), each time on a new stream; on NOT_FOUND (a server
+    that restarted or lost the graph) the request is sent again on a new stream with
+    the graph inline. Other errors are raised. An error ends the stream it happened
+    on; the session's next call opens a new one.
+    """
 
     def __init__(self, client: Client, graph):
         self._client, self._graph = client, graph
+        self._stream: _Stream | None = None
+        self._inline = False
         self._open()
 
-    def _open(self, inline=False):
+    def _open(self) -> None:
         self._graph_id = self._client._register(self._graph)
-        self._inline = inline
-        self._requests: queue.Queue = queue.Queue()
-        self._replies = self._client._stub.DifferentiateStream(
-            iter(self._requests.get, _STREAM_END), metadata=self._client._metadata)
+        self._stream = _Stream(self._client._stub, self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False) -> Result:
         request = self._client._differentiate_request(inputs, wrt, of, mode, tangents,
                                                       cotangents, trace)
-        try:
-            return self._send(request)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.NOT_FOUND:
-                raise
-        self._open(inline=True)
-        return self._send(request)
+        delay, retried, resent_inline = self._client.backoff, 0, False
+        while True:
+            try:
+                return result_from_proto(self._send(request))
+            except grpc.RpcError as err:
+                self._end_stream()
+                code = err.code()
+                if code == grpc.StatusCode.NOT_FOUND and not resent_inline:
+                    resent_inline = self._inline = True
+                    continue
+                if code != grpc.StatusCode.UNAVAILABLE or retried >= self._client.retries:
+                    raise
+            retried += 1
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
-    def _send(self, request) -> Result:
+    def _send(self, request) -> pb.DifferentiateResponse:
+        if self._stream is None:
+            self._open()
         if self._inline:  # the first request of a reopened stream teaches its replica
             request.graph.CopyFrom(_graph_proto(self._graph))
-            self._inline = False
         else:
             request.graph_id = self._graph_id
-        self._requests.put(request)
-        return result_from_proto(next(self._replies))
+        reply = self._stream.exchange(request, self._client.timeout)
+        self._inline = False
+        return reply
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
 
     def close(self) -> None:
         """End the stream: the server finishes it with OK."""
-        self._requests.put(_STREAM_END)
-        try:
-            for _ in self._replies:
-                pass
-        except grpc.RpcError:
-            pass
+        if self._stream is not None:
+            self._stream.close(self._client.timeout)
+            self._stream = None
 
     def __enter__(self) -> "DifferentiateSession":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _StreamError(grpc.RpcError):
+    """An error the session raises itself, with the code() and details() of grpc's."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class _Stream:
+    """One DifferentiateStream call. A thread moves its replies (and its final error)
+    to a queue, so that waiting for a reply can time out."""
+
+    def __init__(self, stub: pb_grpc.GradientServiceStub, metadata):
+        self._requests: queue.Queue = queue.Queue()
+        self._call = stub.DifferentiateStream(iter(self._requests.get, _STREAM_END),
+                                              metadata=metadata)
+        self._replies: queue.Queue = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="gradserve-stream",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for reply in self._call:
+                self._replies.put(reply)
+            self._replies.put(_STREAM_END)
+        except grpc.RpcError as err:
+            self._replies.put(err)
+
+    def exchange(self, request, timeout: float) -> pb.DifferentiateResponse:
+        """Send `request` and return its reply; DEADLINE_EXCEEDED after `timeout` s."""
+        self._requests.put(request)
+        try:
+            reply = self._replies.get(timeout=timeout)
+        except queue.Empty:
+            self.cancel()
+            raise _StreamError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"no reply on the stream within {timeout:g} s") from None
+        if isinstance(reply, grpc.RpcError):
+            raise reply
+        if reply is _STREAM_END:
+            raise _StreamError(grpc.StatusCode.UNAVAILABLE,
+                               "the server ended the stream without a reply")
+        return reply
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._requests.put(_STREAM_END)  # frees grpc's thread waiting for a request
+
+    def close(self, timeout: float) -> None:
+        """No more requests: wait (up to `timeout` s) for the server to end the stream."""
+        self._requests.put(_STREAM_END)
+        self._reader.join(timeout)
+        if self._reader.is_alive():
+            self._call.cancel()

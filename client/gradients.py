@@ -12,14 +12,13 @@
 Fault tolerance: a request carries everything the server needs (parameters
 and data), so resending it after a failure returns the same gradient. The
 Client retries UNAVAILABLE with backoff and re-registers the graph on
-NOT_FOUND (a restarted server or another replica); a broken stream is reopened
-here the same way. The caller applies a step's update only once its gradient
-has arrived, so every step is applied exactly once.
+NOT_FOUND (a restarted server or another replica); a stream session reopens
+a broken stream the same way. The caller applies a step's update only once its
+gradient has arrived, so every step is applied exactly once.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -75,8 +74,8 @@ class RemoteGradient:
         if self._session is None:
             result = self.client.differentiate(self.graph, inputs, wrt=self.param_names,
                                                of=[LOSS])
-        else:
-            result = self._stream_differentiate(inputs)
+        else:  # a broken stream is reopened by the session, as unary calls are retried
+            result = self._session.differentiate(inputs, wrt=self.param_names, of=[LOSS])
         return Gradient(float(result.outputs[LOSS]),
                         {name: result.jacobian[LOSS, name] for name in self.param_names},
                         result.mode, result.planner)
@@ -86,19 +85,6 @@ class RemoteGradient:
         """(loss, logits) on a whole data set, values only."""
         outputs = self.client.evaluate(self.graph, {**params, "X": X, "Y": Y})
         return float(outputs[LOSS]), outputs[LOGITS]
-
-    def _stream_differentiate(self, inputs):
-        """A stream dies with its server: register again (which waits for the
-        server with the client's backoff), reopen the stream and resend the step."""
-        for attempt in itertools.count():
-            try:
-                return self._session.differentiate(inputs, wrt=self.param_names, of=[LOSS])
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.client.retries:
-                    raise
-            self._session.close()
-            self.client.register(self.graph)
-            self._session = self.client.stream(self.graph)
 
     def close(self) -> None:
         if self._session is not None:
