@@ -5,7 +5,7 @@ the package and talk to a remote server.
 """
 
 from .builder import GraphBuilder, Value, load_graph
-from .client import TLS, Client, DifferentiateSession, Planner, Result, TraceEdge, TraceNode
+from .client import TLS, Client, DifferentiateSession, EdgeTrace, NodeTrace, PlannerDecision, Result
 
-__all__ = ["TLS", "Client", "DifferentiateSession", "GraphBuilder", "Planner", "Result",
-           "TraceEdge", "TraceNode", "Value", "load_graph"]
+__all__ = ["TLS", "Client", "DifferentiateSession", "EdgeTrace", "GraphBuilder", "NodeTrace",
+           "PlannerDecision", "Result", "Value", "load_graph"]

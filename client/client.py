@@ -29,19 +29,18 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import fill_tensors, from_tensor, from_tensors
+from gradserve.v1.modes import WIRE_MODES, mode_name
 
 from .builder import GraphBuilder
 from .render import trace_dot
 
-MODES = {"auto": pb.MODE_AUTO, "forward": pb.MODE_FORWARD, "reverse": pb.MODE_REVERSE}
-MODE_NAMES = {pb.MODE_FORWARD: "forward", pb.MODE_REVERSE: "reverse"}
 MAX_MESSAGE_BYTES = 256 << 20
 INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUND
 _STREAM_END = object()
 
 
 @dataclass(frozen=True)
-class Planner:
+class PlannerDecision:
     """The server's mode decision and its figures (costs in forward directions)."""
 
     mode: str
@@ -53,7 +52,7 @@ class Planner:
 
 
 @dataclass(frozen=True)
-class TraceEdge:
+class EdgeTrace:
     """A node reading one input: forward mode's partial (elementwise ops) and tangent
     carried, reverse mode's cotangent flowing back; None where absent."""
 
@@ -64,7 +63,7 @@ class TraceEdge:
 
 
 @dataclass(frozen=True)
-class TraceNode:
+class NodeTrace:
     """One value the server computed: an input, a constant or a node (see the
     Trace message in gradient_service.proto)."""
 
@@ -84,10 +83,10 @@ class Result:
     tangents: dict = field(default_factory=dict)  # JVP: output name -> tangent
     cotangents: dict = field(default_factory=dict)  # VJP: input name -> cotangent
     mode: str = ""
-    planner: Planner | None = None
+    planner: PlannerDecision | None = None
     graph_id: str = ""
     request_id: str = ""
-    trace: list | None = None  # TraceNode per value, when asked for with trace=True
+    trace: list | None = None  # NodeTrace per value, when asked for with trace=True
     trace_mode: str = ""  # the trace's mode: "forward" or "reverse"
 
     def to_dot(self, mode: str | None = None, **options) -> str:
@@ -109,26 +108,26 @@ def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
                   for b in reply.jacobian},
         tangents=from_tensors(reply.tangents, "tangents"),
         cotangents=from_tensors(reply.cotangents, "cotangents"),
-        mode=MODE_NAMES.get(reply.mode, ""),
-        planner=Planner(MODE_NAMES.get(p.mode, ""), p.n, p.m, p.cost_forward, p.cost_reverse,
-                        p.reason),
+        mode=mode_name(reply.mode) or "",
+        planner=PlannerDecision(mode_name(p.mode) or "", p.n, p.m, p.cost_forward,
+                                p.cost_reverse, p.reason),
         graph_id=reply.graph_id, request_id=reply.request_id,
         trace=trace_from_proto(reply.trace) if has_trace else None,
-        trace_mode=MODE_NAMES.get(reply.trace.mode, "") if has_trace else "")
+        trace_mode=(mode_name(reply.trace.mode) or "") if has_trace else "")
 
 
 def trace_from_proto(trace: pb.Trace) -> list:
-    """TraceNode per value, arrays decoded (read-only views of the received bytes)."""
+    """NodeTrace per value, arrays decoded (read-only views of the received bytes)."""
     def array(message, name, where):
         return from_tensor(getattr(message, name), where) if message.HasField(name) else None
 
     nodes = []
     for n in trace.nodes:
         where = f"trace['{n.name}']"
-        edges = tuple(TraceEdge(e.input, *(array(e, f, f"{where}.edges['{e.input}'].{f}")
+        edges = tuple(EdgeTrace(e.input, *(array(e, f, f"{where}.edges['{e.input}'].{f}")
                                            for f in ("partial", "tangent", "cotangent")))
                       for e in n.edges)
-        nodes.append(TraceNode(n.name, n.op, tuple(n.inputs), array(n, "value", where),
+        nodes.append(NodeTrace(n.name, n.op, tuple(n.inputs), array(n, "value", where),
                                array(n, "tangent", where), array(n, "adjoint", where), edges))
     return nodes
 
@@ -270,9 +269,9 @@ class Client:
 
     def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents,
                                trace=False):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {sorted(MODES)}, not {mode!r}")
-        request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=MODES[mode],
+        if mode not in WIRE_MODES:
+            raise ValueError(f"mode must be one of {sorted(WIRE_MODES)}, not {mode!r}")
+        request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=WIRE_MODES[mode],
                                           request_id=str(next(self._request_ids)),
                                           trace=trace)
         fill_tensors(request.inputs, inputs)

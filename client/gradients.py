@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from .builder import GraphBuilder
-from .client import Client, Planner
+from .client import Client, PlannerDecision
 from .models import LOGITS, LOSS
 
 log = logging.getLogger("gradserve.client")
@@ -45,7 +45,7 @@ class Gradient:
     loss: float
     grads: dict  # parameter name -> gradient, shaped like the parameter
     mode: str  # the mode the server chose: reverse, for a scalar loss
-    planner: Planner | None
+    planner: PlannerDecision | None
 
 
 def connect(address: str, *, timeout: float = 30.0, retries: int = DEFAULT_RETRIES) -> Client:

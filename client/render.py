@@ -13,7 +13,7 @@ full with 4 significant digits; larger ones as shape, min, mean and max.
 
 `trace_dot` reads nodes by attribute (name, op, inputs, value, tangent, adjoint,
 edges with input, partial, tangent, cotangent), so it draws the client's
-TraceNode records and the engine's NodeTrace alike. Render the text with
+NodeTrace records (client) and the engine's alike. Render the text with
 `dot -Tpng graph.dot -o graph.png` (Graphviz), or `gradserve graph show`.
 """
 

@@ -13,7 +13,7 @@ REVERSE_COST_RATIO = 1.25
 
 
 @dataclass(frozen=True)
-class ModeDecision:
+class PlannerDecision:
     mode: str  # "forward" or "reverse"
     n: int  # scalar elements of the inputs differentiated (directions forward mode needs)
     m: int  # scalar elements of the outputs differentiated (directions reverse mode needs)
@@ -23,7 +23,7 @@ class ModeDecision:
 
 
 def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
-              forced: str | None = None) -> ModeDecision:
+              forced: str | None = None) -> PlannerDecision:
     """Forward iff n <= ratio * m.
 
     A Jacobian of n inputs and m outputs takes n forward directions (one per
@@ -34,12 +34,12 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
     """
     cost_forward, cost_reverse = float(n), float(ratio * m)
     if forced is not None:
-        return ModeDecision(forced, n, m, cost_forward, cost_reverse,
+        return PlannerDecision(forced, n, m, cost_forward, cost_reverse,
                             f"{forced} mode requested by the caller")
     why = (f"{n} input elements (one forward direction each) against {m} output "
            f"elements (one reverse direction each, costing {ratio:g} forward ones): ")
     if n <= ratio * m:
-        return ModeDecision("forward", n, m, cost_forward, cost_reverse,
+        return PlannerDecision("forward", n, m, cost_forward, cost_reverse,
                             why + f"forward costs {cost_forward:g} <= reverse {cost_reverse:g}")
-    return ModeDecision("reverse", n, m, cost_forward, cost_reverse,
+    return PlannerDecision("reverse", n, m, cost_forward, cost_reverse,
                         why + f"reverse costs {cost_reverse:g} < forward {cost_forward:g}")

@@ -7,11 +7,14 @@ own overhead is most of the cost, and building argument lists shows.
 `check`, when given, is called before each step listed in `points` (see
 check_points: every heavy op and at least every CHUNK steps), so a sweep whose
 caller is gone stops between ops; it stops the sweep by raising.
+
+`record`, when given, is told what each step computed (a `Recorder`): that is
+how a trace is taken, by the same sweeps that answer every other request.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
@@ -26,6 +29,21 @@ class Step(NamedTuple):
     out: int  # output slot
     free: tuple = ()  # slots last used here (not outputs): freed after the step
     drop: tuple = ()  # of those, the ones no vjp reads: only their shape is kept
+
+
+class Recorder(Protocol):
+    """What a sweep reports when asked to (engine/trace.py keeps it all)."""
+
+    def value(self, step: Step, ans) -> None:
+        """Reverse sweep, forward pass: `step` computed `ans`."""
+
+    def forward(self, step: Step, xs: tuple, ans, ts: tuple, tangent) -> None:
+        """Forward sweep: `step` read `xs` with tangents `ts` (None: no tangent) and
+        computed `ans` with `tangent` (None when no tangent reached it)."""
+
+    def backward(self, step: Step, g, cotangents: dict) -> None:
+        """Reverse sweep: `step`'s adjoint `g` flowed back as `cotangents`
+        (input position -> cotangent pulled into that input)."""
 
 
 CHUNK = 64
@@ -74,35 +92,41 @@ def _args(vals, ins):
 
 def values_sweep(steps, vals, check=None, points=()):
     for chunk in _chunks(steps, check, points):
-        for _, _, ev, _, _, ins, out, free, _ in chunk:
-            vals[out] = ev(*_args(vals, ins))
-            for s in free:
+        for st in chunk:
+            vals[st.out] = st.eval(*_args(vals, st.ins))
+            for s in st.free:
                 vals[s] = None
 
 
-def forward_sweep(steps, vals, tans, check=None, points=()):
+def forward_sweep(steps, vals, tans, check=None, points=(), record: Recorder | None = None):
     """Values and tangents in one sweep; a node with no tangent in is skipped."""
     for chunk in _chunks(steps, check, points):
-        for _, _, ev, jvp, _, ins, out, free, _ in chunk:
+        for st in chunk:
+            ins, out = st.ins, st.out
             xs = _args(vals, ins)
-            ans = vals[out] = ev(*xs)
+            ans = vals[out] = st.eval(*xs)
             ts = _args(tans, ins)
             for t in ts:
                 if t is not None:
-                    tans[out] = jvp(ts, xs, ans)
+                    tans[out] = st.jvp(ts, xs, ans)
                     break
-            for s in free:
+            if record is not None:
+                record.forward(st, xs, ans, ts, tans[out])
+            for s in st.free:
                 vals[s] = tans[s] = None
 
 
-def reverse_sweep(steps, vals, seeds, needs, check=None, points=()):
+def reverse_sweep(steps, vals, seeds, needs, check=None, points=(),
+                  record: Recorder | None = None):
     """Values forward (keeping what the vjps read), then cotangents backward,
     summed where a value fans out. `needs[j]` lists the input positions of step
     j that lead back to a differentiated input. Returns the cotangent per slot."""
     for chunk in _chunks(steps, check, points):
-        for _, _, ev, _, _, ins, out, _, drop in chunk:
-            vals[out] = ev(*_args(vals, ins))
-            for s in drop:
+        for st in chunk:
+            ans = vals[st.out] = st.eval(*_args(vals, st.ins))
+            if record is not None:
+                record.value(st, ans)
+            for s in st.drop:
                 v = vals[s]
                 vals[s] = Stub(v.shape, v.dtype, v.ndim)
     cots = [None] * len(vals)
@@ -115,16 +139,23 @@ def reverse_sweep(steps, vals, seeds, needs, check=None, points=()):
         positions = needs[j]
         if not positions:
             continue
-        _, _, _, _, vjp, ins, out, _, _ = steps[j]
+        st = steps[j]
+        ins, out = st.ins, st.out
         g = cots[out]
         if g is None:
             continue
         cots[out] = None
         xs = _args(vals, ins)
         ans = vals[out]
+        vjp = st.vjp
+        pulled = {} if record is not None else None
         for pos in positions:
             gi = vjp(pos, g, xs, ans)
+            if pulled is not None:
+                pulled[pos] = gi
             i = ins[pos]
             prev = cots[i]
             cots[i] = gi if prev is None else prev + gi
+        if record is not None:
+            record.backward(st, g, pulled)
     return cots

@@ -1,6 +1,8 @@
-"""Proto <-> engine: graphs, attributes, the planner's decision and traces.
+"""Proto <-> engine: graphs, attributes, differentiation results, the planner's
+decision and traces.
 
-Tensors are converted by gradserve.v1.tensors (shared with the client).
+Tensors and mode names are converted by gradserve.v1.codec and gradserve.v1.modes
+(shared with the client).
 """
 
 from __future__ import annotations
@@ -8,17 +10,9 @@ from __future__ import annotations
 from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as service_pb2
 from gradserve.v1 import graph_pb2, tensor_pb2
-from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_attribute,
-                                fill_tensor, from_tensor, to_tensor)
-
-MODES = {
-    service_pb2.MODE_UNSPECIFIED: "auto",
-    service_pb2.MODE_AUTO: "auto",
-    service_pb2.MODE_FORWARD: "forward",
-    service_pb2.MODE_REVERSE: "reverse",
-}
-WIRE_MODES = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE,
-              "auto": service_pb2.MODE_AUTO}
+from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_tensor,
+                                fill_tensors, from_tensor)
+from gradserve.v1.modes import WIRE_MODES
 
 
 def dtype_name(code: int, where: str, field: str) -> str:
@@ -50,24 +44,26 @@ def graph_from_proto(g: graph_pb2.Graph, max_elements: int | None = None) -> eng
     return engine.Graph(inputs, nodes, list(g.outputs), constants)
 
 
-def graph_to_proto(graph: engine.Graph) -> graph_pb2.Graph:
-    return graph_pb2.Graph(
-        inputs=[graph_pb2.Input(name=i.name, dtype=WIRE_DTYPES[i.dtype], shape=i.shape)
-                for i in graph.inputs],
-        constants={name: to_tensor(v) for name, v in graph.constants.items()},
-        nodes=[graph_pb2.Node(name=n.name, op=n.op, inputs=n.inputs,
-                              attrs={k: fill_attribute(graph_pb2.Attribute(), v)
-                                     for k, v in n.attrs.items()})
-               for n in graph.nodes],
-        outputs=graph.outputs)
+def differentiate_response(result: engine.Differentiation, graph_id: str,
+                           request_id: str) -> service_pb2.DifferentiateResponse:
+    reply = service_pb2.DifferentiateResponse(graph_id=graph_id, request_id=request_id)
+    fill_tensors(reply.outputs, result.outputs)
+    for (o, w), block in result.jacobian.items():
+        fill_tensor(reply.jacobian.add(of=o, wrt=w).value, block)
+    fill_tensors(reply.tangents, result.tangents)
+    fill_tensors(reply.cotangents, result.cotangents)
+    reply.mode = fill_decision(reply.planner, result.decision).mode
+    if result.trace is not None:
+        fill_trace(reply.trace, result.trace)
+    return reply
 
 
-def fill_decision(p: service_pb2.PlannerDecision, d: engine.ModeDecision,
-                  reason: str | None = None) -> service_pb2.PlannerDecision:
+def fill_decision(p: service_pb2.PlannerDecision,
+                  d: engine.PlannerDecision) -> service_pb2.PlannerDecision:
     """Write the planner's decision into `p` (in place: no message copy)."""
     p.mode, p.n, p.m = WIRE_MODES[d.mode], d.n, d.m
     p.cost_forward, p.cost_reverse = d.cost_forward, d.cost_reverse
-    p.reason = reason or d.reason
+    p.reason = d.reason
     return p
 
 

@@ -11,7 +11,7 @@ import pytest
 from numpy.testing import assert_array_equal
 
 from gradserve import engine
-from gradserve.server.convert import fill_decision, graph_from_proto, graph_to_proto, op_info
+from gradserve.server.convert import fill_decision, graph_from_proto, op_info
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import graph_pb2, tensor_pb2
 from gradserve.v1.codec import (TensorError, TensorLimitError, attribute_value, fill_attribute,
@@ -23,6 +23,19 @@ ITEMSIZE = {"float32": 4, "float64": 8, "int32": 4, "int64": 8}
 
 
 # --- graphs --------------------------------------------------------------------------------
+
+
+def graph_to_proto(graph: engine.Graph) -> graph_pb2.Graph:
+    """The inverse of graph_from_proto, for the round trips (the server never needs it)."""
+    return graph_pb2.Graph(
+        inputs=[graph_pb2.Input(name=i.name, dtype=WIRE[i.dtype], shape=i.shape)
+                for i in graph.inputs],
+        constants={name: to_tensor(v) for name, v in graph.constants.items()},
+        nodes=[graph_pb2.Node(name=n.name, op=n.op, inputs=n.inputs,
+                              attrs={k: fill_attribute(graph_pb2.Attribute(), v)
+                                     for k, v in n.attrs.items()})
+               for n in graph.nodes],
+        outputs=graph.outputs)
 
 
 def every_attribute_graph():
@@ -153,9 +166,8 @@ def test_fill_decision():
     assert fill_decision(p, d) is p
     assert p.mode == pb.MODE_REVERSE and (p.n, p.m) == (1000, 1)
     assert (p.cost_forward, p.cost_reverse, p.reason) == (d.cost_forward, d.cost_reverse, d.reason)
-    forward = fill_decision(pb.PlannerDecision(), engine.plan_mode(1, 1000, forced="forward"),
-                            "tangents given")
-    assert forward.mode == pb.MODE_FORWARD and forward.reason == "tangents given"
+    forward = fill_decision(pb.PlannerDecision(), engine.plan_mode(1, 1000, forced="forward"))
+    assert forward.mode == pb.MODE_FORWARD and forward.reason == "forward mode requested by the caller"
 
 
 def test_op_info_of_concat_and_slice():

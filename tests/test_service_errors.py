@@ -219,6 +219,8 @@ CASES = [
     Case("tangents-and-cotangents", lambda: differentiate(
         tangents=tensors({"x": X, "y": Y}), cotangents=tensors({"o": X})),
          INVALID, ("tangents", "cotangents", "not both"), "tangents"),
+    Case("unknown-mode", lambda: differentiate(mode=99),
+         INVALID, ("unknown mode", "99"), "mode"),
     Case("tangents-with-mode-reverse", lambda: differentiate(
         tangents=tensors({"x": X, "y": Y}), mode=pb.MODE_REVERSE),
          INVALID, ("tangents", "forward", "reverse"), "mode"),
@@ -255,7 +257,7 @@ CASES = [
          EXHAUSTED, ("bytes", "over the limit"), "graph"),
     Case("broadcast-bomb-at-evaluate", lambda: evaluate(broadcast_bomb(-1, -1, False),
                                                         bomb_inputs(100_000)),
-         EXHAUSTED, ("bytes", "over the limit"), "inputs"),
+         EXHAUSTED, ("bytes", "over the limit"), "outputs"),
     Case("broadcast-bomb-summed-at-differentiate", lambda: differentiate(
         broadcast_bomb(-1, -1, True), bomb_inputs(100_000)),
          EXHAUSTED, ("bytes", "over the limit"), "inputs"),
@@ -365,7 +367,7 @@ def test_every_error_class_is_in_the_table():
         "broadcast-bomb-at-evaluate", codec.TensorError: "tensor-byte-count",
         codec.TensorLimitError: "input-over-max-tensor-elements",
         errors.GraphNotFound: "unknown-id-differentiate", errors.LimitExceeded: "too-many-nodes",
-        errors.BadRequest: "tangents-and-cotangents",
+        errors.BadRequest: "unknown-mode",
     }
     ids = {c.id if isinstance(c, Case) else c.values[0].id for c in CASES}
     assert set(exercised.values()) <= ids

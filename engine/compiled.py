@@ -1,5 +1,7 @@
 """compile(graph) -> Plan: a validated graph, ready to evaluate and differentiate.
 
+(The mode planner, which picks forward or reverse mode, is engine/planner.py.)
+
 Compiling does all the analysis once: validation, op lookup, attribute binding,
 dead-node pruning, each value's last use, and which values the reverse sweep
 needs. Running a Plan is then a loop over prepared steps.
@@ -10,6 +12,7 @@ leading axis of k directions, so a whole Jacobian is one sweep.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from math import prod
 from typing import Mapping, NamedTuple
@@ -18,14 +21,20 @@ import numpy as np
 
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES, Graph
-from .planner import ModeDecision, plan_mode
+from .ops import OPS
+from .planner import PlannerDecision, plan_mode
 from .shapes import MAX_SPAN, fill_seed, fmt_shape, span
 from .sweeps import Step, check_points, forward_sweep, reverse_sweep, values_sweep
+from .trace import MODES as TRACE_MODES
+from .trace import Trace, TraceRecorder
 from .validate import infer_shapes, validate
 
+# Per-plan caches are bounded by count and, for arrays, by bytes (PLAN_CACHE_BYTES
+# in all), so what a compiled graph may grow to is known when it is cached.
 _SPECIALIZATION_CACHE = 64  # distinct input-shape signatures remembered per plan
-_CACHED_SEED_BYTES = 1 << 20
-_HEAVY_ELEMENTS = 1 << 16  # identity seeds larger than this are rebuilt per call
+_ACTIVITY_CACHE = 16  # distinct `wrt` sets whose active steps are remembered per plan
+PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
+_HEAVY_ELEMENTS = 1 << 16  # a value this large is a point where cancellation is checked
 
 
 class JVPResult(NamedTuple):
@@ -38,6 +47,19 @@ class VJPResult(NamedTuple):
     cotangents: dict  # input name -> cotangent
 
 
+class _Block(NamedTuple):
+    """Where one Jacobian block d(of)/d(wrt) sits in a sweep's result."""
+
+    key: tuple  # (of, wrt)
+    slot: int  # the result slot holding it: the output (forward) or the input (reverse)
+    start: int  # its first and stop rows among the swept directions
+    stop: int
+    flat: tuple  # the slot's result as a 2-D (directions, elements) array
+    shape: tuple  # of.shape + wrt.shape
+    transpose: bool  # forward mode sweeps d(of)/d(wrt) with the wrt axis first
+    dtype: np.dtype
+
+
 class _JacobianSetup(NamedTuple):
     wrt: tuple
     of: tuple
@@ -45,8 +67,8 @@ class _JacobianSetup(NamedTuple):
     offsets: dict  # seed name -> its first direction
     directions: int
     seeds: dict  # slot -> read-only identity seed, filled on first use when small
-    decision: ModeDecision
-    pieces: list  # (key, result slot, first row, stop row, 2-D shape, block shape, transpose, dtype)
+    decision: PlannerDecision
+    blocks: list  # _Block per (of, wrt)
     result_bytes: int
     seed_bytes: int
     largest_block: int  # elements
@@ -56,17 +78,32 @@ class JacobianResult(NamedTuple):
     outputs: dict
     jacobian: dict  # (of, wrt) -> array shaped of.shape + wrt.shape
     mode: str
-    decision: ModeDecision
+    decision: PlannerDecision
 
 
-def compile(graph: Graph) -> "Plan":
-    """Validate `graph` (raising the engine's errors) and prepare it to run."""
-    return Plan(graph)
+class Differentiation(NamedTuple):
+    """Plan.differentiate's answer: what one request asked for, and why that mode."""
+
+    outputs: dict  # every output's value
+    jacobian: dict  # Jacobian requests: (of, wrt) -> block shaped of.shape + wrt.shape
+    tangents: dict  # JVP requests: output name -> tangent
+    cotangents: dict  # VJP requests: input name -> cotangent
+    decision: PlannerDecision
+    trace: Trace | None = None
+
+
+def compile(graph: Graph, *, check=None) -> "Plan":
+    """Validate `graph` (raising the engine's errors) and prepare it to run.
+    `check`, when given, is called between the phases of compiling and may raise
+    to stop it (a caller whose deadline passed)."""
+    return Plan(graph, check=check)
 
 
 class Plan:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, *, check=None):
         checked = validate(graph)
+        if check is not None:
+            check()
         self.graph = graph
         self.shapes = checked.shapes  # static; None marks a run-time dimension
         self.dtypes = checked.dtypes
@@ -91,6 +128,8 @@ class Plan:
         live = self._live_nodes(graph)
         self._nodes = [(node, op, attrs) for node, op, attrs, keep
                        in zip(graph.nodes, checked.ops, checked.attrs, live) if keep]
+        if check is not None:
+            check()
         self._build_steps()
         self._specializations: dict = {}
         self._jacobian_setups: dict = {}
@@ -188,9 +227,7 @@ class Plan:
             infer_shapes([n.name for n, _, _ in self._nodes], [op for _, op, _ in self._nodes],
                          [a for _, _, a in self._nodes], [n.inputs for n, _, _ in self._nodes],
                          shapes)
-            if len(self._specializations) >= _SPECIALIZATION_CACHE:
-                self._specializations.pop(next(iter(self._specializations)), None)
-            self._specializations[signature] = shapes
+            _remember(self._specializations, signature, shapes, _SPECIALIZATION_CACHE)
         return shapes
 
     def estimate_bytes(self, shapes, directions: int = 0) -> int:
@@ -210,10 +247,25 @@ class Plan:
                 f"({directions} seed directions), over the limit of {max_bytes:,}",
                 field="inputs")
 
+    def _nbytes(self, shapes, names, directions: int = 1) -> int:
+        return directions * sum(prod(shapes[n]) * self._np_dtypes[n].itemsize for n in names)
+
+    @staticmethod
+    def _check_reply(need, max_reply_bytes, what, field):
+        if max_reply_bytes is not None and need > max_reply_bytes:
+            raise ResourceLimitError(
+                f"the reply would hold about {need:,} bytes of {what}, over the limit of "
+                f"{max_reply_bytes:,} (max_reply_bytes): ask for fewer or smaller values",
+                field=field)
+
     def _names(self, names, allowed, default, what, field):
         if names is None:
             return default
         names = tuple(names)
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise DifferentiationError(f"names {twice} more than once; name each {what} "
+                                       "once", field=field)
         for name in names:
             if name not in allowed:
                 if what == "input" and name in self.slot:
@@ -260,18 +312,20 @@ class Plan:
         return out, (ks.pop() if ks else 1), (batched.pop() if batched else False)
 
     def _needs(self, wrt):
-        """Per step, the input positions that depend on a `wrt` input (cached per wrt)."""
-        needs = self._activity.get(wrt)
+        """Per step, the input positions that depend on a `wrt` input (cached per set
+        of names, _ACTIVITY_CACHE sets at most)."""
+        key = frozenset(wrt)
+        needs = self._activity.get(key)
         if needs is None:
             active = [False] * self._n_slots
-            for name in wrt:
+            for name in key:
                 active[self.slot[name]] = True
             needs = []
             for st in self._steps:
                 positions = tuple(p for p, i in enumerate(st.ins) if active[i])
                 active[st.out] = bool(positions)
                 needs.append(positions)
-            self._activity[wrt] = needs
+            _remember(self._activity, key, needs, _ACTIVITY_CACHE)
         return needs
 
     def _outputs(self, vals):
@@ -283,19 +337,25 @@ class Plan:
     # values and seeds (ResourceLimitError before anything runs), and `check`, a
     # callable run between chunks of ops that may raise to stop the computation.
 
-    def evaluate(self, inputs, *, max_bytes=None, check=None) -> dict:
-        """Output values: name -> array."""
+    def evaluate(self, inputs, *, max_bytes=None, max_reply_bytes=None, check=None) -> dict:
+        """Output values: name -> array. `max_reply_bytes` refuses outputs larger than
+        that in all (ResourceLimitError, before any work)."""
         vals, shapes, _ = self._bind(inputs)
-        self._check_memory(shapes, 0, max_bytes)
+        reply = self._nbytes(shapes, self.output_names)
+        self._check_reply(reply, max_reply_bytes, "outputs", "outputs")
+        self._check_memory(shapes, 0, max_bytes, extra=reply)
         values_sweep(self._steps, vals, check, self._points)
         return self._outputs(vals)
 
-    def jvp(self, inputs, tangents, *, max_bytes=None, check=None) -> JVPResult:
+    def jvp(self, inputs, tangents, *, max_bytes=None, max_reply_bytes=None,
+            check=None) -> JVPResult:
         """Forward mode: push input tangents to every output in the values' sweep."""
         vals, shapes, _ = self._bind(inputs)
         self._names(tuple(tangents), self.input_names, (), "input", "tangents")
         seeds, k, batched = self._seeds(tangents, self.input_names, shapes, "tangents")
-        self._check_memory(shapes, k, max_bytes)
+        reply = self._nbytes(shapes, self.output_names, 1 + k)
+        self._check_reply(reply, max_reply_bytes, "outputs and tangents", "tangents")
+        self._check_memory(shapes, k, max_bytes, extra=reply)
         tans = [None] * self._n_slots
         for s, t in seeds.items():
             tans[s] = t
@@ -310,13 +370,16 @@ class Plan:
             out[name] = t if batched else t[0]
         return JVPResult(self._outputs(vals), out)
 
-    def vjp(self, inputs, cotangents, wrt=None, *, max_bytes=None, check=None) -> VJPResult:
+    def vjp(self, inputs, cotangents, wrt=None, *, max_bytes=None, max_reply_bytes=None,
+            check=None) -> VJPResult:
         """Reverse mode: pull output cotangents back to the `wrt` inputs."""
         vals, shapes, _ = self._bind(inputs)
         self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
         wrt = self._wrt(wrt)
         seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
-        self._check_memory(shapes, k, max_bytes)
+        reply = self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt, k)
+        self._check_reply(reply, max_reply_bytes, "outputs and cotangents", "cotangents")
+        self._check_memory(shapes, k, max_bytes, extra=reply)
         cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
         out = {}
         for name in wrt:
@@ -327,7 +390,8 @@ class Plan:
         return VJPResult(self._outputs(vals), out)
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
-                 max_block_elements=None, ratio=None, check=None) -> JacobianResult:
+                 max_block_elements=None, max_reply_bytes=None, ratio=None,
+                 check=None) -> JacobianResult:
         """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks.
 
         `max_block_elements` refuses (ResourceLimitError) a Jacobian with a larger
@@ -339,20 +403,193 @@ class Plan:
         setup = self._jacobian_setups.get(key)
         if setup is None:
             setup = self._jacobian_setup(shapes, *key[1:])
-            if len(self._jacobian_setups) >= _SPECIALIZATION_CACHE:
-                self._jacobian_setups.pop(next(iter(self._jacobian_setups)), None)
-            self._jacobian_setups[key] = setup
+            _remember(self._jacobian_setups, key, setup, _SPECIALIZATION_CACHE)
         if max_block_elements is not None and setup.largest_block > max_block_elements:
             raise ResourceLimitError(
                 f"a Jacobian block would have {setup.largest_block:,} elements, over the "
                 f"limit of {max_block_elements:,}: ask for fewer `of`/`wrt` or use JVPs/VJPs",
                 field="of")
+        reply = self._nbytes(shapes, self.output_names) + setup.result_bytes
+        self._check_reply(reply, max_reply_bytes, "outputs and Jacobian blocks", "of")
         if max_bytes is not None:
             d = setup.decision
             self._check_memory(shapes, d.n if d.mode == "forward" else d.m, max_bytes,
-                               extra=setup.result_bytes + setup.seed_bytes)
+                               extra=setup.result_bytes + setup.seed_bytes + reply)
         seeds = setup.seeds or self._identity_seeds(setup, shapes)
         return self._jacobian_blocks(vals, setup, seeds, check)
+
+    def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
+                      cotangents=None, trace=False, max_bytes=None, max_block_elements=None,
+                      max_reply_bytes=None, max_trace_elements=None,
+                      check=None) -> Differentiation:
+        """One differentiation request, whatever it asks for:
+
+        - `tangents` (input name -> seed): a JVP, forward mode by definition;
+        - `cotangents` (output name -> seed): a VJP, reverse mode by definition;
+        - neither: the Jacobian blocks d(of)/d(wrt) in the mode the planner picks
+          (or `mode`, "forward" or "reverse", when given).
+
+        Seeds are shaped like their value or carry a leading axis of k directions.
+        With tangents, `wrt` (if given) must name the same inputs; with cotangents,
+        `of` the same outputs. The decision always carries the planner's figures.
+
+        `trace` adds a Trace (see Plan.trace) from the tangents (forward), the
+        cotangents (reverse), or with neither from a cotangent of 1 on the one
+        one-element output `of` (a scalar loss); its size is checked against
+        `max_trace_elements` before any work. The limits are as for the other
+        methods; `max_reply_bytes` bounds the arrays the answer holds.
+        """
+        if mode not in ("auto", "forward", "reverse"):
+            raise DifferentiationError(f"unknown mode {mode!r} (auto, forward or reverse)",
+                                       field="mode")
+        if tangents and cotangents:
+            raise DifferentiationError("give tangents (JVP) or cotangents (VJP), not both",
+                                       field="tangents")
+        if tangents:
+            _same_names(tangents, wrt, "tangents", "wrt")
+            _implies(mode, "forward", "tangents")
+        elif cotangents:
+            _same_names(cotangents, of, "cotangents", "of")
+            _implies(mode, "reverse", "cotangents")
+        limits = {"max_bytes": max_bytes, "max_reply_bytes": max_reply_bytes, "check": check}
+        recipe = None
+        if trace:
+            recipe = self._trace_recipe(inputs, of, mode, tangents, cotangents,
+                                        max_trace_elements)
+        if tangents:
+            result = self.jvp(inputs, tangents, **limits)
+            n = sum(prod(np.shape(inputs[name])) for name in tangents)
+            m = sum(a.size for a in result.outputs.values())
+            decision = plan_mode(n, m, forced="forward")
+            decision = replace(decision, reason="tangents given: a JVP is forward mode")
+            answer = Differentiation(result.outputs, {}, result.tangents, {}, decision)
+        elif cotangents:
+            result = self.vjp(inputs, cotangents, wrt=wrt, **limits)
+            n = sum(prod(np.shape(inputs[name])) for name in self._wrt(wrt))
+            m = sum(result.outputs[name].size for name in cotangents)
+            decision = plan_mode(n, m, forced="reverse")
+            decision = replace(decision, reason="cotangents given: a VJP is reverse mode")
+            answer = Differentiation(result.outputs, {}, {}, result.cotangents, decision)
+        else:
+            if not self._wrt(wrt):
+                raise DifferentiationError("the graph has no floating inputs to differentiate "
+                                           "with respect to", field="wrt")
+            if not self._of(of):
+                raise DifferentiationError("the graph has no floating outputs to "
+                                           "differentiate", field="of")
+            result = self.jacobian(inputs, wrt=wrt, of=of, mode=mode,
+                                   max_block_elements=max_block_elements, **limits)
+            answer = Differentiation(result.outputs, result.jacobian, {}, {}, result.decision)
+        if recipe is not None:
+            trace_mode, seeds = recipe
+            answer = answer._replace(trace=self.trace(
+                inputs, trace_mode, **seeds, max_elements=max_trace_elements,
+                max_bytes=max_bytes, check=check))
+        return answer
+
+    def _trace_recipe(self, inputs, of, mode, tangents, cotangents, max_elements):
+        """The trace a differentiation request implies (its mode and seeds), its size
+        checked before any work."""
+        _, shapes, _ = self._bind(inputs)
+        forward = bool(tangents) or (not cotangents and mode == "forward")
+        if max_elements is not None:
+            self._check_trace_size(shapes, forward, max_elements)
+        if tangents:
+            return "forward", {"tangents": tangents}
+        if cotangents:
+            return "reverse", {"cotangents": cotangents}
+        if mode == "forward":
+            raise DifferentiationError("a forward-mode trace needs tangents: give a tangent "
+                                       "for each input to trace from", field="tangents")
+        of = self._of(of)
+        sizes = {o: prod(shapes[o]) for o in of}
+        if len(of) != 1 or sizes[of[0]] != 1:
+            listed = ", ".join(f"'{o}' ({sizes[o]} elements)" for o in of) or "none"
+            raise DifferentiationError(
+                "a trace without tangents or cotangents needs one output with one element "
+                f"(a scalar loss) to start from; outputs: {listed}. Give cotangents "
+                "(reverse) or tangents (forward)", field="cotangents")
+        one = np.ones(tuple(shapes[of[0]]), self._np_dtypes[of[0]])
+        return "reverse", {"cotangents": {of[0]: one}}
+
+    def trace(self, inputs, mode: str, *, tangents=None, cotangents=None, max_elements=None,
+              max_bytes=None, check=None) -> Trace:
+        """Values and, per node and per edge, the derivatives one sweep computes
+        (see engine/trace.py).
+
+        `mode` "forward" needs `tangents` (input name -> seed shaped like the input),
+        "reverse" needs `cotangents` (output name -> seed shaped like the output);
+        seeds are unbatched. `max_elements` refuses (ResourceLimitError, before any
+        work) a trace that may hold more array elements than that.
+        """
+        if mode not in TRACE_MODES:
+            raise DifferentiationError(f"unknown trace mode {mode!r} (forward or reverse)",
+                                       field="mode")
+        forward = mode == "forward"
+        given = tangents if forward else cotangents
+        field = "tangents" if forward else "cotangents"
+        if not given:
+            raise DifferentiationError(f"a {mode}-mode trace needs {field}", field=field)
+        vals, shapes, _ = self._bind(inputs)
+        if forward:
+            self._names(tuple(given), self.input_names, (), "input", field)
+        else:
+            self._names(tuple(given), self.output_names, (), "output", field)
+        seeds, _, batched = self._seeds(given, None, shapes, field)
+        if batched:
+            raise InputError("a trace takes one direction: give seeds shaped like their "
+                             "values, without a leading axis of directions", field=field)
+        if max_elements is not None:
+            self._check_trace_size(shapes, forward, max_elements)
+        self._check_memory(shapes, 1, max_bytes)
+
+        leaves = len(self.input_names) + len(self.graph.constants)
+        floating = frozenset(n for n, d in self.dtypes.items() if d in FLOAT_DTYPES)
+        recorder = TraceRecorder(mode, list(self.slot), len(self.input_names), vals[:leaves],
+                                 floating, lambda op: OPS[op].elementwise)
+        if forward:
+            tans = [None] * self._n_slots
+            for s, t in seeds.items():
+                tans[s] = t
+            forward_sweep(self._steps, vals, tans, check, self._points, recorder)
+            return recorder.finish(tans)
+        cots = reverse_sweep(self._steps, vals, seeds, self._floating_edges(), check,
+                             self._points, recorder)
+        return recorder.finish(cots)
+
+    def _floating_edges(self):
+        """Per step, the input positions that carry a derivative: floating inputs of a
+        floating node (what a reverse trace pulls cotangents along)."""
+        floating = [self.dtypes[name] in FLOAT_DTYPES for name in self.slot]
+        return [tuple(p for p, i in enumerate(st.ins) if floating[i]) if floating[st.out]
+                else () for st in self._steps]
+
+    def _check_trace_size(self, shapes, forward, max_elements):
+        need = self._trace_elements(shapes, forward)
+        if need > max_elements:
+            raise ResourceLimitError(
+                f"the trace would hold up to {need:,} array elements, over the limit of "
+                f"{max_elements:,} (max_trace_elements): trace a smaller graph or smaller "
+                "inputs", field="trace")
+
+    def _trace_elements(self, shapes, forward) -> int:
+        """An upper bound on the elements a trace holds: values, their derivatives, edges."""
+        total = 0
+        names = list(self.slot)
+        for name in names[:len(self.input_names) + len(self.graph.constants)]:
+            size = prod(shapes[name])
+            total += size * (2 if self.dtypes[name] in FLOAT_DTYPES else 1)
+        for st in self._steps:
+            size = prod(shapes[st.node])
+            total += size
+            if self.dtypes[st.node] not in FLOAT_DTYPES:
+                continue
+            total += size
+            if forward:
+                total += len(st.ins) * size * (2 if OPS[st.op].elementwise else 1)
+            else:
+                total += sum(prod(shapes[names[i]]) for i in st.ins)
+        return total
 
     def _jacobian_setup(self, shapes, wrt, of, mode, ratio) -> "_JacobianSetup":
         """Everything about a Jacobian that depends on shapes only: the mode, the
@@ -376,30 +613,28 @@ class Plan:
         itemsize = max((self._np_dtypes[x].itemsize for x in wrt + of), default=8)
         # Forward mode gives d(of)/d(all wrt) per output (directions first), reverse
         # mode d(all of)/d(wrt) per input.
-        pieces = []
+        blocks = []
         for o in of:
             for w in wrt:
                 shape = tuple(shapes[o]) + tuple(shapes[w])
-                if forward:
-                    src, at, size, flat = self.slot[o], offsets[w], sizes[w], (n, sizes[o])
-                else:
-                    src, at, size, flat = self.slot[w], offsets[o], sizes[o], (m, sizes[w])
-                pieces.append(((o, w), src, at, at + size, flat, shape, forward,
-                               self._np_dtypes[o]))
-        largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
-        for o in of:
-            for w in wrt:
-                if span(tuple(shapes[o]) + tuple(shapes[w])) > MAX_SPAN:
+                if span(shape) > MAX_SPAN:
                     raise ResourceLimitError(
-                        f"the Jacobian block d{o}/d{w} of shape "
-                        f"{fmt_shape(tuple(shapes[o]) + tuple(shapes[w]))} is too large for an "
-                        "array", field="of")
-        return _JacobianSetup(wrt, of, seed_names, offsets, total, {}, decision, pieces,
+                        f"the Jacobian block d{o}/d{w} of shape {fmt_shape(shape)} is too "
+                        "large for an array", field="of")
+                if forward:
+                    slot, at, size, flat = self.slot[o], offsets[w], sizes[w], (n, sizes[o])
+                else:
+                    slot, at, size, flat = self.slot[w], offsets[o], sizes[o], (m, sizes[w])
+                blocks.append(_Block((o, w), slot, at, at + size, flat, shape, forward,
+                                     self._np_dtypes[o]))
+        largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
+        return _JacobianSetup(wrt, of, seed_names, offsets, total, {}, decision, blocks,
                               n * m * itemsize, seed_bytes, largest)
 
     def _identity_seeds(self, setup, shapes) -> dict:
         """The identity, split into one seed per name, with a leading axis of directions.
-        Small ones are kept with the setup (read-only, shared by later calls)."""
+        Kept with the setup (read-only, shared by later calls) while the plan's seeds
+        stay within PLAN_CACHE_BYTES in all."""
         seeds = {}
         for name in setup.seed_names:
             at, dtype, shape = setup.offsets[name], self._np_dtypes[name], tuple(shapes[name])
@@ -408,9 +643,15 @@ class Plan:
             block[at:at + size] = np.eye(size, dtype=dtype)
             block.setflags(write=False)
             seeds[self.slot[name]] = block.reshape((setup.directions,) + shape)
-        if setup.seed_bytes <= _CACHED_SEED_BYTES:
+        if self.cache_bytes + setup.seed_bytes <= PLAN_CACHE_BYTES:
             setup.seeds.update(seeds)
         return seeds
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of arrays this plan keeps between calls (identity seeds): at most
+        PLAN_CACHE_BYTES."""
+        return sum(s.seed_bytes for s in self._jacobian_setups.values() if s.seeds)
 
     def _jacobian_blocks(self, vals, setup, seeds, check) -> JacobianResult:
         decision = setup.decision
@@ -422,17 +663,37 @@ class Plan:
         else:
             res = reverse_sweep(self._steps, vals, seeds, self._needs(setup.wrt), check,
                                 self._points)
-        blocks = {}
-        for key, src, at, stop, flat, shape, transpose, dtype in setup.pieces:
-            r = res[src]
+        jacobian = {}
+        for b in setup.blocks:
+            r = res[b.slot]
             if r is None:
-                blocks[key] = np.zeros(shape, dtype)
+                jacobian[b.key] = np.zeros(b.shape, b.dtype)
                 continue
-            r = r.reshape(flat)
-            if at or stop != flat[0]:
-                r = r[at:stop]
-            blocks[key] = (r.T if transpose else r).reshape(shape)
-        return JacobianResult(self._outputs(vals), blocks, decision.mode, decision)
+            r = r.reshape(b.flat)
+            if b.start or b.stop != b.flat[0]:
+                r = r[b.start:b.stop]
+            jacobian[b.key] = (r.T if b.transpose else r).reshape(b.shape)
+        return JacobianResult(self._outputs(vals), jacobian, decision.mode, decision)
+
+
+def _remember(cache: dict, key, value, limit: int) -> None:
+    """Insert into a bounded cache, dropping the oldest entry when full."""
+    if len(cache) >= limit:
+        cache.pop(next(iter(cache)), None)
+    cache[key] = value
+
+
+def _same_names(seeds, names, field, names_field):
+    if names is not None and set(names) != set(seeds):
+        raise DifferentiationError(f"{field} are given for {sorted(seeds)} but {names_field} "
+                                   f"is {list(names)}: they must name the same values",
+                                   field=field)
+
+
+def _implies(mode, implied, field):
+    if mode not in ("auto", implied):
+        raise DifferentiationError(f"{field} imply {implied} mode, but mode is {mode}",
+                                   field="mode")
 
 
 def _fits(shape, declared) -> bool:
