@@ -23,8 +23,9 @@ from gradserve.v1.codec import WIRE_DTYPES, fill_attribute, fill_tensor
 from .render import graph_dot
 
 UNARY = ("neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
-         "tanh", "sigmoid", "relu", "softplus", "log1p")
+         "tanh", "sigmoid", "relu", "softplus", "log1p", "erf")
 BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "matmul")
+COMPARISONS = ("equal", "not_equal", "less", "less_equal", "greater", "greater_equal")
 
 
 class Value:
@@ -67,8 +68,21 @@ def _binary(op):
         return self.node(op, [a, b], name=name)
     method.__name__ = op
     method.__doc__ = ("NumPy matmul(a, b)." if op == "matmul"
-                      else f"Elementwise {op}(a, b) with NumPy broadcasting.")
+                      else f"Elementwise {op}(a, b) with NumPy broadcasting." if op in BINARY
+                      else f"Elementwise {op}(a, b) with NumPy broadcasting: a bool value, "
+                      "no derivative.")
     return method
+
+
+def _result_dtype(op, values, attrs) -> str:
+    """The dtype of a node's value, as the engine's dtype rules give it."""
+    if op in COMPARISONS:
+        return "bool"
+    if op == "cast" and "dtype" in attrs:
+        return str(attrs["dtype"])
+    if op == "where" and len(values) == 3:
+        return values[1].dtype
+    return values[0].dtype if values else "float32"
 
 
 class GraphBuilder:
@@ -105,7 +119,7 @@ class GraphBuilder:
              name: str | None = None) -> Value:
         """A node of any op: the generic form behind every method below."""
         values = self._as_values(inputs)
-        dtype = values[0].dtype if values else "float32"
+        dtype = _result_dtype(op, values, attrs or {})
         value = Value(self, name or self._fresh(op), dtype, name is None)
         self._nodes.append((value, op, values, dict(attrs or {})))
         return self._define(value)
@@ -129,7 +143,7 @@ class GraphBuilder:
 
     for _op in UNARY:
         locals()[_op] = _unary(_op)
-    for _op in BINARY:
+    for _op in BINARY + COMPARISONS:
         locals()[_op] = _binary(_op)
     del _op
 
@@ -144,6 +158,35 @@ class GraphBuilder:
     def max(self, x, axes=None, keepdims=False, name=None):
         """Max over `axes` (all when None); tied maxima share the derivative."""
         return self.node("max", [x], _attrs(axes=axes, keepdims=keepdims), name)
+
+    def min(self, x, axes=None, keepdims=False, name=None):
+        """Min over `axes` (all when None); tied minima share the derivative."""
+        return self.node("min", [x], _attrs(axes=axes, keepdims=keepdims), name)
+
+    def prod(self, x, axes=None, keepdims=False, name=None):
+        """Product over `axes` (all when None)."""
+        return self.node("prod", [x], _attrs(axes=axes, keepdims=keepdims), name)
+
+    def cumsum(self, x, axis, reverse=False, exclusive=False, name=None):
+        """Running sum along `axis`; `reverse` from the end, `exclusive` leaving each
+        element out of its own sum."""
+        return self.node("cumsum", [x], {"axis": axis, "reverse": reverse,
+                                          "exclusive": exclusive}, name)
+
+    def clip(self, x, min=None, max=None, name=None):
+        """x limited to [min, max] (either may be None); derivative 1 within the bounds,
+        bounds included."""
+        return self.node("clip", [x], _attrs(min=_float(min), max=_float(max)), name)
+
+    def where(self, cond, a, b, name=None):
+        """a where the bool `cond` holds, else b (broadcasting). Python numbers for a or
+        b become constants of the other's dtype."""
+        a, b = self._as_values([a, b])
+        return self.node("where", [cond, a, b], name=name)
+
+    def cast(self, x, dtype, name=None):
+        """x converted to `dtype` (float32, float64, int32, int64 or bool)."""
+        return self.node("cast", [x], {"dtype": np.dtype(dtype).name}, name)
 
     def reshape(self, x, shape, name=None):
         return self.node("reshape", [x], {"shape": list(shape)}, name)
@@ -160,6 +203,36 @@ class GraphBuilder:
     def slice(self, x, starts, stops, axes=None, name=None):
         """x[start:stop] along `axes` (0, 1, ... when None), NumPy semantics."""
         return self.node("slice", [x], _attrs(starts=starts, stops=stops, axes=axes), name)
+
+    def pad(self, x, pads, value=0.0, name=None):
+        """Constant padding: `pads` holds a begin value for each axis, then an end value
+        for each (ONNX order)."""
+        return self.node("pad", [x], {"pads": list(pads), "value": float(value)}, name)
+
+    def take(self, data, indices, axis=0, name=None):
+        """NumPy take (ONNX Gather): `indices` an int32/int64 value, or a list of ints
+        (becomes an int64 constant); negative indices count from the end."""
+        if not isinstance(indices, Value):
+            indices = self.constant(np.asarray(indices, dtype=np.int64))
+        return self.node("take", [data, indices], {"axis": axis}, name)
+
+    def conv(self, x, w, strides=None, pads=None, dilations=None, groups=1, name=None):
+        """N-d convolution, NCHW: x (N, C, *S), w (O, C / groups, *kernel); `pads` as
+        begin values for each spatial axis, then end values. No bias: add it."""
+        return self.node("conv", [x, w], _attrs(strides=strides, pads=pads,
+                                                dilations=dilations, groups=groups), name)
+
+    def max_pool(self, x, kernel_shape, strides=None, pads=None, dilations=None, name=None):
+        """N-d max pooling, NCHW; a window's derivative goes to its first maximum."""
+        return self.node("max_pool", [x], _attrs(kernel_shape=kernel_shape, strides=strides,
+                                                 pads=pads, dilations=dilations), name)
+
+    def avg_pool(self, x, kernel_shape, strides=None, pads=None, dilations=None,
+                 count_include_pad=False, name=None):
+        """N-d average pooling, NCHW; `count_include_pad` divides by the whole window."""
+        return self.node("avg_pool", [x], _attrs(kernel_shape=kernel_shape, strides=strides,
+                                                 pads=pads, dilations=dilations,
+                                                 count_include_pad=count_include_pad), name)
 
     def softmax(self, x, axis=-1, name=None):
         return self.node("softmax", [x], {"axis": axis}, name)
@@ -255,3 +328,7 @@ def load_graph(path: str | Path) -> graph_pb2.Graph:
 
 def _attrs(**kwargs) -> dict:
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _float(v):
+    return None if v is None else float(v)

@@ -6,7 +6,9 @@ converter) and evaluated against NumPy (tests/oracles.py's references).
 from __future__ import annotations
 
 import hashlib
+import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +22,10 @@ from gradserve.v1.codec import attribute_value, from_tensor
 from oracles import domains_for, random_inputs, reference
 
 UNARY = ["neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
-         "tanh", "sigmoid", "relu", "softplus", "log1p"]
+         "tanh", "sigmoid", "relu", "softplus", "log1p", "erf"]
 BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum"]
+COMPARISONS = ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 # op -> (operand shapes, attributes): one row per op of the engine.
 ROWS = {
@@ -39,6 +43,20 @@ ROWS = {
     "softmax": (((2, 3),), {"axis": 0}),
     "log_softmax": (((2, 3),), {"axis": -1}),
     "logsumexp": (((2, 3),), {"axis": 1, "keepdims": True}),
+    **{op: (((2, 3), (3,)), {}) for op in COMPARISONS},
+    "min": (((2, 3),), {"axes": [0]}),
+    "prod": (((2, 3),), {"axes": [1], "keepdims": True}),
+    "cumsum": (((2, 3),), {"axis": 1, "reverse": True, "exclusive": False}),
+    "clip": (((2, 3),), {"min": -0.5, "max": 0.5}),
+    "where": (((2, 3), (2, 3), (3,)), {}),
+    "cast": (((2, 3),), {"dtype": "float64"}),
+    "pad": (((2, 3),), {"pads": [1, 0, 0, 2], "value": 0.5}),
+    "take": (((4, 3), (2,)), {"axis": 0}),
+    "conv": (((1, 2, 5, 5), (3, 2, 3, 3)), {"strides": [2, 1], "pads": [1, 1, 0, 0],
+                                             "dilations": [1, 2], "groups": 1}),
+    "max_pool": (((1, 2, 5, 5),), {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    "avg_pool": (((1, 2, 5, 5),), {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1],
+                                   "count_include_pad": True}),
 }
 
 
@@ -57,6 +75,20 @@ def test_every_engine_op_has_a_row_and_a_builder_method():
         assert callable(getattr(GraphBuilder, op, None)), f"GraphBuilder has no method {op}"
 
 
+def readme_op_table() -> set:
+    """The op names (in backquotes) in the first column of the README's op table."""
+    text = README.read_text()
+    start = text.index("| group | ops |")
+    rows = text[start:].split("\n\n", 1)[0].splitlines()[2:]
+    return {name for line in rows for name in re.findall(r"`([a-z_0-9]+)`", line.split("|")[2])}
+
+
+def test_every_engine_op_is_in_the_readme_op_table():
+    listed = readme_op_table()
+    assert not set(engine.OPS) - listed, f"missing from README: {sorted(set(engine.OPS) - listed)}"
+    assert not listed - set(engine.OPS), f"not engine ops: {sorted(listed - set(engine.OPS))}"
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("op", sorted(ROWS))
 def test_builder_method_per_op(op, dtype):
@@ -67,7 +99,7 @@ def test_builder_method_per_op(op, dtype):
     inputs = random_inputs(rng, specs, dtype)
 
     g = GraphBuilder()
-    values = [g.input(n, dtype, s) for n, s in zip(names, shapes)]
+    values = [g.input(n, inputs[n].dtype.name, s) for n, s in zip(names, shapes)]
     method = getattr(g, op)
     out = method(values, **attrs) if op == "concat" else method(*values, **attrs)
     g.output("out", out)
@@ -81,7 +113,8 @@ def test_builder_method_per_op(op, dtype):
         assert built[key] == value
     got = evaluate(g, inputs)["out"]
     want = reference(op, [inputs[n] for n in names], attrs)
-    assert got.dtype == np.dtype(dtype) and got.shape == want.shape
+    want_dtype = np.bool_ if op in COMPARISONS else np.dtype(attrs.get("dtype", dtype))
+    assert got.dtype == want_dtype and got.shape == want.shape
     assert_allclose(got, want, rtol=1e-5 if dtype == "float32" else 1e-12, atol=1e-7)
 
 
@@ -256,8 +289,25 @@ def test_values_from_another_builder_are_refused():
 
 
 def test_unsupported_input_dtype_is_refused():
-    with pytest.raises(ValueError, match="bool"):
-        GraphBuilder().input("b", "bool", [2])
+    with pytest.raises(ValueError, match="float16"):
+        GraphBuilder().input("h", "float16", [2])
+
+
+def test_result_dtypes_of_comparisons_where_take_and_cast():
+    g = GraphBuilder()
+    x, mask = g.input("x", "float32", [3]), g.input("mask", "bool", [3])
+    assert g.less(x, 0.5).dtype == "bool"
+    picked = g.where(mask, x, 0.0)  # the 0.0 becomes a float32 constant, not a bool
+    assert picked.dtype == "float32"
+    assert g.cast(x, np.int64).dtype == "int64"
+    rows = g.take(x, [2, -1, 0])  # a list of indices becomes an int64 constant
+    assert rows.dtype == "float32"
+    g.output("y", g.add(picked, rows))
+    proto = g.build()
+    dtypes = {name: from_tensor(t).dtype.name for name, t in proto.constants.items()}
+    assert sorted(dtypes.values()) == ["float32", "float32", "int64"]
+    out = evaluate(g, {"x": np.float32([1, 2, 3]), "mask": np.array([True, False, True])})
+    assert_allclose(out["y"], np.float32([1, 0, 3]) + np.float32([3, 3, 1]))
 
 
 def test_generic_node_and_value_repr():

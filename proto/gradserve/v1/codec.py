@@ -21,10 +21,12 @@ DTYPES = {
     tensor_pb2.DATA_TYPE_FLOAT64: np.dtype("<f8"),
     tensor_pb2.DATA_TYPE_INT32: np.dtype("<i4"),
     tensor_pb2.DATA_TYPE_INT64: np.dtype("<i8"),
+    tensor_pb2.DATA_TYPE_BOOL: np.dtype("bool"),
 }
 WIRE_DTYPES = {dt.name: code for code, dt in DTYPES.items()}
 MAX_SPAN = 1 << 59  # NumPy refuses larger shapes even when a zero dimension empties them
 _CODES = {dt: code for code, dt in DTYPES.items()}  # by np.dtype: no name lookup per call
+_BOOL = DTYPES[tensor_pb2.DATA_TYPE_BOOL]
 
 
 class TensorError(ValueError):
@@ -66,6 +68,9 @@ def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
             or (count == 0 and prod(d for d in shape if d) > MAX_SPAN)):
         _tensor_error(t, shape, count, len(data), dtype, max_elements,
                       field if key is None else f"{field}['{key}']")
+    if dtype is _BOOL and count and np.frombuffer(data, np.uint8).max() > 1:
+        raise TensorError(field if key is None else f"{field}['{key}']",
+                          "a bool tensor's bytes must each be 0 or 1")
     return np.frombuffer(data, dtype).reshape(shape)
 
 
