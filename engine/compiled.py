@@ -231,11 +231,41 @@ class Plan:
         return shapes
 
     def estimate_bytes(self, shapes, directions: int = 0) -> int:
-        """Memory the node values and their seeds may take at these shapes."""
+        """Memory the node values and their seeds may take at these shapes, plus the
+        largest scratch buffer one op allocates beyond its output (conv's im2col
+        matrix, pooling windows): an upper bound, computed before anything runs."""
+        total = scratch = 0
+        for node, op, attrs in self._nodes:
+            itemsize = self._np_dtypes[node.name].itemsize
+            total += prod(shapes[node.name]) * itemsize
+            if op.scratch is not None:
+                need = op.scratch([shapes[r] for r in node.inputs],
+                                  **{k: v for k, v in attrs.items() if k != "node"})
+                scratch = max(scratch, need * itemsize)
+        return (total + scratch) * (1 + directions)
+
+    def estimate_flops(self, shapes, directions: int = 0) -> int:
+        """Floating-point operations of the values' sweep at these shapes, plus about
+        twice that per seed direction (each direction's jvp or vjp)."""
         total = 0
-        for node, _, _ in self._nodes:
-            total += prod(shapes[node.name]) * self._np_dtypes[node.name].itemsize
-        return total * (1 + directions)
+        for node, op, attrs in self._nodes:
+            out = shapes[node.name]
+            if op.flops is not None:
+                total += op.flops([shapes[r] for r in node.inputs], out,
+                                  **{k: v for k, v in attrs.items() if k != "node"})
+            else:
+                total += prod(out) + sum(prod(shapes[r]) for r in node.inputs)
+        return total * (1 + 2 * directions)
+
+    def _check_work(self, shapes, directions, max_flops):
+        if max_flops is None:
+            return
+        need = self.estimate_flops(shapes, directions)
+        if need > max_flops:
+            raise ResourceLimitError(
+                f"the request needs about {need:,} floating-point operations "
+                f"({directions} seed directions), over the limit of {max_flops:,} "
+                "(max_request_flops)", field="inputs")
 
     def _check_memory(self, shapes, directions, max_bytes, extra=0):
         if max_bytes is None:
@@ -334,20 +364,24 @@ class Plan:
     # --- public API --------------------------------------------------------------
 
     # Every method takes, by keyword: `max_bytes`, a limit on the estimated memory of
-    # values and seeds (ResourceLimitError before anything runs), and `check`, a
-    # callable run between chunks of ops that may raise to stop the computation.
+    # values and seeds; `max_reply_bytes`, on the arrays the answer holds;
+    # `max_flops`, on the estimated floating-point operations (each refused with
+    # ResourceLimitError before anything runs); and `check`, a callable run between
+    # chunks of ops (and between blocks of a large op) that may raise to stop the
+    # computation.
 
-    def evaluate(self, inputs, *, max_bytes=None, max_reply_bytes=None, check=None) -> dict:
-        """Output values: name -> array. `max_reply_bytes` refuses outputs larger than
-        that in all (ResourceLimitError, before any work)."""
+    def evaluate(self, inputs, *, max_bytes=None, max_reply_bytes=None, max_flops=None,
+                 check=None) -> dict:
+        """Output values: name -> array."""
         vals, shapes, _ = self._bind(inputs)
         reply = self._nbytes(shapes, self.output_names)
         self._check_reply(reply, max_reply_bytes, "outputs", "outputs")
+        self._check_work(shapes, 0, max_flops)
         self._check_memory(shapes, 0, max_bytes, extra=reply)
         values_sweep(self._steps, vals, check, self._points)
         return self._outputs(vals)
 
-    def jvp(self, inputs, tangents, *, max_bytes=None, max_reply_bytes=None,
+    def jvp(self, inputs, tangents, *, max_bytes=None, max_reply_bytes=None, max_flops=None,
             check=None) -> JVPResult:
         """Forward mode: push input tangents to every output in the values' sweep."""
         vals, shapes, _ = self._bind(inputs)
@@ -355,6 +389,7 @@ class Plan:
         seeds, k, batched = self._seeds(tangents, self.input_names, shapes, "tangents")
         reply = self._nbytes(shapes, self.output_names, 1 + k)
         self._check_reply(reply, max_reply_bytes, "outputs and tangents", "tangents")
+        self._check_work(shapes, k, max_flops)
         self._check_memory(shapes, k, max_bytes, extra=reply)
         tans = [None] * self._n_slots
         for s, t in seeds.items():
@@ -371,7 +406,7 @@ class Plan:
         return JVPResult(self._outputs(vals), out)
 
     def vjp(self, inputs, cotangents, wrt=None, *, max_bytes=None, max_reply_bytes=None,
-            check=None) -> VJPResult:
+            max_flops=None, check=None) -> VJPResult:
         """Reverse mode: pull output cotangents back to the `wrt` inputs."""
         vals, shapes, _ = self._bind(inputs)
         self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
@@ -379,6 +414,7 @@ class Plan:
         seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
         reply = self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt, k)
         self._check_reply(reply, max_reply_bytes, "outputs and cotangents", "cotangents")
+        self._check_work(shapes, k, max_flops)
         self._check_memory(shapes, k, max_bytes, extra=reply)
         cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
         out = {}
@@ -390,7 +426,7 @@ class Plan:
         return VJPResult(self._outputs(vals), out)
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
-                 max_block_elements=None, max_reply_bytes=None, ratio=None,
+                 max_block_elements=None, max_reply_bytes=None, max_flops=None, ratio=None,
                  check=None) -> JacobianResult:
         """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks.
 
@@ -411,16 +447,17 @@ class Plan:
                 field="of")
         reply = self._nbytes(shapes, self.output_names) + setup.result_bytes
         self._check_reply(reply, max_reply_bytes, "outputs and Jacobian blocks", "of")
-        if max_bytes is not None:
-            d = setup.decision
-            self._check_memory(shapes, d.n if d.mode == "forward" else d.m, max_bytes,
-                               extra=setup.result_bytes + setup.seed_bytes + reply)
+        d = setup.decision
+        directions = d.n if d.mode == "forward" else d.m
+        self._check_work(shapes, directions, max_flops)
+        self._check_memory(shapes, directions, max_bytes,
+                           extra=setup.result_bytes + setup.seed_bytes + reply)
         seeds = setup.seeds or self._identity_seeds(setup, shapes)
         return self._jacobian_blocks(vals, setup, seeds, check)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False, max_bytes=None, max_block_elements=None,
-                      max_reply_bytes=None, max_trace_elements=None,
+                      max_reply_bytes=None, max_trace_elements=None, max_flops=None,
                       check=None) -> Differentiation:
         """One differentiation request, whatever it asks for:
 
@@ -451,7 +488,8 @@ class Plan:
         elif cotangents:
             _same_names(cotangents, of, "cotangents", "of")
             _implies(mode, "reverse", "cotangents")
-        limits = {"max_bytes": max_bytes, "max_reply_bytes": max_reply_bytes, "check": check}
+        limits = {"max_bytes": max_bytes, "max_reply_bytes": max_reply_bytes,
+                  "max_flops": max_flops, "check": check}
         recipe = None
         if trace:
             recipe = self._trace_recipe(inputs, of, mode, tangents, cotangents,
@@ -484,7 +522,7 @@ class Plan:
             trace_mode, seeds = recipe
             answer = answer._replace(trace=self.trace(
                 inputs, trace_mode, **seeds, max_elements=max_trace_elements,
-                max_bytes=max_bytes, check=check))
+                max_bytes=max_bytes, max_flops=max_flops, check=check))
         return answer
 
     def _trace_recipe(self, inputs, of, mode, tangents, cotangents, max_elements):
@@ -513,7 +551,7 @@ class Plan:
         return "reverse", {"cotangents": {of[0]: one}}
 
     def trace(self, inputs, mode: str, *, tangents=None, cotangents=None, max_elements=None,
-              max_bytes=None, check=None) -> Trace:
+              max_bytes=None, max_flops=None, check=None) -> Trace:
         """Values and, per node and per edge, the derivatives one sweep computes
         (see engine/trace.py).
 
@@ -541,6 +579,7 @@ class Plan:
                              "values, without a leading axis of directions", field=field)
         if max_elements is not None:
             self._check_trace_size(shapes, forward, max_elements)
+        self._check_work(shapes, 3, max_flops)  # one direction, its partials, its tangents
         self._check_memory(shapes, 1, max_bytes)
 
         leaves = len(self.input_names) + len(self.graph.constants)

@@ -33,6 +33,7 @@ from .ir import DTYPES, FLOAT_DTYPES
 from .shapes import (broadcast_shapes, fill_seed, fmt_shape, lift, normalize_axes,
                      normalize_axis, num_elements, unbroadcast)
 from .special import erf
+from .blocked import matmul as _mm
 from .windows import (Window, avg_pool, avg_pool_scratch, avg_pool_vjp, conv,
                       conv_input_grad, conv_scratch, conv_weight_grad, max_pool, max_pool_jvp,
                       max_pool_scratch, max_pool_vjp)
@@ -69,6 +70,10 @@ class OpDef:
     # per seed direction (the values-only pass counts as one direction); None: none to speak
     # of. For memory estimates made before anything runs.
     scratch: Callable | None = None
+    # (shapes, out_shape, **attrs) -> floating-point operations of eval (a jvp or vjp
+    # costs about as much per direction); None: about one per element read or written.
+    # For the work bound checked before anything runs.
+    flops: Callable | None = None
     node_attr: bool = False  # the rules also get the node's name as `node` (run-time errors)
 
 
@@ -555,6 +560,11 @@ _row(OpDef(
 # With a direction axis in front, that promotion is done by hand so that
 # ordinary batched matmul broadcasting carries the directions.
 
+def _matmul_flops(shapes, out, **_):
+    a = shapes[0]
+    return 2 * num_elements(out) * (a[-1] or 1)
+
+
 def _matmul_rule(shapes, dtypes):
     a, b = shapes
     if len(a) == 0 or len(b) == 0:
@@ -602,9 +612,9 @@ def _matmul_jvp(t, x, ans):
     rank = max(a2.ndim, b2.ndim)  # the direction axis must sit in front of all batch axes
     terms = []
     if ta is not None:
-        terms.append(np.matmul(lift(ta, rank), b2))
+        terms.append(_mm(lift(ta, rank), b2))
     if tb is not None:
-        terms.append(np.matmul(a2, lift(tb, rank)))
+        terms.append(_mm(a2, lift(tb, rank)))
     out = terms[0] if len(terms) == 1 else terms[0] + terms[1]
     return fill_seed(_from_matrix(out, a.ndim, b.ndim), ans.shape)
 
@@ -614,14 +624,14 @@ def _matvec_jvp(t, a, b):
     matrix, so its term is one matrix product rather than k vector products."""
     ta, tb = t
     if a.ndim == 1:  # (K,) @ (K, N): directions (k, K) @ (K, N)
-        terms = [ta @ b if ta is not None else None,
-                 np.matmul(a, tb) if tb is not None else None]
+        terms = [_mm(ta, b) if ta is not None else None,
+                 _mm(a, tb) if tb is not None else None]
     else:  # (M, K) @ (K,): directions (k, K) @ (K, M)
         # explicit sizes, not -1: a zero-size operand leaves -1 undetermined
         m, kk = a.shape
-        terms = [(ta.reshape(ta.shape[0] * m, kk) @ b).reshape(ta.shape[0], m)
+        terms = [_mm(ta.reshape(ta.shape[0] * m, kk), b).reshape(ta.shape[0], m)
                  if ta is not None else None,
-                 tb @ a.T if tb is not None else None]
+                 _mm(tb, a.T) if tb is not None else None]
     ta_term, tb_term = terms
     return ta_term if tb_term is None else tb_term if ta_term is None else ta_term + tb_term
 
@@ -634,15 +644,15 @@ def _matmul_vjp(i, g, x, ans):
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
     if i == 0:
-        ga = np.matmul(g2, np.swapaxes(b2, -1, -2))
+        ga = _mm(g2, np.swapaxes(b2, -1, -2))
         ga = ga[..., 0, :] if a.ndim == 1 else ga
         return unbroadcast(ga, a.shape)
     if b.ndim == 2 and a2.ndim > 2:
         # A weight shared across the batch: fold the batch into one product per direction.
         k, n = g2.shape[0], b2.shape[1]
         rows = a2.reshape(prod(a2.shape[:-1]), a2.shape[-1])
-        return np.matmul(rows.T, g2.reshape(k, rows.shape[0], n))
-    gb = np.matmul(np.swapaxes(a2, -1, -2), g2)
+        return _mm(rows.T, g2.reshape(k, rows.shape[0], n))
+    gb = _mm(np.swapaxes(a2, -1, -2), g2)
     gb = gb[..., 0] if b.ndim == 1 else gb
     return unbroadcast(gb, b.shape)
 
@@ -650,13 +660,13 @@ def _matmul_vjp(i, g, x, ans):
 def _matvec_vjp(i, g, a, b):
     """Cotangents of a vector @ matrix or matrix @ vector product, k directions at once."""
     if a.ndim == 1:  # g (k, N)
-        return g @ b.T if i == 0 else a[None, :, None] * g[:, None, :]
+        return _mm(g, b.T) if i == 0 else a[None, :, None] * g[:, None, :]
     # a (M, K), b (K,), g (k, M)
-    return g[:, :, None] * b[None, None, :] if i == 0 else g @ a
+    return g[:, :, None] * b[None, None, :] if i == 0 else _mm(g, a)
 
 
-_row(OpDef("matmul", 2, _matmul_rule, np.matmul, _matmul_jvp, _matmul_vjp,
-           saves=frozenset({"x"}), float_only=False,
+_row(OpDef("matmul", 2, _matmul_rule, _mm, _matmul_jvp, _matmul_vjp,
+           saves=frozenset({"x"}), float_only=False, flops=_matmul_flops,
            description="NumPy matmul: 1-D operands promoted, leading axes broadcast"))
 
 
@@ -783,17 +793,18 @@ def _norm_clip(attrs, shapes):
 
 
 def _clip_bounds(dtype, low, high):
-    """The bounds as the values of `dtype` they admit (integers: rounded inwards, kept
-    within the type's range)."""
+    """The bounds as values of `dtype`: integers rounded inwards and kept within the
+    type's range, floats rounded to the dtype (float32: beyond its range, infinite)."""
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if low is not None:
-            low = min(max(math.ceil(low), info.min), info.max) if math.isfinite(low) \
-                else (info.min if low < 0 else None)
-        if high is not None:
-            high = max(min(math.floor(high), info.max), info.min) if math.isfinite(high) \
-                else (info.max if high > 0 else None)
-    return low, high
+
+        def fit(v, rounded):
+            return info.min if v < info.min else info.max if v > info.max else rounded(v)
+        return (None if low is None else fit(low, math.ceil),
+                None if high is None else fit(high, math.floor))
+    with np.errstate(over="ignore"):
+        return (None if low is None else dtype.type(low),
+                None if high is None else dtype.type(high))
 
 
 def _clip(x, min, max):
@@ -805,11 +816,12 @@ def _clip(x, min, max):
 
 def _clip_mask(x, min, max):
     """Where the derivative passes: min <= x <= max, bounds included (as PyTorch)."""
+    low, high = _clip_bounds(x.dtype, min, max)
     mask = True
-    if min is not None:
-        mask = x >= min
-    if max is not None:
-        mask = mask & (x <= max)
+    if low is not None:
+        mask = x >= low
+    if high is not None:
+        mask = mask & (x <= high)
     return mask
 
 
@@ -1074,7 +1086,8 @@ _row(OpDef(
     frozenset({"x"}), True, _norm_conv,
     "N-d convolution (cross-correlation, as ONNX Conv and PyTorch), NCHW: x (N, C, *S), "
     "weight (O, C / groups, *kernel); no bias (add it)",
-    scratch=lambda shapes, **geometry: conv_scratch(shapes[0], shapes[1], **geometry)))
+    scratch=lambda shapes, **geometry: conv_scratch(shapes[0], shapes[1], **geometry),
+    flops=lambda shapes, out, **_: 2 * prod(out) * prod(shapes[1][1:])))
 
 
 def _norm_pool(attrs, shapes):
@@ -1107,7 +1120,8 @@ _row(OpDef(
     POOL_ATTRS, frozenset({"x", "ans"}), True, _norm_pool,
     "N-d max pooling, NCHW, padding -inf (ONNX MaxPool without ceil_mode); the derivative of "
     "a window goes to its first maximal element in row-major order, as in PyTorch",
-    scratch=lambda shapes, window: max_pool_scratch(shapes[0], window)))
+    scratch=lambda shapes, window: max_pool_scratch(shapes[0], window),
+    flops=lambda shapes, out, window: prod(out) * prod(window.kernel)))
 _row(OpDef(
     "avg_pool", 1, _pool_rule,
     lambda x, window, count_include_pad: avg_pool(x, window, count_include_pad),
@@ -1119,7 +1133,8 @@ _row(OpDef(
                            "elements that are not padding)"),),
     frozenset(), True, _norm_pool,
     "N-d average pooling, NCHW (ONNX AveragePool without ceil_mode)",
-    scratch=lambda shapes, window, count_include_pad: avg_pool_scratch(shapes[0], window)))
+    scratch=lambda shapes, window, count_include_pad: avg_pool_scratch(shapes[0], window),
+    flops=lambda shapes, out, window, count_include_pad: prod(out) * prod(window.kernel)))
 
 
 # --- attribute checking --------------------------------------------------------

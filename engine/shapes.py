@@ -69,7 +69,16 @@ def span(shape) -> int:
     return n
 
 
-def check_span(shape, field: str | None = None) -> None:
+# The largest rank of a value. NumPy arrays have at most 64 axes; a seed adds one
+# axis of directions and a Jacobian block has the rank of its output plus its
+# input's, so values stay at 32 or fewer for every derivative to fit.
+MAX_RANK = 32
+
+
+def check_shape(shape, field: str | None = None) -> None:
+    """A shape NumPy can hold, with room for derivatives (MAX_SPAN, MAX_RANK)."""
+    if len(shape) > MAX_RANK:
+        raise RuleError(f"rank {len(shape)} is over the maximum of {MAX_RANK}", field)
     if span(shape) > MAX_SPAN:
         raise RuleError(f"shape {fmt_shape(shape)} is too large for an array "
                         f"(its non-zero dimensions multiply past 2^59)", field)

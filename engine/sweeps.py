@@ -8,15 +8,39 @@ own overhead is most of the cost, and building argument lists shows.
 check_points: every heavy op and at least every CHUNK steps), so a sweep whose
 caller is gone stops between ops; it stops the sweep by raising.
 
+While a sweep runs with a `check`, `checkpoint()` calls it too: an op that
+splits its own work into blocks (a large matmul) checks between them, so no
+single step runs long without a check.
+
 `record`, when given, is told what each step computed (a `Recorder`): that is
 how a trace is taken, by the same sweeps that answer every other request.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
+
+_CHECK: ContextVar = ContextVar("gradserve_engine_check", default=None)
+
+
+def checkpoint() -> None:
+    """Run the current sweep's check, if it has one (ops call this between blocks)."""
+    check = _CHECK.get()
+    if check is not None:
+        check()
+
+
+@contextmanager
+def _checking(check):
+    token = _CHECK.set(check)
+    try:
+        yield
+    finally:
+        _CHECK.reset(token)
 
 
 class Step(NamedTuple):
@@ -91,6 +115,13 @@ def _args(vals, ins):
 
 
 def values_sweep(steps, vals, check=None, points=()):
+    if check is not None:
+        with _checking(check):
+            return _values(steps, vals, check, points)
+    return _values(steps, vals, check, points)
+
+
+def _values(steps, vals, check, points):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
             vals[st.out] = st.eval(*_args(vals, st.ins))
@@ -100,6 +131,13 @@ def values_sweep(steps, vals, check=None, points=()):
 
 def forward_sweep(steps, vals, tans, check=None, points=(), record: Recorder | None = None):
     """Values and tangents in one sweep; a node with no tangent in is skipped."""
+    if check is not None:
+        with _checking(check):
+            return _forward(steps, vals, tans, check, points, record)
+    return _forward(steps, vals, tans, check, points, record)
+
+
+def _forward(steps, vals, tans, check, points, record):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
             ins, out = st.ins, st.out
@@ -121,6 +159,13 @@ def reverse_sweep(steps, vals, seeds, needs, check=None, points=(),
     """Values forward (keeping what the vjps read), then cotangents backward,
     summed where a value fans out. `needs[j]` lists the input positions of step
     j that lead back to a differentiated input. Returns the cotangent per slot."""
+    if check is not None:
+        with _checking(check):
+            return _reverse(steps, vals, seeds, needs, check, points, record)
+    return _reverse(steps, vals, seeds, needs, check, points, record)
+
+
+def _reverse(steps, vals, seeds, needs, check, points, record):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
             ans = vals[st.out] = st.eval(*_args(vals, st.ins))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .errors import DTypeError, GraphError, RuleError, ShapeError
 from .ir import DTYPES, Graph
 from .ops import OPS, OpDef, check_attrs, check_dtypes
-from .shapes import MAX_SPAN, check_span, span
+from .shapes import check_shape
 
 
 @dataclass
@@ -56,9 +56,7 @@ def validate(graph: Graph) -> CheckedGraph:
                 raise ShapeError(f"dimension {d} in shape {list(inp.shape)} is negative "
                                  "(-1 means any size)", node=inp.name, field="shape")
         shapes[inp.name] = tuple(None if d == -1 else d for d in inp.shape)
-        if span(shapes[inp.name]) > MAX_SPAN:
-            raise ShapeError(f"shape {list(inp.shape)} is too large for an array", node=inp.name,
-                             field="shape")
+        _checked(shapes[inp.name], inp.name)
         dtypes[inp.name] = inp.dtype
 
     for name, value in graph.constants.items():
@@ -66,7 +64,7 @@ def validate(graph: Graph) -> CheckedGraph:
         if value.dtype.name not in DTYPES:
             raise DTypeError(f"unsupported dtype {value.dtype.name!r} "
                              f"(supported: {', '.join(DTYPES)})", node=name, field="dtype")
-        shapes[name] = tuple(value.shape)
+        shapes[name] = _checked(tuple(value.shape), name)
         dtypes[name] = value.dtype.name
 
     ops, attrs = [], []
@@ -94,7 +92,7 @@ def validate(graph: Graph) -> CheckedGraph:
             if op.node_attr:
                 resolved["node"] = node.name
             shape = op.shape(in_shapes, None, **resolved)
-            check_span(shape)
+            check_shape(shape)
         except RuleError as err:
             _reraise(err, node.name, node.op)
         shapes[node.name] = shape
@@ -115,6 +113,14 @@ def validate(graph: Graph) -> CheckedGraph:
     return CheckedGraph(shapes, dtypes, ops, attrs)
 
 
+def _checked(shape, name):
+    try:
+        check_shape(shape, "shape")
+    except RuleError as err:
+        raise ShapeError(str(err), node=name, field="shape") from None
+    return shape
+
+
 def _defined_later(graph: Graph, node, ref) -> bool:
     # Only reached on the error path, so the linear scan costs nothing normally.
     return any(n.name == ref for n in graph.nodes)
@@ -126,7 +132,7 @@ def infer_shapes(names, ops, attrs, ins, shapes: dict) -> dict:
     for name, op, resolved, refs in zip(names, ops, attrs, ins):
         try:
             shapes[name] = op.shape([shapes[r] for r in refs], None, **resolved)
-            check_span(shapes[name])
+            check_shape(shapes[name])
         except RuleError as err:
             _reraise(err, name, op.name)
     return shapes

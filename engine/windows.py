@@ -5,8 +5,8 @@ Layout as ONNX and PyTorch: a tensor is (N, C, *spatial); a conv weight is
 (begin values for each spatial axis, then end values, ONNX order) and dilations.
 
 Convolution gathers every window of the padded input once into a contiguous
-(windows, C / groups * prod(kernel)) matrix (im2col, one copy of a strided
-view) and multiplies it by the weights: one BLAS product per group, with the
+(C / groups * prod(kernel), windows) matrix (im2col, one copy of a strided
+view) and multiplies the weights by it: one BLAS product per group, with the
 seed directions folded into the batch (input directions) or into the weight
 rows (weight directions). Its input cotangent scatters back with one strided
 add per kernel offset (col2im). Pooling walks the kernel offsets, each a
@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
+
+from .blocked import matmul
 
 
 class Window(NamedTuple):
@@ -80,18 +82,16 @@ def _offsets(w: Window, out):
 
 
 def _columns(xp, w: Window, out):
-    """The windows of padded xp (B, C, *Sp) as a read-only view (B, *out, C, *kernel)."""
+    """The windows of padded xp (B, C, *Sp) as a read-only view (C, *kernel, B, *out):
+    copied group by group into (C / groups * prod(kernel), B * prod(out)) matrices, the
+    innermost axes (the windows) run along memory, which copies faster than the other
+    way round."""
     st = xp.strides
     d = len(w.kernel)
-    shape = xp.shape[:1] + out + xp.shape[1:2] + w.kernel
-    strides = (st[:1] + tuple(st[2 + i] * w.strides[i] for i in range(d)) + st[1:2]
-               + tuple(st[2 + i] * w.dilations[i] for i in range(d)))
+    shape = xp.shape[1:2] + w.kernel + xp.shape[:1] + out
+    strides = (st[1:2] + tuple(st[2 + i] * w.dilations[i] for i in range(d)) + st[:1]
+               + tuple(st[2 + i] * w.strides[i] for i in range(d)))
     return as_strided(xp, shape, strides, writeable=False)
-
-
-def _channels(view, d, start, stop):
-    """The channels start:stop of a window view (B, *out, C, *kernel)."""
-    return view[(slice(None),) * (1 + d) + (slice(start, stop),)]
 
 
 # --- convolution -----------------------------------------------------------------------
@@ -101,16 +101,15 @@ def conv(x, w, strides, pads, dilations, groups):
     applied to one gathered input (k = 1 for a plain convolution)."""
     k, n_out, cg = w.shape[:3]
     win = Window(w.shape[3:], strides, pads, dilations)
-    d, b = len(win.kernel), x.shape[0]
+    b = x.shape[0]
     out = win.out(x.shape[2:])
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)
     res = np.empty((k, b, n_out, p), np.result_type(x, w))
     for gi in range(groups):
-        cols = _channels(view, d, gi * cg, (gi + 1) * cg).reshape(b * p, cg * kp)
+        cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, b * p)
         wg = w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp)
-        r = cols @ wg.T
-        res[:, :, gi * og:(gi + 1) * og] = r.reshape(b, p, k, og).transpose(2, 0, 3, 1)
+        res[:, :, gi * og:(gi + 1) * og] = (wg @ cols).reshape(k, og, b, p).transpose(0, 2, 1, 3)
     return res.reshape((k, b, n_out) + out)
 
 
@@ -121,17 +120,19 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     cg = w.shape[1]
     win = Window(w.shape[2:], strides, pads, dilations)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
-    dxp = np.zeros((b, cg * groups) + win.padded(spatial), g.dtype)
+    # The batch axis last while accumulating: each kernel offset then adds runs of
+    # whole batches (contiguous) rather than runs of one window row.
+    dxp = np.zeros((cg * groups,) + win.padded(spatial) + (b,), g.dtype)
     g3 = g.reshape(b, n_out, p)
     for gi in range(groups):
-        gg = g3[:, gi * og:(gi + 1) * og].transpose(0, 2, 1).reshape(b * p, og)
-        cols = (gg @ w[gi * og:(gi + 1) * og].reshape(og, cg * kp)).reshape(
-            (b,) + out + (cg,) + win.kernel)
-        target = dxp[:, gi * cg:(gi + 1) * cg]
+        gg = g3[:, gi * og:(gi + 1) * og].transpose(1, 2, 0).reshape(og, p * b)
+        cols = (w[gi * og:(gi + 1) * og].reshape(og, cg * kp).T @ gg).reshape(
+            (cg,) + win.kernel + out + (b,))
+        target = dxp[gi * cg:(gi + 1) * cg]
         for offset, index in _offsets(win, out):
-            dst = target[(slice(None), slice(None)) + index]
-            dst += np.moveaxis(cols[(Ellipsis,) + offset], -1, 1)
-    return unpad(dxp, win, spatial)
+            dst = target[(slice(None),) + index]
+            dst += cols[(slice(None),) + offset]
+    return unpad(np.moveaxis(dxp, -1, 0), win, spatial)
 
 
 def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
@@ -140,16 +141,15 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     k, n, n_out = g.shape[:3]
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
-    d = len(kernel)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)
     g4 = g.reshape(k, n, n_out, p)
     dw = np.empty((k, n_out, cg * kp), np.result_type(g, x))
     for gi in range(groups):
-        cols = _channels(view, d, gi * cg, (gi + 1) * cg).reshape(n * p, cg * kp)
+        cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, n * p)
         gg = g4[:, :, gi * og:(gi + 1) * og].transpose(0, 2, 1, 3).reshape(k * og, n * p)
-        dw[:, gi * og:(gi + 1) * og] = (gg @ cols).reshape(k, og, cg * kp)
+        dw[:, gi * og:(gi + 1) * og] = (gg @ cols.T).reshape(k, og, cg * kp)
     return dw.reshape((k, n_out, cg) + win.kernel)
 
 

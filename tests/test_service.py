@@ -502,7 +502,8 @@ def test_server_info_lists_every_engine_op(client):
         "starts": ("ints", True), "stops": ("ints", True), "axes": ("ints", False)}
     assert {a.name: a.type for a in ops["sum"].attrs} == {"axes": "ints", "keepdims": "bool"}
     assert set(info.dtypes) == {tensor_pb2.DATA_TYPE_FLOAT32, tensor_pb2.DATA_TYPE_FLOAT64,
-                                tensor_pb2.DATA_TYPE_INT32, tensor_pb2.DATA_TYPE_INT64}
+                                tensor_pb2.DATA_TYPE_INT32, tensor_pb2.DATA_TYPE_INT64,
+                                tensor_pb2.DATA_TYPE_BOOL}
     assert info.planner_ratio > 0
 
 
