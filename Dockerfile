@@ -1,11 +1,14 @@
-# gradserve: the gRPC gradient service in a container.
+# gradserve: the gRPC gradient service in a container (README's Deploy section).
 #
-#   docker build -t gradserve .
-#   docker run --rm -p 127.0.0.1:50051:50051 gradserve
+#   docker build --build-arg BASE="${GRADSERVE_BASE_IMAGE:-python:3.12-slim}" \
+#       -t localhost/gradserve:0.1.0 .
+#   (podman: `podman build --format docker ...`; its default OCI format drops HEALTHCHECK)
+#   docker run --rm -p 127.0.0.1:50051:50051 localhost/gradserve:0.1.0
 #
 # BASE is any Debian-like image with python3 (>= 3.11), venv and pip; the
-# official python image by default. Only `python3` is used (some bases have no
-# plain `python`).
+# official python image by default (GRADSERVE_BASE_IMAGE names another, e.g. a
+# local base where Docker Hub is out of reach). Only `python3` is used (some
+# bases have no plain `python`).
 ARG BASE=python:3.12-slim
 
 # --- build: every wheel the service needs -------------------------------------
@@ -61,7 +64,8 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["gradserve", "health", "--timeout", "3"]
 
 # Exec form: the Python process is PID 1 and gets SIGTERM itself (health turns
-# NOT_SERVING, calls in flight get GRADSERVE_GRACE seconds, default 10, then exit 0).
+# NOT_SERVING, calls in flight get GRADSERVE_GRACE seconds, default 8: less than
+# `docker stop`'s and `podman stop`'s 10 s before SIGKILL; then exit 0).
 # `docker run IMAGE` serves; `docker run IMAGE demo` or `... health --server H:P` work too.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["gradserve"]

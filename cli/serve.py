@@ -14,7 +14,10 @@ from gradserve.server.auth import read_token
 from gradserve.server.limits import Limits
 
 DEFAULT_PORT = 50051
-DEFAULT_GRACE = 10.0
+# Shorter than every stop timeout we ship, so a call the grace lets finish is never
+# killed: docker and podman stop (10 s), compose.yaml's stop_grace_period (20 s),
+# deploy/kubernetes' terminationGracePeriodSeconds (30 s).
+DEFAULT_GRACE = 8.0
 # The server's own messages keep the library's logger name, as before the command moved.
 log = logging.getLogger("gradserve.server")
 

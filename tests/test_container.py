@@ -11,6 +11,7 @@ laptop) they skip with the reason, unless GRADSERVE_REQUIRE_CONTAINER=1 (set by
 from __future__ import annotations
 
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -211,13 +212,21 @@ def _yaml():
     return pytest.importorskip("yaml", reason="PyYAML parses compose.yaml and the manifests")
 
 
-def test_compose_runs_three_healthchecked_replicas_on_loopback():
+def test_compose_builds_once_and_runs_three_healthchecked_replicas_on_loopback():
     compose = _yaml().safe_load((REPO / "compose.yaml").read_text())
     services = compose["services"]
     assert len(services) == 3, sorted(services)
+    builders = [name for name, service in services.items() if "build" in service]
+    assert len(builders) == 1, f"build the image once, not per replica: {builders}"
+    build = services[builders[0]]["build"]
+    assert build["context"] == "."
+    assert "GRADSERVE_BASE_IMAGE" in build["args"]["BASE"]
+    assert {service["image"] for service in services.values()} == {_image_tag()}
     published = set()
     for name, service in services.items():
-        assert service["build"]["context"] == ".", name
+        # README's `docker exec gradserve-1 ...` and `podman healthcheck run gradserve-1`
+        # name the containers: the same with docker compose and podman-compose.
+        assert service["container_name"] == name
         assert service["stop_grace_period"], name
         assert "gradserve" in " ".join(service["healthcheck"]["test"]), name
         for port in service["ports"]:
@@ -228,10 +237,67 @@ def test_compose_runs_three_healthchecked_replicas_on_loopback():
     assert len(published) == 3
 
 
-def test_kubernetes_manifests_probe_the_health_service_and_balance_on_the_client():
+def _image_tag() -> str:
+    """The image name and tag compose.yaml runs."""
+    return _yaml().safe_load((REPO / "compose.yaml").read_text())["x-gradserve"]["image"]
+
+
+def _seconds(text) -> float:
+    """compose durations ("20s", "1m30s") and plain numbers, in seconds."""
+    text = str(text)
+    if text.replace(".", "", 1).isdigit():
+        return float(text)
+    units = {"h": 3600, "m": 60, "s": 1}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)([hms])", text))
+
+
+def _kubernetes_docs() -> list[dict]:
     yaml = _yaml()
-    docs = [doc for path in sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
+    return [doc for path in sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
             for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def test_the_default_grace_is_shorter_than_every_stop_timeout_shipped():
+    """A call the grace lets finish must not be killed by the orchestrator's SIGKILL."""
+    from gradserve.cli.serve import DEFAULT_GRACE
+
+    docker_stop = 10.0  # `docker stop` and `podman stop` without -t
+    compose = _yaml().safe_load((REPO / "compose.yaml").read_text())
+    by_kind = {doc["kind"]: doc for doc in _kubernetes_docs()}
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    kubernetes = pod["terminationGracePeriodSeconds"]
+    configured = float(by_kind["ConfigMap"]["data"].get("GRADSERVE_GRACE", DEFAULT_GRACE))
+    assert DEFAULT_GRACE < docker_stop
+    for name, service in compose["services"].items():
+        grace = float(service.get("environment", {}).get("GRADSERVE_GRACE", DEFAULT_GRACE))
+        assert grace < _seconds(service["stop_grace_period"]), name
+    assert max(DEFAULT_GRACE, configured) < kubernetes
+    readme = (REPO / "README.md").read_text()
+    assert f"The default grace, {DEFAULT_GRACE:g} s, is shorter than every stop timeout" in readme
+
+
+def test_one_image_tag_everywhere():
+    tag = _image_tag()
+    name, version = tag.rsplit(":", 1)
+    readme = (REPO / "README.md").read_text()
+    deploy = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    built = set(re.findall(r"build .* -t (\S+) \.$", deploy, re.M))
+    assert built == {tag}, built
+    run = set(re.findall(r"run -d .* (\S+:\S+)$", deploy, re.M))
+    assert run == {tag}, run
+    (container,) = [doc for doc in _kubernetes_docs()
+                    if doc["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == tag
+    pushed = set(re.findall(r"REGISTRY/(\S+)", deploy))
+    assert pushed == {f"{name.split('/')[-1]}:{version}"}, pushed
+    # what a new user needs for podman and for a base image other than Docker Hub's
+    for needed in ("GRADSERVE_BASE_IMAGE", "BUILDAH_FORMAT=docker", "--format docker",
+                   "podman exec", "podman-compose up"):
+        assert needed in deploy, needed
+
+
+def test_kubernetes_manifests_probe_the_health_service_and_balance_on_the_client():
+    docs = _kubernetes_docs()
     by_kind = {}
     for doc in docs:
         assert doc.get("apiVersion") and doc.get("metadata", {}).get("name"), doc
