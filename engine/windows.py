@@ -188,13 +188,10 @@ def argmax_positions(x, ans, w: Window):
     out = ans.shape[-d:]
     xp = pad(x, w, -np.inf)
     plane = np.array([prod(sp[i + 1:]) for i in range(d)], np.intp)
-    found = np.zeros(ans.shape, bool)
     where = np.zeros(ans.shape, np.intp)
-    for offset, index in _offsets(w, out):
-        hit = xp[(Ellipsis,) + index] == ans
-        hit &= ~found
-        np.copyto(where, int(np.dot(np.multiply(offset, w.dilations), plane)), where=hit)
-        found |= hit
+    for offset, index in reversed(list(_offsets(w, out))):  # so the first match is kept
+        np.copyto(where, int(np.dot(np.multiply(offset, w.dilations), plane)),
+                  where=xp[(Ellipsis,) + index] == ans)
     base = np.zeros(out, np.intp)
     for i in range(d):
         shape = [1] * d
