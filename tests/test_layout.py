@@ -84,6 +84,33 @@ def test_imports_follow_the_layout(name):
                                   + ":\n" + "\n".join(violations(name)))
 
 
+@pytest.mark.parametrize("name", [name for name in RULES if name != "cli"])
+def test_libraries_parse_no_arguments_print_or_exit(name):
+    """Only the command (gradserve.cli) parses arguments, prints and exits."""
+    found = []
+    for path in sorted((REPO / RULES[name][0]).rglob("*.py")):
+        if path.name.endswith("_pb2.py") or path.name.endswith("_pb2_grpc.py"):
+            continue  # generated
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            what = None
+            if isinstance(node, ast.Call):
+                func = node.func
+                if isinstance(func, ast.Name) and func.id in ("print", "exit", "quit"):
+                    what = f"{func.id}()"
+                elif isinstance(func, ast.Attribute) and func.attr == "exit" and \
+                        getattr(func.value, "id", None) in ("sys", "os"):
+                    what = f"{func.value.id}.exit()"
+            elif isinstance(node, ast.Name) and node.id == "SystemExit":
+                what = "SystemExit"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+                if "argparse" in names:
+                    what = "argparse"
+            if what:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {what}")
+    assert not found, f"gradserve.{name} is a library:\n" + "\n".join(found)
+
+
 def test_the_checker_sees_lazy_relative_and_dynamic_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("from ..engine import ir\n"
