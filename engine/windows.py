@@ -109,7 +109,8 @@ def conv(x, w, strides, pads, dilations, groups):
     for gi in range(groups):
         cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, b * p)
         wg = w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp)
-        res[:, :, gi * og:(gi + 1) * og] = (wg @ cols).reshape(k, og, b, p).transpose(0, 2, 1, 3)
+        r = matmul(wg, cols).reshape(k, og, b, p)
+        res[:, :, gi * og:(gi + 1) * og] = r.transpose(0, 2, 1, 3)
     return res.reshape((k, b, n_out) + out)
 
 
@@ -126,7 +127,7 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     g3 = g.reshape(b, n_out, p)
     for gi in range(groups):
         gg = g3[:, gi * og:(gi + 1) * og].transpose(1, 2, 0).reshape(og, p * b)
-        cols = (w[gi * og:(gi + 1) * og].reshape(og, cg * kp).T @ gg).reshape(
+        cols = matmul(w[gi * og:(gi + 1) * og].reshape(og, cg * kp).T, gg).reshape(
             (cg,) + win.kernel + out + (b,))
         target = dxp[gi * cg:(gi + 1) * cg]
         for offset, index in _offsets(win, out):
@@ -149,7 +150,7 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     for gi in range(groups):
         cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, n * p)
         gg = g4[:, :, gi * og:(gi + 1) * og].transpose(0, 2, 1, 3).reshape(k * og, n * p)
-        dw[:, gi * og:(gi + 1) * og] = (gg @ cols.T).reshape(k, og, cg * kp)
+        dw[:, gi * og:(gi + 1) * og] = matmul(gg, cols.T).reshape(k, og, cg * kp)
     return dw.reshape((k, n_out, cg) + win.kernel)
 
 
