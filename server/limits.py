@@ -17,7 +17,7 @@ class Limits:
     max_tensor_elements: int = 1 << 25  # elements in one input, seed or constant
     max_intermediate_bytes: int = 2048 * MiB  # estimated values + seeds of one request
     max_cached_graphs: int = 1024  # compiled graphs kept, least recently used dropped
-    max_cache_bytes: int = 512 * MiB  # size of the graphs kept (wire size, constants included)
+    max_cache_bytes: int = 512 * MiB  # memory of the compiled graphs kept (server.registry)
     max_concurrent_rpcs: int = 128  # calls in progress; more get RESOURCE_EXHAUSTED
     max_trace_elements: int = 1_000_000  # array elements in one request's trace
 

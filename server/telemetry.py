@@ -4,7 +4,7 @@ Metrics (on --metrics-port, Prometheus text format at /metrics):
   gradserve_request_seconds{method}            latency histogram per RPC
   gradserve_requests_total{method,code}        requests by status code
   gradserve_differentiations_total{mode}       Differentiate replies by mode used
-  gradserve_graph_cache_graphs, _bytes         compiled graphs cached, their size
+  gradserve_graph_cache_graphs, _bytes         compiled graphs cached, their memory
   gradserve_graph_cache_lookups_total{result}  cache hits and misses (hit rate)
 Each server has its own registry, so several servers can live in one process.
 Request logs go to the "gradserve.requests" logger at INFO (quiet by default):
@@ -33,7 +33,7 @@ class _CacheCollector:
     def collect(self):
         yield GaugeMetricFamily("gradserve_graph_cache_graphs", "compiled graphs cached",
                                 value=len(self.cache))
-        yield GaugeMetricFamily("gradserve_graph_cache_bytes", "wire size of the cached graphs",
+        yield GaugeMetricFamily("gradserve_graph_cache_bytes", "memory of the cached compiled graphs, as estimated",
                                 value=self.cache.nbytes)
         lookups = CounterMetricFamily("gradserve_graph_cache_lookups", "graph cache lookups",
                                       labels=["result"])
