@@ -16,10 +16,39 @@ from .calls import method_handler
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
+MAX_TOKEN_CHARS = 4096  # clients cap the metadata they send (8 KiB by default)
+
+
+class TokenFileError(ValueError):
+    """The token file cannot be used: unreadable, empty, or a token that gRPC metadata
+    cannot carry (so no client could authenticate)."""
+
+
 def read_token(path: str | Path) -> str:
-    token = Path(path).read_text().strip()
+    """The token in the file, surrounding whitespace removed. It must be printable ASCII
+    (0x20-0x7E), the characters a gRPC metadata value may hold, and at most
+    MAX_TOKEN_CHARS long; TokenFileError otherwise."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise TokenFileError(f"auth token file {path}: {err.strerror}") from None
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError as err:
+        raise TokenFileError(f"auth token file {path}: byte {err.start} is not ASCII "
+                             f"(0x{raw[err.start]:02x}); gRPC metadata carries printable "
+                             "ASCII only, so no client could send this token") from None
     if not token:
-        raise ValueError(f"auth token file {path} is empty")
+        raise TokenFileError(f"auth token file {path} is empty")
+    for i, char in enumerate(token):
+        if not " " <= char <= "~":
+            raise TokenFileError(f"auth token file {path}: character {i} is {char!r}, not "
+                                 "printable ASCII; gRPC metadata carries printable ASCII "
+                                 "only, so no client could send this token")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TokenFileError(f"auth token file {path}: the token has {len(token):,} "
+                             f"characters, over {MAX_TOKEN_CHARS:,} (clients cap the metadata "
+                             "they send)")
     return token
 
 
