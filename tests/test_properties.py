@@ -1,8 +1,8 @@
 """Property tests (hypothesis) on random graphs.
 
-1. Random valid graphs of elementwise, reduction and shape ops (float64): the forward and
-   reverse Jacobians agree with each other, with central finite differences, and the
-   values with NumPy. Each graph is built with its input values in hand, so an op whose
+1. Random valid graphs of elementwise, reduction, scan, padding and shape ops, and
+   comparisons feeding where (float64): the forward and reverse Jacobians agree with
+   each other, with central finite differences, and the values with NumPy. Each graph is built with its input values in hand, so an op whose
    operand is outside its safe domain (pole, kink, tie, overflow) first gets an adapter.
 2. Random, mostly invalid graphs: `compile` succeeds or raises an EngineError subclass,
    never anything else; a graph that compiles also evaluates on inputs that fit it.
@@ -21,9 +21,10 @@ from gradserve.engine import OPS, EngineError, Graph, Input, Node, compile
 from oracles import numeric_jacobian, reference
 
 UNARY = ["neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
-         "tanh", "sigmoid", "relu", "softplus", "log1p"]
-BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum"]
-SHAPE_OPS = ["sum", "mean", "reshape", "transpose"]
+         "tanh", "sigmoid", "relu", "softplus", "log1p", "erf"]
+BINARY = ["add", "sub", "mul", "div", "pow", "maximum", "minimum", "select"]
+SHAPE_OPS = ["sum", "mean", "prod", "reshape", "transpose", "cumsum", "pad", "clip"]
+COMPARISONS = ["equal", "not_equal", "less", "less_equal", "greater", "greater_equal"]
 SHAPES = [(), (3,), (2, 1), (1, 3), (2, 3)]
 CAP = 10.0  # values above this go through tanh, so finite differences keep their accuracy
 
@@ -81,9 +82,14 @@ class Builder:
 
     def apply(self, op, args, attrs=None):
         """Add op(args), first adapting operands that are out of its safe domain."""
-        if op in ("maximum", "minimum") and \
+        if op in ("maximum", "minimum", "select") and \
                 np.min(np.abs(self.values[args[0]] - self.values[args[1]]), initial=1.0) < 1e-3:
-            op = "add"  # a near-tie: finite differences would straddle the kink
+            op, attrs = "add", None  # a near-tie: finite differences would straddle the kink
+        if op == "select":  # where(a <cmp> b, a, b): a comparison feeding where
+            cond = f"h{len(self.nodes)}"
+            self.nodes.append(Node(cond, (attrs or {})["compare"], args))
+            self.values[cond] = reference(self.nodes[-1].op, [self.values[a] for a in args])
+            return self.add("where", [cond] + list(args))
         if not _safe(op, [self.values[a] for a in args]):
             args = [self.adapt(a, _needs(op, i)) if _needs(op, i) else a
                     for i, a in enumerate(args)]
@@ -116,8 +122,20 @@ def valid_graphs(draw):
             b.apply(op, [a])
         elif op in BINARY:
             partners = [n for n in b.pool if _broadcasts(shape, np.shape(b.values[n]))]
-            b.apply(op, [a, draw(st.sampled_from(partners))])
-        elif op in ("sum", "mean"):
+            attrs = {"compare": draw(st.sampled_from(COMPARISONS))} if op == "select" else None
+            b.apply(op, [a, draw(st.sampled_from(partners))], attrs)
+        elif op == "cumsum" and shape:
+            b.apply(op, [a], {"axis": draw(st.integers(-len(shape), len(shape) - 1)),
+                              "reverse": draw(st.booleans()), "exclusive": draw(st.booleans())})
+        elif op == "pad":
+            pads = draw(st.lists(st.integers(0, 2), min_size=2 * len(shape),
+                                 max_size=2 * len(shape)))
+            b.apply(op, [a], {"pads": pads, "value": draw(st.floats(-1, 1))})
+        elif op == "clip":
+            low = draw(st.none() | st.floats(-1.5, 0.5))
+            b.apply(op, [a], {"min": low, "max": draw(st.none() | st.floats(0.75, 1.5))})
+        elif op in ("sum", "mean", "prod", "cumsum"):
+            op = "sum" if op == "cumsum" else op  # cumsum of a scalar: no axis
             attrs = {}
             if shape and draw(st.booleans()):
                 axes = draw(st.lists(st.integers(0, len(shape) - 1), unique=True,
