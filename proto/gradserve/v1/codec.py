@@ -24,7 +24,6 @@ DTYPES = {
     tensor_pb2.DATA_TYPE_BOOL: np.dtype("bool"),
 }
 WIRE_DTYPES = {dt.name: code for code, dt in DTYPES.items()}
-MAX_SPAN = 1 << 59  # NumPy refuses larger shapes even when a zero dimension empties them
 _CODES = {dt: code for code, dt in DTYPES.items()}  # by np.dtype: no name lookup per call
 _BOOL = DTYPES[tensor_pb2.DATA_TYPE_BOOL]
 
@@ -64,14 +63,24 @@ def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
     data = t.data  # each read of a bytes field copies it: read once
     count = prod(shape)
     if (dtype is None or count * dtype.itemsize != len(data) or min(shape, default=0) < 0
-            or (max_elements is not None and count > max_elements)
-            or (count == 0 and prod(d for d in shape if d) > MAX_SPAN)):
+            or (max_elements is not None and count > max_elements)):
         _tensor_error(t, shape, count, len(data), dtype, max_elements,
                       field if key is None else f"{field}['{key}']")
     if dtype is _BOOL and count and np.frombuffer(data, np.uint8).max() > 1:
         raise TensorError(field if key is None else f"{field}['{key}']",
                           "a bool tensor's bytes must each be 0 or 1")
-    return np.frombuffer(data, dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype).reshape(shape)
+    except ValueError as err:  # NumPy's own limits: rank over 64, dimensions past 2^63
+        raise TensorError(field if key is None else f"{field}['{key}']",
+                          f"a shape of rank {len(shape)} with dimensions "
+                          f"{_brief(shape)} cannot be an array ({err})") from None
+
+
+def _brief(shape, most: int = 8) -> str:
+    """A shape for a message, cut after `most` dimensions."""
+    shown = ", ".join(str(d) for d in shape[:most])
+    return f"[{shown}{', ...' if len(shape) > most else ''}]"
 
 
 def _tensor_error(t, shape, count, nbytes, dtype, max_elements, field):
@@ -84,9 +93,6 @@ def _tensor_error(t, shape, count, nbytes, dtype, max_elements, field):
             raise TensorError(field, f"negative dimension {d} in shape {list(shape)}")
     if max_elements is not None and count > max_elements:
         raise TensorLimitError(field, f"{count:,} elements, over the limit of {max_elements:,}")
-    if count == 0 and prod(d for d in shape if d) > MAX_SPAN:
-        raise TensorError(field, f"shape {list(shape)} is too large for an array (its "
-                          "non-zero dimensions multiply past 2^59)")
     raise TensorError(field, f"{nbytes} data bytes, but shape {list(shape)} of "
                       f"{dtype.name} needs {count * dtype.itemsize}")
 
