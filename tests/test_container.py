@@ -88,6 +88,10 @@ def podman():
         return done
 
     run.env = env
+    # make-base-image.sh's containers.conf sets the limits itself (capped to what runc may
+    # set here); passing --ulimit on top of it fails with "error setting rlimit type 6".
+    conf = env.get("CONTAINERS_CONF")
+    run.ulimits = () if conf and "default_ulimits" in Path(conf).read_text() else HOST_ULIMITS
     return run
 
 
@@ -138,7 +142,7 @@ def test_image_serves_the_seed_example_and_stops_cleanly_on_sigterm(podman, imag
     name = f"gradserve-test-{uuid.uuid4().hex[:12]}"
     try:
         started = time.monotonic()
-        podman("run", "-d", *HOST_ULIMITS, "--name", name, "-p", "127.0.0.1::50051", image)
+        podman("run", "-d", *podman.ulimits, "--name", name, "-p", "127.0.0.1::50051", image)
         host_port = podman("port", name, "50051/tcp").stdout.strip().splitlines()[0]
         assert host_port.startswith("127.0.0.1:"), f"published beyond loopback: {host_port}"
         address = host_port
@@ -195,9 +199,10 @@ def test_build_context_holds_only_what_the_image_needs(podman, tmp_path):
     podman("build", "--build-arg", f"BASE={podman.env['GRADSERVE_BASE_IMAGE']}",
            "-f", str(dockerfile), "-t", tag, str(REPO), timeout=300)
     try:
-        top = podman("run", "--rm", *HOST_ULIMITS, tag, "ls", "-A", "/context").stdout.split()
-        caches = podman("run", "--rm", *HOST_ULIMITS, tag, "find", "/context", "-name", "__pycache__",
-                        "-o", "-name", "*.pyc", "-o", "-name", "*.egg-info").stdout.split()
+        top = podman("run", "--rm", *podman.ulimits, tag, "ls", "-A", "/context").stdout.split()
+        caches = podman("run", "--rm", *podman.ulimits, tag, "find", "/context",
+                        "-name", "__pycache__", "-o", "-name", "*.pyc",
+                        "-o", "-name", "*.egg-info").stdout.split()
     finally:
         podman("rmi", "-f", tag, check=False)
     assert set(top) <= CONTEXT, f"unexpected in the build context: {sorted(set(top) - CONTEXT)}"
