@@ -14,6 +14,7 @@ import threading
 from collections import OrderedDict
 
 from gradserve import engine
+from gradserve.engine.errors import echo
 from gradserve.v1 import graph_pb2
 
 from .convert import graph_from_proto
@@ -143,7 +144,7 @@ class GraphRegistry:
         if which == "graph_id":
             plan = self.cache.get(request.graph_id)
             if plan is None:
-                raise GraphNotFound(f"unknown graph_id '{request.graph_id}': register the "
+                raise GraphNotFound(f"unknown graph_id '{echo(request.graph_id)}': register the "
                                     "graph (RegisterGraph) and retry", field="graph_id")
             return request.graph_id, plan
         raise engine.GraphError("request carries neither graph nor graph_id", field="graph_ref")

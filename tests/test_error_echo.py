@@ -86,3 +86,11 @@ def test_echo_and_clip():
     assert len(name) <= 80 and "8,192 characters" in name and name.startswith("aaa")
     text = clip("x" * 5000 + " is not a permutation of the 3 axes")
     assert len(text) == MESSAGE_LIMIT and text.endswith("is not a permutation of the 3 axes")
+
+
+def test_unknown_8kb_graph_id_is_clipped(stub):
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Evaluate(pb.EvaluateRequest(graph_id="f" * 8192), timeout=30)
+    check_status(info.value, grpc.StatusCode.NOT_FOUND, ("unknown graph_id", "8,192 characters"),
+                 "graph_id")
+    assert len(info.value.details()) <= 200
