@@ -1,10 +1,16 @@
 """erf for NumPy arrays (NumPy has none; math.erf is scalar).
 
-W. J. Cody, "Rational Chebyshev approximations for the error function", Math.
-Comp. 23 (1969), as in his SPECFUN routine CALERF: three rational
-approximations, on |x| <= 0.5 (of erf), 0.5 < |x| <= 4 and |x| > 4 (of
-erfc, times exp(-x^2)). Within 2 ulp of math.erf in float64
-(tests/test_ops_edges.py checks it on a dense grid).
+float64: W. J. Cody, "Rational Chebyshev approximations for the error
+function", Math. Comp. 23 (1969), as in his SPECFUN routine CALERF: three
+rational approximations, on |x| <= 0.5 (of erf), 0.5 < |x| <= 4 and |x| > 4
+(of erfc, times exp(-x^2)). Within 2 ulp of math.erf.
+
+float32: one rational approximation x P(x^2) / Q(x^2) on x clipped to [-4, 4]
+(Eigen's generic_fast_erf_float), in float32: within 8 float32 ulp (5e-7
+relative) and about five times faster than the float64 route, which matters
+for GELU in float32 models.
+
+tests/test_ops_edges.py checks both against math.erf on dense grids.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ _P = (3.05326634961232344e-1, 3.60344899949804439e-1, 1.25781726111229246e-1,
 _Q = (2.56852019228982242e00, 1.87295284992346725e00, 5.27905102951428412e-1,
       6.05183413124413191e-2, 2.33520497626869185e-3)
 _ONE = 27.0  # erfc(27) < 1e-300: beyond it erf is 1 in float64
+# float32: numerator (odd, highest power first) and denominator (even) coefficients
+_ALPHA = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+          -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+          -1.60960333262415e-02)
+_BETA = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+         -7.37332916720468e-03, -1.42647390514189e-02)
 
 
 def _exp_minus_square(y):
@@ -61,8 +73,27 @@ def _large(y):
     return _exp_minus_square(y) * (1 / np.sqrt(np.pi) - r) / y
 
 
+def _erf32(x):
+    x = np.clip(x, np.float32(-4), np.float32(4))
+    xx = x * x
+    num = np.full_like(x, _ALPHA[0])
+    for a in _ALPHA[1:]:
+        num *= xx
+        num += np.float32(a)
+    num *= x
+    den = np.full_like(x, _BETA[0])
+    for b in _BETA[1:]:
+        den *= xx
+        den += np.float32(b)
+    num /= den
+    return num
+
+
 def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, in x's floating dtype (computed in float64)."""
+    """The error function, elementwise, in x's floating dtype."""
+    x = np.asarray(x)
+    if x.dtype == np.float32:
+        return _erf32(x)
     y = np.abs(np.asarray(x, np.float64))
     out = np.ones_like(y)
     small = ~(y > 0.5)  # NaN goes here and stays NaN

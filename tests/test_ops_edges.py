@@ -49,7 +49,17 @@ def test_erf_matches_math_erf_to_float64_accuracy():
                        [0.0, -0.0, 1.0, -1.0, 1.0])
     assert np.signbit(erf(np.array([-0.0])))[0]
     assert np.isnan(erf(np.array([np.nan])))[0]
-    assert erf(np.float32([0.5])).dtype == np.float32
+
+
+def test_erf_float32_within_a_few_float32_ulps():
+    x = np.concatenate([np.linspace(-6, 6, 20001), np.geomspace(1e-30, 6, 2001)])
+    x = np.concatenate([x, -x]).astype(np.float32)
+    want = np.array([math.erf(float(v)) for v in x])
+    got = erf(x)
+    assert got.dtype == np.float32
+    assert_allclose(got, want, rtol=5e-7, atol=0)
+    assert_array_equal(erf(np.float32([0.0, np.inf, -np.inf])), [0.0, 1.0, -1.0])
+    assert np.isnan(erf(np.float32([np.nan])))[0]
 
 
 # --- ties, zeros and bounds follow PyTorch ---------------------------------------------
