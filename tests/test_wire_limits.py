@@ -15,7 +15,9 @@ import time
 import grpc
 import pytest
 
+from gradserve.server.app import create_server
 from gradserve.server.limits import Limits
+from gradserve.server.wire import wire_counter
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 
@@ -90,7 +92,6 @@ OVER = [
 
 @pytest.fixture(scope="module")
 def small_channel():
-    from gradserve.server.app import create_server
     server = create_server("127.0.0.1:0", SMALL).start()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield channel
@@ -155,7 +156,6 @@ def test_the_walk_of_a_big_graph_costs_little(small_channel):
     """What the walk adds to a request that passes is small next to parsing it."""
     limits = Limits()
     graph = field(1, constants_graph(limits.max_constants))
-    from gradserve.server.wire import wire_counter
     started = time.process_time()
     wire_counter(pb.RegisterGraphRequest, limits).check(graph)
     walked = time.process_time() - started
