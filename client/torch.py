@@ -1,0 +1,202 @@
+"""A registered graph as a PyTorch function whose derivatives come from the service.
+
+    from gradserve.client.torch import remote_function
+
+    f = remote_function(client, graph)     # graph: a GraphBuilder or Graph proto
+    loss = f(x, y).sum()                   # torch tensors in, torch tensors out
+    loss.backward()                        # the VJP comes from the service
+
+`remote_function` returns a callable around a torch.autograd.Function:
+
+- forward: one Evaluate round trip;
+- backward: one Differentiate round trip, reverse mode (a VJP) for exactly the inputs
+  that require grad (the server runs the forward sweep again, then the reverse one);
+- jvp (torch.func.jvp, torch.autograd.forward_ad): one Differentiate round trip,
+  forward mode, after the forward's Evaluate.
+
+Devices: the service computes on its own CPUs, so tensors on another device (CUDA,
+MPS) are copied to host memory for the request, and the results copied back to the
+device of the arguments (outputs: the first argument's; gradients: each input's).
+float32 and float64 are kept as they are; an argument of another dtype than the
+graph declares is a TypeError (the service never casts).
+
+Batching (torch.func.vmap): tangents and cotangents batched along any dim become the
+service's leading axis of directions, one request for the whole batch
+(torch.func.jacrev and jacfwd, gradcheck's batched checks); a vmap over the primal
+inputs is refused with an error that says what to do instead. First derivatives
+only: differentiating the backward again (create_graph=True, hessians) raises.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradserve.client._remote import RemoteError, RemoteGraph
+
+__all__ = ["RemoteError", "remote_function"]
+
+_NUMPY = {torch.float32: np.dtype("float32"), torch.float64: np.dtype("float64"),
+          torch.int32: np.dtype("int32"), torch.int64: np.dtype("int64"),
+          torch.bool: np.dtype("bool")}
+_TORCH = {np_dtype: torch_dtype for torch_dtype, np_dtype in _NUMPY.items()}
+
+_PRIMAL_VMAP = ("gradserve: torch.func.vmap over the primal inputs of a remote function "
+                "is not supported: the service batches derivative directions (tangents, "
+                "cotangents), not inputs. Give the graph a batch dimension instead (declare "
+                "it -1) and call the function on the whole batch, or loop in Python (one "
+                "round trip per element)")
+
+_LEGACY_VMAP = ("gradserve: a remote function's derivatives batch under torch.func.vmap "
+                "(torch.func.jacrev, jacfwd), not under the older torch._vmap_internals "
+                "vmap that gradcheck's check_batched_grad uses")
+
+
+def remote_function(client, graph, outputs=None):
+    """The graph as a function of torch tensors (one per graph input, by position or by
+    name) returning one tensor for one output, else a tuple in the order of `outputs`
+    (default: the graph's outputs). Differentiable in both modes; see the module docs.
+
+    Registers the graph at once (one round trip); service errors raise RemoteError
+    (a grpc.RpcError) with the server's message, which names the node and field.
+    """
+    remote = RemoteGraph(client, graph, outputs)
+
+    def call(*args, **kwargs):
+        values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=_TORCH[s.dtype])
+                  for v, s in zip(remote.bind(args, kwargs), remote.inputs)]
+        remote.check_dtypes([_numpy_dtype(v) for v in values])
+        out = _Evaluate.apply(remote, *values)
+        return out[0] if len(out) == 1 else out
+
+    call.remote = remote
+    call.__doc__ = f"{remote!r} as a PyTorch function."
+    return call
+
+
+def _numpy_dtype(t: torch.Tensor) -> np.dtype:
+    try:
+        return _NUMPY[t.dtype]
+    except KeyError:
+        raise TypeError(f"gradserve takes float32, float64, int32, int64 and bool tensors, "
+                        f"not {t.dtype}") from None
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    if torch._C._functorch.is_batchedtensor(t):  # only torch.func.vmap reaches our rules
+        raise NotImplementedError(_LEGACY_VMAP)
+    return t.detach().cpu().numpy()
+
+
+def _tensor(a: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.array(a)).to(device)  # a writable copy of the reply's bytes
+
+
+def _floating(remote, i: int) -> bool:
+    return remote.inputs[i].floating
+
+
+class _Evaluate(torch.autograd.Function):
+    """The graph's values; backward and jvp ask the service for derivatives."""
+
+    @staticmethod
+    def forward(remote, *values):
+        outs = remote.evaluate([_numpy(v) for v in values])
+        device = values[0].device if values else "cpu"
+        return tuple(_tensor(o, device) for o in outs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        remote, *values = inputs
+        ctx.remote = remote
+        ctx.save_for_backward(*values)
+        ctx.save_for_forward(*values)
+        ctx.mark_non_differentiable(*(o for o in output if not o.is_floating_point()))
+        ctx.set_materialize_grads(False)  # None for outputs that do not reach the loss
+        ctx.output_meta = [(o.shape, o.dtype, o.device) for o in output]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        remote, values = ctx.remote, ctx.saved_tensors
+        wrt = tuple(i for i, need in enumerate(ctx.needs_input_grad[1:])
+                    if need and _floating(remote, i))
+        given = [(j, g) for j, g in enumerate(grads) if g is not None]
+        result = [None] * len(values)
+        if wrt and given:
+            cots = _VJP.apply(remote, wrt, tuple(j for j, _ in given), (), *values,
+                              *(g for _, g in given))
+            for i, c in zip(wrt, cots):
+                result[i] = c
+        return (None, *result)
+
+    @staticmethod
+    def jvp(ctx, _, *tangents):
+        remote, values = ctx.remote, ctx.saved_tensors
+        wrt = tuple(i for i, t in enumerate(tangents)
+                    if t is not None and _floating(remote, i))
+        of = tuple(j for j, (_, dtype, _) in enumerate(ctx.output_meta) if dtype.is_floating_point)
+        result = [None] * len(ctx.output_meta)
+        if wrt and of:
+            tans = _JVP.apply(remote, wrt, of, (), *values, *(tangents[i] for i in wrt))
+            for j, t in zip(of, tans):
+                result[j] = t
+        for j, (shape, dtype, device) in enumerate(ctx.output_meta):
+            if result[j] is None and dtype.is_floating_point:
+                result[j] = torch.zeros(shape, dtype=dtype, device=device)
+        return tuple(result)
+
+    @staticmethod
+    def vmap(info, in_dims, remote, *values):
+        raise NotImplementedError(_PRIMAL_VMAP)
+
+
+class _Seeded(torch.autograd.Function):
+    """A JVP or VJP request: the primal values, then the seeds (tangents of the inputs
+    `wrt`, or cotangents of the outputs `of`), each with the leading direction dims
+    `batch`. Linear in the seeds; a vmap over them joins `batch` (one request)."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("gradserve: second derivatives of a remote function are "
+                                  "not supported (its derivative has no derivative here)")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError("gradserve: second derivatives of a remote function are "
+                                  "not supported (its derivative has no derivative here)")
+
+    @classmethod
+    def vmap(cls, info, in_dims, remote, wrt, of, batch, *tensors):
+        n = len(remote.inputs)
+        dims = in_dims[4:]
+        if any(d is not None for d in dims[:n]):
+            raise NotImplementedError(_PRIMAL_VMAP)
+        size = info.batch_size
+        seeds = [s.expand(size, *s.shape) if d is None else s.movedim(d, 0)
+                 for s, d in zip(tensors[n:], dims[n:])]
+        out = cls.apply(remote, wrt, of, (size, *batch), *tensors[:n], *seeds)
+        return out, (0,) * len(out)
+
+
+class _JVP(_Seeded):
+    @staticmethod
+    def forward(remote, wrt, of, batch, *tensors):
+        n = len(remote.inputs)
+        values, tangents = tensors[:n], tensors[n:]
+        out = remote.jvp([_numpy(v) for v in values],
+                         {i: _numpy(t) for i, t in zip(wrt, tangents)}, batch)
+        return tuple(_tensor(out[j], tangents[0].device) for j in of)
+
+
+class _VJP(_Seeded):
+    @staticmethod
+    def forward(remote, wrt, of, batch, *tensors):
+        n = len(remote.inputs)
+        values, cotangents = tensors[:n], tensors[n:]
+        out = remote.vjp([_numpy(v) for v in values],
+                         {j: _numpy(c) for j, c in zip(of, cotangents)}, wrt, batch)
+        return tuple(_tensor(g, values[i].device) for i, g in zip(wrt, out))
