@@ -150,7 +150,8 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     for gi in range(groups):
         cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, n * p)
         gg = g4[:, :, gi * og:(gi + 1) * og].transpose(0, 2, 1, 3).reshape(k * og, n * p)
-        dw[:, gi * og:(gi + 1) * og] = matmul(gg, cols.T).reshape(k, og, cg * kp)
+        # (cols @ gg.T).T: OpenBLAS is markedly faster this way round for these shapes
+        dw[:, gi * og:(gi + 1) * og] = matmul(cols, gg.T).T.reshape(k, og, cg * kp)
     return dw.reshape((k, n_out, cg) + win.kernel)
 
 
