@@ -13,7 +13,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from gradserve.engine import (OPS, DifferentiationError, DTypeError, Graph, Input, InputError,
-                              Node, compile)
+                              Node, ResourceLimitError, compile)
 from gradserve.engine.special import erf
 from oracles import numeric_jacobian, reference
 from test_ops import check_gradients, one_op
@@ -346,3 +346,12 @@ def test_scratch_estimates(op, shapes, attrs, want):
     resolved = check_attrs(opdef, attrs, shapes)
     assert opdef.scratch(shapes, **resolved) == want
     assert OPS["add"].scratch is None
+
+
+def test_conv_whose_gathered_windows_exceed_the_limit_is_refused_before_running():
+    """Output 1 MB, gathered windows 51 MB: the memory estimate counts the scratch."""
+    x, w = np.zeros((1, 64, 64, 64), np.float32), np.zeros((64, 64, 7, 7), np.float32)
+    plan = plan_of([("y", "conv", ["x", "w"], {"pads": [3, 3, 3, 3]})], {"x": x, "w": w})
+    with pytest.raises(ResourceLimitError):
+        plan.evaluate({"x": x, "w": w}, max_bytes=20_000_000)
+    assert plan.evaluate({"x": x, "w": w}, max_bytes=80_000_000)["y"].shape == (1, 64, 64, 64)
