@@ -15,7 +15,7 @@ import grpc
 from gradserve.client.datasets import DatasetError, load_dataset
 from gradserve.client.extras import MissingExtra, import_optional
 from gradserve.client.gradients import DEFAULT_RETRIES, remote_gradient
-from gradserve.client.models import ACTIVATIONS, ModelSpec
+from gradserve.client.models import ACTIVATIONS, ModelSpec, OnnxModelSpec
 from gradserve.client.training import CheckpointError, Trainer, TrainConfig, save_checkpoint
 
 from .in_process import server_address
@@ -32,12 +32,14 @@ class UsageError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     add = parser.add_argument
-    add("--model", choices=["logreg", "mlp"], default="mlp",
-        help="logistic regression or a multilayer perceptron (default: %(default)s)")
+    add("--model", default="mlp", metavar="logreg|mlp|PATH.onnx",
+        help="logistic regression, a multilayer perceptron, or an ONNX classifier whose "
+             "first input takes the features (reshaped to its shape) and whose first output "
+             "is the logits; its initializers are the parameters (default: %(default)s)")
     add("--hidden", type=int, action="append", metavar="WIDTH",
         help=f"an MLP hidden layer's width; repeat for more layers (default: {DEFAULT_HIDDEN[0]})")
-    add("--activation", choices=ACTIVATIONS, default="relu",
-        help="the MLP's nonlinearity (default: %(default)s)")
+    add("--activation", choices=ACTIVATIONS,
+        help="the MLP's nonlinearity (default: relu)")
     add("--l2", type=float, default=0.0, help="L2 penalty on the weights (default: 0)")
     add("--dataset", default="digits", metavar="digits|PATH.npz|PATH.csv",
         help="scikit-learn's 8x8 digits, or a file: .npz with arrays X and y, or .csv with "
@@ -129,14 +131,20 @@ def _train(args, addresses, in_process) -> int:
 def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
-    if args.model == "logreg" and args.hidden:
-        raise UsageError("--hidden applies to --model mlp only")
+    onnx_model = args.model.lower().endswith(".onnx")
+    if args.model not in ("logreg", "mlp") and not onnx_model:
+        raise UsageError(f"--model {args.model}: expected logreg, mlp or a PATH.onnx file")
+    if args.model != "mlp" and (args.hidden or args.activation):
+        raise UsageError("--hidden and --activation apply to --model mlp only")
     try:
-        if args.model == "logreg":
+        if onnx_model:
+            spec = OnnxModelSpec(args.model, data.num_features, data.num_classes, args.l2)
+        elif args.model == "logreg":
             spec = ModelSpec.logistic_regression(data.num_features, data.num_classes, args.l2)
         else:
             spec = ModelSpec.mlp(data.num_features, data.num_classes,
-                                 args.hidden or DEFAULT_HIDDEN, args.activation, args.l2)
+                                 args.hidden or DEFAULT_HIDDEN, args.activation or "relu",
+                                 args.l2)
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              momentum=args.momentum, seed=args.seed,
                              checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
@@ -196,7 +204,8 @@ def _interrupted(trainer: Trainer, config: TrainConfig) -> int:
 def _summary(args, spec, data, state, steps_run, seconds, last, addresses, in_process) -> dict:
     final = state.history[-1]
     return {
-        "model": args.model, "widths": list(spec.widths), "activation": spec.activation,
+        "model": args.model, "widths": spec.widths and list(spec.widths),
+        "activation": spec.activation,
         "l2": spec.l2, "parameters": spec.num_params,
         "dataset": data.name, "train_samples": len(data.y_train),
         "test_samples": len(data.y_test),

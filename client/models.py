@@ -161,3 +161,102 @@ class ModelSpec:
             loss = loss + l2_penalty(g, weights, self.l2)
         g.output(LOSS, loss)
         return g
+
+
+# --- imported models -------------------------------------------------------------------
+
+class OnnxModelSpec:
+    """A classifier imported from ONNX (gradserve.client.onnx, parameters="inputs").
+
+    The model's first input takes the features, reshaped to that input's shape with a
+    free batch dimension; its first output is the logits [batch, classes]; the graph adds
+    softmax cross-entropy (and the L2 penalty on weights of rank >= 2). The parameters
+    are the model's floating initializers, and training starts from their values.
+    """
+
+    widths = None
+    activation = None
+
+    def __init__(self, path, num_features: int, num_classes: int, l2: float = 0.0):
+        import hashlib
+        from pathlib import Path
+
+        from .onnx import OnnxImportError, load_model, model_signature
+
+        self.path = Path(path)
+        self.proto = load_model(self.path)
+        self.sha256 = hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
+        inputs, outputs = model_signature(self.proto)
+        if not inputs or not outputs:
+            raise OnnxImportError(f"{self.path}: the model needs a data input and an output")
+        self.input_name, dtype, shape = inputs[0]
+        self.output_name, _, out_shape = outputs[0]
+        if dtype != DTYPE:
+            raise OnnxImportError(f"{self.path}: input '{self.input_name}' is {dtype}; "
+                                  f"training takes {DTYPE} features")
+        sample = shape[1:]
+        if not shape or None in sample:
+            raise OnnxImportError(f"{self.path}: input '{self.input_name}' has shape "
+                                  f"{_dims(shape)}; training needs a batch dimension first and "
+                                  "fixed sizes after it")
+        self.sample_shape = tuple(sample)
+        if math.prod(sample) != num_features:
+            raise OnnxImportError(
+                f"{self.path}: input '{self.input_name}' takes {_dims(shape)}, "
+                f"{math.prod(sample)} features per sample; the data set has {num_features}")
+        if len(out_shape) != 2 or out_shape[1] not in (None, num_classes):
+            raise OnnxImportError(
+                f"{self.path}: the first output '{self.output_name}' is {_dims(out_shape)}; "
+                f"training needs logits [batch, {num_classes}] for the data set's classes")
+        if l2 < 0:
+            raise ValueError(f"l2 must be >= 0, got {l2}")
+        self.num_features, self.num_classes, self.l2 = num_features, num_classes, l2
+        self._graph, self._imported = self._build()
+
+    def _build(self):
+        from .onnx import import_into
+
+        g = GraphBuilder()
+        x = g.input("X", DTYPE, [-1, self.num_features])
+        y = g.input("Y", DTYPE, [-1, self.num_classes])
+        shaped = g.reshape(x, [-1, *self.sample_shape], name="X/reshape")
+        imported = import_into(g, self.proto, {self.input_name: (shaped, (None,) +
+                                                                 self.sample_shape)},
+                               taken=("X", "Y", "X/reshape", LOSS, LOGITS))
+        out = imported.values[imported.outputs[0]]
+        logits = out if out.name == LOGITS else g.cast(out, DTYPE, name=LOGITS)
+        g.output(logits)
+        loss = softmax_cross_entropy(g, logits, y)
+        if self.l2:
+            weights = [imported.values[n] for n, a in imported.parameters.items() if a.ndim >= 2]
+            if weights:
+                loss = loss + l2_penalty(g, weights, self.l2)
+        g.output(LOSS, loss)
+        return g, imported
+
+    @property
+    def description(self) -> str:
+        return f"ONNX model {self.path.name} (sha256 {self.sha256[:12]})"
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: a.shape for name, a in self._imported.parameters.items()}
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self._imported.parameters)
+
+    @property
+    def num_params(self) -> int:
+        return self._imported.num_parameters
+
+    def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The model's own initializer values (the exported weights), float32 copies."""
+        return {name: np.array(a, dtype=DTYPE) for name, a in self._imported.parameters.items()}
+
+    def build_graph(self) -> GraphBuilder:
+        return self._graph
+
+
+def _dims(shape) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

@@ -25,6 +25,7 @@ Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from .builder import GraphBuilder, Value
-from .extras import import_optional
+from .extras import MissingExtra
 
 OLDEST_OPSET = 13
 PARAMETER_MODES = ("constants", "inputs")
@@ -77,6 +78,8 @@ class OnnxImport:
     input_dtypes: dict[str, str] = field(default_factory=dict)
     input_shapes: dict[str, tuple] = field(default_factory=dict)  # -1: any size
     opset: int = 0
+    values: dict[str, Value] = field(default_factory=dict)  # outputs and parameters
+
 
     @property
     def num_parameters(self) -> int:
@@ -646,7 +649,9 @@ def converts(*op_types):
 
 
 class Importer:
-    def __init__(self, model, parameters: str, input_shapes: dict | None):
+    def __init__(self, model, parameters: str, input_shapes: dict | None,
+                 builder: GraphBuilder | None = None, bound: dict | None = None,
+                 taken: tuple = (), mark_outputs: bool = True):
         self.onnx = import_optional("onnx", "onnx", "ONNX import")
         self.numpy_helper = import_optional("onnx.numpy_helper", "onnx", "ONNX import")
         self.model = model
@@ -660,11 +665,13 @@ class Importer:
             names.update(n.input)
             names.update(n.output)
         names.discard("")
-        self.g = GraphBuilder()
+        self.g = builder or GraphBuilder()
         self.e = Emitter(self.g, names)
-        self.env: dict[str, object] = {}
+        self.e.used.update(taken)  # names the caller's part of the builder uses
+        self.env: dict[str, object] = dict(bound or {})
         self.parameters: dict[str, np.ndarray] = {}
         self.dim_counter = 0
+        self.mark_outputs = mark_outputs
 
     # --- model pieces -----------------------------------------------------------------
 
@@ -677,18 +684,20 @@ class Importer:
         for inp in graph.input:
             if inp.name in initializers:
                 continue
-            dyn = self._graph_input(inp)
+            dyn = self.env[inp.name] if inp.name in self.env else self._graph_input(inp)
             data_inputs.append(inp.name)
             dtypes[inp.name] = dyn.dtype
             shapes[inp.name] = tuple(-1 if isinstance(d, Dim) else d for d in dyn.shape)
         for node in graph.node:
             self._node(node)
-        outputs = []
+        outputs, values = [], {}
         for out in graph.output:
             outputs.append(out.name)
-            self._output(out.name)
+            values[out.name] = self._output(out.name)
         ordered = {name: self.parameters[name] for name in initializers if name in self.parameters}
-        return OnnxImport(self.g, data_inputs, outputs, ordered, dtypes, shapes, self.opset)
+        values.update((name, self.env[name].value) for name in ordered)
+        return OnnxImport(self.g, data_inputs, outputs, ordered, dtypes, shapes, self.opset,
+                          values)
 
     def _initializer(self, tensor):
         array = _tensor_array(self.numpy_helper, tensor, "initializer")
@@ -758,7 +767,9 @@ class Importer:
                     else self.e.promoted[name]
         except _FoldError as err:
             raise OnnxImportError(f"output '{name}': {err}") from None
-        self.g.output(value)
+        if self.mark_outputs:
+            self.g.output(value)
+        return value
 
     def _node(self, node):
         where = f"ONNX node '{node.name or node.output[0]}' ({node.op_type})"
@@ -865,6 +876,15 @@ def _opset(model) -> int:
     return version
 
 
+def import_optional(module: str, package: str = "onnx", needed_for: str = "ONNX import"):
+    """Import part of the onnx package, or raise MissingExtra naming the extra."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        raise MissingExtra(f"{needed_for} needs {package}, which is not installed: "
+                           f"{ONNX_EXTRA_HINT}", name=module) from err
+
+
 # --- public entry point --------------------------------------------------------------------
 
 def load_model(model):
@@ -911,6 +931,36 @@ def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = 
         raise ValueError(f"parameters must be one of {', '.join(PARAMETER_MODES)}, "
                          f"not {parameters!r}")
     return Importer(load_model(model), parameters, input_shapes).run()
+
+
+def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tuple]],
+                parameters: str = "inputs", taken: tuple = ()) -> OnnxImport:
+    """Import `model` into an existing builder, with some of its inputs bound to values
+    already there: {input name: (value, shape)}, shape with None for the dynamic batch.
+    Used to wrap a model in a larger graph (a training loss); `taken`: the names the
+    builder already uses. The model's outputs are not marked as graph outputs: their
+    values are in the result's `values`."""
+    proto = load_model(model)
+    dyn = {name: Dyn(value, [Dim.symbol("batch") if d is None else d for d in shape],
+                     value.dtype) for name, (value, shape) in bound.items()}
+    return Importer(proto, parameters, None, builder, dyn, tuple(taken),
+                    mark_outputs=False).run()
+
+
+def model_signature(model) -> tuple[list, list]:
+    """([(name, dtype, shape)] of the data inputs, [(name, dtype, shape)] of the outputs)
+    as declared by the model (None for a dynamic dimension)."""
+    proto = load_model(model)
+    onnx = import_optional("onnx", "onnx", "ONNX import")
+    initializers = {t.name for t in proto.graph.initializer}
+
+    def describe(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in t.shape.dim]
+        return v.name, _onnx_dtype(onnx, t.elem_type, f"'{v.name}'"), dims
+    return ([describe(v) for v in proto.graph.input if v.name not in initializers],
+            [describe(v) for v in proto.graph.output])
 
 
 def supported_ops() -> list[str]:
