@@ -1,0 +1,66 @@
+"""What the PyTorch and JAX bridge tests share: a Client that counts its calls (the real
+one, over real gRPC), the property tests' random graphs as GraphBuilders, and
+finite differences through the service's values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from gradserve.client import Client, GraphBuilder
+from oracles import numeric_jvp
+
+PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08  # DESIGN.md, float32 at x = y = pi
+
+
+class CountingClient(Client):
+    """The real Client, counting the calls the bridges make: "evaluate", "jvp", "vjp"
+    (each one round trip), "register"."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = Counter()
+
+    def register(self, graph):
+        self.calls["register"] += 1
+        return super().register(graph)
+
+    def evaluate(self, graph, inputs):
+        self.calls["evaluate"] += 1
+        return super().evaluate(graph, inputs)
+
+    def jvp(self, graph, inputs, tangents):
+        self.calls["jvp"] += 1
+        return super().jvp(graph, inputs, tangents)
+
+    def vjp(self, graph, inputs, cotangents, *, wrt=None):
+        self.calls["vjp"] += 1
+        return super().vjp(graph, inputs, cotangents, wrt=wrt)
+
+
+def builder_from_engine(graph) -> GraphBuilder:
+    """The engine Graph a property-test strategy draws, rebuilt with the client's builder."""
+    g = GraphBuilder()
+    values = {i.name: g.input(i.name, i.dtype, i.shape) for i in graph.inputs}
+    for name, array in graph.constants.items():
+        values[name] = g.constant(array, name=name)
+    for node in graph.nodes:
+        attrs = {k: v for k, v in (node.attrs or {}).items() if v is not None}
+        values[node.name] = g.node(node.op, [values[a] for a in node.inputs], attrs,
+                                   name=node.name)
+    for name in graph.outputs:
+        g.output(values[name])
+    return g
+
+
+def finite_difference_jvp(client, graph, inputs, tangents, eps=1e-6) -> dict:
+    """Central differences of the service's values: output name -> tangent (float64)."""
+    return numeric_jvp(lambda xs: client.evaluate(graph, xs), inputs, tangents, eps)
+
+
+def random_tangents(inputs, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal(np.shape(v)).astype(np.asarray(v).dtype)
+            for k, v in inputs.items()}
