@@ -1,4 +1,5 @@
-"""`gradserve graph show`: draw a graph, or what a server computed on it, with Graphviz.
+"""`gradserve graph show`: draw a graph, or what a server computed on it, with Graphviz;
+`gradserve graph import`: an ONNX model as a saved gradserve graph.
 
 GRAPH is a file:
 - `.json`: a gradserve.v1.Graph in protobuf's JSON mapping, as GraphBuilder.save
@@ -7,6 +8,7 @@ GRAPH is a file:
   function `build()` returning one (`graph` wins when both exist); it is run with
   runpy under the module name `gradserve_graph`, so an `if __name__ ==
   "__main__":` block in it does not run;
+- `.onnx`: an ONNX model, imported with its initializers as constants;
 - anything else (e.g. `.pb`): the binary Graph proto, as GraphBuilder.save writes it.
 
 Without input values the picture is the structure. With them (`--inputs`,
@@ -23,6 +25,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -32,6 +35,8 @@ from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import DTYPES
 
 from gradserve.client import Client, GraphBuilder, load_graph
+from gradserve.client.extras import MissingExtra
+from gradserve.client.onnx import OnnxImportError, from_onnx
 from gradserve.client.render import graph_dot
 
 from .in_process import server_address
@@ -54,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         description="\n\n".join(__doc__.split("\n\n")[1:3]),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add = show.add_argument
-    add("graph", metavar="GRAPH", help="a .json or binary (.pb) graph file, or a .py file "
-        "defining `graph` or `build()`")
+    add("graph", metavar="GRAPH", help="a .json or binary (.pb) graph file, an ONNX model "
+        "(.onnx), or a .py file defining `graph` or `build()`")
     add("--inputs", action="append", metavar="NAME=VALUE,...",
         help="input values: a number (filling the input's declared shape; pi and e allowed) "
              "or a JSON list, e.g. x=pi,y=3.14159 or w=[[1,2],[3,4]]; may be repeated")
@@ -79,17 +84,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--rankdir", choices=["LR", "TB", "RL", "BT"], default="LR",
         help="layout direction of the data flow (default: %(default)s, left to right)")
 
+    imp = sub.add_parser(
+        "import", help="import an ONNX model as a gradserve graph (.pb or .json)",
+        description="Import an ONNX model (opset 13 or later) as a gradserve graph and save "
+                    "it as GraphBuilder.save does: binary for .pb, JSON for .json. Shape "
+                    "computations are folded at import time; a dynamic batch dimension "
+                    "becomes -1. Prints the inputs, outputs, op counts and parameters.")
+    imp.add_argument("model", metavar="MODEL.onnx", help="the ONNX model (external data is "
+                     "read from its directory)")
+    imp.add_argument("-o", "--output", required=True, metavar="GRAPH.pb|GRAPH.json",
+                     help="where to save the graph")
+    imp.add_argument("--parameters", choices=["constants", "inputs"], default="constants",
+                     help="initializers as graph constants (send only the data) or as graph "
+                          "inputs, for derivatives with respect to them; their values are "
+                          "then saved next to the graph as GRAPH.params.npz "
+                          "(default: %(default)s)")
+
 
 def run(args: argparse.Namespace) -> int:
+    command = f"gradserve graph {args.graph_command}"
     try:
-        return _show(args)
-    except (UsageError, OSError) as err:
-        print(f"gradserve graph show: error: {err}", file=sys.stderr)
+        return _import(args) if args.graph_command == "import" else _show(args)
+    except (UsageError, OSError, OnnxImportError, MissingExtra) as err:
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:
-        print(f"gradserve graph show: error from the server: {err.code().name}: "
+        print(f"{command}: error from the server: {err.code().name}: "
               f"{err.details()}", file=sys.stderr)
         return 1
+
+
+def _import(args) -> int:
+    output = Path(args.output)
+    if output.suffix.lower() not in (".pb", ".json"):
+        raise UsageError(f"--output {output}: use a name ending in .pb (binary) or .json")
+    imported = from_onnx(args.model, parameters=args.parameters)
+    imported.graph.save(output)
+    graph = imported.graph.build()
+    counts = Counter(node.op for node in graph.nodes)
+    rows = [("inputs", ", ".join(f"{name} {imported.input_dtypes[name]} "
+                                 f"{list(imported.input_shapes[name])}"
+                                 for name in imported.inputs)),
+            ("outputs", ", ".join(imported.outputs)),
+            ("ops", f"{len(graph.nodes)} nodes: "
+                    + ", ".join(f"{op} {n}" for op, n in counts.most_common()))]
+    if args.parameters == "inputs":
+        params = output.with_suffix(".params.npz")
+        np.savez(params, **imported.parameters)
+        rows.append(("parameters", f"{len(imported.parameters)} graph inputs, "
+                                   f"{imported.num_parameters:,} values (saved in {params})"))
+    else:
+        values = sum(int(np.prod(c.shape)) for c in graph.constants.values())
+        rows.append(("parameters", f"{len(graph.constants)} constants, {values:,} values"))
+    print(f"imported {args.model} (opset {imported.opset}) as {output}")
+    for label, text in rows:
+        print(f"{label:10} {text}")
+    return 0
 
 
 def _show(args) -> int:
@@ -171,6 +221,8 @@ def read_graph(path: Path) -> graph_pb2.Graph:
     """A Graph proto from a .json, binary or .py file (see the module's docstring)."""
     if not path.exists():
         raise UsageError(f"{path}: no such file")
+    if path.suffix.lower() == ".onnx":
+        return from_onnx(path).graph.build()
     if path.suffix.lower() != ".py":
         try:
             return load_graph(path)

@@ -36,10 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_arguments(train_parser)
     train_parser.set_defaults(func=train.run)
 
-    graph_parser = sub.add_parser("graph", help="draw a graph with its values and derivatives",
+    graph_parser = sub.add_parser("graph", help="draw a graph with its values and derivatives; "
+                                               "import an ONNX model",
                                   description="Draw a computational graph with Graphviz: its "
                                               "structure, or the values, tangents or adjoints "
-                                              "a server computes on it.")
+                                              "a server computes on it (show); import an ONNX "
+                                              "model as a gradserve graph (import).")
     graph.add_arguments(graph_parser)
     graph_parser.set_defaults(func=graph.run)
 
