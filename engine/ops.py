@@ -157,8 +157,8 @@ unary("softplus", lambda x: np.logaddexp(0, x), lambda s, x, ans: s * _sigmoid(x
       description="log(1 + exp(x)), computed without overflow")
 unary("log1p", np.log1p, lambda s, x, ans: s / (1 + x), "x")
 unary("erf", erf, lambda s, x, ans: s * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))), "x",
-      description="the error function (W. J. Cody's rational approximations, float64 "
-      "accuracy)")
+      description="the error function: float64 within 2 ulp (W. J. Cody's rational "
+      "approximations), float32 within 5e-7 relative")
 
 
 # --- elementwise binary ----------------------------------------------------
@@ -911,9 +911,9 @@ def _take(data, indices, axis, node=None):
         low, high = int(indices.min()), int(indices.max())
         if low < -size or high >= size:
             bad = low if low < -size else high
+            valid = f"valid: {-size} to {size - 1}" if size else "it is empty"
             raise InputError(f"index {bad} is out of range for axis {axis} of size {size} "
-                             f"(valid: {-size} to {size - 1})", node=node, op="take",
-                             field="inputs[1]")
+                             f"({valid})", node=node, op="take", field="inputs[1]")
     return np.take(data, indices, axis=axis)
 
 

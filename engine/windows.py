@@ -207,7 +207,8 @@ def max_pool_jvp(t, x, ans, w: Window):
     """t (k, *x.shape) -> (k, *ans.shape): the tangent of each window's first maximum."""
     k = t.shape[0]
     flat = argmax_positions(x, ans, w)
-    tp = pad(t, w, 0).reshape(k, -1)
+    tp = pad(t, w, 0)
+    tp = tp.reshape(k, prod(tp.shape[1:]))  # not -1: it is undetermined when k * size is 0
     return tp[:, flat.ravel()].reshape((k,) + ans.shape)
 
 
@@ -217,7 +218,7 @@ def max_pool_vjp(g, x, ans, w: Window):
     d = len(w.kernel)
     flat = argmax_positions(x, ans, w).ravel()
     size = prod(x.shape[:-d]) * prod(w.padded(x.shape[-d:]))
-    gk = g.reshape(k, -1)
+    gk = g.reshape(k, prod(g.shape[1:]))
     if w.overlapping():  # two windows may pick the same element: sum them
         ids = (np.arange(k, dtype=np.intp)[:, None] * size + flat).ravel()
         grad = np.bincount(ids, gk.ravel(), k * size).astype(g.dtype, copy=False)

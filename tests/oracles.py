@@ -226,7 +226,7 @@ def _pool(reduce):
         for out, pos, patch in _windows(x, kernel_shape, strides, pads, dilations, fill):
             if y is None:
                 y = np.zeros(x.shape[:2] + tuple(out), x.dtype)
-            flat = patch.reshape(patch.shape[:2] + (-1,))
+            flat = patch.reshape(patch.shape[:2] + (int(np.prod(patch.shape[2:])),))
             if reduce == "max":
                 y[(...,) + pos] = flat.max(axis=-1)
             else:

@@ -16,7 +16,7 @@ from gradserve.engine import (OPS, DifferentiationError, DTypeError, Graph, Inpu
                               Node, ResourceLimitError, compile)
 from gradserve.engine.special import erf
 from oracles import numeric_jacobian, reference
-from test_ops import check_gradients, one_op
+from test_ops import TABLE, check_gradients, one_op, setup
 
 
 def plan_of(nodes, inputs, outputs=("y",), constants=None):
@@ -355,3 +355,25 @@ def test_conv_whose_gathered_windows_exceed_the_limit_is_refused_before_running(
     with pytest.raises(ResourceLimitError):
         plan.evaluate({"x": x, "w": w}, max_bytes=20_000_000)
     assert plan.evaluate({"x": x, "w": w}, max_bytes=80_000_000)["y"].shape == (1, 64, 64, 64)
+
+
+NEW_OPS = {"conv", "max_pool", "avg_pool", "take", "where", "clip", "cumsum", "pad", "cast",
+           "min", "prod", "erf"}
+EMPTY_ROWS = [r._replace(shapes=((0,) + r.shapes[0][1:],) + r.shapes[1:]) for r in TABLE
+              if r.op in NEW_OPS and r.shapes[0] and r.op not in ("take", "min", "where")]
+
+
+@pytest.mark.parametrize("r", EMPTY_ROWS, ids=[r.id for r in EMPTY_ROWS])
+def test_new_ops_with_an_empty_first_axis(r):
+    """Zero elements in, every derivative still has its shape (no reshape of -1 into 0)."""
+    plan, inputs, _ = setup(r)
+    y = plan.evaluate(inputs)["y"]
+    assert_array_equal(y, reference(r.op, [inputs[n] for n in r.names], r.attrs))
+    floats = {n: inputs[n] for n in r.floats}
+    for mode in ("forward", "reverse"):
+        for (_, n), block in plan.jacobian(inputs, mode=mode).jacobian.items():
+            assert block.shape == y.shape + floats[n].shape
+    tangents = plan.jvp(inputs, {n: np.ones((2,) + x.shape) for n, x in floats.items()})
+    assert tangents.tangents["y"].shape == (2,) + y.shape
+    for n, g in plan.vjp(inputs, {"y": np.ones((2,) + y.shape)}).cotangents.items():
+        assert g.shape == (2,) + floats[n].shape
