@@ -1119,7 +1119,8 @@ _row(OpDef(
     lambda i, g, x, ans, window: max_pool_vjp(g, x[0], ans, window),
     POOL_ATTRS, frozenset({"x", "ans"}), True, _norm_pool,
     "N-d max pooling, NCHW, padding -inf (ONNX MaxPool without ceil_mode); the derivative of "
-    "a window goes to its first maximal element in row-major order, as in PyTorch",
+    "a window goes to its first maximal element in row-major order (to its last NaN if it "
+    "has any), as in PyTorch",
     scratch=lambda shapes, window: max_pool_scratch(shapes[0], window),
     flops=lambda shapes, out, window: prod(out) * prod(window.kernel)))
 _row(OpDef(

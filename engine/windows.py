@@ -191,9 +191,13 @@ def argmax_positions(x, ans, w: Window):
     xp = pad(x, w, -np.inf)
     plane = np.array([prod(sp[i + 1:]) for i in range(d)], np.intp)
     where = np.zeros(ans.shape, np.intp)
-    for offset, index in reversed(list(_offsets(w, out))):  # so the first match is kept
-        np.copyto(where, int(np.dot(np.multiply(offset, w.dilations), plane)),
-                  where=xp[(Ellipsis,) + index] == ans)
+    offsets = [(int(np.dot(np.multiply(offset, w.dilations), plane)), index)
+               for offset, index in _offsets(w, out)]
+    for at, index in reversed(offsets):  # so the first match is kept
+        np.copyto(where, at, where=xp[(Ellipsis,) + index] == ans)
+    if np.isnan(ans).any():  # a NaN is the maximum: the last one in the window (PyTorch)
+        for at, index in offsets:
+            np.copyto(where, at, where=np.isnan(xp[(Ellipsis,) + index]))
     base = np.zeros(out, np.intp)
     for i in range(d):
         shape = [1] * d

@@ -112,6 +112,15 @@ def test_max_pool_overlapping_windows_sum_on_a_shared_maximum():
     check_gradients(plan, inputs, {"a": [[[0.0, 0.0, 3.0, 0.0, 0.0]]]})
 
 
+def test_max_pool_nan_is_the_maximum_and_its_last_one_gets_the_derivative():
+    x = np.array([[[np.nan, 1.0, np.nan, 0.0, 2.0, 3.0]]])
+    plan, inputs = one_op("max_pool", x, kernel_shape=[3], strides=[3])
+    y = plan.evaluate(inputs)["y"]
+    assert np.isnan(y[0, 0, 0]) and y[0, 0, 1] == 3.0
+    grad = plan.vjp(inputs, {"y": np.ones_like(y)}).cotangents["a"]
+    assert_array_equal(grad, [[[0.0, 0.0, 1.0, 0.0, 0.0, 1.0]]])
+
+
 def test_max_pool_padding_is_minus_infinity():
     x = -np.ones((1, 1, 3))
     plan, inputs = one_op("max_pool", x, kernel_shape=[2], pads=[1, 1])
