@@ -193,8 +193,14 @@ def argmax_positions(x, ans, w: Window):
     where = np.zeros(ans.shape, np.intp)
     offsets = [(int(np.dot(np.multiply(offset, w.dilations), plane)), index)
                for offset, index in _offsets(w, out)]
+    # A window whose maximum is -inf matches its padding too: only real elements count.
+    real = (pad(np.ones(spatial, bool), w, False)
+            if any(w.pads) and np.isneginf(ans).any() else None)
     for at, index in reversed(offsets):  # so the first match is kept
-        np.copyto(where, at, where=xp[(Ellipsis,) + index] == ans)
+        hit = xp[(Ellipsis,) + index] == ans
+        if real is not None:
+            hit &= real[index]
+        np.copyto(where, at, where=hit)
     if np.isnan(ans).any():  # a NaN is the maximum: the last one in the window (PyTorch)
         for at, index in offsets:
             np.copyto(where, at, where=np.isnan(xp[(Ellipsis,) + index]))

@@ -121,6 +121,15 @@ def test_max_pool_nan_is_the_maximum_and_its_last_one_gets_the_derivative():
     assert_array_equal(grad, [[[0.0, 0.0, 1.0, 0.0, 0.0, 1.0]]])
 
 
+def test_max_pool_window_of_minus_infinity_sends_the_derivative_to_a_real_element():
+    x = np.array([[[-np.inf, -np.inf, 1.0]]])
+    plan, inputs = one_op("max_pool", x, kernel_shape=[2], pads=[1, 0])
+    y = plan.evaluate(inputs)["y"]
+    assert_array_equal(y, [[[-np.inf, -np.inf, 1.0]]])
+    grad = plan.vjp(inputs, {"y": np.ones_like(y)}).cotangents["a"]
+    assert_array_equal(grad, [[[2.0, 0.0, 1.0]]])  # never into the padding
+
+
 def test_max_pool_padding_is_minus_infinity():
     x = -np.ones((1, 1, 3))
     plan, inputs = one_op("max_pool", x, kernel_shape=[2], pads=[1, 1])
