@@ -34,6 +34,8 @@ from .validate import infer_shapes, validate
 _SPECIALIZATION_CACHE = 64  # distinct input-shape signatures remembered per plan
 _ACTIVITY_CACHE = 16  # distinct `wrt` sets whose active steps are remembered per plan
 PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
+_ARRAY_OVERHEAD = 1024  # bytes an array takes beyond its data, per op
+_TEMPORARIES = 3  # arrays of its output's size an op's rule may hold at once
 _HEAVY_ELEMENTS = 1 << 16  # a value this large is a point where cancellation is checked
 
 
@@ -231,18 +233,23 @@ class Plan:
         return shapes
 
     def estimate_bytes(self, shapes, directions: int = 0) -> int:
-        """Memory the node values and their seeds may take at these shapes, plus the
-        largest scratch buffer one op allocates beyond its output (conv's im2col
-        matrix, pooling windows): an upper bound, computed before anything runs."""
-        total = scratch = 0
+        """An upper bound, computed before anything runs, of the memory a request takes
+        at these shapes: every node's value and its seeds, plus what the one op running
+        at a time holds beyond them (up to _TEMPORARIES arrays of its output's size while
+        a rule combines terms, and its scratch buffer, e.g. conv's im2col matrix)."""
+        total = transient = 0
         for node, op, attrs in self._nodes:
             itemsize = self._np_dtypes[node.name].itemsize
-            total += prod(shapes[node.name]) * itemsize
+            size = prod(shapes[node.name]) * itemsize
+            total += size
+            scratch = 0
             if op.scratch is not None:
-                need = op.scratch([shapes[r] for r in node.inputs],
-                                  **{k: v for k, v in attrs.items() if k != "node"})
-                scratch = max(scratch, need * itemsize)
-        return (total + scratch) * (1 + directions)
+                scratch = itemsize * op.scratch(
+                    [shapes[r] for r in node.inputs],
+                    **{k: v for k, v in attrs.items() if k != "node"})
+            transient = max(transient, _TEMPORARIES * size + scratch)
+        return ((total + transient) * (1 + directions)
+                + _ARRAY_OVERHEAD * (len(self._nodes) + 1))
 
     def estimate_flops(self, shapes, directions: int = 0) -> int:
         """Floating-point operations of the values' sweep at these shapes, plus about
