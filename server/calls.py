@@ -15,12 +15,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradient_service_pb2 as pb
+from gradserve.v1.modes import mode_name
 
 from .errors import BadRequest, abort, status_for
 from .limits import Limits
 from .wire import wire_counter
 
-_MODES = {pb.MODE_FORWARD: "forward", pb.MODE_REVERSE: "reverse"}
+def _mode(reply) -> str | None:
+    """The mode a reply reports, for the differentiations counter (None: no mode)."""
+    mode = getattr(reply, "mode", None)
+    return mode_name(mode) if mode else None
 
 
 def _code(exc: BaseException) -> str:
@@ -77,7 +81,7 @@ def rpc(method):
             self.telemetry.record(name, _code(exc), started, request)
             abort(context, exc)
         self.telemetry.record(name, "OK", started, request, reply,
-                              _MODES.get(getattr(reply, "mode", None)))
+                              _mode(reply))
         return reply
     return wrapper
 
@@ -95,7 +99,7 @@ def stream_rpc(method):
             parsed = (parse(request_type, r, self.limits) for r in requests)
             for reply in method(self, parsed, context):
                 self.telemetry.record(name, "OK", started, None, reply,
-                                      _MODES.get(reply.mode))
+                                      _mode(reply))
                 yield reply
                 started = time.perf_counter()
         except grpc.RpcError:
