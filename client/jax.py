@@ -54,7 +54,8 @@ def remote_function(client, graph, outputs=None):
     remote = RemoteGraph(client, graph, outputs)
 
     def call(*args, **kwargs):
-        values = [jnp.asarray(v) for v in remote.bind(args, kwargs)]
+        values = [jnp.asarray(v) if hasattr(v, "dtype") else jnp.asarray(v, spec.dtype)
+                  for v, spec in zip(remote.bind(args, kwargs), remote.inputs)]
         if not jax.config.jax_enable_x64:
             for spec in remote.inputs:
                 if spec.dtype.itemsize == 8:

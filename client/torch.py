@@ -16,7 +16,8 @@
 
 Devices: the service computes on its own CPUs, so tensors on another device (CUDA,
 MPS) are copied to host memory for the request, and the results copied back to the
-device of the arguments (outputs: the first argument's; gradients: each input's).
+device of the arguments (outputs: the first floating argument's; gradients: each
+input's).
 float32 and float64 are kept as they are; an argument of another dtype than the
 graph declares is a TypeError (the service never casts).
 
@@ -63,7 +64,8 @@ def remote_function(client, graph, outputs=None):
     remote = RemoteGraph(client, graph, outputs)
 
     def call(*args, **kwargs):
-        values = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=_TORCH[s.dtype])
+        values = [torch.as_tensor(v) if hasattr(v, "dtype")  # tensors, NumPy arrays
+                  else torch.as_tensor(v, dtype=_TORCH[s.dtype])  # Python numbers, lists
                   for v, s in zip(remote.bind(args, kwargs), remote.inputs)]
         remote.check_dtypes([_numpy_dtype(v) for v in values])
         out = _Evaluate.apply(remote, *values)
@@ -92,6 +94,14 @@ def _tensor(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.array(a)).to(device)  # a writable copy of the reply's bytes
 
 
+def _device(values) -> torch.device:
+    """Where outputs go: the first floating argument's device (else the first's)."""
+    for v in values:
+        if v.is_floating_point():
+            return v.device
+    return values[0].device if values else torch.device("cpu")
+
+
 def _floating(remote, i: int) -> bool:
     return remote.inputs[i].floating
 
@@ -102,8 +112,7 @@ class _Evaluate(torch.autograd.Function):
     @staticmethod
     def forward(remote, *values):
         outs = remote.evaluate([_numpy(v) for v in values])
-        device = values[0].device if values else "cpu"
-        return tuple(_tensor(o, device) for o in outs)
+        return tuple(_tensor(o, _device(values)) for o in outs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

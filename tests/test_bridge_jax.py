@@ -262,6 +262,13 @@ def test_value_errors_under_jit_name_node_and_field(client):
         jax.jit(f)(x, jnp.asarray([9])).block_until_ready()
 
 
+def test_numbers_and_numpy_arrays_as_arguments(client, seed_builder):
+    f = remote_function(client, seed_builder("float64", ()))
+    assert_allclose(f(np.float64(0.5), y=1.0), 1.5 * np.sin(0.5), rtol=1e-15)
+    with pytest.raises(TypeError, match="input 'x' is float64 in the graph, got float32"):
+        f(np.float32(0.5), 1.0)  # arrays keep their dtype: the service never casts
+
+
 def test_argument_errors(client, seed_builder):
     f = remote_function(client, seed_builder("float64"))
     x = jnp.zeros(1)

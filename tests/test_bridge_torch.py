@@ -280,6 +280,13 @@ def test_index_error_in_forward_names_node_and_field(client):
     assert info.value.code().name == "INVALID_ARGUMENT"
 
 
+def test_numbers_and_numpy_arrays_as_arguments(client, seed_builder):
+    f = remote_function(client, seed_builder("float64", ()))
+    assert_allclose(f(np.float64(0.5), y=1.0).item(), 1.5 * np.sin(0.5), rtol=1e-15)
+    with pytest.raises(TypeError, match="input 'x' is float64 in the graph, got float32"):
+        f(np.float32(0.5), 1.0)  # arrays keep their dtype: the service never casts
+
+
 def test_argument_errors(client, seed_builder):
     f = remote_function(client, seed_builder("float64"))
     x = torch.zeros(1, dtype=torch.float64)
