@@ -49,8 +49,9 @@ _PRIMAL_VMAP = ("gradserve: torch.func.vmap over the primal inputs of a remote f
                 "round trip per element)")
 
 _LEGACY_VMAP = ("gradserve: a remote function's derivatives batch under torch.func.vmap "
-                "(torch.func.jacrev, jacfwd), not under the older torch._vmap_internals "
-                "vmap that gradcheck's check_batched_grad uses")
+                "(torch.func.jacrev, jacfwd), not under PyTorch's older vmap, which "
+                "torch.autograd.grad(is_grads_batched=True) and gradcheck's "
+                "check_batched_grad use")
 
 
 def remote_function(client, graph, outputs=None):
@@ -85,8 +86,9 @@ def _numpy_dtype(t: torch.Tensor) -> np.dtype:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    if torch._C._functorch.is_batchedtensor(t):  # only torch.func.vmap reaches our rules
-        raise NotImplementedError(_LEGACY_VMAP)
+    functorch = torch._C._functorch
+    if functorch.is_legacy_batchedtensor(t) or functorch.is_batchedtensor(t):
+        raise NotImplementedError(_LEGACY_VMAP)  # torch.func.vmap reaches our vmap rules
     return t.detach().cpu().numpy()
 
 

@@ -21,8 +21,9 @@ from jax.test_util import check_grads  # noqa: E402
 
 from bridge_cases import (PUBLISHED_DODX, PUBLISHED_DODY, CountingClient,  # noqa: E402
                           builder_from_engine, finite_difference_jvp, random_tangents)
-from gradserve.client import GraphBuilder  # noqa: E402
+from gradserve.client import Client, GraphBuilder  # noqa: E402
 from gradserve.client.jax import RemoteError, remote_function  # noqa: E402
+from gradserve.server.limits import Limits  # noqa: E402
 from test_properties import valid_graphs  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)  # float64 graphs need 64-bit JAX arrays
@@ -230,6 +231,19 @@ def test_vmap_over_primal_inputs_is_a_clear_error(client, seed_builder):
 
 
 # --- errors -----------------------------------------------------------------------------
+
+
+def test_errors_in_reverse_mode_are_remote_errors(start_server):
+    """Values within the server's limits, the Jacobian's 1000 directions over them."""
+    server = start_server(Limits(max_intermediate_bytes=1 << 20))
+    g = GraphBuilder()
+    g.output("o", g.sin(g.input("x", "float64", [1000])))
+    with Client(f"127.0.0.1:{server.port}") as client:
+        f = remote_function(client, g)
+        x = jnp.ones(1000)
+        assert f(x).shape == (1000,)
+        with pytest.raises(RemoteError, match="VJP.*RESOURCE_EXHAUSTED.*1000 seed directions"):
+            jax.jacrev(f)(x)
 
 
 def matmul_graph():

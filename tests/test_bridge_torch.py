@@ -17,8 +17,9 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed: pip insta
 
 from bridge_cases import (PUBLISHED_DODX, PUBLISHED_DODY, CountingClient,  # noqa: E402
                           builder_from_engine, finite_difference_jvp, random_tangents)
-from gradserve.client import GraphBuilder  # noqa: E402
+from gradserve.client import Client, GraphBuilder  # noqa: E402
 from gradserve.client.torch import RemoteError, remote_function  # noqa: E402
+from gradserve.server.limits import Limits  # noqa: E402
 from test_properties import valid_graphs  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -257,7 +258,28 @@ def test_vmap_over_primal_inputs_is_a_clear_error(client, seed_builder):
         torch.func.vmap(f)(batch, batch)
 
 
+def test_older_vmap_is_a_clear_error(client, seed_builder):
+    f = remote_function(client, seed_builder("float64", (3,)))
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="torch.func.vmap"):
+        torch.autograd.grad(f(x, x), x, torch.eye(3, dtype=torch.float64),
+                            is_grads_batched=True)
+
+
 # --- errors -----------------------------------------------------------------------------
+
+
+def test_errors_in_backward_are_remote_errors(start_server):
+    """Values within the server's limits, the Jacobian's 1000 directions over them."""
+    server = start_server(Limits(max_intermediate_bytes=1 << 20))
+    g = GraphBuilder()
+    g.output("o", g.sin(g.input("x", "float64", [1000])))
+    with Client(f"127.0.0.1:{server.port}") as client:
+        f = remote_function(client, g)
+        x = torch.ones(1000, dtype=torch.float64)
+        assert f(x).shape == (1000,)
+        with pytest.raises(RemoteError, match="VJP.*RESOURCE_EXHAUSTED.*1000 seed directions"):
+            torch.func.jacrev(f)(x)
 
 
 def test_service_errors_name_node_and_field(client):
