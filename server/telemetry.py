@@ -20,6 +20,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from gradserve.engine.errors import echo
+
 request_log = logging.getLogger("gradserve.requests")
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -78,7 +80,8 @@ class Telemetry:
         if mode:
             children[2].inc()
         if request_log.isEnabledFor(logging.INFO):
-            graph_id = getattr(reply, "graph_id", "") or getattr(request, "graph_id", "")
+            # from the request when it failed: clipped, as anything a client sent
+            graph_id = getattr(reply, "graph_id", "") or echo(getattr(request, "graph_id", ""))
             request_log.info(json.dumps({"method": method, "graph_id": graph_id or None,
                                          "mode": mode, "code": code,
                                          "ms": round(seconds * 1e3, 3)}))

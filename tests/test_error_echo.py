@@ -11,6 +11,9 @@ BadRequest detail.
 
 from __future__ import annotations
 
+import json
+import logging
+
 import grpc
 import numpy as np
 import pytest
@@ -88,9 +91,15 @@ def test_echo_and_clip():
     assert len(text) == MESSAGE_LIMIT and text.endswith("is not a permutation of the 3 axes")
 
 
-def test_unknown_8kb_graph_id_is_clipped(stub):
-    with pytest.raises(grpc.RpcError) as info:
+def test_unknown_8kb_graph_id_is_clipped(stub, caplog):
+    """In the status, and in the request log line (the server runs in this process)."""
+    with caplog.at_level(logging.INFO, logger="gradserve.requests"), \
+            pytest.raises(grpc.RpcError) as info:
         stub.Evaluate(pb.EvaluateRequest(graph_id="f" * 8192), timeout=30)
     check_status(info.value, grpc.StatusCode.NOT_FOUND, ("unknown graph_id", "8,192 characters"),
                  "graph_id")
     assert len(info.value.details()) <= 200
+    logged = [json.loads(r.getMessage()) for r in caplog.records
+              if r.name == "gradserve.requests"]
+    assert logged and logged[-1]["code"] == "NOT_FOUND"
+    assert len(logged[-1]["graph_id"]) <= 80 and "8,192 characters" in logged[-1]["graph_id"]
