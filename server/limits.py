@@ -20,6 +20,7 @@ class Limits:
     max_cache_bytes: int = 512 * MiB  # memory of the compiled graphs kept (server.registry)
     max_concurrent_rpcs: int = 128  # calls in progress; more get RESOURCE_EXHAUSTED
     max_trace_elements: int = 1_000_000  # array elements in one request's trace
+    max_request_flops: int = 10 ** 12  # estimated floating-point operations of one request
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

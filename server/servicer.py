@@ -24,7 +24,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.registry = GraphRegistry(self.limits)
         self.telemetry = Telemetry(self.registry.cache)
         self._run_limits = {"max_bytes": self.limits.max_intermediate_bytes,
-                            "max_reply_bytes": self.limits.max_message_bytes}
+                            "max_reply_bytes": self.limits.max_message_bytes,
+                            "max_flops": self.limits.max_request_flops or None}
 
     @rpc
     def RegisterGraph(self, request, context):

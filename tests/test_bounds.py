@@ -348,3 +348,37 @@ def test_a_large_matmul_stops_within_a_second_of_its_deadline():
     assert time.monotonic() - deadline < 1.0
     assert time.process_time() - cpu < 2.5  # at most 2 cores x (0.2 s + 1 s)
     assert time.monotonic() - wall < 1.2
+
+
+def test_flops_bound_over_grpc(proc):
+    """A small request within the memory bound whose 20 products of 3000 x 3000
+    matrices need 1.08 TFLOP: RESOURCE_EXHAUSTED naming the work bound, with no work
+    done (server CPU), and GetServerInfo reports the bound."""
+    nodes = [node("b", "broadcast_to", "x", shape=[3000, 3000]), node("m0", "matmul", "b", "b")]
+    for i in range(1, 20):
+        nodes.append(node(f"m{i}", "matmul", f"m{i - 1}", "b"))
+    g = graph([("x", F32, [1])], nodes + [node("s", "sum", "m19")])
+    request = pb.EvaluateRequest(graph=g, inputs={"x": to_tensor(np.ones(1, np.float32))})
+    assert request.ByteSize() < 1000
+    started = cpu_seconds(proc.proc.pid)
+    refused(lambda: proc.stub.Evaluate(request, timeout=30), EXHAUSTED,
+            "floating-point operations", "max_request_flops")
+    assert cpu_seconds(proc.proc.pid) - started < 0.5
+    info = proc.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=10)
+    assert info.limits.max_request_flops == 10 ** 12
+    good_call(proc.stub)
+
+
+def test_deadline_stops_a_large_matmul_in_the_server(proc):
+    """A 2500 x 2500 x 2500 float64 product (31 GFLOP, under the work bound; seconds of
+    BLAS here) with a 0.3 s deadline: the server stops within a second of the deadline,
+    measured by its CPU time, and answers the next call."""
+    g = graph([("a", F64, [2500, 2500])], [node("m", "matmul", "a", "a"), node("s", "sum", "m")])
+    a = np.random.default_rng(0).standard_normal((2500, 2500))
+    request = pb.EvaluateRequest(graph=g, inputs={"a": to_tensor(a)})
+    started = cpu_seconds(proc.proc.pid)
+    refused(lambda: proc.stub.Evaluate(request, timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED)
+    time.sleep(1.5)
+    busy = cpu_seconds(proc.proc.pid) - started
+    assert busy < 2 * 1.3 + 0.5, f"the server spent {busy:.1f} s of CPU on a 0.3 s call"
+    good_call(proc.stub)

@@ -249,7 +249,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +260,7 @@ class Limits(_message.Message):
     MAX_TRACE_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSTANTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_FLOPS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_nodes: int
     max_tensor_elements: int
@@ -270,7 +271,8 @@ class Limits(_message.Message):
     max_trace_elements: int
     max_inputs: int
     max_constants: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ...) -> None: ...
+    max_request_flops: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio")
