@@ -134,8 +134,9 @@ def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
     onnx_model = args.model.lower().endswith(".onnx")
     if args.model not in ("logreg", "mlp") and not onnx_model:
         raise UsageError(f"--model {args.model}: expected logreg, mlp or a PATH.onnx file")
-    if args.model != "mlp" and (args.hidden or args.activation):
-        raise UsageError("--hidden and --activation apply to --model mlp only")
+    for flag, given in (("--hidden", args.hidden), ("--activation", args.activation)):
+        if given and args.model != "mlp":
+            raise UsageError(f"{flag} applies to --model mlp only")
     try:
         if onnx_model:
             spec = OnnxModelSpec(args.model, data.num_features, data.num_classes, args.l2)

@@ -181,16 +181,15 @@ class OnnxModelSpec:
         import hashlib
         from pathlib import Path
 
-        from .onnx import OnnxImportError, load_model, model_signature
+        from .onnx import OnnxImportError, load_model, model_inputs
 
         self.path = Path(path)
         self.proto = load_model(self.path)
         self.sha256 = hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
-        inputs, outputs = model_signature(self.proto)
-        if not inputs or not outputs:
+        inputs = model_inputs(self.proto)
+        if not inputs or not self.proto.graph.output:
             raise OnnxImportError(f"{self.path}: the model needs a data input and an output")
         self.input_name, dtype, shape = inputs[0]
-        self.output_name, _, out_shape = outputs[0]
         if dtype != DTYPE:
             raise OnnxImportError(f"{self.path}: input '{self.input_name}' is {dtype}; "
                                   f"training takes {DTYPE} features")
@@ -204,10 +203,6 @@ class OnnxModelSpec:
             raise OnnxImportError(
                 f"{self.path}: input '{self.input_name}' takes {_dims(shape)}, "
                 f"{math.prod(sample)} features per sample; the data set has {num_features}")
-        if len(out_shape) != 2 or out_shape[1] not in (None, num_classes):
-            raise OnnxImportError(
-                f"{self.path}: the first output '{self.output_name}' is {_dims(out_shape)}; "
-                f"training needs logits [batch, {num_classes}] for the data set's classes")
         if l2 < 0:
             raise ValueError(f"l2 must be >= 0, got {l2}")
         self.num_features, self.num_classes, self.l2 = num_features, num_classes, l2
@@ -223,7 +218,13 @@ class OnnxModelSpec:
         imported = import_into(g, self.proto, {self.input_name: (shaped, (None,) +
                                                                  self.sample_shape)},
                                taken=("X", "Y", "X/reshape", LOSS, LOGITS))
-        out = imported.values[imported.outputs[0]]
+        name = imported.outputs[0]
+        shape = [None if d == -1 else d for d in imported.output_shapes[name]]
+        if len(shape) != 2 or shape[1] != self.num_classes:
+            raise OnnxImportError(
+                f"{self.path}: the first output '{name}' is {_dims(shape)}; training needs "
+                f"logits [batch, {self.num_classes}] for the data set's classes")
+        out = imported.values[name]
         logits = out if out.name == LOGITS else g.cast(out, DTYPE, name=LOGITS)
         g.output(logits)
         loss = softmax_cross_entropy(g, logits, y)

@@ -79,6 +79,7 @@ class OnnxImport:
     input_shapes: dict[str, tuple] = field(default_factory=dict)  # -1: any size
     opset: int = 0
     values: dict[str, Value] = field(default_factory=dict)  # outputs and parameters
+    output_shapes: dict[str, tuple] = field(default_factory=dict)  # as imported; -1: dynamic
 
 
     @property
@@ -690,14 +691,16 @@ class Importer:
             shapes[inp.name] = tuple(-1 if isinstance(d, Dim) else d for d in dyn.shape)
         for node in graph.node:
             self._node(node)
-        outputs, values = [], {}
+        outputs, values, out_shapes = [], {}, {}
         for out in graph.output:
             outputs.append(out.name)
             values[out.name] = self._output(out.name)
+            out_shapes[out.name] = tuple(-1 if isinstance(d, Dim) else int(d)
+                                         for d in _shape_of(self.env[out.name]))
         ordered = {name: self.parameters[name] for name in initializers if name in self.parameters}
         values.update((name, self.env[name].value) for name in ordered)
         return OnnxImport(self.g, data_inputs, outputs, ordered, dtypes, shapes, self.opset,
-                          values)
+                          values, out_shapes)
 
     def _initializer(self, tensor):
         array = _tensor_array(self.numpy_helper, tensor, "initializer")
@@ -947,9 +950,9 @@ def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tupl
                     mark_outputs=False).run()
 
 
-def model_signature(model) -> tuple[list, list]:
-    """([(name, dtype, shape)] of the data inputs, [(name, dtype, shape)] of the outputs)
-    as declared by the model (None for a dynamic dimension)."""
+def model_inputs(model) -> list[tuple[str, str, list]]:
+    """[(name, dtype, shape)] of the data inputs as the model declares them (None for a
+    dynamic dimension)."""
     proto = load_model(model)
     onnx = import_optional("onnx", "onnx", "ONNX import")
     initializers = {t.name for t in proto.graph.initializer}
@@ -959,8 +962,7 @@ def model_signature(model) -> tuple[list, list]:
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in t.shape.dim]
         return v.name, _onnx_dtype(onnx, t.elem_type, f"'{v.name}'"), dims
-    return ([describe(v) for v in proto.graph.input if v.name not in initializers],
-            [describe(v) for v in proto.graph.output])
+    return [describe(v) for v in proto.graph.input if v.name not in initializers]
 
 
 def supported_ops() -> list[str]:

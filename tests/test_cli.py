@@ -140,3 +140,54 @@ def test_serve_exits_on_sigterm_after_garbage_on_the_stream():
         except subprocess.TimeoutExpired:
             pytest.fail("still running 15 s after SIGTERM with --grace 0.5")
         assert code == 0
+
+
+# --- ONNX: graph import, graph show ------------------------------------------------------------
+
+def test_graph_import_writes_a_graph_and_describes_it(tmp_path, client):
+    onnx = pytest.importorskip("onnx", reason="ONNX import needs the onnx package")
+    from gradserve.client import load_graph
+    from test_onnx import digits_cnn_model
+
+    model = tmp_path / "cnn.onnx"
+    onnx.save(digits_cnn_model(), model)
+    done = run("graph", "import", str(model), "-o", str(tmp_path / "cnn.pb"))
+    assert done.returncode == 0, done.stderr
+    assert "inputs     image float32 [-1, 1, 8, 8]" in done.stdout
+    assert "outputs    logits" in done.stdout
+    assert "ops        7 nodes: add 2, conv 1, relu 1, max_pool 1, reshape 1, matmul 1" in done.stdout
+    assert "parameters 4 constants, 1,370 values" in done.stdout
+    graph = load_graph(tmp_path / "cnn.pb")
+    x = np.random.default_rng(0).random((3, 1, 8, 8), np.float32)
+    assert client.evaluate(graph, {"image": x})["logits"].shape == (3, 10)
+
+    done = run("graph", "import", str(model), "-o", str(tmp_path / "cnn.json"),
+               "--parameters", "inputs")
+    assert done.returncode == 0, done.stderr
+    assert "parameters 4 graph inputs, 1,370 values (saved in" in done.stdout
+    graph = load_graph(tmp_path / "cnn.json")
+    assert [i.name for i in graph.inputs] == ["image", "conv.weight", "conv.bias", "fc.weight",
+                                              "fc.bias"]
+    with np.load(tmp_path / "cnn.params.npz") as params:
+        out = client.evaluate(graph, {"image": x, **params})["logits"]
+    assert out.shape == (3, 10)
+
+    shown = run("graph", "show", str(model))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("digraph") and "max_pool" in shown.stdout
+
+
+def test_graph_import_errors_name_the_node(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX import needs the onnx package")
+    from onnx import helper
+    from test_onnx import model as onnx_model
+
+    bad = onnx_model([helper.make_node("Det", ["x"], ["y"], name="det")],
+                     {"x": np.zeros((2, 2))})
+    onnx.save(bad, tmp_path / "det.onnx")
+    done = run("graph", "import", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "g.pb"))
+    assert done.returncode == 2
+    assert "ONNX node 'det' (Det): opset 18 Det is not supported" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = run("graph", "import", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "g.txt"))
+    assert done.returncode == 2 and "use a name ending in .pb" in done.stderr

@@ -100,6 +100,26 @@ def run_reference_named(m, values, imported):
     return dict(zip(imported.outputs, run_reference(m2, feeds)))
 
 
+def digits_cnn_model(seed=0, opset=18):
+    """A CNN for the 8x8 digits built with onnx.helper (PyTorch's default initialization):
+    image [batch, 1, 8, 8] -> conv 3x3 (8 channels, padded) -> relu -> max pool 2 ->
+    flatten -> dense 10 -> logits."""
+    rng = np.random.default_rng(seed)
+
+    def uniform(fan_in, *shape):
+        bound = 1 / np.sqrt(fan_in)
+        return rng.uniform(-bound, bound, shape).astype(np.float32)
+    nodes = [node("Conv", ["image", "conv.weight", "conv.bias"], ["c"], pads=[1, 1, 1, 1]),
+             node("Relu", ["c"], ["r"]),
+             node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             node("Flatten", ["p"], ["f"]),
+             node("Gemm", ["f", "fc.weight", "fc.bias"], ["logits"], transB=1)]
+    inits = {"conv.weight": uniform(9, 8, 1, 3, 3), "conv.bias": uniform(9, 8),
+             "fc.weight": uniform(128, 10, 128), "fc.bias": uniform(128, 10)}
+    return model(nodes, {"image": np.zeros((1, 1, 8, 8), np.float32)}, inits,
+                 outputs=("logits",), opset=opset, dynamic={"image": {0: "batch"}})
+
+
 # --- one table: every op the importer converts ---------------------------------------------
 
 R = np.random.default_rng(42)

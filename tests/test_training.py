@@ -378,3 +378,64 @@ def test_npz_without_labels_is_explained(tmp_path):
     np.savez(tmp_path / "x.npz", X=np.zeros((4, 2)))
     with pytest.raises(DatasetError, match=r"needs arrays X \(features\) and y \(labels\)"):
         load_dataset(str(tmp_path / "x.npz"))
+
+
+# --- an imported ONNX model ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cnn_onnx(tmp_path_factory):
+    """The digits CNN built with onnx.helper (tests/test_onnx_torch.py exports one from
+    PyTorch)."""
+    onnx = pytest.importorskip("onnx", reason="ONNX import needs the onnx package")
+    from test_onnx import digits_cnn_model
+
+    path = tmp_path_factory.mktemp("onnx") / "digits_cnn.onnx"
+    onnx.save(digits_cnn_model(), path)
+    return path
+
+
+def test_train_command_trains_an_onnx_cnn_to_95_percent(address, cnn_onnx, capsys, tmp_path):
+    checkpoint = tmp_path / "cnn.ckpt"
+    argv = ["train", "--model", str(cnn_onnx), "--server", address, "--seed", "1",
+            "--epochs", "12", "--lr", "0.1", "--momentum", "0.9", "--json",
+            "--checkpoint", str(checkpoint)]
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["test_accuracy"] >= 0.95, summary["history"]
+    assert summary["parameters"] == 1370 and summary["widths"] is None
+    assert summary["mode"] == "reverse"
+    state = load_checkpoint(str(checkpoint))
+    assert set(state.params) == {"conv.weight", "conv.bias", "fc.weight", "fc.bias"}
+    assert state.params["conv.weight"].shape == (8, 1, 3, 3)
+
+    assert cli.main([*argv[:8], "13", *argv[9:], "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "resuming from" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["steps_this_run"] == 23
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--hidden", "8"], "--hidden applies to --model mlp only"),
+    (["--activation", "tanh"], "--activation applies to --model mlp only"),
+    (["--dataset", "WRONG"], "expected 'digits'"),
+])
+def test_train_command_onnx_errors(address, cnn_onnx, capsys, extra, message):
+    code = cli.main(["train", "--model", str(cnn_onnx), "--server", address, "--epochs", "1",
+                     *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_an_onnx_model_that_does_not_fit_the_data_is_explained(address, capsys, tmp_path,
+                                                               cnn_onnx):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "wide.npz"
+    np.savez(data, X=rng.random((40, 30)), y=np.arange(40) % 2)
+    assert cli.main(["train", "--model", str(cnn_onnx), "--server", address,
+                     "--dataset", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "input 'image' takes [?, 1, 8, 8], 64 features per sample; the data set has 30" in err
+    assert cli.main(["train", "--model", str(tmp_path / "missing.onnx"), "--server",
+                     address]) == 2
+    assert "missing.onnx: no such file" in capsys.readouterr().err
