@@ -22,9 +22,12 @@ import numpy as np
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES, Graph
 from .ops import OPS
-from .planner import PlannerDecision, plan_mode
+from .planner import PlannerDecision, plan_mode, plan_second_order
+from .second import (HessianResult, HVPResult, SecondOrder, bind_curvatures,
+                     forward_over_reverse)
 from .shapes import MAX_SPAN, fill_seed, fmt_shape, span
-from .sweeps import Step, check_points, forward_sweep, reverse_sweep, values_sweep
+from .sweeps import (Step, backward_sweep, check_points, forward_sweep, residual_sweep,
+                     reverse_sweep, values_sweep)
 from .trace import MODES as TRACE_MODES
 from .trace import Trace, TraceRecorder
 from .validate import infer_shapes, validate
@@ -42,6 +45,15 @@ _HEAVY_ELEMENTS = 1 << 16  # a value this large is a point where cancellation is
 class JVPResult(NamedTuple):
     outputs: dict
     tangents: dict  # output name -> tangent
+
+
+class Residuals(NamedTuple):
+    """What a VJP's backward half needs, kept between calls (Plan.residuals)."""
+
+    outputs: dict
+    values: list  # by slot: the values the vjps read, other values' shapes (sweeps.Stub)
+    shapes: dict  # every value's shape
+    nbytes: int  # the arrays held
 
 
 class VJPResult(NamedTuple):
@@ -136,6 +148,7 @@ class Plan:
         self._specializations: dict = {}
         self._jacobian_setups: dict = {}
         self._activity: dict = {}
+        self._curvatures: list | None = None  # per step, bound on the first second-order call
 
     # --- compile-time analysis ------------------------------------------------
 
@@ -424,13 +437,46 @@ class Plan:
         self._check_work(shapes, k, max_flops)
         self._check_memory(shapes, k, max_bytes, extra=reply)
         cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
+        return VJPResult(self._outputs(vals), self._cotangents(cots, wrt, shapes, k, batched))
+
+    def _cotangents(self, cots, wrt, shapes, k, batched) -> dict:
         out = {}
         for name in wrt:
             g = cots[self.slot[name]]
             shape = tuple(shapes[name])
             g = np.zeros((k,) + shape, self.dtypes[name]) if g is None else fill_seed(g, shape)
             out[name] = g if batched else g[0]
-        return VJPResult(self._outputs(vals), out)
+        return out
+
+    def residuals(self, inputs, *, max_bytes=None, max_reply_bytes=None, max_flops=None,
+                  check=None) -> Residuals:
+        """The values' half of a VJP: the outputs, and what a later `vjp_from` needs
+        (the values the vjps read; the rest reduced to their shapes), with its size."""
+        vals, shapes, _ = self._bind(inputs)
+        reply = self._nbytes(shapes, self.output_names)
+        self._check_reply(reply, max_reply_bytes, "outputs", "outputs")
+        self._check_work(shapes, 0, max_flops)
+        self._check_memory(shapes, 0, max_bytes, extra=reply)
+        residual_sweep(self._steps, vals, check, self._points)
+        kept = {id(v): v.nbytes for v in vals if isinstance(v, np.ndarray)}
+        return Residuals(self._outputs(vals), vals, shapes, sum(kept.values()))
+
+    def vjp_from(self, residuals: Residuals, cotangents, wrt=None, *, max_bytes=None,
+                 max_reply_bytes=None, max_flops=None, check=None) -> VJPResult:
+        """The cotangents' half of a VJP over `residuals` (from this plan's
+        `residuals`), which it leaves unchanged: the same as `vjp` on the same inputs."""
+        shapes = residuals.shapes
+        self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
+        wrt = self._wrt(wrt)
+        seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
+        reply = self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt, k)
+        self._check_reply(reply, max_reply_bytes, "outputs and cotangents", "cotangents")
+        self._check_work(shapes, k, max_flops)
+        self._check_memory(shapes, k, max_bytes, extra=reply)
+        cots = backward_sweep(self._steps, residuals.values, seeds, self._needs(wrt), check,
+                              self._points)
+        return VJPResult(residuals.outputs,
+                         self._cotangents(cots, wrt, shapes, k, batched))
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
                  max_block_elements=None, max_reply_bytes=None, max_flops=None, ratio=None,
@@ -465,7 +511,7 @@ class Plan:
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False, max_bytes=None, max_block_elements=None,
                       max_reply_bytes=None, max_trace_elements=None, max_flops=None,
-                      check=None) -> Differentiation:
+                      residuals: Residuals | None = None, check=None) -> Differentiation:
         """One differentiation request, whatever it asks for:
 
         - `tangents` (input name -> seed): a JVP, forward mode by definition;
@@ -482,7 +528,14 @@ class Plan:
         one-element output `of` (a scalar loss); its size is checked against
         `max_trace_elements` before any work. The limits are as for the other
         methods; `max_reply_bytes` bounds the arrays the answer holds.
+
+        `residuals` (from Plan.residuals on the same inputs) answers a VJP without
+        `inputs` and without its forward sweep.
         """
+        if residuals is not None:
+            return self._differentiate_residuals(inputs, residuals, wrt, of, mode, tangents,
+                                                 cotangents, trace, max_bytes, max_reply_bytes,
+                                                 max_flops, check)
         if mode not in ("auto", "forward", "reverse"):
             raise DifferentiationError(f"unknown mode {mode!r} (auto, forward or reverse)",
                                        field="mode")
@@ -531,6 +584,228 @@ class Plan:
                 inputs, trace_mode, **seeds, max_elements=max_trace_elements,
                 max_bytes=max_bytes, max_flops=max_flops, check=check))
         return answer
+
+    # --- second order (engine/second.py, engine/curvature.py) ---------------------------
+
+    def hvp(self, inputs, vectors, of=None, wrt=None, *, max_bytes=None, max_flops=None,
+            max_reply_bytes=None, check=None) -> HVPResult:
+        """The value of the scalar output `of`, its gradient and Hessian-vector products
+        H v with respect to the `wrt` inputs, forward-over-reverse in one sweep.
+
+        `vectors` has one array per `wrt` input (default: the inputs it names), shaped
+        like it or with a leading axis of k directions (the products are batched the
+        same way). `of` defaults to the graph's only output; it must have one element.
+        """
+        vals, shapes, _ = self._bind(inputs)
+        out = self._scalar_of(of, shapes)
+        if not vectors:
+            raise InputError("give a vector for each wrt input", field="vectors")
+        for name in vectors:
+            if name not in self._input_set:
+                raise InputError("is not an input of the graph (inputs: "
+                                 + ", ".join(self.input_names) + ")", node=name,
+                                 field="vectors")
+        if wrt is None:
+            wrt = tuple(n for n in self.input_names if n in vectors)
+        wrt = self._second_wrt(wrt)
+        if set(vectors) != set(wrt):
+            raise InputError(f"vectors are given for {sorted(vectors)} but wrt is "
+                             f"{list(wrt)}: give one vector for each wrt input",
+                             field="vectors")
+        seeds, k, batched = self._seeds(vectors, None, shapes, "vectors")
+        n = sum(prod(shapes[w]) for w in wrt)
+        decision = plan_second_order(n, k)
+        reply = (self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt)
+                 + self._nbytes(shapes, wrt, k))
+        self._check_reply(reply, max_reply_bytes, "outputs, gradients and Hessian-vector "
+                          "products", "vectors")
+        self._second_limits(shapes, wrt, k, reply, max_bytes, max_flops)
+        cots, dots = self._second_sweep(vals, shapes, out, wrt, seeds, check)
+        hvp = {}
+        for name in wrt:
+            shape = tuple(shapes[name])
+            d = dots[self.slot[name]]
+            d = (np.zeros((k,) + shape, self._np_dtypes[name]) if d is None
+                 else fill_seed(d, shape).astype(self._np_dtypes[name], copy=False))
+            if d.shape[0] != k:
+                d = np.broadcast_to(d, (k,) + shape)
+            hvp[name] = d if batched else d[0]
+        outputs = self._outputs(vals)
+        return HVPResult(outputs[out], self._gradient(cots, shapes, wrt), hvp, decision,
+                         outputs)
+
+    def hessian(self, inputs, of=None, wrt=None, mode="auto", *, max_bytes=None,
+                max_block_elements=None, max_reply_bytes=None, max_flops=None,
+                check=None) -> HessianResult:
+        """The value of the scalar output `of`, its gradient and its Hessian blocks
+        d2 of / d wrt_a d wrt_b, each shaped wrt_a.shape + wrt_b.shape: n HVPs with
+        the identity's columns as vectors, batched in one forward-over-reverse sweep
+        (`mode` "auto" or "forward-over-reverse", the only scheme).
+
+        `max_block_elements` refuses (ResourceLimitError) a larger block, before any
+        work; `max_bytes` counts the n tangent directions of every value.
+        """
+        if mode not in ("auto", "forward-over-reverse"):
+            raise DifferentiationError(f"unknown second-order mode {mode!r} (auto or "
+                                       "forward-over-reverse)", field="mode")
+        vals, shapes, _ = self._bind(inputs)
+        out = self._scalar_of(of, shapes)
+        wrt = self._second_wrt(wrt)
+        sizes = {w: prod(shapes[w]) for w in wrt}
+        n = sum(sizes.values())
+        for a in wrt:
+            for b in wrt:
+                shape = tuple(shapes[a]) + tuple(shapes[b])
+                if span(shape) > MAX_SPAN:
+                    raise ResourceLimitError(f"the Hessian block d2/d{a} d{b} of shape "
+                                             f"{fmt_shape(shape)} is too large for an array",
+                                             field="wrt")
+        largest = max(sizes[a] * sizes[b] for a in wrt for b in wrt)
+        if max_block_elements is not None and largest > max_block_elements:
+            raise ResourceLimitError(
+                f"a Hessian block would have {largest:,} elements, over the limit of "
+                f"{max_block_elements:,}: ask for fewer or smaller `wrt` inputs, or use "
+                "Hessian-vector products", field="wrt")
+        decision = plan_second_order(n, n, what="a full Hessian, the identity's columns "
+                                     "as vectors")
+        reply = (self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt)
+                 + self._nbytes(shapes, wrt, n))
+        self._check_reply(reply, max_reply_bytes, "outputs, gradients and Hessian blocks",
+                          "wrt")
+        self._second_limits(shapes, wrt, n, reply, max_bytes, max_flops)
+        seeds, at = {}, 0
+        for name in wrt:
+            size = sizes[name]
+            block = np.zeros((n, size), self._np_dtypes[name])
+            block[at:at + size] = np.eye(size, dtype=block.dtype)
+            seeds[self.slot[name]] = block.reshape((n,) + tuple(shapes[name]))
+            at += size
+        cots, dots = self._second_sweep(vals, shapes, out, wrt, seeds, check)
+        hessian, offsets, at = {}, {}, 0
+        for name in wrt:
+            offsets[name] = at
+            at += sizes[name]
+        # Block (a, b) is the Jacobian of the gradient wrt a with respect to b (as
+        # torch.autograd.functional.hessian): the tangents of grad_a along b's columns.
+        for a in wrt:
+            d = dots[self.slot[a]]
+            shape_a, dtype = tuple(shapes[a]), self._np_dtypes[a]
+            d = (np.zeros((n, sizes[a]), dtype) if d is None
+                 else np.broadcast_to(fill_seed(d, shape_a), (n,) + shape_a).reshape(
+                     n, sizes[a]))
+            for b in wrt:
+                columns = d[offsets[b]:offsets[b] + sizes[b]]
+                hessian[a, b] = columns.T.astype(dtype).reshape(shape_a + tuple(shapes[b]))
+        outputs = self._outputs(vals)
+        return HessianResult(outputs[out], self._gradient(cots, shapes, wrt), hessian,
+                             decision, outputs)
+
+    def second_order(self, inputs, *, vectors=None, hessian=False, of=None, wrt=None,
+                     mode="auto", max_bytes=None, max_block_elements=None,
+                     max_reply_bytes=None, max_flops=None, check=None) -> SecondOrder:
+        """One second-order request: Hessian-vector products (`vectors` given) or the
+        Hessian blocks (`hessian`), not both; see hvp and hessian."""
+        limits = {"max_bytes": max_bytes, "max_reply_bytes": max_reply_bytes,
+                  "max_flops": max_flops, "check": check}
+        if hessian and vectors:
+            raise DifferentiationError("ask for Hessian-vector products (vectors) or the "
+                                       "Hessian, not both", field="vectors")
+        if hessian:
+            r = self.hessian(inputs, of=of, wrt=wrt, mode=mode,
+                             max_block_elements=max_block_elements, **limits)
+            return SecondOrder(r.outputs, r.value, r.gradient, {}, r.hessian, r.decision)
+        if mode not in ("auto", "forward-over-reverse"):
+            raise DifferentiationError(f"unknown second-order mode {mode!r} (auto or "
+                                       "forward-over-reverse)", field="mode")
+        r = self.hvp(inputs, vectors, of=of, wrt=wrt, **limits)
+        return SecondOrder(r.outputs, r.value, r.gradient, r.hvp, {}, r.decision)
+
+    def _scalar_of(self, of, shapes) -> str:
+        """The one output a second-order request differentiates: named by `of` (a name
+        or a one-name sequence), or the graph's only output; it must have one element."""
+        if of is None:
+            if len(self.output_names) != 1:
+                raise DifferentiationError(
+                    f"the graph has {len(self.output_names)} outputs: name the one scalar "
+                    "output to differentiate in `of`", field="of")
+            of = self.output_names
+        elif isinstance(of, str):
+            of = (of,)
+        of = self._names(tuple(of), self.output_names, (), "output", "of")
+        if len(of) != 1:
+            raise DifferentiationError(f"second derivatives are of one scalar output; `of` "
+                                       f"names {len(of)}", field="of")
+        size = prod(shapes[of[0]])
+        if size != 1:
+            raise DifferentiationError(
+                f"has shape {fmt_shape(shapes[of[0]])} ({size} elements); second "
+                "derivatives need a one-element output (a scalar loss)", node=of[0],
+                field="of")
+        return of[0]
+
+    def _second_wrt(self, wrt) -> tuple:
+        if isinstance(wrt, str):
+            wrt = (wrt,)
+        wrt = self._wrt(wrt)
+        if not wrt:
+            raise DifferentiationError("the graph has no floating inputs to differentiate "
+                                       "with respect to", field="wrt")
+        return wrt
+
+    def _second_limits(self, shapes, wrt, k, reply, max_bytes, max_flops):
+        """Checked before any work: every value kept with its k tangents, and the
+        cotangent with its k tangents (2k + 1 directions beside the values), plus the
+        vectors and the reply; 3k + 1 rule applications per op (k jvps, k + 1 vjps,
+        k curvature terms), within estimate_flops' two per direction."""
+        directions = 2 * k + 1
+        self._check_work(shapes, directions, max_flops)
+        self._check_memory(shapes, directions, max_bytes,
+                           extra=reply + self._nbytes(shapes, wrt, k))
+
+    def _second_sweep(self, vals, shapes, out, wrt, seeds, check):
+        """The forward-over-reverse sweep (limits already checked)."""
+        if self._curvatures is None:
+            self._curvatures = bind_curvatures(self._nodes)
+        tans = [None] * self._n_slots
+        for s, t in seeds.items():
+            tans[s] = t
+        seed = np.ones((1,) + tuple(shapes[out]), self._np_dtypes[out])
+        return forward_over_reverse(self._steps, self._curvatures, vals, tans,
+                                    self.slot[out], seed, self._needs(wrt), check,
+                                    self._points)
+
+    def _gradient(self, cots, shapes, wrt) -> dict:
+        gradient = {}
+        for name in wrt:
+            shape = tuple(shapes[name])
+            g = cots[self.slot[name]]
+            gradient[name] = (np.zeros(shape, self._np_dtypes[name]) if g is None
+                              else fill_seed(g, shape)[0].astype(self._np_dtypes[name],
+                                                                 copy=False))
+        return gradient
+
+    def _differentiate_residuals(self, inputs, residuals, wrt, of, mode, tangents,
+                                 cotangents, trace, max_bytes, max_reply_bytes, max_flops,
+                                 check) -> Differentiation:
+        for given, field, why in ((inputs, "inputs", "the residuals stand for them"),
+                                  (tangents, "tangents", "residuals serve VJPs only"),
+                                  (trace, "trace", "a trace needs the inputs")):
+            if given:
+                raise DifferentiationError(f"give residuals or {field}, not both: {why}",
+                                           field=field)
+        if not cotangents:
+            raise DifferentiationError("residuals serve a VJP: give cotangents",
+                                       field="cotangents")
+        _same_names(cotangents, of, "cotangents", "of")
+        _implies(mode, "reverse", "cotangents")
+        result = self.vjp_from(residuals, cotangents, wrt=wrt, max_bytes=max_bytes,
+                               max_reply_bytes=max_reply_bytes, max_flops=max_flops,
+                               check=check)
+        n = sum(prod(residuals.shapes[name]) for name in self._wrt(wrt))
+        m = sum(result.outputs[name].size for name in cotangents)
+        decision = replace(plan_mode(n, m, forced="reverse"),
+                           reason="cotangents given: a VJP is reverse mode (from kept residuals)")
+        return Differentiation(result.outputs, {}, {}, result.cotangents, decision)
 
     def _trace_recipe(self, inputs, of, mode, tangents, cotangents, max_elements):
         """The trace a differentiation request implies (its mode and seeds), its size

@@ -43,3 +43,35 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
                             why + f"forward costs {cost_forward:g} <= reverse {cost_reverse:g}")
     return PlannerDecision("reverse", n, m, cost_forward, cost_reverse,
                         why + f"reverse costs {cost_reverse:g} < forward {cost_forward:g}")
+
+
+# Cost of one Hessian-vector product (forward-over-reverse, one direction) in
+# gradients: bench/bench_second_order.py measured HVP / gradient on the MLP loss, a
+# 100-op scalar chain and sum(tanh(W x)) (placeholder until measured).
+HVP_COST_RATIO = 2.5
+
+
+def plan_second_order(n: int, k: int, ratio: float = HVP_COST_RATIO,
+                      what: str = "Hessian-vector products") -> PlannerDecision:
+    """Second order of one scalar output, decided at both levels.
+
+    Inner level (the gradient): one output element against n input elements, so
+    reverse (one reverse direction) as plan_mode would choose for any n > 1. Outer
+    level (differentiating the gradient along k directions): forward, all k
+    tangent directions carried by the one reverse sweep (Pearlmutter's R-op;
+    forward-over-reverse is the scheme JAX's hvp and PyTorch's torch.func
+    recommend). Reverse-over-reverse would need k reverse sweeps over a recorded
+    reverse sweep, each costing REVERSE_COST_RATIO forward directions, and keep
+    the reverse sweep's values too. An HVP direction costs about `ratio` gradients
+    (HVP_COST_RATIO, measured); the decision reports the mode of the outer level
+    ("forward"), n, m = 1 and both estimates in gradient units.
+    """
+    cost_forward = float(ratio * k)
+    cost_reverse = float(REVERSE_COST_RATIO * ratio * k)
+    reason = (f"forward-over-reverse: one reverse sweep carrying {k} tangent directions "
+              f"({what}; n = {n} input elements, one scalar output): inner level reverse "
+              f"(1 reverse direction against {n} forward ones), outer level forward "
+              f"({k} directions in the same sweep), about {cost_forward:g} gradients "
+              f"(one HVP ~ {ratio:g} gradients) against {cost_reverse:g} "
+              "for reverse-over-reverse")
+    return PlannerDecision("forward", n, 1, cost_forward, cost_reverse, reason)

@@ -1,0 +1,140 @@
+"""Forward-over-reverse: the gradient of one scalar and its tangent along k directions.
+
+One forward sweep pushes the k direction vectors as tangents and keeps every value
+and tangent (nothing is freed: the reverse sweep reads them all); one reverse sweep
+then carries the gradient cotangent g (one direction) and its tangent ġ (k
+directions). At each step, for each input position i that leads back to a `wrt`
+input:
+
+    g_i = vjp(i, g, x, ans)
+    ġ_i = vjp(i, ġ, x, ans) + curvature(i, g, x, ans, t, t_ans)
+
+(engine/curvature.py), summed where a value fans out. At the `wrt` inputs, g is the
+gradient and ġ the Hessian-vector products H v, one per direction.
+
+`check` is called before the steps in `points`, in both sweeps, and by ops that
+split their own work (as in engine/sweeps.py).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import numpy as np
+
+from .curvature import CURVATURE
+from .planner import PlannerDecision
+from .shapes import fill_seed
+from .sweeps import _args, _checking, _chunks
+
+
+def bind_curvatures(nodes) -> list:
+    """Per prepared step (Plan._nodes order), its curvature rule with the node's
+    attributes bound, or None for no term."""
+    rules = []
+    for _, op, attrs in nodes:
+        rule = CURVATURE.get(op.name)
+        if rule is not None:
+            bound = {k: v for k, v in attrs.items() if k != "node"}
+            rule = partial(rule, **bound) if bound else rule
+        rules.append(rule)
+    return rules
+
+
+def forward_over_reverse(steps, curvatures, vals, tans, seed_slot, seed, needs, check=None,
+                         points=()):
+    """Run both sweeps; return (g, ġ), each a list of per-slot arrays (None where
+    nothing flowed). `tans` holds the direction vectors at their slots (k leading),
+    `seed` the cotangent of the scalar output at `seed_slot` ((1,) + its shape)."""
+    if check is not None:
+        with _checking(check):
+            return _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points)
+    return _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points)
+
+
+def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
+    for chunk in _chunks(steps, check, points):
+        for st in chunk:
+            xs = _args(vals, st.ins)
+            ans = vals[st.out] = st.eval(*xs)
+            ts = _args(tans, st.ins)
+            for t in ts:
+                if t is not None:
+                    tans[st.out] = st.jvp(ts, xs, ans)
+                    break
+    cots = [None] * len(vals)
+    dots = [None] * len(vals)
+    cots[seed_slot] = seed
+    backward_points = frozenset(points) if check is not None else ()
+    for j in range(len(steps) - 1, -1, -1):
+        if j in backward_points:
+            check()
+        positions = needs[j]
+        if not positions:
+            continue
+        st = steps[j]
+        ins, out = st.ins, st.out
+        g = cots[out]
+        if g is None:
+            continue
+        gdot = dots[out]
+        cots[out] = dots[out] = None
+        xs = _args(vals, ins)
+        ans = vals[out]
+        curvature = curvatures[j]
+        ts = t_ans = None
+        if curvature is not None:
+            ts = tuple(None if t is None else fill_seed(t, x.shape)
+                       for t, x in zip(_args(tans, ins), xs))
+            t_ans = tans[out]
+            if t_ans is not None:
+                t_ans = fill_seed(t_ans, ans.shape)
+        vjp = st.vjp
+        for pos in positions:
+            gi = vjp(pos, g, xs, ans)
+            if gi is None:
+                continue
+            di = None if gdot is None else vjp(pos, gdot, xs, ans)
+            if curvature is not None:
+                c = curvature(pos, g, xs, ans, ts, t_ans)
+                if c is not None:
+                    di = c if di is None else di + c
+            i = ins[pos]
+            prev = cots[i]
+            cots[i] = gi if prev is None else prev + gi
+            if di is not None:
+                prev = dots[i]
+                dots[i] = di if prev is None else prev + di
+    return cots, dots
+
+
+class HVPResult(NamedTuple):
+    """Plan.hvp's answer."""
+
+    value: np.ndarray  # the scalar output's value
+    gradient: dict  # wrt name -> d value / d wrt, shaped like the input
+    hvp: dict  # wrt name -> H v, shaped like the vectors (batched or not)
+    decision: PlannerDecision
+    outputs: dict  # every output's value
+
+
+class HessianResult(NamedTuple):
+    """Plan.hessian's answer."""
+
+    value: np.ndarray
+    gradient: dict
+    hessian: dict  # (wrt_a, wrt_b) -> block shaped wrt_a.shape + wrt_b.shape
+    decision: PlannerDecision
+    outputs: dict
+
+
+class SecondOrder(NamedTuple):
+    """Plan.second_order's answer: one of hvp (vectors given) or hessian."""
+
+    outputs: dict
+    value: np.ndarray
+    gradient: dict
+    hvp: dict
+    hessian: dict
+    decision: PlannerDecision
