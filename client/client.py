@@ -255,10 +255,34 @@ class Client:
         r = self.differentiate(graph, inputs, tangents=tangents)
         return r.outputs, r.tangents
 
-    def vjp(self, graph, inputs, cotangents, *, wrt=None) -> tuple[dict, dict]:
-        """Reverse mode: (outputs, input cotangents)."""
+    def vjp(self, graph, inputs, cotangents, *, wrt=None,
+            residuals: str = "") -> tuple[dict, dict]:
+        """Reverse mode: (outputs, input cotangents).
+
+        With `residuals` (a handle from `evaluate_for_vjp` on these inputs) the server
+        runs only the backward sweep and the inputs are not sent; when it no longer
+        holds them (expired, evicted, or another replica answered) the call is made
+        again with the inputs, transparently."""
+        if residuals:
+            request = self._differentiate_request({}, wrt, None, "auto", None, cotangents)
+            request.residuals = residuals
+            try:
+                r = result_from_proto(self._by_id(self._stub.Differentiate, graph, request))
+                return r.outputs, r.cotangents
+            except grpc.RpcError as err:
+                if not _residuals_gone(err):
+                    raise
         r = self.differentiate(graph, inputs, cotangents=cotangents, wrt=wrt)
         return r.outputs, r.cotangents
+
+    def evaluate_for_vjp(self, graph, inputs: Mapping[str, np.ndarray]) -> tuple[dict, str]:
+        """Output values, and the handle of what the server kept for a following
+        `vjp(graph, inputs, cotangents, residuals=handle)`, which then skips the
+        forward sweep ("" when the server kept nothing: the vjp recomputes)."""
+        request = pb.EvaluateRequest(keep_residuals=True)
+        fill_tensors(request.inputs, inputs)
+        reply = self._by_id(self._stub.Evaluate, graph, request)
+        return from_tensors(reply.outputs, "outputs"), reply.residuals
 
     def stream(self, graph) -> "DifferentiateSession":
         """Many Differentiate steps of one graph over one DifferentiateStream (see
@@ -312,7 +336,7 @@ class Client:
             try:
                 return self._call(method, request)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
+                if err.code() != grpc.StatusCode.NOT_FOUND or _residuals_gone(err):
                     raise
             with self._lock:
                 self._inline_left[key] = INLINE_AFTER_NOT_FOUND
@@ -329,6 +353,12 @@ class Client:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _residuals_gone(err: grpc.RpcError) -> bool:
+    """NOT_FOUND for a residuals handle (not for the graph): send the inputs instead."""
+    return (err.code() == grpc.StatusCode.NOT_FOUND
+            and (err.details() or "").startswith("residuals"))
 
 
 def _graph_proto(graph) -> graph_pb2.Graph:

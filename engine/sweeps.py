@@ -161,11 +161,31 @@ def reverse_sweep(steps, vals, seeds, needs, check=None, points=(),
     j that lead back to a differentiated input. Returns the cotangent per slot."""
     if check is not None:
         with _checking(check):
-            return _reverse(steps, vals, seeds, needs, check, points, record)
-    return _reverse(steps, vals, seeds, needs, check, points, record)
+            _keep_for_reverse(steps, vals, check, points, record)
+            return _backward(steps, vals, seeds, needs, check, points, record)
+    _keep_for_reverse(steps, vals, check, points, record)
+    return _backward(steps, vals, seeds, needs, check, points, record)
 
 
-def _reverse(steps, vals, seeds, needs, check, points, record):
+def residual_sweep(steps, vals, check=None, points=()):
+    """The values' half of a reverse sweep: afterwards `vals` holds what the
+    vjps read (other values reduced to their shapes), for backward_sweep later."""
+    if check is not None:
+        with _checking(check):
+            return _keep_for_reverse(steps, vals, check, points, None)
+    return _keep_for_reverse(steps, vals, check, points, None)
+
+
+def backward_sweep(steps, vals, seeds, needs, check=None, points=()):
+    """The cotangents' half of a reverse sweep, over values a residual_sweep kept
+    (`vals` is read, never changed: the same residuals serve several calls)."""
+    if check is not None:
+        with _checking(check):
+            return _backward(steps, vals, seeds, needs, check, points, None)
+    return _backward(steps, vals, seeds, needs, check, points, None)
+
+
+def _keep_for_reverse(steps, vals, check, points, record):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
             ans = vals[st.out] = st.eval(*_args(vals, st.ins))
@@ -174,6 +194,9 @@ def _reverse(steps, vals, seeds, needs, check, points, record):
             for s in st.drop:
                 v = vals[s]
                 vals[s] = Stub(v.shape, v.dtype, v.ndim)
+
+
+def _backward(steps, vals, seeds, needs, check, points, record):
     cots = [None] * len(vals)
     for s, g in seeds.items():
         cots[s] = g

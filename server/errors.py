@@ -40,6 +40,10 @@ class GraphNotFound(RequestError):
     pass
 
 
+class ResidualsNotFound(RequestError):
+    """A residuals handle the server no longer holds (field "residuals")."""
+
+
 class LimitExceeded(RequestError):
     pass
 
@@ -55,6 +59,7 @@ class CallEnded(RequestError):
 # Most specific first: the first matching row wins.
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (GraphNotFound, grpc.StatusCode.NOT_FOUND),
+    (ResidualsNotFound, grpc.StatusCode.NOT_FOUND),
     (CallEnded, grpc.StatusCode.CANCELLED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (engine.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -21,6 +21,9 @@ class Limits:
     max_concurrent_rpcs: int = 128  # calls in progress; more get RESOURCE_EXHAUSTED
     max_trace_elements: int = 1_000_000  # array elements in one request's trace
     max_request_flops: int = 10 ** 12  # estimated floating-point operations of one request
+    max_residual_sets: int = 64  # Evaluate results kept for a following VJP (0: none)
+    max_residual_bytes: int = 256 * MiB  # the arrays those keep, in all
+    residual_seconds: int = 30  # how long one is kept
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

@@ -13,6 +13,7 @@ from .convert import differentiate_response, op_info
 from .errors import BadRequest, stop_when_ended
 from .limits import Limits
 from .registry import GraphRegistry
+from .residuals import ResidualStore
 from .telemetry import Telemetry
 
 VERSION = "0.1.0"
@@ -23,6 +24,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.limits = limits or Limits()
         self.registry = GraphRegistry(self.limits)
         self.telemetry = Telemetry(self.registry.cache)
+        self.residuals = ResidualStore(self.limits.max_residual_sets,
+                                       self.limits.max_residual_bytes,
+                                       self.limits.residual_seconds)
         self._run_limits = {"max_bytes": self.limits.max_intermediate_bytes,
                             "max_reply_bytes": self.limits.max_message_bytes,
                             "max_flops": self.limits.max_request_flops or None}
@@ -36,8 +40,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Evaluate(self, request, context):
         graph_id, plan = self.registry.resolve(request)
         inputs = from_tensors(request.inputs, "inputs", self.limits.max_tensor_elements)
-        outputs = plan.evaluate(inputs, check=stop_when_ended(context), **self._run_limits)
+        check = stop_when_ended(context)
         reply = pb.EvaluateResponse(graph_id=graph_id)
+        if request.keep_residuals:
+            kept = plan.residuals(inputs, check=check, **self._run_limits)
+            outputs, reply.residuals = kept.outputs, self.residuals.keep(graph_id, kept)
+        else:
+            outputs = plan.evaluate(inputs, check=check, **self._run_limits)
         fill_tensors(reply.outputs, outputs)
         return reply
 
@@ -71,5 +80,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             tangents=from_tensors(request.tangents, "tangents", limit),
             cotangents=from_tensors(request.cotangents, "cotangents", limit),
             trace=request.trace, check=check, **self._run_limits,
+            residuals=(self.residuals.get(request.residuals, graph_id)
+                       if request.residuals else None),
             max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None)
         return differentiate_response(result, graph_id, request.request_id)

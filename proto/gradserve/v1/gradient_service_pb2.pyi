@@ -49,7 +49,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs")
+    __slots__ = ("graph", "graph_id", "inputs", "keep_residuals")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -60,13 +60,15 @@ class EvaluateRequest(_message.Message):
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
+    keep_residuals: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., keep_residuals: _Optional[bool] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("outputs", "graph_id")
+    __slots__ = ("outputs", "graph_id", "residuals")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,12 +78,14 @@ class EvaluateResponse(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     graph_id: str
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+    residuals: str
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ..., residuals: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace")
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "residuals")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +117,7 @@ class DifferentiateRequest(_message.Message):
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -123,7 +128,8 @@ class DifferentiateRequest(_message.Message):
     cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     request_id: str
     trace: bool
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ...) -> None: ...
+    residuals: str
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., residuals: _Optional[str] = ...) -> None: ...
 
 class JacobianBlock(_message.Message):
     __slots__ = ("of", "wrt", "value")
@@ -249,7 +255,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +267,9 @@ class Limits(_message.Message):
     MAX_INPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONSTANTS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDUAL_SETS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_nodes: int
     max_tensor_elements: int
@@ -272,7 +281,10 @@ class Limits(_message.Message):
     max_inputs: int
     max_constants: int
     max_request_flops: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ...) -> None: ...
+    max_residual_sets: int
+    max_residual_bytes: int
+    residual_seconds: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio")
