@@ -1,0 +1,255 @@
+"""P9: gradients of imported ONNX models through the service against PyTorch eager.
+
+For (a) LeNet-5 on 28x28 images, batch 32, (b) a small ResNet (stem, two basic
+blocks with batch norm, 16 channels) on 16x16 images, batch 16, and (c) one
+transformer encoder layer (embedding, 4-head attention, GELU feed-forward, layer
+norm; d=32) on batch 16 x sequence 7: each model is exported with
+torch.onnx.export, imported with gradserve.client.onnx.from_onnx(parameters=
+"inputs"), and the gradient of sum(y * w) with respect to every parameter is
+asked of a local server through the Client (a VJP from the cotangent w). The
+baseline is the same forward and backward in PyTorch eager in this process
+(zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
+for each. No timed assertion.
+
+Where the time goes: the engine alone (Plan.vjp on the same graph, in this
+process) against the whole call, and the engine's time per op (forward and
+backward rules timed one by one). Every gradserve figure is taken twice: with
+OpenBLAS's default threads, and with one BLAS thread (threadpoolctl in this
+process, OPENBLAS_NUM_THREADS=1 for the server process): these models' matrix
+products are small, and on a busy 2-core machine a multi-threaded product waits
+for its descheduled helper thread.
+
+    .venv/bin/python bench/bench_onnx.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+import collections
+import contextlib
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _timing import (environment_lines, fmt_time, load_torch, measure, noise_note, parse_args,
+                     print_table, ratio_line, torch_skip_message, write_json)
+from gradserve import engine
+from gradserve.client import Client
+from gradserve.client.onnx import from_onnx
+from gradserve.server.app import create_server
+from gradserve.server.convert import graph_from_proto
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
+
+TARGET = 1.5
+MODELS = {"lenet5": "LeNet-5, 28x28, batch 32",
+          "resnet": "ResNet (2 basic blocks + BN, 16 ch), 16x16, batch 16",
+          "encoder": "transformer encoder layer, d=32, batch 16 x seq 7"}
+
+
+@contextlib.contextmanager
+def server_process(**env):
+    with ServerProcess("--port", "0", env=clean_env(**env)) as process:
+        yield process.wait_serving(timeout=60)
+
+
+def one_blas_thread(f):
+    """f with OpenBLAS limited to one thread in this process for the call."""
+    from threadpoolctl import threadpool_limits
+
+    def call():
+        with threadpool_limits(limits=1, user_api="blas"):
+            return f()
+    return call
+
+
+class Case:
+    """One model: the PyTorch module, its ONNX import, the request's values."""
+
+    def __init__(self, torch, name):
+        import test_onnx_torch as models  # needs torch: imported once torch is known
+
+        self.torch, self.name = torch, name
+        self.module, self.example = models.make(name)
+        self.imported = from_onnx(models.export(self.module, self.example),
+                                  parameters="inputs")
+        y = self.module(self.example)
+        self.w = torch.linspace(-1, 1, y.numel()).reshape(y.shape)
+        self.params = dict(self.module.named_parameters())
+        self.wrt = [n for n in self.params if n in self.imported.parameters]
+        if len(self.wrt) != len(self.params):
+            raise SystemExit(f"{name}: parameters missing from the import: "
+                             f"{sorted(set(self.params) - set(self.wrt))}")
+        self.values = {"x": self.example.numpy(), **self.imported.parameters}
+        self.cotangent = {"y": self.w.numpy()}
+
+    def torch_step(self):
+        for p in self.params.values():
+            p.grad = None
+        (self.module(self.example) * self.w).sum().backward()
+
+    def gradserve_step(self, client):
+        return lambda: client.vjp(self.imported.graph, self.values, self.cotangent,
+                                  wrt=self.wrt)
+
+    def plan(self):
+        return engine.compile(graph_from_proto(self.imported.graph.build()))
+
+    def engine_step(self, plan):
+        return lambda: plan.vjp(self.values, self.cotangent, wrt=self.wrt)
+
+    def check(self, client):
+        """The service's gradients agree with PyTorch's (a benchmark of wrong answers
+        measures nothing)."""
+        self.torch_step()
+        _, got = client.vjp(self.imported.graph, self.values, self.cotangent, wrt=self.wrt)
+        worst = max(float(np.max(np.abs(got[n] - p.grad.numpy())) /
+                          (float(np.max(np.abs(p.grad.numpy()))) or 1.0))
+                    for n, p in self.params.items())
+        if worst > 1e-3:
+            raise SystemExit(f"{self.name}: gradients differ from PyTorch's by {worst:.2e}")
+        return worst
+
+
+@contextlib.contextmanager
+def torch_threads(torch, n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def per_op_profile(case, steps: int) -> list[tuple[str, float]]:
+    """Engine seconds per call by op and direction: every op's eval and vjp wrapped in
+    a timer (a plan compiled while the table holds the wrappers)."""
+    seconds = collections.Counter()
+    saved = dict(engine.ops.OPS)
+
+    def timed(label, f):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                seconds[label] += time.perf_counter() - start
+        return wrapper
+
+    try:
+        for name, op in saved.items():
+            engine.ops.OPS[name] = dataclasses.replace(
+                op, eval=timed((name, "forward"), op.eval), vjp=timed((name, "backward"), op.vjp))
+        plan = case.plan()
+    finally:
+        engine.ops.OPS.clear()
+        engine.ops.OPS.update(saved)
+    step = case.engine_step(plan)
+    for _ in range(3):
+        step()
+    seconds.clear()
+    for _ in range(steps):
+        step()
+    return sorted(((f"{op} {direction}", t / steps) for (op, direction), t in seconds.items()),
+                  key=lambda item: -item[1])
+
+
+def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
+    case = Case(torch, name)
+    counts = collections.Counter(n.op for n in case.imported.graph.build().nodes)
+    print(f"== {MODELS[name]}: {case.imported.num_parameters:,} parameters in "
+          f"{len(case.wrt)} tensors; graph of {sum(counts.values())} nodes ("
+          + ", ".join(f"{op} {k}" for op, k in counts.most_common()) + ")")
+    funcs, clients = {}, []
+    try:
+        for where, address in addresses.items():
+            client = Client(address, timeout=60)
+            clients.append(client)
+            worst = case.check(client)
+            funcs[f"gradserve, {where}"] = case.gradserve_step(client)
+            if where == "in-process server":
+                funcs[f"gradserve, {where}, 1 BLAS thread"] = one_blas_thread(
+                    case.gradserve_step(client))
+        print(f"   gradients agree with PyTorch's (worst relative difference {worst:.1e})\n")
+        plan = case.plan()
+        funcs["engine alone (Plan.vjp, this process)"] = case.engine_step(plan)
+        funcs["engine alone, 1 BLAS thread"] = one_blas_thread(case.engine_step(plan))
+        thread_counts = sorted({1, torch.get_num_threads()})
+        for n in thread_counts:
+            def step(n=n):
+                with torch_threads(torch, n):
+                    case.torch_step()
+            funcs[f"torch eager, {n} thread{'s' if n > 1 else ''}"] = step
+        timings = measure(funcs, settings)
+    finally:
+        for client in clients:
+            client.close()
+    torch_best = min((t for k, t in timings.items() if k.startswith("torch")),
+                     key=lambda t: t.median)
+    print_table(["call", "time", "min", "vs torch"],
+                [(k, fmt_time(t.median), fmt_time(t.min), f"{t.median / torch_best.median:.2f}x")
+                 for k, t in timings.items()],
+                title="Gradient with respect to every parameter (median of repeats)")
+    records = []
+    for call in (k for k in timings if k.startswith("gradserve")):
+        t = timings[call]
+        records.append(ratio_line(f"P9 {name} gradient ({call[11:]})", t.median,
+                                  torch_best.median, TARGET,
+                                  note=noise_note(t, torch_best)))
+    for engine_call, call in (("engine alone (Plan.vjp, this process)",
+                               "gradserve, in-process server"),
+                              ("engine alone, 1 BLAS thread",
+                               "gradserve, in-process server, 1 BLAS thread")):
+        engine_t, call_t = timings[engine_call].median, timings[call].median
+        print(f"   {call[11:]}: engine {fmt_time(engine_t)} of the {fmt_time(call_t)} call "
+              f"({engine_t / call_t:.0%}); the rest (client, protobuf, gRPC, the server's "
+              f"checks) {fmt_time(call_t - engine_t)}")
+    profile = one_blas_thread(lambda: per_op_profile(case, profile_steps))()
+    total = sum(t for _, t in profile)
+    print()
+    print_table(["engine op", "time", "share"],
+                [(op, fmt_time(t), f"{t / total:.0%}") for op, t in profile[:12]]
+                + [("all ops", fmt_time(total), "100%")],
+                title="Where the engine's time goes (1 BLAS thread; each rule timed, timers add "
+                      "overhead)")
+    return {"model": name, "description": MODELS[name], "parameters": case.imported.num_parameters,
+            "timings": {k: t.as_dict() for k, t in timings.items()}, "p9": records,
+            "op_profile": profile}
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv)
+    for line in environment_lines():
+        print(line)
+    print()
+    torch = load_torch()
+    if torch is None:
+        print(torch_skip_message())
+        return 0
+    profile_steps = 10 if args.settings.quick else 40
+    results = []
+    with contextlib.ExitStack() as stack:
+        in_process = stack.enter_context(create_server("127.0.0.1:0"))
+        addresses = {"in-process server": f"127.0.0.1:{in_process.port}",
+                     "server process": stack.enter_context(server_process()),
+                     "server process, OPENBLAS_NUM_THREADS=1": stack.enter_context(
+                         server_process(OPENBLAS_NUM_THREADS=1))}
+        for name in MODELS:
+            results.append(measure_case(torch, name, args.settings, addresses, profile_steps))
+            print()
+    print("P9 summary (goal <= 1.5x torch eager):")
+    for r in results:
+        for rec in r["p9"]:
+            print(f"  {rec['name']}: {rec['ratio']:.2f}x {'MET' if rec['met'] else 'NOT MET'}")
+    if args.json:
+        write_json(args.json, {"environment": environment_lines(), "models": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
