@@ -45,7 +45,7 @@ FUZZ_EXAMPLES = 1000
 LONG_EXAMPLES = int(os.environ.get("GRADSERVE_FUZZ_EXAMPLES", "20000"))
 DOCUMENTED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
               grpc.StatusCode.RESOURCE_EXHAUSTED}
-TIGHT = Limits(max_nodes=6, max_tensor_elements=32, max_intermediate_bytes=2048,
+TIGHT = Limits(max_nodes=6, max_tensor_elements=32, max_intermediate_bytes=16 * 1024,
                max_cached_graphs=8, max_cache_bytes=64 * 1024)
 FLOATS = [tensor_pb2.DATA_TYPE_FLOAT32, tensor_pb2.DATA_TYPE_FLOAT64]
 INTS = [tensor_pb2.DATA_TYPE_INT32, tensor_pb2.DATA_TYPE_INT64]
