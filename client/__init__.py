@@ -6,6 +6,8 @@ the package and talk to a remote server.
 
 from .builder import GraphBuilder, Value, load_graph
 from .client import TLS, Client, DifferentiateSession, EdgeTrace, NodeTrace, PlannerDecision, Result
+from .onnx import OnnxImport, OnnxImportError, from_onnx  # needs the onnx package when called
 
 __all__ = ["TLS", "Client", "DifferentiateSession", "EdgeTrace", "GraphBuilder", "NodeTrace",
-           "PlannerDecision", "Result", "Value", "load_graph"]
+           "OnnxImport", "OnnxImportError", "PlannerDecision", "Result", "Value", "from_onnx",
+           "load_graph"]

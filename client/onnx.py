@@ -56,8 +56,8 @@ HINTS = {
     "LSTM": "recurrent layers are not imported",
     "GRU": "recurrent layers are not imported",
     "RNN": "recurrent layers are not imported",
-    "Dropout": "export the model in eval mode (training_mode false)",
 }
+EVAL_MODE_HINT = "export the model in eval mode (model.eval() in PyTorch)"
 
 
 class OnnxImportError(ValueError):
@@ -286,10 +286,14 @@ UNARY_FOLDS = {
 def _int_div(a, b):
     """ONNX Div on integers truncates; on shapes (object arrays) it is exact."""
     if a.dtype == object or b.dtype == object:
-        return np.asarray(np.frompyfunc(lambda p, q: p // q if _is_int(p) and _is_int(q)
-                                        and p % q == 0 else (p / q if isinstance(p, Dim) else
-                                        _trunc_div(p, q)), 2, 1)(a, b))
+        return np.frompyfunc(_shape_div, 2, 1)(a, b)
     return _trunc_div(a, b)
+
+
+def _shape_div(p, q):
+    if isinstance(p, Dim) or isinstance(q, Dim):
+        return p / q
+    return int(_trunc_div(np.int64(p), np.int64(q)))
 
 
 def _trunc_div(a, b):
@@ -1084,7 +1088,7 @@ def _identity(imp, node, x, attrs):
 def _dropout(imp, node, x, attrs):
     training = imp.static(x[2], "Dropout's training_mode") if len(x) > 2 else None
     if training is not None and bool(np.asarray(training).item()):
-        raise _FoldError("training_mode is true: " + HINTS["Dropout"])
+        raise _FoldError("training_mode is true: " + EVAL_MODE_HINT)
     mask = np.ones([int(d) for d in _shape_of(x[0])], bool) if _out(node, 1) and not _has_dim(
         _shape_of(x[0])) else None
     return [x[0], mask]
@@ -1465,7 +1469,7 @@ def _channel(imp, v, rank):
 def _batch_norm(imp, node, x, attrs):
     if attrs.get("training_mode", 0) or any(_out(node, i) for i in (1, 2)):
         raise _FoldError("training mode (running statistics as outputs) is not supported: "
-                         "export the model in eval mode")
+                         + EVAL_MODE_HINT)
     data, scale, bias, mean, var = x
     e = imp.e
     rank = len(_shape_of(data))

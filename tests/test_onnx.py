@@ -501,6 +501,15 @@ def test_a_value_needed_at_import_time_that_depends_on_inputs():
         from_onnx(m)
 
 
+def test_without_the_onnx_package_the_extra_is_named(monkeypatch):
+    from gradserve.client.extras import MissingExtra
+
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"ONNX import needs onnx, which is not installed: "
+                                           r"pip install 'gradserve\[onnx\]'"):
+        from_onnx(b"")
+
+
 def test_float16_inputs_are_refused_with_advice():
     graph = helper.make_graph([node("Relu", ["x"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2])],
