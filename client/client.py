@@ -284,6 +284,24 @@ class Client:
         reply = self._by_id(self._stub.Evaluate, graph, request)
         return from_tensors(reply.outputs, "outputs"), reply.residuals
 
+    def hvp(self, graph, inputs, vectors, *, of: str | None = None,
+            wrt=None) -> tuple[dict, dict]:
+        """Second order of the scalar output `of` (default: the graph's only output):
+        (gradient, Hessian-vector products), dicts by wrt input name. `vectors` has one
+        array per wrt input (default wrt: its keys), shaped like the input or with a
+        leading axis of k directions (the products come batched the same way)."""
+        reply = self._by_id(self._stub.Differentiate, graph,
+                            self._second_order_request(inputs, of, wrt, vectors=vectors))
+        return _gradient_and_hvp(reply)
+
+    def hessian(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
+        """The Hessian of the scalar output `of` (default: the graph's only output):
+        blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
+        every floating input)."""
+        reply = self._by_id(self._stub.Differentiate, graph,
+                            self._second_order_request(inputs, of, wrt, hessian=True))
+        return _hessian_blocks(reply)
+
     def stream(self, graph) -> "DifferentiateSession":
         """Many Differentiate steps of one graph over one DifferentiateStream (see
         DifferentiateSession: each reply has the client's `timeout` as its deadline)."""
@@ -303,6 +321,17 @@ class Client:
             fill_tensors(request.tangents, tangents)
         if cotangents is not None:
             fill_tensors(request.cotangents, cotangents)
+        return request
+
+    def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False):
+        request = pb.DifferentiateRequest(
+            wrt=[wrt] if isinstance(wrt, str) else wrt or (),
+            of=[of] if isinstance(of, str) else of or (),
+            request_id=str(next(self._request_ids)))
+        fill_tensors(request.inputs, inputs)
+        request.second_order.hessian = hessian
+        if vectors is not None:
+            fill_tensors(request.second_order.vectors, vectors)
         return request
 
     def _register(self, graph, force=False) -> str:
@@ -361,6 +390,15 @@ def _residuals_gone(err: grpc.RpcError) -> bool:
             and (err.details() or "").startswith("residuals"))
 
 
+def _gradient_and_hvp(reply: pb.DifferentiateResponse) -> tuple[dict, dict]:
+    return from_tensors(reply.gradient, "gradient"), from_tensors(reply.hvp, "hvp")
+
+
+def _hessian_blocks(reply: pb.DifferentiateResponse) -> dict:
+    return {(b.wrt_a, b.wrt_b): from_tensor(b.value, f"hessian[{b.wrt_a}, {b.wrt_b}]")
+            for b in reply.hessian}
+
+
 def _graph_proto(graph) -> graph_pb2.Graph:
     if isinstance(graph, graph_pb2.Graph):
         return graph
@@ -406,10 +444,24 @@ class DifferentiateSession:
                       cotangents=None, trace=False) -> Result:
         request = self._client._differentiate_request(inputs, wrt, of, mode, tangents,
                                                       cotangents, trace)
+        return result_from_proto(self._exchange(request))
+
+    def hvp(self, inputs, vectors, *, of: str | None = None, wrt=None) -> tuple[dict, dict]:
+        """As Client.hvp, over this session's stream."""
+        return _gradient_and_hvp(self._exchange(
+            self._client._second_order_request(inputs, of, wrt, vectors=vectors)))
+
+    def hessian(self, inputs, *, of: str | None = None, wrt=None) -> dict:
+        """As Client.hessian, over this session's stream."""
+        return _hessian_blocks(self._exchange(
+            self._client._second_order_request(inputs, of, wrt, hessian=True)))
+
+    def _exchange(self, request) -> pb.DifferentiateResponse:
+        """Send one request and return its reply, retrying as the class says."""
         delay, retried, resent_inline = self._client.backoff, 0, False
         while True:
             try:
-                return result_from_proto(self._send(request))
+                return self._send(request)
             except grpc.RpcError as err:
                 self._end_stream()
                 code = err.code()

@@ -1,5 +1,5 @@
-"""Proto <-> engine: graphs, attributes, differentiation results, the planner's
-decision and traces.
+"""Proto <-> engine: graphs, attributes, differentiation results (first and second
+order), the planner's decision and traces.
 
 Tensors and mode names are converted by gradserve.v1.codec and gradserve.v1.modes
 (shared with the client).
@@ -55,6 +55,19 @@ def differentiate_response(result: engine.Differentiation, graph_id: str,
     reply.mode = fill_decision(reply.planner, result.decision).mode
     if result.trace is not None:
         fill_trace(reply.trace, result.trace)
+    return reply
+
+
+def second_order_response(result: engine.SecondOrder, graph_id: str,
+                          request_id: str) -> service_pb2.DifferentiateResponse:
+    """Outputs, gradient, and the Hessian-vector products or Hessian blocks."""
+    reply = service_pb2.DifferentiateResponse(graph_id=graph_id, request_id=request_id)
+    fill_tensors(reply.outputs, result.outputs)
+    fill_tensors(reply.gradient, result.gradient)
+    fill_tensors(reply.hvp, result.hvp)
+    for (a, b), block in result.hessian.items():
+        fill_tensor(reply.hessian.add(wrt_a=a, wrt_b=b).value, block)
+    reply.mode = fill_decision(reply.planner, result.decision).mode
     return reply
 
 

@@ -9,7 +9,7 @@ from gradserve.v1.codec import WIRE_DTYPES, fill_tensors, from_tensors
 from gradserve.v1.modes import mode_name
 
 from .calls import rpc, stream_rpc
-from .convert import differentiate_response, op_info
+from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
 from .limits import Limits
 from .registry import GraphRegistry
@@ -74,6 +74,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         mode = mode_name(request.mode)
         if mode is None:
             raise BadRequest(f"unknown mode {request.mode}", field="mode")
+        if request.HasField("second_order"):
+            return self._second_order(request, graph_id, plan, mode, check)
         result = plan.differentiate(
             from_tensors(request.inputs, "inputs", limit),
             wrt=tuple(request.wrt) or None, of=tuple(request.of) or None, mode=mode,
@@ -84,3 +86,16 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                        if request.residuals else None),
             max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None)
         return differentiate_response(result, graph_id, request.request_id)
+
+    def _second_order(self, request, graph_id, plan, mode, check) -> pb.DifferentiateResponse:
+        for field in ("tangents", "cotangents", "trace", "residuals"):
+            if getattr(request, field):
+                raise BadRequest(f"second_order cannot be combined with {field}", field=field)
+        limit = self.limits.max_tensor_elements
+        result = plan.second_order(
+            from_tensors(request.inputs, "inputs", limit),
+            vectors=from_tensors(request.second_order.vectors, "vectors", limit),
+            hessian=request.second_order.hessian, of=tuple(request.of) or None,
+            wrt=tuple(request.wrt) or None, mode=mode, check=check, max_block_elements=limit,
+            **self._run_limits)
+        return second_order_response(result, graph_id, request.request_id)

@@ -345,3 +345,186 @@ def test_hessian_mode():
     with pytest.raises(DifferentiationError) as info:
         plan.hessian(inputs, of="L", mode="reverse")
     assert info.value.field == "mode"
+
+
+# --- over real gRPC ---------------------------------------------------------------------------
+
+
+def rosenbrock(n):
+    """f(x) = sum(100 (x[1:] - x[:-1]^2)^2 + (1 - x[:-1])^2), scipy's rosen."""
+    from gradserve.client import GraphBuilder
+    g = GraphBuilder()
+    x = g.input("x", "float64", [n])
+    head, tail = g.slice(x, [0], [n - 1]), g.slice(x, [1], [n])
+    g.output("f", g.sum(100.0 * g.square(tail - g.square(head)) + g.square(1.0 - head)))
+    return g
+
+
+@pytest.mark.parametrize("n", [2, 10])
+def test_trust_ncg_on_rosenbrock_converges_as_with_scipy_derivatives(client, n):
+    from scipy.optimize import minimize, rosen, rosen_der, rosen_hess_prod
+    graph = rosenbrock(n)
+    graph_id = client.register(graph)
+    calls = {"hvp": 0}
+
+    def fun(x):
+        return float(client.evaluate(graph_id, {"x": x})["f"])
+
+    def jac(x):
+        return np.array(client.grad(graph_id, {"x": x})["x"])
+
+    def hessp(x, p):
+        calls["hvp"] += 1
+        return np.array(client.hvp(graph_id, {"x": x}, {"x": np.asarray(p, np.float64)})[1]["x"])
+
+    x0 = np.array([-1.2, 1.0] * (n // 2))
+    ours = minimize(fun, x0, method="trust-ncg", jac=jac, hessp=hessp)
+    theirs = minimize(rosen, x0, method="trust-ncg", jac=rosen_der, hessp=rosen_hess_prod)
+
+    assert ours.success and theirs.success
+    assert ours.nit == theirs.nit
+    assert (ours.nfev, ours.njev, ours.nhev) == (theirs.nfev, theirs.njev, theirs.nhev)
+    assert_allclose(ours.x, theirs.x, rtol=1e-10, atol=1e-12)
+    assert_allclose(ours.x, np.ones(n), atol=1e-5)
+    assert calls["hvp"] > 0  # the products came from the service
+
+
+def test_client_hvp_and_hessian_by_graph_id_and_over_the_stream(client):
+    graph = rosenbrock(4)
+    x = np.array([-1.2, 1.0, 0.5, 2.0])
+    from scipy.optimize import rosen_der, rosen_hess
+    want_h = rosen_hess(x)
+    vectors = np.random.default_rng(5).standard_normal((3, 4))
+
+    gradient, hvp = client.hvp(graph, {"x": x}, {"x": vectors}, of="f", wrt=["x"])
+    blocks = client.hessian(client.register(graph), {"x": x})
+    with client.stream(graph) as session:
+        s_gradient, s_hvp = session.hvp({"x": x}, {"x": vectors[0]})
+        s_blocks = session.hessian({"x": x}, of="f")
+        first = session.differentiate({"x": x}).jacobian["f", "x"]  # first order still works
+
+    assert_allclose(gradient["x"], rosen_der(x), rtol=1e-12)
+    assert hvp["x"].shape == (3, 4)
+    assert_allclose(hvp["x"], vectors @ want_h.T, rtol=1e-12, atol=1e-12)
+    assert set(blocks) == {("x", "x")}
+    assert_allclose(blocks["x", "x"], want_h, rtol=1e-12, atol=1e-12)
+    assert_allclose(s_gradient["x"], rosen_der(x), rtol=1e-12)
+    assert_allclose(s_hvp["x"], want_h @ vectors[0], rtol=1e-12, atol=1e-12)
+    assert_allclose(s_blocks["x", "x"], want_h, rtol=1e-12, atol=1e-12)
+    assert_allclose(first, rosen_der(x), rtol=1e-12)
+
+
+def test_wire_reply_reports_the_decision(stub, client):
+    from gradserve.v1 import gradient_service_pb2 as pb
+    from gradserve.v1.codec import fill_tensors, from_tensor
+    request = pb.DifferentiateRequest(graph_id=client.register(rosenbrock(3)))
+    fill_tensors(request.inputs, {"x": np.array([0.5, 1.0, 1.5])})
+    request.second_order.hessian = True
+
+    reply = stub.Differentiate(request)
+
+    assert reply.mode == pb.MODE_FORWARD
+    assert (reply.planner.n, reply.planner.m) == (3, 1)
+    assert reply.planner.reason.startswith(
+        "forward-over-reverse: one reverse sweep carrying 3 tangent directions")
+    assert set(reply.outputs) == {"f"} and set(reply.gradient) == {"x"}
+    assert [(b.wrt_a, b.wrt_b) for b in reply.hessian] == [("x", "x")]
+    assert from_tensor(reply.hessian[0].value, "h").shape == (3, 3)
+    assert not reply.hvp and not reply.jacobian
+
+
+def two_input_builder():
+    from gradserve.client import GraphBuilder
+    g = GraphBuilder()
+    w, x, i = g.input("W", "float64", [3, 4]), g.input("x", "float64", [4]), \
+        g.input("i", "int64", [])
+    t = g.tanh(w @ x)
+    g.output("L", g.sum(t))
+    g.output("v", t * t)
+    g.output("j", i * 2)
+    return g
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones(3)}, of="L"), "vectors"),  # shape
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones((2, 3))}, of="L"), "vectors"),
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones(4, np.float32)}, of="L"), "vectors"),  # dtype
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones(4)}, of="L", wrt=["x", "W"]), "vectors"),
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones(4)}, of="v"), "of"),  # not one element
+    (lambda c, g, x: c.hvp(g, x, {"x": np.ones(4)}), "of"),  # three outputs: which?
+    (lambda c, g, x: c.hessian(g, x, of="v"), "of"),
+    (lambda c, g, x: c.hessian(g, x, of="L", wrt=["i"]), "wrt"),  # integer wrt
+    (lambda c, g, x: c.hvp(g, x, {"i": np.ones((), np.int64)}, of="L"), "wrt"),
+])
+def test_bad_second_order_requests_are_invalid_argument_naming_the_field(client, call, field):
+    inputs = {"W": np.ones((3, 4)), "x": np.ones(4), "i": np.array(1, np.int64)}
+    graph = two_input_builder()
+    for target in (graph, client.register(graph)):
+        with pytest.raises(grpc.RpcError) as info:
+            call(client, target, inputs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert named_field(info.value).split(".")[-1] == field, info.value.details()
+    with client.stream(graph) as session:
+        with pytest.raises(grpc.RpcError) as info:
+            call(_SessionAsClient(session), None, inputs)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert named_field(info.value).split(".")[-1] == field, info.value.details()
+
+
+def named_field(err) -> str:
+    """The BadRequest detail's field path of a refused call ("" if none)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+    status = rpc_status.from_call(err)
+    detail = error_details_pb2.BadRequest()
+    if status is None or not status.details or not status.details[0].Unpack(detail):
+        return ""
+    return detail.field_violations[0].field if detail.field_violations else ""
+
+
+class _SessionAsClient:
+    """A session called like a client (the graph argument ignored)."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def hvp(self, graph, inputs, vectors, **kwargs):
+        return self.session.hvp(inputs, vectors, **kwargs)
+
+    def hessian(self, graph, inputs, **kwargs):
+        return self.session.hessian(inputs, **kwargs)
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"trace": True}, "trace"),
+    ({"mode": "MODE_REVERSE"}, "mode"),
+    ({"both": True}, "vectors"),
+])
+def test_second_order_combined_with_other_requests_is_refused(stub, client, extra, field):
+    from gradserve.v1 import gradient_service_pb2 as pb
+    from gradserve.v1.codec import fill_tensors
+    request = pb.DifferentiateRequest(graph_id=client.register(rosenbrock(3)))
+    fill_tensors(request.inputs, {"x": np.array([0.5, 1.0, 1.5])})
+    fill_tensors(request.second_order.vectors, {"x": np.ones(3)})
+    if "trace" in extra:
+        request.trace = True
+    if "mode" in extra:
+        request.mode = pb.MODE_REVERSE
+    if "both" in extra:
+        request.second_order.hessian = True
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Differentiate(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named_field(info.value).split(".")[-1] == field, info.value.details()
+
+
+def test_hessian_over_the_block_limit_is_resource_exhausted(start_server):
+    from gradserve.client import Client
+    from gradserve.server.limits import Limits
+    server = start_server(Limits(max_tensor_elements=50))
+    with Client(f"127.0.0.1:{server.port}") as c:
+        with pytest.raises(grpc.RpcError) as info:
+            c.hessian(rosenbrock(8), {"x": np.ones(8)})  # 64 elements
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Hessian block" in info.value.details()
+        assert c.hessian(rosenbrock(7), {"x": np.ones(7)})["x", "x"].shape == (7, 7)

@@ -85,7 +85,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ..., residuals: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "residuals")
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "second_order", "residuals")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class DifferentiateRequest(_message.Message):
     COTANGENTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    SECOND_ORDER_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
@@ -128,8 +129,34 @@ class DifferentiateRequest(_message.Message):
     cotangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
     request_id: str
     trace: bool
+    second_order: SecondOrder
     residuals: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., residuals: _Optional[str] = ...) -> None: ...
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., second_order: _Optional[_Union[SecondOrder, _Mapping]] = ..., residuals: _Optional[str] = ...) -> None: ...
+
+class SecondOrder(_message.Message):
+    __slots__ = ("vectors", "hessian")
+    class VectorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    HESSIAN_FIELD_NUMBER: _ClassVar[int]
+    vectors: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    hessian: bool
+    def __init__(self, vectors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[bool] = ...) -> None: ...
+
+class HessianBlock(_message.Message):
+    __slots__ = ("wrt_a", "wrt_b", "value")
+    WRT_A_FIELD_NUMBER: _ClassVar[int]
+    WRT_B_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    wrt_a: str
+    wrt_b: str
+    value: _tensor_pb2.Tensor
+    def __init__(self, wrt_a: _Optional[str] = ..., wrt_b: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class JacobianBlock(_message.Message):
     __slots__ = ("of", "wrt", "value")
@@ -142,7 +169,7 @@ class JacobianBlock(_message.Message):
     def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class DifferentiateResponse(_message.Message):
-    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace")
+    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace", "gradient", "hvp", "hessian")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +191,20 @@ class DifferentiateResponse(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class GradientEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class HvpEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     JACOBIAN_FIELD_NUMBER: _ClassVar[int]
     TANGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +214,9 @@ class DifferentiateResponse(_message.Message):
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    HVP_FIELD_NUMBER: _ClassVar[int]
+    HESSIAN_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     jacobian: _containers.RepeatedCompositeFieldContainer[JacobianBlock]
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -182,7 +226,10 @@ class DifferentiateResponse(_message.Message):
     graph_id: str
     request_id: str
     trace: Trace
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ...) -> None: ...
+    gradient: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    hvp: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    hessian: _containers.RepeatedCompositeFieldContainer[HessianBlock]
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., gradient: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hvp: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[_Iterable[_Union[HessianBlock, _Mapping]]] = ...) -> None: ...
 
 class Trace(_message.Message):
     __slots__ = ("nodes", "mode")

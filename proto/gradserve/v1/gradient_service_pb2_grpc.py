@@ -148,13 +148,21 @@ class GradientServiceServicer:
 
     def Differentiate(self, request, context):
         """Computes the graph's outputs and their derivatives: full Jacobian blocks,
-        a JVP (when tangents are given) or a VJP (when cotangents are given).
+        a JVP (when tangents are given) or a VJP (when cotangents are given); or,
+        with second_order set, the gradient of one scalar output with its
+        Hessian-vector products or its Hessian blocks.
 
         Errors: INVALID_ARGUMENT (bad graph, inputs, wrt/of names, seeds, both
-        tangents and cotangents, a mode that contradicts the seeds);
+        tangents and cotangents, a mode that contradicts the seeds; with
+        second_order: an `of` that is not one floating output of one element, an
+        integer wrt input, vectors of the wrong names, shape or dtype, both
+        vectors and hessian or neither, second_order with tangents, cotangents or
+        trace, a mode other than MODE_AUTO or MODE_UNSPECIFIED; the message and
+        the BadRequest detail name the field);
         NOT_FOUND (unknown graph_id: RegisterGraph and retry);
-        RESOURCE_EXHAUSTED (over a limit, e.g. a Jacobian too large for
-        max_tensor_elements or max_intermediate_bytes); UNAUTHENTICATED.
+        RESOURCE_EXHAUSTED (over a limit, e.g. a Jacobian or Hessian block too
+        large for max_tensor_elements, or max_intermediate_bytes);
+        UNAUTHENTICATED.
 
         DifferentiateStream shares these request and response messages on
         purpose, so a client builds one message for either call.
