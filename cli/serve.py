@@ -10,7 +10,7 @@ import threading
 from dataclasses import fields
 
 from gradserve.server.app import TLSConfig, create_server
-from gradserve.server.auth import read_token
+from gradserve.server.auth import TokenFileError, read_token
 from gradserve.server.limits import Limits
 
 DEFAULT_PORT = 50051
@@ -71,7 +71,10 @@ def run(args) -> int:
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("gradserve serve: --tls-client-ca needs --tls-cert and --tls-key")
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    token = read_token(args.auth_token_file) if args.auth_token_file else None
+    try:
+        token = read_token(args.auth_token_file) if args.auth_token_file else None
+    except TokenFileError as err:
+        raise SystemExit(f"gradserve serve: {err}") from None
     server = create_server(f"{args.host}:{args.port}", Limits.from_env(**overrides),
                            args.max_workers, not args.no_reflection, token, tls)
     return serve_until_signal(server, args.host, args.metrics_port, args.grace,

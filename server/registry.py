@@ -147,9 +147,9 @@ class GraphRegistry:
         check()
         converted = graph_from_proto(graph, limits.max_tensor_elements)
         check()
-        # engine.compile(converted, check=check) once it takes one: validation and step
-        # building of a 250,000-node graph take seconds.
-        plan = engine.compile(converted)
+        # Validation and step building of a 250,000-node graph take seconds: the
+        # engine checks between its phases.
+        plan = engine.compile(converted, check=check)
         if plan.static:
             need = plan.estimate_bytes(plan.shapes)
             if need > limits.max_intermediate_bytes:

@@ -191,3 +191,14 @@ def test_graph_import_errors_name_the_node(tmp_path):
     assert "Traceback" not in done.stderr
     done = run("graph", "import", str(tmp_path / "det.onnx"), "-o", str(tmp_path / "g.txt"))
     assert done.returncode == 2 and "use a name ending in .pb" in done.stderr
+
+
+def test_serve_refuses_an_unusable_token_file(tmp_path):
+    """A token no client could send in gRPC metadata: a one-line error naming the file's
+    problem and exit status 1, not a traceback and not a server nobody can call."""
+    token = tmp_path / "token"
+    token.write_text("pässwort\n", encoding="utf-8")
+    done = run("serve", "--port", "0", "--auth-token-file", str(token), timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.startswith("gradserve serve: "), done.stderr
+    assert "Traceback" not in done.stderr
