@@ -81,16 +81,21 @@ def _offsets(w: Window, out):
             for o, d, s, p in zip(offset, w.dilations, w.strides, out))
 
 
-def _columns(xp, w: Window, out):
-    """The windows of padded xp (B, C, *Sp) as a read-only view (C, *kernel, B, *out):
-    copied group by group into (C / groups * prod(kernel), B * prod(out)) matrices, the
-    innermost axes (the windows) run along memory, which copies faster than the other
-    way round."""
+def _columns(xp, w: Window, out, batch_first=False):
+    """The windows of padded xp (B, C, *Sp) as a read-only view (C, *kernel, B, *out),
+    or (B, C, *kernel, *out) with batch_first. Copied group by group into matrices
+    (C / groups * prod(kernel), B * prod(out)), or B of them: the innermost axes (the
+    windows) run along memory, which copies faster than the other way round."""
     st = xp.strides
     d = len(w.kernel)
-    shape = xp.shape[1:2] + w.kernel + xp.shape[:1] + out
-    strides = (st[1:2] + tuple(st[2 + i] * w.dilations[i] for i in range(d)) + st[:1]
-               + tuple(st[2 + i] * w.strides[i] for i in range(d)))
+    kernel_strides = tuple(st[2 + i] * w.dilations[i] for i in range(d))
+    window_strides = tuple(st[2 + i] * w.strides[i] for i in range(d))
+    if batch_first:
+        shape = xp.shape[:2] + w.kernel + out
+        strides = st[:2] + kernel_strides + window_strides
+    else:
+        shape = xp.shape[1:2] + w.kernel + xp.shape[:1] + out
+        strides = st[1:2] + kernel_strides + st[:1] + window_strides
     return as_strided(xp, shape, strides, writeable=False)
 
 
@@ -98,19 +103,23 @@ def _columns(xp, w: Window, out):
 
 def conv(x, w, strides, pads, dilations, groups):
     """x (B, C, *S), w (k, O, C / groups, *kernel) -> (k, B, O, *out): k weight stacks
-    applied to one gathered input (k = 1 for a plain convolution)."""
+    applied to one gathered input (k = 1 for a plain convolution). One product per
+    group, batched over B so that it lands in the output's layout."""
     k, n_out, cg = w.shape[:3]
     win = Window(w.shape[3:], strides, pads, dilations)
     b = x.shape[0]
     out = win.out(x.shape[2:])
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
-    view = _columns(pad(x, win), win, out)
-    res = np.empty((k, b, n_out, p), np.result_type(x, w))
+    view = _columns(pad(x, win), win, out, batch_first=True)
+    res = None
     for gi in range(groups):
-        cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, b * p)
-        wg = w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp)
-        r = matmul(wg, cols).reshape(k, og, b, p)
-        res[:, :, gi * og:(gi + 1) * og] = r.transpose(0, 2, 1, 3)
+        cols = view[:, gi * cg:(gi + 1) * cg].reshape(b, cg * kp, p)
+        r = matmul(w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp), cols)  # (B, k Og, P)
+        if groups == 1 and k == 1:
+            return r.reshape((1, b, n_out) + out)
+        if res is None:
+            res = np.empty((k, b, n_out, p), r.dtype)
+        res[:, :, gi * og:(gi + 1) * og] = r.reshape(b, k, og, p).transpose(1, 0, 2, 3)
     return res.reshape((k, b, n_out) + out)
 
 
