@@ -23,21 +23,18 @@ class CountingClient(Client):
         super().__init__(*args, **kwargs)
         self.calls = Counter()
 
-    def register(self, graph):
-        self.calls["register"] += 1
-        return super().register(graph)
+    def _counted(name):
+        def method(self, *args, **kwargs):
+            self.calls[name] += 1
+            return getattr(super(CountingClient, self), name)(*args, **kwargs)
+        method.__name__ = name
+        return method
 
-    def evaluate(self, graph, inputs):
-        self.calls["evaluate"] += 1
-        return super().evaluate(graph, inputs)
-
-    def jvp(self, graph, inputs, tangents):
-        self.calls["jvp"] += 1
-        return super().jvp(graph, inputs, tangents)
-
-    def vjp(self, graph, inputs, cotangents, *, wrt=None):
-        self.calls["vjp"] += 1
-        return super().vjp(graph, inputs, cotangents, wrt=wrt)
+    register = _counted("register")
+    evaluate = _counted("evaluate")
+    jvp = _counted("jvp")
+    vjp = _counted("vjp")
+    del _counted
 
 
 def builder_from_engine(graph) -> GraphBuilder:
