@@ -99,6 +99,15 @@ class Result:
                          **options)
 
 
+@dataclass(frozen=True)
+class TrainStepsResult:
+    """Client.train_steps: the state after K SGD steps, and each step's loss."""
+
+    parameters: dict
+    velocity: dict
+    losses: list
+
+
 def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
     p = reply.planner
     has_trace = reply.HasField("trace")
@@ -301,6 +310,25 @@ class Client:
         reply = self._by_id(self._stub.Differentiate, graph,
                             self._second_order_request(inputs, of, wrt, hessian=True))
         return _hessian_blocks(reply)
+
+    def train_steps(self, graph, parameters: Mapping[str, np.ndarray],
+                    batches: Mapping[str, np.ndarray], *, learning_rate: float,
+                    momentum: float = 0.0, velocity: Mapping[str, np.ndarray] | None = None,
+                    loss: str | None = None) -> "TrainStepsResult":
+        """K SGD steps with momentum in one round trip (the TrainSteps RPC): `batches`
+        holds every other graph input with the K minibatches stacked along a new
+        leading axis. Returns the parameters and momentum buffers after the K steps
+        and the K losses; nothing changes on the server, so a failed call can simply
+        be made again."""
+        request = pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
+                                       momentum=momentum)
+        fill_tensors(request.parameters, parameters)
+        fill_tensors(request.batches, batches)
+        if velocity:
+            fill_tensors(request.velocity, velocity)
+        reply = self._by_id(self._stub.TrainSteps, graph, request)
+        return TrainStepsResult(from_tensors(reply.parameters, "parameters"),
+                                from_tensors(reply.velocity, "velocity"), list(reply.losses))
 
     def stream(self, graph) -> "DifferentiateSession":
         """Many Differentiate steps of one graph over one DifferentiateStream (see

@@ -14,6 +14,7 @@ from .planner import (HVP_COST_RATIO, REVERSE_COST_RATIO, PlannerDecision, plan_
                       plan_second_order)
 from .curvature import CURVATURE
 from .second import HessianResult, HVPResult, SecondOrder
+from .sgd import SGDResult, sgd_steps
 from .shapes import MAX_RANK, MAX_SPAN
 from .trace import EdgeTrace, NodeTrace, Trace, trace
 
@@ -22,6 +23,6 @@ __all__ = [
     "EngineError", "FLOAT_DTYPES", "Graph", "GraphError", "HessianResult", "HVP_COST_RATIO",
     "HVPResult", "Input", "InputError",
     "JacobianResult", "JVPResult", "MAX_RANK", "MAX_SPAN", "Node", "NodeTrace", "OPS", "OpDef", "Plan",
-    "PlannerDecision", "REVERSE_COST_RATIO", "Residuals", "ResourceLimitError", "SecondOrder", "ShapeError", "Trace",
-    "VJPResult", "compile", "plan_mode", "plan_second_order", "trace",
+    "PlannerDecision", "REVERSE_COST_RATIO", "Residuals", "ResourceLimitError", "SGDResult", "SecondOrder", "ShapeError", "Trace",
+    "VJPResult", "compile", "sgd_steps", "plan_mode", "plan_second_order", "trace",
 ]

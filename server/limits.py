@@ -24,6 +24,7 @@ class Limits:
     max_residual_sets: int = 64  # Evaluate results kept for a following VJP (0: none)
     max_residual_bytes: int = 256 * MiB  # the arrays those keep, in all
     residual_seconds: int = 30  # how long one is kept
+    max_steps_per_call: int = 1024  # SGD steps one TrainSteps call may run
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

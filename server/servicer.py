@@ -61,6 +61,22 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             yield self._differentiate(request, check)
 
     @rpc
+    def TrainSteps(self, request, context):
+        graph_id, plan = self.registry.resolve(request)
+        limit = self.limits.max_tensor_elements
+        result = engine.sgd_steps(
+            plan, from_tensors(request.parameters, "parameters", limit),
+            from_tensors(request.batches, "batches", limit),
+            velocity=from_tensors(request.velocity, "velocity", limit),
+            learning_rate=request.learning_rate, momentum=request.momentum,
+            loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
+            max_block_elements=limit, check=stop_when_ended(context), **self._run_limits)
+        reply = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses)
+        fill_tensors(reply.parameters, result.parameters)
+        fill_tensors(reply.velocity, result.velocity)
+        return reply
+
+    @rpc
     def GetServerInfo(self, request, context):
         limits = pb.Limits(**{f: getattr(self.limits, f)
                               for f in pb.Limits.DESCRIPTOR.fields_by_name})

@@ -49,6 +49,9 @@ REQUEST_FIELDS = {
     "wrt": Counted("wrt", "max_inputs", _field("max_inputs")),
     "cotangents": Counted("cotangents", _NAMES, names_limit),
     "of": Counted("of", _NAMES, names_limit),
+    "parameters": Counted("parameters", "max_inputs", _field("max_inputs")),
+    "velocity": Counted("velocity", "max_inputs", _field("max_inputs")),
+    "batches": Counted("batches", "max_inputs", _field("max_inputs")),
 }
 GRAPH_FIELDS = {
     "inputs": Counted("graph.inputs", "max_inputs", _field("max_inputs")),

@@ -53,6 +53,7 @@ def test_modules_import_as_gradserve_v1():
         "Differentiate": (False, False),
         "DifferentiateStream": (True, True),
         "GetServerInfo": (False, False),
+        "TrainSteps": (False, False),
     }
     assert hasattr(gradient_service_pb2_grpc, "GradientServiceStub")
     assert hasattr(gradient_service_pb2_grpc, "add_GradientServiceServicer_to_server")

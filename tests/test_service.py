@@ -540,7 +540,8 @@ def test_reflection_lists_and_describes_the_service(channel):
     assert "grpc.health.v1.Health" in services
     service = descriptor_pool.DescriptorPool(db).FindServiceByName(SERVICE)
     assert {m.name for m in service.methods} == {
-        "RegisterGraph", "Evaluate", "Differentiate", "DifferentiateStream", "GetServerInfo"}
+        "RegisterGraph", "Evaluate", "Differentiate", "DifferentiateStream", "GetServerInfo",
+        "TrainSteps"}
     stream = service.methods_by_name["DifferentiateStream"]
     assert stream.input_type.full_name == "gradserve.v1.DifferentiateRequest"
 

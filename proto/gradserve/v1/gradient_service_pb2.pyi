@@ -269,6 +269,73 @@ class EdgeTrace(_message.Message):
     cotangent: _tensor_pb2.Tensor
     def __init__(self, input: _Optional[str] = ..., partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
+class TrainStepsRequest(_message.Message):
+    __slots__ = ("graph", "graph_id", "loss", "parameters", "velocity", "batches", "learning_rate", "momentum")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class VelocityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BatchesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VELOCITY_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    graph: _graph_pb2.Graph
+    graph_id: str
+    loss: str
+    parameters: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    velocity: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    batches: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    learning_rate: float
+    momentum: float
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., loss: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., batches: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ...) -> None: ...
+
+class TrainStepsResponse(_message.Message):
+    __slots__ = ("parameters", "velocity", "losses", "graph_id")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class VelocityEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    VELOCITY_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    velocity: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    losses: _containers.RepeatedScalarFieldContainer[float]
+    graph_id: str
+    def __init__(self, parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -302,7 +369,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds", "max_steps_per_call")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -317,6 +384,7 @@ class Limits(_message.Message):
     MAX_RESIDUAL_SETS_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDUAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDUAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_PER_CALL_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_nodes: int
     max_tensor_elements: int
@@ -331,7 +399,8 @@ class Limits(_message.Message):
     max_residual_sets: int
     max_residual_bytes: int
     residual_seconds: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ...) -> None: ...
+    max_steps_per_call: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio")

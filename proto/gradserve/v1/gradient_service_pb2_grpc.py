@@ -87,6 +87,11 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.TrainSteps = channel.unary_unary(
+                '/gradserve.v1.GradientService/TrainSteps',
+                request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -205,6 +210,24 @@ class GradientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainSteps(self, request, context):
+        """Runs K steps of SGD with momentum on one graph's scalar loss, in order,
+        and returns the new parameters, momentum buffers and the K losses: one
+        round trip for K training steps. Stateless: the caller sends the
+        parameters and buffers each time and applies the reply only on success,
+        so a failed call changes nothing.
+
+        Errors: INVALID_ARGUMENT (bad graph or batches, a parameter that is not a
+        floating graph input, a loss that is not one floating output of one
+        element, learning_rate not > 0, momentum not in [0, 1), momentum buffers
+        that do not match their parameters); NOT_FOUND (unknown graph_id);
+        RESOURCE_EXHAUSTED (more than max_steps_per_call steps, or a step over
+        a limit); UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GradientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +255,11 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'TrainSteps': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainSteps,
+                    request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +425,33 @@ class GradientService:
             '/gradserve.v1.GradientService/GetServerInfo',
             gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoRequest.SerializeToString,
             gradserve_dot_v1_dot_gradient__service__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/TrainSteps',
+            gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,130 @@
+"""K steps of SGD with momentum through a Plan, in order: what a remote training
+worker would otherwise ask for one round trip at a time.
+
+The rule is PyTorch's (dampening 0, no Nesterov), in the parameters' dtype:
+
+    g <- d loss / d theta;    v <- momentum * v + g;    theta <- theta - lr * v
+
+Nothing is kept between calls: the caller sends the parameters and momentum
+buffers and gets the new ones back, so a failed call changes nothing.
+"""
+
+from __future__ import annotations
+
+from math import isfinite
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from .errors import DifferentiationError, InputError, ResourceLimitError
+from .ir import FLOAT_DTYPES
+
+
+class SGDResult(NamedTuple):
+    parameters: dict  # name -> array after the last step
+    velocity: dict  # name -> momentum buffer after the last step
+    losses: list  # the loss of each step, before its update (floats)
+
+
+def sgd_steps(plan, parameters: Mapping[str, np.ndarray], batches: Mapping[str, np.ndarray],
+              *, learning_rate: float, momentum: float = 0.0, velocity=None, loss=None,
+              max_steps: int | None = None, check=None, **limits) -> SGDResult:
+    """Run K steps: `batches` holds every graph input that is not a parameter, the
+    K minibatches stacked along a new leading axis (the same K for all). `loss`
+    names the one-element output minimized (default: the graph's only output).
+    `limits` (max_bytes, max_flops, max_reply_bytes) apply to each step; `check`
+    runs between steps and inside each."""
+    names = tuple(parameters)
+    _check_names(plan, names, batches)
+    loss = _loss_name(plan, loss)
+    if not (isfinite(learning_rate) and learning_rate > 0):
+        raise DifferentiationError(f"learning_rate must be a finite number > 0, got "
+                                   f"{learning_rate!r}", field="learning_rate")
+    if not (isfinite(momentum) and 0 <= momentum < 1):
+        raise DifferentiationError(f"momentum must be in [0, 1), got {momentum!r}",
+                                   field="momentum")
+    steps = _steps(batches)
+    if max_steps is not None and steps > max_steps:
+        raise ResourceLimitError(f"{steps} steps in one call, over the limit of {max_steps} "
+                                 "(max_steps_per_call)", field="batches")
+    params = {n: np.asarray(p) for n, p in parameters.items()}
+    velocity = dict(velocity or {})
+    for name, v in velocity.items():
+        if name not in params:
+            raise InputError("has a momentum buffer but is not a parameter", node=name,
+                             field="velocity")
+        v = np.asarray(v)
+        if v.shape != params[name].shape or v.dtype != params[name].dtype:
+            raise InputError(f"momentum buffer {v.dtype}{list(v.shape)} does not match the "
+                             f"parameter's {params[name].dtype}{list(params[name].shape)}",
+                             node=name, field="velocity")
+        velocity[name] = v
+    for name, p in params.items():
+        velocity.setdefault(name, np.zeros_like(p))
+    losses = []
+    for k in range(steps):
+        if check is not None:
+            check()
+        inputs = {**{n: b[k] for n, b in batches.items()}, **params}
+        # The same Jacobian of the loss a worker asks for one step at a time, so that K
+        # steps here equal K calls exactly.
+        result = plan.jacobian(inputs, wrt=names, of=(loss,), check=check, **limits)
+        value = np.asarray(result.outputs[loss])
+        if value.size != 1:
+            raise DifferentiationError(f"the loss has {value.size} elements; it must have one",
+                                       node=loss, field="loss")
+        losses.append(float(value.reshape(())))
+        grads = {name: result.jacobian[loss, name].reshape(params[name].shape)
+                 for name in names}
+        for name, p in params.items():
+            lr, mu = p.dtype.type(learning_rate), p.dtype.type(momentum)
+            v = velocity[name] = mu * velocity[name] + grads[name]
+            params[name] = (p - lr * v).astype(p.dtype, copy=False)
+    return SGDResult(params, velocity, losses)
+
+
+def _check_names(plan, names, batches) -> None:
+    if not names:
+        raise DifferentiationError("no parameters to train", field="parameters")
+    for name in names:
+        if name not in plan.input_names:
+            raise DifferentiationError("is not a graph input", node=name, field="parameters")
+        if plan.dtypes[name] not in FLOAT_DTYPES:
+            raise DifferentiationError(f"has dtype {plan.dtypes[name]}; only floating inputs "
+                                       "can be trained", node=name, field="parameters")
+    for name in batches:
+        if name in names:
+            raise InputError("is both a parameter and a batch input", node=name,
+                             field="batches")
+    missing = [n for n in plan.input_names if n not in names and n not in batches]
+    if missing:
+        raise InputError("inputs are neither parameters nor batches: " + ", ".join(missing),
+                         field="batches")
+
+
+def _loss_name(plan, loss) -> str:
+    if loss is None:
+        if len(plan.output_names) != 1:
+            raise DifferentiationError("the graph has several outputs: name the loss",
+                                       field="loss")
+        loss = plan.output_names[0]
+    if loss not in plan.output_names:
+        raise DifferentiationError("is not a graph output", node=loss, field="loss")
+    if plan.dtypes[loss] not in FLOAT_DTYPES:
+        raise DifferentiationError(f"has dtype {plan.dtypes[loss]}; a loss is floating",
+                                   node=loss, field="loss")
+    return loss
+
+
+def _steps(batches) -> int:
+    ks = {np.shape(b)[0] if np.ndim(b) else None for b in batches.values()}
+    if None in ks:
+        raise InputError("each batch input needs a leading axis of steps", field="batches")
+    if len(ks) > 1:
+        raise InputError(f"batch inputs stack different numbers of steps: {sorted(ks)}",
+                         field="batches")
+    steps = ks.pop() if ks else 0
+    if steps < 1:
+        raise InputError("no steps: the batch inputs' leading axis is empty (or the graph "
+                         "has no inputs besides the parameters)", field="batches")
+    return steps
