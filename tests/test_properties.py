@@ -2,8 +2,9 @@
 
 1. Random valid graphs of elementwise, reduction, scan, padding and shape ops, and
    comparisons feeding where (float64): the forward and reverse Jacobians agree with
-   each other, with central finite differences, and the values with NumPy. Each graph is built with its input values in hand, so an op whose
-   operand is outside its safe domain (pole, kink, tie, overflow) first gets an adapter.
+   each other, with central finite differences, and the values with NumPy. Each graph
+   is built with its input values in hand, so an op whose operand is outside its safe
+   domain (pole, kink, tie, overflow) first gets an adapter.
 2. Random, mostly invalid graphs: `compile` succeeds or raises an EngineError subclass,
    never anything else; a graph that compiles also evaluates on inputs that fit it.
 """
