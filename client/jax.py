@@ -54,14 +54,14 @@ def remote_function(client, graph, outputs=None):
     remote = RemoteGraph(client, graph, outputs)
 
     def call(*args, **kwargs):
-        values = [jnp.asarray(v) if hasattr(v, "dtype") else jnp.asarray(v, spec.dtype)
-                  for v, spec in zip(remote.bind(args, kwargs), remote.inputs)]
         if not jax.config.jax_enable_x64:
             for spec in remote.inputs:
                 if spec.dtype.itemsize == 8:
                     raise TypeError(f"input '{spec.name}' is {spec.dtype.name} in the graph: "
                                     "enable 64-bit arrays in JAX first with "
                                     "jax.config.update('jax_enable_x64', True)")
+        values = [jnp.asarray(v) if hasattr(v, "dtype") else jnp.asarray(v, spec.dtype)
+                  for v, spec in zip(remote.bind(args, kwargs), remote.inputs)]
         remote.check_dtypes([v.dtype for v in values])
         out = evaluate_p.bind(*values, remote=remote)
         return out[0] if len(out) == 1 else tuple(out)
@@ -229,10 +229,8 @@ def _seed_batch(prim):
         primal_dims, seed_dims = _split(dims, remote)
         if any(d is not None for d in primal_dims):
             raise NotImplementedError(_PRIMAL_VMAP)
-        size = next(s.shape[d] for s, d in zip(seeds, seed_dims)
-                    if d is not None)
-        seeds = [batching.bdim_at_front(s, d, size)
-                 for s, d in zip(seeds, seed_dims)]
+        size = next(s.shape[d] for s, d in zip(seeds, seed_dims) if d is not None)
+        seeds = [batching.bdim_at_front(s, d, size) for s, d in zip(seeds, seed_dims)]
         out = prim.bind(*primals, *seeds, remote=remote, wrt=wrt, of=of,
                         batch=(size,) + tuple(batch))
         return out, [0] * len(out)
