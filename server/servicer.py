@@ -33,14 +33,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     @rpc
     def RegisterGraph(self, request, context):
-        graph_id, _ = self.registry.register(request.graph)
+        graph_id, _ = self.registry.register(request.graph, stop_when_ended(context))
         return pb.RegisterGraphResponse(graph_id=graph_id)
 
     @rpc
     def Evaluate(self, request, context):
-        graph_id, plan = self.registry.resolve(request)
-        inputs = from_tensors(request.inputs, "inputs", self.limits.max_tensor_elements)
         check = stop_when_ended(context)
+        graph_id, plan = self.registry.resolve(request, check)
+        inputs = from_tensors(request.inputs, "inputs", self.limits.max_tensor_elements)
         reply = pb.EvaluateResponse(graph_id=graph_id)
         if request.keep_residuals:
             kept = plan.residuals(inputs, check=check, **self._run_limits)
@@ -62,7 +62,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     @rpc
     def TrainSteps(self, request, context):
-        graph_id, plan = self.registry.resolve(request)
+        check = stop_when_ended(context)
+        graph_id, plan = self.registry.resolve(request, check)
         limit = self.limits.max_tensor_elements
         result = engine.sgd_steps(
             plan, from_tensors(request.parameters, "parameters", limit),
@@ -70,7 +71,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             velocity=from_tensors(request.velocity, "velocity", limit),
             learning_rate=request.learning_rate, momentum=request.momentum,
             loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
-            max_block_elements=limit, check=stop_when_ended(context), **self._run_limits)
+            max_block_elements=limit, check=check, **self._run_limits)
         reply = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses)
         fill_tensors(reply.parameters, result.parameters)
         fill_tensors(reply.velocity, result.velocity)
@@ -85,7 +86,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO)
 
     def _differentiate(self, request, check) -> pb.DifferentiateResponse:
-        graph_id, plan = self.registry.resolve(request)
+        graph_id, plan = self.registry.resolve(request, check)
         limit = self.limits.max_tensor_elements
         mode = mode_name(request.mode)
         if mode is None:
