@@ -240,6 +240,10 @@ class Dyn:
         return len(self.shape)
 
 
+class Seq(list):
+    """An ONNX sequence of tensors whose length is known at import time."""
+
+
 def _shape_of(x):
     return x.shape if isinstance(x, Dyn) else np.shape(x)
 
@@ -502,7 +506,7 @@ class Emitter:
         shape = list(_shape_of(x))
         ndim = len(shape)
         steps = [1] * len(starts) if steps is None else steps
-        index = [slice(None)] * ndim
+        picks = [None] * ndim  # (begin, end, step) per sliced axis
         for start, stop, axis, step in zip(starts, stops, axes, steps):
             axis = _norm_axis(axis, ndim)
             start, stop, step = int(start), int(stop), int(step)
@@ -517,14 +521,16 @@ class Emitter:
             begin, end, step = slice(max(min(start, INT_MAX), -INT_MAX),
                                      max(min(stop, INT_MAX), -INT_MAX - 1), step).indices(dim)
             if (begin, max(begin, end), step) != (0, dim, 1):
-                index[axis] = slice(begin, end, step)
+                picks[axis] = (begin, end, step)  # end -1: before index 0 (a negative step)
         if not isinstance(x, Dyn):
-            return np.asarray(x)[tuple(index)]
-        plain = [(a, s) for a, s in enumerate(index) if s != slice(None) and s.step == 1]
-        strided = [(a, s) for a, s in enumerate(index) if s != slice(None) and s.step != 1]
+            index = tuple(slice(None) if p is None else slice(p[0], None if p[1] < 0 else p[1],
+                                                               p[2]) for p in picks)
+            return np.asarray(x)[index]
+        plain = [(a, p) for a, p in enumerate(picks) if p is not None and p[2] == 1]
+        strided = [(a, p) for a, p in enumerate(picks) if p is not None and p[2] != 1]
         out = x
         if plain:
-            spans = [(s.start, max(s.start, s.stop)) for _, s in plain]
+            spans = [(b, max(b, e)) for _, (b, e, _) in plain]
             sliced = list(x.shape)
             for (a, _), (b, e) in zip(plain, spans):
                 sliced[a] = e - b
@@ -532,9 +538,9 @@ class Emitter:
                                            "stops": [e for _, e in spans],
                                            "axes": [a for a, _ in plain]},
                             tuple(sliced), x.dtype, None if strided else name)
-        for i, (a, s) in enumerate(strided):  # a step other than 1: pick the indices
-            picks = np.arange(s.start, s.stop, s.step, dtype=np.int64)
-            out = self.take(out, picks, a, name=name if i == len(strided) - 1 else None)
+        for i, (a, (b, e, step)) in enumerate(strided):  # a step other than 1: pick indices
+            out = self.take(out, np.arange(b, e, step, dtype=np.int64), a,
+                            name=name if i == len(strided) - 1 else None)
         return out
 
     def pad(self, x, pads, value=0.0, name=None):
@@ -808,7 +814,8 @@ class Importer:
             raise OnnxImportError(f"{where}: {err}") from None
         except OnnxImportError as err:
             raise OnnxImportError(f"{where}: {err}") from None
-        results = result if isinstance(result, (list, tuple)) else [result]
+        results = result if isinstance(result, (list, tuple)) and not isinstance(result, Seq) \
+            else [result]
         for name, r in zip(node.output, results):
             if name:
                 if r is None:
@@ -1228,6 +1235,55 @@ def _split(imp, node, x, attrs):
     return outs
 
 
+@converts("SplitToSequence")
+def _split_to_sequence(imp, node, x, attrs):
+    shape = _shape_of(x[0])
+    axis = _norm_axis(attrs.get("axis", 0), len(shape))
+    dim = shape[axis]
+    if isinstance(dim, Dim):
+        raise _FoldError(f"splitting the dynamic axis {axis}")
+    split = imp.ints(x[1], "split") if len(x) > 1 and x[1] is not None else None
+    if split is None:  # pieces of one, the axis dropped unless keepdims
+        pieces = [imp.e.slice(x[0], [i], [i + 1], [axis]) for i in range(dim)]
+        if not attrs.get("keepdims", 1):
+            pieces = [imp.e.reshape(p, [d for a, d in enumerate(_shape_of(p)) if a != axis])
+                      for p in pieces]
+        return Seq(pieces)
+    sizes = split if len(split) > 1 or np.ndim(imp.static(x[1], "split")) else \
+        [split[0]] * (dim // split[0]) + ([dim % split[0]] if dim % split[0] else [])
+    out, start = Seq(), 0
+    for size in sizes:
+        out.append(imp.e.slice(x[0], [start], [start + size], [axis]))
+        start += size
+    return out
+
+
+@converts("SequenceConstruct")
+def _sequence_construct(imp, node, x, attrs):
+    return Seq(x)
+
+
+@converts("SequenceAt")
+def _sequence_at(imp, node, x, attrs):
+    return x[0][int(np.asarray(imp.static(x[1], "position")).item())]
+
+
+@converts("SequenceLength")
+def _sequence_length(imp, node, x, attrs):
+    return np.asarray(len(x[0]), np.int64)
+
+
+@converts("ConcatFromSequence")
+def _concat_from_sequence(imp, node, x, attrs):
+    values, axis = list(x[0]), attrs["axis"]
+    if attrs.get("new_axis", 0):
+        rank = len(_shape_of(values[0])) + 1
+        axis = _norm_axis(axis, rank)
+        values = [imp.e.reshape(v, list(_shape_of(v))[:axis] + [1] + list(_shape_of(v))[axis:])
+                  for v in values]
+    return imp.e.concat(values, axis, name=_out(node))
+
+
 @converts("Gather")
 def _gather(imp, node, x, attrs):
     return imp.e.take(x[0], x[1], attrs.get("axis", 0), name=_out(node))
@@ -1603,7 +1659,9 @@ def _resize(imp, node, x, attrs):
     scales = imp.static(x[2], "scales") if len(x) > 2 and x[2] is not None else None
     sizes = imp.ints(x[3], "sizes") if len(x) > 3 and x[3] is not None else None
     if sizes is None:
-        sizes = [d * s for d, s in zip(shape, np.asarray(scales).ravel())]
+        sizes = [d if float(f) == 1.0 else (_fail(f"resizing the dynamic axis {a}")
+                                            if isinstance(d, Dim) else int(math.floor(d * f)))
+                 for a, (d, f) in enumerate(zip(shape, np.asarray(scales).ravel()))]
     out = x[0]
     for axis, (dim, size) in enumerate(zip(shape, sizes)):
         if isinstance(dim, Dim) or size == dim:

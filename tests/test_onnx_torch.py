@@ -98,6 +98,75 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(torch.max_pool2d(torch.relu(self.conv(x)), 2), 1))
 
 
+class CausalAttention(nn.Module):
+    """Token and position embeddings (torch.arange), attention with a causal mask, layer
+    norm, tanh-approximated GELU, mean over the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(50, 16), nn.Embedding(10, 16)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, t):
+        n = t.shape[1]
+        h = self.tokens(t) + self.positions(torch.arange(n))
+        mask = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+        a, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False)
+        return nn.functional.gelu(self.norm(h + a), approximate="tanh").mean(1)
+
+
+class Conv1dNet(nn.Module):
+    """Grouped 1-D convolution, BatchNorm1d, leaky ReLU, adaptive pooling, log-softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv1d(4, 8, 3, padding=1, groups=4), nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = nn.functional.leaky_relu(self.bn(self.conv(x)), 0.1)
+        h = nn.functional.adaptive_avg_pool1d(h, 1).squeeze(-1)
+        return nn.functional.log_softmax(self.fc(h), -1)
+
+
+class Resampling(nn.Module):
+    """Strided conv, nearest upsampling, asymmetric padding, ceil-mode average pooling,
+    clamp, concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        F = nn.functional
+        h = F.interpolate(torch.sigmoid(self.conv(x)), scale_factor=2, mode="nearest")
+        h = F.avg_pool2d(F.pad(h, (1, 2, 0, 1)), 3, stride=2, ceil_mode=True)
+        return torch.cat([h.flatten(1), torch.clamp(h, -0.2, 0.3).sum((2, 3))], 1)
+
+
+class Elementwise(nn.Module):
+    """chunk, where, cumsum, a vector norm, SiLU, hardswish, slicing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        F = nn.functional
+        h = self.fc(x)
+        a, b = h.chunk(2, -1)
+        y = torch.where(a > 0, a * torch.tanh(b), b.exp())
+        return (y.cumsum(1) / (1 + y.norm(dim=-1, keepdim=True)) + F.silu(h[..., :3])
+                + F.hardswish(h[..., 3:]))
+
+
+COMMON = {"causal_attention": (CausalAttention, lambda: torch.randint(0, 50, (3, 6))),
+          "conv1d": (Conv1dNet, lambda: torch.randn(5, 4, 10)),
+          "resampling": (Resampling, lambda: torch.randn(2, 3, 9, 9)),
+          "elementwise": (Elementwise, lambda: torch.randn(4, 5, 6))}
+
+
 def randomize_batch_norm(module, seed=0):
     """Running statistics and affine parameters away from 0 and 1 (so the exporter has
     nothing to deduplicate and the check sees them)."""
@@ -197,6 +266,25 @@ def test_exported_model_values_and_gradients_match_pytorch(client, name, exporte
     smaller = example[:3]
     assert_allclose(client.evaluate(imported.graph, {**values, "x": smaller.numpy()})["y"],
                     module(smaller).detach().numpy(), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("name", COMMON)
+def test_common_exports_match_pytorch(client, name, exporter):
+    make_module, make_input = COMMON[name]
+    torch.manual_seed(0)
+    module = perturb(randomize_batch_norm(make_module())).eval()
+    example = make_input()
+    imported = from_onnx(export(module, example, dynamo=exporter == "dynamo"),
+                         parameters="inputs")
+    assert imported.input_shapes["x"][0] == -1
+    want, w, grads = torch_gradients(module, example)
+    out, cot = client.vjp(imported.graph, {"x": example.numpy(), **imported.parameters},
+                          {"y": w}, wrt=list(grads))
+    assert_allclose(out["y"], want, rtol=2e-4, atol=2e-5)
+    for n, g in grads.items():
+        assert_allclose(cot[n], g, rtol=1e-3, atol=2e-4 * (float(np.max(np.abs(g))) or 1.0),
+                        err_msg=n)
 
 
 def test_constants_mode_sends_only_the_data(client):
