@@ -181,6 +181,8 @@ def _matmul(i, g, x, ans, t, t_ans):
     other = t[1 - i]
     if other is None:
         return None
+    if a.ndim <= 2 and b.ndim <= 2 and (a.ndim == 1) != (b.ndim == 1):
+        return _matvec(i, g, a, b, other)
     ta, tb, g2 = _as_matrices(a.ndim, b.ndim, other if i == 1 else None,
                               other if i == 0 else None, g)
     a2 = a[None, :] if a.ndim == 1 else a
@@ -193,6 +195,19 @@ def _matmul(i, g, x, ans, t, t_ans):
     r = _mm(np.swapaxes(lift(ta, rank), -1, -2), lift(g2, rank))  # ta^T @ g
     r = r[..., 0] if b.ndim == 1 else r
     return unbroadcast(r, b.shape)
+
+
+def _matvec(i, g, a, b, other):
+    """Vector @ matrix or matrix @ vector: outer products by broadcasting and one
+    (batched) matrix product, as ops._matvec_vjp (g has one direction)."""
+    if a.ndim == 1:  # (K,) @ (K, N), g (1, N)
+        if i == 0:  # g @ tb^T: tb (k, K, N)
+            return _mm(other, g[0])
+        return other[:, :, None] * g[:, None, :]  # ta (k, K) outer g
+    # (M, K) @ (K,), g (1, M)
+    if i == 0:
+        return g[:, :, None] * other[:, None, :]  # g outer tb (k, K)
+    return _mm(g[:, None, :], other)[:, 0, :]  # g @ ta: ta (k, M, K)
 
 
 def _conv(i, g, x, ans, t, t_ans, **geometry):

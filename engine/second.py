@@ -85,17 +85,28 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
         curvature = curvatures[j]
         ts = t_ans = None
         if curvature is not None:
-            ts = tuple(None if t is None else fill_seed(t, x.shape)
+            ts = tuple(t if t is None or t.shape[1:] == x.shape else fill_seed(t, x.shape)
                        for t, x in zip(_args(tans, ins), xs))
             t_ans = tans[out]
-            if t_ans is not None:
+            if t_ans is not None and t_ans.shape[1:] != ans.shape:
                 t_ans = fill_seed(t_ans, ans.shape)
+        # g and its k tangents go through each vjp as one seed of 1 + k directions: one
+        # rule call (and one product for a matmul) instead of two.
+        stacked = gdot is not None and gdot.shape[1:] == g.shape[1:]
+        if stacked:
+            both = np.concatenate((g, gdot))
         vjp = st.vjp
         for pos in positions:
-            gi = vjp(pos, g, xs, ans)
-            if gi is None:
-                continue
-            di = None if gdot is None else vjp(pos, gdot, xs, ans)
+            if stacked:
+                r = vjp(pos, both, xs, ans)
+                if r is None:
+                    continue
+                gi, di = r[:1], r[1:]
+            else:
+                gi = vjp(pos, g, xs, ans)
+                if gi is None:
+                    continue
+                di = None if gdot is None else vjp(pos, gdot, xs, ans)
             if curvature is not None:
                 c = curvature(pos, g, xs, ans, ts, t_ans)
                 if c is not None:
