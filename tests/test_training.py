@@ -166,9 +166,15 @@ def start_server_process(port: int) -> ServerProcess:
     return process
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
-def test_killed_server_costs_retries_never_a_step(address, digits, stream):
-    spec = logreg(digits)
+@pytest.mark.parametrize("model, stream", [("logreg", False), ("logreg", True), ("onnx", False)],
+                         ids=["unary", "stream", "onnx-cnn"])
+def test_killed_server_costs_retries_never_a_step(address, digits, model, stream, request):
+    if model == "onnx":
+        from gradserve.client.models import OnnxModelSpec
+        spec = OnnxModelSpec(request.getfixturevalue("cnn_onnx"), digits.num_features,
+                             digits.num_classes)
+    else:
+        spec = logreg(digits)
     config = TrainConfig(epochs=2, lr=0.2, momentum=0.9, seed=4)
     fault_free = train(spec, digits, config, [address])
 
