@@ -1,5 +1,6 @@
 """Classifier models as gradserve graphs: dense layers, activations, softmax
-cross-entropy, L2 regularization; logistic regression and MLPs.
+cross-entropy, L2 regularization; logistic regression and MLPs; classifiers
+imported from ONNX (OnnxModelSpec, the same interface).
 
 A model's graph takes the data (`X`, `Y` one-hot) and the parameters as inputs
 and outputs the scalar training objective `loss` and the `logits`:
@@ -16,12 +17,15 @@ registered graph serves every step.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .builder import GraphBuilder, Value
+from .onnx import OnnxImportError, import_into, load_model, model_inputs
 
 DTYPE = "float32"
 ACTIVATIONS = ("relu", "tanh", "sigmoid")
@@ -178,11 +182,6 @@ class OnnxModelSpec:
     activation = None
 
     def __init__(self, path, num_features: int, num_classes: int, l2: float = 0.0):
-        import hashlib
-        from pathlib import Path
-
-        from .onnx import OnnxImportError, load_model, model_inputs
-
         self.path = Path(path)
         self.proto = load_model(self.path)
         self.sha256 = hashlib.sha256(self.proto.SerializeToString(deterministic=True)).hexdigest()
@@ -209,8 +208,6 @@ class OnnxModelSpec:
         self._graph, self._imported = self._build()
 
     def _build(self):
-        from .onnx import import_into
-
         g = GraphBuilder()
         x = g.input("X", DTYPE, [-1, self.num_features])
         y = g.input("Y", DTYPE, [-1, self.num_classes])
