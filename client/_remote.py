@@ -13,6 +13,9 @@ of k directions, so a whole batch of directions is one request.
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
 from typing import Mapping, Sequence
@@ -26,6 +29,7 @@ from gradserve.v1.codec import DTYPES
 from .builder import GraphBuilder
 
 FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
+HANDLES = 16  # residuals handles remembered per remote graph, the oldest dropped
 
 
 class RemoteError(grpc.RpcError):
@@ -113,6 +117,10 @@ class RemoteGraph:
                              f"(the graph's: {names})")
         self.outputs = tuple(outputs)
         self._signatures: dict[tuple, tuple] = {}  # input shapes and dtypes -> outputs'
+        # Residuals the server kept for a coming VJP, by a digest of the inputs: the
+        # backward call sends the handle, not the inputs, and skips the forward sweep.
+        self._handles: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
         self.graph_id = self._calling("RegisterGraph", client.register, graph)
 
     def __repr__(self):
@@ -152,11 +160,31 @@ class RemoteGraph:
 
     # --- the service calls ----------------------------------------------------------
 
-    def evaluate(self, values: Sequence[np.ndarray]) -> list:
-        """The selected outputs' values: one Evaluate round trip."""
-        out = self._calling("Evaluate", self.client.evaluate, self.graph, self._feed(values))
+    def evaluate(self, values: Sequence[np.ndarray], keep: bool = False) -> list:
+        """The selected outputs' values: one Evaluate round trip. With `keep` (a VJP of
+        these values is coming) the server keeps what that VJP needs, and `vjp` on the
+        same values sends its handle instead of the inputs (found by a digest of the
+        values; a caller that can carry the handle itself uses `evaluate_keeping`)."""
+        if not keep:
+            feed = self._feed(values)
+            out = self._calling("Evaluate", self.client.evaluate, self.graph, feed)
+            self._remember(values, out)
+            return [out[name] for name in self.outputs]
+        outs, handle = self.evaluate_keeping(values)
+        if handle:
+            with self._lock:
+                self._handles[_digest(self._feed(values))] = handle
+                while len(self._handles) > HANDLES:
+                    self._handles.popitem(last=False)
+        return outs
+
+    def evaluate_keeping(self, values: Sequence[np.ndarray]) -> tuple[list, str]:
+        """The selected outputs' values and the handle of the residuals the server
+        kept for `vjp(values, ..., residuals=handle)` ("" if it kept none)."""
+        out, handle = self._calling("Evaluate", self.client.evaluate_for_vjp, self.graph,
+                                    self._feed(values))
         self._remember(values, out)
-        return [out[name] for name in self.outputs]
+        return [out[name] for name in self.outputs], handle
 
     def jvp(self, values, tangents: Mapping[int, np.ndarray], batch: tuple = ()) -> list:
         """Output tangents of the selected outputs from input tangents (input index ->
@@ -171,17 +199,24 @@ class RemoteGraph:
         return [_unflat(tans[name], batch) for name in self.outputs]
 
     def vjp(self, values, cotangents: Mapping[int, np.ndarray], wrt: Sequence[int],
-            batch: tuple = ()) -> list:
+            batch: tuple = (), residuals: str | None = None) -> list:
         """Input cotangents of the inputs `wrt` (indices) from output cotangents (output
         index -> seed shaped `batch` + the output's shape; absent outputs have zero
-        cotangents): one Differentiate round trip, reverse mode (the server runs the
-        forward sweep again, then the reverse sweep for all directions at once)."""
+        cotangents): one Differentiate round trip, reverse mode: from the residuals an
+        earlier Evaluate left on the server (the reverse sweep only; `residuals` is
+        their handle, None: look for one by a digest of the values), or else from the
+        inputs (the forward sweep again, then the reverse sweep), for all directions
+        at once."""
         if not cotangents or not wrt:
             raise ValueError("a VJP needs the cotangent of at least one output and one input")
         seeds = {self.outputs[n]: _flat(c, batch) for n, c in cotangents.items()}
         names = [self.inputs[n].name for n in wrt]
+        feed = self._feed(values)
+        if residuals is None:
+            with self._lock:
+                residuals = self._handles.get(_digest(feed), "") if self._handles else ""
         out, cots = self._calling("Differentiate (VJP)", self.client.vjp, self.graph,
-                                  self._feed(values), seeds, wrt=names)
+                                  feed, seeds, wrt=names, residuals=residuals)
         self._remember(values, out)
         return [_unflat(cots[name], batch) for name in names]
 
@@ -218,6 +253,15 @@ class RemoteGraph:
             raise
         except grpc.RpcError as err:
             raise RemoteError.from_rpc(call, err) from err
+
+
+def _digest(feed: Mapping[str, np.ndarray]) -> bytes:
+    """Identifies input values (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha1()  # the fastest of hashlib's here (1.6 ms per MB, blake2b 3 ms)
+    for name, v in feed.items():
+        h.update(f"{name}|{v.dtype.str}|{v.shape}|".encode())
+        h.update(np.ascontiguousarray(v).data)
+    return h.digest()
 
 
 def _flat(seed: np.ndarray, batch: tuple) -> np.ndarray:

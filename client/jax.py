@@ -94,8 +94,8 @@ def _numpy(args):
     return [np.asarray(a) for a in args]
 
 
-def _evaluate_host(args, *, remote):
-    return remote.evaluate(_numpy(args))
+def _evaluate_host(args, *, remote, keep=False):
+    return remote.evaluate(_numpy(args), keep)
 
 
 def _jvp_host(args, *, remote, wrt, of, batch):
@@ -113,7 +113,7 @@ def _avals_out(remote, primal_avals):
     return remote.signature([a.shape for a in primal_avals], [a.dtype for a in primal_avals])
 
 
-def _evaluate_abstract(*avals, remote):
+def _evaluate_abstract(*avals, remote, keep=False):
     return [ShapedArray(shape, dtype) for shape, dtype in _avals_out(remote, avals)]
 
 
@@ -163,10 +163,13 @@ def _is_zero(t) -> bool:
     return type(t) is ad.Zero
 
 
-def _evaluate_jvp(primals, tangents, *, remote):
+def _evaluate_jvp(primals, tangents, *, remote, keep=False):
     """Values by one Evaluate, output tangents by one JVP of the inputs whose tangents
-    are not symbolic zeros (two round trips: the server runs the forward sweep twice)."""
-    outs = evaluate_p.bind(*primals, remote=remote)
+    are not symbolic zeros (two round trips; the Evaluate keeps residuals, so that a
+    VJP transposed from this JVP runs only the reverse sweep)."""
+    # keep: a VJP (the transpose of this JVP) may follow; the server keeps what it
+    # needs, and the VJP then skips the forward sweep
+    outs = evaluate_p.bind(*primals, remote=remote, keep=True)
     wrt = tuple(i for i, (spec, t) in enumerate(zip(remote.inputs, tangents))
                 if spec.floating and not _is_zero(t))
     of = tuple(j for j, o in enumerate(outs) if np.dtype(jax.typeof(o).dtype) in FLOAT_DTYPES)
@@ -217,7 +220,7 @@ _PRIMAL_VMAP = ("gradserve: jax.vmap over the primal inputs of a remote function
                 "(one round trip per element)")
 
 
-def _evaluate_batch(args, dims, *, remote):
+def _evaluate_batch(args, dims, *, remote, keep=False):
     raise NotImplementedError(_PRIMAL_VMAP)
 
 

@@ -8,9 +8,12 @@
 
 `remote_function` returns a callable around a torch.autograd.Function:
 
-- forward: one Evaluate round trip;
+- forward: one Evaluate round trip; when grad is enabled and an input requires grad,
+  the server keeps what the backward needs (EvaluateRequest.keep_residuals);
 - backward: one Differentiate round trip, reverse mode (a VJP) for exactly the inputs
-  that require grad (the server runs the forward sweep again, then the reverse one);
+  that require grad, sending the kept residuals' handle instead of the inputs: the
+  server runs only the reverse sweep (if the handle expired, the inputs are sent and
+  it runs the forward sweep again);
 - jvp (torch.func.jvp, torch.autograd.forward_ad): one Differentiate round trip,
   forward mode, after the forward's Evaluate.
 
@@ -29,6 +32,8 @@ only: differentiating the backward again (create_graph=True, hessians) raises.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -69,12 +74,24 @@ def remote_function(client, graph, outputs=None):
                   else torch.as_tensor(v, dtype=_TORCH[s.dtype])  # Python numbers, lists
                   for v, s in zip(remote.bind(args, kwargs), remote.inputs)]
         remote.check_dtypes([_numpy_dtype(v) for v in values])
-        out = _Evaluate.apply(remote, *values)
+        # A backward will follow: let the server keep what it needs (one forward sweep).
+        keep = torch.is_grad_enabled() and any(v.requires_grad for v in values)
+        _KEEP.value, _KEEP.handle = keep, ""
+        try:
+            out = _Evaluate.apply(remote, *values)
+        finally:
+            _KEEP.value, _KEEP.handle = False, ""
         return out[0] if len(out) == 1 else out
 
     call.remote = remote
     call.__doc__ = f"{remote!r} as a PyTorch function."
     return call
+
+
+# Per thread, around one call: `value` (will a backward follow? set around
+# _Evaluate.apply), `handle` (the residuals forward kept, read by setup_context) and
+# `residuals` (the handle backward passes to _VJP.forward).
+_KEEP = threading.local()
 
 
 def _numpy_dtype(t: torch.Tensor) -> np.dtype:
@@ -113,13 +130,18 @@ class _Evaluate(torch.autograd.Function):
 
     @staticmethod
     def forward(remote, *values):
-        outs = remote.evaluate([_numpy(v) for v in values])
+        arrays = [_numpy(v) for v in values]
+        if getattr(_KEEP, "value", False):
+            outs, _KEEP.handle = remote.evaluate_keeping(arrays)
+        else:
+            outs = remote.evaluate(arrays)
         return tuple(_tensor(o, _device(values)) for o in outs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         remote, *values = inputs
         ctx.remote = remote
+        ctx.residuals = getattr(_KEEP, "handle", "")  # set by forward, in this thread
         ctx.save_for_backward(*values)
         ctx.save_for_forward(*values)
         ctx.mark_non_differentiable(*(o for o in output if not o.is_floating_point()))
@@ -134,8 +156,12 @@ class _Evaluate(torch.autograd.Function):
         given = [(j, g) for j, g in enumerate(grads) if g is not None]
         result = [None] * len(values)
         if wrt and given:
-            cots = _VJP.apply(remote, wrt, tuple(j for j, _ in given), (), *values,
-                              *(g for _, g in given))
+            _KEEP.residuals = ctx.residuals  # read by _VJP.forward, inside this call
+            try:
+                cots = _VJP.apply(remote, wrt, tuple(j for j, _ in given), (), *values,
+                                  *(g for _, g in given))
+            finally:
+                _KEEP.residuals = ""
             for i, c in zip(wrt, cots):
                 result[i] = c
         return (None, *result)
@@ -209,5 +235,6 @@ class _VJP(_Seeded):
         n = len(remote.inputs)
         values, cotangents = tensors[:n], tensors[n:]
         out = remote.vjp([_numpy(v) for v in values],
-                         {j: _numpy(c) for j, c in zip(of, cotangents)}, wrt, batch)
+                         {j: _numpy(c) for j, c in zip(of, cotangents)}, wrt, batch,
+                         residuals=getattr(_KEEP, "residuals", "") or "")
         return tuple(_tensor(g, values[i].device) for i, g in zip(wrt, out))

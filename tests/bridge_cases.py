@@ -16,8 +16,10 @@ PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08  # DESIGN.md, float32 at x
 
 
 class CountingClient(Client):
-    """The real Client, counting the calls the bridges make: "evaluate", "jvp", "vjp"
-    (each one round trip), "register"."""
+    """The real Client, counting the calls the bridges make: "evaluate",
+    "evaluate_for_vjp" (an Evaluate keeping residuals), "jvp", "vjp" (each one round
+    trip), "register"; and "vjp_from_residuals", the VJPs that sent a residuals handle
+    (the server then runs the reverse sweep only)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -32,9 +34,15 @@ class CountingClient(Client):
 
     register = _counted("register")
     evaluate = _counted("evaluate")
+    evaluate_for_vjp = _counted("evaluate_for_vjp")
     jvp = _counted("jvp")
-    vjp = _counted("vjp")
     del _counted
+
+    def vjp(self, *args, residuals="", **kwargs):
+        self.calls["vjp"] += 1
+        if residuals:
+            self.calls["vjp_from_residuals"] += 1
+        return super().vjp(*args, residuals=residuals, **kwargs)
 
 
 def builder_from_engine(graph) -> GraphBuilder:

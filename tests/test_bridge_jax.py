@@ -96,6 +96,15 @@ def test_jvp_matches_the_service_and_finite_differences(client, case):
 # --- jit and what each call asks of the service -----------------------------------------
 
 
+def round_trips(calls) -> dict:
+    """Requests by kind: an Evaluate that keeps residuals is still one Evaluate."""
+    merged = {k: v for k, v in calls.items() if k not in ("evaluate_for_vjp",
+                                                            "vjp_from_residuals")}
+    if calls.get("evaluate_for_vjp"):
+        merged["evaluate"] = merged.get("evaluate", 0) + calls["evaluate_for_vjp"]
+    return merged
+
+
 def test_round_trips(counting, seed_builder):
     f = remote_function(counting, seed_builder("float64", (-1,)))
     x, y = arrays(seed_values())
@@ -104,28 +113,29 @@ def test_round_trips(counting, seed_builder):
 
     counting.calls.clear()
     jax.grad(loss)(x, y)  # values, then the VJP of x alone
-    assert counting.calls == {"evaluate": 1, "vjp": 1}
+    assert round_trips(counting.calls) == {"evaluate": 1, "vjp": 1}
+    assert counting.calls["vjp_from_residuals"] == 1  # the server's second forward spared
 
     counting.calls.clear()
     jax.jvp(f, (x, y), (jnp.ones(3), jnp.zeros(3)))
-    assert counting.calls == {"evaluate": 1, "jvp": 1}
+    assert round_trips(counting.calls) == {"evaluate": 1, "jvp": 1}
 
     counting.calls.clear()
     step = jax.jit(jax.value_and_grad(loss))
     step(x, y)  # the trace knows the output shapes from the calls above
-    assert counting.calls == {"evaluate": 1, "vjp": 1}
+    assert round_trips(counting.calls) == {"evaluate": 1, "vjp": 1}
     counting.calls.clear()
     step(x + 1, y)
-    assert counting.calls == {"evaluate": 1, "vjp": 1}
+    assert round_trips(counting.calls) == {"evaluate": 1, "vjp": 1}
     counting.calls.clear()
     step(jnp.ones(5), jnp.ones(5))  # a new size: the trace learns the output shapes
-    assert counting.calls == {"evaluate": 2, "vjp": 1}  # from an Evaluate of zeros
+    assert round_trips(counting.calls) == {"evaluate": 2, "vjp": 1}  # from an Evaluate of zeros
 
     grad = jax.jit(jax.grad(loss))
     grad(x, y)
     counting.calls.clear()
     grad(x, y)  # XLA drops the Evaluate whose values nothing reads: the VJP alone
-    assert counting.calls == {"vjp": 1}
+    assert round_trips(counting.calls) == {"vjp": 1}
 
 
 def test_jit_gives_the_eager_results(client, seed_builder):
@@ -196,9 +206,9 @@ def test_jacobians_are_one_request_each(counting, seed_builder):
     counting.calls.clear()
 
     rev = jax.jacrev(f, argnums=(0, 1))(*arrays(inputs))
-    assert counting.calls == {"evaluate": 1, "vjp": 1}  # 3 directions, one request
+    assert round_trips(counting.calls) == {"evaluate": 1, "vjp": 1}  # 3 directions, one request
     fwd = jax.jacfwd(f, argnums=(0, 1))(*arrays(inputs))
-    assert counting.calls == {"evaluate": 2, "vjp": 1, "jvp": 1}
+    assert round_trips(counting.calls) == {"evaluate": 2, "vjp": 1, "jvp": 1}
 
     for n, name in enumerate("xy"):
         assert_allclose(rev[n], want["o", name], rtol=1e-14)

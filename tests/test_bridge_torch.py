@@ -158,8 +158,10 @@ def test_training_matches_pytorch(counting, dtype, rtol):
         assert p.dtype == DTYPES[dtype]
         assert_allclose(p.detach().numpy(), q.detach().numpy(), rtol=rtol, atol=rtol / 10,
                         err_msg=name)
-    # each step: one Evaluate (forward) and one VJP (backward)
-    assert counting.calls == {"register": 1, "evaluate": 25, "vjp": 25}
+    # each step: one Evaluate keeping residuals (forward) and one VJP from them (backward):
+    # two round trips, one forward sweep on the server
+    assert counting.calls == {"register": 1, "evaluate_for_vjp": 25, "vjp": 25,
+                              "vjp_from_residuals": 25}
 
 
 # --- what each call asks of the service -------------------------------------------------
@@ -174,7 +176,8 @@ def test_backward_asks_only_for_inputs_that_require_grad(counting, seed_builder,
 
     assert y.grad is None
     assert_allclose(x.grad.numpy(), [-2 * np.pi], rtol=1e-14)
-    assert counting.calls == {"register": 1, "evaluate": 1, "vjp": 1}
+    assert counting.calls == {"register": 1, "evaluate_for_vjp": 1, "vjp": 1,
+                              "vjp_from_residuals": 1}
 
 
 def test_no_round_trip_without_gradients(counting, seed_builder, seed_inputs):
@@ -227,9 +230,11 @@ def test_jacobians_are_one_request_each(counting, seed_builder):
     counting.calls.clear()
 
     rev = torch.func.jacrev(f, argnums=(0, 1))(*tensors(inputs).values())
-    assert counting.calls == {"evaluate": 1, "vjp": 1}  # 3 directions, one request
+    # 3 directions, one request, from the residuals the forward left on the server
+    assert counting.calls == {"evaluate_for_vjp": 1, "vjp": 1, "vjp_from_residuals": 1}
     fwd = torch.func.jacfwd(f, argnums=(0, 1))(*tensors(inputs).values())
-    assert counting.calls == {"evaluate": 2, "vjp": 1, "jvp": 1}
+    assert counting.calls == {"evaluate_for_vjp": 1, "vjp": 1, "vjp_from_residuals": 1,
+                              "evaluate": 1, "jvp": 1}
 
     for n, name in enumerate("xy"):
         assert_allclose(rev[n].numpy(), want["o", name], rtol=1e-14)
