@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "(default: start one in-process)")
     add("--stream", action="store_true",
         help="send the steps over one DifferentiateStream per server instead of unary calls")
+    add("--steps-per-call", type=int, default=d.steps_per_call, metavar="K",
+        help="run K SGD steps on the server per call (the TrainSteps RPC): one round trip "
+             "for K steps, the same parameters as one step per call. Pays when a step's "
+             "round trip is most of its time (small models; K = 16 is plenty); needs one "
+             "--server (or none) and no --stream (default: %(default)s)")
     add("--retries", type=int, default=DEFAULT_RETRIES,
         help="retries of an unreachable server before giving up, with backoff up to 2 s "
              "(default: %(default)s, about a minute)")
@@ -131,6 +136,10 @@ def _train(args, addresses, in_process) -> int:
 def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
+    if args.steps_per_call > 1 and (args.stream or len(args.server or ()) > 1):
+        raise UsageError("--steps-per-call K > 1 runs K steps in one unary call on one "
+                         "server: it goes with neither --stream nor several --server "
+                         "(data parallelism splits each step across servers)")
     onnx_model = args.model.lower().endswith(".onnx")
     if args.model not in ("logreg", "mlp") and not onnx_model:
         raise UsageError(f"--model {args.model}: expected logreg, mlp or a PATH.onnx file")
@@ -148,7 +157,8 @@ def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
                                  args.l2)
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              momentum=args.momentum, seed=args.seed,
-                             checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
+                             checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                             steps_per_call=args.steps_per_call)
     except ValueError as err:
         raise UsageError(str(err)) from err
     return spec, config

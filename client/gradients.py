@@ -80,6 +80,15 @@ class RemoteGradient:
                         {name: result.jacobian[LOSS, name] for name in self.param_names},
                         result.mode, result.planner)
 
+    def steps(self, params: Mapping[str, np.ndarray], velocity: Mapping[str, np.ndarray],
+              Xs: np.ndarray, Ys: np.ndarray, *, lr: float, momentum: float):
+        """len(Xs) SGD steps with momentum on the server, one minibatch each, in one
+        round trip (Client.train_steps). Nothing changes there: a failed call is made
+        again by the caller (or the client's retries) with the same state."""
+        return self.client.train_steps(self.graph, params, {"X": Xs, "Y": Ys},
+                                       learning_rate=lr, momentum=momentum,
+                                       velocity=velocity, loss=LOSS)
+
     def evaluate(self, params: Mapping[str, np.ndarray], X: np.ndarray,
                  Y: np.ndarray) -> tuple[float, np.ndarray]:
         """(loss, logits) on a whole data set, values only."""

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint: str | None = None  # a path; None: no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
+    steps_per_call: int = 1  # SGD steps the server runs per call (TrainSteps when > 1)
 
     def __post_init__(self):
         problems = [f"{name} must be {rule}, got {getattr(self, name)}"
@@ -60,7 +61,8 @@ class TrainConfig:
                         ("batch_size", self.batch_size >= 1, ">= 1"),
                         ("lr", self.lr > 0, "> 0"),
                         ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
-                        ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"))
+                        ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+                        ("steps_per_call", self.steps_per_call >= 1, ">= 1"))
                     if not ok]
         if problems:
             raise ValueError("; ".join(problems))
@@ -139,18 +141,59 @@ class Trainer:
         while state.epoch < self.config.epochs:
             order, next_epoch_rng_state = _epoch_order(state.batch_rng_state, len(X))
             last = self.steps_per_epoch - 1
-            for b in range(state.step - state.epoch * self.steps_per_epoch, last + 1):
-                rows = order[b * batch:(b + 1) * batch]
-                gradient = self.gradient(state.params, X[rows], Y[rows])
-                state = self._apply(state, gradient, len(rows))
-                if b == last:
+            b = state.step - state.epoch * self.steps_per_epoch
+            while b <= last:
+                k = self._group(b, last, state.step, len(X))
+                if k == 1:
+                    rows = order[b * batch:(b + 1) * batch]
+                    gradient = self.gradient(state.params, X[rows], Y[rows])
+                    state = self._apply(state, gradient, len(rows))
+                    done = [(state, gradient)]
+                else:
+                    done = self._steps(state, X, Y, [order[i * batch:(i + 1) * batch]
+                                                     for i in range(b, b + k)])
+                    state = done[-1][0]
+                b += k
+                if b > last:
                     state = self._end_epoch(state, next_epoch_rng_state)
+                    done[-1] = (state, done[-1][1])
                 self.state = state
-                if self._checkpoint_due(state, epoch_ended=b == last):
+                if self._checkpoint_due(state, epoch_ended=b > last):
                     save_checkpoint(self.config.checkpoint, state, self.run_identity())
                 if on_step is not None:
-                    on_step(state, gradient)
+                    for step_state, gradient in done:
+                        on_step(step_state, gradient)
         return state
+
+    def _group(self, b: int, last: int, step: int, n: int) -> int:
+        """How many steps, from batch b, go in one call: steps_per_call at most, never
+        past the epoch's end or a checkpoint, and full batches only (the stack of
+        minibatches must be one array)."""
+        k = min(self.config.steps_per_call, last - b + 1)
+        every = self.config.checkpoint_every
+        if every and self.config.checkpoint:
+            k = min(k, every - step % every)
+        if b + k - 1 == last and n - last * self.config.batch_size < self.config.batch_size:
+            k -= 1  # the epoch's last batch is short: it goes alone
+        return max(k, 1)
+
+    def _steps(self, state: TrainState, X, Y, rows: list) -> list:
+        """len(rows) steps in one call (TrainSteps): the server applies the same rule as
+        _apply, so the parameters equal those of one step per call. Returns (state,
+        gradient) per step; the parameters are known only after the last one, so the
+        earlier states carry those (for progress; nothing else reads them)."""
+        result = self.gradient.steps(state.params, state.velocity, np.stack([X[r] for r in rows]),
+                                     np.stack([Y[r] for r in rows]), lr=self.config.lr,
+                                     momentum=self.config.momentum)
+        params = {k: v.astype(DTYPE, copy=False) for k, v in result.parameters.items()}
+        velocity = dict(result.velocity)
+        done, loss_sum = [], state.epoch_loss_sum
+        for i, (loss, r) in enumerate(zip(result.losses, rows)):
+            loss_sum = loss_sum + loss * len(r)
+            done.append((replace(state, params=params, velocity=velocity,
+                                 step=state.step + i + 1, epoch_loss_sum=loss_sum),
+                         Gradient(loss, {}, "reverse", None)))
+        return done
 
     def evaluate(self, params) -> tuple[float, float]:
         """(loss, accuracy) on the held-out split."""

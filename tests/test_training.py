@@ -149,6 +149,42 @@ def test_interrupt_and_resume_equals_the_uninterrupted_run(address, digits, tmp_
     assert os.listdir(tmp_path) == ["run.ckpt"]  # no temporary files left behind
 
 
+def test_steps_per_call_equal_one_step_per_call(address, digits, tmp_path):
+    """K = 16 steps per call (TrainSteps) gives the same parameters, momentum buffers
+    and loss history as one step per call, bitwise; checkpoints every 7 steps still
+    land on multiples of 7 and a resume equals the uninterrupted run."""
+    spec = mlp(digits)
+    one = train(spec, digits, TrainConfig(epochs=3, lr=0.1, momentum=0.9, seed=3), [address])
+    many = train(spec, digits, TrainConfig(epochs=3, lr=0.1, momentum=0.9, seed=3,
+                                           steps_per_call=16), [address])
+    assert many.step == one.step
+    for name in spec.param_names:
+        assert_array_equal(many.params[name], one.params[name], err_msg=name)
+        assert_array_equal(many.velocity[name], one.velocity[name], err_msg=name)
+    assert many.history == one.history
+
+    path = str(tmp_path / "k.ckpt")
+    checkpointed = TrainConfig(epochs=3, lr=0.1, momentum=0.9, seed=3, checkpoint=path,
+                               checkpoint_every=7, steps_per_call=16)
+    seen = []
+
+    def die_at_step_30(state, gradient):
+        seen.append(state.step)
+        if state.step == 30:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(spec, digits, checkpointed, [address], on_step=die_at_step_30)
+    assert seen == list(range(1, 31))  # on_step once per step, in order
+    # calls end at checkpoints; the call holding step 30 ran to step 35 and was saved
+    # before on_step heard of its steps
+    assert load_checkpoint(path).step == 35
+    resumed = train(spec, digits, checkpointed, [address], resume=True)
+    for name in spec.param_names:
+        assert_array_equal(resumed.params[name], one.params[name], err_msg=name)
+    assert resumed.history == one.history
+
+
 def test_a_checkpoint_of_another_run_is_refused(address, digits, tmp_path):
     path = str(tmp_path / "run.ckpt")
     spec = logreg(digits)
@@ -306,6 +342,8 @@ def test_train_command_against_running_servers(address, start_server, capsys):
     (["--dataset", "missing.npz"], "dataset file missing.npz does not exist"),
     (["--dataset", "data.parquet"], "expected 'digits', a .npz file"),
     (["--lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--steps-per-call", "8", "--stream"], "goes with neither --stream"),
+    (["--steps-per-call", "0"], "steps_per_call must be >= 1"),
 ])
 def test_train_command_errors_say_what_to_fix(address, capsys, argv, message):
     code = cli.main(["train", "--server", address, "--epochs", "1", *argv])
