@@ -210,6 +210,44 @@ def _matvec(i, g, a, b, other):
     return _mm(g[:, None, :], other)[:, 0, :]  # g @ ta: ta (k, M, K)
 
 
+def _matvec_joint(i, g, gdot, x, ans, t, t_ans):
+    """g_i and ġ_i together for the matrix of a matrix @ vector (or vector @ matrix)
+    product: each is a sum of outer products, e.g. ġ_W = ġ x^T + g tx^T, and one batched
+    product with an inner dimension of 2 writes them (about 2x faster than NumPy's
+    broadcast multiply, 6x than a product with an inner dimension of 1). None: not this
+    case (the caller uses vjp + curvature)."""
+    a, b = x
+    if gdot is None or not (a.ndim <= 2 and b.ndim <= 2 and (a.ndim == 1) != (b.ndim == 1)):
+        return None
+    if (a.ndim == 2) != (i == 0):
+        return None  # the vector's position: a plain matrix product already
+    tv = t[1] if i == 0 else t[0]  # the vector's tangent (k, K)
+    if tv is None or gdot.shape[1:] != g.shape[1:]:
+        return None
+    k = gdot.shape[0]
+    dtype = np.result_type(g, gdot, a, b, tv)
+    if i == 0:  # (M, K) @ (K,): rows from the cotangents, columns from the vector
+        m, n = a.shape
+        left = np.zeros((k + 1, m, 2), dtype)
+        left[0, :, 0] = g[0]
+        left[1:, :, 0] = gdot
+        left[1:, :, 1] = g[0]
+        right = np.zeros((k + 1, 2, n), dtype)
+        right[:, 0, :] = b
+        right[1:, 1, :] = tv
+    else:  # (K,) @ (K, N): rows from the vector, columns from the cotangents
+        m, n = b.shape
+        left = np.zeros((k + 1, m, 2), dtype)
+        left[:, :, 0] = a
+        left[1:, :, 1] = tv
+        right = np.zeros((k + 1, 2, n), dtype)
+        right[0, 0] = g[0]
+        right[1:, 0] = gdot
+        right[1:, 1] = g[0]
+    out = _mm(left, right)
+    return out[:1], out[1:]
+
+
 def _conv(i, g, x, ans, t, t_ans, **geometry):
     """One direction at a time: windows.py's transposes take one weight (or input)."""
     xv, wv = x
@@ -288,6 +326,12 @@ CURVATURE = {
     "log_softmax": _log_softmax,
     "logsumexp": _logsumexp,
 }
+
+
+# Optional: an op's g_i and ġ_i computed together where that is cheaper than its vjp
+# (on the stacked seed) plus its curvature term; joint(i, g, gdot, x, ans, t, t_ans,
+# **attrs) -> (g_i, ġ_i), or None to fall back to them.
+JOINT = {"matmul": _matvec_joint}
 
 
 def missing(ops) -> list[str]:

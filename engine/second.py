@@ -23,22 +23,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .curvature import CURVATURE
+from .curvature import CURVATURE, JOINT
 from .planner import PlannerDecision
 from .shapes import fill_seed
 from .sweeps import _args, _checking, _chunks
 
 
 def bind_curvatures(nodes) -> list:
-    """Per prepared step (Plan._nodes order), its curvature rule with the node's
-    attributes bound, or None for no term."""
+    """Per prepared step (Plan._nodes order), its (curvature, joint) rules with the
+    node's attributes bound, None where it has none (see engine/curvature.py)."""
     rules = []
     for _, op, attrs in nodes:
-        rule = CURVATURE.get(op.name)
-        if rule is not None:
-            bound = {k: v for k, v in attrs.items() if k != "node"}
-            rule = partial(rule, **bound) if bound else rule
-        rules.append(rule)
+        bound = {k: v for k, v in attrs.items() if k != "node"}
+        pair = []
+        for table in (CURVATURE, JOINT):
+            rule = table.get(op.name)
+            if rule is not None and bound:
+                rule = partial(rule, **bound)
+            pair.append(rule)
+        rules.append(tuple(pair))
     return rules
 
 
@@ -82,11 +85,16 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
         cots[out] = dots[out] = None
         xs = _args(vals, ins)
         ans = vals[out]
-        curvature = curvatures[j]
+        curvature, joint = curvatures[j]
         ts = t_ans = None
-        if curvature is not None:
-            ts = tuple(t if t is None or t.shape[1:] == x.shape else fill_seed(t, x.shape)
-                       for t, x in zip(_args(tans, ins), xs))
+        if curvature is not None or joint is not None:
+            if len(ins) == 1:
+                t = tans[ins[0]]
+                ts = (t if t is None or t.shape[1:] == xs[0].shape
+                      else fill_seed(t, xs[0].shape),)
+            else:
+                ts = tuple(t if t is None or t.shape[1:] == x.shape else fill_seed(t, x.shape)
+                           for t, x in zip(_args(tans, ins), xs))
             t_ans = tans[out]
             if t_ans is not None and t_ans.shape[1:] != ans.shape:
                 t_ans = fill_seed(t_ans, ans.shape)
@@ -97,7 +105,10 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
             both = np.concatenate((g, gdot))
         vjp = st.vjp
         for pos in positions:
-            if stacked:
+            pair = None if joint is None else joint(pos, g, gdot, xs, ans, ts, t_ans)
+            if pair is not None:
+                gi, di = pair
+            elif stacked:
                 r = vjp(pos, both, xs, ans)
                 if r is None:
                     continue
@@ -107,7 +118,7 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
                 if gi is None:
                     continue
                 di = None if gdot is None else vjp(pos, gdot, xs, ans)
-            if curvature is not None:
+            if curvature is not None and pair is None:
                 c = curvature(pos, g, xs, ans, ts, t_ans)
                 if c is not None:
                     di = c if di is None else di + c
