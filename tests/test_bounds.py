@@ -382,3 +382,27 @@ def test_deadline_stops_a_large_matmul_in_the_server(proc):
     busy = cpu_seconds(proc.proc.pid) - started
     assert busy < 2 * 1.3 + 0.5, f"the server spent {busy:.1f} s of CPU on a 0.3 s call"
     good_call(proc.stub)
+
+
+# --- item 8: smaller ones --------------------------------------------------------------------
+
+def test_an_integer_only_graph_has_nothing_to_differentiate(stub):
+    """Was: OK with an empty Jacobian; the docs say INVALID_ARGUMENT."""
+    g = graph([("k", tensor_pb2.DATA_TYPE_INT32, [3])], [node("s", "sum", "k")])
+    request = pb.DifferentiateRequest(graph=g, inputs={"k": to_tensor(np.int32([1, 2, 3]))})
+    err = refused(lambda: stub.Differentiate(request, timeout=10), INVALID, "no floating inputs")
+    good_call(stub)
+    # values still work, and an int32 sum stays int32 (dtypes are kept, as documented)
+    reply = stub.Evaluate(pb.EvaluateRequest(graph=g, inputs=request.inputs), timeout=10)
+    assert reply.outputs["s"].dtype == tensor_pb2.DATA_TYPE_INT32
+    assert np.frombuffer(reply.outputs["s"].data, np.int32)[0] == 6
+    assert err.code() == INVALID
+
+
+@pytest.mark.parametrize("field", ["wrt", "of"])
+def test_names_listed_twice_are_invalid_argument(stub, field):
+    """Was: wrt=["x","x"] accepted and counted twice by the planner."""
+    g = graph([("x", F64, [2])], [node("y", "sin", "x")])
+    names = {"wrt": ["x", "x"]} if field == "wrt" else {"of": ["y", "y"]}
+    request = pb.DifferentiateRequest(graph=g, inputs={"x": to_tensor(np.zeros(2))}, **names)
+    refused(lambda: stub.Differentiate(request, timeout=10), INVALID, "more than once")
