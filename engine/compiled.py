@@ -39,6 +39,11 @@ _ACTIVITY_CACHE = 16  # distinct `wrt` sets whose active steps are remembered pe
 PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
 _ARRAY_OVERHEAD = 1024  # bytes an array takes beyond its data, per op
 _TEMPORARIES = 3  # arrays of its output's size an op's rule may hold at once
+# What one entry of a plan's caches holds (measured: a dict entry with its shape tuple
+# per node, a positions tuple per step, a Jacobian setup's records), for cache_bytes.
+_SPECIALIZATION_BYTES = 200
+_ACTIVITY_BYTES = 72
+_SETUP_BYTES = 4096
 _HEAVY_ELEMENTS = 1 << 16  # a value this large is a point where cancellation is checked
 
 
@@ -970,9 +975,13 @@ class Plan:
 
     @property
     def cache_bytes(self) -> int:
-        """Bytes of arrays this plan keeps between calls (identity seeds): at most
-        PLAN_CACHE_BYTES."""
-        return sum(s.seed_bytes for s in self._jacobian_setups.values() if s.seeds)
+        """About what this plan's caches hold between calls: identity seeds (at most
+        PLAN_CACHE_BYTES), shape specializations and activity lists (bounded by count),
+        as counted by a graph cache."""
+        seeds = sum(s.seed_bytes for s in self._jacobian_setups.values() if s.seeds)
+        return (seeds + len(self._specializations) * len(self._nodes) * _SPECIALIZATION_BYTES
+                + len(self._activity) * len(self._steps) * _ACTIVITY_BYTES
+                + len(self._jacobian_setups) * _SETUP_BYTES)
 
     def _jacobian_blocks(self, vals, setup, seeds, check) -> JacobianResult:
         decision = setup.decision

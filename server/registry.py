@@ -77,31 +77,48 @@ class GraphCache:
     def __init__(self, max_entries: int, max_bytes: int):
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[str, tuple[engine.Plan, int]] = OrderedDict()
+        # key -> (plan, counted size, size when compiled)
+        self._entries: OrderedDict[str, tuple[engine.Plan, int, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
 
     def get(self, key: str) -> engine.Plan | None:
+        """The plan, now the most recently used. Its size is counted again on the way:
+        a plan's own caches (Plan.cache_bytes) grew with the calls it served, and the
+        cache evicts others to stay within max_bytes."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 self.misses += 1
                 return None
             self.hits += 1
+            plan, size, base = entry
+            grown = base + plan.cache_bytes
+            if grown != size:
+                self._entries[key] = (plan, grown, base)
+                self._bytes += grown - size
             self._entries.move_to_end(key)
-            return entry[0]
+            self._evict(keep=key)
+            return plan
 
     def put(self, key: str, plan: engine.Plan, size: int) -> None:
         with self._lock:
             if key in self._entries:
                 return
-            self._entries[key] = (plan, size)
+            self._entries[key] = (plan, size, size)
             self._bytes += size
-            while self._entries and (len(self._entries) > self.max_entries
-                                     or self._bytes > self.max_bytes):
-                _, (_, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
+            self._evict()
+
+    def _evict(self, keep: str | None = None) -> None:
+        """Least recently used first, never `keep` (the plan being handed out)."""
+        while len(self._entries) > (1 if keep else 0) and (
+                len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            oldest = next(iter(self._entries))
+            if oldest == keep:
+                break
+            _, dropped, _ = self._entries.pop(oldest)
+            self._bytes -= dropped
 
     def __len__(self) -> int:
         return len(self._entries)

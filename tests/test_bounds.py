@@ -21,7 +21,9 @@ import pytest
 from numpy.testing import assert_allclose
 
 from gradserve.client import Client, GraphBuilder
+from gradserve.server.limits import Limits
 from gradserve.engine import MAX_RANK, Graph, Input, Node, ResourceLimitError, compile
+from gradserve.engine.compiled import PLAN_CACHE_BYTES
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2, tensor_pb2
@@ -406,3 +408,27 @@ def test_names_listed_twice_are_invalid_argument(stub, field):
     names = {"wrt": ["x", "x"]} if field == "wrt" else {"of": ["y", "y"]}
     request = pb.DifferentiateRequest(graph=g, inputs={"x": to_tensor(np.zeros(2))}, **names)
     refused(lambda: stub.Differentiate(request, timeout=10), INVALID, "more than once")
+
+
+def test_a_plans_own_caches_count_in_the_graph_cache(start_server):
+    """Jacobians of sin(x) at 30 input sizes grow one plan's caches (its shape
+    specializations, setups and identity seeds); the graph cache counts that growth
+    and evicts the least recently used graph to stay within max_cache_bytes."""
+    server = start_server(Limits(max_cache_bytes=256 << 10))
+    cache = server.servicer.registry.cache
+    with Client(f"127.0.0.1:{server.port}") as client:
+        other = GraphBuilder()
+        other.output("z", other.cos(other.input("z0", "float64", [3])))
+        client.evaluate(other, {"z0": np.zeros(3)})
+        g = GraphBuilder()
+        g.output("y", g.sin(g.input("x", "float64", [-1])))
+        client.evaluate(g, {"x": np.zeros(1)})
+        before = cache.nbytes
+        assert len(cache) == 2
+        for size in range(10, 310, 10):
+            client.jacobian(g, {"x": np.zeros(size)})
+        client.evaluate(g, {"x": np.zeros(1)})  # the growth is counted on the next use
+        assert cache.nbytes > before + 200_000
+        assert len(cache) == 1  # the other graph was evicted to make room
+        # the plan in use is never evicted: it may pass the limit by its own bounded caches
+        assert cache.nbytes <= (256 << 10) + PLAN_CACHE_BYTES + 100_000
