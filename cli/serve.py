@@ -35,6 +35,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="port to bind, 0 picks a free one (default: %(default)s)")
     serve.add_argument("--max-workers", type=int, default=int(env("MAX_WORKERS", 16)),
                        help="threads serving calls (default: %(default)s)")
+    serve.add_argument("--blas-threads", type=int, default=int(env("BLAS_THREADS", 1)),
+                       metavar="N",
+                       help="threads each BLAS matrix product may use; 0 keeps the BLAS "
+                            "library's default (one per core). Calls already run in parallel "
+                            "on the worker threads: more BLAS threads oversubscribe the cores "
+                            "and, on a busy machine, wait for descheduled helpers (10x "
+                            "slower here). Raise it for one client with large products "
+                            "(default: %(default)s)")
     serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE)),
                        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--no-reflection", action="store_true",
@@ -65,6 +73,11 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    if args.blas_threads < 0:
+        raise SystemExit("gradserve serve: --blas-threads must be >= 0")
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.blas_threads, user_api="blas")  # for the process
     overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("gradserve serve: --tls-cert and --tls-key go together")

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client import Client
+from gradserve.client import Client, GraphBuilder
 from server_process import COMMAND, ServerProcess, clean_env, free_port
 
 PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
@@ -202,3 +202,18 @@ def test_serve_refuses_an_unusable_token_file(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("gradserve serve: "), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_blas_threads_flag():
+    """--blas-threads limits BLAS's threads in the server process (threadpoolctl); a
+    negative count is refused with a one-line message."""
+    done = run("serve", "--port", "0", "--blas-threads", "-1", timeout=60)
+    assert done.returncode == 1 and "--blas-threads must be >= 0" in done.stderr
+    with ServerProcess("--port", "0", "--blas-threads", "1") as server:
+        with Client(server.wait_serving()) as client:
+            a = np.arange(400.0).reshape(20, 20)
+            g = GraphBuilder()
+            x = g.input("a", "float64", [20, 20])
+            g.output("p", x @ x)
+            np.testing.assert_allclose(client.evaluate(g, {"a": a})["p"], a @ a)
+        assert server.terminate(timeout=30) == 0
