@@ -357,6 +357,7 @@ class Client:
             of=[of] if isinstance(of, str) else of or (),
             request_id=str(next(self._request_ids)))
         fill_tensors(request.inputs, inputs)
+        request.second_order.SetInParent()  # present even when empty: second order
         request.second_order.hessian = hessian
         if vectors is not None:
             fill_tensors(request.second_order.vectors, vectors)

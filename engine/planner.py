@@ -1,4 +1,4 @@
-"""Choosing forward or reverse mode for a Jacobian."""
+"""Choosing forward or reverse mode for a Jacobian, and the scheme for second order."""
 
 from __future__ import annotations
 
@@ -11,13 +11,21 @@ from dataclasses import dataclass
 # picked as well as the best, so 1.25.
 REVERSE_COST_RATIO = 1.25
 
+# Cost of one Hessian-vector product (forward-over-reverse, one direction) in
+# gradients. bench/bench_second_order.py measured HVP / gradient on the MLP
+# 784-256-256-10 loss, a 100-op scalar chain and sum(tanh(W x)) (n = 1000): 2.5-3.2,
+# 3.0 and 1.75 with one BLAS thread (minimums), 1.1-2.7, 2.7-2.9 and 1.6-2.0 with two
+# on a loaded machine; the textbook bound for forward-over-reverse is about 2-3
+# (matrix products alone: 2.3 for the MLP). Batched, a direction costs less (0.5-1.5).
+HVP_COST_RATIO = 2.5
+
 
 @dataclass(frozen=True)
 class PlannerDecision:
     mode: str  # "forward" or "reverse"
     n: int  # scalar elements of the inputs differentiated (directions forward mode needs)
     m: int  # scalar elements of the outputs differentiated (directions reverse mode needs)
-    cost_forward: float  # in units of one forward direction
+    cost_forward: float  # in units of one forward direction (second order: of one gradient)
     cost_reverse: float
     reason: str
 
@@ -44,11 +52,6 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
     return PlannerDecision("reverse", n, m, cost_forward, cost_reverse,
                         why + f"reverse costs {cost_reverse:g} < forward {cost_forward:g}")
 
-
-# Cost of one Hessian-vector product (forward-over-reverse, one direction) in
-# gradients: bench/bench_second_order.py measured HVP / gradient on the MLP loss, a
-# 100-op scalar chain and sum(tanh(W x)) (placeholder until measured).
-HVP_COST_RATIO = 2.5
 
 
 def plan_second_order(n: int, k: int, ratio: float = HVP_COST_RATIO,
