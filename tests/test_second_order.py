@@ -39,8 +39,9 @@ def test_every_op_with_a_derivative_has_a_curvature_entry():
 
 
 def scalar_setup(r: Row, dtype="float64"):
-    """L = sum(op(a, b, ...) * c), c a random constant shaped like the op's result (so
-    the cotangent reaching the op is not all ones): plan, inputs, rng."""
+    """L = sum(y * y * c) with y = op(a, b, ...) and c a random constant shaped like y:
+    the cotangent reaching the op is not all ones, and it has a tangent (so the op's vjp
+    carries g and ġ together, besides its curvature term): plan, inputs, rng."""
     rng = np.random.default_rng(zlib.crc32(r.id.encode()))
     inputs = random_inputs(rng, list(zip(r.names, r.shapes, r.domains)), dtype)
     one = compile(Graph([Input(n, inputs[n].dtype.name, s) for n, s in zip(r.names, r.shapes)],
@@ -48,8 +49,9 @@ def scalar_setup(r: Row, dtype="float64"):
     y = one.evaluate(inputs)["y"]
     c = rng.uniform(0.5, 1.5, y.shape).astype(y.dtype)
     graph = Graph([Input(n, inputs[n].dtype.name, s) for n, s in zip(r.names, r.shapes)],
-                  [Node("y", r.op, r.names, r.attrs), Node("p", "mul", ["y", "weight"]),
-                   Node("L", "sum", ["p"])], ["L"], {"weight": c})
+                  [Node("y", r.op, r.names, r.attrs), Node("yy", "mul", ["y", "y"]),
+                   Node("p", "mul", ["yy", "weight"]), Node("L", "sum", ["p"])], ["L"],
+                  {"weight": c})
     return compile(graph), inputs, rng
 
 
@@ -129,7 +131,7 @@ def test_batched_vectors_equal_single_ones(r):
             assert single.hvp[n].shape == inputs[n].shape
             assert_allclose(single.hvp[n], batched.hvp[n][i], rtol=1e-12, atol=1e-13,
                             err_msg=f"{n}, direction {i}")
-            assert_allclose(single.gradient[n], batched.gradient[n], rtol=0, atol=0)
+            assert_allclose(single.gradient[n], batched.gradient[n], rtol=1e-12, atol=1e-13)
 
 
 @table([r for r in DIFFERENTIABLE if r.op != "cast"])
