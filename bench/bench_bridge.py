@@ -24,6 +24,7 @@ import _timing as T  # noqa: E402  (sets OMP_WAIT_POLICY before torch is importe
 import numpy as np  # noqa: E402
 
 from gradserve.client import Client, GraphBuilder  # noqa: E402
+from process_stats import cpu_seconds  # noqa: E402
 from server_process import ServerProcess  # noqa: E402
 
 
@@ -41,12 +42,6 @@ def mlp_graph(sizes, batch):
             h = g.relu(h)
     g.output("loss", -g.mean(g.sum(g.log_softmax(h, axis=1) * y, axes=[1])))
     return g, params
-
-
-def cpu_seconds(pid) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv=None) -> int:

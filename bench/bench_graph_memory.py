@@ -35,56 +35,47 @@ import os
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from wire_bytes import field  # noqa: E402  (tests/: requests in the wire format)
 
 KINDS = ("constants", "inputs", "chain", "add-const", "outputs")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-_SCALAR = b"\x08\x01" + _field(3, b"\0\0\0\0")  # Tensor: float32, shape [], 0.0
+_SCALAR = b"\x08\x01" + field(3, b"\0\0\0\0")  # Tensor: float32, shape [], 0.0
 
 
 def _input(name: str) -> bytes:
-    return _field(1, _field(1, name.encode()) + b"\x10\x01")
+    return field(1, field(1, name.encode()) + b"\x10\x01")
 
 
 def _constant(name: str) -> bytes:
-    return _field(2, _field(1, name.encode()) + _field(2, _SCALAR))
+    return field(2, field(1, name.encode()) + field(2, _SCALAR))
 
 
 def _node(name: str, op: str, *inputs: str) -> bytes:
-    return _field(3, _field(1, name.encode()) + _field(2, op.encode())
-                  + b"".join(_field(3, i.encode()) for i in inputs))
+    return field(3, field(1, name.encode()) + field(2, op.encode())
+                  + b"".join(field(3, i.encode()) for i in inputs))
 
 
 def graph_bytes(kind: str, n: int) -> bytes:
     """The Graph message of `kind` with `n` items, serialized."""
     if kind == "constants":
         parts = [_input("x")] + [_constant(f"c{k}") for k in range(n)]
-        parts += [_node("o", "sin", "x"), _field(4, b"o")]
+        parts += [_node("o", "sin", "x"), field(4, b"o")]
     elif kind == "inputs":
-        parts = [_input(f"x{k}") for k in range(n)] + [_node("o", "sin", "x0"), _field(4, b"o")]
+        parts = [_input(f"x{k}") for k in range(n)] + [_node("o", "sin", "x0"), field(4, b"o")]
     elif kind == "chain":
         parts = [_input("x")] + [_node(f"n{k}", "sin", f"n{k - 1}" if k else "x")
-                                 for k in range(n)] + [_field(4, f"n{n - 1}".encode())]
+                                 for k in range(n)] + [field(4, f"n{n - 1}".encode())]
     elif kind == "outputs":
         parts = [_input("x")] + [_constant(f"c{k}") for k in range(n)]
-        parts += [_node("o", "sin", "x")] + [_field(4, f"c{k}".encode()) for k in range(n)]
+        parts += [_node("o", "sin", "x")] + [field(4, f"c{k}".encode()) for k in range(n)]
     elif kind == "add-const":
         parts = [_input("x")] + [_constant(f"c{k}") for k in range(n)]
         parts += [_node(f"n{k}", "add", f"n{k - 1}" if k else "x", f"c{k}") for k in range(n)]
-        parts += [_field(4, f"n{n - 1}".encode())]
+        parts += [field(4, f"n{n - 1}".encode())]
     else:
         raise ValueError(kind)
     return b"".join(parts)

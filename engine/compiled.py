@@ -434,6 +434,13 @@ class Plan:
             max_flops=None, check=None) -> VJPResult:
         """Reverse mode: pull output cotangents back to the `wrt` inputs."""
         vals, shapes, _ = self._bind(inputs)
+        wrt, seeds, k, batched = self._vjp_setup(shapes, cotangents, wrt, max_bytes,
+                                                 max_reply_bytes, max_flops)
+        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
+        return VJPResult(self._outputs(vals), self._cotangents(cots, wrt, shapes, k, batched))
+
+    def _vjp_setup(self, shapes, cotangents, wrt, max_bytes, max_reply_bytes, max_flops):
+        """A VJP's names and seeds, checked, and its limits, before any work."""
         self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
         wrt = self._wrt(wrt)
         seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
@@ -441,8 +448,7 @@ class Plan:
         self._check_reply(reply, max_reply_bytes, "outputs and cotangents", "cotangents")
         self._check_work(shapes, k, max_flops)
         self._check_memory(shapes, k, max_bytes, extra=reply)
-        cots = reverse_sweep(self._steps, vals, seeds, self._needs(wrt), check, self._points)
-        return VJPResult(self._outputs(vals), self._cotangents(cots, wrt, shapes, k, batched))
+        return wrt, seeds, k, batched
 
     def _cotangents(self, cots, wrt, shapes, k, batched) -> dict:
         out = {}
@@ -471,13 +477,8 @@ class Plan:
         """The cotangents' half of a VJP over `residuals` (from this plan's
         `residuals`), which it leaves unchanged: the same as `vjp` on the same inputs."""
         shapes = residuals.shapes
-        self._names(tuple(cotangents), self.output_names, (), "output", "cotangents")
-        wrt = self._wrt(wrt)
-        seeds, k, batched = self._seeds(cotangents, self.output_names, shapes, "cotangents")
-        reply = self._nbytes(shapes, self.output_names) + self._nbytes(shapes, wrt, k)
-        self._check_reply(reply, max_reply_bytes, "outputs and cotangents", "cotangents")
-        self._check_work(shapes, k, max_flops)
-        self._check_memory(shapes, k, max_bytes, extra=reply)
+        wrt, seeds, k, batched = self._vjp_setup(shapes, cotangents, wrt, max_bytes,
+                                                 max_reply_bytes, max_flops)
         cots = backward_sweep(self._steps, residuals.values, seeds, self._needs(wrt), check,
                               self._points)
         return VJPResult(residuals.outputs,

@@ -11,7 +11,6 @@ Work is measured by the server process's CPU time.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 import tracemalloc
 
@@ -28,33 +27,12 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2, tensor_pb2
 from gradserve.v1.codec import to_tensor
+from process_stats import cpu_seconds, reset_peak_rss, status_mib
 from server_process import ServerProcess
 
 MiB = 1 << 20
 F32, F64 = tensor_pb2.DATA_TYPE_FLOAT32, tensor_pb2.DATA_TYPE_FLOAT64
 EXHAUSTED, INVALID = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT
-
-
-def status_mib(pid, field="VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise LookupError(field)
-
-
-def reset_peak(pid):
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here")
-
-
-def cpu_seconds(pid) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def node(name, op, *inputs, **attrs):
@@ -168,7 +146,7 @@ def test_tiny_request_with_a_huge_reply_is_refused_before_any_work(proc, dtype, 
     x = np.ones(1, np.float32 if dtype == F32 else np.float64)
     request = pb.EvaluateRequest(graph=g, inputs={"x": to_tensor(x)})
     assert request.ByteSize() < 100
-    reset_peak(proc.proc.pid)
+    reset_peak_rss(proc.proc.pid)
     before = status_mib(proc.proc.pid, "VmHWM")
     # Refused by whichever bound sees it first: the reply's size or the values' memory.
     refused(lambda: proc.stub.Evaluate(request, timeout=30), EXHAUSTED, "over the limit")

@@ -35,7 +35,9 @@ from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import from_tensor, to_tensor
 
+from process_stats import reset_peak_rss, status_mib
 from server_process import ServerProcess
+from wire_bytes import field
 from test_service_errors import (EXHAUSTED, F32, INVALID, call, check_good_request, check_status,
                                  graph, inp, node, raw_tensor)
 
@@ -167,41 +169,27 @@ def test_zero_size_arrays_numpy_can_hold_work(stub, shape):
 # --- memory bombs ------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def chain_request_bytes(length: int, input_name: str = "x", op: str = "sin") -> bytes:
     """The serialized RegisterGraphRequest of x -> op -> op ... (`length` nodes, named
     0, 1, ...), written directly (building a million Node messages would take minutes)."""
-    parts = [_field(1, _field(1, input_name.encode()) + b"\x10\x01" + _field(3, b"\x01"))]
+    parts = [field(1, field(1, input_name.encode()) + b"\x10\x01" + field(3, b"\x01"))]
     prev = input_name.encode()
-    op_field = _field(2, op.encode())
+    op_field = field(2, op.encode())
     for i in range(length):
         name = str(i).encode()
-        parts.append(_field(3, _field(1, name) + op_field + _field(3, prev)))
+        parts.append(field(3, field(1, name) + op_field + field(3, prev)))
         prev = name
-    parts.append(_field(4, prev))
-    return _field(1, b"".join(parts))
+    parts.append(field(4, prev))
+    return field(1, b"".join(parts))
 
 
 def flat_request_bytes(length: int) -> bytes:
     """A RegisterGraphRequest of `length` copies of one node (quick to build; the count is
     over the limit, so the names are never looked at)."""
-    one = _field(3, _field(1, b"n") + _field(2, b"sin") + _field(3, b"x"))
-    graph = (_field(1, _field(1, b"x") + b"\x10\x01" + _field(3, b"\x01")) + one * length
-             + _field(4, b"n"))
-    return _field(1, graph)
+    one = field(3, field(1, b"n") + field(2, b"sin") + field(3, b"x"))
+    graph = (field(1, field(1, b"x") + b"\x10\x01" + field(3, b"\x01")) + one * length
+             + field(4, b"n"))
+    return field(1, graph)
 
 
 def test_chain_request_bytes_are_a_valid_request():
@@ -218,22 +206,6 @@ def test_chain_request_bytes_are_a_valid_request():
 def register_raw(channel, data: bytes, timeout=60):
     return pb.RegisterGraphResponse.FromString(channel.unary_unary(
         "/gradserve.v1.GradientService/RegisterGraph")(data, timeout=timeout))
-
-
-def status_mib(pid, field="VmRSS") -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise LookupError(field)
-
-
-def reset_peak_rss(pid):
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here")
 
 
 def test_node_count_bomb_is_refused_before_any_allocation():

@@ -5,7 +5,6 @@ count, bytes and age, a handle it no longer holds falling back to the inputs."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import grpc
@@ -17,6 +16,7 @@ from gradserve.client import Client, GraphBuilder
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import to_tensor
+from process_stats import cpu_seconds
 from server_process import ServerProcess
 
 
@@ -102,12 +102,6 @@ def test_the_store_is_bounded_and_falls_back_to_the_inputs(start_server):
             _, plain = client.vjp(g, inputs(i), one)
             assert_allclose(kept["w"], plain["w"], rtol=1e-12)
         assert len(server.servicer.residuals) == 0
-
-
-def cpu_seconds(pid) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_the_backward_call_skips_the_forward_sweep():

@@ -21,6 +21,7 @@ from gradserve.server.wire import wire_counter
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 
+from process_stats import cpu_seconds, reset_peak_rss, status_mib
 from server_process import ServerProcess
 from test_service_errors import EXHAUSTED, check_good_request, check_status
 from wire_bytes import FLOAT32_SCALAR, SIN_GRAPH, constants_graph, field, inputs_graph, map_entries
@@ -39,28 +40,6 @@ def call_raw(channel, method: str, data: bytes, timeout=60):
 
 def strings(number: int, count: int) -> bytes:
     return b"".join(field(number, f"s{k}".encode()) for k in range(count))
-
-
-def status_mib(pid: int, key: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    raise LookupError(key)
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]
-    return (int(utime) + int(stime)) / 100
-
-
-def reset_peak_rss(pid: int) -> None:
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-    except OSError:
-        pytest.skip("cannot reset the peak RSS here")
 
 
 # (id, method, request bytes of one entry over SMALL's bound, field path, limit named)
