@@ -57,7 +57,6 @@ class EngineError(Exception):
         self.node = node
         self.op = op
         self.field = field
-        self.detail = message
         super().__init__(clip(self._format(message)))
 
     def _format(self, message: str) -> str:
