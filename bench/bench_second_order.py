@@ -13,7 +13,7 @@ the same dtype. Goals: HVP / gradient <= 3x, and HVP / PyTorch's HVP <= 1x. The
 measured HVP / gradient ratios calibrate engine.planner.HVP_COST_RATIO. Prints
 figures and ratios; asserts nothing about time.
 
-    python bench/bench_second_order.py [--quick] [--json PATH]
+    python bench/bench_second_order.py [--threads N] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -147,10 +147,19 @@ def check_against_torch(case, torch):
 
 
 def main(argv=None):
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=lambda p: p.add_argument(
+        "--threads", type=int, default=1,
+        help="BLAS threads for numpy and torch alike (default 1, as `gradserve serve "
+        "--blas-threads`: two threads on a busy 2-core machine make products erratic)"))
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=args.threads, user_api="blas")
+    torch = load_torch()
+    if torch is not None:
+        torch.set_num_threads(args.threads)
     clock = RunClock()
     print_environment()
-    torch = load_torch()
+    print(f"threads: {args.threads} (numpy's BLAS and torch)")
+    print()
     rng = np.random.default_rng(0)
     cases = [mlp_case(rng), chain_case(rng), tanh_case(rng)]
     record = {"cases": {}, "lines": []}

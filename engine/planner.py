@@ -13,10 +13,10 @@ REVERSE_COST_RATIO = 1.25
 
 # Cost of one Hessian-vector product (forward-over-reverse, one direction) in
 # gradients. bench/bench_second_order.py measured HVP / gradient on the MLP
-# 784-256-256-10 loss, a 100-op scalar chain and sum(tanh(W x)) (n = 1000): 2.5-3.2,
-# 3.0 and 1.75 with one BLAS thread (minimums), 1.1-2.7, 2.7-2.9 and 1.6-2.0 with two
-# on a loaded machine; the textbook bound for forward-over-reverse is about 2-3
-# (matrix products alone: 2.3 for the MLP). Batched, a direction costs less (0.5-1.5).
+# 784-256-256-10 loss, a 100-op scalar chain and sum(tanh(W x)) (n = 1000): 2.36-2.55,
+# 2.90-3.05 and 1.63-2.06 (medians of three runs, one BLAS thread; median of the three
+# cases 2.36-2.55); the textbook bound for forward-over-reverse is about 2-3 (the
+# MLP's matrix products alone: 2.3). Batched, a direction costs 0.4-2.1 gradients.
 HVP_COST_RATIO = 2.5
 
 

@@ -45,6 +45,11 @@ def bind_curvatures(nodes) -> list:
     return rules
 
 
+# From this many elements of g, g and ġ go through a vjp stacked (one call, one matrix
+# product); below it the copy costs more than the second call (bench P10's chain: 9%).
+_STACK_FROM = 64
+
+
 def forward_over_reverse(steps, curvatures, vals, tans, seed_slot, seed, needs, check=None,
                          points=()):
     """Run both sweeps; return (g, ġ), each a list of per-slot arrays (None where
@@ -99,8 +104,9 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
             if t_ans is not None and t_ans.shape[1:] != ans.shape:
                 t_ans = fill_seed(t_ans, ans.shape)
         # g and its k tangents go through each vjp as one seed of 1 + k directions: one
-        # rule call (and one product for a matmul) instead of two.
-        stacked = gdot is not None and gdot.shape[1:] == g.shape[1:]
+        # rule call (and one product for a matmul) instead of two (large g only).
+        stacked = (gdot is not None and g.size >= _STACK_FROM
+                   and gdot.shape[1:] == g.shape[1:])
         if stacked:
             both = np.concatenate((g, gdot))
         vjp = st.vjp

@@ -22,6 +22,7 @@ from numpy.testing import assert_allclose
 
 from gradserve.engine import (CURVATURE, OPS, DifferentiationError, Graph, Input, InputError,
                               Node, ResourceLimitError, compile)
+from gradserve.engine import second
 from gradserve.engine.curvature import missing
 from oracles import random_inputs
 from test_ops import DIFFERENTIABLE, K, Row, table
@@ -68,8 +69,12 @@ def numeric_hvp(plan, inputs, wrt, vectors, eps=EPS):
     return {n: (gp[n] - gm[n]) / (2 * eps) for n in wrt}
 
 
+@pytest.mark.parametrize("stack", [False, True], ids=["separate", "stacked"])
 @table()
-def test_hvp_matches_finite_differences_of_the_gradient(r):
+def test_hvp_matches_finite_differences_of_the_gradient(r, stack, monkeypatch):
+    # g and ġ go through the vjp stacked from second._STACK_FROM elements (larger than
+    # these rows'), separately below: both ways for every op
+    monkeypatch.setattr(second, "_STACK_FROM", 0 if stack else 1 << 62)
     plan, inputs, rng = scalar_setup(r)
     wrt = list(r.floats)
     vectors = {n: rng.standard_normal((K,) + inputs[n].shape) for n in wrt}
