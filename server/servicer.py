@@ -83,7 +83,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
                               for f in pb.Limits.DESCRIPTOR.fields_by_name})
         return pb.GetServerInfoResponse(
             version=VERSION, ops=[op_info(op) for op in engine.OPS.values()], limits=limits,
-            dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO)
+            dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO,
+            planner_hvp_ratio=engine.HVP_COST_RATIO)
 
     def _differentiate(self, request, check) -> pb.DifferentiateResponse:
         graph_id, plan = self.registry.resolve(request, check)

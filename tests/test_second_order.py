@@ -535,3 +535,8 @@ def test_hessian_over_the_block_limit_is_resource_exhausted(start_server):
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Hessian block" in info.value.details()
         assert c.hessian(rosenbrock(7), {"x": np.ones(7)})["x", "x"].shape == (7, 7)
+
+
+def test_server_info_reports_the_second_order_ratio(client):
+    from gradserve.engine import HVP_COST_RATIO
+    assert client.server_info().planner_hvp_ratio == HVP_COST_RATIO
