@@ -53,6 +53,9 @@ REQUEST_FIELDS = {
     "velocity": Counted("velocity", "max_inputs", _field("max_inputs")),
     "batches": Counted("batches", "max_inputs", _field("max_inputs")),
 }
+SECOND_ORDER_FIELDS = {
+    "vectors": Counted("second_order.vectors", "max_inputs", _field("max_inputs")),
+}
 GRAPH_FIELDS = {
     "inputs": Counted("graph.inputs", "max_inputs", _field("max_inputs")),
     "constants": Counted("graph.constants", "max_constants", _field("max_constants")),
@@ -88,11 +91,13 @@ class WireCounter:
         self._top = _Level(request_type.DESCRIPTOR.name, request_type.DESCRIPTOR,
                            REQUEST_FIELDS, limits)
         fields = request_type.DESCRIPTOR.fields_by_name
-        self._graph = None
-        if "graph" in fields:
-            self._graph = (fields["graph"].number,
-                           _Level("graph", fields["graph"].message_type, GRAPH_FIELDS, limits))
-        bounds = [b for level in (self._top, self._graph and self._graph[1]) if level
+        # Messages inside the request whose fields are counted too, by field number.
+        self._inner = {fields[name].number: _Level(name, fields[name].message_type, table,
+                                                   limits)
+                       for name, table in (("graph", GRAPH_FIELDS),
+                                           ("second_order", SECOND_ORDER_FIELDS))
+                       if name in fields}
+        bounds = [b for level in (self._top, *self._inner.values())
                   for _, b in level.counted.values() if b > 0]
         # Every entry takes at least 2 bytes (tag and length), so smaller messages pass.
         self._min_bytes = 2 * min(bounds) if bounds else None
@@ -104,16 +109,18 @@ class WireCounter:
         if self._min_bytes is None or len(data) <= self._min_bytes:
             return
         try:
-            _walk(data, 0, len(data), self._top, {}, self._graph, {})
+            _walk(data, 0, len(data), self._top, {},
+                  {number: (level, {}) for number, level in self._inner.items()})
         except (IndexError, ValueError):
             return
 
 
 def _walk(buf: bytes, i: int, end: int, level: _Level, counts: dict,
-          inner=None, inner_counts=None) -> None:
+          inner: dict | None = None) -> None:
     """Count `level`'s fields in the message buf[i:end] into `counts` (shared by the
-    pieces of a message sent in several pieces, which the parser merges); with inner =
-    (number, level), walk each occurrence of that field as a message of that level."""
+    pieces of a message sent in several pieces, which the parser merges); `inner` maps
+    a field number to (level, counts): each occurrence of that field is walked as a
+    message of that level."""
     counted, max_fields = level.counted, level.max_fields
     total = counts.get(None, 0)
     while i < end:
@@ -132,8 +139,8 @@ def _walk(buf: bytes, i: int, end: int, level: _Level, counts: dict,
                 count = counts[number] = counts.get(number, 0) + 1
                 if entry[1] and count > entry[1]:
                     _refuse(entry[0], entry[1])
-            elif inner is not None and number == inner[0]:
-                _walk(buf, i, i + length, inner[1], inner_counts)
+            elif inner and number in inner:
+                _walk(buf, i, i + length, *inner[number])
             i += length
         elif wire == 0:
             _, i = _varint(buf, i)

@@ -47,6 +47,12 @@ OVER = [
     ("inputs", "Evaluate", field(1, SIN_GRAPH) + map_entries(3, 21), "inputs", "max_inputs"),
     ("tangents", "Differentiate", field(1, SIN_GRAPH) + map_entries(7, 21), "tangents",
      "max_inputs"),
+    # DifferentiateRequest.second_order (field 11) holds `vectors` (field 1), one per input
+    ("second-order-vectors", "Differentiate",
+     field(1, SIN_GRAPH) + field(11, map_entries(1, 21)), "second_order.vectors",
+     "max_inputs"),
+    ("train-steps-batches", "TrainSteps", field(1, SIN_GRAPH) + map_entries(6, 21),
+     "batches", "max_inputs"),
     ("tangents-stream", "DifferentiateStream", field(1, SIN_GRAPH) + map_entries(7, 21),
      "tangents", "max_inputs"),
     ("wrt", "Differentiate", field(2, b"id") + strings(4, 21), "wrt", "max_inputs"),
