@@ -18,6 +18,10 @@ DEFAULT_PORT = 50051
 # killed: docker and podman stop (10 s), compose.yaml's stop_grace_period (20 s),
 # deploy/kubernetes' terminationGracePeriodSeconds (30 s).
 DEFAULT_GRACE = 8.0
+# Seconds between health turning NOT_SERVING and new calls being refused: calls that
+# arrive meanwhile (sent before the client saw NOT_SERVING) are still served, not cut
+# by grpc's shutdown race. Counted within the grace.
+DEFAULT_DRAIN = 0.5
 # The server's own messages keep the library's logger name, as before the command moved.
 log = logging.getLogger("gradserve.server")
 
@@ -34,7 +38,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
                        help="port to bind, 0 picks a free one (default: %(default)s)")
     serve.add_argument("--max-workers", type=int, default=int(env("MAX_WORKERS", 16)),
-                       help="threads serving calls (default: %(default)s)")
+                       help="threads computing requests; waiting calls and streams hold "
+                            "none (default: %(default)s)")
     serve.add_argument("--blas-threads", type=int, default=int(env("BLAS_THREADS", 1)),
                        metavar="N",
                        help="threads each BLAS matrix product may use; 0 keeps the BLAS "
@@ -45,6 +50,10 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE)),
                        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
+    serve.add_argument("--drain", type=float, default=float(env("DRAIN", DEFAULT_DRAIN)),
+                       help="on shutdown, seconds health is NOT_SERVING while new calls are "
+                            "still served, before they are refused UNAVAILABLE; part of "
+                            "--grace (default: %(default)s)")
     serve.add_argument("--no-reflection", action="store_true",
                        default=env("NO_REFLECTION", "") not in ("", "0"),
                        help="turn off gRPC server reflection")
@@ -91,11 +100,11 @@ def run(args) -> int:
     server = create_server(f"{args.host}:{args.port}", Limits.from_env(**overrides),
                            args.max_workers, not args.no_reflection, token, tls)
     return serve_until_signal(server, args.host, args.metrics_port, args.grace,
-                              tls is not None, token is not None)
+                              tls is not None, token is not None, args.drain)
 
 
 def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
-                       tls: bool, token: bool) -> int:
+                       tls: bool, token: bool, drain: float = DEFAULT_DRAIN) -> int:
     """Start `server`, run until SIGTERM or SIGINT, then shut down cleanly; the exit code."""
     server.start(None if metrics_port is None else (host, metrics_port))
     if server.metrics_port is not None:
@@ -106,6 +115,12 @@ def serve_until_signal(server, host: str, metrics_port: int | None, grace: float
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.warning("shutting down: health NOT_SERVING, finishing calls in flight (up to %gs)", grace)
-    server.stop(grace)
+    log.warning("shutting down: health NOT_SERVING, new calls served %gs more, then calls "
+                "in flight finish (up to %gs in all)", min(drain, grace), grace)
+    server.stop(grace, drain=drain)
+    left = server.servicer.calls.working
+    if left:  # cut at the grace's end, but inside one step the engine cannot interrupt
+        log.warning("exiting with %d request(s) still computing after the grace", left)
+        logging.shutdown()
+        os._exit(0)  # a normal exit would wait for the worker threads
     return 0

@@ -1,15 +1,19 @@
 """Building the gRPC server: service, health, reflection, start and graceful stop.
 
+The server is grpc's asyncio server on an event loop of its own (one thread per
+Server): waiting calls and idle streams hold no thread, health always answers,
+and the engine's work runs in the servicer's worker threads (server.calls).
 The `gradserve serve` command (gradserve.cli.serve) runs one until a signal."""
 
 from __future__ import annotations
 
-from concurrent import futures
+import asyncio
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gradserve.v1 import gradient_service_pb2 as pb
@@ -38,33 +42,125 @@ class TLSConfig:
             root_certificates=ca, require_client_auth=ca is not None)
 
 
-class Server:
-    """A started-or-not grpc.Server with its health service and bound port."""
+class Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 on the event loop (so it answers whatever the workers do). Unlike
+    grpc_health's servicer, shutdown ends the Watch calls, once each has sent
+    NOT_SERVING, instead of letting them hold the server for its whole grace."""
 
-    def __init__(self, grpc_server: grpc.Server, port: int, health_servicer,
-                 servicer: GradientServicer):
+    def __init__(self):
+        self._status = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed: asyncio.Condition | None = None  # made on the loop
+        self._shutting_down = False
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def Check(self, request, context):
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        changed, last = self._condition(), None
+        async with changed:
+            while True:
+                status = self._status.get(request.service,
+                                          health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._shutting_down:
+                    return  # NOT_SERVING was sent: end the call OK
+                await changed.wait()
+
+    async def set(self, service: str, status) -> None:
+        if self._shutting_down:
+            return
+        async with self._condition():
+            self._status[service] = status
+            self._condition().notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Every service NOT_SERVING for good; Watch calls see it and end."""
+        async with self._condition():
+            self._shutting_down = True
+            for service in self._status:
+                self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._condition().notify_all()
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a daemon thread of its own."""
+
+    def __init__(self, name: str = "gradserve-loop"):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float | None = None):
+        """Run `coroutine` on the loop and return its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Server:
+    """A grpc.aio server, bound and started-or-not, with its health service, running on
+    an event loop of its own in a background thread (so that a plain program or test
+    uses it like a sync server)."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, port: int, health_servicer: Health,
+                 servicer: GradientServicer, loop: EventLoopThread):
         self.grpc_server = grpc_server
         self.port = port
         self.health = health_servicer
         self.servicer = servicer
         self.metrics_port: int | None = None
+        self._loop = loop
+        self._stopped = False
 
     def start(self, metrics_address: tuple[str, int] | None = None) -> "Server":
         """Start serving; with `metrics_address` (host, port), also Prometheus /metrics."""
         if metrics_address is not None:
             self.metrics_port = self.servicer.telemetry.serve_metrics(*metrics_address)
-        self.grpc_server.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._loop.run(self._start())
         return self
 
-    def stop(self, grace: float | None = 10.0) -> None:
-        """Health NOT_SERVING first, then refuse new calls and let in-flight ones finish."""
-        self.health.enter_graceful_shutdown()
-        self.servicer.telemetry.close()
-        # Bounded: grpcio can keep a call that failed to parse in its state for good,
-        # and then the event stop() returns is never set.
-        self.grpc_server.stop(grace).wait(None if grace is None else grace + 5.0)
+    async def _start(self) -> None:
+        await self.grpc_server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None = 10.0, drain: float = 0.0) -> None:
+        """Drain, then stop: health NOT_SERVING at once, new calls still served for
+        `drain` seconds (so that balancers and probes see NOT_SERVING before any call
+        is refused), then streams waiting for a message and health watches end, new
+        calls are refused UNAVAILABLE and calls in flight get the rest of `grace` to
+        finish. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            # Bounded: whatever grpc does, stop() returns.
+            self._loop.run(self._stop(grace, drain),
+                           None if grace is None else grace + drain + 5.0)
+        finally:
+            self.servicer.telemetry.close()
+            self._loop.close()
+            self.servicer.calls.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop(self, grace: float | None, drain: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        if drain > 0:
+            await asyncio.sleep(drain if grace is None else min(drain, grace))
+            grace = None if grace is None else max(0.0, grace - drain)
+        self.servicer.calls.close_streams()
+        await self.grpc_server.stop(grace)
 
     def __enter__(self):
         return self.start()
@@ -75,14 +171,13 @@ class Server:
 
 def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
     """GradientService's methods taking raw request bytes (the servicer's decorators
-    parse them, so that bad bytes get INVALID_ARGUMENT) and serializing replies."""
+    parse them, so that bad bytes get INVALID_ARGUMENT) and returning reply bytes
+    (serialized in a worker thread, not on the event loop)."""
     service = pb.DESCRIPTOR.services_by_name["GradientService"]
     handlers = {}
     for method in service.methods:
-        reply_type = getattr(pb, method.output_type.name)
         handlers[method.name] = method_handler(
-            method.client_streaming, method.server_streaming, getattr(servicer, method.name),
-            response_serializer=reply_type.SerializeToString)
+            method.client_streaming, method.server_streaming, getattr(servicer, method.name))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -95,18 +190,29 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
     """
     limits = limits or Limits()
+    loop = EventLoopThread()
+    try:
+        return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
+                               tls, loop))
+    except BaseException:
+        loop.close()
+        raise
+
+
+async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
+                 loop) -> Server:
+    """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
-                                                    thread_name_prefix="gradserve"),
-                         options=options,
-                         interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [],
-                         maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    servicer = GradientServicer(limits)
+    # No maximum_concurrent_rpcs here: that would count health checks and idle streams
+    # too; the servicer admits requests itself (server.calls.Calls.admit).
+    server = grpc.aio.server(options=options,
+                             interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [])
+    servicer = GradientServicer(limits, max_workers)
     server.add_generic_rpc_handlers((service_handler(servicer),))
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
         reflection.enable_server_reflection(
@@ -116,5 +222,4 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
             else server.add_insecure_port(address))
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return Server(server, port, health_servicer, servicer)
-
+    return Server(server, port, health_servicer, servicer, loop)

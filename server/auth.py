@@ -53,8 +53,8 @@ def read_token(path: str | Path) -> str:
 
 
 def _deny(message: str):
-    def behavior(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def behavior(request_or_iterator, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
     return behavior
 
 
@@ -65,12 +65,12 @@ def _denied_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMet
                           response_serializer=handler.response_serializer)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
 
-    def intercept_service(self, continuation, details):
-        handler = continuation(details)
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         sent = dict(details.invocation_metadata).get("authorization")

@@ -1,15 +1,28 @@
-"""The decorators every RPC method wears: parse the request bytes, map errors to
-statuses, record the outcome.
+"""The decorators every RPC method wears: admit the call, parse the request bytes,
+run the method, map errors to statuses, record the outcome.
+
+The server is grpc's asyncio server (server.app): its event loop waits on every
+call, so an idle stream holds no thread and health checks always answer, while
+everything CPU-bound about a request (parsing, the engine, serializing the
+reply) runs in a bounded pool of worker threads (`Calls.executor`). The servicer's
+methods stay plain functions `method(self, request, context)` run in a worker;
+their `context` is a CallState (is_active, time_remaining), which the engine's
+`check` reads between ops.
 
 Requests arrive as raw bytes (the handlers are registered without a
 deserializer) so that bytes that are not a valid request are INVALID_ARGUMENT
 with a message, not grpcio's INTERNAL "Exception deserializing request!".
+Replies leave as bytes serialized in the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
 import time
+from collections import Counter
+from concurrent import futures
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -17,9 +30,15 @@ from google.protobuf.message import DecodeError
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.modes import mode_name
 
-from .errors import BadRequest, abort, status_for
+from .errors import (BadRequest, LimitExceeded, RequestError, ServerClosing, StreamIdle, abort,
+                     status_for)
 from .limits import Limits
 from .wire import wire_counter
+
+# After shutdown began, how long a stream that just finished a message waits for its
+# next one (already sent, typically) before it is ended UNAVAILABLE.
+CLOSING_READ_SECONDS = 0.1
+
 
 def _mode(reply) -> str | None:
     """The mode a reply reports, for the differentiations counter (None: no mode)."""
@@ -66,47 +85,211 @@ def _request_type(method_name: str):
     return getattr(pb, service.methods_by_name[method_name].input_type.name)
 
 
+class CallState:
+    """What a method running in a worker knows of its call, read by the engine's
+    `check` between ops: it ends when the client cancels (the handler's task is
+    cancelled) or the call's deadline passes."""
+
+    __slots__ = ("_deadline", "ended")
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        remaining = context.time_remaining()
+        self._deadline = None if remaining is None else time.monotonic() + remaining
+        self.ended = False
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return not self.ended and (self._deadline is None or time.monotonic() < self._deadline)
+
+
+def peer_host(peer: str) -> str:
+    """The client's address without its port: "ipv4:10.0.0.7:51234" -> "ipv4:10.0.0.7"."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rsplit(':', 1)[0]}"
+    return peer
+
+
+class Calls:
+    """A server's call machinery: the worker threads, the admission count
+    (max_concurrent_rpcs), the open streams (max_streams, max_streams_per_client) and
+    their idle timeout (stream_idle_seconds). Counts are touched on the event loop only."""
+
+    def __init__(self, limits: Limits, max_workers: int):
+        self.limits = limits
+        self.executor = futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                   thread_name_prefix="gradserve")
+        self.in_progress = 0
+        self.streams: Counter[str] = Counter()  # open streams by client address
+        self._closing: asyncio.Future | None = None
+        self._working = 0  # requests running in a worker (their calls may have ended)
+        self._working_lock = threading.Lock()
+
+    @property
+    def working(self) -> int:
+        """Requests a worker is computing now, including some whose call has ended and
+        which stop at the engine's next check."""
+        return self._working
+
+    def _counted(self, fn, *args):
+        with self._working_lock:
+            self._working += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._working_lock:
+                self._working -= 1
+
+    async def in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._counted, fn, *args)
+
+    def admit(self) -> None:
+        """Count one request in progress; LimitExceeded beyond max_concurrent_rpcs."""
+        limit = self.limits.max_concurrent_rpcs
+        if limit and self.in_progress >= limit:
+            raise LimitExceeded(f"{self.in_progress} requests in progress, at the server's "
+                                f"limit of {limit} (max_concurrent_rpcs); retry with backoff")
+        self.in_progress += 1
+
+    def done(self) -> None:
+        self.in_progress -= 1
+
+    def open_stream(self, context) -> str:
+        """Count a new stream of this client; LimitExceeded over either stream limit."""
+        host = peer_host(context.peer())
+        per_client, total = self.limits.max_streams_per_client, self.limits.max_streams
+        if per_client and self.streams[host] >= per_client:
+            raise LimitExceeded(f"{self.streams[host]} streams already open from {host}, the "
+                                f"limit per client address (max_streams_per_client) is "
+                                f"{per_client}")
+        if total and sum(self.streams.values()) >= total:
+            raise LimitExceeded(f"{total} streams open, the server's limit (max_streams)")
+        self.streams[host] += 1
+        return host
+
+    def close_stream(self, host: str) -> None:
+        self.streams[host] -= 1
+        if not self.streams[host]:
+            del self.streams[host]
+
+    def _closing_future(self) -> asyncio.Future:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_future()
+        return self._closing
+
+    def close_streams(self) -> None:
+        """Shutdown: streams waiting for a message end now, UNAVAILABLE (on the loop)."""
+        closing = self._closing_future()
+        if not closing.done():
+            closing.set_result(None)
+
+    async def next_message(self, context):
+        """The stream's next request bytes, or grpc.aio.EOF; StreamIdle after
+        stream_idle_seconds without one, ServerClosing once the server shuts down."""
+        closing = self._closing_future()
+        idle = self.limits.stream_idle_seconds or None
+        read = asyncio.ensure_future(context.read())
+        try:
+            if closing.done():
+                done, _ = await asyncio.wait((read,), timeout=CLOSING_READ_SECONDS)
+            else:
+                done, _ = await asyncio.wait((read, closing), timeout=idle,
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()
+        if read in done:
+            return read.result()
+        if closing.done():
+            raise ServerClosing("the server is shutting down; open a new stream (another "
+                                "replica answers)")
+        raise StreamIdle(f"stream idle for {idle:g} s, the server's limit "
+                         "(stream_idle_seconds); open a new stream to go on")
+
+
+def _run(method, name: str, request_type, self, data, call: CallState, started: float):
+    """In a worker: parse, call the method, record the outcome; the reply's bytes."""
+    request = data
+    try:
+        request = parse(request_type, data, self.limits)
+        reply = method(self, request, call)
+    except Exception as exc:  # noqa: BLE001 - recorded here, mapped to a status by the caller
+        self.telemetry.record(name, _code(exc), started, request)
+        raise
+    self.telemetry.record(name, "OK", started, request, reply, _mode(reply))
+    return reply.SerializeToString()
+
+
 def rpc(method):
-    """A unary RPC: an exception becomes its status (INTERNAL, logged, if unmapped)."""
+    """A unary RPC: run in a worker; an exception becomes its status (INTERNAL, logged,
+    if unmapped)."""
     name = method.__name__
-    request_type = _request_type(name)
+    run = functools.partial(_run, method, name, _request_type(name))
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, data, context):
         started = time.perf_counter()
+        calls = self.calls
         try:
-            request = parse(request_type, request, self.limits)
-            reply = method(self, request, context)
+            calls.admit()
+        except LimitExceeded as exc:
+            self.telemetry.record(name, _code(exc), started)
+            await abort(context, exc)
+        call = CallState(context)
+        try:
+            return await calls.in_worker(run, self, data, call, started)
+        except asyncio.CancelledError:
+            call.ended = True  # the worker's next check stops the work
+            raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            self.telemetry.record(name, _code(exc), started, request)
-            abort(context, exc)
-        self.telemetry.record(name, "OK", started, request, reply,
-                              _mode(reply))
-        return reply
+            await abort(context, exc)
+        finally:
+            calls.done()
     return wrapper
 
 
 def stream_rpc(method):
-    """A streaming RPC: each reply is recorded; an error ends the stream with its status."""
+    """A bidirectional stream of requests each answered by one reply: `method(self,
+    request, context)` answers one request, in a worker. The stream waits for its
+    next request on the event loop (no thread held), ends DEADLINE_EXCEEDED after
+    stream_idle_seconds without one, and UNAVAILABLE when the server shuts down
+    while it waits; an error ends it with its status."""
     name = method.__name__
-
-    request_type = _request_type(name)
+    run = functools.partial(_run, method, name, _request_type(name))
 
     @functools.wraps(method)
-    def wrapper(self, requests, context):
-        started = time.perf_counter()
+    async def wrapper(self, requests, context):
+        calls = self.calls
         try:
-            parsed = (parse(request_type, r, self.limits) for r in requests)
-            for reply in method(self, parsed, context):
-                self.telemetry.record(name, "OK", started, None, reply,
-                                      _mode(reply))
-                yield reply
-                started = time.perf_counter()
-        except grpc.RpcError:
-            if context.is_active():
-                raise
-            return  # the client cancelled or went away: nothing to answer
-        except Exception as exc:  # noqa: BLE001
-            self.telemetry.record(name, _code(exc), started)
-            abort(context, exc)
+            host = calls.open_stream(context)
+        except LimitExceeded as exc:
+            self.telemetry.record(name, _code(exc), time.perf_counter())
+            await abort(context, exc)
+        call = CallState(context)
+        try:
+            while True:
+                try:  # the stream's own ends; errors of a request are recorded by _run
+                    data = await calls.next_message(context)
+                    if data is grpc.aio.EOF:
+                        return
+                    started = time.perf_counter()
+                    calls.admit()
+                except RequestError as exc:
+                    self.telemetry.record(name, _code(exc), time.perf_counter())
+                    raise
+                try:
+                    reply = await calls.in_worker(run, self, data, call, started)
+                finally:
+                    calls.done()
+                await context.write(reply)
+        except asyncio.CancelledError:
+            call.ended = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status
+            await abort(context, exc)
+        finally:
+            calls.close_stream(host)
     return wrapper

@@ -56,11 +56,21 @@ class CallEnded(RequestError):
     """The client cancelled or its deadline passed: stop computing for it."""
 
 
+class StreamIdle(RequestError):
+    """A stream sent no request for stream_idle_seconds."""
+
+
+class ServerClosing(RequestError):
+    """The server shuts down while a stream waits for its next request."""
+
+
 # Most specific first: the first matching row wins.
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (GraphNotFound, grpc.StatusCode.NOT_FOUND),
     (ResidualsNotFound, grpc.StatusCode.NOT_FOUND),
     (CallEnded, grpc.StatusCode.CANCELLED),
+    (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (ServerClosing, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (engine.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TensorLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -70,7 +80,7 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
-def stop_when_ended(context: grpc.ServicerContext):
+def stop_when_ended(context):
     """A `check` for the engine: raises CallEnded once the call is cancelled or past
     its deadline, so an abandoned request stops using the server between ops."""
     def check():
@@ -117,10 +127,12 @@ def to_status(code: grpc.StatusCode, exc: BaseException) -> grpc.Status:
         code=getattr(code_pb2, code.name), message=message, details=[detail]))
 
 
-def abort(context: grpc.ServicerContext, exc: BaseException):
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    """End the call with the status of `exc` (raises, as context.abort does)."""
     code = status_for(exc)
     if code is None:
-        log.exception("internal error")
-        context.abort(grpc.StatusCode.INTERNAL,
-                      short(f"internal error: {type(exc).__name__}: {exc}"))
-    context.abort_with_status(to_status(code, exc))
+        log.error("internal error", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL,
+                            short(f"internal error: {type(exc).__name__}: {exc}"))
+    status = to_status(code, exc)
+    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -18,13 +18,17 @@ class Limits:
     max_intermediate_bytes: int = 2048 * MiB  # estimated values + seeds of one request
     max_cached_graphs: int = 1024  # compiled graphs kept, least recently used dropped
     max_cache_bytes: int = 512 * MiB  # memory of the compiled graphs kept (server.registry)
-    max_concurrent_rpcs: int = 128  # calls in progress; more get RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 128  # requests in progress; more get RESOURCE_EXHAUSTED
     max_trace_elements: int = 1_000_000  # array elements in one request's trace
     max_request_flops: int = 10 ** 12  # estimated floating-point operations of one request
     max_residual_sets: int = 64  # Evaluate results kept for a following VJP (0: none)
     max_residual_bytes: int = 256 * MiB  # the arrays those keep, in all
     residual_seconds: int = 30  # how long one is kept
     max_steps_per_call: int = 1024  # SGD steps one TrainSteps call may run
+    # DifferentiateStream: open streams wait without a thread (server.calls), bounded here
+    stream_idle_seconds: int = 60  # a stream sending nothing this long ends DEADLINE_EXCEEDED
+    max_streams_per_client: int = 64  # open streams from one client address
+    max_streams: int = 512  # open streams in all
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

@@ -8,7 +8,7 @@ from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import WIRE_DTYPES, fill_tensors, from_tensors
 from gradserve.v1.modes import mode_name
 
-from .calls import rpc, stream_rpc
+from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
 from .limits import Limits
@@ -20,8 +20,11 @@ VERSION = "0.1.0"
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    def __init__(self, limits: Limits | None = None):
+    """Each method answers one request in a worker thread (server.calls)."""
+
+    def __init__(self, limits: Limits | None = None, max_workers: int = 16):
         self.limits = limits or Limits()
+        self.calls = Calls(self.limits, max_workers)
         self.registry = GraphRegistry(self.limits)
         self.telemetry = Telemetry(self.registry.cache)
         self.residuals = ResidualStore(self.limits.max_residual_sets,
@@ -55,10 +58,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         return self._differentiate(request, stop_when_ended(context))
 
     @stream_rpc
-    def DifferentiateStream(self, requests, context):
-        check = stop_when_ended(context)
-        for request in requests:
-            yield self._differentiate(request, check)
+    def DifferentiateStream(self, request, context):
+        return self._differentiate(request, stop_when_ended(context))
 
     @rpc
     def TrainSteps(self, request, context):

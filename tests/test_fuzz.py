@@ -413,7 +413,7 @@ def stop_servers(servers: Servers) -> None:
     for ch in servers.channels.values():
         ch.close()
     for s in (servers.default, servers.tight):
-        s.grpc_server.stop(0)
+        s.stop(grace=0)
 
 
 class Finding(AssertionError):

@@ -469,7 +469,7 @@ def garbage_server():
     state for good (see test_service_errors.py), so it is stopped without waiting."""
     server = create_server("127.0.0.1:0").start()
     yield server
-    server.grpc_server.stop(0)
+    server.stop(grace=0)
 
 
 @pytest.mark.parametrize("kind", list(GARBAGE))

@@ -502,4 +502,4 @@ def test_bytes_that_are_not_a_request_on_the_stream():
             good = differentiate()[1]
             assert len(list(stub.DifferentiateStream(iter([good, good]), timeout=30))) == 2
     finally:
-        server.grpc_server.stop(0)  # not waited for, on purpose
+        server.stop(grace=0)
