@@ -3,8 +3,10 @@
 A graph (a GraphBuilder or a Graph proto) is registered once per client and
 then sent by id. When a server answers NOT_FOUND (it restarted, or another
 replica answered) the client sends the request once more with the graph
-inline, which that server compiles and caches; UNAVAILABLE is retried with
-exponential backoff; every call, and every reply on a stream, has a deadline.
+inline, which that server compiles and caches; UNAVAILABLE, and CANCELLED that
+the client did not cause (a server shutting down reports some calls so), are
+retried with exponential backoff; every call, and every reply on a stream, has a
+deadline.
 Arrays in results are read-only views of the received bytes (np.array(a) makes
 a writable copy).
 """
@@ -404,13 +406,30 @@ class Client:
     def _call(self, method, request):
         delay = self.backoff
         for attempt in itertools.count():
+            started = time.monotonic()
             try:
                 return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+                if not _retryable(err, time.monotonic() - started < self.timeout) \
+                        or attempt >= self.retries:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _retryable(err: grpc.RpcError, before_deadline: bool) -> bool:
+    """UNAVAILABLE; or CANCELLED that this client did not cause (it never cancels a
+    blocking call, and its own deadline reads DEADLINE_EXCEEDED): grpc reports so a
+    call that a server shutting down accepted but never ran. Requests are idempotent."""
+    code = err.code()
+    return code == grpc.StatusCode.UNAVAILABLE or (
+        code == grpc.StatusCode.CANCELLED and before_deadline)
+
+
+def _ended_idle(err: grpc.RpcError) -> bool:
+    """The server ended a stream that sent nothing for its stream_idle_seconds."""
+    return (err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            and (err.details() or "").startswith("stream idle"))
 
 
 def _residuals_gone(err: grpc.RpcError) -> bool:
@@ -455,8 +474,9 @@ class DifferentiateSession:
     Errors: UNAVAILABLE is retried as unary calls retry it (the client's `retries`
     times, with the same backoff), each time on a new stream; on NOT_FOUND (a server
     that restarted or lost the graph) the request is sent again on a new stream with
-    the graph inline. Other errors are raised. An error ends the stream it happened
-    on; the session's next call opens a new one.
+    the graph inline. A stream the server ended for idleness (stream_idle_seconds)
+    is replaced by a new one before the next request. Other errors are raised. An
+    error ends the stream it happened on; the session's next call opens a new one.
     """
 
     def __init__(self, client: Client, graph):
@@ -487,7 +507,7 @@ class DifferentiateSession:
 
     def _exchange(self, request) -> pb.DifferentiateResponse:
         """Send one request and return its reply, retrying as the class says."""
-        delay, retried, resent_inline = self._client.backoff, 0, False
+        delay, retried, resent_inline, reopened = self._client.backoff, 0, False, False
         while True:
             try:
                 return self._send(request)
@@ -497,6 +517,9 @@ class DifferentiateSession:
                 if code == grpc.StatusCode.NOT_FOUND and not resent_inline:
                     resent_inline = self._inline = True
                     continue
+                if _ended_idle(err) and not reopened:  # raced the server's idle timeout
+                    reopened = True
+                    continue
                 if code != grpc.StatusCode.UNAVAILABLE or retried >= self._client.retries:
                     raise
             retried += 1
@@ -504,6 +527,8 @@ class DifferentiateSession:
             delay = min(delay * 2, 2.0)
 
     def _send(self, request) -> pb.DifferentiateResponse:
+        if self._stream is not None and self._stream.ended():
+            self._end_stream()  # the server ended it meanwhile (idle for too long)
         if self._stream is None:
             self._open()
         if self._inline:  # the first request of a reopened stream teaches its replica
@@ -582,6 +607,10 @@ class _Stream:
             raise _StreamError(grpc.StatusCode.UNAVAILABLE,
                                "the server ended the stream without a reply")
         return reply
+
+    def ended(self) -> bool:
+        """The server ended the stream (its status is waiting in the queue)."""
+        return not self._reader.is_alive()
 
     def cancel(self) -> None:
         self._call.cancel()
