@@ -9,7 +9,7 @@ import signal
 import threading
 from dataclasses import fields
 
-from gradserve.server.app import TLSConfig, create_server
+from gradserve.server.app import EVENT_LOOPS, TLSConfig, create_server
 from gradserve.server.auth import TokenFileError, read_token
 from gradserve.server.limits import Limits
 
@@ -48,6 +48,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "and, on a busy machine, wait for descheduled helpers (10x "
                             "slower here). Raise it for one client with large products "
                             "(default: %(default)s)")
+    serve.add_argument("--event-loop", default=env("EVENT_LOOP", "asyncio"), choices=EVENT_LOOPS,
+                       help="the server's event loop; uvloop needs the uvloop extra "
+                            "(pip install 'gradserve[uvloop]') (default: %(default)s)")
     serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE)),
                        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--drain", type=float, default=float(env("DRAIN", DEFAULT_DRAIN)),
@@ -98,7 +101,8 @@ def run(args) -> int:
     except TokenFileError as err:
         raise SystemExit(f"gradserve serve: {err}") from None
     server = create_server(f"{args.host}:{args.port}", Limits.from_env(**overrides),
-                           args.max_workers, not args.no_reflection, token, tls)
+                           args.max_workers, not args.no_reflection, token, tls,
+                           event_loop=args.event_loop)
     return serve_until_signal(server, args.host, args.metrics_port, args.grace,
                               tls is not None, token is not None, args.drain)
 

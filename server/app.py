@@ -92,11 +92,24 @@ class Health(health_pb2_grpc.HealthServicer):
             self._condition().notify_all()
 
 
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def new_event_loop(kind: str = "asyncio") -> asyncio.AbstractEventLoop:
+    """asyncio's own event loop, or uvloop's (the `uvloop` extra)."""
+    if kind == "uvloop":
+        import uvloop
+        return uvloop.new_event_loop()
+    if kind != "asyncio":
+        raise ValueError(f"event loop must be one of {EVENT_LOOPS}, not {kind!r}")
+    return asyncio.new_event_loop()
+
+
 class EventLoopThread:
     """An asyncio event loop running in a daemon thread of its own."""
 
-    def __init__(self, name: str = "gradserve-loop"):
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, kind: str = "asyncio", name: str = "gradserve-loop"):
+        self.loop = new_event_loop(kind)
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
@@ -183,14 +196,17 @@ def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
 
 def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   max_workers: int = 16, reflection_enabled: bool = True,
-                  auth_token: str | None = None, tls: TLSConfig | None = None) -> Server:
+                  auth_token: str | None = None, tls: TLSConfig | None = None,
+                  event_loop: str = "asyncio") -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
+    `max_workers` threads compute requests; `event_loop` "uvloop" runs the server's
+    loop on uvloop (the `uvloop` extra).
     """
     limits = limits or Limits()
-    loop = EventLoopThread()
+    loop = EventLoopThread(event_loop)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
                                tls, loop))
