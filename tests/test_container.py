@@ -329,3 +329,27 @@ def test_kubernetes_manifests_probe_the_health_service_and_balance_on_the_client
     for service in headless:
         assert service["spec"]["selector"].items() <= labels.items()
         assert any(p["port"] == 50051 for p in service["spec"]["ports"])
+
+
+def test_kubernetes_settings_keep_a_pod_within_its_memory_limit():
+    """The ConfigMap's limits, combined as the README's security model counts them
+    (requests in progress x message size, workers x (intermediates + request and
+    reply), the graph cache and residuals), leave room under the Deployment's memory
+    limit for the interpreter, NumPy and gRPC (512 MiB)."""
+    from gradserve.server.limits import Limits
+
+    docs = _kubernetes_docs()
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi"), limit
+    pod_bytes = int(limit[:-2]) << 30
+    env = {k: v for k, v in config["data"].items() if k.startswith("GRADSERVE_")}
+    limits = Limits.from_env(env)
+    workers = int(env.get("GRADSERVE_MAX_WORKERS", 16))
+    peak = (limits.max_concurrent_rpcs * limits.max_message_bytes
+            + workers * (limits.max_intermediate_bytes + 2 * limits.max_message_bytes)
+            + limits.max_cache_bytes + getattr(limits, "max_residual_bytes", 0))
+    assert peak + (512 << 20) <= pod_bytes, (peak >> 20, pod_bytes >> 20)
+    assert 0 < limits.stream_idle_seconds and 0 < limits.max_streams_per_client
