@@ -50,7 +50,8 @@ import sys, asyncio
 kind, workers = sys.argv[1], int(sys.argv[2])
 if kind.startswith("gradserve"):
     from gradserve.server.app import create_server
-    options = {"event_loop": "uvloop"} if kind == "gradserve-uvloop" else {}
+    options = ({"event_loop": "uvloop" if kind == "gradserve-uvloop" else "asyncio"}
+               if kind != "gradserve" else {})  # the sync tree has no event loop
     server = create_server("127.0.0.1:0", max_workers=workers, **options).start()
     print(server.port, flush=True)
     sys.stdin.read()

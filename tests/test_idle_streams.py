@@ -290,10 +290,12 @@ def test_calls_racing_sigterm_get_ok_or_unavailable_never_cancelled(run, seed_bu
         "no call was served during the drain"
 
 
-def test_the_uvloop_event_loop_serves_health_streams_and_calls():
-    pytest.importorskip("uvloop")
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_health_streams_and_calls(event_loop):
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop")
     server = create_server("127.0.0.1:0", Limits(stream_idle_seconds=1), max_workers=2,
-                           event_loop="uvloop").start()
+                           event_loop=event_loop).start()
     address = f"127.0.0.1:{server.port}"
     idle = IdleStreams(address, 4)
     try:
