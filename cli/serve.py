@@ -111,14 +111,14 @@ def run(args) -> int:
 def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
                        tls: bool, token: bool, drain: float = DEFAULT_DRAIN) -> int:
     """Start `server`, run until SIGTERM or SIGINT, then shut down cleanly; the exit code."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM always drains
+        signal.signal(sig, lambda *_: stop.set())
     server.start(None if metrics_port is None else (host, metrics_port))
     if server.metrics_port is not None:
         log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
     log.warning("gradserve listening on %s:%d%s%s", host, server.port,
                 " (TLS)" if tls else "", " (token required)" if token else "")
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.warning("shutting down: health NOT_SERVING, new calls served %gs more, then calls "
                 "in flight finish (up to %gs in all)", min(drain, grace), grace)

@@ -8,6 +8,7 @@ The `gradserve serve` command (gradserve.cli.serve) runs one until a signal."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from .calls import method_handler
 from .limits import Limits
 from .servicer import GradientServicer
 
+log = logging.getLogger("gradserve.server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GradientService"].full_name
 
 
@@ -173,6 +175,8 @@ class Server:
             # Bounded: whatever grpc does, stop() returns.
             self._loop.run(self._stop(grace, drain),
                            None if grace is None else grace + drain + 5.0)
+        except TimeoutError:
+            log.warning("the server did not stop within its grace and drain + 5 s")
         finally:
             self.servicer.telemetry.close()
             self._loop.close()
