@@ -410,7 +410,7 @@ class Client:
             try:
                 return method(request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                if not _retryable(err, time.monotonic() - started < self.timeout) \
+                if not _retryable(err, time.monotonic() - started < 0.9 * self.timeout) \
                         or attempt >= self.retries:
                     raise
             time.sleep(delay)
@@ -419,8 +419,9 @@ class Client:
 
 def _retryable(err: grpc.RpcError, before_deadline: bool) -> bool:
     """UNAVAILABLE; or CANCELLED that this client did not cause (it never cancels a
-    blocking call, and its own deadline reads DEADLINE_EXCEEDED): grpc reports so a
-    call that a server shutting down accepted but never ran. Requests are idempotent."""
+    blocking call, and its own deadline reads DEADLINE_EXCEEDED; one that ends near
+    the deadline is not retried): grpc reports so a call that a server shutting down
+    accepted but never ran. Requests are idempotent."""
     code = err.code()
     return code == grpc.StatusCode.UNAVAILABLE or (
         code == grpc.StatusCode.CANCELLED and before_deadline)
