@@ -4,7 +4,8 @@ Hand-written, not generated; shared by the server and the client. A Tensor is
 little-endian, C order, len(data) == prod(shape) * itemsize. Decoding is
 np.frombuffer on the received bytes, with no per-element Python work and no
 copy beyond the one protobuf's Python API makes when a bytes field is read;
-the result is read-only.
+the result is read-only. gradserve.v1.tensor_wire reads and writes the tensors
+of the large messages straight from and to the wire bytes, with these checks.
 """
 
 from __future__ import annotations
@@ -42,38 +43,51 @@ def to_tensor(array) -> tensor_pb2.Tensor:
 
 def fill_tensor(t: tensor_pb2.Tensor, array, field: str = "tensor") -> tensor_pb2.Tensor:
     """Write `array` into the (empty) message `t` in place: one copy of the data."""
-    a = np.asarray(array)
-    code = _CODES.get(a.dtype)
-    if code is None:
-        if a.dtype.byteorder == ">" and a.dtype.newbyteorder("<") in _CODES:
-            return fill_tensor(t, a.astype(a.dtype.newbyteorder("<")), field)
-        raise TensorError(field, f"unsupported dtype {a.dtype.name} "
-                          f"(supported: {', '.join(WIRE_DTYPES)})")
+    code, a = wire_array(array, field)
     t.dtype = code
     t.shape.extend(a.shape)
     t.data = a.tobytes()
     return t
 
 
+def wire_array(array, field: str = "tensor") -> tuple[int, np.ndarray]:
+    """The DataType code of `array` and the array as the wire holds it: little-endian
+    (converted if big-endian) and C-contiguous (copied only if it is not)."""
+    a = np.asarray(array)
+    code = _CODES.get(a.dtype)
+    if code is None:
+        if a.dtype.byteorder == ">" and a.dtype.newbyteorder("<") in _CODES:
+            return wire_array(a.astype(a.dtype.newbyteorder("<")), field)
+        raise TensorError(field, f"unsupported dtype {a.dtype.name} "
+                          f"(supported: {', '.join(WIRE_DTYPES)})")
+    return code, a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def from_tensor(t: tensor_pb2.Tensor, field: str = "tensor",
                 max_elements: int | None = None, key: str | None = None) -> np.ndarray:
     """The array a Tensor describes; errors name `field` (and the map `key`, if any)."""
-    dtype = DTYPES.get(t.dtype)
-    shape = tuple(t.shape)
-    data = t.data  # each read of a bytes field copies it: read once
+    # each read of a bytes field copies it: read once
+    return array_from(t.dtype, tuple(t.shape), t.data,
+                      field if key is None else f"{field}['{key}']", max_elements)
+
+
+def array_from(code: int, shape: tuple, data, field: str,
+               max_elements: int | None = None) -> np.ndarray:
+    """The array of DataType `code`, `shape` and `data` (bytes or a memoryview: the
+    array is a read-only view of it, no copy), checked as the Tensor message says;
+    errors name `field`."""
+    dtype = DTYPES.get(code)
     count = prod(shape)
-    if (dtype is None or count * dtype.itemsize != len(data) or min(shape, default=0) < 0
+    nbytes = len(data)
+    if (dtype is None or count * dtype.itemsize != nbytes or min(shape, default=0) < 0
             or (max_elements is not None and count > max_elements)):
-        _tensor_error(t, shape, count, len(data), dtype, max_elements,
-                      field if key is None else f"{field}['{key}']")
+        _tensor_error(code, shape, count, nbytes, dtype, max_elements, field)
     if dtype is _BOOL and count and np.frombuffer(data, np.uint8).max() > 1:
-        raise TensorError(field if key is None else f"{field}['{key}']",
-                          "a bool tensor's bytes must each be 0 or 1")
+        raise TensorError(field, "a bool tensor's bytes must each be 0 or 1")
     try:
         return np.frombuffer(data, dtype).reshape(shape)
     except ValueError as err:  # NumPy's own limits: rank over 64, dimensions past 2^63
-        raise TensorError(field if key is None else f"{field}['{key}']",
-                          f"a shape of rank {len(shape)} with dimensions "
+        raise TensorError(field, f"a shape of rank {len(shape)} with dimensions "
                           f"{_brief(shape)} cannot be an array ({err})") from None
 
 
@@ -83,10 +97,10 @@ def _brief(shape, most: int = 8) -> str:
     return f"[{shown}{', ...' if len(shape) > most else ''}]"
 
 
-def _tensor_error(t, shape, count, nbytes, dtype, max_elements, field):
+def _tensor_error(code, shape, count, nbytes, dtype, max_elements, field):
     if dtype is None:
-        name = (tensor_pb2.DataType.Name(t.dtype) if t.dtype in tensor_pb2.DataType.values()
-                else str(t.dtype))
+        name = (tensor_pb2.DataType.Name(code) if code in tensor_pb2.DataType.values()
+                else str(code))
         raise TensorError(field, f"unsupported dtype {name}")
     for d in shape:
         if d < 0:
