@@ -12,7 +12,8 @@ their `context` is a CallState (is_active, time_remaining), which the engine's
 Requests arrive as raw bytes (the handlers are registered without a
 deserializer) so that bytes that are not a valid request are INVALID_ARGUMENT
 with a message, not grpcio's INTERNAL "Exception deserializing request!".
-Replies leave as bytes serialized in the worker.
+Replies leave as bytes serialized in the worker; those carrying tensors are written
+by gradserve.v1.tensor_wire, their arrays joined in once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.modes import mode_name
+from gradserve.v1.tensor_wire import LAYOUTS, decode
 
 from .errors import (BadRequest, LimitExceeded, RequestError, ServerClosing, StreamIdle, abort,
                      status_for)
@@ -52,7 +54,9 @@ def _code(exc: BaseException) -> str:
 
 
 def parse(request_type, data, limits: Limits):
-    """The request message from its bytes (a message passes through unchanged).
+    """The request message from its bytes (a message passes through unchanged); for
+    the requests carrying tensors a TensorMessage, whose arrays are read-only views of
+    `data` (gradserve.v1.tensor_wire).
 
     Parsing takes 10-30x the wire size, so the repeated fields that limits bound
     (nodes, constants, inputs, ...) are counted on the wire first (server.wire).
@@ -61,6 +65,8 @@ def parse(request_type, data, limits: Limits):
         return data
     wire_counter(request_type, limits).check(data)
     try:
+        if request_type in LAYOUTS:
+            return decode(request_type, data, limits.max_tensor_elements)
         return request_type.FromString(data)
     except DecodeError as err:
         raise BadRequest(f"the request bytes are not a valid "

@@ -10,9 +10,9 @@ from __future__ import annotations
 from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as service_pb2
 from gradserve.v1 import graph_pb2, tensor_pb2
-from gradserve.v1.codec import (DTYPES, WIRE_DTYPES, attribute_value, fill_tensor,
-                                fill_tensors, from_tensor)
+from gradserve.v1.codec import DTYPES, WIRE_DTYPES, attribute_value, fill_tensor, from_tensor
 from gradserve.v1.modes import WIRE_MODES
+from gradserve.v1.tensor_wire import TensorMessage
 
 
 def dtype_name(code: int, where: str, field: str) -> str:
@@ -45,30 +45,28 @@ def graph_from_proto(g: graph_pb2.Graph, max_elements: int | None = None) -> eng
 
 
 def differentiate_response(result: engine.Differentiation, graph_id: str,
-                           request_id: str) -> service_pb2.DifferentiateResponse:
+                           request_id: str) -> TensorMessage:
+    """The reply, its tensors as arrays (the trace's small ones go in the message)."""
     reply = service_pb2.DifferentiateResponse(graph_id=graph_id, request_id=request_id)
-    fill_tensors(reply.outputs, result.outputs)
-    for (o, w), block in result.jacobian.items():
-        fill_tensor(reply.jacobian.add(of=o, wrt=w).value, block)
-    fill_tensors(reply.tangents, result.tangents)
-    fill_tensors(reply.cotangents, result.cotangents)
     reply.mode = fill_decision(reply.planner, result.decision).mode
     if result.trace is not None:
         fill_trace(reply.trace, result.trace)
-    return reply
+    return TensorMessage(reply, {
+        "outputs": result.outputs, "tangents": result.tangents,
+        "cotangents": result.cotangents,
+        "jacobian": [(service_pb2.JacobianBlock(of=o, wrt=w), block)
+                     for (o, w), block in result.jacobian.items()]})
 
 
 def second_order_response(result: engine.SecondOrder, graph_id: str,
-                          request_id: str) -> service_pb2.DifferentiateResponse:
+                          request_id: str) -> TensorMessage:
     """Outputs, gradient, and the Hessian-vector products or Hessian blocks."""
     reply = service_pb2.DifferentiateResponse(graph_id=graph_id, request_id=request_id)
-    fill_tensors(reply.outputs, result.outputs)
-    fill_tensors(reply.gradient, result.gradient)
-    fill_tensors(reply.hvp, result.hvp)
-    for (a, b), block in result.hessian.items():
-        fill_tensor(reply.hessian.add(wrt_a=a, wrt_b=b).value, block)
     reply.mode = fill_decision(reply.planner, result.decision).mode
-    return reply
+    return TensorMessage(reply, {
+        "outputs": result.outputs, "gradient": result.gradient, "hvp": result.hvp,
+        "hessian": [(service_pb2.HessianBlock(wrt_a=a, wrt_b=b), block)
+                    for (a, b), block in result.hessian.items()]})
 
 
 def fill_decision(p: service_pb2.PlannerDecision,

@@ -1,12 +1,17 @@
-"""GradientService: proto in, a call into the engine, proto out."""
+"""GradientService: proto in, a call into the engine, proto out.
+
+Requests and replies that carry tensors are TensorMessages (gradserve.v1.tensor_wire):
+their tensor fields are dicts of arrays, read from and written to the wire bytes
+without protobuf's copies."""
 
 from __future__ import annotations
 
 from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
-from gradserve.v1.codec import WIRE_DTYPES, fill_tensors, from_tensors
+from gradserve.v1.codec import WIRE_DTYPES
 from gradserve.v1.modes import mode_name
+from gradserve.v1.tensor_wire import TensorMessage
 
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
@@ -43,15 +48,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def Evaluate(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
-        inputs = from_tensors(request.inputs, "inputs", self.limits.max_tensor_elements)
         reply = pb.EvaluateResponse(graph_id=graph_id)
         if request.keep_residuals:
-            kept = plan.residuals(inputs, check=check, **self._run_limits)
+            kept = plan.residuals(request.inputs, check=check, **self._run_limits)
             outputs, reply.residuals = kept.outputs, self.residuals.keep(graph_id, kept)
         else:
-            outputs = plan.evaluate(inputs, check=check, **self._run_limits)
-        fill_tensors(reply.outputs, outputs)
-        return reply
+            outputs = plan.evaluate(request.inputs, check=check, **self._run_limits)
+        return TensorMessage(reply, {"outputs": outputs})
 
     @rpc
     def Differentiate(self, request, context):
@@ -65,18 +68,14 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def TrainSteps(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
-        limit = self.limits.max_tensor_elements
         result = engine.sgd_steps(
-            plan, from_tensors(request.parameters, "parameters", limit),
-            from_tensors(request.batches, "batches", limit),
-            velocity=from_tensors(request.velocity, "velocity", limit),
+            plan, request.parameters, request.batches, velocity=request.velocity,
             learning_rate=request.learning_rate, momentum=request.momentum,
             loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
-            max_block_elements=limit, check=check, **self._run_limits)
-        reply = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses)
-        fill_tensors(reply.parameters, result.parameters)
-        fill_tensors(reply.velocity, result.velocity)
-        return reply
+            max_block_elements=self.limits.max_tensor_elements, check=check,
+            **self._run_limits)
+        return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
+                             {"parameters": result.parameters, "velocity": result.velocity})
 
     @rpc
     def GetServerInfo(self, request, context):
@@ -87,7 +86,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO,
             planner_hvp_ratio=engine.HVP_COST_RATIO)
 
-    def _differentiate(self, request, check) -> pb.DifferentiateResponse:
+    def _differentiate(self, request, check) -> TensorMessage:
         graph_id, plan = self.registry.resolve(request, check)
         limit = self.limits.max_tensor_elements
         mode = mode_name(request.mode)
@@ -96,24 +95,21 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         if request.HasField("second_order"):
             return self._second_order(request, graph_id, plan, mode, check)
         result = plan.differentiate(
-            from_tensors(request.inputs, "inputs", limit),
-            wrt=tuple(request.wrt) or None, of=tuple(request.of) or None, mode=mode,
-            tangents=from_tensors(request.tangents, "tangents", limit),
-            cotangents=from_tensors(request.cotangents, "cotangents", limit),
+            request.inputs, wrt=tuple(request.wrt) or None, of=tuple(request.of) or None,
+            mode=mode, tangents=request.tangents, cotangents=request.cotangents,
             trace=request.trace, check=check, **self._run_limits,
             residuals=(self.residuals.get(request.residuals, graph_id)
                        if request.residuals else None),
             max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None)
         return differentiate_response(result, graph_id, request.request_id)
 
-    def _second_order(self, request, graph_id, plan, mode, check) -> pb.DifferentiateResponse:
+    def _second_order(self, request, graph_id, plan, mode, check) -> TensorMessage:
         for field in ("tangents", "cotangents", "trace", "residuals"):
             if getattr(request, field):
                 raise BadRequest(f"second_order cannot be combined with {field}", field=field)
         limit = self.limits.max_tensor_elements
         result = plan.second_order(
-            from_tensors(request.inputs, "inputs", limit),
-            vectors=from_tensors(request.second_order.vectors, "vectors", limit),
+            request.inputs, vectors=request.second_order.vectors,
             hessian=request.second_order.hessian, of=tuple(request.of) or None,
             wrt=tuple(request.wrt) or None, mode=mode, check=check, max_block_elements=limit,
             **self._run_limits)
