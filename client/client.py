@@ -8,7 +8,8 @@ the client did not cause (a server shutting down reports some calls so), are
 retried with exponential backoff; every call, and every reply on a stream, has a
 deadline.
 Arrays in results are read-only views of the received bytes (np.array(a) makes
-a writable copy).
+a writable copy): requests and replies carrying tensors are written and read by
+gradserve.v1.tensor_wire, without protobuf's copies of the tensor data.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ import numpy as np
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
-from gradserve.v1.codec import fill_tensors, from_tensor, from_tensors
+from gradserve.v1.codec import from_tensor
 from gradserve.v1.modes import WIRE_MODES, mode_name
+from gradserve.v1.tensor_wire import TensorMessage, decode
 
 from .builder import GraphBuilder
 from .render import trace_dot
@@ -110,15 +112,17 @@ class TrainStepsResult:
     losses: list
 
 
-def result_from_proto(reply: pb.DifferentiateResponse) -> Result:
+def result_from_proto(reply) -> Result:
+    """The Result of a DifferentiateResponse: a generated message, or a TensorMessage
+    as the Client receives it."""
+    if not isinstance(reply, TensorMessage):
+        reply = decode(pb.DifferentiateResponse, reply.SerializeToString())
     p = reply.planner
     has_trace = reply.HasField("trace")
     return Result(
-        outputs=from_tensors(reply.outputs, "outputs"),
-        jacobian={(b.of, b.wrt): from_tensor(b.value, f"jacobian[{b.of}, {b.wrt}]")
-                  for b in reply.jacobian},
-        tangents=from_tensors(reply.tangents, "tangents"),
-        cotangents=from_tensors(reply.cotangents, "cotangents"),
+        outputs=reply.outputs,
+        jacobian={(b.of, b.wrt): value for b, value in reply.jacobian},
+        tangents=reply.tangents, cotangents=reply.cotangents,
         mode=mode_name(reply.mode) or "",
         planner=PlannerDecision(mode_name(p.mode) or "", p.n, p.m, p.cost_forward,
                                 p.cost_reverse, p.reason),
@@ -202,6 +206,7 @@ class Client:
         self._channel = (grpc.secure_channel(target, tls.credentials(), channel_options) if tls
                          else grpc.insecure_channel(target, channel_options))
         self._stub = pb_grpc.GradientServiceStub(self._channel)
+        self._tensor_stub = _TensorStub(self._channel)
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
         self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
         self._lock = threading.Lock()
@@ -229,10 +234,8 @@ class Client:
 
     def evaluate(self, graph, inputs: Mapping[str, np.ndarray]) -> dict:
         """Output values: name -> array."""
-        request = pb.EvaluateRequest()
-        fill_tensors(request.inputs, inputs)
-        reply = self._by_id(self._stub.Evaluate, graph, request)
-        return from_tensors(reply.outputs, "outputs")
+        request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
+        return self._by_id(self._tensor_stub.Evaluate, graph, request).outputs
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
                       mode: str = "auto", tangents=None, cotangents=None,
@@ -246,7 +249,8 @@ class Client:
         """
         request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
                                               trace)
-        return result_from_proto(self._by_id(self._stub.Differentiate, graph, request))
+        return result_from_proto(self._by_id(self._tensor_stub.Differentiate, graph,
+                                             request))
 
     def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto") -> dict:
         """Jacobian blocks: (of, wrt) -> array shaped of.shape + wrt.shape."""
@@ -276,9 +280,10 @@ class Client:
         again with the inputs, transparently."""
         if residuals:
             request = self._differentiate_request({}, wrt, None, "auto", None, cotangents)
-            request.residuals = residuals
+            request.message.residuals = residuals
             try:
-                r = result_from_proto(self._by_id(self._stub.Differentiate, graph, request))
+                r = result_from_proto(self._by_id(self._tensor_stub.Differentiate, graph,
+                                                  request))
                 return r.outputs, r.cotangents
             except grpc.RpcError as err:
                 if not _residuals_gone(err):
@@ -290,10 +295,9 @@ class Client:
         """Output values, and the handle of what the server kept for a following
         `vjp(graph, inputs, cotangents, residuals=handle)`, which then skips the
         forward sweep ("" when the server kept nothing: the vjp recomputes)."""
-        request = pb.EvaluateRequest(keep_residuals=True)
-        fill_tensors(request.inputs, inputs)
-        reply = self._by_id(self._stub.Evaluate, graph, request)
-        return from_tensors(reply.outputs, "outputs"), reply.residuals
+        request = TensorMessage(pb.EvaluateRequest(keep_residuals=True), {"inputs": inputs})
+        reply = self._by_id(self._tensor_stub.Evaluate, graph, request)
+        return reply.outputs, reply.residuals
 
     def hvp(self, graph, inputs, vectors, *, of: str | None = None,
             wrt=None) -> tuple[dict, dict]:
@@ -301,7 +305,7 @@ class Client:
         (gradient, Hessian-vector products), dicts by wrt input name. `vectors` has one
         array per wrt input (default wrt: its keys), shaped like the input or with a
         leading axis of k directions (the products come batched the same way)."""
-        reply = self._by_id(self._stub.Differentiate, graph,
+        reply = self._by_id(self._tensor_stub.Differentiate, graph,
                             self._second_order_request(inputs, of, wrt, vectors=vectors))
         return _gradient_and_hvp(reply)
 
@@ -309,7 +313,7 @@ class Client:
         """The Hessian of the scalar output `of` (default: the graph's only output):
         blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
         every floating input)."""
-        reply = self._by_id(self._stub.Differentiate, graph,
+        reply = self._by_id(self._tensor_stub.Differentiate, graph,
                             self._second_order_request(inputs, of, wrt, hessian=True))
         return _hessian_blocks(reply)
 
@@ -322,15 +326,12 @@ class Client:
         leading axis. Returns the parameters and momentum buffers after the K steps
         and the K losses; nothing changes on the server, so a failed call can simply
         be made again."""
-        request = pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
-                                       momentum=momentum)
-        fill_tensors(request.parameters, parameters)
-        fill_tensors(request.batches, batches)
-        if velocity:
-            fill_tensors(request.velocity, velocity)
-        reply = self._by_id(self._stub.TrainSteps, graph, request)
-        return TrainStepsResult(from_tensors(reply.parameters, "parameters"),
-                                from_tensors(reply.velocity, "velocity"), list(reply.losses))
+        request = TensorMessage(
+            pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
+                                 momentum=momentum),
+            {"parameters": parameters, "batches": batches, "velocity": velocity or None})
+        reply = self._by_id(self._tensor_stub.TrainSteps, graph, request)
+        return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses))
 
     def stream(self, graph) -> "DifferentiateSession":
         """Many Differentiate steps of one graph over one DifferentiateStream (see
@@ -346,24 +347,18 @@ class Client:
         request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=WIRE_MODES[mode],
                                           request_id=str(next(self._request_ids)),
                                           trace=trace)
-        fill_tensors(request.inputs, inputs)
-        if tangents is not None:
-            fill_tensors(request.tangents, tangents)
-        if cotangents is not None:
-            fill_tensors(request.cotangents, cotangents)
-        return request
+        return TensorMessage(request, {"inputs": inputs, "tangents": tangents,
+                                       "cotangents": cotangents})
 
     def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False):
         request = pb.DifferentiateRequest(
             wrt=[wrt] if isinstance(wrt, str) else wrt or (),
             of=[of] if isinstance(of, str) else of or (),
             request_id=str(next(self._request_ids)))
-        fill_tensors(request.inputs, inputs)
         request.second_order.SetInParent()  # present even when empty: second order
         request.second_order.hessian = hessian
-        if vectors is not None:
-            fill_tensors(request.second_order.vectors, vectors)
-        return request
+        return TensorMessage(request, {"inputs": inputs,
+                                       "second_order": {"vectors": vectors}})
 
     def _register(self, graph, force=False) -> str:
         data, key = _serialized(graph)
@@ -384,7 +379,7 @@ class Client:
         on another replica, so the next INLINE_AFTER_NOT_FOUND calls go inline too,
         which teaches every replica in the rotation."""
         if isinstance(graph, str):
-            request.graph_id = graph
+            request.message.graph_id = graph
             return self._call(method, request)
         key = _serialized(graph)[1]
         with self._lock:
@@ -392,7 +387,7 @@ class Client:
             if inline:
                 self._inline_left[key] = inline - 1
         if not inline:
-            request.graph_id = self._register(graph)
+            request.message.graph_id = self._register(graph)
             try:
                 return self._call(method, request)
             except grpc.RpcError as err:
@@ -400,7 +395,7 @@ class Client:
                     raise
             with self._lock:
                 self._inline_left[key] = INLINE_AFTER_NOT_FOUND
-        request.graph.CopyFrom(_graph_proto(graph))
+        request.message.graph.CopyFrom(_graph_proto(graph))
         return self._call(method, request)
 
     def _call(self, method, request):
@@ -439,13 +434,30 @@ def _residuals_gone(err: grpc.RpcError) -> bool:
             and (err.details() or "").startswith("residuals"))
 
 
-def _gradient_and_hvp(reply: pb.DifferentiateResponse) -> tuple[dict, dict]:
-    return from_tensors(reply.gradient, "gradient"), from_tensors(reply.hvp, "hvp")
+def _gradient_and_hvp(reply: TensorMessage) -> tuple[dict, dict]:
+    return reply.gradient, reply.hvp
 
 
-def _hessian_blocks(reply: pb.DifferentiateResponse) -> dict:
-    return {(b.wrt_a, b.wrt_b): from_tensor(b.value, f"hessian[{b.wrt_a}, {b.wrt_b}]")
-            for b in reply.hessian}
+def _hessian_blocks(reply: TensorMessage) -> dict:
+    return {(b.wrt_a, b.wrt_b): value for b, value in reply.hessian}
+
+
+class _TensorStub:
+    """GradientService's methods carrying tensors, with gradserve.v1.tensor_wire as their
+    serializers: TensorMessage requests in, TensorMessage replies out."""
+
+    def __init__(self, channel: grpc.Channel):
+        def method(kind, name, reply_type):
+            return getattr(channel, kind)(
+                f"/gradserve.v1.GradientService/{name}",
+                request_serializer=TensorMessage.SerializeToString,
+                response_deserializer=lambda data: decode(reply_type, data),
+                _registered_method=True)
+        self.Evaluate = method("unary_unary", "Evaluate", pb.EvaluateResponse)
+        self.Differentiate = method("unary_unary", "Differentiate", pb.DifferentiateResponse)
+        self.DifferentiateStream = method("stream_stream", "DifferentiateStream",
+                                          pb.DifferentiateResponse)
+        self.TrainSteps = method("unary_unary", "TrainSteps", pb.TrainStepsResponse)
 
 
 def _graph_proto(graph) -> graph_pb2.Graph:
@@ -488,7 +500,7 @@ class DifferentiateSession:
 
     def _open(self) -> None:
         self._graph_id = self._client._register(self._graph)
-        self._stream = _Stream(self._client._stub, self._client._metadata)
+        self._stream = _Stream(self._client._tensor_stub, self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False) -> Result:
@@ -506,7 +518,7 @@ class DifferentiateSession:
         return _hessian_blocks(self._exchange(
             self._client._second_order_request(inputs, of, wrt, hessian=True)))
 
-    def _exchange(self, request) -> pb.DifferentiateResponse:
+    def _exchange(self, request) -> TensorMessage:
         """Send one request and return its reply, retrying as the class says."""
         delay, retried, resent_inline, reopened = self._client.backoff, 0, False, False
         while True:
@@ -527,15 +539,15 @@ class DifferentiateSession:
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
 
-    def _send(self, request) -> pb.DifferentiateResponse:
+    def _send(self, request) -> TensorMessage:
         if self._stream is not None and self._stream.ended():
             self._end_stream()  # the server ended it meanwhile (idle for too long)
         if self._stream is None:
             self._open()
         if self._inline:  # the first request of a reopened stream teaches its replica
-            request.graph.CopyFrom(_graph_proto(self._graph))
+            request.message.graph.CopyFrom(_graph_proto(self._graph))
         else:
-            request.graph_id = self._graph_id
+            request.message.graph_id = self._graph_id
         reply = self._stream.exchange(request, self._client.timeout)
         self._inline = False
         return reply
@@ -576,7 +588,7 @@ class _Stream:
     """One DifferentiateStream call. A thread moves its replies (and its final error)
     to a queue, so that waiting for a reply can time out."""
 
-    def __init__(self, stub: pb_grpc.GradientServiceStub, metadata):
+    def __init__(self, stub: _TensorStub, metadata):
         self._requests: queue.Queue = queue.Queue()
         self._call = stub.DifferentiateStream(iter(self._requests.get, _STREAM_END),
                                               metadata=metadata)
@@ -593,7 +605,7 @@ class _Stream:
         except grpc.RpcError as err:
             self._replies.put(err)
 
-    def exchange(self, request, timeout: float) -> pb.DifferentiateResponse:
+    def exchange(self, request, timeout: float) -> TensorMessage:
         """Send `request` and return its reply; DEADLINE_EXCEEDED after `timeout` s."""
         self._requests.put(request)
         try:

@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import TensorError, array_from, wire_array
@@ -166,6 +167,8 @@ def _prepare(fields: _Fields, tensors: dict) -> dict:
     number -> (fields, prepared) (its other fields are known only when it is written)."""
     written = {}
     for name, value in tensors.items():
+        if value is None:
+            continue
         number, kind, detail = fields.by_name[name]
         if kind == "map":
             written[number] = _map_pieces(number, name, value)
@@ -308,12 +311,15 @@ def _split(buf: bytes, view: memoryview, i: int, end: int, fields: _Fields,
     nested: dict = {}
     while i < end:
         start = i
-        key, i = _varint(buf, i, end, prefix + "message")
-        number, wire = key >> 3, key & 7
-        spec = by_number.get(number) if wire == 2 else None
-        if spec is None:
-            i = _skip(buf, i, end, wire, prefix + fields.names.get(number, f"field {number}"))
-            continue
+        try:  # outside the tensor fields, malformed bytes are protobuf's kind of error
+            key, i = _varint(buf, i, end, prefix + "message")
+            number, wire = key >> 3, key & 7
+            spec = by_number.get(number) if wire == 2 else None
+            if spec is None:
+                i = _skip(buf, i, end, wire, prefix + fields.names.get(number, f"field {number}"))
+                continue
+        except TensorError as err:
+            raise DecodeError(str(err)) from None
         kind, name, detail = spec
         length, i = _varint(buf, i, end, prefix + name)
         if length > end - i:
