@@ -325,15 +325,18 @@ def _split(buf: bytes, view: memoryview, i: int, end: int, fields: _Fields,
         if length > end - i:
             raise TensorError(prefix + name, f"a length prefix of {length:,} bytes runs past "
                               f"the end of the message ({end - i:,} bytes left)")
+        if kind == "map":
+            entry = _entry(buf, view, i, i + length, name)
+            if entry is None:  # kept as an unknown field of the message, as upb keeps it
+                i += length
+                continue
+            raw.setdefault(name, {})[entry[0]] = entry[1]  # the last of a key wins
         if start > run:
             rest.append(view[run:start])
         run = i + length
-        if kind == "map":
-            entry_key, parts = _entry(buf, view, i, run, name)
-            raw.setdefault(name, {})[entry_key] = parts  # the last of a key wins, as in protobuf
-        elif kind == "block":
+        if kind == "block":
             raw.setdefault(name, []).append(_block(buf, view, i, run, name, *detail))
-        else:
+        elif kind == "nested":
             nested.setdefault(number, []).append((i, run))
         i = run
     if end > run:
@@ -352,13 +355,16 @@ def _split(buf: bytes, view: memoryview, i: int, end: int, fields: _Fields,
 
 
 def _entry(buf, view, i: int, end: int, name: str):
-    """A map<string, Tensor> entry: (key, (code, shape, data))."""
-    key, tensor, where = b"", (0, [], b""), name
+    """A map<string, Tensor> entry: (key, (code, shape, data)); None for an entry holding
+    unknown fields, which protobuf (upb) keeps whole as an unknown field of the message
+    rather than in the map."""
+    key, tensor, where, unknown = b"", (0, [], b""), name, False
     while i < end:
         k, i = _varint(buf, i, end, where)
         number, wire = k >> 3, k & 7
         if wire != 2 or number not in (1, 2):
             i = _skip(buf, i, end, wire, where)
+            unknown = True
             continue
         length, i = _varint(buf, i, end, where)
         if length > end - i:
@@ -373,6 +379,8 @@ def _entry(buf, view, i: int, end: int, name: str):
         else:
             tensor = _tensor(buf, view, i, i + length, where, tensor)
         i += length
+    if unknown:
+        return None
     code, shape, data = tensor
     return key.decode(), (code, tuple(shape), data)
 
