@@ -20,12 +20,15 @@ Measured, in one run, against the echo as baseline (PERF-NOTES.md, "Transport"):
   P7  x float32 [4194304] (16 MiB) in, gradient of sum(x*x) (= 2x, checked) out:
       MB/s = (serialized request bytes + serialized reply bytes) / median round
       trip, 1 MB = 1e6 bytes (gRPC/HTTP2 framing not counted); target >= 0.8x
-      the echo's MB/s for the same sizes, best client configuration on each
-      side: for gradserve the faster of the sync Client and a grpc.aio client
-      doing the same work (numpy in, Result out), for the echo the faster of
-      sync and grpc.aio. Rows with a pre-built request split client-side from
-      server-side cost. Repeated, as a reported variant only, with both servers
-      started under MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_.
+      the raw-bytes echo's MB/s for the same sizes (no protobuf work: the floor),
+      best client configuration on each side: for gradserve the faster of the sync
+      Client and a grpc.aio client doing the same work through
+      gradserve.v1.tensor_wire (numpy in, Result out), for the echo the faster of
+      sync and grpc.aio. The protobuf Tensor echo is reported beside it. Rows with
+      a pre-built request split client-side from server-side cost. Repeated, as a
+      reported variant only, with both servers started under
+      MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_. The gradserve server runs with
+      one BLAS thread, as `gradserve serve --blas-threads 1` (the default).
 
 Rounds of the configurations are interleaved so drift on the shared machine
 hits every row alike; quote the ratios, not the absolute figures. The CPU
@@ -55,11 +58,12 @@ import grpc
 import numpy as np
 
 from gradserve.client import Client, GraphBuilder
-from gradserve.client.client import MAX_MESSAGE_BYTES, result_from_proto
+from gradserve.client.client import MAX_MESSAGE_BYTES, _TensorStub, result_from_proto
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import tensor_pb2
 from gradserve.v1.codec import fill_tensors
+from gradserve.v1.tensor_wire import TensorMessage
 
 ECHO_SERVICE = "bench.Echo"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
@@ -79,6 +83,8 @@ def _serve(kind: str, max_workers: int, conn, profile_path: str | None) -> None:
 
     limits = Limits()
     if kind == "gradserve":
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")  # gradserve serve's --blas-threads 1
         server = create_server("127.0.0.1:0", limits, max_workers=max_workers).start()
         port, stop = server.port, lambda: server.stop(grace=1.0)
     else:
@@ -261,8 +267,13 @@ class Echo:
 
 
 async def aio_differentiate(stub, graph_id: str, inputs: dict):
-    """What an aio Client.differentiate would do: numpy in, request built, Result out."""
-    request = differentiate_request(graph_id, inputs)
+    """What an aio Client.differentiate would do: numpy in, request built, Result out;
+    `stub` a _TensorStub on an aio channel (tensor_wire) or the generated stub."""
+    if isinstance(stub, _TensorStub):
+        request = TensorMessage(pb.DifferentiateRequest(graph_id=graph_id, request_id="1"),
+                                {"inputs": inputs})
+    else:
+        request = differentiate_request(graph_id, inputs)
     return result_from_proto(await stub.Differentiate(request, timeout=30.0))
 
 
@@ -545,11 +556,12 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
 
     async def make_aio():
         channel = grpc.aio.insecure_channel(gs.address, options=CHANNEL_OPTIONS)
-        aio_stub = pb_grpc.GradientServiceStub(channel)
-        checked(await aio_differentiate(aio_stub, graph_id, inputs))
-        return (channel, aio_stub, *echo.aio())
+        aio_stub, aio_tensor_stub = pb_grpc.GradientServiceStub(channel), _TensorStub(channel)
+        checked(await aio_differentiate(aio_tensor_stub, graph_id, inputs))
+        return (channel, aio_stub, aio_tensor_stub, *echo.aio())
 
-    channel, aio_stub, echo_channel, aio_tensor, aio_bytes = loop.run(make_aio())
+    (channel, aio_stub, aio_tensor_stub, echo_channel, aio_tensor,
+     aio_bytes) = loop.run(make_aio())
     g, e = gs.process.pid, echo.pid
     rows = {
         "gradserve Client.differentiate (sync)":
@@ -557,7 +569,7 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
         "gradserve sync stub, pre-built request":
             ("sync", lambda: stub.Differentiate(request), g),
         "gradserve grpc.aio: build request + Result":
-            ("aio", lambda: aio_differentiate(aio_stub, graph_id, inputs), g),
+            ("aio", lambda: aio_differentiate(aio_tensor_stub, graph_id, inputs), g),
         "gradserve grpc.aio stub, pre-built request":
             ("aio", lambda: aio_stub.Differentiate(request), g),
         "echo Tensor, sync": ("sync", lambda: echo.tensor(big_tensor), e),
@@ -580,11 +592,11 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
     # the pre-built rows split client-side from server-side cost.
     best_gs = max((mbps(n), n) for n in ("gradserve Client.differentiate (sync)",
                                          "gradserve grpc.aio: build request + Result"))
-    best_echo = max((mbps(n), n) for n in rows if n.startswith("echo Tensor"))
+    best_echo = max((mbps(n), n) for n in rows if n.startswith("echo raw bytes"))
     print_table(f"P7 16 MiB gradient, {label} (request {req_size:,} B, reply {rep_size:,} B; "
                 f"MB/s = (request + reply bytes) / median round trip, 1 MB = 1e6 B; "
                 f"median of {rounds})",
-                ("configuration", "median ms", "MB/s", "vs best echo Tensor",
+                ("configuration", "median ms", "MB/s", "vs best echo raw bytes",
                  "server CPU ms", "client CPU ms"),
                 [(n, f"{t * 1e3:.1f}", f"{mbps(n):.0f}", f"{mbps(n) / best_echo[0]:.2f}x",
                   f"{scpu * 1e3:.1f}", f"{ccpu * 1e3:.1f}")
@@ -645,6 +657,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
     parser.add_argument("--max-workers", type=int, default=16,
                         help="thread pool size of both servers (create_server's default)")
+    parser.add_argument("--only-p7", action="store_true",
+                        help="only P7 and its malloc variant (skip P5 and P6)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the gradserve server for P5 and P7 instead")
     args = parser.parse_args(argv)
@@ -662,10 +676,11 @@ def main(argv=None) -> None:
     lines = []
     with servers(args.max_workers) as (gs, echo_server):
         echo = Echo(echo_server.address, echo_server.process.pid)
-        client, *shared, p5 = bench_latency(gs, echo, loop, args.quick)
-        lines.append(p5)
-        lines.append(bench_throughput(gs, echo, loop, args.quick, client, *shared))
-        client.close()
+        if not args.only_p7:
+            client, *shared, p5 = bench_latency(gs, echo, loop, args.quick)
+            lines.append(p5)
+            lines.append(bench_throughput(gs, echo, loop, args.quick, client, *shared))
+            client.close()
         (gs_mbps, gs_name), (echo_mbps, echo_name) = bench_large(
             gs, echo, loop, args.quick, "servers at default malloc settings")
         echo.close()

@@ -50,7 +50,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         graph_id, plan = self.registry.resolve(request, check)
         reply = pb.EvaluateResponse(graph_id=graph_id)
         if request.keep_residuals:
-            kept = plan.residuals(request.inputs, check=check, **self._run_limits)
+            # Kept inputs are copied: a view would pin the whole request (an inline graph
+            # too) while the store counts only the array's bytes.
+            inputs = {name: a.copy() for name, a in request.inputs.items()}
+            kept = plan.residuals(inputs, check=check, **self._run_limits)
             outputs, reply.residuals = kept.outputs, self.residuals.keep(graph_id, kept)
         else:
             outputs = plan.evaluate(request.inputs, check=check, **self._run_limits)
