@@ -87,7 +87,13 @@ def _fields(descriptor, layout: Layout) -> _Fields:
 
 
 def _fields_of(message_type) -> _Fields:
-    return _fields(message_type.DESCRIPTOR, LAYOUTS[message_type])
+    fields = _FIELDS.get(message_type)
+    if fields is None:
+        fields = _FIELDS[message_type] = _fields(message_type.DESCRIPTOR, LAYOUTS[message_type])
+    return fields
+
+
+_FIELDS: dict = {}  # by message type: looked up on every message
 
 
 class TensorMessage:
