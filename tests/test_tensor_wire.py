@@ -173,7 +173,8 @@ def test_a_field_sent_in_pieces_merges_as_protobuf_merges_it():
     """Occurrences of a message field merge: a Tensor value sent in two pieces (dtype and
     shape, then data) and second_order sent twice."""
     x = np.float64([1.0, 2.0])
-    entry = field(1, b"x") + field(2, b"\x08\x02" + field(2, b"\x02")) + field(2, field(3, x.tobytes()))
+    entry = (field(1, b"x") + field(2, b"\x08\x02" + field(2, b"\x02"))
+             + field(2, field(3, x.tobytes())))
     vectors = field(1, field(1, b"x") + field(2, b"\x08\x02" + field(2, b"\x02")
                                           + field(3, x.tobytes())))
     data = field(3, entry) + field(11, vectors) + field(11, b"\x10\x01")

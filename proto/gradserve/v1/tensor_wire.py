@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
 from gradserve.v1 import gradient_service_pb2 as pb
@@ -60,13 +61,13 @@ class _Fields:
         by_name = descriptor.fields_by_name
         self.names = {f.number: f.name for f in descriptor.fields}
         self.by_number = {}
-        self.by_name = {}
         for kind, names in (("map", layout.maps), ("block", layout.blocks)):
             for name in names:
                 detail = None
                 if kind == "block":
                     block = by_name[name].message_type
-                    detail = (block.fields_by_name["value"].number, _message_class(block))
+                    detail = (block.fields_by_name["value"].number,
+                              message_factory.GetMessageClass(block))
                 self.by_number[by_name[name].number] = (kind, name, detail)
         for name, sub in layout.nested:
             detail = _fields(by_name[name].message_type, sub)
@@ -74,11 +75,6 @@ class _Fields:
         self.by_name = {name: (number, kind, detail)
                         for number, (kind, name, detail) in self.by_number.items()}
         self.layout = layout
-
-
-def _message_class(descriptor):
-    from google.protobuf import message_factory
-    return message_factory.GetMessageClass(descriptor)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,7 +314,11 @@ def _split(buf: bytes, view: memoryview, i: int, end: int, fields: _Fields,
     while i < end:
         start = i
         try:  # outside the tensor fields, malformed bytes are protobuf's kind of error
-            key, i = _varint(buf, i, end, prefix + "message")
+            key = buf[i]  # inside the loop, i < end: most keys take one byte
+            if key < 0x80:
+                i += 1
+            else:
+                key, i = _varint(buf, i, end, prefix + "message")
             number, wire = key >> 3, key & 7
             spec = by_number.get(number) if wire == 2 else None
             if spec is None:
@@ -366,7 +366,11 @@ def _entry(buf, view, i: int, end: int, name: str):
     rather than in the map."""
     key, tensor, where, unknown = b"", (0, [], b""), name, False
     while i < end:
-        k, i = _varint(buf, i, end, where)
+        k = buf[i]  # inside the loop, i < end: most keys take one byte
+        if k < 0x80:
+            i += 1
+        else:
+            k, i = _varint(buf, i, end, where)
         number, wire = k >> 3, k & 7
         if wire != 2 or number not in (1, 2):
             i = _skip(buf, i, end, wire, where)
@@ -396,7 +400,11 @@ def _block(buf, view, i: int, end: int, name: str, value_number: int, block_clas
     rest, tensor, run = [], (0, [], b""), i
     while i < end:
         start = i
-        k, i = _varint(buf, i, end, name)
+        k = buf[i]  # inside the loop, i < end: most keys take one byte
+        if k < 0x80:
+            i += 1
+        else:
+            k, i = _varint(buf, i, end, name)
         number, wire = k >> 3, k & 7
         if number != value_number or wire != 2:
             i = _skip(buf, i, end, wire, name)
@@ -418,7 +426,11 @@ def _tensor(buf, view, i: int, end: int, where: str, tensor):
     a message field merge: dtype and data last one wins, shape entries accumulate)."""
     code, shape, data = tensor
     while i < end:
-        k, i = _varint(buf, i, end, where)
+        k = buf[i]  # inside the loop, i < end: most keys take one byte
+        if k < 0x80:
+            i += 1
+        else:
+            k, i = _varint(buf, i, end, where)
         number, wire = k >> 3, k & 7
         if wire == 0 and number in (1, 2):
             value, i = _varint(buf, i, end, where)
