@@ -451,7 +451,8 @@ class _TensorStub:
             return getattr(channel, kind)(
                 f"/gradserve.v1.GradientService/{name}",
                 request_serializer=TensorMessage.SerializeToString,
-                response_deserializer=lambda data: decode(reply_type, data),
+                response_deserializer=lambda data: decode(reply_type, data,
+                                                          small_by_protobuf=True),
                 _registered_method=True)
         self.Evaluate = method("unary_unary", "Evaluate", pb.EvaluateResponse)
         self.Differentiate = method("unary_unary", "Differentiate", pb.DifferentiateResponse)

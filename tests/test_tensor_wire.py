@@ -19,6 +19,7 @@ from numpy.testing import assert_array_equal
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import tensor_pb2
 from gradserve.v1.codec import DTYPES, fill_tensor, fill_tensors
+from gradserve.v1 import tensor_wire
 from gradserve.v1.tensor_wire import LAYOUTS, TensorMessage, decode, encode
 
 from test_service_errors import INVALID, check_good_request, check_status
@@ -95,31 +96,40 @@ def generated(message_type, tensors: dict):
     return m
 
 
-def assert_same_arrays(got, want, data: bytes):
+def assert_same_arrays(got, want, data: bytes, view: bool = True):
     assert got.dtype == np.asarray(want).dtype and got.shape == np.shape(want)
     assert_array_equal(got, want)
     assert not got.flags.writeable
-    if got.nbytes:  # a view of the received bytes, not a copy
+    if got.nbytes and view:  # a view of the received bytes, not a copy
         assert np.shares_memory(got, np.frombuffer(data, np.uint8))
 
 
-def assert_decoded(decoded: TensorMessage, tensors: dict, data: bytes):
+def assert_decoded(decoded: TensorMessage, tensors: dict, data: bytes, view: bool = True):
     for name, value in tensors.items():
         got = getattr(decoded, name)
         if isinstance(value, list):
             assert [b for b, _ in got] == [b for b, _ in value]
             for (_, a), (_, b) in zip(got, value):
-                assert_same_arrays(a, b, data)
+                assert_same_arrays(a, b, data, view)
         elif isinstance(got, TensorMessage):
             for sub_name, arrays in value.items():
                 sub = getattr(got, sub_name)
                 assert set(sub) == set(arrays)
                 for k in arrays:
-                    assert_same_arrays(sub[k], arrays[k], data)
+                    assert_same_arrays(sub[k], arrays[k], data, view)
         else:
             assert set(got) == set(value)
             for k in value:
-                assert_same_arrays(got[k], value[k], data)
+                assert_same_arrays(got[k], value[k], data, view)
+
+
+@pytest.fixture(params=["joined", "generated"])
+def write_path(request, monkeypatch):
+    """Both ways of writing: arrays joined in (large messages) and the generated code
+    (under SMALL_TENSOR_BYTES); the bytes must be the same."""
+    monkeypatch.setattr(tensor_wire, "SMALL_TENSOR_BYTES",
+                        0 if request.param == "joined" else 1 << 30)
+    return request.param
 
 
 TYPES = list(LAYOUTS)
@@ -127,7 +137,8 @@ TYPES = list(LAYOUTS)
 
 @pytest.mark.parametrize("count", [0, 1, 8])
 @pytest.mark.parametrize("message_type", TYPES, ids=lambda t: t.DESCRIPTOR.name)
-def test_written_bytes_equal_the_generated_deterministic_serialization(message_type, count):
+def test_written_bytes_equal_the_generated_deterministic_serialization(message_type, count,
+                                                                      write_path):
     tensors = random_tensors(message_type, count)
     want = generated(message_type, tensors)
     mine = encode(small_message(message_type), tensors)
@@ -135,14 +146,16 @@ def test_written_bytes_equal_the_generated_deterministic_serialization(message_t
     assert message_type.FromString(mine) == want
 
 
+@pytest.mark.parametrize("small_by_protobuf", [False, True])
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("message_type", TYPES, ids=lambda t: t.DESCRIPTOR.name)
-def test_generated_bytes_decode_to_the_same_arrays_and_fields(message_type, deterministic):
+def test_generated_bytes_decode_to_the_same_arrays_and_fields(message_type, deterministic,
+                                                              small_by_protobuf, write_path):
     tensors = random_tensors(message_type, 8)
     want = generated(message_type, tensors)
     data = want.SerializeToString(deterministic=deterministic)
-    decoded = decode(message_type, data)
-    assert_decoded(decoded, tensors, data)
+    decoded = decode(message_type, data, small_by_protobuf=small_by_protobuf)
+    assert_decoded(decoded, tensors, data, view=not small_by_protobuf)
     assert decoded.message == small_message(message_type)
     assert decoded.SerializeToString() == want.SerializeToString(deterministic=True)
 
@@ -185,7 +198,8 @@ def test_a_field_sent_in_pieces_merges_as_protobuf_merges_it():
     assert_array_equal(decoded.second_order.vectors["x"], x)
 
 
-def test_non_contiguous_and_big_endian_arrays_are_written_as_the_generated_code_writes_them():
+def test_non_contiguous_and_big_endian_arrays_are_written_as_the_generated_code_writes_them(
+        write_path):
     a = np.arange(12, dtype=">f8").reshape(3, 4)[:, ::2]
     want = pb.EvaluateResponse()
     fill_tensors(want.outputs, {"o": a})
