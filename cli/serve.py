@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import threading
@@ -37,6 +38,13 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "(default: %(default)s)")
     serve.add_argument("--port", type=int, default=int(env("PORT", DEFAULT_PORT)),
                        help="port to bind, 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--processes", type=int,
+                       default=int(env("PROCESSES", 0)) or default_processes(), metavar="N",
+                       help="server processes sharing the port (SO_REUSEPORT), each with "
+                            "its own GIL, workers and graph cache; connections, not calls, "
+                            "are spread over them. 1 serves in this process (default: the "
+                            "CPUs this process may use, within a cgroup CPU limit: "
+                            "%(default)s)")
     serve.add_argument("--max-workers", type=int, default=int(env("MAX_WORKERS", 16)),
                        help="threads computing requests; waiting calls and streams hold "
                             "none (default: %(default)s)")
@@ -84,41 +92,81 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                            help=f"default {getattr(defaults, f.name):,}, or GRADSERVE_{f.name.upper()}")
 
 
+def default_processes() -> int:
+    """The CPUs this process may run on (its affinity), fewer under a cgroup v2 CPU
+    limit (a container's --cpus, a pod's limits.cpu), rounded up."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.blas_threads < 0:
         raise SystemExit("gradserve serve: --blas-threads must be >= 0")
-    if args.blas_threads:
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=args.blas_threads, user_api="blas")  # for the process
-    overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
+    if args.processes < 1:
+        raise SystemExit("gradserve serve: --processes must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("gradserve serve: --tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         raise SystemExit("gradserve serve: --tls-client-ca needs --tls-cert and --tls-key")
-    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     try:
         token = read_token(args.auth_token_file) if args.auth_token_file else None
     except TokenFileError as err:
         raise SystemExit(f"gradserve serve: {err}") from None
-    server = create_server(f"{args.host}:{args.port}", Limits.from_env(**overrides),
-                           args.max_workers, not args.no_reflection, token, tls,
-                           event_loop=args.event_loop)
-    return serve_until_signal(server, args.host, args.metrics_port, args.grace,
-                              tls is not None, token is not None, args.drain)
+    if args.processes > 1:
+        from .supervise import supervise
+        return supervise(args, token)
+    return serve_one(args, token)
+
+
+def serve_one(args, token, port: int | None = None, stop: threading.Event | None = None,
+              process: int | None = None, ready=None) -> int:
+    """Serve in this process until SIGTERM or SIGINT (one of --processes when `process`
+    is its index: bound to `port`, metrics labelled with it, `ready()` once serving)."""
+    if args.blas_threads:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=args.blas_threads, user_api="blas")  # for the process
+    overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
+    tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    server = create_server(f"{args.host}:{args.port if port is None else port}",
+                           Limits.from_env(**overrides), args.max_workers,
+                           not args.no_reflection, token, tls, event_loop=args.event_loop)
+    metrics_port = args.metrics_port
+    if metrics_port is not None and process is not None and int(metrics_port):
+        metrics_port = int(metrics_port) + process  # one /metrics per process
+    return serve_until_signal(server, args.host, metrics_port, args.grace,
+                              tls is not None, token is not None, args.drain, stop=stop,
+                              process=process, ready=ready)
 
 
 def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
-                       tls: bool, token: bool, drain: float = DEFAULT_DRAIN) -> int:
-    """Start `server`, run until SIGTERM or SIGINT, then shut down cleanly; the exit code."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM always drains
-        signal.signal(sig, lambda *_: stop.set())
-    server.start(None if metrics_port is None else (host, metrics_port))
+                       tls: bool, token: bool, drain: float = DEFAULT_DRAIN, *,
+                       stop: threading.Event | None = None, process: int | None = None,
+                       ready=None) -> int:
+    """Start `server`, run until SIGTERM or SIGINT (or `stop` is set), then shut down
+    cleanly; the exit code. As one of several processes (`process`, its index), metrics
+    carry a `process` label, and `ready()` replaces the "listening" line, which the
+    supervisor logs once for all."""
+    if stop is None:
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM always drains
+            signal.signal(sig, lambda *_: stop.set())
+    labels = None if process is None else {"process": str(process)}
+    server.start(None if metrics_port is None else (host, int(metrics_port)), labels)
     if server.metrics_port is not None:
-        log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
-    log.warning("gradserve listening on %s:%d%s%s", host, server.port,
-                " (TLS)" if tls else "", " (token required)" if token else "")
+        log.warning("metrics on http://%s:%d/metrics%s", host, server.metrics_port,
+                    "" if process is None else f" (process {process}, pid {os.getpid()})")
+    if ready is not None:
+        ready()
+    else:
+        log.warning("gradserve listening on %s:%d%s%s", host, server.port,
+                    " (TLS)" if tls else "", " (token required)" if token else "")
     stop.wait()
     log.warning("shutting down: health NOT_SERVING, new calls served %gs more, then calls "
                 "in flight finish (up to %gs in all)", min(drain, grace), grace)

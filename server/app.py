@@ -150,10 +150,13 @@ class Server:
         self._loop = loop
         self._stopped = False
 
-    def start(self, metrics_address: tuple[str, int] | None = None) -> "Server":
-        """Start serving; with `metrics_address` (host, port), also Prometheus /metrics."""
+    def start(self, metrics_address: tuple[str, int] | None = None,
+              metrics_labels: dict[str, str] | None = None) -> "Server":
+        """Start serving; with `metrics_address` (host, port), also Prometheus /metrics,
+        every sample carrying `metrics_labels` (e.g. {"process": "0"}) when given."""
         if metrics_address is not None:
-            self.metrics_port = self.servicer.telemetry.serve_metrics(*metrics_address)
+            self.metrics_port = self.servicer.telemetry.serve_metrics(*metrics_address,
+                                                                      labels=metrics_labels)
         self._loop.run(self._start())
         return self
 

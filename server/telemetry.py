@@ -6,7 +6,9 @@ Metrics (on --metrics-port, Prometheus text format at /metrics):
   gradserve_differentiations_total{mode}       Differentiate replies by mode used
   gradserve_graph_cache_graphs, _bytes         compiled graphs cached, their memory
   gradserve_graph_cache_lookups_total{result}  cache hits and misses (hit rate)
-Each server has its own registry, so several servers can live in one process.
+Each server has its own registry, so several servers can live in one process;
+`gradserve serve --processes N` serves one /metrics per process, each sample
+labelled process="I" (see serve_metrics).
 Request logs go to the "gradserve.requests" logger at INFO (quiet by default):
 one JSON object per line with method, graph_id, mode, code and milliseconds.
 """
@@ -44,6 +46,19 @@ class _CacheCollector:
         yield lookups
 
 
+class _Labelled:
+    """`registry`'s metrics with constant `labels` added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        for metric in self.registry.collect():
+            metric.samples = [sample._replace(labels={**sample.labels, **self.labels})
+                              for sample in metric.samples]
+            yield metric
+
+
 class Telemetry:
     def __init__(self, cache):
         self.registry = CollectorRegistry()
@@ -57,9 +72,15 @@ class Telemetry:
         self._http = None
         self._children: dict = {}
 
-    def serve_metrics(self, host: str, port: int) -> int:
-        """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve_metrics(self, host: str, port: int, labels: dict[str, str] | None = None) -> int:
+        """Expose /metrics over HTTP; returns the bound port (0 picks a free one). With
+        `labels`, every sample carries them too (only in what is served: recording a
+        request costs the same)."""
+        registry = self.registry
+        if labels:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Labelled(self.registry, labels))
+        self._http, _ = start_http_server(port, addr=host, registry=registry)
         return self._http.server_port
 
     def close(self) -> None:

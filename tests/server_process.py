@@ -24,11 +24,17 @@ COMMAND = [sys.executable, "-m", "gradserve.cli"]
 # Logged by `gradserve serve` once the port is bound and health is SERVING.
 LISTENING = re.compile(r"gradserve listening on ([^\s:]+):(\d+)")
 METRICS = re.compile(r"metrics on http://[^\s:]+:(\d+)/metrics")
+PROCESS_METRICS = re.compile(r"metrics on http://[^\s:]+:(\d+)/metrics \(process (\d+),")
+# Logged by `gradserve serve --processes N` (N > 1) just before the listening line.
+PIDS = re.compile(r"(\d+) server processes, pids ([\d ]+)")
 
 
 def clean_env(**extra) -> dict:
-    """This environment without GRADSERVE_* variables, plus `extra`."""
+    """This environment without GRADSERVE_* variables but GRADSERVE_PROCESSES=1, plus
+    `extra`: one server process (what most tests measure: its metrics, its memory),
+    unless `--processes N` or `extra` says otherwise."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADSERVE_")}
+    env["GRADSERVE_PROCESSES"] = "1"
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
@@ -95,6 +101,21 @@ class ServerProcess:
     def metrics_port(self, timeout: float = 30.0) -> int:
         """The port of /metrics (with --metrics-port, 0 included)."""
         return int(self.wait_for(METRICS, timeout).group(1))
+
+    def child_pids(self, timeout: float = 30.0) -> list[int]:
+        """The server processes' pids under `--processes N` (N > 1)."""
+        return [int(pid) for pid in self.wait_for(PIDS, timeout).group(2).split()]
+
+    def metrics_ports(self, timeout: float = 30.0) -> dict[int, int]:
+        """Under `--processes N` with --metrics-port: process index -> its /metrics port."""
+        count = len(self.child_pids(timeout))
+        ports = {}
+        for line in self.stderr:
+            match = PROCESS_METRICS.search(line)
+            if match:
+                ports[int(match.group(2))] = int(match.group(1))
+        assert len(ports) == count, self.output()
+        return ports
 
     def terminate(self, timeout: float) -> int:
         """SIGTERM, then the exit code (TimeoutExpired if the process is still running)."""
