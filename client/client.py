@@ -6,7 +6,9 @@ replica answered) the client sends the request once more with the graph
 inline, which that server compiles and caches; UNAVAILABLE, and CANCELLED that
 the client did not cause (a server shutting down reports some calls so), are
 retried with exponential backoff; every call, and every reply on a stream, has a
-deadline.
+deadline. `channels=N` opens N connections and spreads calls over them (a server
+with --processes N gets one per process); `differentiate_async` and
+`evaluate_async` return futures, for many calls in flight without a thread each.
 Arrays in results are read-only views of the received bytes (np.array(a) makes
 a writable copy): requests and replies carrying tensors are written and read by
 gradserve.v1.tensor_wire, without protobuf's copies of the tensor data.
@@ -21,6 +23,7 @@ import queue
 import socket
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -190,12 +193,22 @@ class Client:
     long each time (at most 2 s).
     `token` is sent as `authorization: Bearer <token>`; `tls` (a TLS) makes the
     channel secure.
+
+    `channels` connections are opened (default 1) and calls, retries included, take
+    them in turn. A server's processes (gradserve serve --processes N) are shared
+    out by connection, not by call, so one connection keeps all of one client's
+    calls on one process: raise `channels` to N (or more: the kernel places each
+    connection at random) when this client alone should load all N processes, with
+    several calls in flight (threads, or the *_async methods). One connection is
+    enough for sequential calls, and for many clients, which spread by themselves.
     """
 
     def __init__(self, address: str | Iterable[str] = "127.0.0.1:50051", *,
                  timeout: float = 30.0, retries: int = 5, backoff: float = 0.05,
                  token: str | None = None, tls: TLS | None = None,
-                 options: list | None = None):
+                 options: list | None = None, channels: int = 1):
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, not {channels}")
         target, lb_options = _target(address)
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
@@ -203,10 +216,15 @@ class Client:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *lb_options, *(options or [])]
-        self._channel = (grpc.secure_channel(target, tls.credentials(), channel_options) if tls
-                         else grpc.insecure_channel(target, channel_options))
-        self._stub = pb_grpc.GradientServiceStub(self._channel)
-        self._tensor_stub = _TensorStub(self._channel)
+        if channels > 1:  # else grpc shares one connection between equal channels
+            channel_options.append(("grpc.use_local_subchannel_pool", 1))
+        self._channels = [
+            grpc.secure_channel(target, tls.credentials(), channel_options) if tls
+            else grpc.insecure_channel(target, channel_options) for _ in range(channels)]
+        self._stubs = [_stub(channel) for channel in self._channels]
+        self._stub = self._stubs[0]
+        self._next_stub = itertools.cycle(self._stubs).__next__  # round-robin
+        self._tensor_stub = self._stub
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
         self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
         self._lock = threading.Lock()
@@ -215,7 +233,8 @@ class Client:
     # --- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -226,7 +245,7 @@ class Client:
     # --- calls -------------------------------------------------------------------
 
     def server_info(self) -> pb.GetServerInfoResponse:
-        return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest())
+        return self._call("GetServerInfo", pb.GetServerInfoRequest())
 
     def register(self, graph: GraphBuilder | graph_pb2.Graph) -> str:
         """Register a graph (idempotent) and return its id."""
@@ -235,7 +254,7 @@ class Client:
     def evaluate(self, graph, inputs: Mapping[str, np.ndarray]) -> dict:
         """Output values: name -> array."""
         request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
-        return self._by_id(self._tensor_stub.Evaluate, graph, request).outputs
+        return self._by_id("Evaluate", graph, request).outputs
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
                       mode: str = "auto", tangents=None, cotangents=None,
@@ -249,8 +268,24 @@ class Client:
         """
         request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
                                               trace)
-        return result_from_proto(self._by_id(self._tensor_stub.Differentiate, graph,
-                                             request))
+        return result_from_proto(self._by_id("Differentiate", graph, request))
+
+    def differentiate_async(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None,
+                            of=None, mode: str = "auto", tangents=None, cotangents=None,
+                            trace: bool = False) -> Future:
+        """As `differentiate`, without waiting: a concurrent.futures.Future of the Result
+        (or of the grpc.RpcError, with its code(), once retries are spent). Retries and
+        the NOT_FOUND resend are those of `differentiate`; no thread waits for the call,
+        and the reply is decoded on grpc's thread. The first call with a graph this
+        client has not registered registers it, waiting for that."""
+        request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
+                                              trace)
+        return self._by_id_async("Differentiate", graph, request, result_from_proto)
+
+    def evaluate_async(self, graph, inputs: Mapping[str, np.ndarray]) -> Future:
+        """As `evaluate`, without waiting: a Future of the outputs (see differentiate_async)."""
+        request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
+        return self._by_id_async("Evaluate", graph, request, lambda reply: reply.outputs)
 
     def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto") -> dict:
         """Jacobian blocks: (of, wrt) -> array shaped of.shape + wrt.shape."""
@@ -282,8 +317,7 @@ class Client:
             request = self._differentiate_request({}, wrt, None, "auto", None, cotangents)
             request.message.residuals = residuals
             try:
-                r = result_from_proto(self._by_id(self._tensor_stub.Differentiate, graph,
-                                                  request))
+                r = result_from_proto(self._by_id("Differentiate", graph, request))
                 return r.outputs, r.cotangents
             except grpc.RpcError as err:
                 if not _residuals_gone(err):
@@ -296,7 +330,7 @@ class Client:
         `vjp(graph, inputs, cotangents, residuals=handle)`, which then skips the
         forward sweep ("" when the server kept nothing: the vjp recomputes)."""
         request = TensorMessage(pb.EvaluateRequest(keep_residuals=True), {"inputs": inputs})
-        reply = self._by_id(self._tensor_stub.Evaluate, graph, request)
+        reply = self._by_id("Evaluate", graph, request)
         return reply.outputs, reply.residuals
 
     def hvp(self, graph, inputs, vectors, *, of: str | None = None,
@@ -305,7 +339,7 @@ class Client:
         (gradient, Hessian-vector products), dicts by wrt input name. `vectors` has one
         array per wrt input (default wrt: its keys), shaped like the input or with a
         leading axis of k directions (the products come batched the same way)."""
-        reply = self._by_id(self._tensor_stub.Differentiate, graph,
+        reply = self._by_id("Differentiate", graph,
                             self._second_order_request(inputs, of, wrt, vectors=vectors))
         return _gradient_and_hvp(reply)
 
@@ -313,7 +347,7 @@ class Client:
         """The Hessian of the scalar output `of` (default: the graph's only output):
         blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
         every floating input)."""
-        reply = self._by_id(self._tensor_stub.Differentiate, graph,
+        reply = self._by_id("Differentiate", graph,
                             self._second_order_request(inputs, of, wrt, hessian=True))
         return _hessian_blocks(reply)
 
@@ -330,7 +364,7 @@ class Client:
             pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
                                  momentum=momentum),
             {"parameters": parameters, "batches": batches, "velocity": velocity or None})
-        reply = self._by_id(self._tensor_stub.TrainSteps, graph, request)
+        reply = self._by_id("TrainSteps", graph, request)
         return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses))
 
     def stream(self, graph) -> "DifferentiateSession":
@@ -366,50 +400,127 @@ class Client:
             known = self._ids.get(key)
         if known is not None and not force:
             return known
-        graph_id = self._call(self._stub.RegisterGraph,
+        graph_id = self._call("RegisterGraph",
                               pb.RegisterGraphRequest(graph=_graph_proto(graph))).graph_id
         with self._lock:
             self._ids[key] = graph_id
         return graph_id
 
-    def _by_id(self, method, graph, request):
-        """Send by graph id. On NOT_FOUND (a restarted server, or a replica that has not
-        seen the graph) send the graph inline instead: the replica that answers compiles
-        and caches it under the same id. Behind a round-robin balancer the retry lands
-        on another replica, so the next INLINE_AFTER_NOT_FOUND calls go inline too,
-        which teaches every replica in the rotation."""
+    def _by_id(self, method: str, graph, request):
+        """Send by graph id. On NOT_FOUND (a restarted server, or a replica or server
+        process that has not seen the graph) send the graph inline instead: the one that
+        answers compiles and caches it under the same id. Behind a round-robin balancer
+        the retry lands on another replica, so the next INLINE_AFTER_NOT_FOUND calls go
+        inline too, which teaches every replica in the rotation."""
+        key = self._address_graph(graph, request)
+        try:
+            return self._call(method, request)
+        except grpc.RpcError as err:
+            if not self._resend_inline(err, key, graph, request):
+                raise
+        return self._call(method, request)
+
+    def _by_id_async(self, method: str, graph, request, convert) -> Future:
+        """_by_id without waiting: a Future of convert(reply)."""
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            key = self._address_graph(graph, request)
+        except BaseException as exc:  # e.g. registering the graph failed
+            future.set_exception(exc)
+            return future
+
+        def not_found(err) -> bool:
+            if not self._resend_inline(err, key, graph, request):
+                return False
+            self._call_async(method, request, future, convert)
+            return True
+        self._call_async(method, request, future, convert, not_found)
+        return future
+
+    def _address_graph(self, graph, request) -> str | None:
+        """Put the graph's id in `request` (registering the graph if new), or the graph
+        itself after a NOT_FOUND (see _by_id); the graph's key when sent by id."""
         if isinstance(graph, str):
             request.message.graph_id = graph
-            return self._call(method, request)
+            return None
         key = _serialized(graph)[1]
         with self._lock:
             inline = self._inline_left.get(key, 0)
             if inline:
                 self._inline_left[key] = inline - 1
-        if not inline:
-            request.message.graph_id = self._register(graph)
-            try:
-                return self._call(method, request)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND or _residuals_gone(err):
-                    raise
-            with self._lock:
-                self._inline_left[key] = INLINE_AFTER_NOT_FOUND
-        request.message.graph.CopyFrom(_graph_proto(graph))
-        return self._call(method, request)
+        if inline:
+            request.message.graph.CopyFrom(_graph_proto(graph))
+            return None
+        request.message.graph_id = self._register(graph)
+        return key
 
-    def _call(self, method, request):
-        delay = self.backoff
+    def _resend_inline(self, err: grpc.RpcError, key: str | None, graph, request) -> bool:
+        """After a call by id failed with `err`: if the server did not know the graph,
+        put the graph inline in `request` (and in the next calls') and say so."""
+        if key is None or err.code() != grpc.StatusCode.NOT_FOUND or _residuals_gone(err):
+            return False
+        with self._lock:
+            self._inline_left[key] = INLINE_AFTER_NOT_FOUND
+        request.message.graph.CopyFrom(_graph_proto(graph))
+        return True
+
+    def _retry_delay(self, err: grpc.RpcError, started: float, attempt: int) -> float | None:
+        """Seconds to wait before attempt `attempt` + 1 of a call begun at `started`
+        (time.monotonic) that failed with `err`, or None: give up."""
+        if attempt >= self.retries or not _retryable(err, time.monotonic() - started
+                                                     < 0.9 * self.timeout):
+            return None
+        return min(self.backoff * 2 ** attempt, 2.0)
+
+    def _call(self, method: str, request):
+        """One call of `method` with the retry policy (_retry_delay), each attempt on the
+        next channel."""
         for attempt in itertools.count():
             started = time.monotonic()
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return getattr(self._next_stub(), method)(request, timeout=self.timeout,
+                                                          metadata=self._metadata)
             except grpc.RpcError as err:
-                if not _retryable(err, time.monotonic() - started < 0.9 * self.timeout) \
-                        or attempt >= self.retries:
+                delay = self._retry_delay(err, started, attempt)
+                if delay is None:
                     raise
             time.sleep(delay)
-            delay = min(delay * 2, 2.0)
+
+    def _call_async(self, method: str, request, future: Future, convert, on_error=None,
+                    attempt: int = 0) -> None:
+        """_call without waiting: `future` gets convert(reply), or the error once
+        _retry_delay gives up and on_error(err) (if given) did not take it over. A
+        retry waits on a timer thread; a call that succeeds uses no thread of ours."""
+        started = time.monotonic()
+
+        def done(call) -> None:
+            try:
+                reply = call.result()
+            except grpc.RpcError as err:
+                delay = self._retry_delay(err, started, attempt)
+                if delay is not None:
+                    timer = threading.Timer(delay, self._call_async, (
+                        method, request, future, convert, on_error, attempt + 1))
+                    timer.daemon = True
+                    timer.start()
+                elif on_error is None or not on_error(err):
+                    future.set_exception(err)
+                return
+            except BaseException as exc:  # cancelled: the channel was closed
+                future.set_exception(exc)
+                return
+            try:
+                future.set_result(convert(reply))
+            except BaseException as exc:  # a reply that does not decode
+                future.set_exception(exc)
+        try:
+            call = getattr(self._next_stub(), method).future(
+                request, timeout=self.timeout, metadata=self._metadata)
+        except BaseException as exc:  # e.g. the client was closed
+            future.set_exception(exc)
+            return
+        call.add_done_callback(done)
 
 
 def _retryable(err: grpc.RpcError, before_deadline: bool) -> bool:
@@ -461,6 +572,15 @@ class _TensorStub:
         self.TrainSteps = method("unary_unary", "TrainSteps", pb.TrainStepsResponse)
 
 
+def _stub(channel: grpc.Channel) -> pb_grpc.GradientServiceStub:
+    """The generated stub of `channel`, its methods carrying tensors taken from
+    _TensorStub: every method by name on one object, one per channel."""
+    stub, tensors = pb_grpc.GradientServiceStub(channel), _TensorStub(channel)
+    for name in ("Evaluate", "Differentiate", "DifferentiateStream", "TrainSteps"):
+        setattr(stub, name, getattr(tensors, name))
+    return stub
+
+
 def _graph_proto(graph) -> graph_pb2.Graph:
     if isinstance(graph, graph_pb2.Graph):
         return graph
@@ -501,7 +621,7 @@ class DifferentiateSession:
 
     def _open(self) -> None:
         self._graph_id = self._client._register(self._graph)
-        self._stream = _Stream(self._client._tensor_stub, self._client._metadata)
+        self._stream = _Stream(self._client._next_stub(), self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False) -> Result:
