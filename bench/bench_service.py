@@ -16,7 +16,13 @@ Measured, in one run, against the echo as baseline (PERF-NOTES.md, "Transport"):
       of Client.differentiate vs an echo of a message of the request's size;
       target <= 1.3x. A raw stub call with a pre-built request separates the
       client library's cost from the server's.
-  P6  8 requests in flight: calls/s vs the echo with 8 in flight; target >= 0.8x.
+  P6  8 requests in flight over one connection: calls/s vs the echo with 8 in
+      flight; target >= 0.8x (per-call server CPU: processes do not help; the
+      Client from 8 threads, and its differentiate_async with 8 futures in flight).
+      Then `gradserve serve` as a command (--blas-threads 1, its default): calls/s
+      with 8 in flight from the Client's defaults (one connection) against the
+      service's default process count, and with Client(channels=N) against
+      --processes N, each against --processes 1 (reported; no target).
   P7  x float32 [4194304] (16 MiB) in, gradient of sum(x*x) (= 2x, checked) out:
       MB/s = (serialized request bytes + serialized reply bytes) / median round
       trip, 1 MB = 1e6 bytes (gRPC/HTTP2 framing not counted); target >= 0.8x
@@ -311,9 +317,11 @@ async def aio_per_call_times(afn, n: int) -> list[float]:
     return times
 
 
-def process_cpu_ns(pid: int) -> int:
-    """CPU time so far of every thread of a process, gRPC's C-core threads included
-    (Linux /proc; 0 elsewhere)."""
+def process_cpu_ns(pid) -> int:
+    """CPU time so far of every thread of a process (or of a tuple of processes), gRPC's
+    C-core threads included (Linux /proc; 0 elsewhere)."""
+    if isinstance(pid, tuple):
+        return sum(process_cpu_ns(p) for p in pid)
     total = 0
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -500,6 +508,9 @@ def bench_throughput(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, cli
         "gradserve Client.differentiate, 8 threads, one Client":
             (lambda: threads_rate(lambda: client.differentiate(graph_id, inputs), inflight,
                                   per_thread), g),
+        "gradserve Client.differentiate_async, 8 in flight, one Client":
+            (lambda: futures_rate(lambda: client.differentiate_async(graph_id, inputs),
+                                  inflight, total), g),
         "gradserve stub.Differentiate.future, pre-built, 8 in flight":
             (lambda: futures_rate(lambda: stub.Differentiate.future(request), inflight,
                                   total), g),
@@ -529,11 +540,13 @@ def bench_throughput(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, cli
     ours = rates["gradserve Client.differentiate, 8 threads, one Client"]
     best_gs = max((r, n) for n, r in rates.items() if n.startswith("gradserve"))
     best_echo = max((r, n) for n, r in rates.items() if n.startswith("echo Tensor"))
+    futures = rates["gradserve Client.differentiate_async, 8 in flight, one Client"]
     return ratio_line(
         "P6 8 in flight (Client, 8 threads)", ours, base, "calls/s", 0.8,
         lower_is_better=False,
-        detail=f"; best each side: {best_gs[0]:,.0f} vs {best_echo[0]:,.0f} = "
-               f"{best_gs[0] / best_echo[0]:.2f}x")
+        detail=f"; Client.differentiate_async {futures / base:.2f}x; best each side: "
+               f"{best_gs[0]:,.0f} vs {best_echo[0]:,.0f} = "
+               f"{best_gs[0] / best_echo[0]:.2f}x"), base
 
 
 def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: str):
@@ -649,6 +662,76 @@ def profile(max_workers: int, quick: bool) -> None:
             print(f"  {tt / n * 1e6:>15.1f}  {ct / n * 1e6:>15.1f}  {calls:>7}  {where}")
 
 
+def bench_processes(quick: bool, echo_rate: float) -> list[str]:
+    """P6, second part: `gradserve serve` (the command, --blas-threads 1 by default) with
+    one process and with its default count N, loaded with 8 calls in flight through
+    Clients of 1 and N channels. Interleaved rounds; server CPU summed over processes."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "tests"))
+    from server_process import ServerProcess as Command, clean_env
+
+    from gradserve.cli.serve import default_processes
+
+    n = default_processes()
+    inflight, per_thread = 8, 60 if quick else 150
+    total = inflight * per_thread
+    default_env = clean_env()
+    del default_env["GRADSERVE_PROCESSES"]  # the service's own default
+    inputs = {"x": np.float32([np.pi]), "y": np.float32([np.pi])}
+    with contextlib.ExitStack() as stack:
+        one = stack.enter_context(Command("--port", "0", "--processes", "1"))
+        many = stack.enter_context(Command("--port", "0", env=default_env))
+        one_pid = (one.proc.pid,)
+        many_pids = tuple(many.child_pids()) if n > 1 else (many.proc.pid,)
+        clients = {}
+        for name, server, channels in (("1", one, 1), ("1 x N", one, n),
+                                       ("N", many, 1), ("N x N", many, n)):
+            client = clients[name] = stack.enter_context(
+                Client(server.wait_serving(), channels=channels))
+            graph_id = client.register(seed_graph())
+            for _ in range(4 * channels):  # every process learns the graph
+                client.differentiate(graph_id, inputs)
+            clients[name] = (client, graph_id)
+
+        def threads(name):
+            client, graph_id = clients[name]
+            return lambda: threads_rate(lambda: client.differentiate(graph_id, inputs),
+                                        inflight, per_thread)
+
+        def futures(name):
+            client, graph_id = clients[name]
+            return lambda: futures_rate(lambda: client.differentiate_async(graph_id, inputs),
+                                        inflight, total)
+        rows = {
+            "--processes 1, Client() defaults, 8 threads": (threads("1"), one_pid),
+            f"--processes 1, Client(channels={n}), 8 threads": (threads("1 x N"), one_pid),
+            f"default (--processes {n}), Client() defaults, 8 threads":
+                (threads("N"), many_pids),
+            f"--processes {n}, Client(channels={n}), 8 threads": (threads("N x N"), many_pids),
+            f"--processes {n}, Client(channels={n}), differentiate_async, 8 in flight":
+                (futures("N x N"), many_pids),
+        }
+        rounds = 3 if quick else 5
+        stats = interleaved_rates(rows, rounds, total)
+    base = stats["--processes 1, Client() defaults, 8 threads"][0]
+    print_table(f"P6 processes: `gradserve serve` with 8 in flight ({total} calls per "
+                f"measurement, median of {rounds}; default process count here: {n})",
+                ("configuration", "calls/s", "vs 1 process", "vs echo", "server CPU us",
+                 "client CPU us"),
+                [(name, f"{r:,.0f}", f"{r / base:.2f}x", f"{r / echo_rate:.2f}x",
+                  f"{scpu * 1e6:.0f}", f"{ccpu * 1e6:.0f}")
+                 for name, (r, scpu, ccpu) in stats.items()])
+    defaults = stats[f"default (--processes {n}), Client() defaults, 8 threads"][0]
+    pooled = stats[f"--processes {n}, Client(channels={n}), 8 threads"][0]
+    load = os.getloadavg()
+    return [f"P6 defaults: Client() against the default --processes {n}: {defaults:,.0f} "
+            f"calls/s = {defaults / base:.2f}x one process, {defaults / echo_rate:.2f}x echo",
+            f"P6 channels={n} against --processes {n}: {pooled:,.0f} calls/s = "
+            f"{pooled / base:.2f}x one process, {pooled / echo_rate:.2f}x echo "
+            f"(load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} on "
+            f"{len(os.sched_getaffinity(0))} CPUs; the client shares them)"]
+
+
 # --- main ----------------------------------------------------------------------------------
 
 
@@ -679,7 +762,8 @@ def main(argv=None) -> None:
         if not args.only_p7:
             client, *shared, p5 = bench_latency(gs, echo, loop, args.quick)
             lines.append(p5)
-            lines.append(bench_throughput(gs, echo, loop, args.quick, client, *shared))
+            p6, echo_rate = bench_throughput(gs, echo, loop, args.quick, client, *shared)
+            lines.append(p6)
             client.close()
         (gs_mbps, gs_name), (echo_mbps, echo_name) = bench_large(
             gs, echo, loop, args.quick, "servers at default malloc settings")
@@ -687,6 +771,9 @@ def main(argv=None) -> None:
     lines.append(ratio_line("P7 16 MiB gradient (best client each side)", gs_mbps, echo_mbps,
                             "MB/s", 0.8, lower_is_better=False,
                             detail=f"; gradserve best: {gs_name}; echo best: {echo_name}"))
+
+    if not args.only_p7:
+        lines.extend(bench_processes(args.quick, echo_rate))
 
     env_text = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
     with servers(args.max_workers, malloc_env=True) as (gs, echo_server):
