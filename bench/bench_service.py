@@ -688,9 +688,9 @@ def bench_processes(quick: bool, echo_rate: float) -> list[str]:
                                        ("N", many, 1), ("N x N", many, n)):
             client = clients[name] = stack.enter_context(
                 Client(server.wait_serving(), channels=channels))
-            graph_id = client.register(seed_graph())
-            for _ in range(4 * channels):  # every process learns the graph
-                client.differentiate(graph_id, inputs)
+            graph = seed_graph()
+            for _ in range(4 * channels):  # each connection's process learns the graph
+                graph_id = client.differentiate(graph, inputs).graph_id
             clients[name] = (client, graph_id)
 
         def threads(name):
@@ -744,6 +744,8 @@ def main(argv=None) -> None:
                         help="only P7 and its malloc variant (skip P5 and P6)")
     parser.add_argument("--profile", action="store_true",
                         help="profile the gradserve server for P5 and P7 instead")
+    parser.add_argument("--no-p7", action="store_true",
+                        help="skip the 16 MiB measurements (P5 and P6 only)")
     args = parser.parse_args(argv)
     if args.profile:
         profile(args.max_workers, args.quick)
@@ -765,15 +767,20 @@ def main(argv=None) -> None:
             p6, echo_rate = bench_throughput(gs, echo, loop, args.quick, client, *shared)
             lines.append(p6)
             client.close()
+            lines.extend(bench_processes(args.quick, echo_rate))
+        if args.no_p7:
+            echo.close()
+            loop.close()
+            print("\nratios (same run)")
+            for line in lines:
+                print("  " + line)
+            return
         (gs_mbps, gs_name), (echo_mbps, echo_name) = bench_large(
             gs, echo, loop, args.quick, "servers at default malloc settings")
         echo.close()
     lines.append(ratio_line("P7 16 MiB gradient (best client each side)", gs_mbps, echo_mbps,
                             "MB/s", 0.8, lower_is_better=False,
                             detail=f"; gradserve best: {gs_name}; echo best: {echo_name}"))
-
-    if not args.only_p7:
-        lines.extend(bench_processes(args.quick, echo_rate))
 
     env_text = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
     with servers(args.max_workers, malloc_env=True) as (gs, echo_server):
