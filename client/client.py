@@ -222,9 +222,10 @@ class Client:
             grpc.secure_channel(target, tls.credentials(), channel_options) if tls
             else grpc.insecure_channel(target, channel_options) for _ in range(channels)]
         self._stubs = [_stub(channel) for channel in self._channels]
-        self._stub = self._stubs[0]
         self._next_stub = itertools.cycle(self._stubs).__next__  # round-robin
-        self._tensor_stub = self._stub
+        # The first channel's generated stub and tensor_wire stub, as before the pool.
+        self._stub = pb_grpc.GradientServiceStub(self._channels[0])
+        self._tensor_stub = _TensorStub(self._channels[0])
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
         self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
         self._lock = threading.Lock()
