@@ -153,6 +153,7 @@ class Plan:
         self._specializations: dict = {}
         self._jacobian_setups: dict = {}
         self._activity: dict = {}
+        self._cost_cache: dict = {}  # id(shapes) -> (shapes, _costs(shapes))
         self._curvatures: list | None = None  # per step, bound on the first second-order call
 
     # --- compile-time analysis ------------------------------------------------
@@ -255,32 +256,38 @@ class Plan:
         at these shapes: every node's value and its seeds, plus what the one op running
         at a time holds beyond them (up to _TEMPORARIES arrays of its output's size while
         a rule combines terms, and its scratch buffer, e.g. conv's im2col matrix)."""
-        total = transient = 0
-        for node, op, attrs in self._nodes:
-            itemsize = self._np_dtypes[node.name].itemsize
-            size = prod(shapes[node.name]) * itemsize
-            total += size
-            scratch = 0
-            if op.scratch is not None:
-                scratch = itemsize * op.scratch(
-                    [shapes[r] for r in node.inputs],
-                    **{k: v for k, v in attrs.items() if k != "node"})
-            transient = max(transient, _TEMPORARIES * size + scratch)
-        return ((total + transient) * (1 + directions)
+        values, transient, _ = self._costs(shapes)
+        return ((values + transient) * (1 + directions)
                 + _ARRAY_OVERHEAD * (len(self._nodes) + 1))
 
     def estimate_flops(self, shapes, directions: int = 0) -> int:
         """Floating-point operations of the values' sweep at these shapes, plus about
         twice that per seed direction (each direction's jvp or vjp)."""
-        total = 0
+        return self._costs(shapes)[2] * (1 + 2 * directions)
+
+    def _costs(self, shapes) -> tuple[int, int, int]:
+        """(bytes of every value, the largest op's transient bytes, the values' FLOPs) at
+        these shapes: one pass over the nodes, remembered per shapes (a Plan's own static
+        shapes, or one of its specializations), so a request does not pay it again."""
+        known = self._cost_cache.get(id(shapes))
+        if known is not None and known[0] is shapes:
+            return known[1]
+        values = transient = flops = 0
         for node, op, attrs in self._nodes:
+            itemsize = self._np_dtypes[node.name].itemsize
             out = shapes[node.name]
-            if op.flops is not None:
-                total += op.flops([shapes[r] for r in node.inputs], out,
-                                  **{k: v for k, v in attrs.items() if k != "node"})
-            else:
-                total += prod(out) + sum(prod(shapes[r]) for r in node.inputs)
-        return total * (1 + 2 * directions)
+            size = prod(out) * itemsize
+            values += size
+            ins = [shapes[r] for r in node.inputs]
+            rule_attrs = {k: v for k, v in attrs.items() if k != "node"}
+            scratch = itemsize * op.scratch(ins, **rule_attrs) if op.scratch else 0
+            transient = max(transient, _TEMPORARIES * size + scratch)
+            flops += (op.flops(ins, out, **rule_attrs) if op.flops is not None
+                      else prod(out) + sum(prod(i) for i in ins))
+        costs = (values, transient, flops)
+        # the shapes are kept with their costs, so their id cannot be reused meanwhile
+        _remember(self._cost_cache, id(shapes), (shapes, costs), _SPECIALIZATION_CACHE)
+        return costs
 
     def _check_work(self, shapes, directions, max_flops):
         if max_flops is None:
@@ -980,7 +987,9 @@ class Plan:
         PLAN_CACHE_BYTES), shape specializations and activity lists (bounded by count),
         as counted by a graph cache."""
         seeds = sum(s.seed_bytes for s in self._jacobian_setups.values() if s.seeds)
-        return (seeds + len(self._specializations) * len(self._nodes) * _SPECIALIZATION_BYTES
+        # the cost cache may keep specializations alive after their eviction: counted too
+        shape_dicts = len(self._specializations) + len(self._cost_cache)
+        return (seeds + shape_dicts * len(self._nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self._steps) * _ACTIVITY_BYTES
                 + len(self._jacobian_setups) * _SETUP_BYTES)
 

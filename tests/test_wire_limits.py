@@ -119,6 +119,13 @@ def test_a_million_entry_inputs_map_is_refused_before_parsing():
     RESOURCE_EXHAUSTED naming the field, with the peak RSS grown by about the message's
     own buffers and well under a second of server CPU."""
     data = field(1, SIN_GRAPH) + map_entries(3, 1_000_000, prefix="i")
+    refused_with_little_work("Evaluate", data, ("inputs", "max_inputs"), "inputs")
+
+
+def refused_with_little_work(method: str, data: bytes, says: tuple, path: str) -> None:
+    """Send `data` to a fresh `gradserve serve`: RESOURCE_EXHAUSTED naming `path`, the
+    server's peak RSS grown by about the message's own buffers (not by parsing it) and
+    well under a second of its CPU spent; a good request answered afterwards."""
     size = len(data) / MiB
     with ServerProcess("--port", "0") as server:
         with grpc.insecure_channel(server.wait_serving(), options=[
@@ -128,9 +135,9 @@ def test_a_million_entry_inputs_map_is_refused_before_parsing():
             reset_peak_rss(pid)
             before, cpu = status_mib(pid, "VmHWM"), cpu_seconds(pid)
             with pytest.raises(grpc.RpcError) as info:
-                call_raw(channel, "Evaluate", data)
+                call_raw(channel, method, data)
             growth, used = status_mib(pid, "VmHWM") - before, cpu_seconds(pid) - cpu
-            check_status(info.value, EXHAUSTED, ("inputs", "max_inputs"), "inputs")
+            check_status(info.value, EXHAUSTED, says, path)
             check_good_request(pb_grpc.GradientServiceStub(channel))
         assert server.terminate(timeout=30) == 0
     assert growth <= 4 * size + 32, f"peak RSS grew by {growth:.0f} MiB ({size:.0f} MiB sent)"
