@@ -1,14 +1,16 @@
 """Local SGD (`gradserve train --sync-every H`) against data parallelism (one round
 of communication per step) on digits, over real `gradserve serve` processes.
 
-    python bench/bench_local_sgd.py [--epochs 20] [--speed-epochs 5]
+    python bench/bench_local_sgd.py [--epochs 20] [--speed-epochs 5] [--model mlp|cnn]
 
 1. Accuracy vs communication rounds: the MLP 64-10 on digits (batch 32 split
    over 2 servers, inner SGD lr 0.1 without momentum), today's data parallelism
    (DataParallelGradient: a round per step) against local SGD with H = 4 and
    H = 16 (DiLoCo's outer optimizer: lr 0.7, Nesterov momentum 0.9). Per epoch:
    the rounds so far and the test accuracy; then the rounds to reach 95% and the
-   whole run's rounds, with their ratio to data parallelism's.
+   whole run's rounds, with their ratio to data parallelism's. `--model cnn`:
+   the digits CNN imported from ONNX (tests/test_onnx.py's digits_cnn_model,
+   1,370 parameters) instead of the MLP.
 2. Steps/s with 2 and 3 servers, data parallelism against H = 16 (--speed-epochs
    epochs each; every server `--processes 1`). The box is shared: quote the
    ratios, and the load average printed at the end.
@@ -65,16 +67,29 @@ def run(spec, data, config, addresses, sync_every):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--speed-epochs", type=int, default=5)
+    parser.add_argument("--speed-epochs", type=int, default=5, help="0: skip part 2")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser.add_argument("--lr", type=float, default=0.1, help="the inner learning rate")
     args = parser.parse_args(argv)
 
     data = load_dataset("digits", test_fraction=0.2, seed=1)
-    spec = ModelSpec.mlp(data.num_features, data.num_classes, (64,))
+    if args.model == "cnn":
+        import tempfile
+
+        import onnx
+        from test_onnx import digits_cnn_model  # tests/: the digits CNN, built with onnx.helper
+
+        from gradserve.client.models import OnnxModelSpec
+        path = os.path.join(tempfile.mkdtemp(), "digits_cnn.onnx")
+        onnx.save(digits_cnn_model(), path)
+        spec = OnnxModelSpec(path, data.num_features, data.num_classes)
+    else:
+        spec = ModelSpec.mlp(data.num_features, data.num_classes, (64,))
     servers = [ServerProcess("--processes", "1", "--port", "0") for _ in range(3)]
     try:
         addresses = [s.wait_serving() for s in servers]
-        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.1, seed=1)
+        config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=1)
         print(f"# 1. accuracy vs communication rounds: {spec.description}, batch "
               f"{config.batch_size} over 2 servers, lr {config.lr}, {args.epochs} epochs")
         ways = {"data parallel (H=1)": None, "local SGD H=4": 4, "local SGD H=16": 16}
@@ -97,9 +112,9 @@ def main(argv=None) -> None:
 
         print(f"\n# 2. steps/s, {args.speed_epochs} epochs per run (data parallelism: a "
               "round per step; H=16: a round per 16 steps)")
-        speed = TrainConfig(epochs=args.speed_epochs, batch_size=args.batch_size, lr=0.1,
+        speed = TrainConfig(epochs=args.speed_epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=1)
-        for n in (2, 3):
+        for n in (2, 3) if args.speed_epochs else ():
             figures = {}
             for name, h in (("data parallel", None), ("H=16", 16)):
                 _, steps, seconds = run(spec, data, speed, addresses[:n], h)

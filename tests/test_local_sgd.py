@@ -179,3 +179,13 @@ def test_train_command_kill_9_and_resume(address, start_server, tmp_path):
 def test_local_sgd_flag_errors(address, capsys, argv, message):
     assert cli.main(["train", "--server", address, "--epochs", "1", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_train_command_prints_the_local_sgd_summary(address, start_server, capsys):
+    other = f"127.0.0.1:{start_server().port}"
+    assert cli.main(["train", "--model", "mlp", "--hidden", "16", "--epochs", "1",
+                     "--server", address, "--server", other, "--sync-every", "16"]) == 0
+    out = capsys.readouterr().out
+    assert f"{address}, {other} (local SGD: each minibatch split in 2, averaged every 16 " \
+           "steps; 3 rounds)" in out  # 23 steps: 16, 6, and the short last batch
+    assert "test accuracy" in out
