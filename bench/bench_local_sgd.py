@@ -110,6 +110,8 @@ def main(argv=None) -> None:
                   f"first >= {TARGET:.0%} after {first} rounds"
                   + (f" ({base_first / first:.1f}x fewer)" if first and base_first else ""))
 
+        if not args.speed_epochs:
+            return
         print(f"\n# 2. steps/s, {args.speed_epochs} epochs per run (data parallelism: a "
               "round per step; H=16: a round per 16 steps)")
         speed = TrainConfig(epochs=args.speed_epochs, batch_size=args.batch_size, lr=args.lr,

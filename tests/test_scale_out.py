@@ -343,3 +343,23 @@ def test_calls_racing_the_goaway_are_retried():
         took = time.monotonic() - started
     print(f"\n600 calls over connections aged 50 ms, {took:.1f} s: {len(errors)} failed")
     assert errors == []
+
+
+def test_a_stream_cut_at_the_end_of_the_grace_is_reopened_by_the_session():
+    """--max-connection-age 0.2 with a grace of 0.3 s: a DifferentiateStream open
+    longer is ended UNAVAILABLE; the Client's session opens a new one and every
+    step is answered."""
+    g = GraphBuilder()
+    x = g.input("x", "float32", [1])
+    g.output("o", x * g.sin(x))
+    with ServerProcess("--port", "0", "--max-connection-age", "0.2",
+                       "--max-connection-age-grace", "0.3") as server, \
+            Client(server.wait_serving()) as c, c.stream(g) as session:
+        streams = []  # the session's stream at each step (kept: ids are not reused)
+        for i in range(20):
+            xv = np.float32([0.05 * i])
+            r = session.differentiate({"x": xv})
+            assert np.isclose(r.outputs["o"][0], xv[0] * np.sin(xv[0]))
+            streams.append(session._stream)
+            time.sleep(0.1)
+    assert any(a is not b for a, b in zip(streams, streams[1:]))  # cut, and reopened
