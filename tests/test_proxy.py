@@ -106,9 +106,10 @@ class Proxy:
 def proxied():
     binary = _haproxy()
     with contextlib.ExitStack() as stack:
+        # the second one, shut down by a test, serves new calls 10 s after SIGTERM
         servers = [stack.enter_context(ServerProcess(
-            "--port", "0", "--metrics-port", "0", "--grace", "12", "--drain", "10"))
-            for _ in range(3)]
+            "--port", "0", "--metrics-port", "0", "--grace", "12", "--drain", drain))
+            for drain in ("0.5", "10", "0.5")]
         addresses = [s.wait_serving() for s in servers]
         ports = [s.metrics_port() for s in servers]
         proxy = Proxy(binary, addresses)

@@ -249,8 +249,9 @@ def test_replicas_added_removed_and_killed_behind_one_dns_name(cluster):
               "reload):", ", ".join(f"{s}-{s + 1} s: {n}/{t} = {n / max(t, 1):.2f}"
                                    for s, n, t in shares))
         # Within 5 s, a whole second in which the new replica took its 1/(N+1) share
-        # (round-robin: to one call, so the floor of a third).
-        assert any(n >= t // 3 and t > 0 for s, n, t in shares[:4]), shares
+        # (round-robin: to one call, so the floor of a third). The bound is a
+        # time: with a 2 s age it is reached after about one age (figures above).
+        assert any(n >= t // 3 and t > 0 for s, n, t in shares[:5]), shares
         assert steady.failed == 0, steady.errors
 
         # Scale down: the record goes and the server is SIGTERMed at once.
