@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 
@@ -69,6 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--speed-epochs", type=int, default=5, help="0: skip part 2")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per steps/s figure")
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--lr", type=float, default=0.1, help="the inner learning rate")
     args = parser.parse_args(argv)
@@ -116,14 +118,17 @@ def main(argv=None) -> None:
               "round per step; H=16: a round per 16 steps)")
         speed = TrainConfig(epochs=args.speed_epochs, batch_size=args.batch_size, lr=args.lr,
                             seed=1)
-        for n in (2, 3) if args.speed_epochs else ():
-            figures = {}
-            for name, h in (("data parallel", None), ("H=16", 16)):
-                _, steps, seconds = run(spec, data, speed, addresses[:n], h)
-                figures[name] = steps / seconds
-            print(f"{n} servers: data parallel {figures['data parallel']:.0f} steps/s, "
-                  f"H=16 {figures['H=16']:.0f} steps/s "
-                  f"({figures['H=16'] / figures['data parallel']:.1f}x)")
+        ways = [(n, name, h) for n in (2, 3) for name, h in (("data parallel", None),
+                                                               ("H=16", 16))]
+        rates = {way: [] for way in ways}
+        for _ in range(args.repeats):  # interleaved: a slow spell spoils a bit of each
+            for way in ways:
+                _, steps, seconds = run(spec, data, speed, addresses[:way[0]], way[2])
+                rates[way].append(steps / seconds)
+        for n in (2, 3):
+            dp, local = (statistics.median(rates[n, name, h]) for _, name, h in ways[:2])
+            print(f"{n} servers: data parallel {dp:.0f} steps/s, H=16 {local:.0f} steps/s "
+                  f"({local / dp:.1f}x; medians of {args.repeats})")
         print(f"\nload average: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
               f"({os.cpu_count()} CPUs, shared)")
     finally:
