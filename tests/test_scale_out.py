@@ -294,7 +294,7 @@ def test_calls_in_flight_outlive_the_connection_age(cluster):
         h = g.tanh(g.matmul(h, w))
     g.output("loss", g.sum(h * h))
     rng = np.random.default_rng(0)
-    steps = 512
+    steps = 1024  # 32 MiB of minibatches: under the 64 MiB message limit
     batches = {"x": rng.standard_normal((steps, 128, 64)).astype(np.float32)}
     with Client(f"dns://127.0.0.1:{dns.port}/{NAME}:{port}", retries=0, timeout=120) as c:
         started = time.monotonic()
