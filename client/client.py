@@ -215,6 +215,9 @@ class Client:
         channel_options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A dns: target is resolved again when a connection closes (a server's
+            # --max-connection-age), at most once a second (grpc's default: 30 s).
+            ("grpc.dns_min_time_between_resolutions_ms", 1000),
             *lb_options, *(options or [])]
         if channels > 1:  # else grpc shares one connection between equal channels
             channel_options.append(("grpc.use_local_subchannel_pool", 1))
