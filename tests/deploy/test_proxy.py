@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -36,9 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
-from server_process import ServerProcess, clean_env, free_port
+from support.server_process import ServerProcess, clean_env, free_port
+from support import REPO
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "haproxy" / "haproxy.cfg"
+CONFIG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 def _haproxy() -> str:

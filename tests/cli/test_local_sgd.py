@@ -23,7 +23,7 @@ from gradserve.client.gradients import remote_gradient
 from gradserve.client.local_sgd import OuterConfig, local_sgd_trainer
 from gradserve.client.models import ModelSpec
 from gradserve.client.training import Trainer, TrainConfig, load_checkpoint
-from server_process import COMMAND, ServerProcess
+from support.server_process import COMMAND, ServerProcess
 
 pytest.importorskip("sklearn", reason="the digits data set needs the train extra")
 

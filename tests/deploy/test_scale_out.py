@@ -26,7 +26,6 @@ that a failure.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
@@ -44,8 +43,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
-from gradserve.v1 import gradient_service_pb2 as pb
-from server_process import ServerProcess, free_port
+from support.server_process import ServerProcess, free_port
 
 NAME = "gradserve.test"
 AGE = 2.0  # the replicas' --max-connection-age in the scale tests (default 5 s)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import copy
 from importlib import resources
-from pathlib import Path
 
 import pytest
 import yaml
+from support import REPO
 
 kv = pytest.importorskip("kubernetes_validate",
                          reason="kubernetes-validate is in the test extra: pip install -e '.[test]'")
 
-MANIFESTS = sorted((Path(__file__).resolve().parents[1] / "deploy" / "kubernetes").glob("*.yaml"))
+MANIFESTS = sorted((REPO / "deploy" / "kubernetes").glob("*.yaml"))
 OLDEST = "1.27.0"  # gRPC probes (deployment.yaml) are GA from 1.27
 
 
