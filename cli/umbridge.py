@@ -58,6 +58,7 @@ UMBRIDGE_EXTRA_HINT = "pip install 'gradserve[umbridge]'"
 # sens and vec. The bound is sized from the model's own sizes (see body_limit).
 BYTES_PER_NUMBER = 32
 MIN_BODY_BYTES = 1 << 20
+ADMITTED_PER_WORKER = 4  # requests read and queued per computing thread
 log = logging.getLogger("gradserve.umbridge")
 
 try:
@@ -268,6 +269,9 @@ class Protocol:
     def __init__(self, model: GraphModel, workers: int = 4):
         self.model = model
         self.limit = body_limit(model)
+        # Requests past this many wait before their bodies are read: memory stays bounded
+        # by it times the body limit, however many clients connect.
+        self.admitted = asyncio.Semaphore(ADMITTED_PER_WORKER * workers)
         self.executor = ThreadPoolExecutor(max_workers=workers,
                                            thread_name_prefix="umbridge")
 
@@ -296,8 +300,9 @@ class Protocol:
 
         async def handle(request):
             try:
-                body = await self._body(request)
-                return web.json_response(await method(body))
+                async with self.admitted:
+                    body = await self._body(request)
+                    return web.json_response(await method(body))
             except ProtocolError as err:
                 return web.json_response(err.body(), status=err.status)
             except Exception as err:  # a bug of ours: still an answer clients can read
@@ -480,7 +485,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the size of an input with dynamic dimensions (-1), e.g. x=1,3,32,32: UM-Bridge "
              "sizes are fixed; may be repeated")
     add("--workers", type=int, default=4,
-        help="requests computed at once (threads calling gradserve; default: %(default)s)")
+        help="requests computed at once (threads calling gradserve); 4 times as many are "
+             "read and queued, more wait unread (default: %(default)s)")
+    add("--timeout", type=float, default=30.0, metavar="SECONDS",
+        help="deadline of each call to gradserve, retries included; a call past it is an "
+             "HTTP 500 (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -494,9 +503,10 @@ def run(args: argparse.Namespace) -> int:
         _aiohttp_web()
         graph = read_graph(Path(args.graph))
         shapes = _shapes(args.shape)
-        if args.workers < 1:
-            raise UsageError("--workers must be at least 1")
-        with server_address(args.server) as address, Client(address) as client:
+        if args.workers < 1 or args.timeout <= 0:
+            raise UsageError("--workers must be at least 1 and --timeout above 0")
+        with server_address(args.server) as address, \
+                Client(address, timeout=args.timeout) as client:
             model = GraphModel(graph, client, args.name, shapes)
             return asyncio.run(_serve(Protocol(model, args.workers), model, args, address))
     except (UsageError, OSError, OnnxImportError, MissingExtra) as err:

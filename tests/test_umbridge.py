@@ -419,3 +419,48 @@ def test_readme_example_emcee_and_laplace(tmp_path, monkeypatch):
     np.testing.assert_allclose(namespace["samples"].mean(axis=0), mean,
                                atol=0.2 * np.sqrt(np.diag(np.linalg.inv(precision))).max()
                                + 0.02)
+
+
+# --- when gradserve refuses or fails ------------------------------------------------------
+
+def test_a_request_over_the_servers_limits_is_invalid_input(tmp_path, start_server):
+    """The evaluation fits the server's work bound and the gradient does not: the
+    server's RESOURCE_EXHAUSTED reaches the UM-Bridge client as InvalidInput, naming the
+    bound."""
+    from gradserve.server.limits import Limits
+
+    server = start_server(Limits(max_request_flops=100))
+    path = build_model().save(tmp_path / "model.json")
+    process = UmbridgeProcess(path, "--port", "0", "--server", f"127.0.0.1:{server.port}")
+    try:
+        limited = umbridge.HTTPModel(process.url(), "forward")
+        point = [[0.1, 0.2, 0.3], [0.0] * 6]
+        np.testing.assert_allclose(limited(point)[0], numpy_model(point)[0], rtol=1e-12)
+        reply = requests.post(f"{process.url()}/Gradient", json=body(point), timeout=30)
+        assert reply.status_code == 400
+        error = reply.json()["error"]
+        assert error["type"] == "InvalidInput"
+        assert "RESOURCE_EXHAUSTED" in error["message"] and "max_request_flops" in error["message"]
+    finally:
+        assert process.stop() == 0, process.output()
+
+
+def test_gradserve_gone_is_an_http_500_the_client_can_read(tmp_path, start_server):
+    server = start_server()
+    path = build_model().save(tmp_path / "model.json")
+    process = UmbridgeProcess(path, "--port", "0", "--server", f"127.0.0.1:{server.port}",
+                              "--timeout", "2")
+    try:
+        url = process.url()
+        point = [[0.1, 0.2, 0.3], [0.0] * 6]
+        server.stop(grace=0)
+        reply = requests.post(f"{url}/Evaluate", json=body(point), timeout=60)
+        assert reply.status_code == 500
+        error = reply.json()["error"]
+        assert error["type"] == "ModelError" and error["message"].startswith("gradserve: ")
+        with pytest.raises(Exception, match="Model returned error of type ModelError"):
+            umbridge.HTTPModel(url, "forward")(point)
+        # the UM-Bridge server itself is still there
+        assert requests.get(f"{url}/Info", timeout=10).json()["models"] == ["forward"]
+    finally:
+        assert process.stop() == 0, process.output()
