@@ -347,6 +347,16 @@ class Client:
                             self._second_order_request(inputs, of, wrt, vectors=vectors))
         return _gradient_and_hvp(reply)
 
+    def hvp_with_decision(self, graph, inputs, vectors, *, of: str | None = None,
+                          wrt=None) -> tuple[dict, dict, PlannerDecision]:
+        """As `hvp`, with the planner's decision for the outer level as a third item
+        (forward-over-reverse or reverse-over-reverse, its figures and reason)."""
+        reply = self._by_id("Differentiate", graph,
+                            self._second_order_request(inputs, of, wrt, vectors=vectors))
+        p = reply.planner
+        return (*_gradient_and_hvp(reply), PlannerDecision(
+            mode_name(p.mode) or "", p.n, p.m, p.cost_forward, p.cost_reverse, p.reason))
+
     def hessian(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
         """The Hessian of the scalar output `of` (default: the graph's only output):
         blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
