@@ -10,7 +10,6 @@ protocol's (UM-Bridge 1.0: HTTP 400, {"error": {"type", "message"}}).
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import signal
 import subprocess
@@ -27,9 +26,10 @@ torch = pytest.importorskip("torch")
 
 from gradserve import cli  # noqa: E402
 from gradserve.client import GraphBuilder  # noqa: E402
-from server_process import COMMAND, clean_env  # noqa: E402
+from support.server_process import COMMAND, clean_env  # noqa: E402
+from support import REPO
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = REPO / "README.md"
 URL = re.compile(r"model '([^']*)' at (http://\S+),")
 INPUTS = [("x", (3,)), ("w", (2, 3))]
 OUTPUTS = [("y", (2,)), ("s", ())]
