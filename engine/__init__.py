@@ -12,14 +12,13 @@ from .ir import DTYPES, FLOAT_DTYPES, Graph, Input, Node
 from .ops import OPS, AttrSpec, OpDef
 from .planner import (HVP_COST_RATIO, REVERSE_COST_RATIO, PlannerDecision, plan_mode,
                       plan_second_order)
-from .curvature import CURVATURE
 from .second import HessianResult, HVPResult, SecondOrder
 from .sgd import SGDResult, sgd_steps
 from .shapes import MAX_RANK, MAX_SPAN
 from .trace import EdgeTrace, NodeTrace, Trace, trace
 
 __all__ = [
-    "AttrSpec", "CURVATURE", "DTYPES", "DifferentiationError", "Differentiation", "DTypeError", "EdgeTrace",
+    "AttrSpec", "DTYPES", "DifferentiationError", "Differentiation", "DTypeError", "EdgeTrace",
     "EngineError", "FLOAT_DTYPES", "Graph", "GraphError", "HessianResult", "HVP_COST_RATIO",
     "HVPResult", "Input", "InputError",
     "JacobianResult", "JVPResult", "MAX_RANK", "MAX_SPAN", "Node", "NodeTrace", "OPS", "OpDef", "Plan",

@@ -598,7 +598,7 @@ class Plan:
                 max_bytes=max_bytes, max_flops=max_flops, check=check))
         return answer
 
-    # --- second order (engine/second.py, engine/curvature.py) ---------------------------
+    # --- second order (engine/second.py, the op rows' curvature rules) ----------------
 
     def hvp(self, inputs, vectors, of=None, wrt=None, *, max_bytes=None, max_flops=None,
             max_reply_bytes=None, check=None) -> HVPResult:

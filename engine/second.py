@@ -9,7 +9,8 @@ input:
     g_i = vjp(i, g, x, ans)
     ġ_i = vjp(i, ġ, x, ans) + curvature(i, g, x, ans, t, t_ans)
 
-(engine/curvature.py), summed where a value fans out. At the `wrt` inputs, g is the
+(each op row's curvature and joint rules, engine/ops/table.py), summed where a value
+fans out. At the `wrt` inputs, g is the
 gradient and ġ the Hessian-vector products H v, one per direction.
 
 `check` is called before the steps in `points`, in both sweeps, and by ops that
@@ -23,21 +24,19 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .curvature import CURVATURE, JOINT
 from .planner import PlannerDecision
 from .shapes import fill_seed
 from .sweeps import _args, _checking, _chunks
 
 
 def bind_curvatures(nodes) -> list:
-    """Per prepared step (Plan._nodes order), its (curvature, joint) rules with the
-    node's attributes bound, None where it has none (see engine/curvature.py)."""
+    """Per prepared step (Plan._nodes order), its row's (curvature, joint) rules with the
+    node's attributes bound, None where it has none (see engine/ops/table.py)."""
     rules = []
     for _, op, attrs in nodes:
         bound = {k: v for k, v in attrs.items() if k != "node"}
         pair = []
-        for table in (CURVATURE, JOINT):
-            rule = table.get(op.name)
+        for rule in (op.curvature, op.joint):
             if rule is not None and bound:
                 rule = partial(rule, **bound)
             pair.append(rule)

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import given, settings
 from numpy.testing import assert_allclose
 
-from gradserve.engine import (CURVATURE, OPS, DifferentiationError, Graph, Input, InputError,
+from gradserve.engine import (OPS, DifferentiationError, Graph, Input, InputError,
                               Node, ResourceLimitError, compile)
 from gradserve.engine import second
-from gradserve.engine.curvature import missing
+from gradserve.engine.ops.table import UNSTATED, OpDef, no_cotangent, row
 from oracles import random_inputs
 from test_ops import DIFFERENTIABLE, K, Row, table
 from test_properties import SETTINGS, valid_graphs
@@ -34,9 +34,15 @@ EPS = 1e-6
 # --- engine: per op ----------------------------------------------------------------------
 
 
-def test_every_op_with_a_derivative_has_a_curvature_entry():
-    assert missing(OPS) == [], "ops without a CURVATURE entry (ZERO or a rule)"
-    assert not set(CURVATURE) - set(OPS), "CURVATURE entries for ops the engine lacks"
+def test_every_op_with_a_derivative_states_its_curvature_in_its_row():
+    assert [n for n, op in OPS.items() if op.curvature is UNSTATED] == []
+    assert [n for n, op in OPS.items()
+            if op.vjp is no_cotangent and (op.curvature, op.joint) != (None, None)] == []
+    # the table refuses a row with a vjp and no word on its curvature
+    with pytest.raises(TypeError, match="states no curvature"):
+        row(OpDef("unstated", 1, lambda shapes, dtypes: shapes[0], lambda x: x,
+                  lambda t, x, ans: t[0], lambda i, g, x, ans: g))
+    assert "unstated" not in OPS
 
 
 def scalar_setup(r: Row, dtype="float64"):
