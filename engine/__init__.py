@@ -15,7 +15,7 @@ from .planner import (HVP_COST_RATIO, REVERSE_COST_RATIO, PlannerDecision, plan_
 from .second import HessianResult, HVPResult, SecondOrder
 from .sgd import SGDResult, sgd_steps
 from .shapes import MAX_RANK, MAX_SPAN
-from .trace import EdgeTrace, NodeTrace, Trace, trace
+from .tracing import EdgeTrace, NodeTrace, Trace, trace
 
 __all__ = [
     "AttrSpec", "DTYPES", "DifferentiationError", "Differentiation", "DTypeError", "EdgeTrace",

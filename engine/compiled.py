@@ -28,8 +28,8 @@ from .second import (HessianResult, HVPResult, SecondOrder, bind_curvatures,
 from .shapes import MAX_SPAN, fill_seed, fmt_shape, span
 from .sweeps import (Step, backward_sweep, check_points, forward_sweep, residual_sweep,
                      reverse_sweep, values_sweep)
-from .trace import MODES as TRACE_MODES
-from .trace import Trace, TraceRecorder
+from .tracing import MODES as TRACE_MODES
+from .tracing import Trace, TraceRecorder
 from .validate import infer_shapes, validate
 
 # Per-plan caches are bounded by count and, for arrays, by bytes (PLAN_CACHE_BYTES
@@ -779,11 +779,13 @@ class Plan:
         """The forward-over-reverse sweep (limits already checked)."""
         if self._curvatures is None:
             self._curvatures = bind_curvatures(self._nodes)
+            # every value and tangent stays: the backward pass reads them all
+            self._kept_steps = [st._replace(free=(), drop=()) for st in self._steps]
         tans = [None] * self._n_slots
         for s, t in seeds.items():
             tans[s] = t
         seed = np.ones((1,) + tuple(shapes[out]), self._np_dtypes[out])
-        return forward_over_reverse(self._steps, self._curvatures, vals, tans,
+        return forward_over_reverse(self._kept_steps, self._curvatures, vals, tans,
                                     self.slot[out], seed, self._needs(wrt), check,
                                     self._points)
 

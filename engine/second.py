@@ -1,20 +1,18 @@
 """Forward-over-reverse: the gradient of one scalar and its tangent along k directions.
 
-One forward sweep pushes the k direction vectors as tangents and keeps every value
-and tangent (nothing is freed: the reverse sweep reads them all); one reverse sweep
-then carries the gradient cotangent g (one direction) and its tangent ġ (k
-directions). At each step, for each input position i that leads back to a `wrt`
-input:
+A hook of the one reverse sweep (engine/sweeps.py), as a trace is: during the
+sweep's forward pass it pushes the k direction vectors as tangents (every value
+and tangent is kept: the steps it runs over free nothing); during the backward
+pass it carries, beside the gradient cotangent g (one direction), its tangent ġ
+(k directions). At each step, for each input position i that leads back to a
+`wrt` input:
 
     g_i = vjp(i, g, x, ans)
     ġ_i = vjp(i, ġ, x, ans) + curvature(i, g, x, ans, t, t_ans)
 
 (each op row's curvature and joint rules, engine/ops/table.py), summed where a value
-fans out. At the `wrt` inputs, g is the
-gradient and ġ the Hessian-vector products H v, one per direction.
-
-`check` is called before the steps in `points`, in both sweeps, and by ops that
-split their own work (as in engine/sweeps.py).
+fans out. At the `wrt` inputs, g is the gradient and ġ the Hessian-vector products
+H v, one per direction.
 """
 
 from __future__ import annotations
@@ -26,7 +24,7 @@ import numpy as np
 
 from .planner import PlannerDecision
 from .shapes import fill_seed
-from .sweeps import _args, _checking, _chunks
+from .sweeps import reverse_sweep
 
 
 def bind_curvatures(nodes) -> list:
@@ -51,54 +49,46 @@ _STACK_FROM = 64
 
 def forward_over_reverse(steps, curvatures, vals, tans, seed_slot, seed, needs, check=None,
                          points=()):
-    """Run both sweeps; return (g, ġ), each a list of per-slot arrays (None where
+    """The reverse sweep over `steps` (which must free and drop nothing) with the
+    forward-over-reverse hook; return (g, ġ), each a list of per-slot arrays (None where
     nothing flowed). `tans` holds the direction vectors at their slots (k leading),
     `seed` the cotangent of the scalar output at `seed_slot` ((1,) + its shape)."""
-    if check is not None:
-        with _checking(check):
-            return _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points)
-    return _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points)
+    hook = ForwardOverReverse(curvatures, tans)
+    cots = reverse_sweep(steps, vals, {seed_slot: seed}, needs, check, points, hook)
+    return cots, hook.dots
 
 
-def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
-    for chunk in _chunks(steps, check, points):
-        for st in chunk:
-            xs = _args(vals, st.ins)
-            ans = vals[st.out] = st.eval(*xs)
-            ts = _args(tans, st.ins)
-            for t in ts:
-                if t is not None:
-                    tans[st.out] = st.jvp(ts, xs, ans)
-                    break
-    cots = [None] * len(vals)
-    dots = [None] * len(vals)
-    cots[seed_slot] = seed
-    backward_points = frozenset(points) if check is not None else ()
-    for j in range(len(steps) - 1, -1, -1):
-        if j in backward_points:
-            check()
-        positions = needs[j]
-        if not positions:
-            continue
-        st = steps[j]
-        ins, out = st.ins, st.out
-        g = cots[out]
-        if g is None:
-            continue
+class ForwardOverReverse:
+    """The reverse sweep's hook (a sweeps.Recorder) that makes it forward-over-reverse."""
+
+    def __init__(self, curvatures, tans):
+        self.curvatures = curvatures  # per step: (curvature, joint), attributes bound
+        self.tans = tans  # per slot: the k tangents, None where none reaches
+        self.dots = [None] * len(tans)  # per slot: the tangents of the cotangent
+
+    def value(self, st, xs, ans) -> None:
+        """The forward pass: the step's tangent from its inputs' (when any has one)."""
+        tans = self.tans
+        ts = tuple([tans[i] for i in st.ins])
+        for t in ts:
+            if t is not None:
+                tans[st.out] = st.jvp(ts, xs, ans)
+                break
+
+    def backward(self, st, g, cotangents) -> None:
+        pass
+
+    def pull(self, j, st, positions, g, xs, ans) -> dict:
+        """g pulled into the inputs at `positions` (returned), and its tangents (added
+        to self.dots)."""
+        ins, out, tans, dots = st.ins, st.out, self.tans, self.dots
         gdot = dots[out]
-        cots[out] = dots[out] = None
-        xs = _args(vals, ins)
-        ans = vals[out]
-        curvature, joint = curvatures[j]
+        dots[out] = None
+        curvature, joint = self.curvatures[j]
         ts = t_ans = None
         if curvature is not None or joint is not None:
-            if len(ins) == 1:
-                t = tans[ins[0]]
-                ts = (t if t is None or t.shape[1:] == xs[0].shape
-                      else fill_seed(t, xs[0].shape),)
-            else:
-                ts = tuple(t if t is None or t.shape[1:] == x.shape else fill_seed(t, x.shape)
-                           for t, x in zip(_args(tans, ins), xs))
+            ts = tuple(t if t is None or t.shape[1:] == x.shape else fill_seed(t, x.shape)
+                       for t, x in zip([tans[i] for i in ins], xs))
             t_ans = tans[out]
             if t_ans is not None and t_ans.shape[1:] != ans.shape:
                 t_ans = fill_seed(t_ans, ans.shape)
@@ -109,6 +99,7 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
         if stacked:
             both = np.concatenate((g, gdot))
         vjp = st.vjp
+        pulled = {}
         for pos in positions:
             pair = None if joint is None else joint(pos, g, gdot, xs, ans, ts, t_ans)
             if pair is not None:
@@ -127,13 +118,12 @@ def _run(steps, curvatures, vals, tans, seed_slot, seed, needs, check, points):
                 c = curvature(pos, g, xs, ans, ts, t_ans)
                 if c is not None:
                     di = c if di is None else di + c
-            i = ins[pos]
-            prev = cots[i]
-            cots[i] = gi if prev is None else prev + gi
+            pulled[pos] = gi
             if di is not None:
+                i = ins[pos]
                 prev = dots[i]
                 dots[i] = di if prev is None else prev + di
-    return cots, dots
+        return pulled
 
 
 class HVPResult(NamedTuple):

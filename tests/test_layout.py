@@ -147,3 +147,59 @@ def test_readme_layout_pyproject_and_folders_agree():
                  and any(p.rglob("*.py"))} - {"build", "gradserve.egg-info"}
     listed = {folder.split("/")[0] for folder, _ in rows}
     assert top_level <= listed, f"folders missing from README's Layout: {top_level - listed}"
+
+
+RULE_CALLS = ("eval", "jvp", "vjp")
+
+
+def sweep_loops(path: Path, root: Path = REPO) -> list[str]:
+    """Loops in the module at `path` that run ops over a list of steps: a for loop over
+    something named like steps (steps, chunk, self._steps, range(len(steps) ...)) whose
+    body calls a step's eval, jvp or vjp."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, ast.For):
+            continue
+        names = {n.id for n in ast.walk(node.iter) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(node.iter) if isinstance(n, ast.Attribute)}
+        if not any("step" in n or "chunk" in n for n in names):
+            continue
+        calls = {n.func.attr for n in ast.walk(node) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute)}
+        if calls & set(RULE_CALLS):
+            found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_one_interpreter_each_sweep_is_written_once():
+    """engine/sweeps.py holds the only loops that run ops over the steps; second order
+    (forward-over-reverse) is a hook of its reverse sweep, as a trace is, and imports none
+    of its private helpers."""
+    engine = REPO / "engine"
+    loops = {path.name: sweep_loops(path) for path in sorted(engine.rglob("*.py"))}
+    assert loops.pop("sweeps.py"), "the checker finds no sweep loop in sweeps.py itself"
+    assert not [loop for found in loops.values() for loop in found], loops
+    private = []
+    for path in sorted(engine.rglob("*.py")):
+        if path.name == "sweeps.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("sweeps"):
+                private += [f"{path.relative_to(REPO)}:{node.lineno} {a.name}"
+                            for a in node.names if a.name.startswith("_")]
+    assert not private, private
+    second = (engine / "second.py").read_text(encoding="utf-8")
+    assert "reverse_sweep(" in second
+
+
+def test_the_sweep_loop_checker_sees_a_copied_loop(tmp_path):
+    module = tmp_path / "copy.py"
+    module.write_text("def run(steps, vals):\n"
+                      "    for j in range(len(steps) - 1, -1, -1):\n"
+                      "        st = steps[j]\n"
+                      "        st.vjp(0, None, (), None)\n"
+                      "    for st in steps:\n"
+                      "        vals[st.out] = st.eval()\n"
+                      "    for pos in (0, 1):\n"
+                      "        steps[0].vjp(pos, None, (), None)\n")
+    assert sweep_loops(module, tmp_path) == ["copy.py:2", "copy.py:5"]

@@ -94,12 +94,12 @@ class TraceRecorder:
 
     # --- sweeps.Recorder ----------------------------------------------------------
 
-    def value(self, step, ans) -> None:
+    def value(self, step, xs, ans) -> None:
         self.steps.append(step)
         self.values[step.out] = ans
 
     def forward(self, step, xs, ans, ts, tangent) -> None:
-        self.value(step, ans)
+        self.value(step, xs, ans)
         if step.node not in self.floating:
             return
         if tangent is not None:
