@@ -19,6 +19,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from . import costs
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES, Graph
 from .ops import OPS
@@ -37,8 +38,6 @@ from .validate import infer_shapes, validate
 _SPECIALIZATION_CACHE = 64  # distinct input-shape signatures remembered per plan
 _ACTIVITY_CACHE = 16  # distinct `wrt` sets whose active steps are remembered per plan
 PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
-_ARRAY_OVERHEAD = 1024  # bytes an array takes beyond its data, per op
-_TEMPORARIES = 3  # arrays of its output's size an op's rule may hold at once
 # What one entry of a plan's caches holds (measured: a dict entry with its shape tuple
 # per node, a positions tuple per step, a Jacobian setup's records), for cache_bytes.
 _SPECIALIZATION_BYTES = 200
@@ -253,41 +252,26 @@ class Plan:
 
     def estimate_bytes(self, shapes, directions: int = 0) -> int:
         """An upper bound, computed before anything runs, of the memory a request takes
-        at these shapes: every node's value and its seeds, plus what the one op running
-        at a time holds beyond them (up to _TEMPORARIES arrays of its output's size while
-        a rule combines terms, and its scratch buffer, e.g. conv's im2col matrix)."""
-        values, transient, _ = self._costs(shapes)
-        return ((values + transient) * (1 + directions)
-                + _ARRAY_OVERHEAD * (len(self._nodes) + 1))
+        at these shapes (engine/costs.py: every value and its seeds, plus the costliest
+        op's temporaries and scratch, as its row declares them)."""
+        return costs.estimate_bytes(self._costs(shapes), directions)
 
     def estimate_flops(self, shapes, directions: int = 0) -> int:
-        """Floating-point operations of the values' sweep at these shapes, plus about
-        twice that per seed direction (each direction's jvp or vjp)."""
-        return self._costs(shapes)[2] * (1 + 2 * directions)
+        """Work of the values' sweep at these shapes plus each seed direction's, as the
+        op rows declare it (engine/costs.py)."""
+        return costs.estimate_flops(self._costs(shapes), directions)
 
-    def _costs(self, shapes) -> tuple[int, int, int]:
-        """(bytes of every value, the largest op's transient bytes, the values' FLOPs) at
-        these shapes: one pass over the nodes, remembered per shapes (a Plan's own static
-        shapes, or one of its specializations), so a request does not pay it again."""
+    def _costs(self, shapes) -> costs.Costs:
+        """engine/costs.py's plan_costs at these shapes, remembered per shapes (a Plan's
+        own static shapes, or one of its specializations), so a request does not pay it
+        again."""
         known = self._cost_cache.get(id(shapes))
         if known is not None and known[0] is shapes:
             return known[1]
-        values = transient = flops = 0
-        for node, op, attrs in self._nodes:
-            itemsize = self._np_dtypes[node.name].itemsize
-            out = shapes[node.name]
-            size = prod(out) * itemsize
-            values += size
-            ins = [shapes[r] for r in node.inputs]
-            rule_attrs = {k: v for k, v in attrs.items() if k != "node"}
-            scratch = itemsize * op.scratch(ins, **rule_attrs) if op.scratch else 0
-            transient = max(transient, _TEMPORARIES * size + scratch)
-            flops += (op.flops(ins, out, **rule_attrs) if op.flops is not None
-                      else prod(out) + sum(prod(i) for i in ins))
-        costs = (values, transient, flops)
+        found = costs.plan_costs(self._nodes, self._np_dtypes, shapes)
         # the shapes are kept with their costs, so their id cannot be reused meanwhile
-        _remember(self._cost_cache, id(shapes), (shapes, costs), _SPECIALIZATION_CACHE)
-        return costs
+        _remember(self._cost_cache, id(shapes), (shapes, found), _SPECIALIZATION_CACHE)
+        return found
 
     def _check_work(self, shapes, directions, max_flops):
         if max_flops is None:
