@@ -39,6 +39,9 @@ from .sweeps import checkpoint
 MODES = ("values", "forward", "reverse", "second")
 TEMPORARIES = 3  # arrays of its output's size an op's rule may hold at once
 ARRAY_OVERHEAD = 1024  # bytes an array takes beyond its data, per op
+# NumPy's iterator buffers (8,192 elements per operand) for a ufunc that broadcasts or
+# casts: held by the one op running, once per request.
+NUMPY_BUFFERS = 3 * 8192 * 16
 # One pass of a kernel's Python loop (a few NumPy calls on views: 2-10 us here) counted
 # as this many floating-point operations of work.
 LOOP_FLOPS = 10_000
@@ -56,7 +59,8 @@ class Costs(NamedTuple):
     """A plan's costs at one set of shapes."""
 
     values: int  # bytes of every node's value
-    transient: int  # bytes the costliest op holds beyond the values, in any mode
+    values_transient: int  # bytes the costliest op's eval holds beyond the values
+    transient: int  # the same in any mode, derivatives included (per seed direction)
     flops: int  # the values' sweep: FLOPs plus LOOP_FLOPS per loop pass
     direction_flops: int  # the same per seed direction, in its costliest mode
     loops: int  # the values' sweep's loop passes
@@ -65,11 +69,12 @@ class Costs(NamedTuple):
 
 
 def default_cost(op, mode, shapes, out, dtype, attrs) -> OpCost:
-    """A row without a `cost` of its own: its output's temporaries plus its `scratch`
-    elements, and its `flops` (about one per element read or written by default), twice
-    that per direction."""
+    """A row without a `cost` of its own: TEMPORARIES arrays of its largest operand's
+    size (its output's, or an input's for a reduction) plus its `scratch` elements, and
+    its `flops` (about one per element read or written by default), twice that per
+    direction."""
     size = prod(out)
-    scratch = TEMPORARIES * size * dtype.itemsize
+    scratch = TEMPORARIES * max([size] + [prod(s) for s in shapes]) * dtype.itemsize
     if op.scratch:
         scratch += dtype.itemsize * op.scratch(shapes, **attrs)
     flops = (op.flops(shapes, out, **attrs) if op.flops is not None
@@ -88,7 +93,7 @@ def op_cost(op, mode, shapes, out, dtype, attrs) -> OpCost:
 def plan_costs(nodes, np_dtypes, shapes) -> Costs:
     """The costs of a plan's prepared nodes ((node, op, attrs) each) at `shapes`
     (name -> shape), each node's output of dtype np_dtypes[name]."""
-    values = transient = flops = loops = 0
+    values = values_transient = transient = flops = loops = 0
     direction = {m: [0, 0] for m in MODES[1:]}
     for node, op, attrs in nodes:
         dtype = np_dtypes[node.name]
@@ -100,12 +105,13 @@ def plan_costs(nodes, np_dtypes, shapes) -> Costs:
             cost = op_cost(op, mode, ins, out, dtype, rule_attrs)
             transient = max(transient, cost.scratch)
             if mode == "values":
+                values_transient = max(values_transient, cost.scratch)
                 flops += cost.flops
                 loops += cost.loops
             else:
                 direction[mode][0] += cost.flops
                 direction[mode][1] += cost.loops
-    return Costs(values, transient, flops + LOOP_FLOPS * loops,
+    return Costs(values, values_transient, transient, flops + LOOP_FLOPS * loops,
                  max(f + LOOP_FLOPS * n for f, n in direction.values()), loops,
                  max(n for _, n in direction.values()), len(nodes))
 
@@ -113,9 +119,10 @@ def plan_costs(nodes, np_dtypes, shapes) -> Costs:
 def estimate_bytes(costs: Costs, directions: int = 0) -> int:
     """An upper bound of the memory a request with `directions` seed directions takes:
     every node's value and its seeds, plus what the one op running at a time holds
-    beyond them, per direction."""
-    return ((costs.values + costs.transient) * (1 + directions)
-            + ARRAY_OVERHEAD * (costs.nodes + 1))
+    beyond them, per direction (only the values' sweep runs when there are none)."""
+    transient = costs.transient if directions else costs.values_transient
+    return ((costs.values + transient) * (1 + directions)
+            + ARRAY_OVERHEAD * (costs.nodes + 1) + NUMPY_BUFFERS)
 
 
 def estimate_flops(costs: Costs, directions: int = 0) -> int:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from math import prod
-
 import numpy as np
 
+from ..costs import iteration
 from ..errors import RuleError
 from ..shapes import fill_seed, fmt_shape
-from ..windows import (Window, avg_pool, avg_pool_scratch, avg_pool_vjp, conv,
-                       conv_input_grad, conv_scratch, conv_weight_grad, max_pool, max_pool_jvp,
-                       max_pool_scratch, max_pool_vjp)
+from ..windows import (Window, avg_pool, avg_pool_cost, avg_pool_vjp, conv, conv_cost,
+                       conv_input_grad, conv_weight_grad, max_pool, max_pool_cost,
+                       max_pool_jvp, max_pool_vjp)
 from .table import ZERO, AttrSpec, OpDef, row
 
 def _spatial_rank(shape):
@@ -105,15 +104,20 @@ def _conv_vjp(i, g, x, ans, **geometry):
 
 
 def _conv_curvature(i, g, x, ans, t, t_ans, **geometry):
-    """One direction at a time: windows.py's transposes take one weight (or input)."""
+    """One direction at a time (windows.py's transposes take one weight or input),
+    each written into the result as it comes (no list of k parts, none at all for k or
+    a size of 0)."""
     xv, wv = x
     other = t[1 - i]
     if other is None:
         return None
     other = fill_seed(other, x[1 - i].shape)
-    parts = [_conv_vjp(i, g, (xv, other[j]) if i == 0 else (other[j], wv), ans, **geometry)
-             for j in range(other.shape[0])]
-    return np.concatenate(parts, axis=0)
+    term = np.empty((other.shape[0],) + x[i].shape, np.result_type(g, other))
+    for j in range(other.shape[0]):
+        iteration()
+        term[j] = _conv_vjp(i, g, (xv, other[j]) if i == 0 else (other[j], wv), ans,
+                            **geometry)[0]
+    return term
 
 
 row(OpDef(
@@ -123,8 +127,7 @@ row(OpDef(
     frozenset({"x"}), True, _norm_conv,
     "N-d convolution (cross-correlation, as ONNX Conv and PyTorch), NCHW: x (N, C, *S), "
     "weight (O, C / groups, *kernel); no bias (add it)",
-    scratch=lambda shapes, **geometry: conv_scratch(shapes[0], shapes[1], **geometry),
-    flops=lambda shapes, out, **_: 2 * prod(out) * prod(shapes[1][1:]),
+    cost=conv_cost,
     curvature=_conv_curvature))
 
 
@@ -159,8 +162,7 @@ row(OpDef(
     "N-d max pooling, NCHW, padding -inf (ONNX MaxPool without ceil_mode); the derivative of "
     "a window goes to its first maximal element in row-major order (to its last NaN if it "
     "has any), as in PyTorch",
-    scratch=lambda shapes, window: max_pool_scratch(shapes[0], window),
-    flops=lambda shapes, out, window: prod(out) * prod(window.kernel),
+    cost=max_pool_cost,
     curvature=ZERO))  # piecewise linear
 row(OpDef(
     "avg_pool", 1, _pool_rule,
@@ -173,6 +175,5 @@ row(OpDef(
                            "elements that are not padding)"),),
     frozenset(), True, _norm_pool,
     "N-d average pooling, NCHW (ONNX AveragePool without ceil_mode)",
-    scratch=lambda shapes, window, count_include_pad: avg_pool_scratch(shapes[0], window),
-    flops=lambda shapes, out, window, count_include_pad: prod(out) * prod(window.kernel),
+    cost=avg_pool_cost,
     curvature=ZERO))  # linear

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 
+from math import prod
+
 import numpy as np
 
 from ..errors import DTypeError, RuleError
 from ..ir import DTYPES
 from ..shapes import lift, unbroadcast
-from ..special import erf
+from ..special import erf, erf_cost
 from .table import ZERO, AttrSpec, OpDef, broadcast_rule, jvp_sum, row
 
 # --- unary -----------------------------------------------------------------
@@ -33,15 +35,17 @@ def _unary_curvature(f2):
     return rule
 
 
-def unary(name, f, d, saves, f2=None, float_only=True, description=""):
+def unary(name, f, d, saves, f2=None, float_only=True, description="", passes=1, cost=None):
     """A row for y = f(x) with y' applied to a seed by d(s, x, ans) and y'' = f2(x, ans)
-    (None: ZERO, the op is linear or piecewise linear)."""
+    (None: ZERO, the op is linear or piecewise linear); f makes `passes` NumPy passes
+    over the elements (its FLOPs), or `cost` declares its costs in full."""
     return row(OpDef(
         name, 1, _same_shape, f,
         jvp=lambda t, x, ans: d(t[0], x[0], ans),
         vjp=lambda i, g, x, ans: d(g, x[0], ans),
         saves=frozenset(saves), float_only=float_only, description=description,
-        elementwise=True, curvature=ZERO if f2 is None else _unary_curvature(f2)))
+        elementwise=True, curvature=ZERO if f2 is None else _unary_curvature(f2),
+        flops=None if passes == 1 else lambda shapes, out: passes * prod(out), cost=cost))
 
 
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
@@ -104,15 +108,15 @@ unary("abs", np.abs, lambda s, x, ans: s * np.sign(x), "x", float_only=False,
       description="abs'(0) = 0, as in PyTorch")
 unary("tanh", np.tanh, lambda s, x, ans: s * (1 - ans * ans), {"ans"}, _tanh_f2)
 unary("sigmoid", sigmoid, lambda s, x, ans: s * (ans * (1 - ans)), {"ans"}, _sigmoid_f2,
-      description="1 / (1 + exp(-x)), computed without overflow")
+      description="1 / (1 + exp(-x)), computed without overflow", passes=3)
 unary("relu", lambda x: np.maximum(x, 0), lambda s, x, ans: s * (ans > 0), {"ans"},
       float_only=False, description="relu'(0) = 0, as in PyTorch")
 unary("softplus", lambda x: np.logaddexp(0, x), lambda s, x, ans: s * sigmoid(x), "x",
-      _softplus_f2, description="log(1 + exp(x)), computed without overflow")
+      _softplus_f2, description="log(1 + exp(x)), computed without overflow", passes=3)
 unary("log1p", np.log1p, lambda s, x, ans: s / (1 + x), "x", _log1p_f2)
 unary("erf", erf, lambda s, x, ans: s * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))), "x",
       _erf_f2, description="the error function: float64 within 2 ulp (W. J. Cody's rational "
-      "approximations), float32 within 5e-7 relative")
+      "approximations), float32 within 5e-7 relative", cost=erf_cost)
 
 
 # --- binary, with broadcasting -------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 
 from ..shapes import fill_seed
@@ -9,6 +11,11 @@ from .reductions import KEEPDIMS, normalizing_rule
 from .table import AttrSpec, OpDef, norm_axis, row
 
 AXIS = AttrSpec("axis", "int", -1, "the axis the op normalizes over")
+
+
+def _normalizing_flops(shapes, out, **attrs):
+    """A maximum, exp of the shifted values, a sum and a division or log: four passes."""
+    return 4 * prod(shapes[0])
 
 
 def _logsumexp(x, axis, keepdims):
@@ -42,7 +49,7 @@ row(OpDef(
     lambda t, x, ans, axis: _softmax_map(t[0], ans, axis),
     lambda i, g, x, ans, axis: _softmax_map(g, ans, axis),
     (AXIS,), frozenset({"ans"}), True, norm_axis, "exp(x) / sum(exp(x)) along axis",
-    curvature=_softmax_curvature))
+    flops=_normalizing_flops, curvature=_softmax_curvature))
 
 
 def _log_softmax(x, axis):
@@ -69,7 +76,7 @@ row(OpDef(
     "log_softmax", 1, normalizing_rule("log_softmax"),
     _log_softmax, _log_softmax_jvp, _log_softmax_vjp,
     (AXIS,), frozenset({"ans"}), True, norm_axis, "x - logsumexp(x) along axis",
-    curvature=_log_softmax_curvature))
+    flops=_normalizing_flops, curvature=_log_softmax_curvature))
 
 
 def _lse_weights(x, ans, axis, keepdims):
@@ -99,4 +106,4 @@ row(OpDef(
         (g if keepdims else np.expand_dims(g, axis + 1)) * _lse_weights(x[0], ans, axis, keepdims)),
     (AXIS, KEEPDIMS), frozenset({"x", "ans"}), True, norm_axis,
     "log(sum(exp(x))) along axis, computed without overflow",
-    curvature=_logsumexp_curvature))
+    flops=_normalizing_flops, curvature=_logsumexp_curvature))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import RuleError
+from ..errors import GraphError, RuleError
 from ..shapes import fill_seed, fmt_shape, normalize_axis, num_elements, unbroadcast
 from .table import ZERO, AttrSpec, OpDef, any_dtype, row, shift
 
@@ -150,6 +150,23 @@ def _norm_pad(attrs, shapes):
     return dict(attrs, pads=tuple(zip(pads[:ndim], pads[ndim:])))
 
 
+def _pad_dtype(names, dtypes, pads, value):
+    """Any dtype; an integer input takes only a finite value its dtype holds (NumPy
+    would raise at run time, or wrap it)."""
+    dtype = any_dtype(names, dtypes)
+    kind = np.dtype(dtype).kind
+    if kind in "iu":
+        info = np.iinfo(dtype)
+        if not np.isfinite(value) or not info.min <= value <= info.max:
+            raise RuleError(f"value {value!r} cannot be padded into the {dtype} input "
+                            f"'{names[0]}' (a finite value from {info.min} to {info.max})",
+                            "attrs.value", GraphError)
+    elif kind == "b" and value not in (0, 1):
+        raise RuleError(f"value {value!r} cannot be padded into the bool input "
+                        f"'{names[0]}' (0 or 1)", "attrs.value", GraphError)
+    return dtype
+
+
 def _pad_vjp(i, g, x, ans, pads, value):
     inner = tuple(slice(b, b + d) for (b, _), d in zip(pads, x[0].shape))
     return g[(slice(None),) + inner]
@@ -166,6 +183,6 @@ row(OpDef(
               "(ONNX order), each >= 0"),
      AttrSpec("value", "float", 0.0, "the value padded in")),
     frozenset(), False, _norm_pad, "constant padding (ONNX Pad, mode constant)",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=_pad_dtype, curvature=ZERO))
 
 
