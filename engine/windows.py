@@ -6,11 +6,15 @@ Layout as ONNX and PyTorch: a tensor is (N, C, *spatial); a conv weight is
 
 Convolution gathers every window of the padded input once into a contiguous
 (C / groups * prod(kernel), windows) matrix (im2col, one copy of a strided
-view) and multiplies the weights by it: one BLAS product per group, with the
-seed directions folded into the batch (input directions) or into the weight
-rows (weight directions). Its input cotangent scatters back with one strided
-add per kernel offset (col2im). Pooling walks the kernel offsets, each a
-strided view of the padded input; no Python loop runs over pixels.
+view) and multiplies the weights by it: one BLAS product, or for a grouped
+convolution one batched product per chunk of groups, with the seed directions
+folded into the batch (input directions) or into the weight rows (weight
+directions). Its input cotangent scatters back with one strided add per kernel
+offset (col2im). Pooling walks the kernel offsets, each a strided view of the
+padded input; no Python loop runs over pixels or single groups, and every loop
+whose trip count the request sets calls costs.iteration() between passes (the
+deadline check). Each kernel's declared cost (`*_cost`, bottom) is what its op
+row hands to engine/costs.py.
 """
 
 from __future__ import annotations
