@@ -48,6 +48,11 @@ class Budget:
     deadline: float | None = None  # time.monotonic() past which work stops
     cancel: Callable[[], None] | None = None  # may raise to stop the work
 
+    def __post_init__(self):
+        # any limit to admit: callers skip sizing a request (its Need) when there is none
+        object.__setattr__(self, "limited", any(
+            getattr(self, f) is not None for f in _LIMITS))
+
     @classmethod
     def of(cls, budget: "Budget | None" = None, check=None, **limits) -> "Budget":
         """`budget` (default: no limits) with the limits given as keywords, and `check`
@@ -79,7 +84,8 @@ class Budget:
 
     def admit(self, plan, shapes, need: Need) -> None:
         """Refuse, before any work, a request over any bound: its trace, its largest
-        block, its reply, its work and its memory, in that order."""
+        block, its reply, its work and its memory, in that order. (Callers may skip
+        this when not `limited`.)"""
         if self.max_trace_elements is not None and need.trace is not None \
                 and need.trace > self.max_trace_elements:
             raise ResourceLimitError(
@@ -116,5 +122,6 @@ class Budget:
                     f"{self.max_bytes:,}", field="inputs")
 
 
-UNLIMITED = Budget()
 _FIELDS = frozenset(f.name for f in fields(Budget))
+_LIMITS = tuple(f for f in _FIELDS if f.startswith("max_"))
+UNLIMITED = Budget()

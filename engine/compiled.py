@@ -43,6 +43,7 @@ _SPECIALIZATION_BYTES = 200
 _ACTIVITY_BYTES = 72
 _SETUP_BYTES = 4096
 _HEAVY_ELEMENTS = 1 << 16  # a value this large is a point where cancellation is checked
+_SMALL_BYTES = 256  # a value this small is kept by a reverse sweep: a Stub is about as big
 
 
 class Bound(NamedTuple):
@@ -155,11 +156,12 @@ class Plan:
         first_node_slot = len(self.input_names) + len(self.graph.constants)
         free = [[] for _ in steps]
         drop = [[] for _ in steps]  # freed during the reverse sweep's forward pass
+        names = list(slot)
         for s, j in last_use.items():
             if s in keep or s < first_node_slot:
                 continue
             free[j].append(s)
-            if s not in needed_backward:
+            if s not in needed_backward and not self._small(names[s]):
                 drop[j].append(s)
         self.steps = [st._replace(free=tuple(f), drop=tuple(d))
                       for st, f, d in zip(steps, free, drop)]
@@ -169,6 +171,12 @@ class Plan:
             op.name == "matmul" or any(d is None for d in self.shapes[node.name])
             or prod(self.shapes[node.name]) >= _HEAVY_ELEMENTS
             for node, op, _ in self.nodes])
+
+    def _small(self, name) -> bool:
+        """A value of a static size under _SMALL_BYTES: the reverse sweep keeps it (its
+        memory is counted among the values anyway) rather than reduce it to a Stub."""
+        shape = self.shapes[name]
+        return None not in shape and prod(shape) * self.np_dtypes[name].itemsize < _SMALL_BYTES
 
     # --- binding run-time values --------------------------------------------------
 
@@ -292,7 +300,9 @@ class Plan:
     # --- the first-order requests on bound inputs ------------------------------------
 
     def run_values(self, bound: Bound, budget: Budget) -> dict:
-        budget.admit(self, bound.shapes, Need(0, self.nbytes(bound.shapes, self.output_names)))
+        if budget.limited:
+            budget.admit(self, bound.shapes,
+                         Need(0, self.nbytes(bound.shapes, self.output_names)))
         values_sweep(self.steps, bound.vals, budget.check, self.points)
         return self.outputs(bound.vals)
 
@@ -300,8 +310,9 @@ class Plan:
         vals, shapes = bound.vals, bound.shapes
         self.names(tuple(tangents), self.input_names, (), "input", "tangents")
         seeds, k, batched = self.seeds(tangents, shapes, "tangents")
-        budget.admit(self, shapes, Need(k, self.nbytes(shapes, self.output_names, 1 + k),
-                                        "outputs and tangents", "tangents"))
+        if budget.limited:
+            budget.admit(self, shapes, Need(k, self.nbytes(shapes, self.output_names, 1 + k),
+                                            "outputs and tangents", "tangents"))
         tans = [None] * self.n_slots
         for s, t in seeds.items():
             tans[s] = t
@@ -315,8 +326,9 @@ class Plan:
         self.names(tuple(cotangents), self.output_names, (), "output", "cotangents")
         wrt = self.wrt_names(wrt)
         seeds, k, batched = self.seeds(cotangents, shapes, "cotangents")
-        reply = self.nbytes(shapes, self.output_names) + self.nbytes(shapes, wrt, k)
-        budget.admit(self, shapes, Need(k, reply, "outputs and cotangents", "cotangents"))
+        if budget.limited:
+            reply = self.nbytes(shapes, self.output_names) + self.nbytes(shapes, wrt, k)
+            budget.admit(self, shapes, Need(k, reply, "outputs and cotangents", "cotangents"))
         if isinstance(bound, Residuals):
             cots = backward_sweep(self.steps, bound.values, seeds, self.needs(wrt),
                                   budget.check, self.points)
@@ -329,7 +341,8 @@ class Plan:
 
     def run_residuals(self, bound: Bound, budget: Budget) -> Residuals:
         vals, shapes = bound.vals, bound.shapes
-        budget.admit(self, shapes, Need(0, self.nbytes(shapes, self.output_names)))
+        if budget.limited:
+            budget.admit(self, shapes, Need(0, self.nbytes(shapes, self.output_names)))
         residual_sweep(self.steps, vals, budget.check, self.points)
         kept = {id(v): v.nbytes for v in vals if isinstance(v, np.ndarray)}
         return Residuals(self.outputs(vals), vals, shapes, sum(kept.values()))

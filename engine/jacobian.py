@@ -71,11 +71,12 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget) -> JacobianResul
             setups.pop(next(iter(setups)), None)
         setups[key] = setup
     d = setup.decision
-    reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
-    budget.admit(plan, shapes, Need(
-        d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
-        extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
-        block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
+    if budget.limited:
+        reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
+        budget.admit(plan, shapes, Need(
+            d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
+            extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
+            block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
     seeds = setup.seeds or _identity_seeds(plan, setup, shapes)
     vals = bound.vals
     if d.mode == "forward":

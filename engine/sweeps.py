@@ -131,7 +131,13 @@ def values_sweep(steps, vals, check=None, points=()):
 def _values(steps, vals, check, points):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
-            vals[st.out] = st.eval(*_args(vals, st.ins))
+            ins = st.ins
+            if len(ins) == 1:
+                vals[st.out] = st.eval(vals[ins[0]])
+            elif len(ins) == 2:
+                vals[st.out] = st.eval(vals[ins[0]], vals[ins[1]])
+            else:
+                vals[st.out] = st.eval(*[vals[i] for i in ins])
             for s in st.free:
                 vals[s] = None
 
@@ -195,7 +201,13 @@ def backward_sweep(steps, vals, seeds, needs, check=None, points=()):
 def _keep_for_reverse(steps, vals, check, points, record):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
-            xs = _args(vals, st.ins)
+            ins = st.ins
+            if len(ins) == 1:
+                xs = (vals[ins[0]],)
+            elif len(ins) == 2:
+                xs = (vals[ins[0]], vals[ins[1]])
+            else:
+                xs = tuple([vals[i] for i in ins])
             ans = vals[st.out] = st.eval(*xs)
             if record is not None:
                 record.value(st, xs, ans)
@@ -222,7 +234,12 @@ def _backward(steps, vals, seeds, needs, check, points, record):
         if g is None:
             continue
         cots[out] = None
-        xs = _args(vals, ins)
+        if len(ins) == 1:
+            xs = (vals[ins[0]],)
+        elif len(ins) == 2:
+            xs = (vals[ins[0]], vals[ins[1]])
+        else:
+            xs = tuple([vals[i] for i in ins])
         ans = vals[out]
         if pull is None:
             vjp = st.vjp

@@ -203,3 +203,21 @@ def test_the_sweep_loop_checker_sees_a_copied_loop(tmp_path):
                       "    for pos in (0, 1):\n"
                       "        steps[0].vjp(pos, None, (), None)\n")
     assert sweep_loops(module, tmp_path) == ["copy.py:2", "copy.py:5"]
+
+
+def test_one_name_per_concept_one_value_per_name():
+    """The engine and the wire may not import each other, so a concept both need is
+    named and valued in each and checked here: the dtype names, the floating ones, and
+    the rank limits (a value's rank, leaving room for a Jacobian block of two values,
+    is not NumPy's array rank limit, and the two have different names)."""
+    from gradserve import engine
+    from gradserve.client import _remote, onnx
+    from gradserve.v1 import codec, tensor_wire
+
+    assert tuple(codec.WIRE_DTYPES) == engine.DTYPES
+    assert onnx.WIRE_DTYPES is codec.WIRE_DTYPES
+    assert _remote.FLOAT_DTYPES == engine.FLOAT_DTYPES
+    assert 2 * engine.MAX_RANK <= tensor_wire.NUMPY_MAX_RANK
+    assert not hasattr(tensor_wire, "MAX_RANK")
+    # the function engine.trace does not hide a module of that name
+    assert callable(engine.trace) and not (REPO / "engine" / "trace.py").exists()
