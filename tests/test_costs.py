@@ -9,6 +9,9 @@ directions) and second order (k Hessian-vector products of sum(op(...))). For ea
   after a warm-up run filled the plan's caches, must be refused as a limit: with
   max_bytes below the measured peak (less SLACK for the interpreter's own objects), the
   plan refuses the request before running it, so its estimate is at least the peak;
+- loop passes: the passes of the kernels' Python loops (counted as they run,
+  costs.counting()) are at most the plan's declared loops for the values and each
+  direction;
 - work: the FLOPs of the op by an independent formula (FLOPS below: passes over the
   elements, 2mnk for products), per direction as much again, plus
   costs.LOOP_FLOPS for each pass of a kernel's Python loop (counted as the kernels run,
@@ -31,7 +34,8 @@ from gradserve.engine.ops import OPS
 from gradserve.engine.ops.table import no_cotangent
 
 SLACK = 16 * 1024  # bytes of interpreter objects (tuples, dicts, results) beside the arrays
-CASES = 6  # random cases per op (plus its fixed adversarial ones)
+CASES = 6  # random cases per op
+ADVERSARIAL = 4  # and adversarial ones (huge windows, many groups, empty axes...)
 
 UNARY = ("neg", "sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "abs",
          "tanh", "sigmoid", "relu", "softplus", "log1p", "erf")
@@ -292,6 +296,10 @@ def _prove(op, inputs, attrs, rng, what):
                 + flops(op, shapes, out, attrs, {**PASSES, **DIRECTION_PASSES}) * directions
                 + costs.LOOP_FLOPS * passes)
         label = f"{op} {mode} {what}: {attrs} on {shapes}"
+        declared = plan.costs(plan.shapes)
+        assert passes <= declared.loops + directions * declared.direction_loops, (
+            f"{label}: {passes} loop passes ran, {declared.loops} + {directions} x "
+            f"{declared.direction_loops} declared")
         if peak > SLACK:
             with pytest.raises(ResourceLimitError, match="bytes"):
                 run(max_bytes=peak - SLACK)
@@ -315,7 +323,7 @@ def test_the_table_covers_every_op():
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_declared_costs_bound_what_the_kernels_incur(op):
     rng = np.random.default_rng(sum(map(ord, op)))
-    for i in range(CASES + 2):
+    for i in range(CASES + ADVERSARIAL):
         dtype = (np.float64, np.float32)[i % 2]
         adversarial = i >= CASES
         inputs, attrs = _case(op, rng, dtype, adversarial)
