@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES, Graph
+from . import sparse
 from .ops import OPS
 from .planner import PlannerDecision, plan_mode, plan_second_order
 from .second import (HessianResult, HVPResult, SecondOrder, bind_curvatures,
@@ -154,6 +155,7 @@ class Plan:
         self._jacobian_setups: dict = {}
         self._activity: dict = {}
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, _costs(shapes))
+        self._patterns: dict = {}  # sparsity analyses (engine/sparse.py), bounded in bytes
         self._curvatures: list | None = None  # per step, bound on the first second-order call
 
     # --- compile-time analysis ------------------------------------------------
@@ -493,12 +495,23 @@ class Plan:
 
     def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, max_bytes=None,
                  max_block_elements=None, max_reply_bytes=None, max_flops=None, ratio=None,
-                 check=None) -> JacobianResult:
+                 check=None, sparsity=None) -> JacobianResult:
         """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks.
 
         `max_block_elements` refuses (ResourceLimitError) a Jacobian with a larger
         block, before any work; `max_bytes` counts the identity seeds and the result.
+        `sparsity` (engine/sparse.py): None or "auto" let the planner compress the sweeps
+        by coloring the Jacobian's pattern when that pays ("auto" also returns
+        sparse.SparseBlock values when they are smaller), "sparse" compresses and returns
+        SparseBlocks whenever a pattern is found, "dense" never looks for one.
         """
+        if ratio is None:
+            found = sparse.try_jacobian(
+                self, inputs, wrt, of, mode, sparsity,
+                {"max_bytes": max_bytes, "max_block_elements": max_block_elements,
+                 "max_reply_bytes": max_reply_bytes, "max_flops": max_flops, "check": check})
+            if found is not None:
+                return found
         vals, shapes, signature = self._bind(inputs)
         key = (signature, None if wrt is None else tuple(wrt), None if of is None else tuple(of),
                mode, ratio)
@@ -524,7 +537,8 @@ class Plan:
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False, max_bytes=None, max_block_elements=None,
                       max_reply_bytes=None, max_trace_elements=None, max_flops=None,
-                      residuals: Residuals | None = None, check=None) -> Differentiation:
+                      residuals: Residuals | None = None, check=None,
+                      sparsity=None) -> Differentiation:
         """One differentiation request, whatever it asks for:
 
         - `tangents` (input name -> seed): a JVP, forward mode by definition;
@@ -589,7 +603,8 @@ class Plan:
                 raise DifferentiationError("the graph has no floating outputs to "
                                            "differentiate", field="of")
             result = self.jacobian(inputs, wrt=wrt, of=of, mode=mode,
-                                   max_block_elements=max_block_elements, **limits)
+                                   max_block_elements=max_block_elements, sparsity=sparsity,
+                                   **limits)
             answer = Differentiation(result.outputs, result.jacobian, {}, {}, result.decision)
         if recipe is not None:
             trace_mode, seeds = recipe
@@ -649,7 +664,7 @@ class Plan:
 
     def hessian(self, inputs, of=None, wrt=None, mode="auto", *, max_bytes=None,
                 max_block_elements=None, max_reply_bytes=None, max_flops=None,
-                check=None) -> HessianResult:
+                check=None, sparsity=None) -> HessianResult:
         """The value of the scalar output `of`, its gradient and its Hessian blocks
         d2 of / d wrt_a d wrt_b, each shaped wrt_a.shape + wrt_b.shape: n HVPs with
         the identity's columns as vectors, batched in one forward-over-reverse sweep
@@ -661,6 +676,12 @@ class Plan:
         if mode not in ("auto", "forward-over-reverse"):
             raise DifferentiationError(f"unknown second-order mode {mode!r} (auto or "
                                        "forward-over-reverse)", field="mode")
+        found = sparse.try_hessian(
+            self, inputs, of, wrt, sparsity,
+            {"max_bytes": max_bytes, "max_block_elements": max_block_elements,
+             "max_reply_bytes": max_reply_bytes, "max_flops": max_flops, "check": check})
+        if found is not None:
+            return found
         vals, shapes, _ = self._bind(inputs)
         out = self._scalar_of(of, shapes)
         wrt = self._second_wrt(wrt)
@@ -715,7 +736,8 @@ class Plan:
 
     def second_order(self, inputs, *, vectors=None, hessian=False, of=None, wrt=None,
                      mode="auto", max_bytes=None, max_block_elements=None,
-                     max_reply_bytes=None, max_flops=None, check=None) -> SecondOrder:
+                     max_reply_bytes=None, max_flops=None, check=None,
+                     sparsity=None) -> SecondOrder:
         """One second-order request: Hessian-vector products (`vectors` given) or the
         Hessian blocks (`hessian`), not both; see hvp and hessian."""
         limits = {"max_bytes": max_bytes, "max_reply_bytes": max_reply_bytes,
@@ -725,7 +747,8 @@ class Plan:
                                        "Hessian, not both", field="vectors")
         if hessian:
             r = self.hessian(inputs, of=of, wrt=wrt, mode=mode,
-                             max_block_elements=max_block_elements, **limits)
+                             max_block_elements=max_block_elements, sparsity=sparsity,
+                             **limits)
             return SecondOrder(r.outputs, r.value, r.gradient, {}, r.hessian, r.decision)
         if mode not in ("auto", "forward-over-reverse"):
             raise DifferentiationError(f"unknown second-order mode {mode!r} (auto or "
@@ -985,13 +1008,15 @@ class Plan:
     def cache_bytes(self) -> int:
         """About what this plan's caches hold between calls: identity seeds (at most
         PLAN_CACHE_BYTES), shape specializations and activity lists (bounded by count),
-        as counted by a graph cache."""
+        sparsity patterns and colorings (at most sparse.PATTERN_CACHE_BYTES), as counted
+        by a graph cache."""
         seeds = sum(s.seed_bytes for s in self._jacobian_setups.values() if s.seeds)
         # the cost cache may keep specializations alive after their eviction: counted too
         shape_dicts = len(self._specializations) + len(self._cost_cache)
         return (seeds + shape_dicts * len(self._nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self._steps) * _ACTIVITY_BYTES
-                + len(self._jacobian_setups) * _SETUP_BYTES)
+                + len(self._jacobian_setups) * _SETUP_BYTES
+                + sum(a.nbytes for a in self._patterns.values()))
 
     def _jacobian_blocks(self, vals, setup, seeds, check) -> JacobianResult:
         decision = setup.decision
