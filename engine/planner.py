@@ -125,14 +125,14 @@ def plan_sparsity(n: int, m: int, nnz: int | None, colors_forward: int | None,
 
 def plan_sparse_hessian(n: int, nnz: int | None, colors: int | None, *,
                         sparsity: str = "auto", ratio: float = HVP_COST_RATIO) -> PlannerDecision:
-    """A Hessian from n Hessian-vector products (dense), or from one per color of its
-    pattern's columns (symmetric, so a distance-2 coloring recovers each entry directly)."""
+    """A Hessian from n Hessian-vector products (dense), or from one per color of a star
+    coloring of its pattern (symmetric: each entry is read back directly)."""
     dense = plan_second_order(n, n, ratio, what="the Hessian's n columns")
     if nnz is None or sparsity == "dense":
         why = ("" if sparsity == "dense" else
                "; sparsity: the pattern was too large to find, so dense")
         return replace(dense, reason=dense.reason + why)
-    about = (f"the Hessian's pattern has {nnz} nonzeros of {n * n}: {colors} column colors, "
+    about = (f"the Hessian's pattern has {nnz} nonzeros of {n * n}: {colors} star colors, "
              f"one Hessian-vector product each, against {n}")
     figures = dict(nnz=nnz, colors_forward=colors, colors_reverse=0)
     if sparsity == "sparse" or colors < n:

@@ -188,7 +188,7 @@ def jacobian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) ->
 def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> Analysis:
     """The Hessian pattern of the scalar `of` over `wrt` (n x n, symmetric): the union over
     the nodes `of` depends on that add second-order interactions (sparsity.hessian_terms)
-    of every pair of columns one of their elements depends on; with its column coloring."""
+    of every pair of columns one of their elements depends on; with its star coloring."""
     key = ("hessian", tuple(tuple(shapes[x]) for x in wrt), wrt, of)
     found = _cache(plan).get(key)
     if found is not None:
@@ -213,7 +213,7 @@ def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> 
                                   (columns, columns))
         else:
             pattern = sp.empty(columns, columns)
-        analysis = Analysis(pattern, sp.color_columns(pattern, check), None)
+        analysis = Analysis(pattern, sp.star_coloring(pattern, check), None)
     except sp.TooDense:
         analysis = Analysis(None, None, None)
     _remember(plan, key, analysis)
@@ -311,9 +311,9 @@ def split_blocks(pattern: sp.Pattern, values, shapes, row_names, col_names, dtyp
 
 def compressed_hessian(plan, inputs, shapes, wrt, of, analysis: Analysis, limits: dict):
     """(hvp result, values of the Hessian pattern's nonzeros in CSR order): one HVP
-    direction per color, read back directly (H S = B, H[i, j] = B[i, color(j)])."""
+    direction per color of a star coloring, each entry read back directly from H S = B
+    (sparsity.star_recover)."""
     pattern = analysis.pattern
-    rows, cols = pattern.coo()
     k = max(sp.ncolors(analysis.columns), 1)
     colors = analysis.columns
     vectors, at = {}, 0
@@ -327,7 +327,7 @@ def compressed_hessian(plan, inputs, shapes, wrt, of, analysis: Analysis, limits
     result = plan.hvp(inputs, vectors, of=of, wrt=wrt, **limits)
     compressed = np.concatenate(
         [np.asarray(result.hvp[name]).reshape(k, -1).T for name in wrt])  # (n, c)
-    return result, compressed[rows, colors[cols]]
+    return result, sp.star_recover(pattern, colors, compressed)
 
 
 # --- whole requests ---------------------------------------------------------------------------

@@ -407,6 +407,66 @@ def color_columns(pattern: Pattern, check=None) -> np.ndarray:
     return np.asarray(colors, np.int64)
 
 
+def star_coloring(pattern: Pattern, check=None) -> np.ndarray:
+    """Greedy star coloring of a symmetric pattern's adjacency graph (Gebremedhin, Manne
+    and Pothen 2005, Algorithm 4.1): a distance-1 coloring in which every path on four
+    vertices has three colors, so each off-diagonal entry of a symmetric matrix can be read
+    back directly from the products with one seed per color (star_recover). It can need
+    far fewer colors than a coloring of the columns: an arrowhead pattern (a dense row
+    and column plus the diagonal) takes 2, not n."""
+    n = pattern.shape[0]
+    lengths = np.diff(pattern.indptr)
+    if int((lengths.astype(np.int64) ** 2).sum()) > MAX_COLORING_WORK // 4:
+        raise TooDense
+    indptr, indices = pattern.indptr.tolist(), pattern.indices.tolist()
+    nbrs = [[k for k in indices[indptr[v]:indptr[v + 1]] if k != v] for v in range(n)]
+    colors = [-1] * n
+    forbidden: dict = {}
+    work = 0
+    for v in range(n):
+        if check is not None and v % 256 == 0:
+            check()
+        for w in nbrs[v]:
+            if colors[w] >= 0:
+                forbidden[colors[w]] = v
+        for w in nbrs[v]:
+            if colors[w] < 0:
+                for x in nbrs[w]:
+                    if colors[x] >= 0:
+                        forbidden[colors[x]] = v
+            else:
+                for x in nbrs[w]:
+                    if x == v or colors[x] < 0:
+                        continue
+                    for y in nbrs[x]:
+                        work += 1
+                        if y != w and colors[y] == colors[w]:
+                            forbidden[colors[x]] = v
+                            break
+        if work > MAX_COLORING_WORK:
+            raise TooDense
+        c = 0
+        while forbidden.get(c) == v:
+            c += 1
+        colors[v] = c
+    return np.asarray(colors, np.int64)
+
+
+def star_recover(pattern: Pattern, colors: np.ndarray, compressed: np.ndarray) -> np.ndarray:
+    """The values of a symmetric matrix's nonzeros (CSR order) from B = H S, S the star
+    coloring's seeds: H[i, j] = B[i, color(j)] when j is i's only neighbour of that color,
+    else B[j, color(i)] (a star coloring guarantees one of the two); the diagonal
+    H[i, i] = B[i, color(i)]."""
+    rows, cols = pattern.coo()
+    k = max(ncolors(colors), 1)
+    # how many neighbours of each row have each color
+    counts = np.zeros((pattern.shape[0], k), np.int64)
+    off = rows != cols
+    np.add.at(counts, (rows[off], colors[cols[off]]), 1)
+    direct = (rows == cols) | (counts[rows, colors[cols]] == 1)
+    return np.where(direct, compressed[rows, colors[cols]], compressed[cols, colors[rows]])
+
+
 def color_rows(pattern: Pattern, check=None) -> np.ndarray:
     """Rows sharing a column get different colors (a column coloring of the transpose)."""
     return color_columns(pattern.transpose(), check)

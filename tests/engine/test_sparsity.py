@@ -82,10 +82,23 @@ def check_hessian(plan, inputs, wrt, of):
                       for a in wrt])
     missed = (dense != 0) & ~analysis.pattern.dense()
     assert not missed.any(), f"Hessian pattern misses {np.argwhere(missed)[:5].tolist()}"
-    assert sp.check_coloring(analysis.pattern, analysis.columns)
+    check_star_coloring(analysis.pattern, analysis.columns)
     r = plan.hessian(inputs, of=of, wrt=list(wrt), sparsity="sparse")
     assert r.decision.sparsity == "sparse"
     assert_allclose(stacked(r.hessian, wrt, wrt), dense, rtol=1e-9, atol=1e-10)
+
+
+def check_star_coloring(pattern, colors):
+    """Any symmetric matrix with this pattern is recovered from its products with the
+    coloring's seeds: random values, B = H S, star_recover gives them back."""
+    rng = np.random.default_rng(7)
+    h = np.where(pattern.dense(), rng.uniform(1, 2, pattern.shape), 0.0)
+    h = np.triu(h) + np.triu(h, 1).T
+    assert (h != 0).sum() == pattern.nnz  # the pattern is symmetric
+    seeds = sp.compressed_seeds(colors, np.float64)  # (c, n)
+    rows, cols = pattern.coo()
+    assert_allclose(sp.star_recover(pattern, colors, h @ seeds.T), h[rows, cols],
+                    rtol=1e-14, atol=0)
 
 
 # --- every op row ----------------------------------------------------------------------------
@@ -179,6 +192,24 @@ def test_a_banded_hessian_takes_three_hvps():
     assert_allclose(r.hessian["x", "x"].todense(), dense.hessian["x", "x"], rtol=1e-10,
                     atol=1e-12)
     assert_allclose(r.gradient["x"], dense.gradient["x"], rtol=RTOL, atol=ATOL)
+
+
+def test_an_arrowhead_hessian_takes_two_star_colors():
+    """f = sum((x_i x_0)^2 + sin(x_i)): x_0 meets every other variable, so a coloring of
+    the columns needs n colors; a star coloring needs 2."""
+    n = 300
+    g = Graph([Input("x", "float64", [n])],
+              [Node("a", "slice", ["x"], {"starts": [0], "stops": [1], "axes": [0]}),
+               Node("m", "mul", ["x", "a"]), Node("q", "square", ["m"]),
+               Node("s", "sin", ["x"]), Node("t", "add", ["q", "s"]), Node("l", "sum", ["t"])],
+              ["l"])
+    plan = compile(g)
+    x = {"x": np.random.default_rng(4).normal(size=n)}
+    r = plan.hessian(x, of="l", sparsity="auto")
+    assert r.decision.sparsity == "sparse" and r.decision.colors_forward == 2
+    dense = plan.hessian(x, of="l", sparsity="dense")
+    assert_allclose(r.hessian["x", "x"].todense(), dense.hessian["x", "x"], rtol=1e-10,
+                    atol=1e-12)
 
 
 def test_dense_behaviour_is_unchanged_when_sparsity_does_not_pay():
