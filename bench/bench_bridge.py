@@ -24,8 +24,8 @@ import _timing as T  # noqa: E402  (sets OMP_WAIT_POLICY before torch is importe
 import numpy as np  # noqa: E402
 
 from gradserve.client import Client, GraphBuilder  # noqa: E402
-from process_stats import cpu_seconds  # noqa: E402
-from server_process import ServerProcess  # noqa: E402
+from support.process_stats import cpu_seconds  # noqa: E402
+from support.server_process import ServerProcess  # noqa: E402
 
 
 def mlp_graph(sizes, batch):

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from server_process import ServerProcess  # noqa: E402  (tests/: subprocess helper)
+from support.server_process import ServerProcess  # noqa: E402  (tests/: subprocess helper)
 
 from gradserve.client.datasets import load_dataset  # noqa: E402
 from gradserve.client.gradients import remote_gradient  # noqa: E402

@@ -38,7 +38,7 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from wire_bytes import field  # noqa: E402  (tests/: requests in the wire format)
+from support.wire_bytes import field  # noqa: E402  (tests/: requests in the wire format)
 
 KINDS = ("constants", "inputs", "chain", "add-const", "outputs")
 

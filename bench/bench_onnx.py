@@ -44,7 +44,7 @@ from gradserve.server.app import create_server
 from gradserve.server.convert import graph_from_proto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
+from support.server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
 
 TARGET = 1.5
 MODELS = {"lenet5": "LeNet-5, 28x28, batch 32",

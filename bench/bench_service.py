@@ -668,7 +668,7 @@ def bench_processes(quick: bool, echo_rate: float) -> list[str]:
     Clients of 1 and N channels. Interleaved rounds; server CPU summed over processes."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                     "tests"))
-    from server_process import ServerProcess as Command, clean_env
+    from support.server_process import ServerProcess as Command, clean_env
 
     from gradserve.cli.serve import default_processes
 

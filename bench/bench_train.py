@@ -46,7 +46,7 @@ from gradserve.client.training import Trainer, TrainConfig
 from gradserve.server.app import create_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
+from support.server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
 
 TARGET = 0.5
 STEPS_PER_CALL = 16  # `gradserve train --steps-per-call 16` (the TrainSteps RPC)

@@ -1,4 +1,4 @@
-"""Long fuzz run of the real server: the structure-aware strategies of tests/test_fuzz.py
+"""Long fuzz run of the real server: the structure-aware strategies of tests/server/test_fuzz.py
 (random graphs valid and subtly invalid, random tensors, wrt/of/modes/seeds, inline or
 by id, unary or streamed, or serialized bytes with a few bytes corrupted), driven by
 atheris (libFuzzer, coverage-guided over the instrumented gradserve code) when it is
@@ -13,7 +13,7 @@ Two in-process servers on 127.0.0.1 (default limits and small ones), the raw stu
 a wrong worked example after an input, or any other exception: each is counted, its
 first traceback printed and its input saved under --artifacts; the run goes on. Inputs
 of the known bug class (a zero dimension next to a huge one, see
-tests/test_hardening.py) are counted apart. Prints inputs tried, examples run, codes
+tests/server/test_hardening.py) are counted apart. Prints inputs tried, examples run, codes
 seen, findings, the slowest input and the RSS of this process (servers included).
 Exit code: 0 when nothing new was found, 1 otherwise.
 """
@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))  # test_fuzz.py: its strategies
 
 
 def rss_mib() -> float:

@@ -141,3 +141,40 @@ def test_readme_layout_pyproject_and_folders_agree():
                  and any(p.rglob("*.py"))} - {"build", "gradserve.egg-info"}
     listed = {folder.split("/")[0] for folder, _ in rows}
     assert top_level <= listed, f"folders missing from README's Layout: {top_level - listed}"
+
+
+# --- the tests themselves ----------------------------------------------------------------
+
+TEST_PARTS = {"engine", "wire", "server", "client", "cli", "deploy"}
+
+
+def test_tests_live_in_folders_by_part():
+    """Each test module sits in the folder of the part it tests; shared helpers live in
+    tests/support/ only."""
+    tests = REPO / "tests"
+    for path in tests.rglob("test_*.py"):
+        folder = path.parent.relative_to(tests)
+        assert path.name == "test_layout.py" or str(folder) in TEST_PARTS, (
+            f"{path.relative_to(REPO)}: test modules go in tests/<part>/ "
+            f"({', '.join(sorted(TEST_PARTS))})")
+    for path in tests.rglob("*.py"):
+        if path.parent == tests or path.parent.name in TEST_PARTS:
+            assert path.name.startswith("test_") or path.name == "conftest.py", (
+                f"{path.relative_to(REPO)}: shared helpers go in tests/support/")
+
+
+def test_no_test_module_imports_another():
+    """Test modules share helpers through tests/support/, never by importing each other."""
+    tests = REPO / "tests"
+    modules = {p.stem for p in tests.rglob("test_*.py")} | {"conftest"}
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in modules, (
+                    f"{path.relative_to(REPO)}:{node.lineno} imports {name}: move what it "
+                    "needs to tests/support/")
