@@ -510,6 +510,13 @@ class Plan:
                 self, inputs, wrt, of, mode, sparsity,
                 {"max_bytes": max_bytes, "max_block_elements": max_block_elements,
                  "max_reply_bytes": max_reply_bytes, "max_flops": max_flops, "check": check})
+            if isinstance(found, PlannerDecision):
+                dense = self.jacobian(inputs, wrt, of, mode, max_bytes=max_bytes,
+                                      max_block_elements=max_block_elements,
+                                      max_reply_bytes=max_reply_bytes, max_flops=max_flops,
+                                      check=check, sparsity="dense")
+                return dense._replace(decision=replace(dense.decision, reason=found.reason,
+                                                       nnz=found.nnz))
             if found is not None:
                 return found
         vals, shapes, signature = self._bind(inputs)
@@ -680,6 +687,13 @@ class Plan:
             self, inputs, of, wrt, sparsity,
             {"max_bytes": max_bytes, "max_block_elements": max_block_elements,
              "max_reply_bytes": max_reply_bytes, "max_flops": max_flops, "check": check})
+        if isinstance(found, PlannerDecision):
+            dense = self.hessian(inputs, of, wrt, mode, max_bytes=max_bytes,
+                                 max_block_elements=max_block_elements,
+                                 max_reply_bytes=max_reply_bytes, max_flops=max_flops,
+                                 check=check, sparsity="dense")
+            return dense._replace(decision=replace(dense.decision, reason=found.reason,
+                                                   nnz=found.nnz))
         if found is not None:
             return found
         vals, shapes, _ = self._bind(inputs)

@@ -104,6 +104,10 @@ def plan_sparsity(n: int, m: int, nnz: int | None, colors_forward: int | None,
         why = ("" if sparsity == "dense" else
                "; sparsity: the pattern was too large to find, so dense")
         return replace(dense, reason=dense.reason + why)
+    if colors_forward is None:
+        return replace(dense, nnz=nnz, reason=dense.reason + (
+            f"; sparsity: the pattern has {nnz} nonzeros of {n * m}, too dense to color, "
+            "so dense"))
     fwd, rev = float(colors_forward), float(ratio * colors_reverse)
     figures = dict(nnz=nnz, colors_forward=colors_forward, colors_reverse=colors_reverse)
     dense_cost = min(dense.cost_forward, dense.cost_reverse) if mode == "auto" else (
@@ -132,6 +136,10 @@ def plan_sparse_hessian(n: int, nnz: int | None, colors: int | None, *,
         why = ("" if sparsity == "dense" else
                "; sparsity: the pattern was too large to find, so dense")
         return replace(dense, reason=dense.reason + why)
+    if colors is None:
+        return replace(dense, nnz=nnz, reason=dense.reason + (
+            f"; sparsity: the pattern has {nnz} nonzeros of {n * n}, too dense to color, "
+            "so dense"))
     about = (f"the Hessian's pattern has {nnz} nonzeros of {n * n}: {colors} star colors, "
              f"one Hessian-vector product each, against {n}")
     figures = dict(nnz=nnz, colors_forward=colors, colors_reverse=0)

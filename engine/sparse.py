@@ -177,10 +177,11 @@ def jacobian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) ->
             p = patterns.get(name)
             parts.append(sp.empty(prod(shapes[name]), columns) if p is None else p)
         pattern = _stack(parts, columns)
-        analysis = Analysis(pattern, sp.color_columns(pattern, check),
-                            sp.color_rows(pattern, check))
     except sp.TooDense:
         analysis = Analysis(None, None, None)
+    else:
+        analysis = Analysis(pattern, *_colorings(pattern, check, sp.color_columns,
+                                                 sp.color_rows))
     _remember(plan, key, analysis)
     return analysis
 
@@ -213,11 +214,24 @@ def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> 
                                   (columns, columns))
         else:
             pattern = sp.empty(columns, columns)
-        analysis = Analysis(pattern, sp.star_coloring(pattern, check), None)
     except sp.TooDense:
         analysis = Analysis(None, None, None)
+    else:
+        analysis = Analysis(pattern, _colorings(pattern, check, sp.star_coloring)[0], None)
     _remember(plan, key, analysis)
     return analysis
+
+
+def _colorings(pattern, check, *colorings):
+    """Each coloring of the pattern, or None for all when it is over half full (no
+    coloring can pay) or too costly to color (sparsity.MAX_COLORING_WORK)."""
+    rows, cols = pattern.shape
+    if pattern.nnz * 2 > rows * cols:
+        return (None,) * len(colorings)
+    try:
+        return tuple(color(pattern, check) for color in colorings)
+    except sp.TooDense:
+        return (None,) * len(colorings)
 
 
 class _Kind(NamedTuple):
@@ -252,6 +266,9 @@ def decide_jacobian(analysis: Analysis, n: int, m: int, mode: str, sparsity: str
     p = analysis.pattern
     if p is None:
         return plan_sparsity(n, m, None, None, None, mode=mode, sparsity=sparsity, ratio=ratio)
+    if analysis.columns is None:
+        return plan_sparsity(n, m, p.nnz, None, None, mode=mode, sparsity=sparsity,
+                             ratio=ratio)
     return plan_sparsity(n, m, p.nnz, sp.ncolors(analysis.columns), sp.ncolors(analysis.rows),
                          mode=mode, sparsity=sparsity, ratio=ratio)
 
@@ -354,8 +371,9 @@ def _sparse_layout(sparsity, nnz, dense_elements, itemsize) -> bool:
 
 
 def try_jacobian(plan, inputs, wrt, of, mode, sparsity, limits):
-    """A Jacobian by compressed sweeps, or None when the dense path should answer (the
-    caller asked for dense, compression does not pay, or the pattern is too large to find).
+    """A Jacobian by compressed sweeps; or, when the dense path should answer, None (no
+    pattern looked for) or the planner's decision (dense, with the pattern's figures and
+    why compression does not pay).
 
     `sparsity`: None (the planner may compress; blocks stay dense arrays: the wire's
     default), "auto" (blocks sparse when that is smaller), "sparse" (compressed and sparse
@@ -376,7 +394,7 @@ def try_jacobian(plan, inputs, wrt, of, mode, sparsity, limits):
                                  check=limits.get("check"))
     decision = decide_jacobian(analysis, n, m, mode, sparsity or "auto")
     if decision.sparsity != "sparse":
-        return None
+        return decision  # the dense path answers; its decision carries the figures
     itemsize = max(plan._np_dtypes[x].itemsize for x in wrt + of)
     sparse_out = _sparse_layout(sparsity, analysis.pattern.nnz, n * m, itemsize)
     result_bytes = (analysis.pattern.nnz * (INDEX_BYTES + itemsize) if sparse_out
@@ -416,11 +434,12 @@ def try_hessian(plan, inputs, of, wrt, sparsity, limits):
                                 max_entries=_entries_budget(limits.get("max_bytes")),
                                 check=limits.get("check"))
     p = analysis.pattern
-    decision = plan_sparse_hessian(n, None if p is None else p.nnz,
-                                   None if p is None else sp.ncolors(analysis.columns),
-                                   sparsity=sparsity or "auto")
+    decision = plan_sparse_hessian(
+        n, None if p is None else p.nnz,
+        None if analysis.columns is None else sp.ncolors(analysis.columns),
+        sparsity=sparsity or "auto")
     if decision.sparsity != "sparse":
-        return None
+        return decision
     itemsize = max(plan._np_dtypes[x].itemsize for x in wrt)
     sparse_out = _sparse_layout(sparsity, p.nnz, n * n, itemsize)
     if not sparse_out and limits.get("max_block_elements") is not None:

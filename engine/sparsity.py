@@ -29,6 +29,7 @@ from math import prod
 import numpy as np
 
 from .errors import ResourceLimitError
+from .windows import Window
 
 # A pattern (all values of a request) may hold at most this many entries unless the
 # caller sets its own bound: 2M entries are ~50 MB of int64 index arrays while they are built.
@@ -267,8 +268,10 @@ def pool_pattern(shapes, out, values=None, window=None, **_):
     return [((planes * plane_out + po).ravel(), (planes * plane_in + pi).ravel())]
 
 
-def conv_pattern(shapes, out, values=None, window=None, groups=1, **_):
+def conv_pattern(shapes, out, values=None, strides=None, pads=None, dilations=None,
+                 groups=1, **_):
     x, w = tuple(shapes[0]), tuple(shapes[1])
+    window = Window(tuple(w[2:]), tuple(strides), tuple(pads), tuple(dilations))
     n, c, spatial = x[0], x[1], x[2:]
     o_channels, cg = w[0], w[1]
     out_spatial = tuple(out[2:])
@@ -479,7 +482,7 @@ def ncolors(colors: np.ndarray) -> int:
 def compressed_seeds(colors: np.ndarray, dtype) -> np.ndarray:
     """The (colors, n) seed matrix: direction c is the sum of the unit vectors of the
     columns of color c."""
-    k = ncolors(colors)
+    k = max(ncolors(colors), 1)  # one (zero) direction for an empty pattern
     seeds = np.zeros((k, colors.size), dtype)
     seeds[colors, np.arange(colors.size)] = 1
     return seeds

@@ -43,10 +43,9 @@ def banded(n=N):
 
 
 def closed_form_jacobian(x):
-    n = x.size
     j = np.diag(2 + 15 * x ** 2)
-    j -= np.diag(1 + 2 * x[1:], -1)
-    j -= np.diag(1 + 2 * x[:-1], 1)
+    j -= np.diag(1 + 2 * x[:-1], -1)  # d f_i / d x_{i-1}
+    j -= np.diag(1 + 2 * x[1:], 1)  # d f_i / d x_{i+1}
     return j
 
 
