@@ -100,14 +100,8 @@ def plan_sparsity(n: int, m: int, nnz: int | None, colors_forward: int | None,
     (too large to find) the answer is dense, as plan_mode.
     """
     dense = plan_mode(n, m, ratio, forced=None if mode == "auto" else mode)
-    if nnz is None or sparsity == "dense":
-        why = ("" if sparsity == "dense" else
-               "; sparsity: the pattern was too large to find, so dense")
-        return replace(dense, reason=dense.reason + why)
-    if colors_forward is None:
-        return replace(dense, nnz=nnz, reason=dense.reason + (
-            f"; sparsity: the pattern has {nnz} nonzeros of {n * m}, too dense to color, "
-            "so dense"))
+    if nnz is None or colors_forward is None or sparsity == "dense":
+        return _dense_because(dense, nnz, n * m, sparsity)
     fwd, rev = float(colors_forward), float(ratio * colors_reverse)
     figures = dict(nnz=nnz, colors_forward=colors_forward, colors_reverse=colors_reverse)
     dense_cost = min(dense.cost_forward, dense.cost_reverse) if mode == "auto" else (
@@ -132,14 +126,8 @@ def plan_sparse_hessian(n: int, nnz: int | None, colors: int | None, *,
     """A Hessian from n Hessian-vector products (dense), or from one per color of a star
     coloring of its pattern (symmetric: each entry is read back directly)."""
     dense = plan_second_order(n, n, ratio, what="the Hessian's n columns")
-    if nnz is None or sparsity == "dense":
-        why = ("" if sparsity == "dense" else
-               "; sparsity: the pattern was too large to find, so dense")
-        return replace(dense, reason=dense.reason + why)
-    if colors is None:
-        return replace(dense, nnz=nnz, reason=dense.reason + (
-            f"; sparsity: the pattern has {nnz} nonzeros of {n * n}, too dense to color, "
-            "so dense"))
+    if nnz is None or colors is None or sparsity == "dense":
+        return _dense_because(dense, nnz, n * n, sparsity)
     about = (f"the Hessian's pattern has {nnz} nonzeros of {n * n}: {colors} star colors, "
              f"one Hessian-vector product each, against {n}")
     figures = dict(nnz=nnz, colors_forward=colors, colors_reverse=0)
@@ -148,3 +136,16 @@ def plan_sparse_hessian(n: int, nnz: int | None, colors: int | None, *,
         return replace(compressed, reason=f"sparse: {about}; " + compressed.reason,
                        sparsity="sparse", **figures)
     return replace(dense, reason=dense.reason + f"; sparsity does not pay: {about}", **figures)
+
+
+def _dense_because(dense: PlannerDecision, nnz, entries, sparsity) -> PlannerDecision:
+    """The dense decision, saying why sparsity was not used: not asked for, no pattern
+    found within its bound, or a pattern too dense to color."""
+    if sparsity == "dense":
+        return dense
+    if nnz is None:
+        return replace(dense, reason=dense.reason
+                       + "; sparsity: the pattern was too large to find, so dense")
+    return replace(dense, nnz=nnz, reason=dense.reason + (
+        f"; sparsity: the pattern has {nnz} nonzeros of {entries}, too dense to color, "
+        "so dense"))

@@ -276,37 +276,35 @@ def decide_jacobian(analysis: Analysis, n: int, m: int, mode: str, sparsity: str
 def compressed_jacobian(plan, inputs, shapes, wrt, of, analysis: Analysis,
                         decision: PlannerDecision, limits: dict):
     """(outputs, values of the pattern's nonzeros in CSR order) through the sweeps the
-    decision picked."""
-    pattern = analysis.pattern
-    rows, cols = pattern.coo()
+    decision picked: forward, J S = B and J[i, j] = B[i, color(j)]; reverse, W^T J = C
+    and J[i, j] = C[color(i), j]."""
+    rows, cols = analysis.pattern.coo()
     dtype = np.result_type(*[plan._np_dtypes[x] for x in wrt + of])
     if decision.mode == "forward":
-        seeds = sp.compressed_seeds(analysis.columns, dtype)  # (c, n)
-        k = seeds.shape[0]
-        tangents, at = {}, 0
-        for name in wrt:
-            size = prod(shapes[name])
-            tangents[name] = np.ascontiguousarray(
-                seeds[:, at:at + size], plan._np_dtypes[name]).reshape((k,) + tuple(shapes[name]))
-            at += size
-        result = plan.jvp(inputs, tangents, **limits)
-        compressed = np.concatenate(
-            [np.asarray(result.tangents[name]).reshape(k, -1).T for name in of])  # (m, c)
-        values = compressed[rows, analysis.columns[cols]]
-        return result.outputs, values
-    seeds = sp.compressed_seeds(analysis.rows, dtype)  # (r, m)
-    k = seeds.shape[0]
-    cotangents, at = {}, 0
-    for name in of:
+        seeds = _split(sp.compressed_seeds(analysis.columns, dtype), wrt, shapes, plan)
+        result = plan.jvp(inputs, seeds, **limits)
+        compressed = _joined(result.tangents, of, len(next(iter(seeds.values())))).T  # (m, c)
+        return result.outputs, compressed[rows, analysis.columns[cols]]
+    seeds = _split(sp.compressed_seeds(analysis.rows, dtype), of, shapes, plan)
+    result = plan.vjp(inputs, seeds, wrt=wrt, **limits)
+    compressed = _joined(result.cotangents, wrt, len(next(iter(seeds.values()))))  # (r, n)
+    return result.outputs, compressed[analysis.rows[rows], cols]
+
+
+def _split(seeds, names, shapes, plan) -> dict:
+    """A (k, total) seed matrix as one (k,) + shape seed per name, end to end."""
+    out, at, k = {}, 0, seeds.shape[0]
+    for name in names:
         size = prod(shapes[name])
-        cotangents[name] = np.ascontiguousarray(
-            seeds[:, at:at + size], plan._np_dtypes[name]).reshape((k,) + tuple(shapes[name]))
+        out[name] = np.ascontiguousarray(seeds[:, at:at + size],
+                                         plan._np_dtypes[name]).reshape((k,) + tuple(shapes[name]))
         at += size
-    result = plan.vjp(inputs, cotangents, wrt=wrt, **limits)
-    compressed = np.concatenate(
-        [np.asarray(result.cotangents[name]).reshape(k, -1) for name in wrt], axis=1)  # (r, n)
-    values = compressed[analysis.rows[rows], cols]
-    return result.outputs, values
+    return out
+
+
+def _joined(arrays, names, k) -> np.ndarray:
+    """The (k, total) matrix of batched results, one name after the other."""
+    return np.concatenate([np.asarray(arrays[name]).reshape(k, -1) for name in names], axis=1)
 
 
 def split_blocks(pattern: sp.Pattern, values, shapes, row_names, col_names, dtypes):
@@ -331,19 +329,11 @@ def compressed_hessian(plan, inputs, shapes, wrt, of, analysis: Analysis, limits
     direction per color of a star coloring, each entry read back directly from H S = B
     (sparsity.star_recover)."""
     pattern = analysis.pattern
-    k = max(sp.ncolors(analysis.columns), 1)
     colors = analysis.columns
-    vectors, at = {}, 0
-    for name in wrt:
-        size = prod(shapes[name])
-        v = np.zeros((k, size), plan._np_dtypes[name])
-        if size:
-            v[colors[at:at + size], np.arange(size)] = 1
-        vectors[name] = v.reshape((k,) + tuple(shapes[name]))
-        at += size
+    dtype = np.result_type(*[plan._np_dtypes[x] for x in wrt])
+    vectors = _split(sp.compressed_seeds(colors, dtype), wrt, shapes, plan)
     result = plan.hvp(inputs, vectors, of=of, wrt=wrt, **limits)
-    compressed = np.concatenate(
-        [np.asarray(result.hvp[name]).reshape(k, -1).T for name in wrt])  # (n, c)
+    compressed = _joined(result.hvp, wrt, len(next(iter(vectors.values())))).T  # (n, c)
     return result, sp.star_recover(pattern, colors, compressed)
 
 
