@@ -18,6 +18,8 @@ from typing import NamedTuple
 import numpy as np
 
 from . import sparsity as sp
+from . import second
+from .budget import Budget, Need
 from .errors import DifferentiationError
 from .planner import REVERSE_COST_RATIO, PlannerDecision, plan_sparse_hessian, plan_sparsity
 
@@ -77,7 +79,7 @@ def _patterns(plan, shapes, wrt, budget, check, upto=None):
     columns = at
     patterns = {name: sp.identity(prod(shapes[name]), offsets[name], columns) for name in wrt}
     constants = plan.graph.constants
-    for j, (node, op, attrs) in enumerate(plan._nodes):
+    for j, (node, op, attrs) in enumerate(plan.nodes):
         if check is not None and j % 64 == 0:
             check()
         ins = [patterns.get(name) for name in node.inputs]
@@ -147,7 +149,7 @@ def _local_upper_bound(rule, in_shapes, out, attrs) -> int:
 
 
 def _cache(plan) -> dict:
-    return plan._patterns
+    return plan.patterns
 
 
 def _remember(plan, key, value: Analysis):
@@ -199,7 +201,7 @@ def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> 
         patterns, _, columns = _patterns(plan, shapes, wrt, budget, check)
         ancestors = _ancestors(plan, of)
         rows, cols = [], []
-        for node, op, _ in plan._nodes:
+        for node, op, _ in plan.nodes:
             if node.name not in ancestors or patterns.get(node.name) is None:
                 continue
             ins = [patterns.get(name) for name in node.inputs]
@@ -240,7 +242,7 @@ class _Kind(NamedTuple):
 
 def _ancestors(plan, of) -> set:
     needed = {of}
-    for node, _, _ in reversed(plan._nodes):
+    for node, _, _ in reversed(plan.nodes):
         if node.name in needed:
             needed.update(node.inputs)
     return needed
@@ -273,20 +275,21 @@ def decide_jacobian(analysis: Analysis, n: int, m: int, mode: str, sparsity: str
                          mode=mode, sparsity=sparsity, ratio=ratio)
 
 
-def compressed_jacobian(plan, inputs, shapes, wrt, of, analysis: Analysis,
-                        decision: PlannerDecision, limits: dict):
+def compressed_jacobian(plan, bound, wrt, of, analysis: Analysis, decision: PlannerDecision,
+                        budget: Budget):
     """(outputs, values of the pattern's nonzeros in CSR order) through the sweeps the
     decision picked: forward, J S = B and J[i, j] = B[i, color(j)]; reverse, W^T J = C
     and J[i, j] = C[color(i), j]."""
+    shapes = bound.shapes
     rows, cols = analysis.pattern.coo()
-    dtype = np.result_type(*[plan._np_dtypes[x] for x in wrt + of])
+    dtype = np.result_type(*[plan.np_dtypes[x] for x in wrt + of])
     if decision.mode == "forward":
         seeds = _split(sp.compressed_seeds(analysis.columns, dtype), wrt, shapes, plan)
-        result = plan.jvp(inputs, seeds, **limits)
+        result = plan.run_jvp(bound, seeds, budget)
         compressed = _joined(result.tangents, of, len(next(iter(seeds.values())))).T  # (m, c)
         return result.outputs, compressed[rows, analysis.columns[cols]]
     seeds = _split(sp.compressed_seeds(analysis.rows, dtype), of, shapes, plan)
-    result = plan.vjp(inputs, seeds, wrt=wrt, **limits)
+    result = plan.run_vjp(bound, seeds, wrt, budget)
     compressed = _joined(result.cotangents, wrt, len(next(iter(seeds.values()))))  # (r, n)
     return result.outputs, compressed[analysis.rows[rows], cols]
 
@@ -297,7 +300,7 @@ def _split(seeds, names, shapes, plan) -> dict:
     for name in names:
         size = prod(shapes[name])
         out[name] = np.ascontiguousarray(seeds[:, at:at + size],
-                                         plan._np_dtypes[name]).reshape((k,) + tuple(shapes[name]))
+                                         plan.np_dtypes[name]).reshape((k,) + tuple(shapes[name]))
         at += size
     return out
 
@@ -324,15 +327,15 @@ def split_blocks(pattern: sp.Pattern, values, shapes, row_names, col_names, dtyp
     return blocks
 
 
-def compressed_hessian(plan, inputs, shapes, wrt, of, analysis: Analysis, limits: dict):
+def compressed_hessian(plan, bound, wrt, of, analysis: Analysis, budget: Budget):
     """(hvp result, values of the Hessian pattern's nonzeros in CSR order): one HVP
     direction per color of a star coloring, each entry read back directly from H S = B
     (sparsity.star_recover)."""
-    pattern = analysis.pattern
+    pattern, shapes = analysis.pattern, bound.shapes
     colors = analysis.columns
-    dtype = np.result_type(*[plan._np_dtypes[x] for x in wrt])
+    dtype = np.result_type(*[plan.np_dtypes[x] for x in wrt])
     vectors = _split(sp.compressed_seeds(colors, dtype), wrt, shapes, plan)
-    result = plan.hvp(inputs, vectors, of=of, wrt=wrt, **limits)
+    result = second.hvp(plan, bound, vectors, of, wrt, budget)
     compressed = _joined(result.hvp, wrt, len(next(iter(vectors.values())))).T  # (n, c)
     return result, sp.star_recover(pattern, colors, compressed)
 
@@ -360,7 +363,13 @@ def _sparse_layout(sparsity, nnz, dense_elements, itemsize) -> bool:
     return sparsity == "auto" and nnz * (INDEX_BYTES + itemsize) * 2 < dense_elements * itemsize
 
 
-def try_jacobian(plan, inputs, wrt, of, mode, sparsity, limits):
+def _checks_only(budget: Budget) -> Budget:
+    """The budget's deadline and cancellation without its limits: a compressed request is
+    admitted once, for what it really needs, before its sweeps run."""
+    return Budget(deadline=budget.deadline, cancel=budget.cancel)
+
+
+def try_jacobian(plan, bound, wrt, of, mode, sparsity, budget: Budget):
     """A Jacobian by compressed sweeps; or, when the dense path should answer, None (no
     pattern looked for) or the planner's decision (dense, with the pattern's figures and
     why compression does not pay).
@@ -372,57 +381,55 @@ def try_jacobian(plan, inputs, wrt, of, mode, sparsity, limits):
         check_choice(sparsity)
     if sparsity == "dense":
         return None
-    from .compiled import JacobianResult  # the plan's own result type
-    _, shapes, _ = plan._bind(inputs)
-    wrt, of = plan._wrt(wrt), plan._of(of)
+    from .jacobian import JacobianResult
+    shapes = bound.shapes
+    wrt, of = plan.wrt_names(wrt), plan.of_names(of)
     n = sum(prod(shapes[w]) for w in wrt)
     m = sum(prod(shapes[o]) for o in of)
     if sparsity != "sparse" and min(n, REVERSE_COST_RATIO * m) <= MIN_DENSE_COST:
         return None
     analysis = jacobian_analysis(plan, shapes, wrt, of,
-                                 max_entries=_entries_budget(limits.get("max_bytes")),
-                                 check=limits.get("check"))
+                                 max_entries=_entries_budget(budget.max_bytes),
+                                 check=budget.check)
     decision = decide_jacobian(analysis, n, m, mode, sparsity or "auto")
     if decision.sparsity != "sparse":
         return decision  # the dense path answers; its decision carries the figures
-    itemsize = max(plan._np_dtypes[x].itemsize for x in wrt + of)
+    itemsize = max(plan.np_dtypes[x].itemsize for x in wrt + of)
     sparse_out = _sparse_layout(sparsity, analysis.pattern.nnz, n * m, itemsize)
     result_bytes = (analysis.pattern.nnz * (INDEX_BYTES + itemsize) if sparse_out
                     else n * m * itemsize)
-    max_block = limits.get("max_block_elements")
-    if not sparse_out and max_block is not None:
+    if budget.limited:
         largest = max(prod(shapes[o]) * prod(shapes[w]) for o in of for w in wrt)
-        if largest > max_block:
-            return None  # the dense path refuses it with its own message
-    reply = plan._nbytes(shapes, plan.output_names) + result_bytes
-    plan._check_reply(reply, limits.get("max_reply_bytes"), "outputs and Jacobian blocks",
-                      "of")
-    sweep_limits = {k: limits.get(k) for k in ("max_bytes", "max_flops", "check")}
-    outputs, values = compressed_jacobian(plan, inputs, shapes, wrt, of, analysis, decision,
-                                          sweep_limits)
-    blocks = split_blocks(analysis.pattern, values, shapes, of, wrt, plan._np_dtypes)
+        k = decision.colors_forward if decision.mode == "forward" else decision.colors_reverse
+        budget.admit(plan, shapes, Need(
+            max(k, 1), plan.nbytes(shapes, plan.output_names) + result_bytes,
+            "outputs and Jacobian blocks", "of", extra=result_bytes,
+            block=None if sparse_out else largest,
+            block_hint="ask for fewer `of`/`wrt`, sparse blocks, or use JVPs/VJPs"))
+    outputs, values = compressed_jacobian(plan, bound, wrt, of, analysis, decision,
+                                          _checks_only(budget))
+    blocks = split_blocks(analysis.pattern, values, shapes, of, wrt, plan.np_dtypes)
     if not sparse_out:
         blocks = {key: b.todense() for key, b in blocks.items()}
     return JacobianResult(outputs, blocks, decision.mode, decision)
 
 
-def try_hessian(plan, inputs, of, wrt, sparsity, limits):
-    """A Hessian by one HVP per color of its pattern's columns, or None for the dense path
-    (see try_jacobian for `sparsity`)."""
+def try_hessian(plan, bound, of, wrt, sparsity, budget: Budget):
+    """A Hessian by one HVP per color of a star coloring of its pattern; or None or the
+    planner's dense decision, as try_jacobian."""
     if sparsity is not None:
         check_choice(sparsity)
     if sparsity == "dense":
         return None
-    from .second import HessianResult
-    _, shapes, _ = plan._bind(inputs)
-    out = plan._scalar_of(of, shapes)
-    wrt = plan._second_wrt(wrt)
+    shapes = bound.shapes
+    out = second.scalar_of(plan, of, shapes)
+    wrt = second.wrt_names(plan, wrt)
     n = sum(prod(shapes[w]) for w in wrt)
     if sparsity != "sparse" and n <= MIN_DENSE_COST:
         return None
     analysis = hessian_analysis(plan, shapes, wrt, out,
-                                max_entries=_entries_budget(limits.get("max_bytes")),
-                                check=limits.get("check"))
+                                max_entries=_entries_budget(budget.max_bytes),
+                                check=budget.check)
     p = analysis.pattern
     decision = plan_sparse_hessian(
         n, None if p is None else p.nnz,
@@ -430,20 +437,22 @@ def try_hessian(plan, inputs, of, wrt, sparsity, limits):
         sparsity=sparsity or "auto")
     if decision.sparsity != "sparse":
         return decision
-    itemsize = max(plan._np_dtypes[x].itemsize for x in wrt)
+    itemsize = max(plan.np_dtypes[x].itemsize for x in wrt)
     sparse_out = _sparse_layout(sparsity, p.nnz, n * n, itemsize)
-    if not sparse_out and limits.get("max_block_elements") is not None:
-        if max(prod(shapes[a]) * prod(shapes[b]) for a in wrt for b in wrt) > \
-                limits["max_block_elements"]:
-            return None
     result_bytes = p.nnz * (INDEX_BYTES + itemsize) if sparse_out else n * n * itemsize
-    reply = (plan._nbytes(shapes, plan.output_names) + plan._nbytes(shapes, wrt)
-             + result_bytes)
-    plan._check_reply(reply, limits.get("max_reply_bytes"),
-                      "outputs, gradients and Hessian blocks", "wrt")
-    sweep_limits = {k: limits.get(k) for k in ("max_bytes", "max_flops", "check")}
-    result, values = compressed_hessian(plan, inputs, shapes, wrt, out, analysis, sweep_limits)
-    blocks = split_blocks(p, values, shapes, wrt, wrt, plan._np_dtypes)
+    if budget.limited:
+        k = max(decision.colors_forward, 1)
+        largest = max(prod(shapes[a]) * prod(shapes[b]) for a in wrt for b in wrt)
+        budget.admit(plan, shapes, Need(
+            2 * k + 1, plan.nbytes(shapes, plan.output_names) + plan.nbytes(shapes, wrt)
+            + result_bytes, "outputs, gradients and Hessian blocks", "wrt",
+            extra=plan.nbytes(shapes, wrt, k) + result_bytes,
+            block=None if sparse_out else largest, block_what="Hessian",
+            block_hint="ask for fewer or smaller `wrt` inputs, sparse blocks, or use "
+            "Hessian-vector products"))
+    result, values = compressed_hessian(plan, bound, wrt, out, analysis, _checks_only(budget))
+    blocks = split_blocks(p, values, shapes, wrt, wrt, plan.np_dtypes)
     if not sparse_out:
         blocks = {key: b.todense() for key, b in blocks.items()}
-    return HessianResult(result.value, result.gradient, blocks, decision, result.outputs)
+    return second.HessianResult(result.value, result.gradient, blocks, decision,
+                                result.outputs)

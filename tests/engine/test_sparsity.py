@@ -44,7 +44,7 @@ def stacked(blocks, rows, cols):
 def check_pattern(plan, inputs, wrt, of):
     """The pattern covers every nonzero of the dense Jacobian; both colorings are valid;
     compressed forward and reverse sweeps give the dense Jacobian back."""
-    _, shapes, _ = plan._bind(inputs)
+    shapes = plan.bind(inputs).shapes
     analysis = sparse.jacobian_analysis(plan, shapes, wrt, of)
     assert analysis.pattern is not None
     dense = dense_jacobian(plan, inputs, wrt, of)
@@ -78,7 +78,7 @@ def with_loss(graph, outputs):
 
 
 def check_hessian(plan, inputs, wrt, of):
-    _, shapes, _ = plan._bind(inputs)
+    shapes = plan.bind(inputs).shapes
     analysis = sparse.hessian_analysis(plan, shapes, wrt, of)
     assert analysis.pattern is not None
     dense = plan.hessian(inputs, of=of, wrt=list(wrt), sparsity="dense").hessian
@@ -244,20 +244,21 @@ def test_dense_behaviour_is_unchanged_when_sparsity_does_not_pay():
 def test_scalar_loss_gradients_never_look_for_a_pattern():
     plan = compile(tridiagonal(50))
     plan.jacobian({"x": np.ones(50)}, of=["loss"])
-    assert plan._patterns == {}
+    assert plan.patterns == {}
 
 
-def test_a_pattern_too_large_for_the_budget_falls_back_to_dense():
+def test_a_pattern_too_large_for_the_budget_falls_back_to_dense(monkeypatch):
     rng = np.random.default_rng(3)
     g = Graph([Input("x", "float64", [40])],
               [Node("h", "matmul", ["W", "x"]), Node("o", "sin", ["h"])], ["o"],
               {"W": rng.normal(size=(40, 40))})
     plan = compile(g)
     x = {"x": rng.normal(size=40)}
-    _, shapes, _ = plan._bind(x)
+    shapes = plan.bind(x).shapes
     analysis = sparse.jacobian_analysis(plan, shapes, ("x",), ("o",), max_entries=100)
     assert analysis.pattern is None
-    r = plan.jacobian(x, sparsity="sparse", max_bytes=120_000)  # 2,500 pattern entries
+    monkeypatch.setattr(sp, "MAX_PATTERN_ENTRIES", 100)  # the server's bound, lowered
+    r = plan.jacobian(x, sparsity="sparse")
     assert r.decision.sparsity == "dense" and "too large" in r.decision.reason
 
 
@@ -266,9 +267,9 @@ def test_pattern_caches_are_bounded_and_counted():
     base = plan.cache_bytes
     for n in range(10):  # more shapes than the cache keeps? one shape, many wrt/of keys
         plan.jacobian({"x": np.ones(400)}, of=["o"], sparsity="sparse", mode=["forward", "reverse"][n % 2])
-    assert len(plan._patterns) <= sparse.PATTERN_CACHE
+    assert len(plan.patterns) <= sparse.PATTERN_CACHE
     assert plan.cache_bytes > base
-    assert sum(a.nbytes for a in plan._patterns.values()) <= sparse.PATTERN_CACHE_BYTES
+    assert sum(a.nbytes for a in plan.patterns.values()) <= sparse.PATTERN_CACHE_BYTES
 
 
 def test_unknown_sparsity_is_refused_naming_the_field():
