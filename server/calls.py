@@ -247,6 +247,11 @@ def rpc(method):
             await abort(context, exc)
         call = CallState(context)
         try:
+            lean = self.lean  # small requests: answered here, on the loop (server.lean)
+            reply = (None if lean is None
+                     else lean.answer(name, data, started, call.time_remaining()))
+            if reply is not None:
+                return reply
             return await calls.in_worker(run, self, data, call, started)
         except asyncio.CancelledError:
             call.ended = True  # the worker's next check stops the work
