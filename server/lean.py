@@ -30,7 +30,7 @@ from prometheus_client import Counter as Metric
 
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import array_from, fill_tensor, fill_tensors
-from gradserve.v1.modes import mode_name
+from gradserve.v1.modes import WIRE_MODES, mode_name
 
 from .convert import fill_decision
 from .wire import wire_counter
@@ -38,6 +38,7 @@ from .wire import wire_counter
 # Larger requests go to a worker (tensor_wire reads them without copies there).
 LEAN_MAX_BYTES = 16384
 DEFAULT_INLINE_BUDGET_US = 500.0
+_PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
@@ -95,6 +96,7 @@ class LeanPath:
                               "their deadline (expired)",
                               ["path"], registry=servicer.telemetry.registry)
         self._children: dict = {}
+        self._planners: dict = {}  # engine.PlannerDecision -> its message
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -188,15 +190,27 @@ class LeanPath:
             check=None, **servicer._run_limits, residuals=None,
             max_block_elements=servicer.limits.max_tensor_elements,
             max_trace_elements=servicer.limits.max_trace_elements or None)
-        reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id)
-        reply.mode = fill_decision(reply.planner, result.decision).mode
+        decision = result.decision
+        reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
+                                         mode=WIRE_MODES[decision.mode],
+                                         planner=self._planner(decision))
         for name in ("outputs", "tangents", "cotangents"):
             arrays = getattr(result, name)
             if arrays:
                 fill_tensors(getattr(reply, name), arrays)
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
-        return self._reply(method, started, request, reply, mode_name(reply.mode), graph_id)
+        return self._reply(method, started, request, reply, decision.mode, graph_id)
+
+    def _planner(self, decision) -> pb.PlannerDecision:
+        """The planner's decision as a message, built once per decision: a graph's calls
+        of one kind repeat it."""
+        message = self._planners.get(decision)
+        if message is None:
+            if len(self._planners) >= _PLANNERS_KEPT:
+                self._planners.clear()
+            message = self._planners[decision] = fill_decision(pb.PlannerDecision(), decision)
+        return message
 
     def _reply(self, method, started, request, reply, mode, graph_id) -> bytes:
         data = reply.SerializeToString(deterministic=True)
