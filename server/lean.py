@@ -13,7 +13,8 @@ with static shapes, uses no field but those of a plain evaluation or differentia
 the server's inline budget (TimeModel). Anything else, and every request that fails
 on the way (bad bytes, unknown graph, a bad tensor, an engine error), is answered by
 the general path in a worker: so errors are the general path's, by construction, and
-the lean path records nothing about a request it does not answer.
+the request's outcome (metrics, request log, cache lookup) is recorded once, by the
+path that answered it.
 
 The budget bounds how long the event loop (and so health checks and every other
 call's I/O) can be held by one request; it is an estimate of time, not of FLOPs:
