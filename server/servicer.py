@@ -26,7 +26,9 @@ VERSION = "0.1.0"
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    """Each method answers one request in a worker thread (server.calls)."""
+    """Each method answers one request in a worker thread (server.calls); small
+    Evaluate and Differentiate requests by graph id are answered on the event loop by
+    `lean` (server.lean), with the same replies and errors."""
 
     def __init__(self, limits: Limits | None = None, max_workers: int = 16,
                  inline_budget_us: float = DEFAULT_INLINE_BUDGET_US):
