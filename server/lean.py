@@ -157,8 +157,11 @@ class LeanPath:
         request, present, plan = found
         graph_id = request.graph_id
         servicer = self.servicer
-        estimate = self.model.evaluate_us(len(plan.graph.nodes), plan.estimate_flops(plan.shapes))
-        if not self._within_budget(estimate):
+        model, nodes = self.model, len(plan.graph.nodes)
+        # the node count first: FLOPs take a pass over the nodes (once per plan)
+        if not (self._within_budget(model.evaluate_us(nodes, 0))
+                and self._within_budget(model.evaluate_us(nodes,
+                                                          plan.estimate_flops(plan.shapes)))):
             return None
         outputs = plan.evaluate(self._arrays(request, present, "inputs"), check=None,
                                 **servicer._run_limits)
@@ -175,11 +178,13 @@ class LeanPath:
         mode = mode_name(request.mode)
         if mode is None:
             return None
-        shapes = plan.shapes
+        model, nodes = self.model, len(plan.graph.nodes)
+        # the node count first: FLOPs take a pass over the nodes (once per plan)
+        if not self._within_budget(model.differentiate_us(nodes, 0)):
+            return None
         directions = _directions(plan, request, present)
-        estimate = self.model.differentiate_us(len(plan.graph.nodes),
-                                               plan.estimate_flops(shapes, directions))
-        if not self._within_budget(estimate):
+        if not self._within_budget(model.differentiate_us(
+                nodes, plan.estimate_flops(plan.shapes, directions))):
             return None
         servicer = self.servicer
         result = plan.differentiate(
