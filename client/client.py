@@ -269,10 +269,19 @@ class Client:
         return self._register(graph, force=True)
 
     def evaluate(self, graph, inputs: Mapping[str, np.ndarray]) -> dict:
-        """Output values: name -> array. Inputs may be stored tensors (see `put`)."""
-        inputs, refs = store.split(inputs)
-        request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
-        return self._stored_call("Evaluate", graph, request, {"stored_inputs": refs}).outputs
+        """Output values: name -> array. Inputs may be stored tensors (see `put`); large
+        ones go by the store by themselves (see `differentiate`)."""
+        return self._evaluate(graph, inputs, pb.EvaluateRequest()).outputs
+
+    def _evaluate(self, graph, inputs, message):
+        inputs, auto_put, _ = self._fit(inputs)
+        try:
+            inputs, refs = store.split(inputs)
+            request = TensorMessage(message, {"inputs": inputs})
+            return self._stored_call("Evaluate", graph, request, {"stored_inputs": refs})
+        finally:
+            if auto_put is not None:
+                self.delete(auto_put)
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
                       mode: str = "auto", tangents=None, cotangents=None,
@@ -369,8 +378,7 @@ class Client:
         """Output values, and the handle of what the server kept for a following
         `vjp(graph, inputs, cotangents, residuals=handle)`, which then skips the
         forward sweep ("" when the server kept nothing: the vjp recomputes)."""
-        request = TensorMessage(pb.EvaluateRequest(keep_residuals=True), {"inputs": inputs})
-        reply = self._by_id("Evaluate", graph, request)
+        reply = self._evaluate(graph, inputs, pb.EvaluateRequest(keep_residuals=True))
         return reply.outputs, reply.residuals
 
     def hvp(self, graph, inputs, vectors, *, of: str | None = None,

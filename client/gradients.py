@@ -60,6 +60,8 @@ class RemoteGradient:
     def __init__(self, address: str, graph: GraphBuilder, param_names: Sequence[str], *,
                  stream: bool = False, timeout: float = 30.0, retries: int = DEFAULT_RETRIES):
         self.address, self.graph, self.param_names = address, graph, list(param_names)
+        # The Trainer keeps the state in this server's tensor store (unary calls only)
+        self.stored_training = not stream
         self.client = connect(address, timeout=timeout, retries=retries)
         try:
             self.client.register(graph)  # once; steps then go by id

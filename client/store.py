@@ -21,6 +21,8 @@ import numpy as np
 
 from gradserve.v1.chunks import Assembler, write_chunks
 
+VELOCITY = "velocity/"  # a training state's momentum buffers: VELOCITY + parameter name
+
 
 class StoredTensor(NamedTuple):
     """One tensor of a handle, for a request's inputs, seeds or batches."""

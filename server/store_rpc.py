@@ -71,7 +71,7 @@ async def get_tensors(servicer, data, context) -> None:
         limits = servicer.limits
         chunk = limits.store_chunk_bytes or CHUNK_BYTES
         if limits.max_message_bytes:
-            chunk = max(1024, min(chunk, limits.max_message_bytes - 1024))
+            chunk = max(1024, min(chunk, limits.max_message_bytes // 2))
         pieces = write_chunks(tensors, names, chunk)
         in_worker = sum(tensors[n].nbytes for n in names) > INLINE_CHUNK_BYTES
         while True:

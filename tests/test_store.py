@@ -52,7 +52,7 @@ def chunk(name, offset=0, data=b"", dtype=None, shape=None):
     if dtype is not None:
         c.dtype = dtype
         c.shape.extend(shape)
-    return pb.PutTensorsRequest(chunk=c)
+    return pb.PutTensorsRequest(chunks=[c])
 
 
 F32 = 1  # DATA_TYPE_FLOAT32
@@ -73,6 +73,24 @@ def test_put_and_get_in_chunks(client):
         np.testing.assert_array_equal(back[name], a)
     assert list(client.get(handle, ["mask"])) == ["mask"]
     assert client.delete(handle) and not client.delete(handle)
+
+
+def test_chunks_written_by_the_generated_code(client, channel):
+    """Several tensors in one message, a tensor over several messages: the wire format
+    as any protobuf client writes it."""
+    a, b = np.arange(6, dtype=np.float32), np.array([[1.5, -2.0]])
+    one = pb.PutTensorsRequest(chunks=[
+        pb.TensorChunk(name="a", dtype=1, shape=[6], data=a[:2].tobytes()),
+        pb.TensorChunk(name="a", offset=8, data=a[2:5].tobytes())])
+    two = pb.PutTensorsRequest(chunks=[
+        pb.TensorChunk(name="a", offset=20, data=a[5:].tobytes()),
+        pb.TensorChunk(name="b", dtype=2, shape=[1, 2], data=b.tobytes())])
+    reply = raw_put(channel, [one, two])
+    back = client.get(reply.handle)
+    np.testing.assert_array_equal(back["a"], a)
+    np.testing.assert_array_equal(back["b"], b)
+    assert back["b"].dtype == np.float64
+    client.delete(reply.handle)
 
 
 def test_requests_take_stored_tensors(client):
@@ -168,6 +186,7 @@ def test_handles_expire(start_server):
      "chunks[1].name", "given twice"),
     ([chunk("w", 4, b"\0" * 4)], "chunks[0].offset", "continues no tensor"),
     ([], "chunks", "no tensors"),
+    ([pb.PutTensorsRequest()], "chunks[0]", "without chunks"),
 ])
 def test_malformed_chunks_are_refused_by_field(channel, messages, field, words):
     with pytest.raises(grpc.RpcError) as info:

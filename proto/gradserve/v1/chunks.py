@@ -2,8 +2,8 @@
 TensorChunk messages read and written directly on the wire bytes, so that a chunk's
 data is copied once, into its array (protobuf's Python API would copy it three times).
 
-PutTensorsRequest and GetTensorsResponse both hold one `TensorChunk chunk = 1`, so
-the bytes of either are the same. The rules (gradient_service.proto, TensorChunk): a
+PutTensorsRequest and GetTensorsResponse both hold `repeated TensorChunk chunks = 1`,
+so the bytes of either are the same; small tensors share a message. The rules (gradient_service.proto, TensorChunk): a
 chunk with offset 0 begins a tensor and carries its name, dtype and shape; the next
 chunks carry the same name and the offset where the last one ended, until the
 tensor's bytes are complete. Errors are TensorError naming "chunks[i].FIELD".
@@ -37,34 +37,34 @@ class Chunk:
     data: memoryview
 
 
-def read_chunk(data: bytes, index: int) -> Chunk:
-    """The TensorChunk in a PutTensorsRequest's (or GetTensorsResponse's) bytes."""
-    where = f"chunks[{index}]"
-    chunk, i, end = None, 0, len(data)
+def read_chunks(data: bytes, index: int) -> list[Chunk]:
+    """The TensorChunks in a PutTensorsRequest's (or GetTensorsResponse's) bytes, the
+    first numbered `index` in errors."""
+    chunks, i, end = [], 0, len(data)
     view = memoryview(data)
     try:
         while i < end:
             key, i = _varint(data, i)
-            if key == 0x0A:  # chunk = 1
+            if key == 0x0A:  # chunks = 1
                 length, i = _varint(data, i)
                 if i + length > end:
-                    raise ValueError("the chunk runs past the end of the message")
-                chunk = _tensor_chunk(data, view, i, i + length, where, chunk)
+                    raise ValueError("a chunk runs past the end of the message")
+                where = f"chunks[{index + len(chunks)}]"
+                chunks.append(_tensor_chunk(data, view, i, i + length, where))
                 i += length
             else:
                 i = _skip(data, i, key & 7)
     except (IndexError, ValueError) as err:
-        raise TensorError(where, f"not a valid chunk message ({err})") from None
+        raise TensorError(f"chunks[{index + len(chunks)}]",
+                          f"not a valid chunk message ({err})") from None
     if i != end:
-        raise TensorError(where, "not a valid chunk message (a field runs past its end)")
-    if chunk is None:
-        raise TensorError(f"{where}.chunk", "the message has no chunk")
-    return chunk
+        raise TensorError(f"chunks[{index + len(chunks)}]",
+                          "not a valid chunk message (a field runs past its end)")
+    return chunks
 
 
-def _tensor_chunk(buf, view, i: int, end: int, where: str, chunk: Chunk | None) -> Chunk:
-    if chunk is None:  # (a message field sent twice merges into the first)
-        chunk = Chunk("", 0, [], 0, view[0:0])
+def _tensor_chunk(buf, view, i: int, end: int, where: str) -> Chunk:
+    chunk = Chunk("", 0, [], 0, view[0:0])
     while i < end:
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
@@ -143,8 +143,22 @@ def _varint_bytes(n: int) -> bytes:
 
 def write_chunks(arrays: Mapping[str, np.ndarray], names: Iterable[str] | None = None,
                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """PutTensorsRequest / GetTensorsResponse bytes, chunk after chunk, for `names` of
-    `arrays` (default all); each chunk holds at most `chunk_bytes` of data."""
+    """PutTensorsRequest / GetTensorsResponse bytes for `names` of `arrays` (default
+    all): chunks of at most `chunk_bytes` of data each, as many to a message as fit in
+    `chunk_bytes` of data (small tensors share one)."""
+    pending, size = [], 0
+    for piece in _chunk_pieces(arrays, names, chunk_bytes):
+        if pending and size + len(piece) > chunk_bytes:
+            yield b"".join(pending)
+            pending, size = [], 0
+        pending.append(piece)
+        size += len(piece)
+    if pending:
+        yield b"".join(pending)
+
+
+def _chunk_pieces(arrays, names, chunk_bytes) -> Iterator[bytes]:
+    """One `chunks` field (key, length, TensorChunk) per chunk."""
     for name in (arrays if names is None else names):
         code, a = wire_array(arrays[name], name)
         raw = memoryview(a.reshape(-1).view(np.uint8)) if a.nbytes else memoryview(b"")
@@ -190,10 +204,14 @@ class Assembler:
         self._index = 0
 
     def add(self, data: bytes) -> None:
-        index = self._index
-        self._index += 1
-        chunk = read_chunk(data, index)
-        where = f"chunks[{index}]"
+        chunks = read_chunks(data, self._index)
+        if not chunks:
+            raise TensorError(f"chunks[{self._index}]", "a message without chunks")
+        for chunk in chunks:
+            self._add(chunk, f"chunks[{self._index}]")
+            self._index += 1
+
+    def _add(self, chunk: Chunk, where: str) -> None:
         current = self._current
         if chunk.offset == 0 and (current is None or current[2] == len(current[1])
                                   or chunk.name != current[0]):

@@ -534,10 +534,10 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PutTensorsRequest(_message.Message):
-    __slots__ = ("chunk",)
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    chunk: TensorChunk
-    def __init__(self, chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class PutTensorsResponse(_message.Message):
     __slots__ = ("handle", "nbytes")
@@ -556,10 +556,10 @@ class GetTensorsRequest(_message.Message):
     def __init__(self, handle: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetTensorsResponse(_message.Message):
-    __slots__ = ("chunk",)
-    CHUNK_FIELD_NUMBER: _ClassVar[int]
-    chunk: TensorChunk
-    def __init__(self, chunk: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class DeleteTensorsRequest(_message.Message):
     __slots__ = ("handle",)
