@@ -31,8 +31,8 @@ from gradserve.v1.chunks import Assembler
 from .errors import BadRequest, LimitExceeded, StateConflict, StoredNotFound
 
 # What a kept tensor and a handle cost beyond the tensors' data, as
-# bench/bench_store_memory.py measures the resident set (~330 B per tensor: the array
-# object, its name and dict slot; ~1.4 KB per handle: entry, lock, dicts), rounded up.
+# bench/bench_store_memory.py measures the resident set (~250 B per tensor: the array
+# object, its name and dict slot; ~680 B per handle: entry, lock, dicts), doubled.
 STORE_BYTES_PER_TENSOR = 512
 STORE_BYTES_PER_HANDLE = 2048
 VELOCITY = "velocity/"  # a training state's momentum buffers: VELOCITY + parameter name

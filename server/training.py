@@ -41,7 +41,7 @@ class TrainState:
     def _rows(self, request) -> list:
         data = self.store.entry(request.data, "data").tensors
         sizes = list(request.batch_sizes)
-        rows = np.array(request.rows, dtype=np.int64)
+        rows = np.fromiter(request.rows, np.int64, len(request.rows))
         limit = self.limits.max_steps_per_call
         if limit and len(sizes) > limit:
             raise engine.ResourceLimitError(f"{len(sizes)} steps in one call, over the limit "
