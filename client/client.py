@@ -409,7 +409,7 @@ class Client:
                     loss: str | None = None, state_version: int = 0,
                     data: TensorHandle | None = None, rows=None, batch_sizes=None,
                     evaluate_data: TensorHandle | None = None,
-                    evaluate_outputs=None) -> "TrainStepsResult":
+                    evaluate_outputs=None, return_state: bool = False) -> "TrainStepsResult":
         """K SGD steps with momentum in one round trip (the TrainSteps RPC): `batches`
         holds every other graph input with the K minibatches stacked along a new
         leading axis. Returns the parameters and momentum buffers after the K steps
@@ -424,10 +424,11 @@ class Client:
         be rows of a stored data set: `data` (a handle of whole arrays), `rows` and
         `batch_sizes` (one per step; sizes may differ). `evaluate_data` (a handle)
         evaluates the graph after the steps, outputs `evaluate_outputs` (default all)
-        in `result.evaluation`."""
+        in `result.evaluation`; `return_state` returns the stored state's parameters and
+        buffers too."""
         batches, batch_refs = store.split(batches or {})
         message = pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
-                                       momentum=momentum)
+                                       momentum=momentum, return_state=return_state)
         refs: dict = {"stored_batches": batch_refs}
         state = parameters if isinstance(parameters, TensorHandle) else None
         if state is not None:

@@ -10,11 +10,11 @@ Each epoch ends with an evaluation of the held-out split.
 
 Against one server over unary calls, the state lives on the server (the tensor
 store, StoredTraining): the data sets are put once, each TrainSteps call carries
-only its minibatches' row numbers and K, and the epoch's short last batch and its
-evaluation ride in the epoch's last call. The parameters come back at the end of
-each epoch, at checkpoints and when `state` is read; a server that lost the state
-(restarted) gets the last state fetched again and the steps since are replayed,
-each reported to `on_step` once.
+only its minibatches' row numbers and K, and the epoch's short last batch, its
+evaluation and the parameters ride in the epoch's last call (and in a checkpoint's;
+`state` read in between fetches them). A server that lost the state (restarted)
+gets the last state known put again and the steps since are replayed, each
+reported to `on_step` once.
 
 A step's update is applied only after its gradient has arrived, and the state
 (parameters, optimizer state, step, epoch, the sampler's RNG state, the epoch's
@@ -244,13 +244,15 @@ class Trainer:
                         k = min(k, every - state.step % every)
                     rows = [order[i * batch:(i + 1) * batch] for i in range(b, b + k)]
                     ends_epoch = b + k - 1 == last
-                    try:
-                        losses, evaluation = stored.steps(rows, ends_epoch)
+                    due = self._checkpoint_due(replace(state, step=state.step + k), ends_epoch)
+                    try:  # the parameters come back at an epoch's end and at checkpoints
+                        result = stored.steps(rows, ends_epoch, ends_epoch or due)
                     except grpc.RpcError as err:
                         if not stored_gone(err):
                             raise
                         state = stored.restore()  # a server that lost it: replay from there
                         break
+                    losses, evaluation = result.losses, result.evaluation
                     done, loss_sum = [], state.epoch_loss_sum
                     for i, (loss, r) in enumerate(zip(losses, rows)):
                         loss_sum += loss * len(r)
@@ -259,7 +261,6 @@ class Trainer:
                                      Gradient(loss, {}, "reverse", None)))
                     state = done[-1][0]
                     b += k
-                    due = self._checkpoint_due(state, epoch_ended=b > last)
                     if b > last:
                         test_loss = float(evaluation[LOSS])
                         accuracy = float(np.mean(np.argmax(evaluation[LOGITS], axis=1)
@@ -271,7 +272,7 @@ class Trainer:
                                         batch_rng_state=next_epoch_rng_state,
                                         history=state.history + (record,))
                     if b > last or due:  # the parameters, as of this step
-                        state = stored.fetch(state)
+                        state = stored.with_state(state, result.parameters, result.velocity)
                         stored.synced = state
                     done[-1] = (state, done[-1][1])
                     self._state, self._stale = state, state is not stored.synced
@@ -326,8 +327,14 @@ class StoredTraining:
     def __init__(self, gradient: RemoteGradient, X, Y, X_test, Y_test, config: TrainConfig):
         self.client, self.graph = gradient.client, gradient.graph
         self.config = config
-        self._train = self.client.put({"X": X, "Y": Y})
-        self._test = self.client.put({"X": X_test, "Y": Y_test})
+        # The data sets are put once per gradient source (and freed with it): runs on
+        # the same arrays share them.
+        key = tuple(map(id, (X, Y, X_test, Y_test)))
+        sets = gradient.stored_sets.get(key)
+        if sets is None:
+            sets = gradient.stored_sets[key] = (self.client.put({"X": X, "Y": Y}),
+                                                self.client.put({"X": X_test, "Y": Y_test}))
+        self._train, self._test = sets  # (the handles keep the arrays: the ids stay valid)
         self.handle = None
         self.version = 0
         self.synced: TrainState | None = None  # the last state whose parameters we hold
@@ -345,33 +352,36 @@ class StoredTraining:
         self.start(self.synced)
         return self.synced
 
-    def steps(self, rows: list, evaluate: bool) -> tuple[list, dict]:
-        """len(rows) steps, one minibatch of rows each; (losses, evaluation outputs)."""
+    def steps(self, rows: list, evaluate: bool, sync: bool):
+        """len(rows) steps, one minibatch of rows each: the TrainStepsResult (with the
+        parameters and buffers when `sync`)."""
         result = self.client.train_steps(
             self.graph, self.handle, learning_rate=self.config.lr,
             momentum=self.config.momentum, loss=LOSS, state_version=self.version,
             data=self._train, rows=np.concatenate(rows), batch_sizes=[len(r) for r in rows],
             evaluate_data=self._test if evaluate else None,
-            evaluate_outputs=[LOSS, LOGITS] if evaluate else None)
+            evaluate_outputs=[LOSS, LOGITS] if evaluate else None, return_state=sync)
         self.version = result.state_version
-        return result.losses, result.evaluation
+        return result
+
+    @staticmethod
+    def with_state(state: TrainState, params: dict, velocity: dict) -> TrainState:
+        return replace(state, params={k: np.array(v, dtype=DTYPE) for k, v in params.items()},
+                       velocity={k: np.array(v) for k, v in velocity.items()})
 
     def fetch(self, state: TrainState) -> TrainState:
         """`state` with the server's parameters and momentum buffers."""
         tensors = self.client.get(self.handle)
-        params = {k: np.array(v, dtype=DTYPE) for k, v in tensors.items()
-                  if not k.startswith(VELOCITY)}
-        velocity = {k[len(VELOCITY):]: np.array(v) for k, v in tensors.items()
-                    if k.startswith(VELOCITY)}
-        return replace(state, params=params, velocity=velocity)
+        return self.with_state(
+            state, {k: v for k, v in tensors.items() if not k.startswith(VELOCITY)},
+            {k[len(VELOCITY):]: v for k, v in tensors.items() if k.startswith(VELOCITY)})
 
     def close(self) -> None:
-        for handle in (self.handle, self._train, self._test):
-            if handle is not None:
-                try:
-                    self.client.delete(handle)
-                except grpc.RpcError:
-                    pass  # the server is gone: so are its handles
+        if self.handle is not None:
+            try:
+                self.client.delete(self.handle)
+            except grpc.RpcError:
+                pass  # the server is gone: so are its handles
 
 
 def _epoch_order(rng_state: dict, n: int) -> tuple[np.ndarray, dict]:

@@ -75,7 +75,17 @@ class TrainState:
         with entry.lock:
             version = request.state_version
             if entry.last_reply is not None and entry.last_reply[0] == version:
-                return entry.last_reply[1]  # a retry of the call that made this version
+                # a retry of the call that made this version: its reply again (the
+                # state it returns is the current one)
+                message, evaluation = entry.last_reply[1]
+                state = {}
+                if request.return_state:
+                    tensors = entry.tensors
+                    state = {"parameters": {n: a for n, a in tensors.items()
+                                            if not n.startswith(VELOCITY)},
+                             "velocity": {n[len(VELOCITY):]: a for n, a in tensors.items()
+                                          if n.startswith(VELOCITY)}}
+                return TensorMessage(message, {"evaluation": evaluation, **state})
             if version != entry.version:
                 raise StateConflict(
                     f"the state is at version {entry.version}, this call steps from "
@@ -90,6 +100,10 @@ class TrainState:
                 max_block_elements=self.limits.max_tensor_elements, check=check,
                 **run_limits)
             evaluation = None
+            if request.return_state:
+                state = {"parameters": result.parameters, "velocity": result.velocity}
+            else:
+                state = {}
             if request.evaluate_data:
                 data = self.store.entry(request.evaluate_data, "evaluate_data").tensors
                 outputs = plan.evaluate({**data, **result.parameters}, check=check,
@@ -106,8 +120,7 @@ class TrainState:
             entry.tensors = tensors
             entry.version += 1
             entry.steps += len(result.losses)
-            reply = TensorMessage(pb.TrainStepsResponse(
-                graph_id=graph_id, losses=result.losses, state_version=entry.version,
-                state_steps=entry.steps), {"evaluation": evaluation})
-            entry.last_reply = (version, reply)
-            return reply
+            message = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses,
+                                            state_version=entry.version, state_steps=entry.steps)
+            entry.last_reply = (version, (message, evaluation))
+            return TensorMessage(message, {"evaluation": evaluation, **state})

@@ -63,10 +63,11 @@ def test_stored_state_equals_one_step_at_a_time(client):
     stacked = {n: a[:48].reshape(6, 8, -1) for n, a in d.items()}
     first = client.train_steps(g, state, {n: a[:4] for n, a in stacked.items()},
                                learning_rate=0.1, momentum=0.9, loss="loss")
+    assert first.velocity == {}
     assert (first.state_version, first.state_steps, first.parameters) == (1, 4, {})
     second = client.train_steps(g, state, {n: a[4:] for n, a in stacked.items()},
                                 learning_rate=0.1, momentum=0.9, loss="loss",
-                                state_version=first.state_version)
+                                state_version=first.state_version, return_state=True)
     assert (second.state_version, second.state_steps) == (2, 6)
     expected, velocity, losses = oracle(client, g, params, [
         {n: a[k] for n, a in stacked.items()} for k in range(6)], 0.1, 0.9)
@@ -75,6 +76,8 @@ def test_stored_state_equals_one_step_at_a_time(client):
     for name in params:
         np.testing.assert_array_equal(stored[name], expected[name])
         np.testing.assert_array_equal(stored["velocity/" + name], velocity[name])
+        np.testing.assert_array_equal(second.parameters[name], expected[name])
+        np.testing.assert_array_equal(second.velocity[name], velocity[name])
 
 
 def test_rows_of_a_stored_data_set_with_a_short_last_batch_and_an_evaluation(client):
@@ -123,6 +126,13 @@ def test_a_retried_call_does_not_step_twice(client, channel):
                                                 {n: a[16:32] for n, a in d.items()}], 0.1, 0.5)
     for name, value in client.get(state, list(params)).items():
         np.testing.assert_array_equal(value, expected[name])
+    request.return_state = True  # the retry may ask for the state: the one it made
+    from gradserve.v1.codec import from_tensor
+    third = stub.TrainSteps(request, timeout=10)
+    assert third.state_version == 1 and third.losses == once.losses
+    for name in params:
+        np.testing.assert_array_equal(from_tensor(third.parameters[name]), expected[name])
+    request.return_state = False
     request.state_version = 1
     assert stub.TrainSteps(request, timeout=10).state_version == 2
     request.state_version = 0  # two versions back: not a retry

@@ -319,7 +319,7 @@ class EdgeTrace(_message.Message):
     def __init__(self, input: _Optional[str] = ..., partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainStepsRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "loss", "parameters", "velocity", "batches", "learning_rate", "momentum", "stored_batches", "state", "state_version", "data", "rows", "batch_sizes", "evaluate_data", "evaluate_outputs")
+    __slots__ = ("graph", "graph_id", "loss", "parameters", "velocity", "batches", "learning_rate", "momentum", "stored_batches", "state", "state_version", "data", "rows", "batch_sizes", "evaluate_data", "evaluate_outputs", "return_state")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +364,7 @@ class TrainStepsRequest(_message.Message):
     BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_DATA_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     loss: str
@@ -380,7 +381,8 @@ class TrainStepsRequest(_message.Message):
     batch_sizes: _containers.RepeatedScalarFieldContainer[int]
     evaluate_data: str
     evaluate_outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., loss: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., batches: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., stored_batches: _Optional[_Mapping[str, StoredTensor]] = ..., state: _Optional[str] = ..., state_version: _Optional[int] = ..., data: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., evaluate_data: _Optional[str] = ..., evaluate_outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    return_state: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., loss: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., batches: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., stored_batches: _Optional[_Mapping[str, StoredTensor]] = ..., state: _Optional[str] = ..., state_version: _Optional[int] = ..., data: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., evaluate_data: _Optional[str] = ..., evaluate_outputs: _Optional[_Iterable[str]] = ..., return_state: _Optional[bool] = ...) -> None: ...
 
 class TrainStepsResponse(_message.Message):
     __slots__ = ("parameters", "velocity", "losses", "graph_id", "state_version", "state_steps", "evaluation")
