@@ -49,6 +49,7 @@ from gradserve.client.datasets import load_dataset
 from gradserve.client.gradients import Gradient, remote_gradient
 from gradserve.client.models import LOSS, ModelSpec
 from gradserve.client.training import Trainer, TrainConfig
+from gradserve.cli.in_process import server_address
 from gradserve.server.app import create_server
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -254,8 +255,8 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_steps: int) -> dic
           f"{config.batch_size}, {EPOCHS_PER_ROUND} epochs per round, {rounds} rounds\n")
     runs = {}
     with contextlib.ExitStack() as stack:
-        in_process = stack.enter_context(create_server("127.0.0.1:0"))
-        addresses = {"in-process server": f"127.0.0.1:{in_process.port}",
+        in_process = stack.enter_context(server_address(None))  # as `gradserve train`
+        addresses = {"in-process server": in_process,
                      "server process": stack.enter_context(server_process())}
         for where, address in addresses.items():
             for stream in (False, True):

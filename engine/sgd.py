@@ -66,7 +66,8 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
                              node=name, field="velocity")
         velocity[name] = v.copy()
     for name, p in params.items():
-        velocity.setdefault(name, np.zeros_like(p))
+        if name not in velocity:
+            velocity[name] = np.zeros_like(p)
     losses = []
     rates = {n: (p.dtype.type(learning_rate), p.dtype.type(momentum))
              for n, p in params.items()}

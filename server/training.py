@@ -56,7 +56,7 @@ class TrainState:
             raise BadRequest("the data set's tensors need one leading axis of examples, the "
                              f"same for all (got {sorted(map(str, lengths))})", field="data")
         n = lengths.pop()
-        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        if len(rows) and rows.view(np.uint64).max() >= n:  # (negatives too: one reduction)
             bad = int(rows[(rows < 0) | (rows >= n)][0])
             raise BadRequest(f"row {bad} is outside the data set's {n} examples",
                              field="rows")
