@@ -52,7 +52,11 @@ class GradientServiceStub:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
@@ -136,7 +140,11 @@ class GradientServiceServicer:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
@@ -230,12 +238,17 @@ class GradientServiceServicer:
         and returns the new parameters, momentum buffers and the K losses: one
         round trip for K training steps. Stateless: the caller sends the
         parameters and buffers each time and applies the reply only on success,
-        so a failed call changes nothing.
+        so a failed call changes nothing. Or on a stored state
+        (TrainStepsRequest.state): the parameters and buffers stay in the tensor
+        store, updated in place, exactly once per state_version, and the reply
+        carries the losses and the new version only.
 
         Errors: INVALID_ARGUMENT (bad graph or batches, a parameter that is not a
         floating graph input, a loss that is not one floating output of one
         element, learning_rate not > 0, momentum not in [0, 1), momentum buffers
-        that do not match their parameters); NOT_FOUND (unknown graph_id);
+        that do not match their parameters); NOT_FOUND (unknown graph_id, or a
+        stored state, data set or batch the server does not hold, naming the
+        field); FAILED_PRECONDITION (state_version);
         RESOURCE_EXHAUSTED (more than max_steps_per_call steps, or a step over
         a limit); UNAUTHENTICATED.
         """
@@ -369,7 +382,11 @@ class GradientService:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
