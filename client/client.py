@@ -365,8 +365,12 @@ class Client:
         if residuals:
             request = self._differentiate_request({}, wrt, None, "auto", None, cotangents)
             request.message.residuals = residuals
+            # cotangents as large as the inputs come back in chunks (see differentiate)
+            big = request.message.store_results = self._fit(inputs, fit=False)[2]
             try:
                 r = result_from_proto(self._by_id("Differentiate", graph, request))
+                if big and r.results_handle is not None:
+                    self._fetch_results(r)
                 return r.outputs, r.cotangents
             except grpc.RpcError as err:
                 if not _residuals_gone(err):
@@ -547,10 +551,11 @@ class Client:
             elif value:
                 store.fill(getattr(target, name), value)
 
-    def _fit(self, inputs, tangents=None, cotangents=None):
+    def _fit(self, inputs, tangents=None, cotangents=None, fit=True):
         """Big models by default: (inputs, the handle put for this call or None, whether
         the request is big). A request whose tensors (inline and stored) pass half the
-        server's message limit is big: its large inline inputs go by the store."""
+        server's message limit is big: its large inline inputs go by the store (with
+        `fit`)."""
         arrays, refs = store.split(inputs)
         sizes = {k: np.asarray(a).nbytes for k, a in arrays.items()}
         total = (sum(sizes.values()) + sum(r.handle.data_bytes for r in refs.values())
@@ -561,6 +566,8 @@ class Client:
         limit = self._message_limit()
         if not limit or total <= limit // 2:
             return inputs, None, False
+        if not fit:
+            return inputs, None, True
         large, inline = {}, sum(sizes.values())
         for k in sorted(sizes, key=sizes.get, reverse=True):  # the largest go first
             if inline <= limit // 4:
