@@ -114,6 +114,12 @@ def test_requests_take_stored_tensors(client):
     _, hvp = client.hvp(g, {"x": handle["x"], "w": handle["weights"]}, {"x": seeds["t"]},
                         wrt=["x"])
     np.testing.assert_allclose(hvp["x"], -np.sin(x) * w, rtol=1e-5, atol=1e-6)
+    with client.stream(g) as session:  # DifferentiateStream
+        for scale in (1, 2):
+            r = session.differentiate({"x": handle["x"], "w": np.float32(scale) * w},
+                                      wrt=["x"])
+            np.testing.assert_allclose(r.jacobian["o", "x"], scale * np.cos(x) * w,
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_stored_results_come_back_in_chunks(client):
