@@ -1,0 +1,81 @@
+"""ONNX models as gradserve graphs: `from_onnx(model) -> OnnxImport`.
+
+    imported = from_onnx("model.onnx", parameters="inputs")
+    imported.graph        # a GraphBuilder over the engine's ops
+    imported.inputs       # the model's data inputs, in order
+    imported.outputs      # its outputs, in order
+    imported.parameters   # initializers that became graph inputs: name -> array
+    client.grad(imported.graph, {**imported.parameters, "x": x}, of="y")
+
+Each ONNX op becomes one engine op or a small composite of them (Gemm is a
+matmul and an add, LayerNormalization a mean, a square, a reciprocal square
+root and a few products). Whatever can be computed at import time is: shape
+plumbing (Shape, Gather, Concat, Reshape... on shapes), Constant nodes and, with
+parameters="constants", anything computed from initializers alone. A dynamic
+dimension (a dim_param such as "batch") is carried as a symbol through that
+arithmetic and becomes -1 in the graph where the engine allows it (a reshape
+may have one).
+
+Names are kept: inputs, outputs and initializers keep the model's names, and
+each ONNX node's result is the graph value of its output's name; a composite's
+intermediate values are named `output/op`.
+
+Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
+"""
+
+from __future__ import annotations
+
+from ..builder import GraphBuilder, Value
+from . import ops  # noqa: F401  (importing the converters registers them)
+from .importer import Importer, _onnx_dtype, import_optional, load_model
+from .registry import CONVERTERS, supported_ops  # noqa: F401
+from .values import PARAMETER_MODES, Dim, Dyn, OnnxImport, OnnxImportError
+
+__all__ = ["OnnxImport", "OnnxImportError", "from_onnx", "import_into", "load_model",
+           "model_inputs", "supported_ops"]
+
+
+def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = None) \
+        -> OnnxImport:
+    """Import an ONNX model (a path, bytes or onnx.ModelProto) as a gradserve graph.
+
+    parameters="constants": initializers become graph constants (register once, send only
+    the data). parameters="inputs": floating initializers become graph inputs, returned with
+    their values in `parameters`, so derivatives with respect to them can be asked for.
+    `input_shapes` ({name: [dims]}, None or -1 for a dynamic size) overrides the model's
+    declared input shapes.
+    """
+    if parameters not in PARAMETER_MODES:
+        raise ValueError(f"parameters must be one of {', '.join(PARAMETER_MODES)}, "
+                         f"not {parameters!r}")
+    return Importer(load_model(model), parameters, input_shapes).run()
+
+
+def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tuple]],
+                parameters: str = "inputs", taken: tuple = ()) -> OnnxImport:
+    """Import `model` into an existing builder, with some of its inputs bound to values
+    already there: {input name: (value, shape)}, shape with None for the dynamic batch.
+    Used to wrap a model in a larger graph (a training loss); `taken`: the names the
+    builder already uses. The model's outputs are not marked as graph outputs: their
+    values are in the result's `values`."""
+    proto = load_model(model)
+    dyn = {name: Dyn(value, [Dim.symbol("batch") if d is None else d for d in shape],
+                     value.dtype) for name, (value, shape) in bound.items()}
+    return Importer(proto, parameters, None, builder, dyn, tuple(taken),
+                    mark_outputs=False).run()
+
+
+def model_inputs(model) -> list[tuple[str, str, list]]:
+    """[(name, dtype, shape)] of the data inputs as the model declares them (None for a
+    dynamic dimension)."""
+    proto = load_model(model)
+    onnx = import_optional("onnx", "onnx", "ONNX import")
+    initializers = {t.name for t in proto.graph.initializer}
+
+    def describe(v):
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in t.shape.dim]
+        return v.name, _onnx_dtype(onnx, t.elem_type, f"'{v.name}'"), dims
+    return [describe(v) for v in proto.graph.input if v.name not in initializers]
+
