@@ -25,44 +25,51 @@ Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from ..builder import GraphBuilder, Value
 from . import ops  # noqa: F401  (importing the converters registers them)
 from .importer import Importer, _onnx_dtype, import_optional, load_model
 from .registry import CONVERTERS, supported_ops  # noqa: F401
-from .values import PARAMETER_MODES, Dim, Dyn, OnnxImport, OnnxImportError
+from .values import MAX_FOLD_BYTES, PARAMETER_MODES, Dim, Dyn, OnnxImport, OnnxImportError
 
 __all__ = ["OnnxImport", "OnnxImportError", "from_onnx", "import_into", "load_model",
            "model_inputs", "supported_ops"]
 
 
-def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = None) \
-        -> OnnxImport:
+def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = None,
+              max_fold_bytes: int = MAX_FOLD_BYTES) -> OnnxImport:
     """Import an ONNX model (a path, bytes or onnx.ModelProto) as a gradserve graph.
 
     parameters="constants": initializers become graph constants (register once, send only
     the data). parameters="inputs": floating initializers become graph inputs, returned with
     their values in `parameters`, so derivatives with respect to them can be asked for.
     `input_shapes` ({name: [dims]}, None or -1 for a dynamic size) overrides the model's
-    declared input shapes.
+    declared input shapes. `max_fold_bytes`: what import-time folding may allocate beyond
+    twice the model's initializers (a model asking for more is refused with that advice).
     """
     if parameters not in PARAMETER_MODES:
         raise ValueError(f"parameters must be one of {', '.join(PARAMETER_MODES)}, "
                          f"not {parameters!r}")
-    return Importer(load_model(model), parameters, input_shapes).run()
+    with _one_line_errors():
+        return Importer(load_model(model), parameters, input_shapes,
+                        max_fold_bytes=max_fold_bytes).run()
 
 
 def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tuple]],
-                parameters: str = "inputs", taken: tuple = ()) -> OnnxImport:
+                parameters: str = "inputs", taken: tuple = (),
+                max_fold_bytes: int = MAX_FOLD_BYTES) -> OnnxImport:
     """Import `model` into an existing builder, with some of its inputs bound to values
     already there: {input name: (value, shape)}, shape with None for the dynamic batch.
     Used to wrap a model in a larger graph (a training loss); `taken`: the names the
     builder already uses. The model's outputs are not marked as graph outputs: their
     values are in the result's `values`."""
-    proto = load_model(model)
-    dyn = {name: Dyn(value, [Dim.symbol("batch") if d is None else d for d in shape],
-                     value.dtype) for name, (value, shape) in bound.items()}
-    return Importer(proto, parameters, None, builder, dyn, tuple(taken),
-                    mark_outputs=False).run()
+    with _one_line_errors():
+        proto = load_model(model)
+        dyn = {name: Dyn(value, [Dim.symbol("batch") if d is None else d for d in shape],
+                         value.dtype) for name, (value, shape) in bound.items()}
+        return Importer(proto, parameters, None, builder, dyn, tuple(taken),
+                        mark_outputs=False, max_fold_bytes=max_fold_bytes).run()
 
 
 def model_inputs(model) -> list[tuple[str, str, list]]:
@@ -79,3 +86,14 @@ def model_inputs(model) -> list[tuple[str, str, list]]:
         return v.name, _onnx_dtype(onnx, t.elem_type, f"'{v.name}'"), dims
     return [describe(v) for v in proto.graph.input if v.name not in initializers]
 
+
+
+@contextmanager
+def _one_line_errors():
+    """Memory and recursion exhausted by a model: an OnnxImportError like any other."""
+    try:
+        yield
+    except MemoryError:
+        raise OnnxImportError("the model does not fit in memory while importing it") from None
+    except RecursionError:
+        raise OnnxImportError("the model is nested too deeply to import") from None

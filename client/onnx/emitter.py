@@ -7,8 +7,8 @@ import numpy as np
 
 from ..builder import GraphBuilder, Value
 from .folds import BINARY_FOLDS, COMPARISONS, REDUCE_FOLDS, SOFTMAX_FOLDS, UNARY_FOLDS
-from .values import (INT_MAX, WIRE_DTYPES, Dim, Dyn, _broadcast, _dtype_of, _engine_shape,
-                     _fail, _fmt, _FoldError, _has_dim, _norm_axis, _shape_of)
+from .values import (INT_MAX, MAX_FOLD_BYTES, WIRE_DTYPES, Dim, Dyn, _broadcast, _dtype_of,
+                     _engine_shape, _fail, _fmt, _FoldError, _has_dim, _norm_axis, _shape_of)
 
 
 class Emitter:
@@ -22,6 +22,24 @@ class Emitter:
         self.out = ""  # the ONNX output being built (intermediate names start with it)
         self.static_names: dict[int, tuple[np.ndarray, str]] = {}
         self.promoted: dict[str, Value] = {}
+        self.fold_limit = MAX_FOLD_BYTES  # what folds may allocate in all (bytes)
+        self.folded = 0
+
+    def charge(self, shape, dtype, what="a folded value"):
+        """Count an import-time allocation before it is made; refuse past the bound."""
+        if _has_dim(shape):
+            return
+        n = 1
+        for d in shape:
+            n *= max(int(d), 0)
+        size = n * (8 if np.dtype(dtype) == object else np.dtype(dtype).itemsize)
+        self.folded += size
+        if self.folded > self.fold_limit:
+            raise _FoldError(
+                f"{what} of shape {_fmt(shape)} would take {_mib(size)} at import time "
+                f"({_mib(self.folded)} folded in all), over the import-time folding bound of "
+                f"{_mib(self.fold_limit)}: if the model is right, raise the bound with "
+                "from_onnx(..., max_fold_bytes=N) or `gradserve graph import --max-fold-mib N`")
 
     # --- names and values ----------------------------------------------------------
 
@@ -61,10 +79,13 @@ class Emitter:
                              f"(supported: {', '.join(WIRE_DTYPES)})")
         if known is not None and known[0] is x and dtype is None:
             name = known[1]
+            if name not in self.promoted and _is_broadcast(array):
+                self.charge(array.shape, array.dtype, "a constant")
             if name not in self.promoted:
                 self.used.add(name)
                 self.promoted[name] = self.g.constant(array, name=name)
             return self.promoted[name]
+        self.charge(array.shape, array.dtype, "a constant")
         return self.g.constant(array, name=self.fresh("const"))
 
     def const(self, value, like) -> np.ndarray:
@@ -80,6 +101,7 @@ class Emitter:
 
     def unary(self, op, x, name=None):
         if not isinstance(x, Dyn):
+            self.charge(np.shape(x), _dtype_of(x))
             with np.errstate(all="ignore"):
                 return np.asarray(UNARY_FOLDS[op](np.asarray(x)))
         return self.node(op, [x], {}, x.shape, x.dtype, name)
@@ -87,6 +109,7 @@ class Emitter:
     def binary(self, op, a, b, name=None):
         if not isinstance(a, Dyn) and not isinstance(b, Dyn):
             a, b = np.asarray(a), np.asarray(b)
+            self.charge(_broadcast(a.shape, b.shape), np.result_type(a, b))
             with np.errstate(all="ignore"):
                 out = np.asarray(BINARY_FOLDS[op](a, b))
             if out.dtype == object and not _has_dim(out) and op not in COMPARISONS:
@@ -107,6 +130,7 @@ class Emitter:
 
     def where(self, cond, a, b, name=None):
         if not any(isinstance(v, Dyn) for v in (cond, a, b)):
+            self.charge(_broadcast(np.shape(cond), np.shape(a), np.shape(b)), _dtype_of(a))
             return np.where(np.asarray(cond), np.asarray(a), np.asarray(b))
         if not isinstance(a, Dyn) and isinstance(b, Dyn):
             a = np.asarray(a, dtype=b.dtype)
@@ -117,6 +141,7 @@ class Emitter:
 
     def clip(self, x, low=None, high=None, name=None):
         if not isinstance(x, Dyn):
+            self.charge(np.shape(x), _dtype_of(x))
             return np.clip(x, low, high)
         return self.node("clip", [x], {k: float(v) for k, v in (("min", low), ("max", high))
                                         if v is not None}, x.shape, x.dtype, name)
@@ -132,6 +157,7 @@ class Emitter:
                     raise _FoldError(f"the dynamic dimension in {array.tolist()} is cast to "
                                      f"{dtype}: give the inputs fixed sizes (input_shapes=...)")
                 array = array.astype(np.int64)
+            self.charge(array.shape, dtype)
             return array.astype(dtype)
         if dtype not in WIRE_DTYPES:
             raise _FoldError(f"cast to {dtype} is not supported "
@@ -145,8 +171,11 @@ class Emitter:
     def reshape(self, x, shape, name=None):
         shape = tuple(shape)
         if not isinstance(x, Dyn):
-            return np.reshape(x, [int(d) for d in shape]) if not _has_dim(shape) else \
+            if _has_dim(shape):
                 _fail(f"reshape of a known value to {_fmt(shape)}")
+            if _is_broadcast(np.asarray(x)):  # numpy copies it
+                self.charge(shape, _dtype_of(x))
+            return np.reshape(x, [int(d) for d in shape])
         if shape == x.shape and name is None:
             return x
         return self.node("reshape", [x], {"shape": _engine_shape(shape, "reshape to")},
@@ -185,6 +214,7 @@ class Emitter:
         axis = _norm_axis(axis, ndim)
         if not any(isinstance(v, Dyn) for v in values):
             arrays = [np.asarray(v) for v in values]
+            self.charge([sum(a.size for a in arrays)], arrays[0].dtype)
             kind = object if any(a.dtype == object for a in arrays) else None
             return np.concatenate([a.astype(kind) if kind else a for a in arrays], axis=axis)
         values = [v for v in values if _shape_of(v)[axis] != 0] or values[:1]
@@ -244,6 +274,8 @@ class Emitter:
             return x
         if not isinstance(x, Dyn):
             n = np.ndim(x)
+            self.charge([d + b + e for d, b, e in zip(np.shape(x), pads[:n], pads[n:])],
+                        _dtype_of(x))
             return np.pad(x, list(zip(pads[:n], pads[n:])), constant_values=value)
         n = x.ndim
         shape = tuple(d + b + e for d, b, e in zip(x.shape, pads[:n], pads[n:]))
@@ -254,6 +286,8 @@ class Emitter:
         ndim = len(_shape_of(data))
         axis = _norm_axis(axis, ndim)
         if not isinstance(data, Dyn) and not isinstance(indices, Dyn):
+            ds = np.shape(data)
+            self.charge(ds[:axis] + np.shape(indices) + ds[axis + 1:], _dtype_of(data))
             return np.take(np.asarray(data), np.asarray(indices, dtype=np.int64), axis=axis)
         if not isinstance(indices, Dyn):
             indices = np.asarray(indices, dtype=np.int64)
@@ -268,6 +302,9 @@ class Emitter:
         axes = list(range(ndim)) if axes is None else sorted(_norm_axis(a, ndim) for a in axes)
         if not isinstance(x, Dyn):
             array = np.asarray(x)
+            if op in ("max", "min") and any(array.shape[a] == 0 for a in axes):
+                raise _FoldError(f"a {op} over an empty axis has no value in gradserve's "
+                                 "engine (ONNX's identity element is not supported)")
             out = REDUCE_FOLDS[op](array, axis=tuple(axes), keepdims=keepdims)
             return np.asarray(out) if array.dtype == object else np.asarray(out, array.dtype)
         if not axes:
@@ -281,6 +318,8 @@ class Emitter:
         axis = _norm_axis(axis, len(_shape_of(x)))
         if not isinstance(x, Dyn):
             array = np.asarray(x)
+            self.charge(array.shape, array.dtype, "softmax's intermediate")
+            self.charge(array.shape, array.dtype)
             return SOFTMAX_FOLDS[op](array, axis).astype(array.dtype)
         return self.node(op, [x], {"axis": axis}, x.shape, x.dtype, name)
 
@@ -291,8 +330,6 @@ class Emitter:
                          _shape_of(x), _dtype_of(x), name)
 
     def matmul(self, a, b, name=None):
-        if not isinstance(a, Dyn) and not isinstance(b, Dyn):
-            return np.matmul(a, b)
         sa, sb = tuple(_shape_of(a)), tuple(_shape_of(b))
         a2 = (1,) + sa if len(sa) == 1 else sa
         b2 = sb + (1,) if len(sb) == 1 else sb
@@ -300,6 +337,9 @@ class Emitter:
             raise _FoldError(f"matmul of {_fmt(sa)} and {_fmt(sb)}: inner sizes differ")
         shape = _broadcast(a2[:-2], b2[:-2]) + ((a2[-2],) if len(sa) > 1 else ()) + \
             ((b2[-1],) if len(sb) > 1 else ())
+        if not isinstance(a, Dyn) and not isinstance(b, Dyn):
+            self.charge(shape, np.result_type(a, b))
+            return np.matmul(a, b)
         dtype = _dtype_of(a if isinstance(a, Dyn) else b)
         return self.node("matmul", [a, b], {}, shape, dtype, name)
 
@@ -319,6 +359,15 @@ class Emitter:
         if count_include_pad is not None:
             attrs["count_include_pad"] = bool(count_include_pad)
         return self.node(op, [x], attrs, shape, _dtype_of(x), name)
+
+
+def _is_broadcast(array) -> bool:
+    """A broadcast view (a stride of 0): its values take more memory once copied."""
+    return array.size > 1 and 0 in array.strides
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2 ** 20:,.1f} MiB"
 
 
 def _window_out(spatial, kernel, strides, pads, dilations):

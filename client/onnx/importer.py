@@ -12,15 +12,17 @@ import numpy as np
 from ..builder import GraphBuilder
 from ..extras import MissingExtra
 from .emitter import Emitter
+from .external import check_locations
 from .registry import CONVERTERS, HINTS
-from .values import (OLDEST_OPSET, ONNX_EXTRA_HINT, WIRE_DTYPES, Dim, Dyn, OnnxImport,
+from .values import (MAX_FOLD_BYTES, OLDEST_OPSET, ONNX_EXTRA_HINT, WIRE_DTYPES, Dim, Dyn, OnnxImport,
                      OnnxImportError, Seq, _fail, _FoldError, _has_dim, _shape_of)
 
 
 class Importer:
     def __init__(self, model, parameters: str, input_shapes: dict | None,
                  builder: GraphBuilder | None = None, bound: dict | None = None,
-                 taken: tuple = (), mark_outputs: bool = True):
+                 taken: tuple = (), mark_outputs: bool = True,
+                 max_fold_bytes: int = MAX_FOLD_BYTES):
         self.onnx = import_optional("onnx", "onnx", "ONNX import")
         self.numpy_helper = import_optional("onnx.numpy_helper", "onnx", "ONNX import")
         self.model = model
@@ -37,6 +39,8 @@ class Importer:
         self.g = builder or GraphBuilder()
         self.e = Emitter(self.g, names)
         self.e.used.update(taken)  # names the caller's part of the builder uses
+        # folds may take the bound and twice the model's own weights (a folded transpose...)
+        self.e.fold_limit = int(max_fold_bytes) + 2 * sum(t.ByteSize() for t in graph.initializer)
         self.env: dict[str, object] = dict(bound or {})
         self.parameters: dict[str, np.ndarray] = {}
         self.dim_counter = 0
@@ -123,6 +127,9 @@ class Importer:
             raise OnnxImportError(f"output '{name}' is not computed by any node")
         result = self.env[name]
         self.e.out = ""
+        if isinstance(result, Seq):
+            raise OnnxImportError(f"output '{name}' is a sequence; a gradserve graph outputs "
+                                  "tensors (concatenate or stack the sequence in the model)")
         try:
             if isinstance(result, Dyn):
                 value = result.value
@@ -164,14 +171,18 @@ class Importer:
                                       "node (nodes must be in topological order)")
             else:
                 inputs.append(self.env[name])
-        attrs = {a.name: self._attr(a) for a in node.attribute}
-        self.e.out = node.output[0]
+        self.e.out = node.output[0] if node.output else ""
         try:
+            attrs = {a.name: self._attr(a) for a in node.attribute}
             result = converter(self, node, inputs, attrs)
-        except _FoldError as err:
+        except (_FoldError, OnnxImportError) as err:
             raise OnnxImportError(f"{where}: {err}") from None
-        except OnnxImportError as err:
-            raise OnnxImportError(f"{where}: {err}") from None
+        except MemoryError:
+            raise OnnxImportError(f"{where}: out of memory while importing it") from None
+        except (ArithmeticError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                RecursionError) as err:  # a gap in a converter: still one clear error
+            raise OnnxImportError(f"{where}: cannot be imported ({type(err).__name__}: "
+                                  f"{err}); please report this model") from None
         results = result if isinstance(result, (list, tuple)) and not isinstance(result, Seq) \
             else [result]
         for name, r in zip(node.output, results):
@@ -220,7 +231,12 @@ def _tensor_array(numpy_helper, tensor, what) -> np.ndarray:
             f"{what} '{tensor.name}' is stored in an external file ('{location}') that was "
             "not loaded: pass the model's path (its directory holds the file), or load it "
             "with onnx.load(path) first; a model given as bytes cannot reach its external data")
-    return np.asarray(numpy_helper.to_array(tensor))
+    try:
+        return np.asarray(numpy_helper.to_array(tensor))
+    except MemoryError:
+        raise OnnxImportError(f"{what} '{tensor.name}' does not fit in memory") from None
+    except Exception as err:  # dims that do not match the data, an unknown type...
+        raise OnnxImportError(f"{what} '{tensor.name}' cannot be read ({err})") from None
 
 
 def _onnx_dtype(onnx, elem_type, what) -> str:
@@ -240,6 +256,10 @@ def _opset(model) -> int:
     if not versions:
         raise OnnxImportError("the model imports no ai.onnx opset")
     version = versions[0]
+    newest = import_optional("onnx.defs").onnx_opset_version()
+    if version > newest:
+        raise OnnxImportError(f"the model uses opset {version}; the newest the installed onnx "
+                              f"package knows is {newest}")
     if version < OLDEST_OPSET:
         raise OnnxImportError(
             f"the model uses opset {version}; the oldest supported is {OLDEST_OPSET}: convert "
@@ -273,16 +293,24 @@ def load_model(model):
         if not path.is_file():
             raise OnnxImportError(f"{path}: no such file")
         try:
-            proto = onnx.load(str(path), load_external_data=True)
-        except FileNotFoundError as err:
-            raise OnnxImportError(f"{path}: its external data file is missing ({err})") from None
+            proto = onnx.load(str(path), load_external_data=False)
         except Exception as err:
             raise OnnxImportError(f"{path} is not an ONNX model ({err})") from None
+        check_locations(onnx, proto, path.parent)  # before onnx reads any of them
+        try:
+            onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+        except Exception as err:  # OSError, onnx's ValidationError (it refuses symlinks)
+            raise OnnxImportError(f"{path}: its external data cannot be read "
+                                  f"({' '.join(str(err).split())})") from None
     else:
         raise TypeError(f"model must be a path, bytes or an onnx.ModelProto, not "
                         f"{type(model).__name__}")
     if proto.functions:
         inliner = import_optional("onnx.inliner", "onnx", "ONNX import")
-        proto = inliner.inline_local_functions(proto)
+        try:
+            proto = inliner.inline_local_functions(proto)
+        except (Exception, RecursionError) as err:  # onnx's ValidationError: e.g. recursion
+            raise OnnxImportError(f"the model's local functions cannot be inlined: "
+                                  f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     return proto
 

@@ -15,6 +15,9 @@ PARAMETER_MODES = ("constants", "inputs")
 ONNX_EXTRA_HINT = "pip install 'gradserve[onnx]'"
 WIRE_DTYPES = ("float32", "float64", "int32", "int64", "bool")
 INT_MAX = 2 ** 63 - 1
+# What import-time folds may allocate in all, beyond twice the model's own initializers
+# (a few bytes of Expand or ConstantOfShape can ask for gigabytes).
+MAX_FOLD_BYTES = 256 * 2 ** 20
 
 
 class OnnxImportError(ValueError):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from ..registry import _out, converts
-from ..values import Dyn, _dtype_of, _has_dim, _prod, _shape_of
+from ..values import Dim, Dyn, _broadcast, _dtype_of, _FoldError, _has_dim, _prod, _shape_of
 
 
 UNARY_OPS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Exp": "exp", "Log": "log",
@@ -81,10 +81,12 @@ def _known_only(imp, node, x, attrs):
     a = [imp.static(v, f"input {i} of {op} (computed at import time only)")
          for i, v in enumerate(x)]
     if op == "Mod":
+        imp.e.charge(_broadcast(a[0].shape, a[1].shape), a[0].dtype)
         if attrs.get("fmod", 0):
             return np.fmod(a[0], a[1])
-        return np.asarray(np.frompyfunc(lambda p, q: p % q, 2, 1)(a[0], a[1])).astype(
-            a[0].dtype if a[0].dtype != object else object)
+        if a[0].dtype != object and a[1].dtype != object:
+            return np.mod(a[0], a[1])  # x mod 0: 0 for integers, NaN for floats
+        return np.asarray(np.frompyfunc(_shape_mod, 2, 1)(a[0], a[1]))
     if op in ("Floor", "Ceil", "Round", "Sign"):
         return {"Floor": np.floor, "Ceil": np.ceil, "Round": np.round, "Sign": np.sign}[op](a[0])
     if op == "IsNaN":
@@ -92,12 +94,20 @@ def _known_only(imp, node, x, attrs):
     if op == "IsInf":
         return np.isinf(a[0])
     if op == "Range":
-        return np.arange(a[0].item(), a[1].item(), a[2].item()).astype(a[0].dtype)
+        start, limit, delta = (v.item() for v in a[:3])
+        if delta == 0:
+            raise _FoldError("Range with delta 0")
+        count = max(math.ceil((limit - start) / delta), 0) if math.isfinite(
+            (limit - start) / delta) else _fold_error("Range over an infinite span")
+        imp.e.charge([count], a[0].dtype)
+        return np.arange(start, limit, delta).astype(a[0].dtype)
     if op == "NonZero":
+        imp.e.charge([a[0].ndim, a[0].size], np.int64)
         return np.array(np.nonzero(a[0]), dtype=np.int64)
     if op == "EyeLike":
         dtype = a[0].dtype if "dtype" not in attrs else \
             imp.onnx.helper.tensor_dtype_to_np_dtype(attrs["dtype"])
+        imp.e.charge(a[0].shape, dtype)
         return np.eye(*a[0].shape, k=attrs.get("k", 0), dtype=dtype)
     axis = attrs.get("axis", 0)
     f = np.argmax if op == "ArgMax" else np.argmin
@@ -170,3 +180,15 @@ def _smooth(imp, node, x, attrs):
     hard = e.clip(e.add(e.mul(v, e.const(alpha, v)), e.const(beta, v)), 0.0, 1.0,
                   name=_out(node) if op == "HardSigmoid" else None)
     return hard if op == "HardSigmoid" else e.mul(v, hard, name=_out(node))
+
+
+def _shape_mod(p, q):
+    if isinstance(p, Dim) or isinstance(q, Dim):
+        return p % q
+    if q == 0:
+        raise _FoldError("a shape computation takes a modulus by 0")
+    return p % q
+
+
+def _fold_error(what):
+    raise _FoldError(what)

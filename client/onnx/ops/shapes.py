@@ -21,8 +21,10 @@ def _dropout(imp, node, x, attrs):
     training = imp.static(x[2], "Dropout's training_mode") if len(x) > 2 else None
     if training is not None and bool(np.asarray(training).item()):
         raise _FoldError("training_mode is true: " + EVAL_MODE_HINT)
-    mask = np.ones([int(d) for d in _shape_of(x[0])], bool) if _out(node, 1) and not _has_dim(
-        _shape_of(x[0])) else None
+    mask = None
+    if _out(node, 1) and not _has_dim(_shape_of(x[0])):
+        imp.e.charge(_shape_of(x[0]), bool, "Dropout's mask")
+        mask = np.ones([int(d) for d in _shape_of(x[0])], bool)
     return [x[0], mask]
 
 
@@ -45,6 +47,9 @@ def _constant_of_shape(imp, node, x, attrs):
     if _has_dim(shape):
         raise _FoldError(f"a constant of the dynamic shape {_fmt(shape)}: give the inputs "
                          "fixed sizes (input_shapes=...)")
+    if any(d < 0 for d in shape):
+        raise _FoldError(f"a constant of the negative shape {_fmt(shape)}")
+    imp.e.charge(shape, np.asarray(value).dtype, "a constant")
     return np.full(shape, np.asarray(value).ravel()[0], dtype=np.asarray(value).dtype)
 
 
@@ -224,12 +229,19 @@ def _expand(imp, node, x, attrs):
 @converts("Tile")
 def _tile(imp, node, x, attrs):
     repeats = imp.ints(x[1], "repeats")
+    if any(isinstance(r, Dim) or r < 0 for r in repeats):
+        raise _FoldError(f"repeats {repeats} must be known and >= 0")
+    shape = _shape_of(x[0])
     if not isinstance(x[0], Dyn):
+        imp.e.charge([d * r for d, r in zip(shape, repeats)], _dtype_of(x[0]))
         return np.tile(x[0], repeats)
     out = x[0]
     for axis, r in enumerate(repeats):
         if r != 1:
             dim = out.shape[axis]
+            if isinstance(dim, Dim):
+                raise _FoldError(f"tiling the dynamic axis {axis}")
+            imp.e.charge([dim * r], np.int64, "Tile's indices")
             out = imp.e.take(out, np.tile(np.arange(dim), r), axis)
     return imp.e.cast(out, out.dtype, name=_out(node)) if out is not x[0] else out
 
@@ -265,6 +277,9 @@ def _pad_mode(imp, node, x, pads, value, mode):
         if not b and not e:
             continue
         n = _shape_of(out)[a]
+        if isinstance(n, Dim):
+            raise _FoldError(f"padding the dynamic axis {a} in mode {mode!r}")
+        imp.e.charge([b + n + e], np.int64, "Pad's indices")
         idx = np.arange(-b, n + e)
         if mode == "edge":
             idx = np.clip(idx, 0, n - 1)
@@ -283,6 +298,7 @@ def _pad_mode(imp, node, x, pads, value, mode):
 def _one_hot(imp, node, x, attrs):
     indices, depth, values = x
     depth = int(np.asarray(imp.static(depth, "depth")).item())
+    imp.e.charge([depth], np.int64, "OneHot's depth")
     values = imp.static(values, "values")
     axis = attrs.get("axis", -1)
     e = imp.e
@@ -305,6 +321,7 @@ def _trilu(imp, node, x, attrs):
     rows, cols = shape[-2], shape[-1]
     if isinstance(rows, Dim) or isinstance(cols, Dim):
         raise _FoldError("Trilu over dynamic axes")
+    imp.e.charge([rows, cols], bool, "Trilu's mask")
     keep = np.triu(np.ones((rows, cols), bool), k) if attrs.get("upper", 1) else \
         np.tril(np.ones((rows, cols), bool), k)
     return imp.e.where(keep, x[0], imp.e.const(0, x[0]), name=_out(node))
@@ -328,5 +345,6 @@ def _resize(imp, node, x, attrs):
         factor = size / dim
         if factor != int(factor):
             raise _FoldError(HINTS["Resize"] + f" (axis {axis}: {dim} -> {size})")
+        imp.e.charge([size], np.int64, "Resize's indices")
         out = imp.e.take(out, np.repeat(np.arange(dim), int(factor)), axis)
     return imp.e.cast(out, _dtype_of(out), name=_out(node)) if isinstance(out, Dyn) else out
