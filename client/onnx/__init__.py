@@ -33,7 +33,7 @@ from .importer import Importer, _onnx_dtype, import_optional, load_model
 from .registry import CONVERTERS, supported_ops  # noqa: F401
 from .values import MAX_FOLD_BYTES, PARAMETER_MODES, Dim, Dyn, OnnxImport, OnnxImportError
 
-__all__ = ["OnnxImport", "OnnxImportError", "from_onnx", "import_into", "load_model",
+__all__ = ["FoldedParametersWarning", "OnnxImport", "OnnxImportError", "from_onnx", "import_into", "load_model",
            "model_inputs", "supported_ops"]
 
 
@@ -52,8 +52,10 @@ def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = 
         raise ValueError(f"parameters must be one of {', '.join(PARAMETER_MODES)}, "
                          f"not {parameters!r}")
     with _one_line_errors():
-        return Importer(load_model(model), parameters, input_shapes,
-                        max_fold_bytes=max_fold_bytes).run()
+        proto = load_model(model)
+        if parameters == "inputs":
+            _warn_of_folded_parameters(proto)
+        return Importer(proto, parameters, input_shapes, max_fold_bytes=max_fold_bytes).run()
 
 
 def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tuple]],
@@ -97,3 +99,47 @@ def _one_line_errors():
         raise OnnxImportError("the model does not fit in memory while importing it") from None
     except RecursionError:
         raise OnnxImportError("the model is nested too deeply to import") from None
+
+
+class FoldedParametersWarning(UserWarning):
+    """The exporter folded parameters into others (batch norm into the convolution before
+    it): gradients under those names are not the framework's gradients for them."""
+
+
+EXPORT_HINT = ("to export for gradients use gradserve.client.torch.from_module(module, "
+               "example_inputs), or torch.onnx.export(..., dynamo=True, optimize=False), or "
+               "torch.onnx.export(..., dynamo=False, do_constant_folding=False)")
+
+
+def folded_parameters(proto) -> list[str]:
+    """What can be seen of an exporter's folding in a model: initializers feeding a node
+    that the dynamo exporter's optimizer made by fusing a batch norm (its node metadata
+    says so) or a node of a batch norm module that is no BatchNormalization, and weights
+    that the TorchScript exporter's constant folding computed (named onnx::Conv_N...)."""
+    inits = {t.name for t in proto.graph.initializer}
+    found = []
+    for node in proto.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        rule = meta.get("pkg.onnxscript.rewriter.rule_name", "")
+        scope = (meta.get("pkg.torch.onnx.class_hierarchy", "") + meta.get("namespace", ""))
+        weights = [i for i in node.input[1:] if i in inits]
+        fused = "batchnorm" in rule.lower() or (
+            "batchnorm" in scope.lower() and node.op_type in ("Conv", "Gemm", "MatMul"))
+        computed = node.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and any(
+            w.startswith("onnx::") for w in weights)
+        if fused or computed:
+            found.extend(w for w in weights if w not in found)
+    return found
+
+
+def _warn_of_folded_parameters(proto) -> None:
+    import warnings
+
+    found = folded_parameters(proto)
+    if found:
+        shown = ", ".join(f"'{n}'" for n in found[:8]) + (" ..." if len(found) > 8 else "")
+        warnings.warn(FoldedParametersWarning(
+            f"the ONNX exporter folded batch norms (or other parameters) into {len(found)} "
+            f"initializer(s) ({shown}): their gradients are not PyTorch's gradients for the "
+            f"parameters of those names, and the folded parameters have none; {EXPORT_HINT}"),
+            stacklevel=3)
