@@ -288,6 +288,22 @@ CASES = [
                           node("Trilu", ["x"], ["t"], upper=0), node("MatMul", ["h", "t"])],
      {"x": r(4, 4)}, {"idx": i64(0, 3, -1), "depth": np.int64(4), "vals": np.asarray([0.0, 2.0])},
      1e-5),
+    # index tuples: the relative-position table of a Swin block, slice assignment...
+    ("gathernd", 18, [node("GatherND", ["x", "idx"])], {"x": r(3, 4, 5)},
+     {"idx": i64(0, 1, 2, -1, 1, 3, 0, 1).reshape(4, 2)}, 1e-5),
+    ("gathernd-batch", 18, [node("GatherND", ["x", "idx"], batch_dims=1)], {"x": r(2, 3, 4)},
+     {"idx": i64(2, 0, 1, 1).reshape(2, 2, 1)}, 1e-5),
+    ("gathernd-dynamic-indices", 18, [node("GatherND", ["x", "idx"])],
+     {"x": r(3, 4), "idx": i64(0, 1, 2, -1).reshape(2, 2)}, {}, 1e-5),
+    ("scatternd", 18, [node("ScatterND", ["x", "idx", "u"])], {"x": r(4, 3), "u": r(2, 3)},
+     {"idx": i64(3, 1).reshape(2, 1)}, 1e-5),
+    ("scatternd-add", 18, [node("ScatterND", ["x", "idx", "u"], reduction="add")],
+     {"x": r(4, 3), "u": r(3, 3)}, {"idx": i64(1, 1, 0).reshape(3, 1)}, 1e-5),
+    ("gather-scatter-elements", 18,
+     [node("GatherElements", ["x", "gi"], ["g"], axis=1),
+      node("ScatterElements", ["x", "si", "g"], axis=0)], {"x": r(3, 4)},
+     {"gi": i64(0, -1, 2, 1, 3, 3).reshape(3, 2),
+      "si": i64(2, 0, 0, 1, 1, 2).reshape(3, 2)}, 1e-5),
 ]
 
 
