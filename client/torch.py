@@ -275,15 +275,12 @@ def from_module(module, example_inputs, *, input_names=None, output_names=None,
         raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
     args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
         else tuple(example_inputs)
-    with torch.no_grad():
-        outputs = module(*args)
-    n_out = 1 if isinstance(outputs, torch.Tensor) else len(outputs)
     input_names = list(input_names or (["x"] if len(args) == 1 else
                                        [f"x{i}" for i in range(len(args))]))
-    output_names = list(output_names or (["y"] if n_out == 1 else
-                                         [f"y{i}" for i in range(n_out)]))
     proto = onnx.load_model_from_string(
         _export(module, args, input_names, output_names, dynamic_batch, exporter, opset))
+    if output_names is None:  # y, or y0, y1...: known once exported (no extra forward)
+        _rename_outputs(proto)
 
     params = {n: p.detach().cpu() for n, p in module.named_parameters()}
     buffers = {n: b.detach().cpu() for n, b in module.named_buffers()}
@@ -347,13 +344,31 @@ def _export(module, args, input_names, output_names, dynamic_batch, exporter, op
                                         opset_version=opset)
             program.save(f)
         else:
-            axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch \
-                else None
+            axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None
             torch.onnx.export(module, args, f, input_names=input_names,
                               output_names=output_names, dynamic_axes=axes, dynamo=False,
                               do_constant_folding=False, opset_version=opset or 18,
                               training=torch.onnx.TrainingMode.EVAL)
     return f.getvalue()
+
+
+def _rename_outputs(proto) -> None:
+    graph = proto.graph
+    n = len(graph.output)
+    names = ["y"] if n == 1 else [f"y{i}" for i in range(n)]
+    taken = {t for node in graph.node for t in (*node.input, *node.output)} | \
+        {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    old = [o.name for o in graph.output]
+    if len(set(old)) != n or any(name in taken and name not in old for name in names):
+        return  # the exporter's own names then
+    rename = dict(zip(old, names))
+    for node in graph.node:
+        for i, t in enumerate(node.output):
+            node.output[i] = rename.get(t, t)
+        for i, t in enumerate(node.input):
+            node.input[i] = rename.get(t, t)
+    for o in graph.output:
+        o.name = rename[o.name]
 
 
 def _keep_only_module_initializers(onnx, proto, names: set[str]) -> None:

@@ -304,6 +304,25 @@ CASES = [
       node("ScatterElements", ["x", "si", "g"], axis=0)], {"x": r(3, 4)},
      {"gi": i64(0, -1, 2, 1, 3, 3).reshape(3, 2),
       "si": i64(2, 0, 0, 1, 1, 2).reshape(3, 2)}, 1e-5),
+    ("swish", 24, [node("Swish", ["x"], alpha=1.5)], {"x": r(3, 4)}, {}, 1e-5),
+    ("hyperbolic", 18, [node("Sinh", ["x"], ["s"]), node("Cosh", ["x"], ["c"]),
+                        node("Asinh", ["x"], ["a"]), node("Atanh", ["t"], ["b"]),
+                        node("Acosh", ["p"], ["d"]), node("Sum", ["s", "c", "a", "b", "d"])],
+     {"x": r(5), "t": np.linspace(-0.8, 0.8, 5), "p": np.linspace(1.5, 4, 5)}, {}, 1e-5),
+    ("shrink", 18, [node("Shrink", ["x"], lambd=0.4, bias=0.1)],
+     {"x": np.array([-2.0, -0.7, -0.2, 0.1, 0.6, 1.9])}, {}, 1e-5),
+    # opsets 21 and 23 compute the statistics in float32 (stash_type): the reference's
+    # differences are float32 noise, so values only (derivatives: the opset 18 row)
+    ("group-norm", 21, [node("GroupNormalization", ["x", "g", "b"], num_groups=2)],
+     {"x": r(2, 4, 3, 3)}, {"g": r(4), "b": r(4)}, None),
+    ("group-norm-18", 18, [node("GroupNormalization", ["x", "g", "b"], num_groups=2)],
+     {"x": r(2, 4, 5)}, {"g": r(2), "b": r(2)}, 1e-5),
+    ("rms-norm", 23, [node("RMSNormalization", ["x", "g"], axis=-1)], {"x": r(3, 6)},
+     {"g": r(6)}, None),
+    ("depth-space", 18, [node("SpaceToDepth", ["x"], ["d"], blocksize=2),
+                         node("DepthToSpace", ["d"], ["u"], blocksize=2, mode="CRD"),
+                         node("DepthToSpace", ["d"], ["v"], blocksize=2),
+                         node("Concat", ["u", "v"], axis=1)], {"x": r(2, 3, 4, 6)}, {}, 1e-5),
 ]
 
 

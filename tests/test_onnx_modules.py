@@ -28,6 +28,18 @@ from gradserve.client.torch import from_module  # noqa: E402
 from torch_models import (BertLikeEncoder, EfficientNetB0, MobileNetV3Small,  # noqa: E402
                           ResNet18, ShiftedWindowBlock, SmallViT, randomize)
 
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """PyTorch's CPU threads fight the server's on a busy machine (a depthwise
+    convolution took 80 ms with both cores loaded): one thread for the references."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 IMAGE = (2, 3, 32, 32)
 MODELS = {
     "resnet18": (lambda: randomize(ResNet18()), lambda: (torch.randn(IMAGE),)),

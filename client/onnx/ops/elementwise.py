@@ -192,3 +192,38 @@ def _shape_mod(p, q):
 
 def _fold_error(what):
     raise _FoldError(what)
+
+
+@converts("Swish")
+def _swish(imp, node, x, attrs):
+    e, v = imp.e, x[0]
+    alpha = attrs.get("alpha", 1.0)
+    scaled = v if alpha == 1.0 else e.mul(v, e.const(alpha, v))
+    return e.mul(v, e.unary("sigmoid", scaled), name=_out(node))
+
+
+@converts("Sinh", "Cosh", "Asinh", "Acosh", "Atanh")
+def _hyperbolic(imp, node, x, attrs):
+    """From exp, log and sqrt: sinh = (e^x - e^-x) / 2, asinh = log(x + sqrt(x^2 + 1))..."""
+    e, v, op = imp.e, x[0], node.op_type
+    one, half = e.const(1, v), e.const(0.5, v)
+    if op in ("Sinh", "Cosh"):
+        up, down = e.unary("exp", v), e.unary("exp", e.unary("neg", v))
+        both = e.sub(up, down) if op == "Sinh" else e.add(up, down)
+        return e.mul(both, half, name=_out(node))
+    if op == "Atanh":
+        return e.mul(e.unary("log", e.div(e.add(one, v), e.sub(one, v))), half,
+                     name=_out(node))
+    square = e.unary("square", v)
+    root = e.unary("sqrt", e.add(square, one) if op == "Asinh" else e.sub(square, one))
+    return e.unary("log", e.add(v, root), name=_out(node))
+
+
+@converts("Shrink")
+def _shrink(imp, node, x, attrs):
+    e, v = imp.e, x[0]
+    lambd, bias = attrs.get("lambd", 0.5), attrs.get("bias", 0.0)
+    below = e.binary("less", v, e.const(-lambd, v))
+    above = e.binary("greater", v, e.const(lambd, v))
+    return e.where(below, e.add(v, e.const(bias, v)),
+                   e.where(above, e.sub(v, e.const(bias, v)), e.const(0, v)), name=_out(node))

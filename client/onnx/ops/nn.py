@@ -136,3 +136,56 @@ def _instance_norm(imp, node, x, attrs):
     e = imp.e
     return e.add(e.mul(y, _channel(imp, scale, rank)), _channel(imp, bias, rank),
                  name=_out(node))
+
+
+@converts("GroupNormalization")
+def _group_norm(imp, node, x, attrs):
+    """Statistics per group of num_groups channels; scale and bias per channel (opset 21;
+    per group in opset 18, where they have num_groups entries)."""
+    data, scale, bias = x
+    shape = list(_shape_of(data))
+    groups = int(attrs["num_groups"])
+    channels = shape[1]
+    if isinstance(channels, Dim) or channels % groups:
+        raise _FoldError(f"{channels} channels do not split into {groups} groups")
+    e = imp.e
+    rank = len(shape)
+    grouped = e.reshape(data, [shape[0], groups, channels // groups] + shape[2:])
+    y, _, _ = _normalize(imp, grouped, list(range(2, rank + 1)), attrs.get("epsilon", 1e-5))
+    y = e.reshape(y, shape)
+    if _shape_of(scale)[0] == groups and groups != channels:  # opset 18: one per group
+        scale = e.reshape(e.broadcast_to(e.reshape(scale, [groups, 1]),
+                                          [groups, channels // groups]), [channels])
+        bias = e.reshape(e.broadcast_to(e.reshape(bias, [groups, 1]),
+                                        [groups, channels // groups]), [channels])
+    return e.add(e.mul(y, _channel(imp, scale, rank)), _channel(imp, bias, rank),
+                 name=_out(node))
+
+
+@converts("RMSNormalization")
+def _rms_norm(imp, node, x, attrs):
+    data, scale = x[0], x[1]
+    rank = len(_shape_of(data))
+    axis = _norm_axis(attrs.get("axis", -1), rank)
+    e = imp.e
+    ms = e.reduce("mean", e.unary("square", data), list(range(axis, rank)), True)
+    inv = e.unary("reciprocal", e.unary("sqrt", e.add(ms, e.const(attrs.get("epsilon", 1e-5),
+                                                                  ms))))
+    return e.mul(e.mul(data, inv), scale, name=_out(node))
+
+
+@converts("DepthToSpace", "SpaceToDepth")
+def _depth_space(imp, node, x, attrs):
+    b = int(attrs["blocksize"])
+    n, c, h, w = _shape_of(x[0])
+    e = imp.e
+    if node.op_type == "SpaceToDepth":
+        y = e.reshape(x[0], [n, c, h // b, b, w // b, b])
+        crd = attrs.get("mode", "DCR") == "CRD"  # a mode since opset 26
+        y = e.transpose(y, [0, 1, 3, 5, 2, 4] if crd else [0, 3, 5, 1, 2, 4])
+        return e.reshape(y, [n, c * b * b, h // b, w // b], name=_out(node))
+    if attrs.get("mode", "DCR") == "DCR":
+        y = e.transpose(e.reshape(x[0], [n, b, b, c // (b * b), h, w]), [0, 3, 4, 1, 5, 2])
+    else:  # CRD
+        y = e.transpose(e.reshape(x[0], [n, c // (b * b), b, b, h, w]), [0, 1, 4, 2, 5, 3])
+    return e.reshape(y, [n, c // (b * b), h * b, w * b], name=_out(node))
