@@ -277,8 +277,17 @@ def from_module(module, example_inputs, *, input_names=None, output_names=None,
         else tuple(example_inputs)
     input_names = list(input_names or (["x"] if len(args) == 1 else
                                        [f"x{i}" for i in range(len(args))]))
-    proto = onnx.load_model_from_string(
-        _export(module, args, input_names, output_names, dynamic_batch, exporter, opset))
+    try:
+        data = _export(module, args, input_names, output_names, dynamic_batch, exporter, opset)
+    except Exception as err:  # torch's own errors, many kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise OnnxImportError(
+            f"torch.onnx.export ({exporter}) failed: {type(err).__name__}: {first}"
+            + ("; a model that fixes its batch size exports with dynamic_batch=False"
+               if dynamic_batch else "")
+            + f"; exporter={'dynamo' if exporter == 'torchscript' else 'torchscript'!r} "
+            "may work") from err
+    proto = onnx.load_model_from_string(data)
     if output_names is None:  # y, or y0, y1...: known once exported (no extra forward)
         _rename_outputs(proto)
 
