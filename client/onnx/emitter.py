@@ -22,6 +22,7 @@ class Emitter:
         self.out = ""  # the ONNX output being built (intermediate names start with it)
         self.static_names: dict[int, tuple[np.ndarray, str]] = {}
         self.promoted: dict[str, Value] = {}
+        self.dim_sources: dict = {}  # a dynamic Dim -> (a graph input's Dyn, its axis)
         self.fold_limit = MAX_FOLD_BYTES  # what folds may allocate in all (bytes)
         self.folded = 0
 
@@ -200,14 +201,34 @@ class Emitter:
         if not _has_dim(shape):
             return self.node("broadcast_to", [x], {"shape": [int(d) for d in shape]}, shape,
                              _dtype_of(x), name)
-        # a dynamic dimension the value already has: broadcast the rest by adding zeros
+        # a dynamic dimension: broadcast by adding zeros that have it (the value's own, or
+        # zeros shaped like a graph input's axis of that size: a class token expanded to
+        # the batch)
         xs = (1,) * (len(shape) - len(_shape_of(x))) + tuple(_shape_of(x))
         zeros = [1 if isinstance(d, Dim) else d for d in shape]
-        for d, have in zip(shape, xs):
+        out = self.add(x, np.zeros(zeros, _dtype_of(x)))
+        for axis, (d, have) in enumerate(zip(shape, xs)):
             if isinstance(d, Dim) and have != d:
-                raise _FoldError(f"cannot expand {_fmt(_shape_of(x))} to {_fmt(shape)}: the "
-                                 "dynamic dimension is not the value's own")
-        return self.add(x, np.zeros(zeros, _dtype_of(x)), name=name)
+                out = self.add(out, self._zeros_along(d, axis, len(shape), _dtype_of(x),
+                                                      _shape_of(x), shape))
+        return self.cast(out, _dtype_of(x), name=name) if name else out
+
+    def _zeros_along(self, dim, axis, rank, dtype, have, want):
+        """Zeros of shape (1, ..., dim, ..., 1), dim on `axis`, made from a graph input
+        with an axis of that dynamic size: where(input != input-ish, 0, 0) has its
+        shape and no dependence on its values (NaN and inf included)."""
+        source = self.dim_sources.get(dim)
+        if source is None:
+            raise _FoldError(f"cannot expand {_fmt(have)} to {_fmt(want)}: the dynamic "
+                             f"dimension {dim} is no graph input's own axis")
+        value, at = source
+        picked = self.slice(value, [0] * value.ndim, [1 if a != at else INT_MAX
+                                                     for a in range(value.ndim)],
+                            list(range(value.ndim)))
+        line = self.reshape(picked, [dim if a == axis else 1 for a in range(rank)])
+        flag = self.cast(line, "bool") if line.dtype != "bool" else line
+        zero = np.zeros((), dtype)
+        return self.where(flag, zero, zero)
 
     def concat(self, values, axis, name=None):
         ndim = len(_shape_of(values[0]))

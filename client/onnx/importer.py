@@ -58,6 +58,9 @@ class Importer:
             if inp.name in initializers:
                 continue
             dyn = self.env[inp.name] if inp.name in self.env else self._graph_input(inp)
+            for axis, d in enumerate(dyn.shape):
+                if isinstance(d, Dim):
+                    self.e.dim_sources.setdefault(d, (dyn, axis))
             data_inputs.append(inp.name)
             dtypes[inp.name] = dyn.dtype
             shapes[inp.name] = tuple(-1 if isinstance(d, Dim) else d for d in dyn.shape)
