@@ -315,13 +315,11 @@ def from_module(module, example_inputs, *, input_names=None, output_names=None,
         problems.append("no input of the exported graph is " + ", ".join(
             f"'{n}'" for n in missing) + " (unused in forward, or folded into another value "
             "by the exporter)")
-    if problems and (strict or wrong):
+    if wrong or (missing and strict):  # never a value under a torch name it does not have
         raise OnnxImportError("from_module cannot give these parameters their own gradients: "
                               + "; ".join(problems)
                               + ("; strict=False leaves the missing ones out" if not wrong
                                  else ""))
-    for name in wrong:  # never under a torch name with another value
-        imported.parameters.pop(name, None)
     order = [n for n in (*params, *buffers) if n in imported.parameters]
     return ModuleImport(**{f.name: getattr(imported, f.name)
                            for f in dataclasses.fields(imported)},

@@ -34,8 +34,10 @@ def external_tensors(model):
             if a.HasField("t"):
                 yield a.t
             yield from a.tensors
-            if a.HasField("sparse_tensor"):
-                yield a.sparse_tensor.values
+            for sparse in ([a.sparse_tensor] if a.HasField("sparse_tensor") else []) + \
+                    list(a.sparse_tensors):
+                yield sparse.values
+                yield sparse.indices
             if a.HasField("g"):
                 graphs.append(a.g)
             graphs.extend(a.graphs)
