@@ -109,8 +109,9 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, secret, how, mess
     path = external_model(folder, location)
     with pytest.raises(OnnxImportError, match=message):
         from_onnx(path)
-    assert_one_line_error(cli_import(path, tmp_path=tmp_path), message, "initializer 'W'")
-    assert not (tmp_path / "out.pb").exists()
+    if how == "symlink":  # the command prints the same error (one run keeps the test short)
+        assert_one_line_error(cli_import(path, tmp_path=tmp_path), message, "initializer 'W'")
+        assert not (tmp_path / "out.pb").exists()
 
 
 # --- import-time folding: bounded before it allocates --------------------------------------------
@@ -216,9 +217,10 @@ def test_absurd_opsets_are_refused(tmp_path, opset, message):
     m = model([node("Relu", ["x"])], {"x": np.zeros(3)}, opset=opset)
     with pytest.raises(OnnxImportError, match=message):
         from_onnx(m)
-    path = tmp_path / "m.onnx"
-    path.write_bytes(m.SerializeToString())
-    assert_one_line_error(cli_import(path, tmp_path=tmp_path), message)
+    if opset == 2 ** 40:
+        path = tmp_path / "m.onnx"
+        path.write_bytes(m.SerializeToString())
+        assert_one_line_error(cli_import(path, tmp_path=tmp_path), message)
 
 
 def test_recursive_local_functions_are_refused(tmp_path):
