@@ -182,6 +182,7 @@ class Server:
             log.warning("the server did not stop within its grace and drain + 5 s")
         finally:
             self.servicer.telemetry.close()
+            self.servicer.residuals.close()
             self._loop.close()
             self.servicer.calls.executor.shutdown(wait=False, cancel_futures=True)
 

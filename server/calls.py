@@ -35,6 +35,7 @@ from gradserve.v1.tensor_wire import LAYOUTS, decode
 from .errors import (BadRequest, LimitExceeded, RequestError, ServerClosing, StreamIdle, abort,
                      status_for)
 from .limits import Limits
+from .memory import TRIM_AFTER_BYTES, MemoryGuard, trim
 from .wire import wire_counter
 
 # After shutdown began, how long a stream that just finished a message waits for its
@@ -133,6 +134,7 @@ class Calls:
         self._closing: asyncio.Future | None = None
         self._working = 0  # requests running in a worker (their calls may have ended)
         self._working_lock = threading.Lock()
+        self.memory = MemoryGuard(limits.max_rss_bytes)
 
     @property
     def working(self) -> int:
@@ -159,6 +161,11 @@ class Calls:
         if limit and self.in_progress >= limit:
             raise LimitExceeded(f"{self.in_progress} requests in progress, at the server's "
                                 f"limit of {limit} (max_concurrent_rpcs); retry with backoff")
+        rss = self.memory.over()
+        if rss:
+            raise LimitExceeded(f"the server process holds {rss:,} bytes, over its limit of "
+                                f"{self.limits.max_rss_bytes:,} (max_rss_bytes): retry with "
+                                "backoff or on another replica")
         self.in_progress += 1
 
     def done(self) -> None:
@@ -220,12 +227,17 @@ class Calls:
 def _run(method, name: str, request_type, self, data, call: CallState, started: float):
     """In a worker: parse, call the method, record the outcome; the reply's bytes."""
     request = data
+    size = len(data) if isinstance(data, bytes) else 0
     try:
         request = parse(request_type, data, self.limits)
         reply = method(self, request, call)
     except Exception as exc:  # noqa: BLE001 - recorded here, mapped to a status by the caller
         self.telemetry.record(name, _code(exc), started, request)
+        request = data = None  # this frame stays in the traceback: see forget_frames
         raise
+    finally:
+        if size >= TRIM_AFTER_BYTES:  # what parsing it freed, back to the system
+            trim()
     self.telemetry.record(name, "OK", started, request, reply, _mode(reply))
     return reply.SerializeToString()
 
@@ -252,9 +264,13 @@ def rpc(method):
             call.ended = True  # the worker's next check stops the work
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await abort(context, exc)
+            error = exc
         finally:
             calls.done()
+        # Outside the except clause: the abort's own exception then chains nothing, and
+        # this frame (in its traceback) no longer holds the request's bytes.
+        data = None
+        await abort(context, error)
     return wrapper
 
 

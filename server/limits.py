@@ -29,6 +29,7 @@ class Limits:
     stream_idle_seconds: int = 60  # a stream sending nothing this long ends DEADLINE_EXCEEDED
     max_streams_per_client: int = 64  # open streams from one client address
     max_streams: int = 512  # open streams in all
+    max_rss_bytes: int = 0  # server process RSS over which new requests are refused (0: off)
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

@@ -13,6 +13,7 @@ from gradserve.v1.codec import WIRE_DTYPES
 from gradserve.v1.modes import mode_name
 from gradserve.v1.tensor_wire import TensorMessage
 
+from . import training
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
@@ -71,12 +72,25 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def TrainSteps(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
-        result = engine.sgd_steps(
-            plan, request.parameters, request.batches, velocity=request.velocity,
-            learning_rate=request.learning_rate, momentum=request.momentum,
-            loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
-            max_block_elements=self.limits.max_tensor_elements, check=check,
-            **self._run_limits)
+        # Bounded before any step (server.training): the reply, the call's FLOPs, and
+        # the hyperparameters as the steps' dtype holds them.
+        steps = training.steps_of(request.batches)
+        training.check_hyperparameters(request.parameters, request.learning_rate,
+                                       request.momentum)
+        if steps is not None:
+            training.check_reply(request.parameters, steps, self.limits)
+        try:
+            result = engine.sgd_steps(
+                plan, request.parameters, request.batches, velocity=request.velocity,
+                learning_rate=request.learning_rate, momentum=request.momentum,
+                loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
+                max_block_elements=self.limits.max_tensor_elements, check=check,
+                **{**self._run_limits,
+                   "max_flops": training.flops_per_step(steps, self.limits)})
+        except engine.ResourceLimitError as err:
+            if steps and steps > 1 and training.is_flops_refusal(err):
+                raise training.call_over_flops(err, steps, self.limits) from None
+            raise
         return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
                              {"parameters": result.parameters, "velocity": result.velocity})
 
