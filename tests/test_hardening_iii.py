@@ -248,3 +248,40 @@ def test_memory_guard_refuses_new_work_while_over_max_rss_bytes():
             assert wait_until(lambda: status_mib(server.proc.pid) < 160, 22)
             check_good_request(stub)
         assert server.terminate(timeout=30) == 0
+
+
+def test_idle_metrics_connections_hold_no_thread_each():
+    """60 connections to /metrics that send nothing: before, each held a thread of the
+    server for as long as it stayed open (+60 threads); now at most 8 connections are
+    served at once (the rest are closed at once) and a silent one is closed after 5 s,
+    after which a scrape is answered."""
+    import urllib.request
+    with ServerProcess("--port", "0", "--metrics-port", "0") as server:
+        server.wait_serving()
+        port, pid = server.metrics_port(), server.proc.pid
+        before = int(status_mib_line(pid, "Threads"))
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(60)]
+        try:
+            time.sleep(0.5)  # let the server accept them all (more threads would show)
+            grown = int(status_mib_line(pid, "Threads")) - before
+            assert grown <= 8, f"{grown} more threads for 60 idle /metrics connections"
+            for conn in idle:  # every one is closed by the server, at once or after 5 s
+                try:
+                    assert conn.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+        finally:
+            for conn in idle:
+                conn.close()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b"gradserve_requests" in text or b"gradserve_graph_cache_graphs" in text
+        assert server.terminate(timeout=30) == 0
+
+
+def status_mib_line(pid: int, key: str) -> str:
+    """A /proc/PID/status value as written (e.g. Threads)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split()[1]
+    raise LookupError(key)
