@@ -216,30 +216,36 @@ def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
 def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   max_workers: int = 16, reflection_enabled: bool = True,
                   auth_token: str | None = None, tls: TLSConfig | None = None,
-                  event_loop: str = "auto") -> Server:
+                  event_loop: str = "auto", reuse_port: bool = False) -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
     `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (the
-    `uvloop` extra) or "auto" (uvloop if installed).
+    `uvloop` extra) or "auto" (uvloop if installed). `reuse_port` lets other sockets
+    with SO_REUSEPORT share the port (the processes of `gradserve serve --processes N`
+    only); without it, binding a port in use fails (OSError) rather than sharing it
+    with whatever holds it.
     """
     limits = limits or Limits()
     loop = EventLoopThread(event_loop)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
-                               tls, loop))
+                               tls, loop, reuse_port))
     except BaseException:
         loop.close()
         raise
 
 
 async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
-                 loop) -> Server:
+                 loop, reuse_port=False) -> Server:
     """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
+        # grpc sets SO_REUSEPORT by default on Linux: a second server on a port in use
+        # would start and take a share of its connections.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     # No maximum_concurrent_rpcs here: that would count health checks and idle streams
     # too; the servicer admits requests itself (server.calls.Calls.admit).
@@ -253,8 +259,12 @@ async def _build(address, limits, max_workers, reflection_enabled, auth_token, t
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(address, tls.credentials()) if tls
-            else server.add_insecure_port(address))
+    try:
+        port = (server.add_secure_port(address, tls.credentials()) if tls
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpc's "Failed to bind": in use, or not an address of this host
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: the port is in use (by another server?) "
+                      "or the address is not one of this host's")
     return Server(server, port, health_servicer, servicer, loop)
