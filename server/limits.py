@@ -30,6 +30,7 @@ class Limits:
     max_streams_per_client: int = 64  # open streams from one client address
     max_streams: int = 512  # open streams in all
     max_rss_bytes: int = 0  # server process RSS over which new requests are refused (0: off)
+    max_references: int = 1_000_000  # Node.inputs entries of one graph, all nodes together
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":
