@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import signal
-import threading
+import time
 from dataclasses import fields
 
 from gradserve.server.app import EVENT_LOOPS, TLSConfig, create_server
@@ -25,6 +25,29 @@ DEFAULT_GRACE = 8.0
 DEFAULT_DRAIN = 0.5
 # The server's own messages keep the library's logger name, as before the command moved.
 log = logging.getLogger("gradserve.server")
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT, waited for by the main thread. A plain attribute, not a
+    threading.Event: a signal handler runs in the main thread between two bytecodes,
+    and Event.set() takes the lock that Event.wait() holds for a few bytecodes on its
+    way in, so a signal landing there (likelier on a loaded machine, where the main
+    thread waits for the GIL right there) deadlocked the server: it never exited."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self):
+        self.requested = False
+
+    def set(self, *_) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self) -> None:
+        while not self.requested:
+            time.sleep(self.POLL_SECONDS)
 
 
 def env(name: str, default):
@@ -127,7 +150,7 @@ def run(args) -> int:
     return serve_one(args, token)
 
 
-def serve_one(args, token, port: int | None = None, stop: threading.Event | None = None,
+def serve_one(args, token, port: int | None = None, stop: StopRequest | None = None,
               process: int | None = None, ready=None) -> int:
     """Serve in this process until SIGTERM or SIGINT (one of --processes when `process`
     is its index: bound to `port`, metrics labelled with it, `ready()` once serving)."""
@@ -153,16 +176,16 @@ def serve_one(args, token, port: int | None = None, stop: threading.Event | None
 
 def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
                        tls: bool, token: bool, drain: float = DEFAULT_DRAIN, *,
-                       stop: threading.Event | None = None, process: int | None = None,
+                       stop: StopRequest | None = None, process: int | None = None,
                        ready=None) -> int:
     """Start `server`, run until SIGTERM or SIGINT (or `stop` is set), then shut down
     cleanly; the exit code. As one of several processes (`process`, its index), metrics
     are served on loopback for the supervisor, carrying a `process` label, and
     `ready(server)` replaces the "listening" line, which the supervisor logs once for all."""
     if stop is None:
-        stop = threading.Event()
+        stop = StopRequest()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM always drains
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, stop.set)
     labels = None if process is None else {"process": str(process)}
     metrics_host = host if process is None else "127.0.0.1"
     server.start(None if metrics_port is None else (metrics_host, int(metrics_port)), labels)

@@ -39,7 +39,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import urllib.request
 
@@ -47,7 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from gradserve.server.telemetry import MetricsHTTPServer, merge_metrics
 
-from .serve import serve_one
+from .serve import StopRequest, serve_one
 
 log = logging.getLogger("gradserve.server")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -99,7 +98,7 @@ class _Child:
 class _Supervisor:
     def __init__(self, args, token, port: int):
         self.args, self.token, self.port = args, token, port
-        self.stop = threading.Event()
+        self.stop = StopRequest()  # read by the loop below, set by signals only
         self.children = [_Child(i) for i in range(args.processes)]
         self.context = multiprocessing.get_context("fork")  # nothing of grpc's runs here
         self._mask = None
@@ -108,7 +107,7 @@ class _Supervisor:
 
     def install_signals(self) -> None:
         for sig in SIGNALS:
-            signal.signal(sig, lambda *_: self.stop.set())
+            signal.signal(sig, self.stop.set)
 
     def spawn(self, child: _Child) -> None:
         """Fork `child`'s process, signals blocked meanwhile (it must not run the
@@ -288,9 +287,9 @@ def supervise(args, token) -> int:
 
 
 def _child_main(args, token, port, index, ready, parent, mask) -> None:
-    stop = threading.Event()
+    stop = StopRequest()  # not a threading.Event: see StopRequest
     for sig in SIGNALS:
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, stop.set)
     try:  # die with the parent rather than serve on as an orphan
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
