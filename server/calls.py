@@ -312,7 +312,9 @@ def stream_rpc(method):
             call.ended = True
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await abort(context, exc)
+            error = exc
         finally:
             calls.close_stream(host)
+        data = None  # as in rpc: not held by the abort's traceback
+        await abort(context, error)
     return wrapper
