@@ -57,9 +57,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "slower here). Raise it for one client with large products "
                             "(default: %(default)s)")
     serve.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=EVENT_LOOPS,
-                       help="the server's event loop: uvloop needs the uvloop extra (pip "
-                            "install 'gradserve[uvloop]'), auto takes it when installed "
-                            "(default: %(default)s)")
+                       help="the server's event loop: uvloop is installed with gradserve (not on "
+                            "Windows); auto takes it when it can be imported, else asyncio's "
+                            "own (default: %(default)s)")
     serve.add_argument("--grace", type=float, default=float(env("GRACE", DEFAULT_GRACE)),
                        help="seconds in-flight calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--drain", type=float, default=float(env("DRAIN", DEFAULT_DRAIN)),
