@@ -1,4 +1,4 @@
-"""gradserve.cli: the `gradserve` command (serve, demo, health, train, graph).
+"""gradserve.cli: the `gradserve` command (serve, demo, health, train, graph, umbridge).
 
 The command parses arguments, prints and exits; the libraries it drives
 (gradserve.server, gradserve.client) do none of those.

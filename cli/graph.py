@@ -37,7 +37,7 @@ from gradserve.v1.codec import DTYPES
 from gradserve.client import Client, GraphBuilder, load_graph
 from gradserve.client.extras import MissingExtra
 from gradserve.client.onnx import OnnxImportError, from_onnx
-from gradserve.client.render import graph_dot
+from gradserve.client.render import graph_dot, has_modules, model_dot
 
 from .in_process import server_address
 
@@ -81,8 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("-o", "--output", metavar="FILE",
         help="FILE.dot writes DOT; FILE.svg, FILE.png or FILE.pdf also writes FILE.dot and "
              "runs Graphviz's `dot` on it (default: DOT on stdout)")
-    add("--rankdir", choices=["LR", "TB", "RL", "BT"], default="LR",
-        help="layout direction of the data flow (default: %(default)s, left to right)")
+    add("--rankdir", choices=["LR", "TB", "RL", "BT"],
+        help="layout direction of the data flow (default: TB, top to bottom, for a model "
+             "grouped by module; LR, left to right, otherwise)")
+    add("--depth", type=int, metavar="N",
+        help="a model (an ONNX import, or node names such as /layer1/layer1.0/conv1/Conv) is "
+             "drawn one box per ONNX node, in clusters by module path; N module levels are "
+             "opened (0: each top-level module is one box) and a block repeating an earlier "
+             "one op for op is one box (default: the deepest level that fits on a screen)")
+    add("--focus", metavar="NAME",
+        help="draw only the module NAME (e.g. layer2.0) or the ONNX node NAME, with what "
+             "feeds it and reads it; --depth then counts from NAME")
 
     imp = sub.add_parser(
         "import", help="import an ONNX model as a gradserve graph (.pb or .json)",
@@ -147,13 +156,31 @@ def _show(args) -> int:
     if output is not None and output.suffix.lower() not in DOT_SUFFIXES + RENDERED_SUFFIXES:
         raise UsageError(f"--output {output}: use a name ending in "
                          + ", ".join(DOT_SUFFIXES + RENDERED_SUFFIXES))
-    graph = read_graph(Path(args.graph))
+    if args.depth is not None and args.depth < 0:
+        raise UsageError(f"--depth {args.depth}: use 0 or more module levels")
+    path = Path(args.graph)
+    origins = None
+    if path.suffix.lower() == ".onnx" and path.exists():
+        imported = from_onnx(path)
+        graph, origins = imported.graph.build(), imported.node_origins
+    else:
+        graph = read_graph(path)
     if not args.inputs and not args.inputs_file:
         if args.mode or args.wrt or args.of:
             raise UsageError("--mode, --wrt and --of need input values (--inputs or "
                              "--inputs-file)")
-        text = graph_dot(graph, rankdir=args.rankdir)
+        if args.depth is not None or args.focus or has_modules(graph, origins):
+            try:
+                text = model_dot(graph, origins, depth=args.depth, focus=args.focus,
+                                 rankdir=args.rankdir or "TB")
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+        else:
+            text = graph_dot(graph, rankdir=args.rankdir or "LR")
     else:
+        if args.depth is not None or args.focus:
+            raise UsageError("--depth and --focus draw a model's structure: leave out "
+                             "--inputs and --inputs-file")
         inputs = input_values(graph, args.inputs or [], args.inputs_file)
         with server_address(args.server) as address, Client(address) as client:
             text = _traced_dot(client, graph, inputs, args)
@@ -188,7 +215,7 @@ def _traced_dot(client, graph, inputs, args) -> str:
                              "(floating outputs: " + (", ".join(floating) or "none") + ")")
         cotangents = {name: np.ones_like(outputs[name]) for name in of}
         result = client.differentiate(graph, inputs, of=of, cotangents=cotangents, trace=True)
-    return result.to_dot(mode, rankdir=args.rankdir)
+    return result.to_dot(mode, rankdir=args.rankdir or "LR")
 
 
 def _write(text: str, output: Path | None) -> int:

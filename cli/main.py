@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import demo, graph, health, serve, train
+from . import demo, graph, health, serve, train, umbridge
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
                                               "model as a gradserve graph (import).")
     graph.add_arguments(graph_parser)
     graph_parser.set_defaults(func=graph.run)
+
+    umbridge_parser = sub.add_parser(
+        "umbridge", help="serve a graph as a UM-Bridge model over HTTP",
+        description="Serve a graph as a UM-Bridge model (protocol 1.0): its floating inputs "
+                    "and outputs, flattened, with Evaluate, Gradient, ApplyJacobian and "
+                    "ApplyHessian computed by gradserve, for UM-Bridge clients in Python "
+                    "(umbridge, PyMC, emcee), C++, R, Julia and Matlab. Needs the umbridge "
+                    "extra. Each derivative call logs the planner's decision.")
+    umbridge.add_arguments(umbridge_parser)
+    umbridge_parser.set_defaults(func=umbridge.run)
 
     health_parser = sub.add_parser("health", help="grpc.health.v1 check; exit 0 when SERVING")
     health.add_arguments(health_parser)

@@ -23,6 +23,15 @@ DEFAULT_GRACE = 8.0
 # arrive meanwhile (sent before the client saw NOT_SERVING) are still served, not cut
 # by grpc's shutdown race. Counted within the grace.
 DEFAULT_DRAIN = 0.5
+# Seconds after which a connection gets GOAWAY and its client reconnects, resolving the
+# service's name again: clients of a DNS name (a Kubernetes headless Service) use a
+# replica added after they connected within about this long (gRPC resolves again only
+# when a connection closes). A reconnection costs one TCP (and TLS) handshake.
+DEFAULT_MAX_CONNECTION_AGE = 5.0
+# Seconds calls in flight get on such a connection before it closes: the Client's
+# default deadline (30 s), so that no call it makes is cut. A longer call (or a
+# DifferentiateStream) is ended UNAVAILABLE then, which the Client retries.
+DEFAULT_MAX_CONNECTION_AGE_GRACE = 30.0
 # The server's own messages keep the library's logger name, as before the command moved.
 log = logging.getLogger("gradserve.server")
 
@@ -66,6 +75,19 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="on shutdown, seconds health is NOT_SERVING while new calls are "
                             "still served, before they are refused UNAVAILABLE; part of "
                             "--grace (default: %(default)s)")
+    serve.add_argument("--max-connection-age", type=float, metavar="SECONDS",
+                       default=float(env("MAX_CONNECTION_AGE", DEFAULT_MAX_CONNECTION_AGE)),
+                       help="ask each client connection to reconnect (HTTP/2 GOAWAY) once "
+                            "this old, so that clients resolve the service name again and "
+                            "use replicas added since: gRPC clients re-resolve DNS only when "
+                            "a connection closes. 0: never (default: %(default)s)")
+    serve.add_argument("--max-connection-age-grace", type=float, metavar="SECONDS",
+                       default=float(env("MAX_CONNECTION_AGE_GRACE",
+                                         DEFAULT_MAX_CONNECTION_AGE_GRACE)),
+                       help="seconds calls in flight on such a connection get to finish "
+                            "before it closes (the Client's default deadline, so none of "
+                            "its calls is cut; longer calls end UNAVAILABLE and are "
+                            "retried). 0: unbounded (default: %(default)s)")
     serve.add_argument("--no-reflection", action="store_true",
                        default=env("NO_REFLECTION", "") not in ("", "0"),
                        help="turn off gRPC server reflection")
@@ -109,6 +131,9 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.blas_threads < 0:
         raise SystemExit("gradserve serve: --blas-threads must be >= 0")
+    if args.max_connection_age < 0 or args.max_connection_age_grace < 0:
+        raise SystemExit("gradserve serve: --max-connection-age and "
+                         "--max-connection-age-grace must be >= 0")
     if args.processes < 1:
         raise SystemExit("gradserve serve: --processes must be >= 1")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -136,7 +161,9 @@ def serve_one(args, token, port: int | None = None, stop: threading.Event | None
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     server = create_server(f"{args.host}:{args.port if port is None else port}",
                            Limits.from_env(**overrides), args.max_workers,
-                           not args.no_reflection, token, tls, event_loop=args.event_loop)
+                           not args.no_reflection, token, tls, event_loop=args.event_loop,
+                           max_connection_age=args.max_connection_age,
+                           max_connection_age_grace=args.max_connection_age_grace)
     metrics_port = args.metrics_port
     if metrics_port is not None and process is not None and int(metrics_port):
         metrics_port = int(metrics_port) + process  # one /metrics per process

@@ -15,6 +15,7 @@ import grpc
 from gradserve.client.datasets import DatasetError, load_dataset
 from gradserve.client.extras import MissingExtra, import_optional
 from gradserve.client.gradients import DEFAULT_RETRIES, remote_gradient
+from gradserve.client.local_sgd import OuterConfig, local_sgd_trainer
 from gradserve.client.models import ACTIVATIONS, ModelSpec, OnnxModelSpec
 from gradserve.client.training import CheckpointError, Trainer, TrainConfig, save_checkpoint
 
@@ -62,6 +63,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "for K steps, the same parameters as one step per call. Pays when a step's "
              "round trip is most of its time (small models; K = 16 is plenty); needs one "
              "--server (or none) and no --stream (default: %(default)s)")
+    add("--sync-every", type=int, metavar="H",
+        help="local SGD (DiLoCo): each --server runs H steps on its shard of each "
+             "minibatch in one call, then the client averages the parameter changes and "
+             "applies the outer optimizer (SGD with Nesterov momentum, --outer-lr, "
+             "--outer-momentum): one round of communication per H steps instead of per "
+             "step. H = 1 with --outer-lr 1 --outer-momentum 0 is plain data parallelism "
+             "(default: off, one round per step)")
+    add("--outer-lr", type=float, metavar="ETA",
+        help=f"with --sync-every: the outer learning rate (default: {OuterConfig().outer_lr})")
+    add("--outer-momentum", type=float, metavar="MU",
+        help="with --sync-every: the outer Nesterov momentum "
+             f"(default: {OuterConfig().outer_momentum})")
     add("--retries", type=int, default=DEFAULT_RETRIES,
         help="retries of an unreachable server before giving up, with backoff up to 2 s "
              "(default: %(default)s, about a minute)")
@@ -102,11 +115,16 @@ def _train(args, addresses, in_process) -> int:
         import_optional("matplotlib", "matplotlib", "--plot")
     data = load_dataset(args.dataset, args.test_fraction, args.seed)
     spec, config = _spec_and_config(args, data)
+    outer = _outer_config(args)
 
-    gradient = remote_gradient(addresses, spec.build_graph(), spec.param_names,
-                               stream=args.stream, retries=args.retries)
+    if outer is None:
+        gradient = remote_gradient(addresses, spec.build_graph(), spec.param_names,
+                                   stream=args.stream, retries=args.retries)
+    else:  # the trainer holds the clients (close() closes them)
+        gradient = local_sgd_trainer(spec, data, addresses, config, outer,
+                                     retries=args.retries)
     try:
-        trainer = Trainer(spec, data, gradient, config)
+        trainer = Trainer(spec, data, gradient, config) if outer is None else gradient
         state = trainer.start(resume=args.resume)
         if args.resume:
             _note_resume(args.checkpoint, state, config)
@@ -124,6 +142,10 @@ def _train(args, addresses, in_process) -> int:
 
     summary = _summary(args, spec, data, state, state.step - first_step, seconds,
                        progress.last, addresses, in_process)
+    if outer is not None:
+        summary["local_sgd"] = {"sync_every": outer.sync_every, "outer_lr": outer.outer_lr,
+                                "outer_momentum": outer.outer_momentum,
+                                "rounds_this_run": trainer.rounds}
     if args.plot:
         plot_losses(state.history, args.plot, f"{spec.description} on {data.name}")
     if args.json:
@@ -140,6 +162,12 @@ def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
         raise UsageError("--steps-per-call K > 1 runs K steps in one unary call on one "
                          "server: it goes with neither --stream nor several --server "
                          "(data parallelism splits each step across servers)")
+    if args.sync_every is not None and (args.stream or args.steps_per_call > 1):
+        raise UsageError("--sync-every H runs H steps per call on each server itself: it "
+                         "goes with neither --stream nor --steps-per-call")
+    if args.sync_every is None and (args.outer_lr is not None
+                                    or args.outer_momentum is not None):
+        raise UsageError("--outer-lr and --outer-momentum go with --sync-every H")
     onnx_model = args.model.lower().endswith(".onnx")
     if args.model not in ("logreg", "mlp") and not onnx_model:
         raise UsageError(f"--model {args.model}: expected logreg, mlp or a PATH.onnx file")
@@ -162,6 +190,20 @@ def _spec_and_config(args, data) -> tuple[ModelSpec, TrainConfig]:
     except ValueError as err:
         raise UsageError(str(err)) from err
     return spec, config
+
+
+def _outer_config(args) -> OuterConfig | None:
+    """The local-SGD outer loop's settings (--sync-every), or None."""
+    if args.sync_every is None:
+        return None
+    d = OuterConfig()
+    try:
+        return OuterConfig(args.sync_every,
+                           d.outer_lr if args.outer_lr is None else args.outer_lr,
+                           d.outer_momentum if args.outer_momentum is None
+                           else args.outer_momentum)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
 
 
 def _note_resume(checkpoint: str, state, config: TrainConfig) -> None:
@@ -238,12 +280,16 @@ def _summary(args, spec, data, state, steps_run, seconds, last, addresses, in_pr
 def _print_summary(s: dict, spec: ModelSpec, data) -> None:
     where = (f"an in-process server on {s['servers'][0]}" if s["in_process_server"]
              else ", ".join(s["servers"]))
-    if s["data_parallel"]:
+    if s.get("local_sgd"):
+        local = s["local_sgd"]
+        where += (f" (local SGD: each minibatch split in {len(s['servers'])}, averaged every "
+                  f"{local['sync_every']} steps; {local['rounds_this_run']} rounds)")
+    elif s["data_parallel"]:
         where += f" (data parallel: each minibatch split in {len(s['servers'])})"
     rows = [("model", f"{spec.description}, {s['parameters']:,} parameters"),
             ("data", data.description),
             ("server", where + (", over DifferentiateStream" if s["stream"] else ""))]
-    if s["mode"]:
+    if s["mode"] and s["planner"]:  # (local SGD's rounds report no planner decision)
         rows.append(("mode", f"{s['mode']} (the server's planner: {s['planner']['reason']})"))
     rate = f": {s['steps_per_second']:,.1f} steps/s" if s["steps_this_run"] else ""
     epochs = f"{s['epochs']} epoch" + ("" if s["epochs"] == 1 else "s")

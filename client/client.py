@@ -215,6 +215,9 @@ class Client:
         channel_options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # A dns: target is resolved again when a connection closes (a server's
+            # --max-connection-age), at most once a second (grpc's default: 30 s).
+            ("grpc.dns_min_time_between_resolutions_ms", 1000),
             *lb_options, *(options or [])]
         if channels > 1:  # else grpc shares one connection between equal channels
             channel_options.append(("grpc.use_local_subchannel_pool", 1))
@@ -343,6 +346,16 @@ class Client:
         reply = self._by_id("Differentiate", graph,
                             self._second_order_request(inputs, of, wrt, vectors=vectors))
         return _gradient_and_hvp(reply)
+
+    def hvp_with_decision(self, graph, inputs, vectors, *, of: str | None = None,
+                          wrt=None) -> tuple[dict, dict, PlannerDecision]:
+        """As `hvp`, with the planner's decision for the outer level as a third item
+        (forward-over-reverse or reverse-over-reverse, its figures and reason)."""
+        reply = self._by_id("Differentiate", graph,
+                            self._second_order_request(inputs, of, wrt, vectors=vectors))
+        p = reply.planner
+        return (*_gradient_and_hvp(reply), PlannerDecision(
+            mode_name(p.mode) or "", p.n, p.m, p.cost_forward, p.cost_reverse, p.reason))
 
     def hessian(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
         """The Hessian of the scalar output `of` (default: the graph's only output):

@@ -25,6 +25,7 @@ Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import math
 import os
@@ -80,6 +81,9 @@ class OnnxImport:
     opset: int = 0
     values: dict[str, Value] = field(default_factory=dict)  # outputs and parameters
     output_shapes: dict[str, tuple] = field(default_factory=dict)  # as imported; -1: dynamic
+    # graph node name -> (ONNX node name, op type, torch module path from the exporter's
+    # metadata or ()), for pictures grouped by module (gradserve.client.render.model_dot)
+    node_origins: dict[str, tuple] = field(default_factory=dict)
 
 
     @property
@@ -683,6 +687,7 @@ class Importer:
         self.parameters: dict[str, np.ndarray] = {}
         self.dim_counter = 0
         self.mark_outputs = mark_outputs
+        self.origins: dict[str, tuple] = {}
 
     # --- model pieces -----------------------------------------------------------------
 
@@ -710,7 +715,7 @@ class Importer:
         ordered = {name: self.parameters[name] for name in initializers if name in self.parameters}
         values.update((name, self.env[name].value) for name in ordered)
         return OnnxImport(self.g, data_inputs, outputs, ordered, dtypes, shapes, self.opset,
-                          values, out_shapes)
+                          values, out_shapes, self.origins)
 
     def _initializer(self, tensor):
         array = _tensor_array(self.numpy_helper, tensor, "initializer")
@@ -808,12 +813,16 @@ class Importer:
                 inputs.append(self.env[name])
         attrs = {a.name: self._attr(a) for a in node.attribute}
         self.e.out = node.output[0]
+        before = len(self.g._nodes)
         try:
             result = converter(self, node, inputs, attrs)
         except _FoldError as err:
             raise OnnxImportError(f"{where}: {err}") from None
         except OnnxImportError as err:
             raise OnnxImportError(f"{where}: {err}") from None
+        origin = (node.name or node.output[0], node.op_type, _name_scopes(node))
+        for value, *_ in self.g._nodes[before:]:
+            self.origins[value.name] = origin
         results = result if isinstance(result, (list, tuple)) and not isinstance(result, Seq) \
             else [result]
         for name, r in zip(node.output, results):
@@ -929,6 +938,19 @@ def load_model(model):
         inliner = import_optional("onnx.inliner", "onnx", "ONNX import")
         proto = inliner.inline_local_functions(proto)
     return proto
+
+
+def _name_scopes(node) -> tuple:
+    """The module path torch.onnx.export (dynamo) records for a node, e.g. ('layer1',
+    'layer1.0', 'layer1.0.conv1'); () without that metadata."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ()
+            return tuple(s for s in scopes[:-1] if s)  # the last one names the op
+    return ()
 
 
 def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = None) \

@@ -95,6 +95,8 @@ class Trainer:
     interrupt to lose nothing).
     """
 
+    step_in_rounds = False  # True: single steps go through _steps too (local SGD)
+
     def __init__(self, spec: ModelSpec, data: Dataset, gradient: GradientSource,
                  config: TrainConfig):
         if data.num_features != spec.num_features or data.num_classes != spec.num_classes:
@@ -144,7 +146,7 @@ class Trainer:
             b = state.step - state.epoch * self.steps_per_epoch
             while b <= last:
                 k = self._group(b, last, state.step, len(X))
-                if k == 1:
+                if k == 1 and not self.step_in_rounds:
                     rows = order[b * batch:(b + 1) * batch]
                     gradient = self.gradient(state.params, X[rows], Y[rows])
                     state = self._apply(state, gradient, len(rows))

@@ -215,36 +215,50 @@ def service_handler(servicer: GradientServicer) -> grpc.GenericRpcHandler:
 def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   max_workers: int = 16, reflection_enabled: bool = True,
                   auth_token: str | None = None, tls: TLSConfig | None = None,
-                  event_loop: str = "auto") -> Server:
+                  event_loop: str = "auto", max_connection_age: float = 0.0,
+                  max_connection_age_grace: float = 0.0) -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
     `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (the
     `uvloop` extra) or "auto" (uvloop if installed).
+
+    With `max_connection_age` > 0 seconds the server sends each connection an HTTP/2
+    GOAWAY once it is that old (grpc adds +-10% jitter): the client reconnects and
+    resolves the name again, which is how clients of a DNS name (a headless Service)
+    come to use replicas added after they connected. Calls in flight then get
+    `max_connection_age_grace` seconds to finish before the connection closes (0: as
+    long as they need).
     """
     limits = limits or Limits()
     loop = EventLoopThread(event_loop)
+    age = (max_connection_age, max_connection_age_grace)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
-                               tls, loop))
+                               tls, loop, age))
     except BaseException:
         loop.close()
         raise
 
 
 async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
-                 loop) -> Server:
+                 loop, age=(0.0, 0.0)) -> Server:
     """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
     ]
+    if age[0] > 0:  # GOAWAY after age[0] s; in-flight calls get age[1] s more (0: unbounded)
+        options.append(("grpc.max_connection_age_ms", round(age[0] * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms",
+                        round(age[1] * 1000) if age[1] > 0 else 2 ** 31 - 1))
     # No maximum_concurrent_rpcs here: that would count health checks and idle streams
     # too; the servicer admits requests itself (server.calls.Calls.admit).
     server = grpc.aio.server(options=options,
                              interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [])
     servicer = GradientServicer(limits, max_workers)
+    servicer.connection_age = age  # reported by GetServerInfo
     server.add_generic_rpc_handlers((service_handler(servicer),))
     health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -29,6 +29,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
 
     def __init__(self, limits: Limits | None = None, max_workers: int = 16):
         self.limits = limits or Limits()
+        self.connection_age = (0.0, 0.0)  # seconds: max connection age and its grace
         self.calls = Calls(self.limits, max_workers)
         self.registry = GraphRegistry(self.limits)
         self.telemetry = Telemetry(self.registry.cache)
@@ -84,10 +85,13 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def GetServerInfo(self, request, context):
         limits = pb.Limits(**{f: getattr(self.limits, f)
                               for f in pb.Limits.DESCRIPTOR.fields_by_name})
-        return pb.GetServerInfoResponse(
+        reply = pb.GetServerInfoResponse(
             version=VERSION, ops=[op_info(op) for op in engine.OPS.values()], limits=limits,
             dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO,
             planner_hvp_ratio=engine.HVP_COST_RATIO)
+        reply.max_connection_age_seconds, reply.max_connection_age_grace_seconds = \
+            self.connection_age
+        return reply
 
     def _differentiate(self, request, check) -> TensorMessage:
         graph_id, plan = self.registry.resolve(request, check)

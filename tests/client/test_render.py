@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 
 import grpc
 import numpy as np
@@ -361,3 +362,192 @@ def test_cli_png_with_an_in_process_server(tmp_path):
         pytest.skip("Graphviz's `dot` is not installed: the PNG part is not checked")
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- pictures of real models: resnet18 grouped by module -----------------------------------
+
+SCREEN = (1920, 1080)  # a picture that fits on a screen needs no scrolling at 100%
+CLUSTER = re.compile(r'subgraph "cluster_([^"]+)" \{\n\s*label="([^"]+)"')
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def clusters(dot: str) -> set:
+    found = CLUSTER.findall(dot)
+    assert all(name == label for name, label in found)
+    return {name for name, _ in found}
+
+
+def resnet18():
+    """torchvision's resnet18, compactly: BasicBlocks in layer1..layer4 (torchvision's
+    module names), random weights, eval mode."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class BasicBlock(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.relu(self.bn1(self.conv1(x)))
+            return self.relu(self.bn2(self.conv2(out)) + identity)
+
+    class ResNet18(nn.Module):
+        def __init__(self, classes=10):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+            self.bn1, self.relu = nn.BatchNorm2d(64), nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            cin = 64
+            for i, cout in enumerate([64, 128, 256, 512]):
+                stride = 1 if i == 0 else 2
+                setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, cout, stride),
+                                                              BasicBlock(cout, cout, 1)))
+                cin = cout
+            self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(512, classes)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    torch.manual_seed(0)
+    return ResNet18().eval(), torch.randn(1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def resnet18_onnx(request, tmp_path_factory):
+    """resnet18 as PyTorch's two exporters write it: module paths in the node names
+    (/layer1/layer1.0/conv1/Conv) or in the nodes' metadata (dynamo, node_conv2d_1)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    model, x = resnet18()
+    path = tmp_path_factory.mktemp("resnet18") / f"resnet18_{request.param}.onnx"
+    if request.param == "dynamo":
+        pytest.importorskip("onnxscript")
+        torch.onnx.export(model, (x,), str(path), dynamo=True, optimize=False)
+    else:
+        # without constant folding: no batch norm folded into a conv
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # the exporter's own notice
+            torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=False)
+    return request.param, path
+
+
+def render(tmp_path, *args) -> tuple[str, tuple[int, int]]:
+    if shutil.which("dot") is None:
+        if os.environ.get("GRADSERVE_REQUIRE_GRAPHVIZ") == "1":
+            pytest.fail("Graphviz's `dot` is not installed and GRADSERVE_REQUIRE_GRAPHVIZ=1")
+        pytest.skip("Graphviz's `dot` is not installed")
+    png = tmp_path / "picture.png"
+    assert show(*args, "-o", png) == 0
+    return (tmp_path / "picture.dot").read_text(encoding="utf-8"), png_size(png)
+
+
+def test_resnet18_fits_a_screen_in_clusters_by_module(resnet18_onnx, tmp_path):
+    exporter, path = resnet18_onnx
+    dot, (width, height) = render(tmp_path, path)
+    assert width <= SCREEN[0] and height <= SCREEN[1], (width, height)
+    assert "rankdir=TB" in dot and not re.search(r"[ ,\[]size=", dot)  # never scaled down
+    assert 'fontsize=10' in dot
+    assert clusters(dot) == {"layer1", "layer2", "layer3", "layer4"}
+    n = nodes(dot)
+    # each residual block is one box, a repeated block says what it repeats
+    for block in ("layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer4.1"):
+        assert f"<b>{block}</b>" in n[block]
+    assert "as layer1.0 · 7 ops" in n["layer1.1"] and "as layer2.0 · 9 ops" in n["layer3.0"]
+    assert "9 ops" in n["layer2.0"]  # conv, bn, relu, conv, bn, add, relu + downsample's 2
+    conv1 = next(label for label in n.values() if label.startswith("<b>conv1</b>"))
+    # 64 x 3 x 7 x 7: no batch norm folded in (dynamo's export adds a bias of 64 zeros)
+    assert f"Conv · {9408 + (64 if exporter == 'dynamo' else 0):,} params" in conv1
+    assert len(n) <= 20
+    edge_pairs = set(edges(dot))
+    assert ("layer1.0", "layer1.1") in edge_pairs and ("layer3.1", "layer4.0") in edge_pairs
+
+
+def test_resnet18_depth_opens_blocks_named_by_onnx_nodes(resnet18_onnx, tmp_path):
+    exporter, path = resnet18_onnx
+    dot, (width, height) = render(tmp_path, path, "--depth", "2")
+    assert width <= SCREEN[0]
+    # the first block of each kind opens; its repeats stay one box each
+    assert clusters(dot) == {"layer1", "layer1.0", "layer2", "layer2.0", "layer3", "layer4"}
+    n = nodes(dot)
+    conv = "/layer1/layer1.0/conv1/Conv" if exporter == "torchscript" else "node_conv2d_1"
+    params = 64 * 64 * 9 + (64 if exporter == "dynamo" else 0)
+    assert n[conv].startswith("<b>conv1</b>") and f"Conv · {params:,} params" in n[conv]
+    assert f'tooltip="{conv}"' in dot  # the ONNX node's name, also when hovering in SVG
+    bn = next(name for name, label in n.items() if label.startswith("<b>bn1</b>")
+              and "256 params" in label)  # layer2.0.bn1: the whole BatchNormalization
+    assert "BatchNormalization" in n[bn]
+    assert "downsample</b><br/>" in n["layer2.0.downsample"]  # a level deeper: one box
+    adds = [name for name, label in n.items() if label == "<b>Add</b>"]
+    assert len(adds) == 2  # the residual sums of layer1.0 and layer2.0
+
+
+def test_resnet18_focus_on_one_block(resnet18_onnx, tmp_path):
+    exporter, path = resnet18_onnx
+    dot, (width, height) = render(tmp_path, path, "--focus", "layer3.0")
+    assert width <= SCREEN[0] and height <= SCREEN[1]
+    assert clusters(dot) == {"layer3", "layer3.0", "layer3.0.downsample"}
+    n = nodes(dot)
+    assert "outside the focus" in n["layer2.1"] and "outside the focus" in n["layer3.1"]
+    titles = sorted(re.match(r"<b>([^<]*)</b>", label).group(1) for label in n.values())
+    assert titles == sorted(["layer2.1", "layer3.1", "conv1", "bn1", "relu", "conv2", "bn2",
+                             "Add", "downsample.0", "downsample.1",
+                             "relu_1" if exporter == "torchscript" else "relu"])
+    assert "focus: layer3.0" in dot
+
+
+def test_focus_and_depth_refusals(resnet18_onnx, tmp_path, capsys):
+    _, path = resnet18_onnx
+    assert show(path, "--focus", "layer9") == 2
+    err = capsys.readouterr().err
+    assert "--focus layer9: no module or ONNX node of that name" in err and "layer2.0" in err
+    assert show(path, "--depth", "-1") == 2
+    assert "use 0 or more" in capsys.readouterr().err
+
+
+def test_a_saved_graph_is_grouped_by_its_node_names(tmp_path, capsys):
+    """A .pb saved from a TorchScript export keeps the module paths in its node names;
+    `out/op` intermediates of one ONNX node stay one box."""
+    g = GraphBuilder()
+    x = g.input("x", "float64", [2, 4])
+    h = x
+    for i in range(3):
+        w = g.constant(np.full((4, 4), 0.1 * (i + 1)), name=f"enc.{i}.lin.weight")
+        h = g.matmul(h, w, name=f"/enc/enc.{i}/lin/MatMul_output_0")
+        h = g.node("mul", [h, h], name=f"/enc/enc.{i}/act/Act_output_0/square")
+        h = g.tanh(h, name=f"/enc/enc.{i}/act/Act_output_0")
+    g.output(g.sum(h, name="/head/ReduceSum_output_0"))
+    path = g.save(tmp_path / "enc.pb")
+    assert show(path, "--depth", "2") == 0
+    dot = capsys.readouterr().out
+    assert clusters(dot) == {"enc", "enc.0"}  # enc.1, enc.2 repeat enc.0 op for op
+    n = nodes(dot)
+    assert n["/enc/enc.0/lin/MatMul_output_0"].startswith("<b>lin</b>")
+    assert "matmul · 16 params" in n["/enc/enc.0/lin/MatMul_output_0"]
+    assert n["/enc/enc.0/act/Act_output_0"].startswith("<b>act</b>")  # square + tanh
+    assert "as enc.0 · 2 ops · 16 params" in n["enc.2"]
+    assert ("/enc/enc.0/act/Act_output_0", "enc.1") in edges(dot)
+    assert "peripheries=2" in dot.split('"/head/ReduceSum_output_0" [', 1)[1].split("\n")[0]
+    assert show(path, "--depth", "0") == 0
+    assert set(nodes(capsys.readouterr().out)) == {"x", "enc", "/head/ReduceSum_output_0"}
+
+
+def test_depth_and_focus_are_for_structure(tmp_path, seed, capsys):
+    g, _ = seed
+    path = g.save(tmp_path / "seed.json")
+    assert show(path, "--inputs", "x=1,y=1", "--depth", "1") == 2
+    assert "draw a model's structure" in capsys.readouterr().err

@@ -409,17 +409,21 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio")
+    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     PLANNER_RATIO_FIELD_NUMBER: _ClassVar[int]
     PLANNER_HVP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTION_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONNECTION_AGE_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     version: str
     ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
     limits: Limits
     dtypes: _containers.RepeatedScalarFieldContainer[_tensor_pb2.DataType]
     planner_ratio: float
     planner_hvp_ratio: float
-    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ...) -> None: ...
+    max_connection_age_seconds: float
+    max_connection_age_grace_seconds: float
+    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ...) -> None: ...
