@@ -28,7 +28,7 @@ from gradserve.v1.codec import DTYPES
 
 from .builder import GraphBuilder
 
-FLOAT_DTYPES = (np.dtype("float32"), np.dtype("float64"))
+FLOAT_DTYPES = ("float32", "float64")  # the engine's names: a NumPy dtype compares equal
 HANDLES = 16  # residuals handles remembered per remote graph, the oldest dropped
 
 

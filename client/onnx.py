@@ -36,13 +36,14 @@ from typing import Callable
 
 import numpy as np
 
+from gradserve.v1.codec import WIRE_DTYPES
+
 from .builder import GraphBuilder, Value
 from .extras import MissingExtra
 
 OLDEST_OPSET = 13
 PARAMETER_MODES = ("constants", "inputs")
 ONNX_EXTRA_HINT = "pip install 'gradserve[onnx]'"
-WIRE_DTYPES = ("float32", "float64", "int32", "int64", "bool")
 INT_MAX = 2 ** 63 - 1
 
 # What to do about ops that are not imported (the general hint follows otherwise).

@@ -91,6 +91,10 @@ class ResourceLimitError(EngineError):
     """The estimated memory of a request is over the limit it was given."""
 
 
+class DeadlineExceeded(EngineError):
+    """The request's Budget deadline passed while it ran (engine/budget.py)."""
+
+
 class RuleError(Exception):
     """Raised inside an op's shape rule; validation re-raises it as an
     EngineError subclass (`kind`) that names the node and op."""

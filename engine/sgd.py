@@ -16,6 +16,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
+from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
 
@@ -28,12 +29,15 @@ class SGDResult(NamedTuple):
 
 def sgd_steps(plan, parameters: Mapping[str, np.ndarray], batches: Mapping[str, np.ndarray],
               *, learning_rate: float, momentum: float = 0.0, velocity=None, loss=None,
-              max_steps: int | None = None, check=None, **limits) -> SGDResult:
+              max_steps: int | None = None, budget: Budget | None = None, check=None,
+              **limits) -> SGDResult:
     """Run K steps: `batches` holds every graph input that is not a parameter, the
     K minibatches stacked along a new leading axis (the same K for all). `loss`
     names the one-element output minimized (default: the graph's only output).
-    `limits` (max_bytes, max_flops, max_reply_bytes) apply to each step; `check`
-    runs between steps and inside each."""
+    The budget (or its fields as keywords, `check` its cancellation) applies to each
+    step; its check runs between steps and inside each."""
+    budget = Budget.of(budget, check, **limits)
+    check = budget.check
     names = tuple(parameters)
     _check_names(plan, names, batches)
     loss = _loss_name(plan, loss)
@@ -68,7 +72,7 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray], batches: Mapping[str, 
         inputs = {**{n: b[k] for n, b in batches.items()}, **params}
         # The same Jacobian of the loss a worker asks for one step at a time, so that K
         # steps here equal K calls exactly.
-        result = plan.jacobian(inputs, wrt=names, of=(loss,), check=check, **limits)
+        result = plan.jacobian(inputs, wrt=names, of=(loss,), budget=budget)
         value = np.asarray(result.outputs[loss])
         if value.size != 1:
             raise DifferentiationError(f"the loss has {value.size} elements; it must have one",

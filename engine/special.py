@@ -15,7 +15,11 @@ tests/test_ops_edges.py checks both against math.erf on dense grids.
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
+
+from .costs import OpCost, iteration
 
 _A = (3.16112374387056560e00, 1.13864154151050156e02, 3.77485237685302021e02,
       3.20937758913846947e03, 1.85777706184603153e-1)
@@ -89,11 +93,14 @@ def _erf32(x):
     return num
 
 
-def erf(x: np.ndarray) -> np.ndarray:
-    """The error function, elementwise, in x's floating dtype."""
-    x = np.asarray(x)
-    if x.dtype == np.float32:
-        return _erf32(x)
+# erf runs over chunks of this many elements: its temporaries (about ten arrays of a
+# chunk's size on the float64 route) stay a fixed few MiB whatever the input's size, and
+# the deadline is checked between chunks (costs.iteration()).
+CHUNK = 1 << 16
+_SCRATCH = 12  # arrays of a chunk's size, float64, the float64 route holds at its peak
+
+
+def _erf64(x):
     y = np.abs(np.asarray(x, np.float64))
     out = np.ones_like(y)
     small = ~(y > 0.5)  # NaN goes here and stays NaN
@@ -102,4 +109,36 @@ def erf(x: np.ndarray) -> np.ndarray:
     out[small] = _small(y[small])
     out[middle] = 1 - _middle(y[middle])
     out[large] = 1 - _large(y[large])
-    return np.copysign(out, x).astype(np.asarray(x).dtype, copy=False)
+    return np.copysign(out, x)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, elementwise, in x's floating dtype."""
+    x = np.asarray(x)
+    route = _erf32 if x.dtype == np.float32 else _erf64
+    if x.size <= CHUNK:
+        return route(x).astype(x.dtype, copy=False)
+    out = np.empty(x.shape, x.dtype)
+    flat_in, flat_out = x.reshape(-1), out.reshape(-1)
+    for start in range(0, x.size, CHUNK):
+        iteration()
+        flat_out[start:start + CHUNK] = route(flat_in[start:start + CHUNK])
+    return out
+
+
+def erf_scratch(size: int) -> int:
+    """Bytes erf holds beyond its input and output: the temporaries of one chunk."""
+    return _SCRATCH * 8 * min(size, CHUNK)
+
+
+def erf_cost(mode, shapes, out, dtype):
+    """The erf row's cost: one chunk's temporaries and about 20 passes (two rational
+    functions) for its values; its derivative 2/sqrt(pi) exp(-x^2) and second
+    derivative -2x times that, a few arrays of x's size each."""
+    size = prod(out)
+    isz = dtype.itemsize
+    if mode == "values":
+        return OpCost(erf_scratch(size) + size * isz, 20 * size, -(-size // CHUNK))
+    if mode in ("forward", "reverse"):
+        return OpCost(3 * size * isz, 5 * size)
+    return OpCost(5 * size * isz, 10 * size)

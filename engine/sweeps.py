@@ -13,7 +13,8 @@ splits its own work into blocks (a large matmul) checks between them, so no
 single step runs long without a check.
 
 `record`, when given, is told what each step computed (a `Recorder`): that is
-how a trace is taken, by the same sweeps that answer every other request.
+how a trace is taken, by the same sweeps that answer every other request, and
+how second order (forward-over-reverse) runs: as a hook of the reverse sweep.
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ class Step(NamedTuple):
 
 
 class Recorder(Protocol):
-    """What a sweep reports when asked to (engine/trace.py keeps it all)."""
+    """What a sweep reports when asked to: a hook. engine/tracing.py's recorder keeps it
+    all; engine/second.py's forward-over-reverse hook carries tangents through the
+    reverse sweep's forward pass and the tangents of the cotangents back."""
 
-    def value(self, step: Step, ans) -> None:
-        """Reverse sweep, forward pass: `step` computed `ans`."""
+    def value(self, step: Step, xs: tuple, ans) -> None:
+        """Reverse sweep, forward pass: `step` read `xs` and computed `ans`."""
 
     def forward(self, step: Step, xs: tuple, ans, ts: tuple, tangent) -> None:
         """Forward sweep: `step` read `xs` with tangents `ts` (None: no tangent) and
@@ -68,6 +71,10 @@ class Recorder(Protocol):
     def backward(self, step: Step, g, cotangents: dict) -> None:
         """Reverse sweep: `step`'s adjoint `g` flowed back as `cotangents`
         (input position -> cotangent pulled into that input)."""
+
+    # A hook may also pull the cotangents itself, in place of the steps' vjps:
+    #     pull(j, step, positions, g, xs, ans) -> {position: cotangent}
+    # (positions whose cotangent is None left out). Without `pull`, the vjps do.
 
 
 CHUNK = 64
@@ -124,7 +131,13 @@ def values_sweep(steps, vals, check=None, points=()):
 def _values(steps, vals, check, points):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
-            vals[st.out] = st.eval(*_args(vals, st.ins))
+            ins = st.ins
+            if len(ins) == 1:
+                vals[st.out] = st.eval(vals[ins[0]])
+            elif len(ins) == 2:
+                vals[st.out] = st.eval(vals[ins[0]], vals[ins[1]])
+            else:
+                vals[st.out] = st.eval(*[vals[i] for i in ins])
             for s in st.free:
                 vals[s] = None
 
@@ -188,9 +201,16 @@ def backward_sweep(steps, vals, seeds, needs, check=None, points=()):
 def _keep_for_reverse(steps, vals, check, points, record):
     for chunk in _chunks(steps, check, points):
         for st in chunk:
-            ans = vals[st.out] = st.eval(*_args(vals, st.ins))
+            ins = st.ins
+            if len(ins) == 1:
+                xs = (vals[ins[0]],)
+            elif len(ins) == 2:
+                xs = (vals[ins[0]], vals[ins[1]])
+            else:
+                xs = tuple([vals[i] for i in ins])
+            ans = vals[st.out] = st.eval(*xs)
             if record is not None:
-                record.value(st, ans)
+                record.value(st, xs, ans)
             for s in st.drop:
                 v = vals[s]
                 vals[s] = Stub(v.shape, v.dtype, v.ndim)
@@ -201,6 +221,7 @@ def _backward(steps, vals, seeds, needs, check, points, record):
     for s, g in seeds.items():
         cots[s] = g
     backward_points = frozenset(points) if check is not None else ()
+    pull = getattr(record, "pull", None)
     for j in range(len(steps) - 1, -1, -1):
         if j in backward_points:
             check()
@@ -213,17 +234,29 @@ def _backward(steps, vals, seeds, needs, check, points, record):
         if g is None:
             continue
         cots[out] = None
-        xs = _args(vals, ins)
+        if len(ins) == 1:
+            xs = (vals[ins[0]],)
+        elif len(ins) == 2:
+            xs = (vals[ins[0]], vals[ins[1]])
+        else:
+            xs = tuple([vals[i] for i in ins])
         ans = vals[out]
-        vjp = st.vjp
-        pulled = {} if record is not None else None
-        for pos in positions:
-            gi = vjp(pos, g, xs, ans)
-            if pulled is not None:
-                pulled[pos] = gi
-            i = ins[pos]
-            prev = cots[i]
-            cots[i] = gi if prev is None else prev + gi
+        if pull is None:
+            vjp = st.vjp
+            pulled = {} if record is not None else None
+            for pos in positions:
+                gi = vjp(pos, g, xs, ans)
+                if pulled is not None:
+                    pulled[pos] = gi
+                i = ins[pos]
+                prev = cots[i]
+                cots[i] = gi if prev is None else prev + gi
+        else:
+            pulled = pull(j, st, positions, g, xs, ans)
+            for pos, gi in pulled.items():
+                i = ins[pos]
+                prev = cots[i]
+                cots[i] = gi if prev is None else prev + gi
         if record is not None:
             record.backward(st, g, pulled)
     return cots

@@ -6,22 +6,28 @@ Layout as ONNX and PyTorch: a tensor is (N, C, *spatial); a conv weight is
 
 Convolution gathers every window of the padded input once into a contiguous
 (C / groups * prod(kernel), windows) matrix (im2col, one copy of a strided
-view) and multiplies the weights by it: one BLAS product per group, with the
-seed directions folded into the batch (input directions) or into the weight
-rows (weight directions). Its input cotangent scatters back with one strided
-add per kernel offset (col2im). Pooling walks the kernel offsets, each a
-strided view of the padded input; no Python loop runs over pixels.
+view) and multiplies the weights by it: one BLAS product, or for a grouped
+convolution one batched product per chunk of groups, with the seed directions
+folded into the batch (input directions) or into the weight rows (weight
+directions). Its input cotangent scatters back with one strided add per kernel
+offset (col2im). Pooling walks the kernel offsets, each a strided view of the
+padded input; no Python loop runs over pixels or single groups, and every loop
+whose trip count the request sets calls costs.iteration() between passes (the
+deadline check). Each kernel's declared cost (`*_cost`, bottom) is what its op
+row hands to engine/costs.py.
 """
 
 from __future__ import annotations
 
+import itertools
 from math import prod
 from typing import NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .blocked import matmul
+from .blocked import BLOCK_FLOPS, matmul
+from .costs import OpCost, iteration
 
 
 class Window(NamedTuple):
@@ -73,9 +79,11 @@ def unpad(xp, w: Window, spatial):
     return xp[(Ellipsis,) + index]
 
 
-def _offsets(w: Window, out):
-    """(kernel offset, index of the padded spatial axes it reads for every window)."""
-    for offset in np.ndindex(*w.kernel):
+def _offsets(w: Window, out, reverse=False):
+    """(kernel offset, index of the padded spatial axes it reads for every window), in
+    row-major order of the offsets (or its reverse), generated one at a time."""
+    axes = [range(k - 1, -1, -1) if reverse else range(k) for k in w.kernel]
+    for offset in itertools.product(*axes):
         yield offset, tuple(
             slice(o * d, o * d + s * (p - 1) + 1, s) if p else slice(0, 0)
             for o, d, s, p in zip(offset, w.dilations, w.strides, out))
@@ -100,26 +108,49 @@ def _columns(xp, w: Window, out, batch_first=False):
 
 
 # --- convolution -----------------------------------------------------------------------
+# A grouped convolution runs as batched products over as many groups at once as fit
+# GROUP_PASS_ELEMENTS gathered elements and BLOCK_FLOPS of work, at least one: a pass per
+# chunk of groups (costs.iteration() checks the deadline between passes), never one
+# Python pass per group of a request with millions of tiny groups.
+
+GROUP_PASS_ELEMENTS = 1 << 20
+
+
+def group_passes(groups, per_group_elements, per_group_flops) -> int:
+    """Groups handled by one pass of a grouped convolution's loop."""
+    return max(1, min(groups, GROUP_PASS_ELEMENTS // max(per_group_elements, 1),
+                      BLOCK_FLOPS // max(per_group_flops, 1)))
+
 
 def conv(x, w, strides, pads, dilations, groups):
     """x (B, C, *S), w (k, O, C / groups, *kernel) -> (k, B, O, *out): k weight stacks
     applied to one gathered input (k = 1 for a plain convolution). One product per
-    group, batched over B so that it lands in the output's layout."""
+    chunk of groups, batched over B so that it lands in the output's layout."""
     k, n_out, cg = w.shape[:3]
     win = Window(w.shape[3:], strides, pads, dilations)
     b = x.shape[0]
     out = win.out(x.shape[2:])
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
-    view = _columns(pad(x, win), win, out, batch_first=True)
-    res = None
-    for gi in range(groups):
-        cols = view[:, gi * cg:(gi + 1) * cg].reshape(b, cg * kp, p)
-        r = matmul(w[:, gi * og:(gi + 1) * og].reshape(k * og, cg * kp), cols)  # (B, k Og, P)
-        if groups == 1 and k == 1:
+    view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
+    if groups == 1:
+        r = matmul(w.reshape(k * n_out, cg * kp), view.reshape(b, cg * kp, p))  # (B, k O, P)
+        if k == 1:
             return r.reshape((1, b, n_out) + out)
-        if res is None:
-            res = np.empty((k, b, n_out, p), r.dtype)
-        res[:, :, gi * og:(gi + 1) * og] = r.reshape(b, k, og, p).transpose(1, 0, 2, 3)
+        return np.ascontiguousarray(r.reshape(b, k, n_out, p).transpose(1, 0, 2, 3)).reshape(
+            (k, b, n_out) + out)
+    res = np.empty((k, b, n_out, p), np.result_type(x, w))
+    wg = w.reshape(k, groups, og, cg * kp).transpose(1, 0, 2, 3).reshape(groups, k * og,
+                                                                          cg * kp)
+    step = group_passes(groups, b * cg * kp * p, 2 * b * cg * kp * p * k * og)
+    for g0 in range(0, groups, step):
+        iteration()
+        g1 = min(groups, g0 + step)
+        n = g1 - g0
+        cols = view[:, g0 * cg:g1 * cg].reshape(b, n, cg * kp, p)
+        r = (matmul(wg[g0], cols[:, 0])[:, None] if n == 1
+             else np.matmul(wg[g0:g1], cols))  # (B, n, k Og, P)
+        res[:, :, g0 * og:g1 * og].reshape(k, b, n, og, p)[...] = (
+            r.reshape(b, n, k, og, p).transpose(2, 0, 1, 3, 4))
     return res.reshape((k, b, n_out) + out)
 
 
@@ -127,9 +158,7 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     """The transpose of conv in x: g (B, O, *out), w (O, C / groups, *kernel) -> (B, C, *S)."""
     d = len(spatial)
     reach = tuple(dl * (k - 1) for dl, k in zip(dilations, w.shape[2:]))
-    if (groups == 1 and all(s == 1 for s in strides)
-            and all(p <= r for p, r in zip(pads, reach + reach))
-            and g.shape[1] * prod(spatial) <= w.shape[1] * prod(g.shape[2:])):
+    if stride_one_transpose(g.shape, w.shape, spatial, strides, pads, dilations, groups):
         # Stride 1: the transpose is itself a convolution, of g padded by what the
         # forward's padding left out, with the kernel flipped and its channel axes
         # swapped: one gather and one product instead of a scatter per kernel offset.
@@ -149,15 +178,31 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     # whole batches (contiguous) rather than runs of one window row.
     dxp = np.zeros((cg * groups,) + win.padded(spatial) + (b,), g.dtype)
     g3 = g.reshape(b, n_out, p)
-    for gi in range(groups):
-        gg = g3[:, gi * og:(gi + 1) * og].transpose(1, 2, 0).reshape(og, p * b)
-        cols = matmul(w[gi * og:(gi + 1) * og].reshape(og, cg * kp).T, gg).reshape(
-            (cg,) + win.kernel + out + (b,))
-        target = dxp[gi * cg:(gi + 1) * cg]
+    wt = w.reshape(groups, og, cg * kp)
+    step = group_passes(groups, cg * kp * p * b, 2 * og * cg * kp * p * b)
+    for g0 in range(0, groups, step):
+        iteration()
+        g1 = min(groups, g0 + step)
+        n = g1 - g0
+        gg = g3[:, g0 * og:g1 * og].reshape(b, n, og, p).transpose(1, 2, 3, 0).reshape(
+            n, og, p * b)
+        cols = (matmul(wt[g0].T, gg[0]) if n == 1
+                else np.matmul(wt[g0:g1].transpose(0, 2, 1), gg)).reshape(
+            (n * cg,) + win.kernel + out + (b,))
+        target = dxp[g0 * cg:g1 * cg]
         for offset, index in _offsets(win, out):
+            iteration()
             dst = target[(slice(None),) + index]
             dst += cols[(slice(None),) + offset]
     return unpad(np.moveaxis(dxp, -1, 0), win, spatial)
+
+
+def stride_one_transpose(g_shape, w_shape, spatial, strides, pads, dilations, groups):
+    """Whether conv_input_grad runs as one convolution rather than a scatter."""
+    reach = tuple(dl * (k - 1) for dl, k in zip(dilations, w_shape[2:]))
+    return (groups == 1 and all(s == 1 for s in strides)
+            and all(p <= r for p, r in zip(pads, reach + reach))
+            and g_shape[1] * prod(spatial) <= w_shape[1] * prod(g_shape[2:]))
 
 
 def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
@@ -168,35 +213,36 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     win = Window(tuple(kernel), strides, pads, dilations)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
-    view = _columns(pad(x, win), win, out)
+    view = _columns(pad(x, win), win, out)  # (C, *kernel, N, *out)
     g4 = g.reshape(k, n, n_out, p)
     dw = np.empty((k, n_out, cg * kp), np.result_type(g, x))
-    for gi in range(groups):
-        cols = view[gi * cg:(gi + 1) * cg].reshape(cg * kp, n * p)
-        gg = g4[:, :, gi * og:(gi + 1) * og].transpose(0, 2, 1, 3).reshape(k * og, n * p)
+    step = group_passes(groups, cg * kp * n * p, 2 * cg * kp * n * p * k * og)
+    for g0 in range(0, groups, step):
+        iteration()
+        g1 = min(groups, g0 + step)
+        m = g1 - g0
+        cols = view[g0 * cg:g1 * cg].reshape(m, cg * kp, n * p)
+        gg = g4[:, :, g0 * og:g1 * og].reshape(k, n, m, og, p).transpose(2, 0, 3, 1, 4).reshape(
+            m, k * og, n * p)
         # (cols @ gg.T).T: OpenBLAS is markedly faster this way round for these shapes
-        dw[:, gi * og:(gi + 1) * og] = matmul(cols, gg.T).T.reshape(k, og, cg * kp)
+        r = (matmul(cols[0], gg[0].T)[None] if m == 1
+             else np.matmul(cols, gg.transpose(0, 2, 1)))  # (m, C/g kp, k Og)
+        dw[:, g0 * og:g1 * og].reshape(k, m, og, cg * kp)[...] = (
+            r.reshape(m, cg * kp, k, og).transpose(2, 0, 3, 1))
     return dw.reshape((k, n_out, cg) + win.kernel)
-
-
-def conv_scratch(x_shape, w_shape, strides, pads, dilations, groups) -> int:
-    """Elements conv allocates beyond its output, per direction: the gathered windows
-    of one group and the padded input (or its cotangent)."""
-    n, c = x_shape[:2]
-    win = Window(tuple(w_shape[2:]), strides, pads, dilations)
-    out = win.out(x_shape[2:])
-    return n * (prod(out) * (c // groups) * prod(win.kernel) + c * prod(win.padded(x_shape[2:])))
 
 
 # --- pooling -----------------------------------------------------------------------------
 # Pooling reads the last len(kernel) axes; any axes in front (N, C, and a direction
-# axis for seeds) are carried along.
+# axis for seeds) are carried along. Each loop makes one pass per kernel offset, each
+# pass one NumPy operation over every window (costs.iteration() between passes).
 
 def max_pool(x, w: Window):
     xp = pad(x, w, -np.inf)
     out = w.out(x.shape[-len(w.kernel):])
     res = None
     for _, index in _offsets(w, out):
+        iteration()
         v = xp[(Ellipsis,) + index]
         if res is None:
             res = v.copy()
@@ -213,28 +259,33 @@ def argmax_positions(x, ans, w: Window):
     sp = w.padded(spatial)
     out = ans.shape[-d:]
     xp = pad(x, w, -np.inf)
-    plane = np.array([prod(sp[i + 1:]) for i in range(d)], np.intp)
+    plane = [prod(sp[i + 1:]) for i in range(d)]
+    steps = [dl * pl for dl, pl in zip(w.dilations, plane)]
     where = np.zeros(ans.shape, np.intp)
-    offsets = [(int(np.dot(np.multiply(offset, w.dilations), plane)), index)
-               for offset, index in _offsets(w, out)]
     # A window whose maximum is -inf matches its padding too: only real elements count.
     real = (pad(np.ones(spatial, bool), w, False)
             if any(w.pads) and np.isneginf(ans).any() else None)
-    for at, index in reversed(offsets):  # so the first match is kept
+    # Last offset first, so that the first match is the one kept; the offsets are
+    # generated pass by pass (a list of a million kernel offsets took 400 MiB).
+    for offset, index in _offsets(w, out, reverse=True):
+        iteration()
         hit = xp[(Ellipsis,) + index] == ans
         if real is not None:
             hit &= real[index]
-        np.copyto(where, at, where=hit)
+        np.copyto(where, sum(o * s for o, s in zip(offset, steps)), where=hit)
     if np.isnan(ans).any():  # a NaN is the maximum: the last one in the window (PyTorch)
-        for at, index in offsets:
-            np.copyto(where, at, where=np.isnan(xp[(Ellipsis,) + index]))
-    base = np.zeros(out, np.intp)
+        for offset, index in _offsets(w, out):
+            iteration()
+            np.copyto(where, sum(o * s for o, s in zip(offset, steps)),
+                      where=np.isnan(xp[(Ellipsis,) + index]))
+    del xp, real
     for i in range(d):
         shape = [1] * d
         shape[i] = out[i]
-        base = base + (np.arange(out[i], dtype=np.intp) * (w.strides[i] * plane[i])).reshape(shape)
+        where += (np.arange(out[i], dtype=np.intp) * (w.strides[i] * plane[i])).reshape(shape)
     lead = np.arange(prod(x.shape[:-d]), dtype=np.intp).reshape(x.shape[:-d] + (1,) * d)
-    return where + base + lead * prod(sp)
+    where += lead * prod(sp)
+    return where
 
 
 def max_pool_jvp(t, x, ans, w: Window):
@@ -263,13 +314,6 @@ def max_pool_vjp(g, x, ans, w: Window):
     return unpad(grad, w, x.shape[-d:])
 
 
-def max_pool_scratch(x_shape, w: Window) -> int:
-    """The padded input (or its cotangent) and each window's position of its maximum."""
-    d = len(w.kernel)
-    lead = prod(x_shape[:-d])
-    return lead * (prod(w.padded(x_shape[-d:])) + 2 * prod(w.out(x_shape[-d:])))
-
-
 def _divisor(spatial, w: Window, out, count_include_pad, dtype):
     """What each window's sum is divided by: the kernel size, or the number of
     non-padding elements in the window."""
@@ -278,8 +322,12 @@ def _divisor(spatial, w: Window, out, count_include_pad, dtype):
     ones = pad(np.ones(spatial, dtype), w, 0)
     count = None
     for _, index in _offsets(w, out):
-        count = ones[index].copy() if count is None else count + ones[index]
-    return np.maximum(count, 1)
+        iteration()
+        if count is None:
+            count = ones[index].copy()
+        else:
+            count += ones[index]
+    return np.maximum(count, 1, out=count)
 
 
 def avg_pool(x, w: Window, count_include_pad):
@@ -289,8 +337,10 @@ def avg_pool(x, w: Window, count_include_pad):
     xp = pad(x, w, 0)
     res = None
     for _, index in _offsets(w, out):
+        iteration()
         v = xp[(Ellipsis,) + index]
         res = v.copy() if res is None else np.add(res, v, out=res)
+    del xp
     res /= _divisor(spatial, w, out, count_include_pad, res.dtype)
     return res
 
@@ -302,11 +352,108 @@ def avg_pool_vjp(g, spatial, w: Window, count_include_pad):
     share = g / _divisor(spatial, w, out, count_include_pad, g.dtype)
     grad = np.zeros(g.shape[:-d] + w.padded(spatial), g.dtype)
     for _, index in _offsets(w, out):
+        iteration()
         dst = grad[(Ellipsis,) + index]
         dst += share
     return unpad(grad, w, spatial)
 
 
-def avg_pool_scratch(x_shape, w: Window) -> int:
-    d = len(w.kernel)
-    return prod(x_shape[:-d]) * prod(w.padded(x_shape[-d:]))
+# --- declared costs (engine/costs.py; tests/test_costs.py measures them) -----------------
+# Bytes beyond the op's inputs and output, FLOPs and loop passes, per seed direction
+# (the whole eval for "values"). A term computed once per call (the maxima's positions,
+# the padded input) is declared per direction: k directions are then charged k times.
+
+_INTP = np.dtype(np.intp).itemsize
+
+
+def _padded_bytes(lead, spatial, w: Window, itemsize):
+    return lead * prod(w.padded(spatial)) * itemsize if any(w.pads) else 0
+
+
+def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
+    """conv's cost (ops/conv.py's row): the padded input, the gathered windows of one
+    pass of groups, the products' results before they land in place, the regrouped
+    weights; for derivatives the same of the transposed convolutions."""
+    (b, c, *spatial), (n_out, cg, *kernel) = shapes[0], shapes[1]
+    spatial, kernel = tuple(spatial), tuple(kernel)
+    isz = dtype.itemsize
+    win = Window(kernel, strides, pads, dilations)
+    p, kp, og = prod(out[2:]), prod(kernel), n_out // groups
+    out_size, x_size, w_size = prod(out), b * c * prod(spatial), n_out * cg * kp
+    flops = 2 * out_size * cg * kp
+
+    def gathered(batch, channels_per_group, positions, rows):
+        step = group_passes(groups, batch * channels_per_group * kp * positions,
+                            2 * batch * channels_per_group * kp * positions * rows)
+        passes = 0 if groups == 1 else -(-groups // step)
+        return step * batch * channels_per_group * kp * positions, passes
+
+    cols, passes = gathered(b, cg, p, og)
+    forward = _padded_bytes(b * c, spatial, win, isz) + (cols + w_size) * isz + out_size * isz
+    if mode == "values":
+        return OpCost(forward, flops, passes)
+    if mode == "forward":  # a term per input, each a convolution, and their sum
+        return OpCost(2 * forward + 2 * out_size * isz, 2 * flops, 2 * passes)
+    # reverse: the weight's transpose gathers the input again and regroups g; the
+    # input's is a scatter (per group pass, per kernel offset) or a convolution of g
+    weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
+    g_shape = (b, n_out) + tuple(out[2:])
+    if stride_one_transpose(g_shape, (n_out, cg) + kernel, spatial, strides, pads, dilations,
+                            groups):
+        reach = tuple(dl * (k - 1) for dl, k in zip(dilations, kernel))
+        back = Window(kernel, (1,) * len(kernel), tuple(r - q for r, q in zip(reach + reach, pads)),
+                      dilations)
+        into = (_padded_bytes(b * n_out, out[2:], back, isz)
+                + (b * n_out * kp * prod(spatial) + w_size) * isz)
+        into_passes = 0
+    else:
+        into_cols, group_pass = gathered(b, cg, p, og)
+        into = (b * c * prod(win.padded(spatial)) + out_size + into_cols + x_size) * isz
+        into_passes = max(group_pass, 1) * (1 + kp)
+    reverse = OpCost(weight + into + (x_size + w_size) * isz, 4 * flops,
+                     passes + into_passes)
+    if mode == "reverse":
+        return reverse
+    # second: the curvature term runs one transposed convolution per direction beside
+    # the vjps of the stacked seed, and holds the term's result
+    return OpCost(2 * reverse.scratch + (x_size + w_size) * isz, 2 * reverse.flops,
+                  2 * reverse.loops + 1)
+
+
+def max_pool_cost(mode, shapes, out, dtype, window):
+    """max_pool's cost: the padded input; for derivatives the maxima's positions (a
+    pass per kernel offset, two where a maximum is NaN) and the padded seed."""
+    x = shapes[0]
+    d = len(window.kernel)
+    lead, spatial = prod(x[:-d]), tuple(x[-d:])
+    isz, kp, out_size = dtype.itemsize, prod(window.kernel), prod(out)
+    padded = lead * prod(window.padded(spatial))
+    xp = _padded_bytes(lead, spatial, window, isz)
+    flops = out_size * kp
+    if mode == "values":
+        return OpCost(xp + out_size * isz, flops, kp)
+    positions = (xp + 3 * out_size * _INTP + 2 * out_size
+                 + prod(window.padded(spatial)) + lead * _INTP)
+    if mode == "forward":
+        seed = padded * isz + out_size * isz
+    else:  # reverse and second (its curvature is zero: the vjp of the stacked seed)
+        seed = (out_size * _INTP + padded * (8 + isz) if window.overlapping()
+                else padded * isz)
+    return OpCost(positions + seed, 3 * flops + out_size, 2 * kp)
+
+
+def avg_pool_cost(mode, shapes, out, dtype, window, count_include_pad):
+    """avg_pool's cost: the padded input (or the padded cotangent), the window counts
+    when padding is not counted, a pass per kernel offset for each."""
+    x = shapes[0]
+    d = len(window.kernel)
+    lead, spatial = prod(x[:-d]), tuple(x[-d:])
+    isz, kp, out_size = dtype.itemsize, prod(window.kernel), prod(out)
+    counts = 0 if count_include_pad or not any(window.pads) else kp
+    divisor = (prod(window.padded(spatial)) + 2 * prod(out[-d:])) * isz if counts else 0
+    flops = out_size * (kp + 1)
+    if mode in ("values", "forward"):
+        return OpCost(_padded_bytes(lead, spatial, window, isz) + out_size * isz + divisor,
+                      flops, kp + counts)
+    return OpCost(lead * prod(window.padded(spatial)) * isz + out_size * isz + divisor,
+                  flops, kp + counts)

@@ -72,6 +72,7 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServerClosing, grpc.StatusCode.UNAVAILABLE),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (engine.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (engine.ResourceLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (TensorLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (BadRequest, grpc.StatusCode.INVALID_ARGUMENT),

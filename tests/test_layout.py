@@ -127,7 +127,13 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports(tmp_path):
 def test_readme_layout_pyproject_and_folders_agree():
     mapping = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     package_dirs = mapping["package-dir"]
-    assert set(mapping["packages"]) == set(package_dirs)
+    # every folder with an __init__.py below a mapped folder is a listed package (or an
+    # installed wheel lacks it), and nothing else is listed
+    packages = set(package_dirs)
+    for name, folder in package_dirs.items():
+        packages |= {".".join((name, *init.parent.relative_to(REPO / folder).parts))
+                     for init in (REPO / folder).rglob("*/__init__.py")}
+    assert set(mapping["packages"]) == packages
     assert {f"gradserve.{name}": folder for name, (folder, _, _) in RULES.items()} == package_dirs
     for folder in package_dirs.values():
         assert (REPO / folder / "__init__.py").is_file(), folder
@@ -178,3 +184,77 @@ def test_no_test_module_imports_another():
                 assert name.split(".")[0] not in modules, (
                     f"{path.relative_to(REPO)}:{node.lineno} imports {name}: move what it "
                     "needs to tests/support/")
+
+
+RULE_CALLS = ("eval", "jvp", "vjp")
+
+
+def sweep_loops(path: Path, root: Path = REPO) -> list[str]:
+    """Loops in the module at `path` that run ops over a list of steps: a for loop over
+    something named like steps (steps, chunk, self._steps, range(len(steps) ...)) whose
+    body calls a step's eval, jvp or vjp."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if not isinstance(node, ast.For):
+            continue
+        names = {n.id for n in ast.walk(node.iter) if isinstance(n, ast.Name)}
+        names |= {n.attr for n in ast.walk(node.iter) if isinstance(n, ast.Attribute)}
+        if not any("step" in n or "chunk" in n for n in names):
+            continue
+        calls = {n.func.attr for n in ast.walk(node) if isinstance(n, ast.Call)
+                 and isinstance(n.func, ast.Attribute)}
+        if calls & set(RULE_CALLS):
+            found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_one_interpreter_each_sweep_is_written_once():
+    """engine/sweeps.py holds the only loops that run ops over the steps; second order
+    (forward-over-reverse) is a hook of its reverse sweep, as a trace is, and imports none
+    of its private helpers."""
+    engine = REPO / "engine"
+    loops = {path.name: sweep_loops(path) for path in sorted(engine.rglob("*.py"))}
+    assert loops.pop("sweeps.py"), "the checker finds no sweep loop in sweeps.py itself"
+    assert not [loop for found in loops.values() for loop in found], loops
+    private = []
+    for path in sorted(engine.rglob("*.py")):
+        if path.name == "sweeps.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("sweeps"):
+                private += [f"{path.relative_to(REPO)}:{node.lineno} {a.name}"
+                            for a in node.names if a.name.startswith("_")]
+    assert not private, private
+    second = (engine / "second.py").read_text(encoding="utf-8")
+    assert "reverse_sweep(" in second
+
+
+def test_the_sweep_loop_checker_sees_a_copied_loop(tmp_path):
+    module = tmp_path / "copy.py"
+    module.write_text("def run(steps, vals):\n"
+                      "    for j in range(len(steps) - 1, -1, -1):\n"
+                      "        st = steps[j]\n"
+                      "        st.vjp(0, None, (), None)\n"
+                      "    for st in steps:\n"
+                      "        vals[st.out] = st.eval()\n"
+                      "    for pos in (0, 1):\n"
+                      "        steps[0].vjp(pos, None, (), None)\n")
+    assert sweep_loops(module, tmp_path) == ["copy.py:2", "copy.py:5"]
+
+
+def test_one_name_per_concept_one_value_per_name():
+    """The engine and the wire may not import each other, so a concept both need is
+    named and valued in each and checked here: the dtype names, the floating ones, and
+    the rank limits (a value's rank, leaving room for a Jacobian block of two values,
+    is not NumPy's array rank limit, and the two have different names)."""
+    from gradserve import engine
+    from gradserve.client import _remote, onnx
+    from gradserve.v1 import codec, tensor_wire
+
+    assert tuple(codec.WIRE_DTYPES) == engine.DTYPES
+    assert onnx.WIRE_DTYPES is codec.WIRE_DTYPES
+    assert _remote.FLOAT_DTYPES == engine.FLOAT_DTYPES
+    assert 2 * engine.MAX_RANK <= tensor_wire.NUMPY_MAX_RANK
+    assert not hasattr(tensor_wire, "MAX_RANK")
+    # the function engine.trace does not hide a module of that name
+    assert callable(engine.trace) and not (REPO / "engine" / "trace.py").exists()

@@ -350,22 +350,6 @@ def test_conv_with_an_empty_batch():
     assert jac["y", "w"].shape == (0, 3, 4, 3, 2, 2)
 
 
-@pytest.mark.parametrize("op, shapes, attrs, want", [
-    # N * (windows * C/groups * prod(kernel) + C * padded spatial size)
-    ("conv", [(2, 4, 6, 6), (8, 2, 3, 3)], {"groups": 2, "pads": [1, 1, 1, 1]},
-     2 * (36 * 2 * 9 + 4 * 64)),
-    # N * C * (padded spatial size + 2 * windows)
-    ("max_pool", [(2, 3, 6, 6)], {"kernel_shape": [2, 2], "strides": [2, 2]}, 6 * (36 + 18)),
-    ("avg_pool", [(2, 3, 6, 6)], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}, 6 * 64),
-])
-def test_scratch_estimates(op, shapes, attrs, want):
-    from gradserve.engine.ops import check_attrs
-    opdef = OPS[op]
-    resolved = check_attrs(opdef, attrs, shapes)
-    assert opdef.scratch(shapes, **resolved) == want
-    assert OPS["add"].scratch is None
-
-
 def test_conv_whose_gathered_windows_exceed_the_limit_is_refused_before_running():
     """Output 1 MB, gathered windows 51 MB: the memory estimate counts the scratch."""
     x, w = np.zeros((1, 64, 64, 64), np.float32), np.zeros((64, 64, 7, 7), np.float32)

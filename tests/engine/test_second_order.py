@@ -20,13 +20,13 @@ import pytest
 from hypothesis import given, settings
 from numpy.testing import assert_allclose
 
-from gradserve.engine import (CURVATURE, OPS, DifferentiationError, Graph, Input, InputError,
+from gradserve.engine import (OPS, DifferentiationError, Graph, Input, InputError,
                               Node, ResourceLimitError, compile)
 from gradserve.engine import second
-from gradserve.engine.curvature import missing
-from support.oracles import random_inputs
-from support.op_table import DIFFERENTIABLE, K, Row, table
+from gradserve.engine.ops.table import UNSTATED, OpDef, no_cotangent, row
 from support.graphs import SETTINGS, valid_graphs
+from support.op_table import DIFFERENTIABLE, K, Row, table
+from support.oracles import random_inputs
 
 EPS = 1e-6
 
@@ -34,9 +34,15 @@ EPS = 1e-6
 # --- engine: per op ----------------------------------------------------------------------
 
 
-def test_every_op_with_a_derivative_has_a_curvature_entry():
-    assert missing(OPS) == [], "ops without a CURVATURE entry (ZERO or a rule)"
-    assert not set(CURVATURE) - set(OPS), "CURVATURE entries for ops the engine lacks"
+def test_every_op_with_a_derivative_states_its_curvature_in_its_row():
+    assert [n for n, op in OPS.items() if op.curvature is UNSTATED] == []
+    assert [n for n, op in OPS.items()
+            if op.vjp is no_cotangent and (op.curvature, op.joint) != (None, None)] == []
+    # the table refuses a row with a vjp and no word on its curvature
+    with pytest.raises(TypeError, match="states no curvature"):
+        row(OpDef("unstated", 1, lambda shapes, dtypes: shapes[0], lambda x: x,
+                  lambda t, x, ans: t[0], lambda i, g, x, ans: g))
+    assert "unstated" not in OPS
 
 
 def scalar_setup(r: Row, dtype="float64"):

@@ -145,6 +145,8 @@ TABLE = [
     row("conv", (1, 2, 6, 5), (2, 2, 3, 2), strides=[2, 1], pads=[1, 0, 2, 1]),
     row("conv", (1, 4, 5, 5), (6, 2, 2, 3), groups=2, dilations=[2, 1], pads=[0, 1, 1, 0]),
     row("conv", (2, 4, 4, 4), (4, 1, 3, 3), groups=4, pads=[1, 1, 1, 1]),  # depthwise
+    row("conv", (2, 3, 5, 6), (6, 1, 3, 2), groups=3, strides=[2, 1], pads=[1, 0, 1, 1]),
+    row("conv", (1, 2, 9), (4, 1, 3), groups=2, dilations=[3], pads=[2, 1]),  # 2 per channel
     row("conv", (1, 2, 4, 3, 4), (2, 2, 2, 2, 3), strides=[1, 2, 1], pads=[1, 0, 0, 0, 1, 1]),
     *[r for op in ("max_pool", "avg_pool") for r in (
         row(op, (2, 3, 6), kernel_shape=[2], strides=[2]),

@@ -30,7 +30,7 @@ from google.protobuf.message import DecodeError
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import TensorError, array_from, fill_tensor, fill_tensors, wire_array
 
-MAX_RANK = 64  # NumPy's: a longer shape is refused as soon as it is read
+NUMPY_MAX_RANK = 64  # NumPy's array rank limit: a longer shape is refused as soon as read
 # Below this many bytes of tensor data a message is written by the generated code (the
 # same bytes), and a reply the Client reads is parsed by it: the copies cost less than
 # this module's Python walk (the seed example's request and reply: 39 us through the
@@ -541,8 +541,8 @@ def _tensor(buf, view, i: int, end: int, where: str, tensor):
 
 
 def _append_dim(shape: list, value: int, where: str) -> None:
-    if len(shape) >= MAX_RANK:
-        raise TensorError(where, f"a shape of rank over {MAX_RANK} cannot be an array")
+    if len(shape) >= NUMPY_MAX_RANK:
+        raise TensorError(where, f"a shape of rank over {NUMPY_MAX_RANK} cannot be an array")
     shape.append(value - (1 << 64) if value >= 1 << 63 else value)
 
 

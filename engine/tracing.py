@@ -24,11 +24,17 @@ Nodes no output depends on are pruned by the Plan and do not appear.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 from typing import NamedTuple
 
 import numpy as np
 
+from .budget import Budget, Need
+from .errors import DifferentiationError, InputError
+from .ir import FLOAT_DTYPES
+from .ops import OPS
 from .shapes import fill_seed
+from .sweeps import forward_sweep, reverse_sweep
 
 MODES = ("forward", "reverse")
 
@@ -62,12 +68,109 @@ class Trace:
         raise KeyError(name)
 
 
-def trace(plan, inputs, mode: str, *, tangents=None, cotangents=None, max_elements=None,
-          max_bytes=None, check=None) -> Trace:
-    """Values and, per node and per edge, the derivatives one sweep computes
-    (the same as `plan.trace(...)`; see there)."""
-    return plan.trace(inputs, mode, tangents=tangents, cotangents=cotangents,
-                      max_elements=max_elements, max_bytes=max_bytes, check=check)
+def trace(plan, inputs, mode: str, *, tangents=None, cotangents=None, budget=None,
+          max_elements=None, check=None, **limits) -> Trace:
+    """Values and, per node and per edge, the derivatives one sweep computes.
+
+    `mode` "forward" needs `tangents` (input name -> seed shaped like the input),
+    "reverse" needs `cotangents` (output name -> seed shaped like the output);
+    seeds are unbatched. The budget's max_trace_elements (or `max_elements`) refuses,
+    before any work, a trace that may hold more array elements than that.
+    """
+    if max_elements is not None:
+        limits["max_trace_elements"] = max_elements
+    budget = Budget.of(budget, check, **limits)
+    if mode not in MODES:
+        raise DifferentiationError(f"unknown trace mode {mode!r} (forward or reverse)",
+                                   field="mode")
+    given = tangents if mode == "forward" else cotangents
+    bound = plan.bind(inputs)
+    return run(plan, bound, mode, prepare(plan, bound.shapes, mode, given, budget), budget)
+
+
+def recipe(plan, shapes, of, mode, tangents, cotangents):
+    """The trace a differentiation request implies: its mode and seeds."""
+    if tangents:
+        return "forward", tangents
+    if cotangents:
+        return "reverse", cotangents
+    if mode == "forward":
+        raise DifferentiationError("a forward-mode trace needs tangents: give a tangent "
+                                   "for each input to trace from", field="tangents")
+    of = plan.of_names(of)
+    sizes = {o: prod(shapes[o]) for o in of}
+    if len(of) != 1 or sizes[of[0]] != 1:
+        listed = ", ".join(f"'{o}' ({sizes[o]} elements)" for o in of) or "none"
+        raise DifferentiationError(
+            "a trace without tangents or cotangents needs one output with one element "
+            f"(a scalar loss) to start from; outputs: {listed}. Give cotangents "
+            "(reverse) or tangents (forward)", field="cotangents")
+    return "reverse", {of[0]: np.ones(tuple(shapes[of[0]]), plan.np_dtypes[of[0]])}
+
+
+def prepare(plan, shapes, mode, given, budget) -> dict:
+    """The trace's seeds by slot, checked, and its budget admitted (before any work)."""
+    forward = mode == "forward"
+    field = "tangents" if forward else "cotangents"
+    if not given:
+        raise DifferentiationError(f"a {mode}-mode trace needs {field}", field=field)
+    if forward:
+        plan.names(tuple(given), plan.input_names, (), "input", field)
+    else:
+        plan.names(tuple(given), plan.output_names, (), "output", field)
+    seeds, _, batched = plan.seeds(given, shapes, field)
+    if batched:
+        raise InputError("a trace takes one direction: give seeds shaped like their "
+                         "values, without a leading axis of directions", field=field)
+    # one direction of memory; of work one direction, its partials and its tangents
+    budget.admit(plan, shapes, Need(1, work_directions=3, reply_what="a trace",
+                                    trace=elements(plan, shapes, forward)))
+    return seeds
+
+
+def run(plan, bound, mode, seeds, budget) -> Trace:
+    """The trace's sweep on bound inputs (seeds and budget from `prepare`)."""
+    vals = bound.vals
+    leaves = len(plan.input_names) + len(plan.graph.constants)
+    floating = frozenset(n for n, d in plan.dtypes.items() if d in FLOAT_DTYPES)
+    recorder = TraceRecorder(mode, list(plan.slot), len(plan.input_names), vals[:leaves],
+                             floating, lambda op: OPS[op].elementwise)
+    if mode == "forward":
+        tans = [None] * plan.n_slots
+        for s, t in seeds.items():
+            tans[s] = t
+        forward_sweep(plan.steps, vals, tans, budget.check, plan.points, recorder)
+        return recorder.finish(tans)
+    cots = reverse_sweep(plan.steps, vals, seeds, _floating_edges(plan), budget.check,
+                         plan.points, recorder)
+    return recorder.finish(cots)
+
+
+def _floating_edges(plan):
+    """Per step, the input positions that carry a derivative: floating inputs of a
+    floating node (what a reverse trace pulls cotangents along)."""
+    floating = [plan.dtypes[name] in FLOAT_DTYPES for name in plan.slot]
+    return [tuple(p for p, i in enumerate(st.ins) if floating[i]) if floating[st.out]
+            else () for st in plan.steps]
+
+
+def elements(plan, shapes, forward) -> int:
+    """An upper bound on the elements a trace holds: values, their derivatives, edges."""
+    total = 0
+    names = list(plan.slot)
+    for name in names[:len(plan.input_names) + len(plan.graph.constants)]:
+        total += prod(shapes[name]) * (2 if plan.dtypes[name] in FLOAT_DTYPES else 1)
+    for st in plan.steps:
+        size = prod(shapes[st.node])
+        total += size
+        if plan.dtypes[st.node] not in FLOAT_DTYPES:
+            continue
+        total += size
+        if forward:
+            total += len(st.ins) * size * (2 if OPS[st.op].elementwise else 1)
+        else:
+            total += sum(prod(shapes[names[i]]) for i in st.ins)
+    return total
 
 
 class TraceRecorder:
@@ -94,12 +197,12 @@ class TraceRecorder:
 
     # --- sweeps.Recorder ----------------------------------------------------------
 
-    def value(self, step, ans) -> None:
+    def value(self, step, xs, ans) -> None:
         self.steps.append(step)
         self.values[step.out] = ans
 
     def forward(self, step, xs, ans, ts, tangent) -> None:
-        self.value(step, ans)
+        self.value(step, xs, ans)
         if step.node not in self.floating:
             return
         if tangent is not None:

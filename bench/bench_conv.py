@@ -1,0 +1,125 @@
+"""Conv at the CPU's speed (issue 20 item 6): the engine's conv against PyTorch's
+single-thread conv, per layer shape, forward and forward + backward.
+
+Each layer is a one-node graph y = conv(x, w) compiled once; "fwd" is plan.evaluate,
+"fwd+bwd" is plan.vjp with a fixed cotangent of y wrt x and w (the forward sweep and
+both transposes). PyTorch: torch.nn.functional.conv2d with one intra-op thread, the
+same fwd and y.backward(g) with both leaves requiring grad. Both sides run one BLAS
+thread (OPENBLAS_NUM_THREADS=1 is set here before NumPy loads), so the ratio compares
+the algorithms, not the thread counts. Gradients are checked against torch's.
+
+glibc's malloc thresholds are raised as a server sets them at start (mmap 32 MiB,
+trim 1 GiB: freed blocks are reused, not faulted in afresh; it took the ResNet 3x3
+forward from 17 to 10 ms here); --default-malloc measures with glibc's defaults.
+
+    python bench/bench_conv.py            # about a minute
+    python bench/bench_conv.py --quick
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
+                     print_environment, print_table, torch_skip_message)
+
+import numpy as np  # noqa: E402
+
+from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
+
+# (name, x shape, w shape, strides, pads, groups)
+LAYERS = [
+    ("lenet conv2 b32", (32, 6, 14, 14), (16, 6, 5, 5), (1, 1), (0, 0, 0, 0), 1),
+    ("resnet 3x3 64 b16", (16, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1, 1, 1), 1),
+    ("resnet 3x3 s2 64->128 b16", (16, 64, 16, 16), (128, 64, 3, 3), (2, 2), (1, 1, 1, 1), 1),
+    ("resnet 1x1 s2 64->128 b16", (16, 64, 16, 16), (128, 64, 1, 1), (2, 2), (0, 0, 0, 0), 1),
+    ("depthwise 3x3 64 b16", (16, 64, 16, 16), (64, 1, 3, 3), (1, 1), (1, 1, 1, 1), 64),
+]
+
+
+def engine_layer(x_shape, w_shape, strides, pads, groups, rng):
+    g = Graph([Input("x", "float32", list(x_shape)), Input("w", "float32", list(w_shape))],
+              [Node("y", "conv", ["x", "w"], {"strides": list(strides), "pads": list(pads),
+                                              "groups": groups})], ["y"], {})
+    plan = compile(g)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal(w_shape) / np.sqrt(np.prod(w_shape[1:]))).astype(np.float32)
+    y = plan.evaluate({"x": x, "w": w})["y"]
+    cot = rng.standard_normal(y.shape).astype(np.float32)
+    inputs = {"x": x, "w": w}
+    return (lambda: plan.evaluate(inputs),
+            lambda: plan.vjp(inputs, {"y": cot}),
+            x, w, cot)
+
+
+def keep_freed_memory() -> bool:
+    """glibc's mmap and trim thresholds raised, as the server does at start."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(-3, 32 << 20) and libc.mallopt(-1, 1 << 30))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
+        "--default-malloc", action="store_true",
+        help="keep glibc's default malloc thresholds (fresh pages for every large array)"))
+    settings = QUICK if args.quick else FULL
+    if not args.default_malloc:
+        print(f"malloc thresholds raised: {keep_freed_memory()}")
+    print_environment()
+    torch = load_torch()
+    if torch is None:
+        print(torch_skip_message())
+        return 0
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, xs, ws, strides, pads, groups in LAYERS:
+        fwd, both, x, w, cot = engine_layer(xs, ws, strides, pads, groups, rng)
+        tx = torch.from_numpy(x).requires_grad_()
+        tw = torch.from_numpy(w).requires_grad_()
+        tg = torch.from_numpy(cot)
+        tp = (pads[0], pads[1])
+
+        def t_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(tx, tw, stride=strides, padding=tp,
+                                                  groups=groups)
+
+        def t_both():
+            tx.grad = tw.grad = None
+            torch.nn.functional.conv2d(tx, tw, stride=strides, padding=tp,
+                                       groups=groups).backward(tg)
+
+        t_both()
+        got = both().cotangents
+        for key, ref in (("x", tx.grad), ("w", tw.grad)):
+            err = np.max(np.abs(got[key] - ref.numpy())) / (np.max(np.abs(ref.numpy())) or 1)
+            if err > 1e-3:
+                print(f"{name}: d{key} differs from torch by {err:.2e} (relative)")
+                return 1
+        t = measure({"engine fwd": fwd, "torch fwd": t_fwd, "engine fwd+bwd": both,
+                     "torch fwd+bwd": t_both}, settings)
+        rows.append([name, f"{t['engine fwd'].median * 1e3:.2f}",
+                     f"{t['torch fwd'].median * 1e3:.2f}",
+                     f"{t['engine fwd'].median / t['torch fwd'].median:.2f}x",
+                     f"{t['engine fwd+bwd'].median * 1e3:.2f}",
+                     f"{t['torch fwd+bwd'].median * 1e3:.2f}",
+                     f"{t['engine fwd+bwd'].median / t['torch fwd+bwd'].median:.2f}x"])
+    print_table(["layer", "engine fwd ms", "torch fwd ms", "ratio", "engine f+b ms",
+                 "torch f+b ms", "ratio"], rows,
+                title="conv per layer shape, float32, one thread each (target <= 1.0x)")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

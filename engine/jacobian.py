@@ -1,0 +1,158 @@
+"""Jacobian blocks d(of)/d(wrt) over a plan: the mode the planner picks, the identity
+seeds' layout, one vectorized sweep, and where each block sits in its result.
+
+Everything that depends on shapes only (a `JacobianSetup`) is kept per request shape
+in the plan's `jacobian_setups`; the identity seeds with it while the plan's seeds stay
+within PLAN_CACHE_BYTES in all.
+"""
+
+from __future__ import annotations
+
+from math import prod
+from typing import NamedTuple
+
+import numpy as np
+
+from .budget import Budget, Need
+from .errors import DifferentiationError, ResourceLimitError
+from .planner import PlannerDecision, plan_mode
+from .shapes import MAX_SPAN, fmt_shape, span
+from .sweeps import forward_sweep, reverse_sweep
+
+SETUP_CACHE = 64  # request shapes whose setups are remembered per plan
+PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
+
+
+class Block(NamedTuple):
+    """Where one Jacobian block d(of)/d(wrt) sits in a sweep's result."""
+
+    key: tuple  # (of, wrt)
+    slot: int  # the result slot holding it: the output (forward) or the input (reverse)
+    start: int  # its first and stop rows among the swept directions
+    stop: int
+    flat: tuple  # the slot's result as a 2-D (directions, elements) array
+    shape: tuple  # of.shape + wrt.shape
+    transpose: bool  # forward mode sweeps d(of)/d(wrt) with the wrt axis first
+    dtype: np.dtype
+
+
+class JacobianSetup(NamedTuple):
+    wrt: tuple
+    seed_names: tuple  # the wrt inputs (forward) or the of outputs (reverse)
+    offsets: dict  # seed name -> its first direction
+    directions: int
+    seeds: dict  # slot -> read-only identity seed, filled on first use when small
+    decision: PlannerDecision
+    blocks: list  # Block per (of, wrt)
+    result_bytes: int
+    seed_bytes: int
+    largest_block: int  # elements
+
+
+class JacobianResult(NamedTuple):
+    outputs: dict
+    jacobian: dict  # (of, wrt) -> array shaped of.shape + wrt.shape
+    mode: str
+    decision: PlannerDecision
+
+
+def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget) -> JacobianResult:
+    """d(of)/d(wrt) blocks shaped of.shape + wrt.shape on bound inputs, by the mode the
+    planner picks (or `mode`); the budget's max_block_elements refuses a larger block
+    before any work, its max_bytes counts the identity seeds and the result."""
+    shapes = bound.shapes
+    key = (bound.signature, None if wrt is None else tuple(wrt),
+           None if of is None else tuple(of), mode, ratio)
+    setups = plan.jacobian_setups
+    setup = setups.get(key)
+    if setup is None:
+        setup = _setup(plan, shapes, *key[1:])
+        if len(setups) >= SETUP_CACHE:
+            setups.pop(next(iter(setups)), None)
+        setups[key] = setup
+    d = setup.decision
+    if budget.limited:
+        reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
+        budget.admit(plan, shapes, Need(
+            d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
+            extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
+            block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
+    seeds = setup.seeds or _identity_seeds(plan, setup, shapes)
+    vals = bound.vals
+    if d.mode == "forward":
+        res = [None] * plan.n_slots
+        for s, t in seeds.items():
+            res[s] = t
+        forward_sweep(plan.steps, vals, res, budget.check, plan.points)
+    else:
+        res = reverse_sweep(plan.steps, vals, seeds, plan.needs(setup.wrt), budget.check,
+                            plan.points)
+    blocks = {}
+    for b in setup.blocks:
+        r = res[b.slot]
+        if r is None:
+            blocks[b.key] = np.zeros(b.shape, b.dtype)
+            continue
+        r = r.reshape(b.flat)
+        if b.start or b.stop != b.flat[0]:
+            r = r[b.start:b.stop]
+        blocks[b.key] = (r.T if b.transpose else r).reshape(b.shape)
+    return JacobianResult(plan.outputs(vals), blocks, d.mode, d)
+
+
+def _setup(plan, shapes, wrt, of, mode, ratio) -> JacobianSetup:
+    """Everything about a Jacobian that depends on shapes only: the mode, the identity
+    seeds' layout and where each block sits in the swept result."""
+    if mode not in ("auto", "forward", "reverse"):
+        raise DifferentiationError(f"unknown mode {mode!r} (auto, forward or reverse)",
+                                   field="mode")
+    wrt, of = plan.wrt_names(wrt), plan.of_names(of)
+    dtypes = plan.np_dtypes
+    sizes = {name: prod(shapes[name]) for name in wrt + of}
+    n = sum(sizes[w] for w in wrt)
+    m = sum(sizes[o] for o in of)
+    kwargs = {} if ratio is None else {"ratio": ratio}
+    decision = plan_mode(n, m, forced=None if mode == "auto" else mode, **kwargs)
+    forward = decision.mode == "forward"
+    seed_names, total = (wrt, n) if forward else (of, m)
+    offsets, at = {}, 0
+    for name in seed_names:
+        offsets[name] = at
+        at += sizes[name]
+    seed_bytes = sum(total * sizes[x] * dtypes[x].itemsize for x in seed_names)
+    itemsize = max((dtypes[x].itemsize for x in wrt + of), default=8)
+    # Forward mode gives d(of)/d(all wrt) per output (directions first), reverse
+    # mode d(all of)/d(wrt) per input.
+    blocks = []
+    for o in of:
+        for w in wrt:
+            shape = tuple(shapes[o]) + tuple(shapes[w])
+            if span(shape) > MAX_SPAN:
+                raise ResourceLimitError(
+                    f"the Jacobian block d{o}/d{w} of shape {fmt_shape(shape)} is too "
+                    "large for an array", field="of")
+            if forward:
+                slot, at, size, flat = plan.slot[o], offsets[w], sizes[w], (n, sizes[o])
+            else:
+                slot, at, size, flat = plan.slot[w], offsets[o], sizes[o], (m, sizes[w])
+            blocks.append(Block((o, w), slot, at, at + size, flat, shape, forward, dtypes[o]))
+    largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
+    return JacobianSetup(wrt, seed_names, offsets, total, {}, decision, blocks,
+                         n * m * itemsize, seed_bytes, largest)
+
+
+def _identity_seeds(plan, setup, shapes) -> dict:
+    """The identity, split into one seed per name, with a leading axis of directions.
+    Kept with the setup (read-only, shared by later calls) while the plan's seeds
+    stay within PLAN_CACHE_BYTES in all."""
+    seeds = {}
+    for name in setup.seed_names:
+        at, dtype, shape = setup.offsets[name], plan.np_dtypes[name], tuple(shapes[name])
+        size = prod(shape)
+        block = np.zeros((setup.directions, size), dtype)
+        block[at:at + size] = np.eye(size, dtype=dtype)
+        block.setflags(write=False)
+        seeds[plan.slot[name]] = block.reshape((setup.directions,) + shape)
+    if plan.cache_bytes + setup.seed_bytes <= PLAN_CACHE_BYTES:
+        setup.seeds.update(seeds)
+    return seeds

@@ -1,0 +1,188 @@
+"""Shape ops: elements moved, none computed (reshape, transpose, broadcast_to, concat,
+pad). Each is linear: ZERO curvature."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import GraphError, RuleError
+from ..shapes import fill_seed, fmt_shape, normalize_axis, num_elements, unbroadcast
+from .table import ZERO, AttrSpec, OpDef, any_dtype, row, shift
+
+def _dims(values, field, allow_minus_one=False):
+    low = -1 if allow_minus_one else 0
+    for v in values:
+        if v < low:
+            raise RuleError(f"dimension {v} is negative", field)
+    return tuple(values)
+
+
+def _norm_reshape(attrs, shapes):
+    shape = _dims(attrs["shape"], "attrs.shape", allow_minus_one=True)
+    if shape.count(-1) > 1:
+        raise RuleError(f"more than one -1 in {list(shape)}", "attrs.shape")
+    return dict(attrs, shape=shape)
+
+
+def _reshape_rule(shapes, dtypes, shape):
+    size = num_elements(shapes[0])
+    known = num_elements(d for d in shape if d != -1)
+    if -1 in shape:
+        if size is None:
+            return tuple(None if d == -1 else d for d in shape)
+        if known == 0 or size % known:
+            raise RuleError(f"cannot reshape {fmt_shape(shapes[0])} into {fmt_shape(shape)}",
+                            "attrs.shape")
+        return tuple(size // known if d == -1 else d for d in shape)
+    if size is not None and size != known:
+        raise RuleError(f"cannot reshape {fmt_shape(shapes[0])} ({size} elements) into "
+                        f"{fmt_shape(shape)} ({known} elements)", "attrs.shape")
+    return shape
+
+
+row(OpDef(
+    "reshape", 1, _reshape_rule,
+    lambda x, shape: np.reshape(x, shape),
+    lambda t, x, ans, shape: np.reshape(t[0], t[0].shape[:1] + ans.shape),
+    lambda i, g, x, ans, shape: np.reshape(g, g.shape[:1] + x[0].shape),
+    (AttrSpec("shape", "ints", description="new shape; one entry may be -1"),),
+    frozenset(), False, _norm_reshape, "NumPy reshape (C order)",
+    dtype=any_dtype, curvature=ZERO))
+
+
+def _norm_perm(attrs, shapes):
+    ndim = len(shapes[0])
+    perm = attrs["perm"]
+    if perm is None:
+        perm = tuple(reversed(range(ndim)))
+    if sorted(perm) != list(range(ndim)):
+        raise RuleError(f"perm {list(perm)} is not a permutation of the {ndim} axes",
+                        "attrs.perm")
+    return dict(attrs, perm=tuple(perm))
+
+
+row(OpDef(
+    "transpose", 1, lambda shapes, dtypes, perm: tuple(shapes[0][p] for p in perm),
+    lambda x, perm: np.transpose(x, perm),
+    lambda t, x, ans, perm: np.transpose(t[0], (0,) + shift(perm)),
+    lambda i, g, x, ans, perm: np.transpose(g, (0,) + shift(np.argsort(perm))),
+    (AttrSpec("perm", "ints", None, "axis order; absent: reversed"),),
+    frozenset(), False, _norm_perm, "NumPy transpose",
+    dtype=any_dtype, curvature=ZERO))
+
+
+def _norm_target(attrs, shapes):
+    return dict(attrs, shape=_dims(attrs["shape"], "attrs.shape"))
+
+
+def _broadcast_to_rule(shapes, dtypes, shape):
+    src = shapes[0]
+    ok = len(src) <= len(shape) and all(
+        d in (1, None) or d == s for d, s in zip(reversed(src), reversed(shape)))
+    if not ok:
+        raise RuleError(f"cannot broadcast {fmt_shape(src)} to {fmt_shape(shape)}", "attrs.shape")
+    return shape
+
+
+row(OpDef(
+    "broadcast_to", 1, _broadcast_to_rule,
+    lambda x, shape: np.broadcast_to(x, shape),
+    lambda t, x, ans, shape: fill_seed(t[0], shape),
+    lambda i, g, x, ans, shape: unbroadcast(g, x[0].shape),
+    (AttrSpec("shape", "ints", description="target shape"),),
+    frozenset(), False, _norm_target, "NumPy broadcast_to",
+    dtype=any_dtype, curvature=ZERO))
+
+
+def _norm_concat(attrs, shapes):
+    ranks = {len(s) for s in shapes}
+    if len(ranks) != 1:
+        raise RuleError("inputs have different ranks: "
+                        + ", ".join(fmt_shape(s) for s in shapes))
+    return dict(attrs, axis=normalize_axis(attrs["axis"], len(shapes[0]), "attrs.axis"))
+
+
+def _concat_rule(shapes, dtypes, axis):
+    out = list(shapes[0])
+    for s in shapes[1:]:
+        for j, (a, b) in enumerate(zip(out, s)):
+            if j != axis and a is not None and b is not None and a != b:
+                raise RuleError("shapes " + ", ".join(fmt_shape(x) for x in shapes)
+                                + f" differ outside axis {axis}")
+            if j != axis and a is None:
+                out[j] = b
+    sizes = [s[axis] for s in shapes]
+    out[axis] = None if None in sizes else sum(sizes)
+    return tuple(out)
+
+
+def _concat_jvp(t, x, ans, axis):
+    k = next(s for s in t if s is not None).shape[0]
+    parts = [np.zeros((k,) + xi.shape, ans.dtype) if ti is None else fill_seed(ti, xi.shape)
+             for ti, xi in zip(t, x)]
+    return np.concatenate(parts, axis=axis + 1)
+
+
+def _concat_vjp(i, g, x, ans, axis):
+    start = sum(xj.shape[axis] for xj in x[:i])
+    index = (slice(None),) * (axis + 1) + (slice(start, start + x[i].shape[axis]),)
+    return g[index]
+
+
+row(OpDef(
+    "concat", None, _concat_rule,
+    lambda *x, axis: np.concatenate(x, axis=axis), _concat_jvp, _concat_vjp,
+    (AttrSpec("axis", "int", 0, "axis to join along"),),
+    frozenset(), False, _norm_concat, "NumPy concatenate of one or more inputs",
+    dtype=any_dtype, curvature=ZERO))
+
+
+
+
+def _norm_pad(attrs, shapes):
+    ndim, pads = len(shapes[0]), attrs["pads"]
+    if len(pads) != 2 * ndim:
+        raise RuleError(f"pads has {len(pads)} values, expected {2 * ndim}: a begin value "
+                        "for each axis, then an end value for each", "attrs.pads")
+    if min(pads, default=0) < 0:
+        raise RuleError(f"negative pads in {list(pads)} are not supported (use slice to "
+                        "crop)", "attrs.pads")
+    return dict(attrs, pads=tuple(zip(pads[:ndim], pads[ndim:])))
+
+
+def _pad_dtype(names, dtypes, pads, value):
+    """Any dtype; an integer input takes only a finite value its dtype holds (NumPy
+    would raise at run time, or wrap it)."""
+    dtype = any_dtype(names, dtypes)
+    kind = np.dtype(dtype).kind
+    if kind in "iu":
+        info = np.iinfo(dtype)
+        if not np.isfinite(value) or not info.min <= value <= info.max:
+            raise RuleError(f"value {value!r} cannot be padded into the {dtype} input "
+                            f"'{names[0]}' (a finite value from {info.min} to {info.max})",
+                            "attrs.value", GraphError)
+    elif kind == "b" and value not in (0, 1):
+        raise RuleError(f"value {value!r} cannot be padded into the bool input "
+                        f"'{names[0]}' (0 or 1)", "attrs.value", GraphError)
+    return dtype
+
+
+def _pad_vjp(i, g, x, ans, pads, value):
+    inner = tuple(slice(b, b + d) for (b, _), d in zip(pads, x[0].shape))
+    return g[(slice(None),) + inner]
+
+
+row(OpDef(
+    "pad", 1,
+    lambda shapes, dtypes, pads, value: tuple(
+        None if d is None else d + b + e for d, (b, e) in zip(shapes[0], pads)),
+    lambda x, pads, value: np.pad(x, pads, constant_values=value) if pads else x,
+    lambda t, x, ans, pads, value: np.pad(t[0], ((0, 0),) + pads),
+    _pad_vjp,
+    (AttrSpec("pads", "ints", description="begin values for each axis, then end values "
+              "(ONNX order), each >= 0"),
+     AttrSpec("value", "float", 0.0, "the value padded in")),
+    frozenset(), False, _norm_pad, "constant padding (ONNX Pad, mode constant)",
+    dtype=_pad_dtype, curvature=ZERO))
+
+
