@@ -331,7 +331,7 @@ def test_kubernetes_manifests_probe_the_health_service_and_balance_on_the_client
 
 
 def test_kubernetes_settings_keep_a_pod_within_its_memory_limit():
-    """The ConfigMap's limits, combined as the README's security model counts them
+    """The ConfigMap's limits, combined as docs/security.md counts them
     (requests in progress x message size, workers x (intermediates + request and
     reply), the graph cache and residuals), leave room under the Deployment's memory
     limit for the interpreter, NumPy and gRPC (512 MiB)."""
