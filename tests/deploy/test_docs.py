@@ -8,7 +8,9 @@ Every code block is one of:
   installs, needs podman, docker, a cluster, or runs until stopped);
 - any block right after `<!-- run by tests/PATH -->`: that test module runs it (it must
   exist and name the page).
-A block of another kind, or an indented (unfenced) code block without a marker, fails.
+A block of another kind, or an indented (unfenced) code block without a marker, fails, and
+so does a fence that does not start at column 0 (inside a list item): Python-Markdown,
+which MkDocs uses, renders it as inline text.
 
 The blocks of one page run in order in one temporary directory (files a block writes are
 there for the next; Python names are not), beside a `.venv` link to this venv and a copy
@@ -49,6 +51,7 @@ class Block:
     kind: str  # python, sh, text, or "indented"
     code: str
     marker: str | None  # "not run: ..." / "run by tests/..." / None
+    indent: int = 0  # of a fenced block's fence
 
     def where(self) -> str:
         return f"{self.page.relative_to(REPO)}:{self.line}"
@@ -70,7 +73,7 @@ def blocks(page: Path) -> list[Block]:
                 body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
                 i += 1
             found.append(Block(page, start + 1, kind or "untagged", "\n".join(body) + "\n",
-                               marker))
+                               marker, len(indent)))
             marker = None
         elif line.startswith("    ") and i > 0 and not lines[i - 1].strip():
             start, body = i, []
@@ -93,6 +96,9 @@ def test_every_block_is_run_or_says_why_not():
     problems = []
     for page in PAGES:
         for block in blocks(page):
+            if block.indent:
+                problems.append(f"{block.where()}: an indented fence (in a list item) is "
+                                "not a code block to MkDocs' Markdown: start it at column 0")
             if block.marker and block.marker.startswith("run by "):
                 test = REPO / block.marker.removeprefix("run by ")
                 named = block.page.relative_to(REPO).as_posix()
