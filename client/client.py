@@ -35,11 +35,12 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
 from gradserve.v1.codec import from_tensor
-from gradserve.v1.modes import WIRE_MODES, mode_name
+from gradserve.v1.modes import SPARSITY_NAMES, WIRE_MODES, WIRE_SPARSITY, mode_name
 from gradserve.v1.tensor_wire import TensorMessage, decode
 
 from .builder import GraphBuilder
 from .render import trace_dot
+from .sparse import block_value
 
 MAX_MESSAGE_BYTES = 256 << 20
 INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUND
@@ -56,6 +57,18 @@ class PlannerDecision:
     cost_forward: float
     cost_reverse: float
     reason: str
+    # "sparse" when the derivatives came from compressed sweeps (one direction per color
+    # of the sparsity pattern), with the pattern's nonzeros and colors each way.
+    sparsity: str = "dense"
+    nnz: int = -1
+    colors_forward: int = 0
+    colors_reverse: int = 0
+
+
+def decision_from_proto(p) -> PlannerDecision:
+    return PlannerDecision(mode_name(p.mode) or "", p.n, p.m, p.cost_forward, p.cost_reverse,
+                           p.reason, SPARSITY_NAMES.get(p.sparsity, "dense"), p.nnz,
+                           p.colors_forward, p.colors_reverse)
 
 
 @dataclass(frozen=True)
@@ -124,11 +137,10 @@ def result_from_proto(reply) -> Result:
     has_trace = reply.HasField("trace")
     return Result(
         outputs=reply.outputs,
-        jacobian={(b.of, b.wrt): value for b, value in reply.jacobian},
+        jacobian={(b.of, b.wrt): block_value(b, value) for b, value in reply.jacobian},
         tangents=reply.tangents, cotangents=reply.cotangents,
         mode=mode_name(reply.mode) or "",
-        planner=PlannerDecision(mode_name(p.mode) or "", p.n, p.m, p.cost_forward,
-                                p.cost_reverse, p.reason),
+        planner=decision_from_proto(p),
         graph_id=reply.graph_id, request_id=reply.request_id,
         trace=trace_from_proto(reply.trace) if has_trace else None,
         trace_mode=(mode_name(reply.trace.mode) or "") if has_trace else "")
@@ -262,28 +274,36 @@ class Client:
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
                       mode: str = "auto", tangents=None, cotangents=None,
-                      trace: bool = False) -> Result:
+                      trace: bool = False, sparsity: str | None = None) -> Result:
         """Values and derivatives: Jacobian blocks, or a JVP (tangents), or a VJP (cotangents).
 
         `trace=True` also returns every value the server computed with its tangents
         (forward, from `tangents`) or adjoints (reverse, from `cotangents`, or from 1 on
         a one-element output) and those of every edge, in `Result.trace`; draw it with
         `Result.to_dot()`.
+
+        `sparsity` (Jacobian blocks): None lets the server compress the sweeps by the
+        Jacobian's sparsity pattern when that pays, blocks staying arrays; "auto" also
+        lets a block come back sparse when that is smaller, "sparse" asks for sparse
+        blocks whenever a pattern is found, "dense" for no pattern at all. A sparse block
+        is a scipy.sparse CSR matrix of shape (elements of of, elements of wrt), or a
+        gradserve.client.sparse.SparseMatrix without scipy. `Result.planner` says what
+        was done (sparsity, nnz, colors_forward, colors_reverse, reason).
         """
         request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
-                                              trace)
+                                              trace, sparsity)
         return result_from_proto(self._by_id("Differentiate", graph, request))
 
     def differentiate_async(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None,
                             of=None, mode: str = "auto", tangents=None, cotangents=None,
-                            trace: bool = False) -> Future:
+                            trace: bool = False, sparsity: str | None = None) -> Future:
         """As `differentiate`, without waiting: a concurrent.futures.Future of the Result
         (or of the grpc.RpcError, with its code(), once retries are spent). Retries and
         the NOT_FOUND resend are those of `differentiate`; no thread waits for the call,
         and the reply is decoded on grpc's thread. The first call with a graph this
         client has not registered registers it, waiting for that."""
         request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
-                                              trace)
+                                              trace, sparsity)
         return self._by_id_async("Differentiate", graph, request, result_from_proto)
 
     def evaluate_async(self, graph, inputs: Mapping[str, np.ndarray]) -> Future:
@@ -291,9 +311,12 @@ class Client:
         request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
         return self._by_id_async("Evaluate", graph, request, lambda reply: reply.outputs)
 
-    def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto") -> dict:
-        """Jacobian blocks: (of, wrt) -> array shaped of.shape + wrt.shape."""
-        return self.differentiate(graph, inputs, wrt=wrt, of=of, mode=mode).jacobian
+    def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto",
+                 sparsity: str | None = None) -> dict:
+        """Jacobian blocks: (of, wrt) -> array shaped of.shape + wrt.shape (or a sparse
+        matrix: see differentiate's `sparsity`)."""
+        return self.differentiate(graph, inputs, wrt=wrt, of=of, mode=mode,
+                                  sparsity=sparsity).jacobian
 
     def grad(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
         """Gradients of one scalar output: wrt name -> array shaped like that input."""
@@ -353,16 +376,17 @@ class Client:
         (forward-over-reverse or reverse-over-reverse, its figures and reason)."""
         reply = self._by_id("Differentiate", graph,
                             self._second_order_request(inputs, of, wrt, vectors=vectors))
-        p = reply.planner
-        return (*_gradient_and_hvp(reply), PlannerDecision(
-            mode_name(p.mode) or "", p.n, p.m, p.cost_forward, p.cost_reverse, p.reason))
+        return (*_gradient_and_hvp(reply), decision_from_proto(reply.planner))
 
-    def hessian(self, graph, inputs, *, of: str | None = None, wrt=None) -> dict:
+    def hessian(self, graph, inputs, *, of: str | None = None, wrt=None,
+                sparsity: str | None = None) -> dict:
         """The Hessian of the scalar output `of` (default: the graph's only output):
         blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
-        every floating input)."""
+        every floating input), or sparse matrices (see differentiate's `sparsity`: a
+        sparse Hessian takes one Hessian-vector product per color of its pattern)."""
         reply = self._by_id("Differentiate", graph,
-                            self._second_order_request(inputs, of, wrt, hessian=True))
+                            self._second_order_request(inputs, of, wrt, hessian=True,
+                                                       sparsity=sparsity))
         return _hessian_blocks(reply)
 
     def train_steps(self, graph, parameters: Mapping[str, np.ndarray],
@@ -389,20 +413,21 @@ class Client:
     # --- plumbing ------------------------------------------------------------------
 
     def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents,
-                               trace=False):
+                               trace=False, sparsity=None):
         if mode not in WIRE_MODES:
             raise ValueError(f"mode must be one of {sorted(WIRE_MODES)}, not {mode!r}")
         request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=WIRE_MODES[mode],
                                           request_id=str(next(self._request_ids)),
-                                          trace=trace)
+                                          trace=trace, sparsity=_wire_sparsity(sparsity))
         return TensorMessage(request, {"inputs": inputs, "tangents": tangents,
                                        "cotangents": cotangents})
 
-    def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False):
+    def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False,
+                              sparsity=None):
         request = pb.DifferentiateRequest(
             wrt=[wrt] if isinstance(wrt, str) else wrt or (),
             of=[of] if isinstance(of, str) else of or (),
-            request_id=str(next(self._request_ids)))
+            request_id=str(next(self._request_ids)), sparsity=_wire_sparsity(sparsity))
         request.second_order.SetInParent()  # present even when empty: second order
         request.second_order.hessian = hessian
         return TensorMessage(request, {"inputs": inputs,
@@ -563,8 +588,17 @@ def _gradient_and_hvp(reply: TensorMessage) -> tuple[dict, dict]:
     return reply.gradient, reply.hvp
 
 
+def _wire_sparsity(sparsity: str | None) -> int:
+    if sparsity is None:
+        return pb.SPARSITY_UNSPECIFIED
+    if sparsity not in WIRE_SPARSITY:
+        raise ValueError(f"sparsity must be one of {sorted(WIRE_SPARSITY)} or None, "
+                         f"not {sparsity!r}")
+    return WIRE_SPARSITY[sparsity]
+
+
 def _hessian_blocks(reply: TensorMessage) -> dict:
-    return {(b.wrt_a, b.wrt_b): value for b, value in reply.hessian}
+    return {(b.wrt_a, b.wrt_b): block_value(b, value) for b, value in reply.hessian}
 
 
 class _TensorStub:

@@ -16,11 +16,13 @@ from .planner import (HVP_COST_RATIO, REVERSE_COST_RATIO, PlannerDecision, plan_
 from .request import Differentiation
 from .second import HessianResult, HVPResult, SecondOrder
 from .sgd import SGDResult, sgd_steps
+from .sparse import SparseBlock
+from .sparsity import MAX_PATTERN_ENTRIES
 from .shapes import MAX_RANK, MAX_SPAN
 from .tracing import EdgeTrace, NodeTrace, Trace, trace
 
 __all__ = [
-    "AttrSpec", "Budget", "DTYPES", "DeadlineExceeded", "DifferentiationError",
+    "AttrSpec", "Budget", "MAX_PATTERN_ENTRIES", "SparseBlock", "DTYPES", "DeadlineExceeded", "DifferentiationError",
     "Differentiation", "DTypeError", "EdgeTrace", "EngineError", "FLOAT_DTYPES", "Graph",
     "GraphError", "HessianResult", "HVP_COST_RATIO", "HVPResult", "Input", "InputError",
     "JacobianResult", "JVPResult", "MAX_RANK", "MAX_SPAN", "Node", "NodeTrace", "OPS", "OpDef",

@@ -118,6 +118,7 @@ class Plan:
         self._build_steps()
         self._specializations: dict = {}
         self.jacobian_setups: dict = {}  # engine/jacobian.py's, per request shape
+        self.patterns: dict = {}  # engine/sparse.py's analyses, bounded in bytes
         self._activity: dict = {}
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, costs at those shapes)
         self.second_order_steps = None  # engine/second.py's, made on its first call
@@ -252,13 +253,15 @@ class Plan:
     def cache_bytes(self) -> int:
         """About what this plan's caches hold between calls: identity seeds (at most
         jacobian.PLAN_CACHE_BYTES), shape specializations and activity lists (bounded by count),
-        as counted by a graph cache."""
+        sparsity patterns and colorings (at most sparse.PATTERN_CACHE_BYTES), as counted by
+        a graph cache."""
         seeds = sum(s.seed_bytes for s in self.jacobian_setups.values() if s.seeds)
         # the cost cache may keep specializations alive after their eviction: counted too
         shape_dicts = len(self._specializations) + len(self._cost_cache)
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
-                + len(self.jacobian_setups) * _SETUP_BYTES)
+                + len(self.jacobian_setups) * _SETUP_BYTES
+                + sum(a.nbytes for a in self.patterns.values()))
 
     # --- names, seeds, results ----------------------------------------------------
 
@@ -379,20 +382,22 @@ class Plan:
         `residuals`), which it leaves unchanged: the same as `vjp` on the same inputs."""
         return self.run_vjp(residuals, cotangents, wrt, Budget.of(budget, check, **limits))
 
-    def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, ratio=None, budget=None,
-                 check=None, **limits) -> jacobian.JacobianResult:
+    def jacobian(self, inputs, wrt=None, of=None, mode="auto", *, ratio=None, sparsity=None,
+                 budget=None, check=None, **limits) -> jacobian.JacobianResult:
         """d(of)/d(wrt) blocks shaped of.shape + wrt.shape, by the mode the planner picks
-        (engine/jacobian.py)."""
+        (engine/jacobian.py), compressed by the sparsity pattern when that pays
+        (`sparsity`: None, "auto", "sparse" or "dense": engine/sparse.py)."""
         return jacobian.jacobian(self, self.bind(inputs), wrt, of, mode, ratio,
-                                 Budget.of(budget, check, **limits))
+                                 Budget.of(budget, check, **limits), sparsity)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False, residuals: Residuals | None = None,
-                      budget=None, check=None, **limits) -> request.Differentiation:
+                      sparsity=None, budget=None, check=None,
+                      **limits) -> request.Differentiation:
         """One differentiation request, whatever it asks for (engine/request.py)."""
         return request.differentiate(self, inputs, wrt=wrt, of=of, mode=mode,
                                      tangents=tangents, cotangents=cotangents, trace=trace,
-                                     residuals=residuals,
+                                     residuals=residuals, sparsity=sparsity,
                                      budget=Budget.of(budget, check, **limits))
 
     def hvp(self, inputs, vectors, of=None, wrt=None, *, budget=None, check=None,
@@ -401,18 +406,20 @@ class Plan:
         return second.hvp(self, self.bind(inputs), vectors, of, wrt,
                           Budget.of(budget, check, **limits))
 
-    def hessian(self, inputs, of=None, wrt=None, mode="auto", *, budget=None, check=None,
-                **limits) -> second.HessianResult:
-        """The Hessian blocks of the scalar output `of` (engine/second.py)."""
+    def hessian(self, inputs, of=None, wrt=None, mode="auto", *, sparsity=None, budget=None,
+                check=None, **limits) -> second.HessianResult:
+        """The Hessian blocks of the scalar output `of` (engine/second.py), from one HVP
+        per color of its sparsity pattern when that pays (`sparsity`: engine/sparse.py)."""
         return second.hessian(self, self.bind(inputs), of, wrt, mode,
-                              Budget.of(budget, check, **limits))
+                              Budget.of(budget, check, **limits), sparsity)
 
     def second_order(self, inputs, *, vectors=None, hessian=False, of=None, wrt=None,
-                     mode="auto", budget=None, check=None, **limits) -> second.SecondOrder:
+                     mode="auto", sparsity=None, budget=None, check=None,
+                     **limits) -> second.SecondOrder:
         """One second-order request: Hessian-vector products (`vectors` given) or the
         Hessian blocks (`hessian`), not both (engine/request.py)."""
         return request.second_order(self, inputs, vectors=vectors, hessian=hessian, of=of,
-                                    wrt=wrt, mode=mode,
+                                    wrt=wrt, mode=mode, sparsity=sparsity,
                                     budget=Budget.of(budget, check, **limits))
 
     def trace(self, inputs, mode: str, *, tangents=None, cotangents=None, max_elements=None,

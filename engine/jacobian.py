@@ -8,11 +8,13 @@ within PLAN_CACHE_BYTES in all.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from math import prod
 from typing import NamedTuple
 
 import numpy as np
 
+from . import sparse
 from .budget import Budget, Need
 from .errors import DifferentiationError, ResourceLimitError
 from .planner import PlannerDecision, plan_mode
@@ -56,10 +58,18 @@ class JacobianResult(NamedTuple):
     decision: PlannerDecision
 
 
-def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget) -> JacobianResult:
+def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget,
+             sparsity=None) -> JacobianResult:
     """d(of)/d(wrt) blocks shaped of.shape + wrt.shape on bound inputs, by the mode the
     planner picks (or `mode`); the budget's max_block_elements refuses a larger block
-    before any work, its max_bytes counts the identity seeds and the result."""
+    before any work, its max_bytes counts the identity seeds and the result.
+    `sparsity` (engine/sparse.py): compressed sweeps by the Jacobian's sparsity pattern
+    when that pays or is asked for (not with a `ratio` of the caller's own)."""
+    found = None
+    if ratio is None:
+        found = sparse.try_jacobian(plan, bound, wrt, of, mode, sparsity, budget)
+        if isinstance(found, JacobianResult):
+            return found
     shapes = bound.shapes
     key = (bound.signature, None if wrt is None else tuple(wrt),
            None if of is None else tuple(of), mode, ratio)
@@ -97,6 +107,8 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget) -> JacobianResul
         if b.start or b.stop != b.flat[0]:
             r = r[b.start:b.stop]
         blocks[b.key] = (r.T if b.transpose else r).reshape(b.shape)
+    if found is not None:  # dense, with the pattern's figures and why
+        d = replace(d, reason=found.reason, nnz=found.nnz)
     return JacobianResult(plan.outputs(vals), blocks, d.mode, d)
 
 

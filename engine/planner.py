@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Cost of one reverse direction in forward directions. CasADi (ad_weight = 0.33)
 # and ADOL-C's jacobian() take a reverse sweep as about twice a forward one; for
@@ -28,6 +28,13 @@ class PlannerDecision:
     cost_forward: float  # in units of one forward direction (second order: of one gradient)
     cost_reverse: float
     reason: str
+    # Sparsity (engine/sparse.py): "dense" (the directions above), or "sparse" (compressed
+    # directions, one per color); the pattern's nonzeros and the colors each way, when the
+    # pattern was found (-1 and 0 otherwise).
+    sparsity: str = "dense"
+    nnz: int = -1
+    colors_forward: int = 0
+    colors_reverse: int = 0
 
 
 def _count(count: int, noun: str) -> str:
@@ -84,3 +91,67 @@ def plan_second_order(n: int, k: int, ratio: float = HVP_COST_RATIO,
               f"(one HVP ~ {ratio:g} gradients) against {cost_reverse:g} "
               "for reverse-over-reverse")
     return PlannerDecision("forward", n, 1, cost_forward, cost_reverse, reason)
+
+
+def plan_sparsity(n: int, m: int, nnz: int | None, colors_forward: int | None,
+                  colors_reverse: int | None, *, mode: str = "auto", sparsity: str = "auto",
+                  ratio: float = REVERSE_COST_RATIO) -> PlannerDecision:
+    """Dense or compressed sweeps for a Jacobian whose pattern has `nnz` nonzeros.
+
+    Dense, plan_mode's rule: n forward or ratio * m reverse directions. Compressed (Coleman
+    and More; CasADi and ColPack do the same): one forward direction per column color, or
+    one reverse direction (costing `ratio`) per row color. The cheapest wins; "sparse"
+    takes the cheaper compressed way even when dense is cheaper, "dense" never compresses,
+    and a mode the caller forced restricts the choice to that direction. Without a pattern
+    (too large to find) the answer is dense, as plan_mode.
+    """
+    dense = plan_mode(n, m, ratio, forced=None if mode == "auto" else mode)
+    if nnz is None or colors_forward is None or sparsity == "dense":
+        return _dense_because(dense, nnz, n * m, sparsity)
+    fwd, rev = float(colors_forward), float(ratio * colors_reverse)
+    figures = dict(nnz=nnz, colors_forward=colors_forward, colors_reverse=colors_reverse)
+    dense_cost = min(dense.cost_forward, dense.cost_reverse) if mode == "auto" else (
+        dense.cost_forward if mode == "forward" else dense.cost_reverse)
+    if mode == "forward" or (mode == "auto" and fwd <= rev):
+        pick, cost = "forward", fwd
+    else:
+        pick, cost = "reverse", rev
+    about = (f"the pattern has {nnz} nonzeros of {n * m}: {colors_forward} column colors "
+             f"(forward directions) and {colors_reverse} row colors (reverse, costing "
+             f"{ratio:g} forward ones each)")
+    if sparsity == "sparse" or cost < dense_cost:
+        reason = (f"sparse {pick}: {about}; compressed {pick} costs {cost:g} against dense "
+                  f"{dense_cost:g} ({n} input and {m} output elements)")
+        return PlannerDecision(pick, n, m, fwd, rev, reason, "sparse", **figures)
+    return replace(dense, reason=dense.reason + f"; sparsity does not pay: {about}",
+                   **figures)
+
+
+def plan_sparse_hessian(n: int, nnz: int | None, colors: int | None, *,
+                        sparsity: str = "auto", ratio: float = HVP_COST_RATIO) -> PlannerDecision:
+    """A Hessian from n Hessian-vector products (dense), or from one per color of a star
+    coloring of its pattern (symmetric: each entry is read back directly)."""
+    dense = plan_second_order(n, n, ratio, what="the Hessian's n columns")
+    if nnz is None or colors is None or sparsity == "dense":
+        return _dense_because(dense, nnz, n * n, sparsity)
+    about = (f"the Hessian's pattern has {nnz} nonzeros of {n * n}: {colors} star colors, "
+             f"one Hessian-vector product each, against {n}")
+    figures = dict(nnz=nnz, colors_forward=colors, colors_reverse=0)
+    if sparsity == "sparse" or colors < n:
+        compressed = plan_second_order(n, colors, ratio, what=f"{colors} compressed columns")
+        return replace(compressed, reason=f"sparse: {about}; " + compressed.reason,
+                       sparsity="sparse", **figures)
+    return replace(dense, reason=dense.reason + f"; sparsity does not pay: {about}", **figures)
+
+
+def _dense_because(dense: PlannerDecision, nnz, entries, sparsity) -> PlannerDecision:
+    """The dense decision, saying why sparsity was not used: not asked for, no pattern
+    found within its bound, or a pattern too dense to color."""
+    if sparsity == "dense":
+        return dense
+    if nnz is None:
+        return replace(dense, reason=dense.reason
+                       + "; sparsity: the pattern was too large to find, so dense")
+    return replace(dense, nnz=nnz, reason=dense.reason + (
+        f"; sparsity: the pattern has {nnz} nonzeros of {entries}, too dense to color, "
+        "so dense"))

@@ -32,7 +32,7 @@ class Differentiation(NamedTuple):
 
 
 def differentiate(plan, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
-                  cotangents=None, trace=False, residuals=None,
+                  cotangents=None, trace=False, residuals=None, sparsity=None,
                   budget: Budget) -> Differentiation:
     """One differentiation request, whatever it asks for:
 
@@ -94,7 +94,7 @@ def differentiate(plan, inputs, *, wrt=None, of=None, mode="auto", tangents=None
         if not plan.of_names(of):
             raise DifferentiationError("the graph has no floating outputs to "
                                        "differentiate", field="of")
-        result = jacobian.jacobian(plan, bound, wrt, of, mode, None, budget)
+        result = jacobian.jacobian(plan, bound, wrt, of, mode, None, budget, sparsity)
         answer = Differentiation(result.outputs, result.jacobian, {}, {}, result.decision)
     if traced is not None:
         answer = answer._replace(trace=tracing.run(plan, traced, trace_mode, trace_seeds,
@@ -103,14 +103,14 @@ def differentiate(plan, inputs, *, wrt=None, of=None, mode="auto", tangents=None
 
 
 def second_order(plan, inputs, *, vectors=None, hessian=False, of=None, wrt=None,
-                 mode="auto", budget: Budget) -> second.SecondOrder:
+                 mode="auto", sparsity=None, budget: Budget) -> second.SecondOrder:
     """One second-order request: Hessian-vector products (`vectors` given) or the
     Hessian blocks (`hessian`), not both (engine/second.py)."""
     if hessian and vectors:
         raise DifferentiationError("ask for Hessian-vector products (vectors) or the "
                                    "Hessian, not both", field="vectors")
     if hessian:
-        r = second.hessian(plan, plan.bind(inputs), of, wrt, mode, budget)
+        r = second.hessian(plan, plan.bind(inputs), of, wrt, mode, budget, sparsity)
         return second.SecondOrder(r.outputs, r.value, r.gradient, {}, r.hessian, r.decision)
     second.check_mode(mode)
     r = second.hvp(plan, plan.bind(inputs), vectors, of, wrt, budget)

@@ -17,6 +17,7 @@ H v, one per direction.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from math import prod
 from typing import NamedTuple
@@ -181,7 +182,7 @@ def hvp(plan, bound, vectors, of, wrt, budget: Budget) -> HVPResult:
     same way). `of` defaults to the graph's only output; it must have one element.
     """
     vals, shapes = bound.vals, bound.shapes
-    out = _scalar_of(plan, of, shapes)
+    out = scalar_of(plan, of, shapes)
     if not vectors:
         raise InputError("give a vector for each wrt input", field="vectors")
     for name in vectors:
@@ -190,7 +191,7 @@ def hvp(plan, bound, vectors, of, wrt, budget: Budget) -> HVPResult:
                              + ", ".join(plan.input_names) + ")", node=name, field="vectors")
     if wrt is None:
         wrt = tuple(n for n in plan.input_names if n in vectors)
-    wrt = _wrt(plan, wrt)
+    wrt = wrt_names(plan, wrt)
     if set(vectors) != set(wrt):
         raise InputError(f"vectors are given for {sorted(vectors)} but wrt is "
                          f"{list(wrt)}: give one vector for each wrt input", field="vectors")
@@ -213,17 +214,22 @@ def hvp(plan, bound, vectors, of, wrt, budget: Budget) -> HVPResult:
                      outputs)
 
 
-def hessian(plan, bound, of, wrt, mode, budget: Budget) -> HessianResult:
+def hessian(plan, bound, of, wrt, mode, budget: Budget, sparsity=None) -> HessianResult:
     """The value of the scalar output `of`, its gradient and its Hessian blocks
     d2 of / d wrt_a d wrt_b, each shaped wrt_a.shape + wrt_b.shape: n HVPs with
     the identity's columns as vectors, batched in one forward-over-reverse sweep
     (`mode` "auto" or "forward-over-reverse", the only scheme). The budget's
     max_block_elements refuses a larger block before any work; its max_bytes counts the
-    n tangent directions of every value."""
+    n tangent directions of every value. `sparsity` (engine/sparse.py): one HVP per color
+    of the Hessian's pattern instead of n, when that pays or is asked for."""
     check_mode(mode)
+    from . import sparse  # (sparse builds on hvp)
+    found = sparse.try_hessian(plan, bound, of, wrt, sparsity, budget)
+    if isinstance(found, HessianResult):
+        return found
     vals, shapes = bound.vals, bound.shapes
-    out = _scalar_of(plan, of, shapes)
-    wrt = _wrt(plan, wrt)
+    out = scalar_of(plan, of, shapes)
+    wrt = wrt_names(plan, wrt)
     sizes = {w: prod(shapes[w]) for w in wrt}
     n = sum(sizes.values())
     for a in wrt:
@@ -260,6 +266,8 @@ def hessian(plan, bound, of, wrt, mode, budget: Budget) -> HessianResult:
             columns = d[offsets[b]:offsets[b] + sizes[b]]
             blocks[a, b] = columns.T.astype(dtype).reshape(shape_a + tuple(shapes[b]))
     outputs = plan.outputs(vals)
+    if found is not None:  # dense, with the pattern's figures and why
+        decision = replace(decision, reason=found.reason, nnz=found.nnz)
     return HessianResult(outputs[out], _gradient(plan, cots, shapes, wrt), blocks, decision,
                          outputs)
 
@@ -283,7 +291,7 @@ def _admit(plan, shapes, wrt, k, budget, what, field, block=None) -> None:
         "Hessian-vector products"))
 
 
-def _scalar_of(plan, of, shapes) -> str:
+def scalar_of(plan, of, shapes) -> str:
     """The one output a second-order request differentiates: named by `of` (a name
     or a one-name sequence), or the graph's only output; it must have one element."""
     if of is None:
@@ -306,7 +314,7 @@ def _scalar_of(plan, of, shapes) -> str:
     return of[0]
 
 
-def _wrt(plan, wrt) -> tuple:
+def wrt_names(plan, wrt) -> tuple:
     if isinstance(wrt, str):
         wrt = (wrt,)
     wrt = plan.wrt_names(wrt)

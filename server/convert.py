@@ -11,7 +11,7 @@ from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as service_pb2
 from gradserve.v1 import graph_pb2, tensor_pb2
 from gradserve.v1.codec import DTYPES, WIRE_DTYPES, attribute_value, fill_tensor, from_tensor
-from gradserve.v1.modes import WIRE_MODES
+from gradserve.v1.modes import WIRE_MODES, WIRE_SPARSITY
 from gradserve.v1.tensor_wire import TensorMessage
 
 
@@ -54,7 +54,7 @@ def differentiate_response(result: engine.Differentiation, graph_id: str,
     return TensorMessage(reply, {
         "outputs": result.outputs, "tangents": result.tangents,
         "cotangents": result.cotangents,
-        "jacobian": [(service_pb2.JacobianBlock(of=o, wrt=w), block)
+        "jacobian": [block_pair(service_pb2.JacobianBlock(of=o, wrt=w), block)
                      for (o, w), block in result.jacobian.items()]})
 
 
@@ -65,8 +65,19 @@ def second_order_response(result: engine.SecondOrder, graph_id: str,
     reply.mode = fill_decision(reply.planner, result.decision).mode
     return TensorMessage(reply, {
         "outputs": result.outputs, "gradient": result.gradient, "hvp": result.hvp,
-        "hessian": [(service_pb2.HessianBlock(wrt_a=a, wrt_b=b), block)
+        "hessian": [block_pair(service_pb2.HessianBlock(wrt_a=a, wrt_b=b), block)
                     for (a, b), block in result.hessian.items()]})
+
+
+def block_pair(message, block):
+    """(block message, the array for its `value`): a dense block as it is; a sparse one
+    (engine.SparseBlock) as its values, with its indices in `sparse`."""
+    if not isinstance(block, engine.SparseBlock):
+        return message, block
+    message.sparse.shape[:] = block.shape
+    fill_tensor(message.sparse.rows, block.rows)
+    fill_tensor(message.sparse.cols, block.cols)
+    return message, block.values
 
 
 def fill_decision(p: service_pb2.PlannerDecision,
@@ -75,6 +86,8 @@ def fill_decision(p: service_pb2.PlannerDecision,
     p.mode, p.n, p.m = WIRE_MODES[d.mode], d.n, d.m
     p.cost_forward, p.cost_reverse = d.cost_forward, d.cost_reverse
     p.reason = d.reason
+    p.sparsity = WIRE_SPARSITY[d.sparsity]
+    p.nnz, p.colors_forward, p.colors_reverse = d.nnz, d.colors_forward, d.colors_reverse
     return p
 
 

@@ -10,7 +10,7 @@ from gradserve import engine
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1.codec import WIRE_DTYPES
-from gradserve.v1.modes import mode_name
+from gradserve.v1.modes import mode_name, sparsity_name
 from gradserve.v1.tensor_wire import TensorMessage
 
 from .calls import Calls, rpc, stream_rpc
@@ -88,7 +88,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         reply = pb.GetServerInfoResponse(
             version=VERSION, ops=[op_info(op) for op in engine.OPS.values()], limits=limits,
             dtypes=list(WIRE_DTYPES.values()), planner_ratio=engine.REVERSE_COST_RATIO,
-            planner_hvp_ratio=engine.HVP_COST_RATIO)
+            planner_hvp_ratio=engine.HVP_COST_RATIO,
+            max_pattern_entries=engine.MAX_PATTERN_ENTRIES)
         reply.max_connection_age_seconds, reply.max_connection_age_grace_seconds = \
             self.connection_age
         return reply
@@ -99,18 +100,23 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         mode = mode_name(request.mode)
         if mode is None:
             raise BadRequest(f"unknown mode {request.mode}", field="mode")
+        try:
+            sparsity = sparsity_name(request.sparsity)
+        except KeyError:
+            raise BadRequest(f"unknown sparsity {request.sparsity}", field="sparsity") from None
         if request.HasField("second_order"):
-            return self._second_order(request, graph_id, plan, mode, check)
+            return self._second_order(request, graph_id, plan, mode, sparsity, check)
         result = plan.differentiate(
             request.inputs, wrt=tuple(request.wrt) or None, of=tuple(request.of) or None,
             mode=mode, tangents=request.tangents, cotangents=request.cotangents,
             trace=request.trace, check=check, **self._run_limits,
             residuals=(self.residuals.get(request.residuals, graph_id)
                        if request.residuals else None),
-            max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None)
+            max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None,
+            sparsity=sparsity)
         return differentiate_response(result, graph_id, request.request_id)
 
-    def _second_order(self, request, graph_id, plan, mode, check) -> TensorMessage:
+    def _second_order(self, request, graph_id, plan, mode, sparsity, check) -> TensorMessage:
         for field in ("tangents", "cotangents", "trace", "residuals"):
             if getattr(request, field):
                 raise BadRequest(f"second_order cannot be combined with {field}", field=field)
@@ -119,5 +125,5 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             request.inputs, vectors=request.second_order.vectors,
             hessian=request.second_order.hessian, of=tuple(request.of) or None,
             wrt=tuple(request.wrt) or None, mode=mode, check=check, max_block_elements=limit,
-            **self._run_limits)
+            sparsity=sparsity, **self._run_limits)
         return second_order_response(result, graph_id, request.request_id)

@@ -60,7 +60,9 @@ def graph(inputs, nodes):
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess("--port", "0") as proc:
+    # no connection age: a probe is about the engine's costs, and a long call on a
+    # connection the server asked to end must not race its grace on a loaded machine
+    with ServerProcess("--port", "0", "--max-connection-age", "0") as proc:
         host, port = proc.address()
         with grpc.insecure_channel(f"{host}:{port}", options=[
                 ("grpc.max_receive_message_length", 256 * MiB)]) as channel:

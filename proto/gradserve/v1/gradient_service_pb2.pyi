@@ -15,26 +15,55 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_AUTO: _ClassVar[Mode]
     MODE_FORWARD: _ClassVar[Mode]
     MODE_REVERSE: _ClassVar[Mode]
+
+class Sparsity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SPARSITY_UNSPECIFIED: _ClassVar[Sparsity]
+    SPARSITY_AUTO: _ClassVar[Sparsity]
+    SPARSITY_DENSE: _ClassVar[Sparsity]
+    SPARSITY_SPARSE: _ClassVar[Sparsity]
 MODE_UNSPECIFIED: Mode
 MODE_AUTO: Mode
 MODE_FORWARD: Mode
 MODE_REVERSE: Mode
+SPARSITY_UNSPECIFIED: Sparsity
+SPARSITY_AUTO: Sparsity
+SPARSITY_DENSE: Sparsity
+SPARSITY_SPARSE: Sparsity
 
 class PlannerDecision(_message.Message):
-    __slots__ = ("mode", "n", "m", "cost_forward", "cost_reverse", "reason")
+    __slots__ = ("mode", "n", "m", "cost_forward", "cost_reverse", "reason", "sparsity", "nnz", "colors_forward", "colors_reverse")
     MODE_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
     COST_FORWARD_FIELD_NUMBER: _ClassVar[int]
     COST_REVERSE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
+    NNZ_FIELD_NUMBER: _ClassVar[int]
+    COLORS_FORWARD_FIELD_NUMBER: _ClassVar[int]
+    COLORS_REVERSE_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     n: int
     m: int
     cost_forward: float
     cost_reverse: float
     reason: str
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., cost_forward: _Optional[float] = ..., cost_reverse: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    sparsity: Sparsity
+    nnz: int
+    colors_forward: int
+    colors_reverse: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., cost_forward: _Optional[float] = ..., cost_reverse: _Optional[float] = ..., reason: _Optional[str] = ..., sparsity: _Optional[_Union[Sparsity, str]] = ..., nnz: _Optional[int] = ..., colors_forward: _Optional[int] = ..., colors_reverse: _Optional[int] = ...) -> None: ...
+
+class SparseIndex(_message.Message):
+    __slots__ = ("shape", "rows", "cols")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    rows: _tensor_pb2.Tensor
+    cols: _tensor_pb2.Tensor
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cols: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class RegisterGraphRequest(_message.Message):
     __slots__ = ("graph",)
@@ -85,7 +114,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ..., residuals: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "second_order", "residuals")
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "second_order", "residuals", "sparsity")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +148,7 @@ class DifferentiateRequest(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     SECOND_ORDER_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    SPARSITY_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -131,7 +161,8 @@ class DifferentiateRequest(_message.Message):
     trace: bool
     second_order: SecondOrder
     residuals: str
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., second_order: _Optional[_Union[SecondOrder, _Mapping]] = ..., residuals: _Optional[str] = ...) -> None: ...
+    sparsity: Sparsity
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., second_order: _Optional[_Union[SecondOrder, _Mapping]] = ..., residuals: _Optional[str] = ..., sparsity: _Optional[_Union[Sparsity, str]] = ...) -> None: ...
 
 class SecondOrder(_message.Message):
     __slots__ = ("vectors", "hessian")
@@ -149,24 +180,28 @@ class SecondOrder(_message.Message):
     def __init__(self, vectors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[bool] = ...) -> None: ...
 
 class HessianBlock(_message.Message):
-    __slots__ = ("wrt_a", "wrt_b", "value")
+    __slots__ = ("wrt_a", "wrt_b", "value", "sparse")
     WRT_A_FIELD_NUMBER: _ClassVar[int]
     WRT_B_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     wrt_a: str
     wrt_b: str
     value: _tensor_pb2.Tensor
-    def __init__(self, wrt_a: _Optional[str] = ..., wrt_b: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    sparse: SparseIndex
+    def __init__(self, wrt_a: _Optional[str] = ..., wrt_b: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseIndex, _Mapping]] = ...) -> None: ...
 
 class JacobianBlock(_message.Message):
-    __slots__ = ("of", "wrt", "value")
+    __slots__ = ("of", "wrt", "value", "sparse")
     OF_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_FIELD_NUMBER: _ClassVar[int]
     of: str
     wrt: str
     value: _tensor_pb2.Tensor
-    def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    sparse: SparseIndex
+    def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseIndex, _Mapping]] = ...) -> None: ...
 
 class DifferentiateResponse(_message.Message):
     __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace", "gradient", "hvp", "hessian")
@@ -409,7 +444,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds")
+    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds", "max_pattern_entries")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -418,6 +453,7 @@ class GetServerInfoResponse(_message.Message):
     PLANNER_HVP_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNECTION_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONNECTION_AGE_GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PATTERN_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     version: str
     ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
     limits: Limits
@@ -426,4 +462,5 @@ class GetServerInfoResponse(_message.Message):
     planner_hvp_ratio: float
     max_connection_age_seconds: float
     max_connection_age_grace_seconds: float
-    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ...) -> None: ...
+    max_pattern_entries: int
+    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ..., max_pattern_entries: _Optional[int] = ...) -> None: ...

@@ -151,7 +151,7 @@ class TensorMessage:
         blocks = []
         for block, (code, shape, data) in raw or ():
             where = ", ".join(str(getattr(block, f.name)) for f in block.DESCRIPTOR.fields
-                              if f.name != "value")
+                              if f.message_type is None)  # the names, not a sparse index
             blocks.append((block, array_from(code, shape, data, f"{name}[{where}]", limit)))
         return blocks
 
