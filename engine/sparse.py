@@ -21,6 +21,7 @@ from . import sparsity as sp
 from . import second
 from .budget import Budget, Need
 from .errors import DifferentiationError
+from .ops.table import ZERO
 from .planner import REVERSE_COST_RATIO, PlannerDecision, plan_sparse_hessian, plan_sparsity
 
 SPARSITY_CHOICES = ("auto", "dense", "sparse")
@@ -86,41 +87,29 @@ def _patterns(plan, shapes, wrt, budget, check, upto=None):
         if all(p is None for p in ins):
             continue
         values = [constants.get(name) for name in node.inputs]
-        rule, _ = sp.rule_for(op.name, op.eval)
-        if rule is None:  # an op without a rule: every element depends on every column
+        if op.pattern is None:  # a row without a rule: every element reads every column
             size = prod(shapes[node.name])
-            sp_budget_dense(budget, size * columns)
+            _spend(budget, size * columns)
             rows = np.repeat(np.arange(size, dtype=np.int64), columns)
             cols = np.tile(np.arange(columns, dtype=np.int64), size)
             patterns[node.name] = sp.from_coo(rows, cols, (size, columns))
             continue
-        bounded = _bounded_local(rule, shapes, node, values, attrs, budget)
+        _spend(budget, 0, _local_upper_bound(op.pattern, [tuple(shapes[i]) for i in node.inputs],
+                                             tuple(shapes[node.name]), attrs))
         patterns[node.name] = sp.node_pattern(
-            _Row(bounded), [shapes[i] for i in node.inputs], shapes[node.name], ins, values,
-            attrs, columns, budget)
+            op, [shapes[i] for i in node.inputs], shapes[node.name], ins, values, attrs,
+            columns, budget)
         if upto is not None and node.name == upto:
             break
     return patterns, offsets, columns
 
 
-class _Row(NamedTuple):
-    pattern: object
-
-
-def sp_budget_dense(budget, entries):
+def _spend(budget, entries, upper=0):
+    """Take `entries` from the budget (a list holding what is left), or refuse when it
+    cannot hold them, or a local rule's `upper` bound of what it would build."""
+    if entries > budget[0] or upper > budget[0]:
+        raise sp.TooDense
     budget[0] -= entries
-    if budget[0] < 0:
-        raise sp.TooDense
-
-
-def _bounded_local(rule, shapes, node, values, attrs, budget):
-    """The local rule, refused before it builds more index pairs than the budget holds."""
-    in_shapes = [tuple(shapes[i]) for i in node.inputs]
-    out = tuple(shapes[node.name])
-    upper = _local_upper_bound(rule, in_shapes, out, attrs)
-    if upper > budget[0]:
-        raise sp.TooDense
-    return rule
 
 
 def _local_upper_bound(rule, in_shapes, out, attrs) -> int:
@@ -205,8 +194,8 @@ def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> 
             if node.name not in ancestors or patterns.get(node.name) is None:
                 continue
             ins = [patterns.get(name) for name in node.inputs]
-            _, kind = sp.rule_for(op.name, op.eval)
-            if not sp.hessian_terms(_Kind(kind), ins, patterns[node.name]):
+            linear = op.curvature is ZERO or op.curvature is None
+            if not sp.hessian_terms(linear, op.bilinear, ins, patterns[node.name]):
                 continue
             a, b = sp.square_blocks(patterns[node.name], budget)
             rows.append(a)
@@ -234,10 +223,6 @@ def _colorings(pattern, check, *colorings):
         return tuple(color(pattern, check) for color in colorings)
     except sp.TooDense:
         return (None,) * len(colorings)
-
-
-class _Kind(NamedTuple):
-    curvature_kind: str
 
 
 def _ancestors(plan, of) -> set:

@@ -94,10 +94,11 @@ def identity(size: int, offset: int, columns: int) -> Pattern:
                    np.arange(offset, offset + size, dtype=np.int64), (size, columns))
 
 
-# --- local patterns of the op rows -----------------------------------------------------
-# A rule gets (shapes, out_shape, constant values or None per input, **attrs) and returns
-# one entry per input: None (no derivative through it), "same" (elementwise, same shape:
-# element i depends on element i) or (out_index, in_index) int64 arrays.
+# --- local patterns, the op rows' `pattern` field -----------------------------------------
+# A rule gets (shapes, out_shape, constant values or None per input, op_eval=the row's
+# eval, **attrs) and returns one entry per input: None (no derivative through it), "same"
+# (elementwise, same shape: element i depends on element i) or (out_index, in_index)
+# int64 arrays.
 
 
 def _index(shape) -> np.ndarray:
@@ -114,13 +115,6 @@ def elementwise(shapes, out, values=None, **_):
             src = np.broadcast_to(_index(s), out).ravel()
             local.append((np.arange(src.size, dtype=np.int64), src))
     return local
-
-
-def only_first(rule):
-    """A rule through its first input alone (the others: indices, conditions)."""
-    def first(shapes, out, values=None, **attrs):
-        return [rule(shapes[:1], out, values, **attrs)[0]] + [None] * (len(shapes) - 1)
-    return first
 
 
 def no_derivative(shapes, out, values=None, **_):
@@ -171,16 +165,18 @@ def cumsum_pattern(shapes, out, values=None, axis=0, reverse=False, exclusive=Fa
     return [(dst, src)]
 
 
-def moves(eval_fn, fill=None):
-    """Ops that move elements (reshape, transpose, slice, pad, broadcast_to, cast...): run
-    the op's own eval on the index array; an element from nowhere (padding) is -1."""
-    def rule(shapes, out, values=None, **attrs):
-        if fill is not None:
-            attrs = dict(attrs, **{fill: -1})
-        src = np.asarray(eval_fn(_index(shapes[0]), **attrs), np.int64).ravel()
-        keep = src >= 0
-        return [(np.arange(src.size, dtype=np.int64)[keep], src[keep])]
-    return rule
+def moves(shapes, out, values=None, op_eval=None, **attrs):
+    """Ops that move elements (reshape, transpose, slice, broadcast_to): the op's own eval
+    run on the index array says where each element comes from."""
+    src = np.asarray(op_eval(_index(shapes[0]), **attrs), np.int64).ravel()
+    return [(np.arange(src.size, dtype=np.int64), src)]
+
+
+def pad_moves(shapes, out, values=None, op_eval=None, **attrs):
+    """pad: as moves, padding filled with -1 (an element from nowhere)."""
+    src = np.asarray(op_eval(_index(shapes[0]), **dict(attrs, value=-1)), np.int64).ravel()
+    keep = src >= 0
+    return [(np.arange(src.size, dtype=np.int64)[keep], src[keep])]
 
 
 def concat_pattern(shapes, out, values=None, axis=0, **_):
@@ -329,8 +325,8 @@ def node_pattern(row, shapes, out_shape, in_patterns, values, attrs, columns, bu
     column)."""
     if all(p is None for p in in_patterns):
         return None
-    rule = row.pattern
-    local = rule([tuple(s) for s in shapes], tuple(out_shape), values, **attrs)
+    local = row.pattern([tuple(s) for s in shapes], tuple(out_shape), values,
+                        op_eval=row.eval, **attrs)
     size = prod(out_shape)
     if len(in_patterns) == 1 and local[0] == "same":
         return in_patterns[0]
@@ -346,14 +342,14 @@ def node_pattern(row, shapes, out_shape, in_patterns, values, attrs, columns, bu
     return from_coo(np.concatenate(rows), np.concatenate(cols), (size, columns))
 
 
-def hessian_terms(row, in_patterns, out_pattern) -> bool:
+def hessian_terms(linear: bool, bilinear: bool, in_patterns, out_pattern) -> bool:
     """Whether this node adds second-order interactions among the columns its element
-    depends on: a nonlinear op always; a bilinear one (mul, matmul, conv...) only when
-    two of its inputs depend on the columns; a linear one never."""
-    kind = row.curvature_kind
-    if out_pattern is None or kind == "linear":
+    depends on: a nonlinear op always; a bilinear one (mul, matmul, conv) only when two of
+    its inputs depend on the columns; a linear one (its curvature is ZERO: piecewise
+    linear ops too) never."""
+    if out_pattern is None or linear:
         return False
-    if kind == "bilinear":
+    if bilinear:
         return sum(p is not None for p in in_patterns) >= 2
     return True
 
@@ -503,65 +499,8 @@ def entries_limit(limit) -> int:
     return int(limit)
 
 
+
 def cast_pattern(shapes, out, values=None, dtype=None, **_):
     """A cast to a floating dtype passes each element's derivative on; to an integer or
     bool dtype it has none."""
     return ["same" if dtype in ("float32", "float64") else None]
-
-
-def pad_moves(eval_fn):
-    return moves(eval_fn, fill="value")
-
-
-# How each op's pattern propagates, and what kind of second derivative it has:
-# "linear" (none; piecewise-linear ops such as relu, abs, max have none almost
-# everywhere, as their curvature rules say), "bilinear" (only between different inputs:
-# mul, matmul, conv) or "nonlinear". The op rows take these as their `pattern` and
-# `curvature_kind` fields.
-_NONLINEAR_UNARY = ("sin", "cos", "tan", "exp", "log", "sqrt", "square", "reciprocal", "tanh",
-                    "sigmoid", "softplus", "log1p", "erf")
-_PIECEWISE_LINEAR = ("neg", "abs", "relu", "clip")
-
-
-def rule_for(name: str, eval_fn=None):
-    """(pattern rule, curvature kind) of the op named `name` (eval_fn: its eval, for ops
-    that move elements)."""
-    if name in _NONLINEAR_UNARY:
-        return elementwise, "nonlinear"
-    if name in _PIECEWISE_LINEAR or name in ("add", "sub", "maximum", "minimum"):
-        return elementwise, "linear"
-    if name == "mul":
-        return elementwise, "bilinear"
-    if name in ("div", "pow"):
-        return elementwise, "nonlinear"
-    if name in ("sum", "mean", "max", "min"):
-        return reduction, "linear"
-    if name == "prod":
-        return reduction, "nonlinear"
-    if name in ("reshape", "transpose", "broadcast_to", "slice"):
-        return moves(eval_fn), "linear"
-    if name == "pad":
-        return pad_moves(eval_fn), "linear"
-    if name == "cast":
-        return cast_pattern, "linear"
-    if name == "concat":
-        return concat_pattern, "linear"
-    if name == "matmul":
-        return matmul_pattern, "bilinear"
-    if name in ("softmax", "log_softmax"):
-        return along_axis, "nonlinear"
-    if name == "logsumexp":
-        return logsumexp_pattern, "nonlinear"
-    if name in ("equal", "not_equal", "less", "less_equal", "greater", "greater_equal"):
-        return no_derivative, "linear"
-    if name == "where":
-        return where_pattern, "linear"
-    if name == "cumsum":
-        return cumsum_pattern, "linear"
-    if name == "take":
-        return take_pattern, "linear"
-    if name == "conv":
-        return conv_pattern, "bilinear"
-    if name in ("max_pool", "avg_pool"):
-        return pool_pattern, "linear"
-    return None, "nonlinear"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import sparsity
 from ..costs import iteration
 from ..errors import RuleError
 from ..shapes import fill_seed, fmt_shape
@@ -128,7 +129,8 @@ row(OpDef(
     "N-d convolution (cross-correlation, as ONNX Conv and PyTorch), NCHW: x (N, C, *S), "
     "weight (O, C / groups, *kernel); no bias (add it)",
     cost=conv_cost,
-    curvature=_conv_curvature))
+    curvature=_conv_curvature,
+    pattern=sparsity.conv_pattern, bilinear=True))
 
 
 def _norm_pool(attrs, shapes):
@@ -163,7 +165,8 @@ row(OpDef(
     "a window goes to its first maximal element in row-major order (to its last NaN if it "
     "has any), as in PyTorch",
     cost=max_pool_cost,
-    curvature=ZERO))  # piecewise linear
+    curvature=ZERO,
+    pattern=sparsity.pool_pattern))  # piecewise linear
 row(OpDef(
     "avg_pool", 1, _pool_rule,
     lambda x, window, count_include_pad: avg_pool(x, window, count_include_pad),
@@ -176,4 +179,5 @@ row(OpDef(
     frozenset(), True, _norm_pool,
     "N-d average pooling, NCHW (ONNX AveragePool without ceil_mode)",
     cost=avg_pool_cost,
-    curvature=ZERO))  # linear
+    curvature=ZERO,
+    pattern=sparsity.pool_pattern))  # linear

@@ -13,6 +13,7 @@ from math import prod
 
 import numpy as np
 
+from .. import sparsity
 from ..errors import DTypeError, RuleError
 from ..ir import DTYPES
 from ..shapes import lift, unbroadcast
@@ -45,7 +46,8 @@ def unary(name, f, d, saves, f2=None, float_only=True, description="", passes=1,
         vjp=lambda i, g, x, ans: d(g, x[0], ans),
         saves=frozenset(saves), float_only=float_only, description=description,
         elementwise=True, curvature=ZERO if f2 is None else _unary_curvature(f2),
-        flops=None if passes == 1 else lambda shapes, out: passes * prod(out), cost=cost))
+        flops=None if passes == 1 else lambda shapes, out: passes * prod(out), cost=cost,
+        pattern=sparsity.elementwise))
 
 
 _TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
@@ -121,10 +123,11 @@ unary("erf", erf, lambda s, x, ans: s * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))), 
 
 # --- binary, with broadcasting -------------------------------------------------
 
-def binary(name, f, jvp, vjp, saves, curvature, float_only=True, description=""):
+def binary(name, f, jvp, vjp, saves, curvature, float_only=True, description="",
+           bilinear=False):
     return row(OpDef(name, 2, broadcast_rule, f, jvp, vjp, saves=frozenset(saves),
                      float_only=float_only, description=description, elementwise=True,
-                     curvature=curvature))
+                     curvature=curvature, pattern=sparsity.elementwise, bilinear=bilinear))
 
 
 def _lift2(t, x, ans):
@@ -266,7 +269,7 @@ binary("sub", np.subtract, _sub_jvp,
        float_only=False)
 binary("mul", np.multiply, _mul_jvp,
        lambda i, g, x, ans: unbroadcast(g * x[1 - i], x[i].shape), "x", _mul_curvature,
-       float_only=False)
+       float_only=False, bilinear=True)
 binary("div", np.divide, _div_jvp,
        lambda i, g, x, ans: unbroadcast(g / x[1] if i == 0 else -(g * (ans / x[1])),
                                         x[i].shape), {"x", "ans"}, _div_curvature)
@@ -308,5 +311,6 @@ row(OpDef(
     frozenset(), False, _norm_cast,
     "x converted to dtype (as NumPy astype); the derivative passes between floating dtypes, "
     "none flows into or out of integers and bool",
-    dtype=lambda names, dtypes, dtype: dtype, curvature=ZERO))
+    dtype=lambda names, dtypes, dtype: dtype, curvature=ZERO,
+    pattern=sparsity.cast_pattern))
 

@@ -6,6 +6,7 @@ from math import prod
 
 import numpy as np
 
+from .. import sparsity
 from ..errors import DTypeError, InputError, RuleError
 from ..shapes import normalize_axes, normalize_axis
 from .table import ZERO, AttrSpec, OpDef, any_dtype, row
@@ -44,7 +45,8 @@ row(OpDef(
      AttrSpec("stops", "ints", description="one past the last index per axis"),
      AttrSpec("axes", "ints", None, "axes the starts and stops refer to; absent: 0, 1, ...")),
     frozenset(), False, _norm_slice, "x[start:stop] along the given axes, step 1",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=any_dtype, curvature=ZERO,
+    pattern=sparsity.moves))
 
 
 
@@ -108,6 +110,7 @@ row(OpDef(
     "NumPy take(data, indices, axis) = ONNX Gather: int32 or int64 indices of any shape, "
     "negative ones counted from the end; an index out of range is an error; no derivative "
     "with respect to the indices", dtype=_take_dtype, node_attr=True,
-    curvature=ZERO))
+    curvature=ZERO,
+    pattern=sparsity.take_pattern))
 
 

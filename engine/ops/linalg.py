@@ -11,6 +11,7 @@ from math import prod
 
 import numpy as np
 
+from .. import sparsity
 from ..blocked import matmul as _mm
 from ..errors import RuleError
 from ..shapes import broadcast_shapes, fill_seed, fmt_shape, lift, num_elements, unbroadcast
@@ -198,4 +199,5 @@ def _matvec_joint(i, g, gdot, x, ans, t, t_ans):
 row(OpDef("matmul", 2, _matmul_rule, _mm, _matmul_jvp, _matmul_vjp,
           saves=frozenset({"x"}), float_only=False, flops=_matmul_flops,
           description="NumPy matmul: 1-D operands promoted, leading axes broadcast",
-          curvature=_matmul_curvature, joint=_matvec_joint))
+          curvature=_matmul_curvature, joint=_matvec_joint,
+          pattern=sparsity.matmul_pattern, bilinear=True))

@@ -6,6 +6,7 @@ from math import prod
 
 import numpy as np
 
+from .. import sparsity
 from ..shapes import fill_seed
 from .reductions import KEEPDIMS, normalizing_rule
 from .table import AttrSpec, OpDef, norm_axis, row
@@ -49,7 +50,8 @@ row(OpDef(
     lambda t, x, ans, axis: _softmax_map(t[0], ans, axis),
     lambda i, g, x, ans, axis: _softmax_map(g, ans, axis),
     (AXIS,), frozenset({"ans"}), True, norm_axis, "exp(x) / sum(exp(x)) along axis",
-    flops=_normalizing_flops, curvature=_softmax_curvature))
+    flops=_normalizing_flops, curvature=_softmax_curvature,
+    pattern=sparsity.along_axis))
 
 
 def _log_softmax(x, axis):
@@ -76,7 +78,8 @@ row(OpDef(
     "log_softmax", 1, normalizing_rule("log_softmax"),
     _log_softmax, _log_softmax_jvp, _log_softmax_vjp,
     (AXIS,), frozenset({"ans"}), True, norm_axis, "x - logsumexp(x) along axis",
-    flops=_normalizing_flops, curvature=_log_softmax_curvature))
+    flops=_normalizing_flops, curvature=_log_softmax_curvature,
+    pattern=sparsity.along_axis))
 
 
 def _lse_weights(x, ans, axis, keepdims):
@@ -106,4 +109,5 @@ row(OpDef(
         (g if keepdims else np.expand_dims(g, axis + 1)) * _lse_weights(x[0], ans, axis, keepdims)),
     (AXIS, KEEPDIMS), frozenset({"x", "ans"}), True, norm_axis,
     "log(sum(exp(x))) along axis, computed without overflow",
-    flops=_normalizing_flops, curvature=_logsumexp_curvature))
+    flops=_normalizing_flops, curvature=_logsumexp_curvature,
+    pattern=sparsity.logsumexp_pattern))

@@ -6,6 +6,7 @@ from math import prod
 
 import numpy as np
 
+from .. import sparsity
 from ..errors import RuleError
 from ..shapes import fill_seed, fmt_shape, normalize_axes
 from ..costs import OpCost
@@ -71,7 +72,8 @@ def _extreme_share(x, ans, axes, keepdims):
 def reduction(name, f, jvp, vjp, saves, float_only, description, curvature,
               rule=_reduce_rule, cost=None):
     return row(OpDef(name, 1, rule, f, jvp, vjp, (AXES, KEEPDIMS), frozenset(saves),
-                     float_only, _norm_axes, description, curvature=curvature, cost=cost))
+                     float_only, _norm_axes, description, curvature=curvature, cost=cost,
+                     pattern=sparsity.reduction))
 
 
 reduction(
@@ -202,5 +204,6 @@ row(OpDef(
      AttrSpec("reverse", "bool", False, "sum from the end of the axis"),
      AttrSpec("exclusive", "bool", False, "leave each element out of its own sum (ONNX)")),
     frozenset(), False, norm_axis, "running sum along axis, in the input's dtype",
-    curvature=ZERO))
+    curvature=ZERO,
+    pattern=sparsity.cumsum_pattern))
 

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from .. import sparsity
 from ..errors import DTypeError, RuleError
 from ..shapes import lift, unbroadcast
 from .table import (ZERO, AttrSpec, OpDef, broadcast_rule, jvp_sum, no_cotangent, no_tangent,
@@ -20,7 +21,7 @@ def comparison(name, f, symbol):
     return row(OpDef(name, 2, broadcast_rule, f, no_tangent, no_cotangent,
                      saves=frozenset(), float_only=False, dtype=_compare_dtype,
                      description=f"a {symbol} b, elementwise with broadcasting; bool "
-                     "result, no derivative"))
+                     "result, no derivative", pattern=sparsity.no_derivative))
 
 
 comparison("equal", np.equal, "==")
@@ -58,7 +59,8 @@ row(OpDef(
     "where", 3, broadcast_rule, np.where, _where_jvp, _where_vjp, saves=frozenset({"x"}),
     float_only=False, dtype=_where_dtype, curvature=ZERO,
     description="where(cond, a, b): a where cond is true, else b (bool cond, broadcasting); "
-    "the derivative goes to a where cond holds, to b elsewhere, none to cond"))
+    "the derivative goes to a where cond holds, to b elsewhere, none to cond",
+    pattern=sparsity.where_pattern))
 
 
 def _norm_clip(attrs, shapes):
@@ -109,6 +111,7 @@ row(OpDef(
      AttrSpec("max", "float", None, "upper bound; absent: none")),
     frozenset({"x"}), False, _norm_clip,
     "x limited to [min, max]; the derivative is 1 where min <= x <= max (bounds included, "
-    "as in PyTorch), else 0", elementwise=True, curvature=ZERO))
+    "as in PyTorch), else 0", elementwise=True, curvature=ZERO,
+    pattern=sparsity.elementwise))
 
 

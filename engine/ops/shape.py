@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import sparsity
 from ..errors import GraphError, RuleError
 from ..shapes import fill_seed, fmt_shape, normalize_axis, num_elements, unbroadcast
 from .table import ZERO, AttrSpec, OpDef, any_dtype, row, shift
@@ -47,7 +48,8 @@ row(OpDef(
     lambda i, g, x, ans, shape: np.reshape(g, g.shape[:1] + x[0].shape),
     (AttrSpec("shape", "ints", description="new shape; one entry may be -1"),),
     frozenset(), False, _norm_reshape, "NumPy reshape (C order)",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=any_dtype, curvature=ZERO,
+    pattern=sparsity.moves))
 
 
 def _norm_perm(attrs, shapes):
@@ -68,7 +70,8 @@ row(OpDef(
     lambda i, g, x, ans, perm: np.transpose(g, (0,) + shift(np.argsort(perm))),
     (AttrSpec("perm", "ints", None, "axis order; absent: reversed"),),
     frozenset(), False, _norm_perm, "NumPy transpose",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=any_dtype, curvature=ZERO,
+    pattern=sparsity.moves))
 
 
 def _norm_target(attrs, shapes):
@@ -91,7 +94,8 @@ row(OpDef(
     lambda i, g, x, ans, shape: unbroadcast(g, x[0].shape),
     (AttrSpec("shape", "ints", description="target shape"),),
     frozenset(), False, _norm_target, "NumPy broadcast_to",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=any_dtype, curvature=ZERO,
+    pattern=sparsity.moves))
 
 
 def _norm_concat(attrs, shapes):
@@ -134,7 +138,8 @@ row(OpDef(
     lambda *x, axis: np.concatenate(x, axis=axis), _concat_jvp, _concat_vjp,
     (AttrSpec("axis", "int", 0, "axis to join along"),),
     frozenset(), False, _norm_concat, "NumPy concatenate of one or more inputs",
-    dtype=any_dtype, curvature=ZERO))
+    dtype=any_dtype, curvature=ZERO,
+    pattern=sparsity.concat_pattern))
 
 
 
@@ -183,6 +188,7 @@ row(OpDef(
               "(ONNX order), each >= 0"),
      AttrSpec("value", "float", 0.0, "the value padded in")),
     frozenset(), False, _norm_pad, "constant padding (ONNX Pad, mode constant)",
-    dtype=_pad_dtype, curvature=ZERO))
+    dtype=_pad_dtype, curvature=ZERO,
+    pattern=sparsity.pad_moves))
 
 

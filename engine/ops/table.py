@@ -98,6 +98,14 @@ class OpDef:
     # (ZERO: none), and optionally g_i and ġ_i computed together.
     curvature: Callable | None = UNSTATED
     joint: Callable | None = None
+    # Sparsity (engine/sparsity.py): (shapes, out_shape, values, op_eval, **attrs) -> per
+    # input its local dependency: "same" (element i reads element i), (out_index,
+    # in_index) arrays, or None (no derivative through it); values holds the constant
+    # inputs (None elsewhere), op_eval this row's eval. None: every element of the result
+    # depends on every element of every input. `bilinear`: the second derivative couples
+    # only different inputs (mul, matmul, conv), for the Hessian's pattern.
+    pattern: Callable | None = None
+    bilinear: bool = False
 
 
 OPS: dict[str, OpDef] = {}
