@@ -39,9 +39,17 @@ from .sweeps import checkpoint
 MODES = ("values", "forward", "reverse", "second")
 TEMPORARIES = 3  # arrays of its output's size an op's rule may hold at once
 ARRAY_OVERHEAD = 1024  # bytes an array takes beyond its data, per op
-# NumPy's iterator buffers (8,192 elements per operand) for a ufunc that broadcasts or
-# casts: held by the one op running, once per request.
-NUMPY_BUFFERS = 3 * 8192 * 16
+# NumPy's iterator buffers for a ufunc that broadcasts or casts: up to 8,192 elements
+# of up to 8 bytes per operand (three, say), held by the one op running, counted once
+# per request (a comparison of broadcast float64 operands took 54 KiB for a 6 KiB result).
+BUFFER_ELEMENTS = 8192
+BUFFER_OPERANDS = 3
+
+
+def numpy_buffers(largest: int) -> int:
+    """Bytes of NumPy's iterator buffers for an op whose largest operand has `largest`
+    elements."""
+    return BUFFER_OPERANDS * 8 * min(largest, BUFFER_ELEMENTS)
 # One pass of a kernel's Python loop (a few NumPy calls on views: 2-10 us here) counted
 # as this many floating-point operations of work.
 LOOP_FLOPS = 10_000
@@ -66,6 +74,7 @@ class Costs(NamedTuple):
     loops: int  # the values' sweep's loop passes
     direction_loops: int  # loop passes per seed direction, in its costliest mode
     nodes: int
+    buffers: int = 0  # NumPy's iterator buffers of the op with the largest operand
 
 
 def default_cost(op, mode, shapes, out, dtype, attrs) -> OpCost:
@@ -98,11 +107,13 @@ def plan_costs(nodes, np_dtypes, shapes) -> Costs:
     values = values_transient = transient = flops = loops = 0
     direction = {m: [0, 0] for m in MODES[1:]}
     plain = 0  # FLOPs of the rows costed by default_cost, per direction in every mode
+    largest = 0  # elements of the largest operand of any op
     for node, op, attrs in nodes:
         dtype = np_dtypes[node.name]
         out = tuple(shapes[node.name])
         values += prod(out) * dtype.itemsize
         ins = [tuple(shapes[r]) for r in node.inputs]
+        largest = max([largest, prod(out)] + [prod(s) for s in ins])
         rule_attrs = {k: v for k, v in attrs.items() if k != "node"} if attrs else {}
         rule = getattr(op, "cost", None)
         if rule is None:
@@ -124,7 +135,7 @@ def plan_costs(nodes, np_dtypes, shapes) -> Costs:
                 direction[mode][1] += cost.loops
     return Costs(values, values_transient, transient, flops + LOOP_FLOPS * loops,
                  plain + max(f + LOOP_FLOPS * n for f, n in direction.values()), loops,
-                 max(n for _, n in direction.values()), len(nodes))
+                 max(n for _, n in direction.values()), len(nodes), numpy_buffers(largest))
 
 
 def estimate_bytes(costs: Costs, directions: int = 0) -> int:
@@ -133,7 +144,7 @@ def estimate_bytes(costs: Costs, directions: int = 0) -> int:
     beyond them, per direction (only the values' sweep runs when there are none)."""
     transient = costs.transient if directions else costs.values_transient
     return ((costs.values + transient) * (1 + directions)
-            + ARRAY_OVERHEAD * (costs.nodes + 1) + NUMPY_BUFFERS)
+            + ARRAY_OVERHEAD * (costs.nodes + 1) + costs.buffers)
 
 
 def estimate_flops(costs: Costs, directions: int = 0) -> int:
