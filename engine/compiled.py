@@ -305,7 +305,8 @@ class Plan:
     def run_values(self, bound: Bound, budget: Budget) -> dict:
         if budget.limited:
             budget.admit(self, bound.shapes,
-                         Need(0, self.nbytes(bound.shapes, self.output_names)))
+                         Need(0, self.nbytes(bound.shapes, self.output_names), "outputs",
+                              "outputs"))
         values_sweep(self.steps, bound.vals, budget.check, self.points)
         return self.outputs(bound.vals)
 

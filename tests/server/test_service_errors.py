@@ -299,7 +299,10 @@ def test_every_error_class_is_in_the_table():
     assert set(exercised.values()) <= ids
     engine_classes = {c for c in vars(engine).values()
                       if isinstance(c, type) and issubclass(c, engine.EngineError)}
-    assert engine_classes - {engine.EngineError} <= set(exercised)
+    # DeadlineExceeded: by the time the engine raises it the call's own deadline has
+    # passed, so the client sees grpc's DEADLINE_EXCEEDED; tests/server/test_probe_costs.py
+    # measures the work stopping, tests/engine/test_budget.py the error itself.
+    assert engine_classes - {engine.EngineError, engine.DeadlineExceeded} <= set(exercised)
 
 
 def vm_kib(field):
