@@ -1,6 +1,7 @@
 """Transport benchmark: gradserve over gRPC against a bare gRPC echo of the same sizes.
 
-    python bench/bench_service.py [--quick] [--max-workers 16] [--profile]
+    python bench/bench_service.py [--quick] [--max-workers 16] [--profile] [--repeat N]
+        [--no-p7] [--only-p7] [--no-processes] [--no-malloc-variant]
 
 Two servers, each in its own process (multiprocessing, spawn: client and server
 do not share a GIL, as in a deployment on this 2-core box), with the same
@@ -27,17 +28,20 @@ Measured, in one run, against the echo as baseline (PERF-NOTES.md, "Transport"):
       MB/s = (serialized request bytes + serialized reply bytes) / median round
       trip, 1 MB = 1e6 bytes (gRPC/HTTP2 framing not counted); target >= 0.8x
       the raw-bytes echo's MB/s for the same sizes (no protobuf work: the floor),
-      best client configuration on each side: for gradserve the faster of the sync
-      Client and a grpc.aio client doing the same work through
-      gradserve.v1.tensor_wire (numpy in, Result out), for the echo the faster of
-      sync and grpc.aio. The protobuf Tensor echo is reported beside it. Rows with
-      a pre-built request split client-side from server-side cost. Repeated, as a
-      reported variant only, with both servers started under
-      MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_. The gradserve server runs with
-      one BLAS thread, as `gradserve serve --blas-threads 1` (the default).
+      both sides sending pre-serialized bytes: gradserve called with the request's
+      bytes and its reply's bytes left unparsed (identity serializers), the faster
+      of a sync and a grpc.aio client on each side. Reported beside it: numpy in
+      and out (the faster of the sync Client and a grpc.aio client doing the same
+      work through gradserve.v1.tensor_wire), the generated stub with a pre-built
+      request, and the protobuf Tensor echo. The gradserve server runs as `gradserve
+      serve` does: one BLAS thread and its malloc thresholds (server.allocator);
+      the echo at glibc's defaults. Repeated, as the "before" variant, with
+      gradserve at glibc's defaults (--no-malloc-tuning).
 
 Rounds of the configurations are interleaved so drift on the shared machine
-hits every row alike; quote the ratios, not the absolute figures. The CPU
+hits every row alike; quote the ratios, not the absolute figures. `--repeat N`
+runs it all N times (fresh servers each time) and closes with each ratio's
+median and spread (min-max) over the runs, and the load average. The CPU
 columns are the CPU time of all threads of the server process (gRPC's C-core
 threads included, from /proc) and of this client process, per call: less
 sensitive to other load on the box than wall time. `--profile` instead runs P5
@@ -88,9 +92,12 @@ def _serve(kind: str, max_workers: int, conn, profile_path: str | None) -> None:
     from gradserve.server.limits import Limits
 
     limits = Limits()
-    if kind == "gradserve":
+    if kind.startswith("gradserve"):
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=1, user_api="blas")  # gradserve serve's --blas-threads 1
+        if kind != "gradserve-default-malloc":  # gradserve serve without --no-malloc-tuning
+            from gradserve.server.allocator import keep_freed_memory
+            assert keep_freed_memory(), "mallopt refused"
         server = create_server("127.0.0.1:0", limits, max_workers=max_workers).start()
         port, stop = server.port, lambda: server.stop(grace=1.0)
     else:
@@ -103,9 +110,15 @@ def _serve(kind: str, max_workers: int, conn, profile_path: str | None) -> None:
     if profiles is not None:
         import pstats
         threading.setprofile(None)
-        stats = pstats.Stats(profiles[0])
-        for prof in profiles[1:]:
-            stats.add(prof)
+        stats = None
+        for prof in profiles:
+            prof.create_stats()
+            if not prof.stats:  # a thread that ran nothing profiled
+                continue
+            if stats is None:
+                stats = pstats.Stats(prof)
+            else:
+                stats.add(prof)
         stats.dump_stats(profile_path)
     conn.send("stopped")
     if profiles is not None:
@@ -200,13 +213,15 @@ def _environ(extra: dict):
 
 
 @contextlib.contextmanager
-def servers(max_workers: int, malloc_env: bool = False):
-    """A gradserve and an echo server; glibc's malloc defaults unless `malloc_env`, even
-    when this process runs with MALLOC_* set."""
-    env = MALLOC_ENV if malloc_env else dict.fromkeys(MALLOC_ENV)
+def servers(max_workers: int, gradserve_kind: str = "gradserve"):
+    """A gradserve and an echo server, both without MALLOC_* variables even when this
+    process runs with them: gradserve sets its thresholds as `gradserve serve` does
+    (kind "gradserve"), or keeps glibc's defaults ("gradserve-default-malloc",
+    `--no-malloc-tuning`); the echo keeps glibc's defaults."""
+    env = dict.fromkeys(MALLOC_ENV)
     started = []
     try:
-        for kind in ("gradserve", "echo"):
+        for kind in (gradserve_kind, "echo"):
             started.append(ServerProcess(kind, max_workers, env))
         yield started
     finally:
@@ -433,9 +448,13 @@ def print_table(title: str, header: tuple, rows: list) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+RATIOS: dict[str, list] = collections.defaultdict(list)  # label -> ratio of each run
+
+
 def ratio_line(label: str, ours: float, theirs: float, unit: str, target: float,
                lower_is_better: bool, detail: str = "") -> str:
     ratio = ours / theirs
+    RATIOS[label, target, lower_is_better].append(ratio)
     met = ratio <= target if lower_is_better else ratio >= target
     sign = "<=" if lower_is_better else ">="
     return (f"{label}: {ours:,.1f} {unit} vs echo {theirs:,.1f} {unit} = {ratio:.2f}x "
@@ -486,6 +505,8 @@ def bench_latency(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool):
     line = ratio_line("P5 seed round trip (Client.differentiate)", client_us, base * 1e6,
                       "us", 1.3, lower_is_better=True,
                       detail=f"; raw stub {stub_us:.1f} us = {stub_us / (base * 1e6):.2f}x")
+    ratio_line("P5 raw stub, pre-built request (reported)", stub_us, base * 1e6, "us", 1.3,
+               lower_is_better=True)
     return client, graph_id, inputs, request, small_req, raw, line
 
 
@@ -541,6 +562,8 @@ def bench_throughput(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, cli
     best_gs = max((r, n) for n, r in rates.items() if n.startswith("gradserve"))
     best_echo = max((r, n) for n, r in rates.items() if n.startswith("echo Tensor"))
     futures = rates["gradserve Client.differentiate_async, 8 in flight, one Client"]
+    ratio_line("P6 Client.differentiate_async, 8 in flight (reported)", futures, base,
+               "calls/s", 0.8, lower_is_better=False)
     return ratio_line(
         "P6 8 in flight (Client, 8 threads)", ours, base, "calls/s", 0.8,
         lower_is_better=False,
@@ -567,13 +590,23 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
 
     checked(client.differentiate(graph_id, inputs))
 
+    # Both sides sending pre-serialized bytes: the request's bytes in, the reply's bytes
+    # out unparsed (identity serializers), as the raw-bytes echo does.
+    method = "/gradserve.v1.GradientService/Differentiate"
+    request_bytes = request.SerializeToString()
+    raw_channel = grpc.insecure_channel(gs.address, options=CHANNEL_OPTIONS)
+    raw_differentiate = raw_channel.unary_unary(method, _registered_method=True)
+    checked(result_from_proto(pb.DifferentiateResponse.FromString(
+        raw_differentiate(request_bytes))))
+
     async def make_aio():
         channel = grpc.aio.insecure_channel(gs.address, options=CHANNEL_OPTIONS)
         aio_stub, aio_tensor_stub = pb_grpc.GradientServiceStub(channel), _TensorStub(channel)
         checked(await aio_differentiate(aio_tensor_stub, graph_id, inputs))
-        return (channel, aio_stub, aio_tensor_stub, *echo.aio())
+        return (channel, aio_stub, aio_tensor_stub,
+                channel.unary_unary(method, _registered_method=True), *echo.aio())
 
-    (channel, aio_stub, aio_tensor_stub, echo_channel, aio_tensor,
+    (channel, aio_stub, aio_tensor_stub, aio_raw, echo_channel, aio_tensor,
      aio_bytes) = loop.run(make_aio())
     g, e = gs.process.pid, echo.pid
     rows = {
@@ -585,6 +618,10 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
             ("aio", lambda: aio_differentiate(aio_tensor_stub, graph_id, inputs), g),
         "gradserve grpc.aio stub, pre-built request":
             ("aio", lambda: aio_stub.Differentiate(request), g),
+        "gradserve raw bytes (pre-serialized, reply unparsed), sync":
+            ("sync", lambda: raw_differentiate(request_bytes), g),
+        "gradserve raw bytes (pre-serialized, reply unparsed), grpc.aio":
+            ("aio", lambda: aio_raw(request_bytes), g),
         "echo Tensor, sync": ("sync", lambda: echo.tensor(big_tensor), e),
         "echo Tensor, grpc.aio": ("aio", lambda: aio_tensor(big_tensor), e),
         "echo raw bytes, sync": ("sync", lambda: echo.bytes(raw), e),
@@ -595,16 +632,18 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
     med = {name: st[0] for name, st in stats.items()}
     loop.run(channel.close())
     loop.run(echo_channel.close())
+    raw_channel.close()
     client.close()
 
     def mbps(name):
         sent = rep_size if name.startswith("gradserve") else req_size
         return (req_size + sent) / med[name] / 1e6
 
-    # The target compares what a user gets, numpy in and numpy out, on gradserve's side;
-    # the pre-built rows split client-side from server-side cost.
-    best_gs = max((mbps(n), n) for n in ("gradserve Client.differentiate (sync)",
-                                         "gradserve grpc.aio: build request + Result"))
+    # The target: both sides sending pre-serialized bytes (the server's own cost against
+    # the echo's); numpy in and out, what a user of the Client gets, is reported beside it.
+    best_gs = max((mbps(n), n) for n in rows if n.startswith("gradserve raw bytes"))
+    best_numpy = max((mbps(n), n) for n in ("gradserve Client.differentiate (sync)",
+                                            "gradserve grpc.aio: build request + Result"))
     best_echo = max((mbps(n), n) for n in rows if n.startswith("echo raw bytes"))
     print_table(f"P7 16 MiB gradient, {label} (request {req_size:,} B, reply {rep_size:,} B; "
                 f"MB/s = (request + reply bytes) / median round trip, 1 MB = 1e6 B; "
@@ -619,12 +658,14 @@ def bench_large(gs: ServerProcess, echo: Echo, loop: Loop, quick: bool, label: s
              "gradserve grpc.aio: build request + Result"),
             ("gradserve, pre-built request", "gradserve sync stub, pre-built request",
              "gradserve grpc.aio stub, pre-built request"),
+            ("gradserve, raw bytes", "gradserve raw bytes (pre-serialized, reply unparsed), sync",
+             "gradserve raw bytes (pre-serialized, reply unparsed), grpc.aio"),
             ("echo Tensor", "echo Tensor, sync", "echo Tensor, grpc.aio"),
             ("echo raw bytes", "echo raw bytes, sync", "echo raw bytes, grpc.aio")):
         sync_v, aio_v = mbps(sync_row), mbps(aio_row)
         print(f"  {what}: {'grpc.aio' if aio_v > sync_v else 'sync'} faster "
               f"(sync {sync_v:.0f} MB/s, aio {aio_v:.0f} MB/s, aio/sync {aio_v / sync_v:.2f}x)")
-    return best_gs, best_echo
+    return best_gs, best_echo, best_numpy
 
 
 # --- profile mode --------------------------------------------------------------------------
@@ -746,6 +787,13 @@ def main(argv=None) -> None:
                         help="profile the gradserve server for P5 and P7 instead")
     parser.add_argument("--no-p7", action="store_true",
                         help="skip the 16 MiB measurements (P5 and P6 only)")
+    parser.add_argument("--no-processes", action="store_true",
+                        help="skip P6's `gradserve serve --processes` comparison")
+    parser.add_argument("--no-malloc-variant", action="store_true",
+                        help="skip P7's variant with glibc's default malloc thresholds")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run everything N times and summarize each target's ratio "
+                             "(median, min-max)")
     args = parser.parse_args(argv)
     if args.profile:
         profile(args.max_workers, args.quick)
@@ -756,7 +804,32 @@ def main(argv=None) -> None:
     print(f"gradserve transport benchmark{' (quick)' if args.quick else ''}: "
           f"grpcio {grpc.__version__}, numpy {np.__version__}, {os.cpu_count()} CPUs; "
           f"servers in spawned processes, max_workers={args.max_workers}; client process "
-          f"malloc env: {client_malloc or 'default'}")
+          f"malloc env: {client_malloc or 'default'}; OPENBLAS_CORETYPE="
+          f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')} OPENBLAS_L2_SIZE="
+          f"{os.environ.get('OPENBLAS_L2_SIZE', '(unset)')}")
+    loads = [os.getloadavg()]
+    for run in range(args.repeat):
+        if args.repeat > 1:
+            print(f"\n=== run {run + 1} of {args.repeat} (load average "
+                  f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}) ===")
+        lines = one_run(args)
+        loads.append(os.getloadavg())
+        print("\nratios (same run)")
+        for line in lines:
+            print("  " + line)
+    print(f"\nsummary over {args.repeat} run(s), each interleaved (median, min-max); load "
+          f"average (1 min) {min(x[0] for x in loads):.2f}-{max(x[0] for x in loads):.2f} "
+          f"on {len(os.sched_getaffinity(0))} CPUs shared with the client")
+    for (label, target, lower), ratios in RATIOS.items():
+        median = statistics.median(ratios)
+        met = median <= target if lower else median >= target
+        print(f"  {label}: {median:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}; target "
+              f"{'<=' if lower else '>='} {target}x) {'MET' if met else 'MISSED'}")
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+def one_run(args) -> list[str]:
+    """P5, P6 and P7 once (each interleaved against its echo); the ratio lines."""
     loop = Loop()
     lines = []
     with servers(args.max_workers) as (gs, echo_server):
@@ -767,37 +840,34 @@ def main(argv=None) -> None:
             p6, echo_rate = bench_throughput(gs, echo, loop, args.quick, client, *shared)
             lines.append(p6)
             client.close()
-            lines.extend(bench_processes(args.quick, echo_rate))
+            if not args.no_processes:
+                lines.extend(bench_processes(args.quick, echo_rate))
         if args.no_p7:
             echo.close()
             loop.close()
-            print("\nratios (same run)")
-            for line in lines:
-                print("  " + line)
-            return
-        (gs_mbps, gs_name), (echo_mbps, echo_name) = bench_large(
-            gs, echo, loop, args.quick, "servers at default malloc settings")
+            return lines
+        (gs_mbps, gs_name), (echo_mbps, echo_name), (np_mbps, np_name) = bench_large(
+            gs, echo, loop, args.quick, "gradserve with its malloc thresholds (gradserve "
+            "serve's default), echo at glibc's defaults")
         echo.close()
-    lines.append(ratio_line("P7 16 MiB gradient (best client each side)", gs_mbps, echo_mbps,
-                            "MB/s", 0.8, lower_is_better=False,
+    lines.append(ratio_line("P7 16 MiB gradient, pre-serialized both sides", gs_mbps,
+                            echo_mbps, "MB/s", 0.8, lower_is_better=False,
                             detail=f"; gradserve best: {gs_name}; echo best: {echo_name}"))
-
-    env_text = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
-    with servers(args.max_workers, malloc_env=True) as (gs, echo_server):
-        echo = Echo(echo_server.address, echo_server.process.pid)
-        (v_mbps, v_name), (ve_mbps, ve_name) = bench_large(
-            gs, echo, loop, args.quick, f"variant: both servers with {env_text}")
-        echo.close()
+    lines.append(ratio_line("P7 numpy in and out (reported, no target)", np_mbps, echo_mbps,
+                            "MB/s", 0.8, lower_is_better=False, detail=f"; {np_name}"))
+    if not args.no_malloc_variant:
+        with servers(args.max_workers, "gradserve-default-malloc") as (gs, echo_server):
+            echo = Echo(echo_server.address, echo_server.process.pid)
+            (v_mbps, v_name), (ve_mbps, _), _ = bench_large(
+                gs, echo, loop, args.quick, "variant: gradserve --no-malloc-tuning (glibc's "
+                "defaults), echo at glibc's defaults")
+            echo.close()
+        lines.append(ratio_line(
+            "P7 variant, gradserve --no-malloc-tuning (before; reported)", v_mbps, ve_mbps,
+            "MB/s", 0.8, lower_is_better=False,
+            detail=f"; the malloc thresholds give {gs_mbps / v_mbps:.2f}x its MB/s"))
     loop.close()
-    variant = ratio_line("P7 variant, servers with the malloc env (reported, not the target)",
-                         v_mbps, ve_mbps, "MB/s", 0.8, lower_is_better=False,
-                         detail=f"; gradserve {v_mbps / gs_mbps:.2f}x its default-malloc "
-                                f"figure")
-
-    print("\nratios (same run)")
-    for line in [*lines, variant]:
-        print("  " + line)
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    return lines
 
 
 if __name__ == "__main__":

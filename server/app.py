@@ -21,6 +21,7 @@ from gradserve.v1 import gradient_service_pb2 as pb
 
 from .auth import TokenAuthInterceptor
 from .calls import method_handler
+from .lean import DEFAULT_INLINE_BUDGET_US
 from .limits import Limits
 from .servicer import GradientServicer
 
@@ -216,13 +217,16 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   max_workers: int = 16, reflection_enabled: bool = True,
                   auth_token: str | None = None, tls: TLSConfig | None = None,
                   event_loop: str = "auto", max_connection_age: float = 0.0,
-                  max_connection_age_grace: float = 0.0) -> Server:
+                  max_connection_age_grace: float = 0.0,
+                  inline_budget_us: float = DEFAULT_INLINE_BUDGET_US) -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
     `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (the
-    `uvloop` extra) or "auto" (uvloop if installed).
+    `uvloop` extra) or "auto" (uvloop if installed). Small requests whose estimated
+    time is within `inline_budget_us` are answered on the event loop (server.lean; 0:
+    every request in a worker).
 
     With `max_connection_age` > 0 seconds the server sends each connection an HTTP/2
     GOAWAY once it is that old (grpc adds +-10% jitter): the client reconnects and
@@ -236,14 +240,14 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     age = (max_connection_age, max_connection_age_grace)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
-                               tls, loop, age))
+                               tls, loop, age, inline_budget_us))
     except BaseException:
         loop.close()
         raise
 
 
 async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
-                 loop, age=(0.0, 0.0)) -> Server:
+                 loop, age=(0.0, 0.0), inline_budget_us=DEFAULT_INLINE_BUDGET_US) -> Server:
     """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -257,7 +261,7 @@ async def _build(address, limits, max_workers, reflection_enabled, auth_token, t
     # too; the servicer admits requests itself (server.calls.Calls.admit).
     server = grpc.aio.server(options=options,
                              interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [])
-    servicer = GradientServicer(limits, max_workers)
+    servicer = GradientServicer(limits, max_workers, inline_budget_us)
     servicer.connection_age = age  # reported by GetServerInfo
     server.add_generic_rpc_handlers((service_handler(servicer),))
     health_servicer = Health()

@@ -7,7 +7,8 @@ everything CPU-bound about a request (parsing, the engine, serializing the
 reply) runs in a bounded pool of worker threads (`Calls.executor`). The servicer's
 methods stay plain functions `method(self, request, context)` run in a worker;
 their `context` is a CallState (is_active, time_remaining), which the engine's
-`check` reads between ops.
+`check` reads between ops. Small Evaluate and Differentiate requests within the
+inline time budget are answered on the event loop instead (server.lean).
 
 Requests arrive as raw bytes (the handlers are registered without a
 deserializer) so that bytes that are not a valid request are INVALID_ARGUMENT
@@ -247,6 +248,11 @@ def rpc(method):
             await abort(context, exc)
         call = CallState(context)
         try:
+            lean = self.lean  # small requests: answered here, on the loop (server.lean)
+            reply = (None if lean is None
+                     else lean.answer(name, data, started, call.time_remaining()))
+            if reply is not None:
+                return reply
             return await calls.in_worker(run, self, data, call, started)
         except asyncio.CancelledError:
             call.ended = True  # the worker's next check stops the work

@@ -102,6 +102,12 @@ class GraphCache:
             self._evict(keep=key)
             return plan
 
+    def peek(self, key: str) -> engine.Plan | None:
+        """The plan if cached, without counting a lookup or touching its recency (the
+        lean path's look before it commits to answering; server.lean)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
     def put(self, key: str, plan: engine.Plan, size: int) -> None:
         with self._lock:
             if key in self._entries:

@@ -16,6 +16,7 @@ from gradserve.v1.tensor_wire import TensorMessage
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
+from .lean import DEFAULT_INLINE_BUDGET_US, LeanPath
 from .limits import Limits
 from .registry import GraphRegistry
 from .residuals import ResidualStore
@@ -25,9 +26,12 @@ VERSION = "0.1.0"
 
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
-    """Each method answers one request in a worker thread (server.calls)."""
+    """Each method answers one request in a worker thread (server.calls); small
+    Evaluate and Differentiate requests by graph id are answered on the event loop by
+    `lean` (server.lean), with the same replies and errors."""
 
-    def __init__(self, limits: Limits | None = None, max_workers: int = 16):
+    def __init__(self, limits: Limits | None = None, max_workers: int = 16,
+                 inline_budget_us: float = DEFAULT_INLINE_BUDGET_US):
         self.limits = limits or Limits()
         self.connection_age = (0.0, 0.0)  # seconds: max connection age and its grace
         self.calls = Calls(self.limits, max_workers)
@@ -39,6 +43,9 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self._run_limits = {"max_bytes": self.limits.max_intermediate_bytes,
                             "max_reply_bytes": self.limits.max_message_bytes,
                             "max_flops": self.limits.max_request_flops or None}
+        # Small requests within this estimated time are answered on the event loop
+        # (server.lean); 0 sends every request to a worker.
+        self.lean = LeanPath(self, inline_budget_us) if inline_budget_us > 0 else None
 
     @rpc
     def RegisterGraph(self, request, context):

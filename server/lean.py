@@ -1,0 +1,242 @@
+"""The lean path: small Evaluate and Differentiate requests by graph id, answered on the
+event loop where they arrive, without the hand-off to a worker thread and back.
+
+A seed call's own work is ~40 us (parse, cache lookup, engine, reply) against ~130 us
+of thread hand-off and ~35 us of the general path's glue (PERF-NOTES.md), so a
+request that qualifies is parsed by the generated code, its plan found in the graph
+cache, computed, and its reply built by the generated code (the same bytes as the
+general path's: deterministic serialization of the same message).
+
+What qualifies: the request is at most LEAN_MAX_BYTES, names a cached graph by id
+with static shapes, uses no field but those of a plain evaluation or differentiation
+(no trace, residuals, second order or inline graph), and its estimated time is within
+the server's inline budget (TimeModel). Anything else, and every request that fails
+on the way (bad bytes, unknown graph, a bad tensor, an engine error), is answered by
+the general path in a worker: so errors are the general path's, by construction, and
+the request's outcome (metrics, request log, cache lookup) is recorded once, by the
+path that answered it.
+
+The budget bounds how long the event loop (and so health checks and every other
+call's I/O) can be held by one request; it is an estimate of time, not of FLOPs:
+a 2,000-op scalar chain has few FLOPs and takes milliseconds of per-op Python.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from math import prod
+
+from prometheus_client import Counter as Metric
+
+from gradserve.v1 import gradient_service_pb2 as pb
+from gradserve.v1.codec import array_from, fill_tensor, fill_tensors
+from gradserve.v1.modes import WIRE_MODES, mode_name
+
+from .convert import fill_decision
+from .wire import wire_counter
+
+# Larger requests go to a worker (tensor_wire reads them without copies there).
+LEAN_MAX_BYTES = 16384
+DEFAULT_INLINE_BUDGET_US = 500.0
+_PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
+
+# The fields a lean request may set; any other (trace, residuals, second_order,
+# keep_residuals, an inline graph, fields added later) sends it to the general path.
+_EVALUATE_FIELDS = frozenset({"graph_id", "inputs"})
+_DIFFERENTIATE_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "tangents",
+                                   "cotangents", "request_id"})
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """Estimated microseconds of a lean request (parse, engine, reply) from the graph's
+    node count and the FLOPs of its shapes (seed directions included):
+    fixed + per node * nodes + per MFLOP * MFLOPs, a differentiation's per-node cost
+    covering both its sweeps. Fitted with `bench/bench_server_model.py --calibrate`
+    (scalar chains of 4-2,000 nodes, short chains of 100-100,000 elements) on the
+    shared 2-core machine in two runs, load average 3.7 and 4.3: fixed 30-34 us
+    (evaluate) and 61-112 us (differentiate), 0.65-1.6 and 3.2-7.5 us per node,
+    100-185 us per MFLOP. The constants are the slower run's, rounded up: a short
+    estimate holds the loop longer than the budget says, a long one only costs a
+    hand-off."""
+
+    fixed_us: float = 60.0
+    evaluate_node_us: float = 1.6
+    differentiate_node_us: float = 7.5
+    mflop_us: float = 600.0
+
+    def evaluate_us(self, nodes: int, flops: int) -> float:
+        return self.fixed_us + self.evaluate_node_us * nodes + self.mflop_us * flops * 1e-6
+
+    def differentiate_us(self, nodes: int, flops: int) -> float:
+        return (self.fixed_us + self.differentiate_node_us * nodes
+                + self.mflop_us * flops * 1e-6)
+
+
+class LeanPath:
+    """Answers qualifying requests inline (see the module's docstring); `counts` says
+    how many were answered inline ("inline"), how many went to a worker over the time
+    budget ("over_budget") or past their deadline ("expired"), also as the
+    gradserve_lean_requests metric."""
+
+    def __init__(self, servicer, budget_us: float = DEFAULT_INLINE_BUDGET_US,
+                 model: TimeModel | None = None):
+        self.servicer = servicer
+        self.budget_us = budget_us
+        self.model = model or TimeModel()
+        self.counts: Counter[str] = Counter()
+        self._answer = {"Evaluate": self._evaluate, "Differentiate": self._differentiate}
+        limits = servicer.limits
+        self._max_elements = limits.max_tensor_elements
+        self._counters = {t: wire_counter(t, limits)
+                          for t in (pb.EvaluateRequest, pb.DifferentiateRequest)}
+        self._metric = Metric("gradserve_lean_requests",
+                              "small requests answered on the event loop (inline), or sent "
+                              "to a worker over the time budget (over_budget) or past "
+                              "their deadline (expired)",
+                              ["path"], registry=servicer.telemetry.registry)
+        self._children: dict = {}
+        self._planners: dict = {}  # engine.PlannerDecision -> its message
+
+    def answer(self, method: str, data, started: float,
+               time_remaining: float | None = None) -> bytes | None:
+        """The reply's bytes if the lean path answered the request, else None (the
+        general path answers it). A call whose deadline has passed (`time_remaining`
+        0) is left to the general path, where grpc's cancellation ends it."""
+        answer = self._answer.get(method)
+        if answer is None or not isinstance(data, bytes) or len(data) > LEAN_MAX_BYTES:
+            return None
+        if time_remaining is not None and time_remaining <= 0:
+            self._count("expired")
+            return None
+        try:
+            return answer(method, data, started)
+        except Exception:  # noqa: BLE001 - the general path answers, with its own error
+            return None
+
+    def _count(self, path: str) -> None:
+        self.counts[path] += 1
+        child = self._children.get(path)
+        if child is None:  # labels() takes a lock and a lookup: once per path
+            child = self._children[path] = self._metric.labels(path)
+        child.inc()
+
+    def _plan(self, request_type, data, fields):
+        """(request, the names of its fields set, plan) if the request qualifies so far,
+        else None; bytes that do not parse raise DecodeError (the general path says why)."""
+        self._counters[request_type].check(data)
+        request = request_type.FromString(data)
+        present = {field.name for field, _ in request.ListFields()}
+        if not present <= fields or "graph_id" not in present:
+            return None
+        plan = self.servicer.registry.cache.peek(request.graph_id)
+        if plan is None or not plan.static:
+            return None
+        return request, present, plan
+
+    def _arrays(self, request, present, field: str) -> dict:
+        """A map of tensors as arrays, checked and named as the general path's codec
+        names them (an error sends the request to the general path, which says it)."""
+        if field not in present:
+            return {}
+        limit = self._max_elements
+        return {key: array_from(t.dtype, tuple(t.shape), t.data, f"{field}['{key}']", limit)
+                for key, t in getattr(request, field).items()}
+
+    def _within_budget(self, estimate_us: float) -> bool:
+        if estimate_us > self.budget_us:
+            self._count("over_budget")
+            return False
+        return True
+
+    def _evaluate(self, method: str, data: bytes, started: float) -> bytes | None:
+        found = self._plan(pb.EvaluateRequest, data, _EVALUATE_FIELDS)
+        if found is None:
+            return None
+        request, present, plan = found
+        graph_id = request.graph_id
+        servicer = self.servicer
+        model, nodes = self.model, len(plan.graph.nodes)
+        # the node count first: FLOPs take a pass over the nodes (once per plan)
+        if not (self._within_budget(model.evaluate_us(nodes, 0))
+                and self._within_budget(model.evaluate_us(nodes,
+                                                          plan.estimate_flops(plan.shapes)))):
+            return None
+        outputs = plan.evaluate(self._arrays(request, present, "inputs"), check=None,
+                                **servicer._run_limits)
+        reply = pb.EvaluateResponse(graph_id=graph_id)
+        fill_tensors(reply.outputs, outputs)
+        return self._reply(method, started, request, reply, None, graph_id)
+
+    def _differentiate(self, method: str, data: bytes, started: float) -> bytes | None:
+        found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS)
+        if found is None:
+            return None
+        request, present, plan = found
+        graph_id = request.graph_id
+        mode = mode_name(request.mode)
+        if mode is None:
+            return None
+        model, nodes = self.model, len(plan.graph.nodes)
+        # the node count first: FLOPs take a pass over the nodes (once per plan)
+        if not self._within_budget(model.differentiate_us(nodes, 0)):
+            return None
+        directions = _directions(plan, request, present)
+        if not self._within_budget(model.differentiate_us(
+                nodes, plan.estimate_flops(plan.shapes, directions))):
+            return None
+        servicer = self.servicer
+        result = plan.differentiate(
+            self._arrays(request, present, "inputs"),
+            wrt=tuple(request.wrt) if "wrt" in present else None,
+            of=tuple(request.of) if "of" in present else None, mode=mode,
+            tangents=self._arrays(request, present, "tangents"),
+            cotangents=self._arrays(request, present, "cotangents"), trace=False,
+            check=None, **servicer._run_limits, residuals=None,
+            max_block_elements=servicer.limits.max_tensor_elements,
+            max_trace_elements=servicer.limits.max_trace_elements or None)
+        decision = result.decision
+        reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
+                                         mode=WIRE_MODES[decision.mode],
+                                         planner=self._planner(decision))
+        for name in ("outputs", "tangents", "cotangents"):
+            arrays = getattr(result, name)
+            if arrays:
+                fill_tensors(getattr(reply, name), arrays)
+        for (of, wrt), block in (result.jacobian or {}).items():
+            fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
+        return self._reply(method, started, request, reply, decision.mode, graph_id)
+
+    def _planner(self, decision) -> pb.PlannerDecision:
+        """The planner's decision as a message, built once per decision: a graph's calls
+        of one kind repeat it."""
+        message = self._planners.get(decision)
+        if message is None:
+            if len(self._planners) >= _PLANNERS_KEPT:
+                self._planners.clear()
+            message = self._planners[decision] = fill_decision(pb.PlannerDecision(), decision)
+        return message
+
+    def _reply(self, method, started, request, reply, mode, graph_id) -> bytes:
+        data = reply.SerializeToString(deterministic=True)
+        # Answered: the lookup is counted (and the graph made most recent) as the general
+        # path's would be; a request that fails on the way is counted by that path only.
+        self.servicer.registry.cache.get(graph_id)
+        self.servicer.telemetry.record(method, "OK", started, request, reply, mode)
+        self._count("inline")
+        return data
+
+
+def _directions(plan, request, present) -> int:
+    """Seed directions the request's differentiation sweeps: the seeds' leading axis
+    (k) when tangents or cotangents are given, else the smaller side of the Jacobian
+    (the planner sweeps the cheaper way)."""
+    shapes = plan.shapes
+    for field in ("tangents", "cotangents"):
+        if field in present:
+            return max(prod(t.shape) // max(1, prod(shapes[name]))
+                       for name, t in getattr(request, field).items())
+    wrt = tuple(request.wrt) if "wrt" in present else plan.float_inputs
+    of = tuple(request.of) if "of" in present else plan.float_outputs
+    return min(sum(prod(shapes[n]) for n in wrt), sum(prod(shapes[n]) for n in of))

@@ -1,0 +1,292 @@
+"""The lean path (server.lean) over real gRPC on 127.0.0.1: small Evaluate and
+Differentiate requests by graph id answered on the event loop give the same reply
+bytes and the same errors as the general path (a server with inline_budget_us=0,
+every request in a worker), honour deadlines and cancellation, and the time gate
+sends work estimated over the budget (a 2,000-op scalar chain) to the worker pool.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections import Counter
+
+import grpc
+import numpy as np
+import pytest
+
+from gradserve.client import GraphBuilder
+from gradserve.server.app import create_server
+from gradserve.server.limits import Limits
+from gradserve.v1 import gradient_service_pb2 as pb
+from gradserve.v1.codec import fill_tensors, from_tensor, to_tensor
+from gradserve.v1.modes import WIRE_MODES
+
+SERVICE = "/gradserve.v1.GradientService/"
+PI = np.float32([np.pi])
+
+
+def seed_graph(dtype="float32", shape=(1,)):
+    g = GraphBuilder()
+    x, y = g.input("x", dtype, shape), g.input("y", dtype, shape)
+    g.output("o", (x + y) * g.sin(x))
+    return g
+
+
+def chain_graph(nodes: int):
+    """A scalar chain of `nodes` - 1 alternating multiplies and sines: few FLOPs,
+    milliseconds of per-op Python."""
+    g = GraphBuilder()
+    x = g.input("x", "float32", [1])
+    v = x
+    for i in range(nodes - 1):
+        v = g.sin(v) if i % 2 else v * x
+    g.output("o", v)
+    return g
+
+
+class Raw:
+    """Raw request bytes in, raw reply bytes (or the RpcError) out, on one server."""
+
+    def __init__(self, server):
+        self.server = server
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+
+    def __call__(self, method: str, data: bytes, timeout: float = 30.0):
+        call = self.channel.unary_unary(SERVICE + method, _registered_method=True)
+        try:
+            return call(data, timeout=timeout)
+        except grpc.RpcError as err:
+            return err
+
+    def register(self, graph) -> str:
+        data = pb.RegisterGraphRequest(graph=graph.build()).SerializeToString()
+        return pb.RegisterGraphResponse.FromString(self("RegisterGraph", data)).graph_id
+
+    @property
+    def counts(self):
+        lean = self.server.servicer.lean
+        return Counter(lean.counts) if lean is not None else None
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """(lean, general): a server with the default inline budget and one with none."""
+    lean = create_server("127.0.0.1:0").start(("127.0.0.1", 0))
+    general = create_server("127.0.0.1:0", inline_budget_us=0).start()
+    try:
+        yield Raw(lean), Raw(general)
+    finally:
+        lean.stop(grace=0)
+        general.stop(grace=0)
+
+
+def registered(pair, graph) -> str:
+    ids = {raw.register(graph) for raw in pair}
+    assert len(ids) == 1  # content hashes: the same id on both
+    return ids.pop()
+
+
+def differentiate(graph_id, inputs, **fields) -> bytes:
+    request = pb.DifferentiateRequest(graph_id=graph_id, **fields)
+    fill_tensors(request.inputs, inputs)
+    return request.SerializeToString()
+
+
+def seed_cases(graph_id, graph64_id):
+    x64 = np.float64([0.3, 1.1])
+    return {
+        "jacobian": ("Differentiate", differentiate(graph_id, {"x": PI, "y": PI},
+                                                    request_id="7")),
+        "wrt and of": ("Differentiate", differentiate(graph_id, {"x": PI, "y": PI},
+                                                      wrt=["y"], of=["o"])),
+        "forward mode": ("Differentiate", differentiate(
+            graph_id, {"x": PI, "y": PI}, mode=WIRE_MODES["forward"])),
+        "reverse mode": ("Differentiate", differentiate(
+            graph_id, {"x": PI, "y": PI}, mode=WIRE_MODES["reverse"])),
+        "jvp": ("Differentiate", differentiate(
+            graph64_id, {"x": x64, "y": x64 + 1},
+            tangents={"x": to_tensor(np.float64([1.0, -2.0]))})),
+        "batched jvp": ("Differentiate", differentiate(
+            graph64_id, {"x": x64, "y": x64 + 1},
+            tangents={"x": to_tensor(np.float64([[1.0, 0.0], [0.0, 1.0], [2.0, 3.0]]))})),
+        "vjp": ("Differentiate", differentiate(
+            graph64_id, {"x": x64, "y": x64 + 1},
+            cotangents={"o": to_tensor(np.float64([0.5, 2.0]))})),
+        "evaluate": ("Evaluate", _evaluate(graph_id, {"x": PI, "y": np.float32([1.0])})),
+    }
+
+
+def _evaluate(graph_id, inputs) -> bytes:
+    request = pb.EvaluateRequest(graph_id=graph_id)
+    fill_tensors(request.inputs, inputs)
+    return request.SerializeToString()
+
+
+def test_replies_are_byte_identical_to_the_general_path(pair):
+    lean, general = pair
+    graph_id = registered(pair, seed_graph())
+    graph64_id = registered(pair, seed_graph("float64", (2,)))
+    for name, (method, data) in seed_cases(graph_id, graph64_id).items():
+        before = lean.counts["inline"]
+        fast, slow = lean(method, data), general(method, data)
+        assert isinstance(fast, bytes) and isinstance(slow, bytes), (name, fast, slow)
+        assert fast == slow, name
+        assert lean.counts["inline"] == before + 1, f"{name}: not answered inline"
+    assert general.counts is None
+
+
+def test_the_seed_gradient_on_the_lean_path_matches_the_closed_form(pair):
+    lean, _ = pair
+    graph_id = registered(pair, seed_graph("float64"))
+    x, y = 0.7, -0.4
+    data = differentiate(graph_id, {"x": np.float64([x]), "y": np.float64([y])})
+    reply = pb.DifferentiateResponse.FromString(lean("Differentiate", data))
+    blocks = {(b.of, b.wrt): from_tensor(b.value) for b in reply.jacobian}
+    # d/dx (x + y) sin x = sin x + (x + y) cos x; d/dy = sin x
+    assert blocks["o", "x"].item() == pytest.approx(math.sin(x) + (x + y) * math.cos(x),
+                                                    rel=1e-12)
+    assert blocks["o", "y"].item() == pytest.approx(math.sin(x), rel=1e-12)
+    assert from_tensor(reply.outputs["o"]).item() == pytest.approx((x + y) * math.sin(x))
+
+
+def bad_cases(graph_id):
+    good = {"x": PI, "y": PI}
+    bad_bytes = pb.DifferentiateRequest(graph_id=graph_id)
+    fill_tensors(bad_bytes.inputs, good)
+    bad_bytes.inputs["x"].data = b"\x00\x00"  # 2 bytes for one float32
+    return {
+        "unknown graph id": ("Differentiate", differentiate("0" * 64, good)),
+        "missing input": ("Differentiate", differentiate(graph_id, {"x": PI})),
+        "extra input": ("Evaluate", _evaluate(graph_id, {**good, "z": PI})),
+        "wrong shape": ("Differentiate", differentiate(graph_id, {"x": PI, "y": np.float32([1, 2])})),
+        "wrong dtype": ("Evaluate", _evaluate(graph_id, {"x": PI, "y": np.float64([1])})),
+        "bytes do not match the shape": ("Differentiate", bad_bytes.SerializeToString()),
+        "unknown mode": ("Differentiate", differentiate(graph_id, good, mode=9)),
+        "wrt names an output": ("Differentiate", differentiate(graph_id, good, wrt=["o"])),
+        "of names an input": ("Differentiate", differentiate(graph_id, good, of=["x"])),
+        "tangents and cotangents": ("Differentiate", differentiate(
+            graph_id, good, tangents={"x": to_tensor(PI)}, cotangents={"o": to_tensor(PI)})),
+        "tangent of the wrong shape": ("Differentiate", differentiate(
+            graph_id, good, tangents={"x": to_tensor(np.float32([1, 2, 3]))})),
+        "not a request": ("Differentiate", b"\xff\xff\xff\xff"),
+        "truncated": ("Evaluate", _evaluate(graph_id, good)[:-3]),
+    }
+
+
+def test_errors_are_those_of_the_general_path(pair):
+    lean, general = pair
+    graph_id = registered(pair, seed_graph())
+    inline = lean.counts["inline"]
+    for name, (method, data) in bad_cases(graph_id).items():
+        fast, slow = lean(method, data), general(method, data)
+        assert isinstance(fast, grpc.RpcError) and isinstance(slow, grpc.RpcError), name
+        assert fast.code() == slow.code(), name
+        assert fast.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), name
+        assert fast.details() == slow.details(), name
+        assert dict(fast.trailing_metadata()) == dict(slow.trailing_metadata()), name
+    assert lean.counts["inline"] == inline  # a failing request is never counted answered
+
+
+def test_limits_are_those_of_the_general_path(start_server):
+    limits = Limits(max_inputs=1)  # both inputs of the seed graph are one too many
+    lean = Raw(create_server("127.0.0.1:0", limits).start())
+    general = Raw(create_server("127.0.0.1:0", limits, inline_budget_us=0).start())
+    try:
+        data = differentiate("0" * 64, {"x": PI, "y": PI})
+        fast, slow = lean("Differentiate", data), general("Differentiate", data)
+        assert fast.code() == slow.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert fast.details() == slow.details()
+    finally:
+        lean.server.stop(grace=0)
+        general.server.stop(grace=0)
+
+
+def test_a_call_past_its_deadline_is_not_computed_inline(pair):
+    """grpc delivers a call whose microsecond deadline has passed in transit (or ends it
+    DEADLINE_EXCEEDED first): the lean path leaves such a call to the general path
+    (counted "expired"), whose cancellation by grpc ends it; every call ends OK with
+    the right reply or DEADLINE_EXCEEDED, and nothing stays in progress."""
+    lean, general = pair
+    graph_id = registered(pair, seed_graph())
+    data = differentiate(graph_id, {"x": PI, "y": PI})
+    expected = general("Differentiate", data)
+    before = lean.counts["expired"]
+    codes = Counter()
+    for _ in range(500):
+        reply = lean("Differentiate", data, timeout=1e-6)
+        if isinstance(reply, bytes):
+            assert reply == expected
+            codes["OK"] += 1
+        else:
+            assert reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED, reply
+            codes["DEADLINE_EXCEEDED"] += 1
+        if lean.counts["expired"] > before and codes["DEADLINE_EXCEEDED"]:
+            break
+    assert lean.counts["expired"] > before, codes
+    assert lean("Differentiate", data, timeout=30.0) == expected
+    assert lean.server.servicer.calls.in_progress == 0
+
+
+def test_cancelled_calls_leave_nothing_in_progress(pair):
+    lean, _ = pair
+    graph_id = registered(pair, seed_graph())
+    data = differentiate(graph_id, {"x": PI, "y": PI})
+    call = lean.channel.unary_unary(SERVICE + "Differentiate", _registered_method=True)
+    futures = [call.future(data, timeout=30.0) for _ in range(50)]
+    for f in futures[::2]:
+        f.cancel()
+    for i, f in enumerate(futures):
+        if f.cancelled():
+            continue
+        try:
+            assert isinstance(f.result(), bytes)
+        except grpc.FutureCancelledError:
+            assert i % 2 == 0
+    assert isinstance(lean("Differentiate", data), bytes)  # answered after the rest
+    assert lean.server.servicer.calls.in_progress == 0
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines()
+                                      if line and not line.startswith("#"))}
+
+
+def test_the_time_gate_sends_a_long_scalar_chain_to_a_worker(pair):
+    lean, general = pair
+    chain_id = registered(pair, chain_graph(2000))
+    seed_id = registered(pair, seed_graph())
+    before = lean.counts
+    data = differentiate(chain_id, {"x": np.float32([0.5])})
+    reply = lean("Differentiate", data)
+    assert reply == general("Differentiate", data)  # the same answer, from a worker
+    after = lean.counts
+    assert after["over_budget"] == before["over_budget"] + 1
+    assert after["inline"] == before["inline"]
+    # the 2,000-op chain passes any FLOPs gate a seed call passes: few FLOPs, many ops
+    plans = lean.server.servicer.registry.cache
+    assert plans.peek(chain_id).estimate_flops(plans.peek(chain_id).shapes, 1) < 20_000
+    assert isinstance(lean("Differentiate", differentiate(seed_id, {"x": PI, "y": PI})), bytes)
+    assert lean.counts["inline"] == before["inline"] + 1
+    metrics = scrape(lean.server.metrics_port)
+    assert metrics['gradserve_lean_requests_total{path="over_budget"}'] == \
+        lean.counts["over_budget"]
+    assert metrics['gradserve_lean_requests_total{path="inline"}'] == lean.counts["inline"]
+
+
+def test_large_tensors_and_inline_graphs_take_the_general_path(pair):
+    lean, general = pair
+    g = GraphBuilder()
+    x = g.input("x", "float32", [8192])
+    g.output("loss", g.sum(x * x))
+    graph_id = registered(pair, g)
+    before = lean.counts["inline"]
+    big = differentiate(graph_id, {"x": np.linspace(0, 1, 8192, dtype=np.float32)})
+    inline = pb.DifferentiateRequest(graph=seed_graph().build())
+    fill_tensors(inline.inputs, {"x": PI, "y": PI})
+    for method, data in (("Differentiate", big),
+                         ("Differentiate", inline.SerializeToString())):
+        fast = lean(method, data)
+        assert isinstance(fast, bytes) and fast == general(method, data)
+    assert lean.counts["inline"] == before
