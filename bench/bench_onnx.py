@@ -6,7 +6,8 @@ transformer encoder layer (embedding, 4-head attention, GELU feed-forward, layer
 norm; d=32) on batch 16 x sequence 7: each model is exported with
 torch.onnx.export, imported with gradserve.client.onnx.from_onnx(parameters=
 "inputs"), and the gradient of sum(y * w) with respect to every parameter is
-asked of a local server through the Client (a VJP from the cotangent w). The
+asked of a local server through the Client (a VJP from the cotangent w; also with
+the parameters put once in the server's tensor store, each call sending x). The
 baseline is the same forward and backward in PyTorch eager in this process
 (zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
 for each. No timed assertion.
@@ -97,6 +98,11 @@ class Case:
         return lambda: client.vjp(self.imported.graph, self.values, self.cotangent,
                                   wrt=self.wrt)
 
+    def stored_step(self, client):
+        """The parameters put in the server's tensor store once; each call sends x."""
+        values = {**self.values, **client.put(self.imported.parameters)}
+        return lambda: client.vjp(self.imported.graph, values, self.cotangent, wrt=self.wrt)
+
     def plan(self):
         return engine.compile(graph_from_proto(self.imported.graph.build()))
 
@@ -172,6 +178,7 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
             clients.append(client)
             worst = case.check(client)
             funcs[f"gradserve, {where}"] = case.gradserve_step(client)
+            funcs[f"gradserve, {where}, parameters stored"] = case.stored_step(client)
             if where == "in-process server":
                 funcs[f"gradserve, {where}, 1 BLAS thread"] = one_blas_thread(
                     case.gradserve_step(client))

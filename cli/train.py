@@ -291,6 +291,8 @@ def _print_summary(s: dict, spec: ModelSpec, data) -> None:
             ("server", where + (", over DifferentiateStream" if s["stream"] else ""))]
     if s["mode"] and s["planner"]:  # (local SGD's rounds report no planner decision)
         rows.append(("mode", f"{s['mode']} (the server's planner: {s['planner']['reason']})"))
+    elif s["mode"]:  # TrainSteps: the server's steps report no planner figures
+        rows.append(("mode", f"{s['mode']} (TrainSteps: the state kept on the server)"))
     rate = f": {s['steps_per_second']:,.1f} steps/s" if s["steps_this_run"] else ""
     epochs = f"{s['epochs']} epoch" + ("" if s["epochs"] == 1 else "s")
     rows.append(("trained", f"{epochs}, {s['steps']} steps ({s['steps_this_run']} "

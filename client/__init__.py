@@ -7,7 +7,8 @@ the package and talk to a remote server.
 from .builder import GraphBuilder, Value, load_graph
 from .client import TLS, Client, DifferentiateSession, EdgeTrace, NodeTrace, PlannerDecision, Result
 from .onnx import OnnxImport, OnnxImportError, from_onnx  # needs the onnx package when called
+from .store import StoredTensor, TensorHandle
 
 __all__ = ["TLS", "Client", "DifferentiateSession", "EdgeTrace", "GraphBuilder", "NodeTrace",
-           "OnnxImport", "OnnxImportError", "PlannerDecision", "Result", "Value", "from_onnx",
-           "load_graph"]
+           "OnnxImport", "OnnxImportError", "PlannerDecision", "Result", "StoredTensor",
+           "TensorHandle", "Value", "from_onnx", "load_graph"]

@@ -34,16 +34,22 @@ import numpy as np
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
+from gradserve.v1.chunks import CHUNK_BYTES
 from gradserve.v1.codec import from_tensor
 from gradserve.v1.modes import SPARSITY_NAMES, WIRE_MODES, WIRE_SPARSITY, mode_name
 from gradserve.v1.tensor_wire import TensorMessage, decode
 
+from . import store
 from .builder import GraphBuilder
 from .render import trace_dot
 from .sparse import block_value
+from .store import StoredTensor, TensorHandle
 
 MAX_MESSAGE_BYTES = 256 << 20
 INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUND
+# A request with more tensor bytes than this asks the server for its message limit once
+# (GetServerInfo); over half that limit, its large inputs go by the tensor store.
+STORE_CHECK_BYTES = 1 << 20
 _STREAM_END = object()
 
 
@@ -108,6 +114,8 @@ class Result:
     request_id: str = ""
     trace: list | None = None  # NodeTrace per value, when asked for with trace=True
     trace_mode: str = ""  # the trace's mode: "forward" or "reverse"
+    # differentiate(..., store_results=True): the derivatives' handle on the server
+    results_handle: TensorHandle | None = None
 
     def to_dot(self, mode: str | None = None, **options) -> str:
         """Graphviz DOT of the traced computation (see gradserve.client.render.trace_dot);
@@ -126,6 +134,11 @@ class TrainStepsResult:
     parameters: dict
     velocity: dict
     losses: list
+    # On a stored state (train_steps with a TensorHandle): its new version, the steps
+    # it has taken, and the evaluation asked for (outputs by name)
+    state_version: int = 0
+    state_steps: int = 0
+    evaluation: dict = field(default_factory=dict)
 
 
 def result_from_proto(reply) -> Result:
@@ -143,7 +156,9 @@ def result_from_proto(reply) -> Result:
         planner=decision_from_proto(p),
         graph_id=reply.graph_id, request_id=reply.request_id,
         trace=trace_from_proto(reply.trace) if has_trace else None,
-        trace_mode=(mode_name(reply.trace.mode) or "") if has_trace else "")
+        trace_mode=(mode_name(reply.trace.mode) or "") if has_trace else "",
+        results_handle=(TensorHandle(reply.results_handle, None)
+                        if reply.results_handle else None))
 
 
 def trace_from_proto(trace: pb.Trace) -> list:
@@ -245,6 +260,7 @@ class Client:
         self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
+        self._server_message_bytes: int | None = None  # learned when a request is large
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -268,13 +284,24 @@ class Client:
         return self._register(graph, force=True)
 
     def evaluate(self, graph, inputs: Mapping[str, np.ndarray]) -> dict:
-        """Output values: name -> array."""
-        request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
-        return self._by_id("Evaluate", graph, request).outputs
+        """Output values: name -> array. Inputs may be stored tensors (see `put`); large
+        ones go by the store by themselves (see `differentiate`)."""
+        return self._evaluate(graph, inputs, pb.EvaluateRequest()).outputs
+
+    def _evaluate(self, graph, inputs, message):
+        inputs, auto_put, _ = self._fit(inputs)
+        try:
+            inputs, refs = store.split(inputs)
+            request = TensorMessage(message, {"inputs": inputs})
+            return self._stored_call("Evaluate", graph, request, {"stored_inputs": refs})
+        finally:
+            if auto_put is not None:
+                self.delete(auto_put)
 
     def differentiate(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None, of=None,
                       mode: str = "auto", tangents=None, cotangents=None,
-                      trace: bool = False, sparsity: str | None = None) -> Result:
+                      trace: bool = False, sparsity: str | None = None,
+                      store_results: bool | None = None) -> Result:
         """Values and derivatives: Jacobian blocks, or a JVP (tangents), or a VJP (cotangents).
 
         `trace=True` also returns every value the server computed with its tangents
@@ -289,10 +316,32 @@ class Client:
         is a scipy.sparse CSR matrix of shape (elements of of, elements of wrt), or a
         gradserve.client.sparse.SparseMatrix without scipy. `Result.planner` says what
         was done (sparsity, nnz, colors_forward, colors_reverse, reason).
+
+        Inputs and seeds may be stored tensors (`{**client.put(params), "x": x}`).
+        Big models by default: a request whose tensors pass half the server's message
+        limit puts its large inputs in the tensor store (in chunks) and takes the
+        derivatives back in chunks, so no message is over the limit.
+        `store_results=True` leaves the derivatives on the server instead, under
+        `Result.results_handle` (keys "jacobian/OF/WRT", "cotangents/WRT", ...; fetch
+        with `get`, or name them in later requests); False: always in the reply.
         """
-        request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
-                                              trace, sparsity)
-        return result_from_proto(self._by_id("Differentiate", graph, request))
+        inputs, auto_put, big = self._fit(inputs, tangents, cotangents)
+        try:
+            fetch = store_results is None and big
+            request = self._differentiate_request(inputs, wrt, of, mode, tangents,
+                                                  cotangents, trace, sparsity)
+            refs = {"stored_inputs": store.split(inputs)[1],
+                    "stored_tangents": store.split(tangents)[1],
+                    "stored_cotangents": store.split(cotangents)[1]}
+            request.message.store_results = bool(store_results or fetch)
+            result = result_from_proto(self._stored_call("Differentiate", graph, request,
+                                                         refs))
+            if fetch and result.results_handle is not None:
+                self._fetch_results(result)
+            return result
+        finally:
+            if auto_put is not None:
+                self.delete(auto_put)
 
     def differentiate_async(self, graph, inputs: Mapping[str, np.ndarray], *, wrt=None,
                             of=None, mode: str = "auto", tangents=None, cotangents=None,
@@ -325,7 +374,10 @@ class Client:
         if len(outs) != 1 or result.outputs[next(iter(outs))].size != 1:
             raise ValueError("grad needs exactly one scalar output; use jacobian() "
                              f"(outputs differentiated: {sorted(outs)})")
-        return {w: block.reshape(np.shape(inputs[w])) for (_, w), block in result.jacobian.items()}
+        # A block is shaped output.shape + input.shape: drop the output's (one-element)
+        # dimensions, which needs no input array (a stored input is a handle's name).
+        lead = np.ndim(result.outputs[next(iter(outs))])
+        return {w: block.reshape(block.shape[lead:]) for (_, w), block in result.jacobian.items()}
 
     def jvp(self, graph, inputs, tangents) -> tuple[dict, dict]:
         """Forward mode: (outputs, output tangents)."""
@@ -343,8 +395,12 @@ class Client:
         if residuals:
             request = self._differentiate_request({}, wrt, None, "auto", None, cotangents)
             request.message.residuals = residuals
+            # cotangents as large as the inputs come back in chunks (see differentiate)
+            big = request.message.store_results = self._fit(inputs, fit=False)[2]
             try:
                 r = result_from_proto(self._by_id("Differentiate", graph, request))
+                if big and r.results_handle is not None:
+                    self._fetch_results(r)
                 return r.outputs, r.cotangents
             except grpc.RpcError as err:
                 if not _residuals_gone(err):
@@ -356,8 +412,7 @@ class Client:
         """Output values, and the handle of what the server kept for a following
         `vjp(graph, inputs, cotangents, residuals=handle)`, which then skips the
         forward sweep ("" when the server kept nothing: the vjp recomputes)."""
-        request = TensorMessage(pb.EvaluateRequest(keep_residuals=True), {"inputs": inputs})
-        reply = self._by_id("Evaluate", graph, request)
+        reply = self._evaluate(graph, inputs, pb.EvaluateRequest(keep_residuals=True))
         return reply.outputs, reply.residuals
 
     def hvp(self, graph, inputs, vectors, *, of: str | None = None,
@@ -366,8 +421,10 @@ class Client:
         (gradient, Hessian-vector products), dicts by wrt input name. `vectors` has one
         array per wrt input (default wrt: its keys), shaped like the input or with a
         leading axis of k directions (the products come batched the same way)."""
-        reply = self._by_id("Differentiate", graph,
-                            self._second_order_request(inputs, of, wrt, vectors=vectors))
+        request = self._second_order_request(inputs, of, wrt, vectors=vectors)
+        reply = self._stored_call("Differentiate", graph, request, {
+            "stored_inputs": store.split(inputs)[1],
+            "second_order.stored_vectors": store.split(vectors)[1]})
         return _gradient_and_hvp(reply)
 
     def hvp_with_decision(self, graph, inputs, vectors, *, of: str | None = None,
@@ -384,26 +441,206 @@ class Client:
         blocks (wrt_a, wrt_b) -> array shaped wrt_a.shape + wrt_b.shape (default wrt:
         every floating input), or sparse matrices (see differentiate's `sparsity`: a
         sparse Hessian takes one Hessian-vector product per color of its pattern)."""
-        reply = self._by_id("Differentiate", graph,
-                            self._second_order_request(inputs, of, wrt, hessian=True,
-                                                       sparsity=sparsity))
+        request = self._second_order_request(inputs, of, wrt, hessian=True,
+                                             sparsity=sparsity)
+        reply = self._stored_call("Differentiate", graph, request,
+                                  {"stored_inputs": store.split(inputs)[1]})
         return _hessian_blocks(reply)
 
-    def train_steps(self, graph, parameters: Mapping[str, np.ndarray],
-                    batches: Mapping[str, np.ndarray], *, learning_rate: float,
-                    momentum: float = 0.0, velocity: Mapping[str, np.ndarray] | None = None,
-                    loss: str | None = None) -> "TrainStepsResult":
+    def train_steps(self, graph, parameters: Mapping[str, np.ndarray] | TensorHandle,
+                    batches: Mapping[str, np.ndarray] | None = None, *,
+                    learning_rate: float, momentum: float = 0.0,
+                    velocity: Mapping[str, np.ndarray] | None = None,
+                    loss: str | None = None, state_version: int = 0,
+                    data: TensorHandle | None = None, rows=None, batch_sizes=None,
+                    evaluate_data: TensorHandle | None = None,
+                    evaluate_outputs=None, return_state: bool = False) -> "TrainStepsResult":
         """K SGD steps with momentum in one round trip (the TrainSteps RPC): `batches`
         holds every other graph input with the K minibatches stacked along a new
         leading axis. Returns the parameters and momentum buffers after the K steps
         and the K losses; nothing changes on the server, so a failed call can simply
-        be made again."""
-        request = TensorMessage(
-            pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
-                                 momentum=momentum),
-            {"parameters": parameters, "batches": batches, "velocity": velocity or None})
-        reply = self._by_id("TrainSteps", graph, request)
-        return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses))
+        be made again.
+
+        On a stored state: `parameters` a TensorHandle (`put` of the parameters, and
+        momentum buffers as "velocity/NAME") and `state_version` the version it is at
+        (0 after the put, then each result's `state_version`): the server updates it
+        in place and the result carries no tensors (`get` the handle for them). A
+        retried call with the same version does not step twice. Minibatches may then
+        be rows of a stored data set: `data` (a handle of whole arrays), `rows` and
+        `batch_sizes` (one per step; sizes may differ). `evaluate_data` (a handle)
+        evaluates the graph after the steps, outputs `evaluate_outputs` (default all)
+        in `result.evaluation`; `return_state` returns the stored state's parameters and
+        buffers too."""
+        batches, batch_refs = store.split(batches or {})
+        message = pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
+                                       momentum=momentum, return_state=return_state)
+        refs: dict = {"stored_batches": batch_refs}
+        state = parameters if isinstance(parameters, TensorHandle) else None
+        if state is not None:
+            if velocity:
+                raise ValueError("with a stored state the momentum buffers are in it "
+                                 "(\"velocity/NAME\"): pass no velocity")
+            message.state_version = state_version
+            refs["state"] = state
+            parameters = None
+        for name, handle in (("data", data), ("evaluate_data", evaluate_data)):
+            if handle is not None:
+                refs[name] = handle
+        if rows is not None:
+            message.rows.extend(np.asarray(rows, dtype=np.int64).tolist())
+            message.batch_sizes.extend(int(n) for n in batch_sizes)
+        message.evaluate_outputs.extend(evaluate_outputs or ())
+        request = TensorMessage(message, {"parameters": parameters, "batches": batches,
+                                          "velocity": velocity or None})
+        reply = self._stored_call("TrainSteps", graph, request, refs)
+        return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses),
+                                reply.state_version, reply.state_steps, reply.evaluation)
+
+    # --- the tensor store -----------------------------------------------------------
+
+    def put(self, tensors: Mapping[str, np.ndarray], *,
+            chunk_bytes: int | None = None) -> TensorHandle:
+        """Keep `tensors` on the server (PutTensors, in chunks of `chunk_bytes`, by
+        default 4 MiB or half the server's message limit if less): a TensorHandle, whose
+        entries requests take in place of arrays (`{**handle, "x": x}`). The handle
+        keeps references to the arrays, to put them again if the server loses them (do
+        not change them in place meanwhile)."""
+        source = dict(tensors)
+        stub = self._next_stub()
+        handle = TensorHandle("", store.shapes_of(source), source=source, stub=stub)
+        self._put(handle, chunk_bytes)
+        return handle
+
+    def get(self, handle: TensorHandle | str, names=None) -> dict:
+        """The tensors of a handle (GetTensors, in chunks), by name: all, or `names`."""
+        handle_id = handle.id if isinstance(handle, TensorHandle) else handle
+        stub = (handle._stub if isinstance(handle, TensorHandle) and handle._stub
+                else self._stubs[0])
+        request = pb.GetTensorsRequest(handle=handle_id, names=names or ())
+        for attempt in itertools.count():
+            started = time.monotonic()
+            try:
+                return store.assemble(stub.GetTensors(request, timeout=self.timeout,
+                                                      metadata=self._metadata))
+            except grpc.RpcError as err:
+                delay = self._retry_delay(err, started, attempt)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+
+    def delete(self, handle: TensorHandle | str) -> bool:
+        """Free a handle on the server (DeleteTensors); whether the server held it."""
+        handle_id = handle.id if isinstance(handle, TensorHandle) else handle
+        stub = (handle._stub if isinstance(handle, TensorHandle) and handle._stub
+                else self._stubs[0])
+        return stub.DeleteTensors(pb.DeleteTensorsRequest(handle=handle_id),
+                                  timeout=self.timeout, metadata=self._metadata).deleted
+
+    def _put(self, handle: TensorHandle, chunk_bytes: int | None = None) -> None:
+        """Put the handle's arrays (again), retrying UNAVAILABLE; sets handle.id."""
+        if chunk_bytes is None:
+            limit = self._message_limit() if handle.data_bytes > CHUNK_BYTES // 2 else 0
+            chunk_bytes = min(CHUNK_BYTES, limit // 2) if limit else CHUNK_BYTES
+        for attempt in itertools.count():
+            started = time.monotonic()
+            try:
+                reply = store.put_chunks(handle._stub.PutTensors, handle._source, chunk_bytes,
+                                         self.timeout, self._metadata)
+                handle.id, handle.nbytes = reply.handle, reply.nbytes
+                return
+            except grpc.RpcError as err:
+                delay = self._retry_delay(err, started, attempt)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+
+    def _stored_call(self, method: str, graph, request, refs: dict):
+        """_by_id for a request naming stored tensors: `refs` maps a request field (a
+        path such as "second_order.stored_vectors") to {key: StoredTensor}, or a string
+        field ("state") to a TensorHandle. Sent over the channel that put them; when the
+        server no longer holds one (NOT_FOUND), the handles are put again from their
+        arrays and the call made once more (handles without arrays, or a training state,
+        which has moved on from its arrays: the error)."""
+        handles = {v for v in refs.values() if isinstance(v, TensorHandle)}
+        handles.update(r.handle for v in refs.values() if isinstance(v, dict)
+                       for r in v.values())
+        if not handles:
+            return self._by_id(method, graph, request)
+        self._bind(request.message, refs)
+        stub = next((h._stub for h in handles if h._stub is not None), None)
+        try:
+            return self._by_id(method, graph, request, stub=stub)
+        except grpc.RpcError as err:
+            if (not store.stored_gone(err) or "state" in refs
+                    or any(h._source is None for h in handles)):
+                raise
+        for handle in handles:
+            self._put(handle)
+        self._bind(request.message, refs)
+        return self._by_id(method, graph, request, stub=stub)
+
+    @staticmethod
+    def _bind(message, refs: dict) -> None:
+        """Write the handles' current ids into the request's fields."""
+        for path, value in refs.items():
+            *parents, name = path.split(".")
+            target = message
+            for parent in parents:
+                target = getattr(target, parent)
+            if isinstance(value, TensorHandle):
+                setattr(target, name, value.id)
+            elif value:
+                store.fill(getattr(target, name), value)
+
+    def _fit(self, inputs, tangents=None, cotangents=None, fit=True):
+        """Big models by default: (inputs, the handle put for this call or None, whether
+        the request is big). A request whose tensors (inline and stored) pass half the
+        server's message limit is big: its large inline inputs go by the store (with
+        `fit`)."""
+        arrays, refs = store.split(inputs)
+        sizes = {k: np.asarray(a).nbytes for k, a in arrays.items()}
+        total = (sum(sizes.values()) + sum(r.handle.data_bytes for r in refs.values())
+                 + sum(np.asarray(a).nbytes for seeds in (tangents, cotangents)
+                       for a in store.split(seeds or {})[0].values()))
+        if total <= STORE_CHECK_BYTES:
+            return inputs, None, False
+        limit = self._message_limit()
+        if not limit or total <= limit // 2:
+            return inputs, None, False
+        if not fit:
+            return inputs, None, True
+        large, inline = {}, sum(sizes.values())
+        for k in sorted(sizes, key=sizes.get, reverse=True):  # the largest go first
+            if inline <= limit // 4:
+                break
+            large[k] = arrays[k]
+            inline -= sizes[k]
+        if not large:
+            return inputs, None, True
+        handle = self.put(large)
+        return {**inputs, **{k: handle[k] for k in large}}, handle, True
+
+    def _message_limit(self) -> int:
+        """The server's max_message_bytes (asked once)."""
+        if self._server_message_bytes is None:
+            self._server_message_bytes = self.server_info().limits.max_message_bytes
+        return self._server_message_bytes
+
+    def _fetch_results(self, result: "Result") -> None:
+        """Move stored derivatives (store_results) into `result`, and free them."""
+        handle = result.results_handle
+        tensors = self.get(handle)
+        self.delete(handle)
+        result.results_handle = None
+        outputs = sorted(result.outputs, key=len, reverse=True)
+        for key, array in tensors.items():
+            kind, _, rest = key.partition("/")
+            if kind == "jacobian":
+                of = next((o for o in outputs if rest.startswith(o + "/")), None)
+                if of is not None:
+                    result.jacobian[of, rest[len(of) + 1:]] = array
+            elif kind in ("tangents", "cotangents"):
+                getattr(result, kind)[rest] = array
 
     def stream(self, graph) -> "DifferentiateSession":
         """Many Differentiate steps of one graph over one DifferentiateStream (see
@@ -419,8 +656,14 @@ class Client:
         request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=WIRE_MODES[mode],
                                           request_id=str(next(self._request_ids)),
                                           trace=trace, sparsity=_wire_sparsity(sparsity))
-        return TensorMessage(request, {"inputs": inputs, "tangents": tangents,
-                                       "cotangents": cotangents})
+        (inputs, i), (tangents, t), (cotangents, c) = map(store.split,
+                                                           (inputs, tangents, cotangents))
+        message = TensorMessage(request, {"inputs": inputs, "tangents": tangents,
+                                          "cotangents": cotangents})
+        for name, refs in (("stored_inputs", i), ("stored_tangents", t),
+                           ("stored_cotangents", c)):
+            store.fill(getattr(request, name), refs)
+        return message
 
     def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False,
                               sparsity=None):
@@ -430,6 +673,9 @@ class Client:
             request_id=str(next(self._request_ids)), sparsity=_wire_sparsity(sparsity))
         request.second_order.SetInParent()  # present even when empty: second order
         request.second_order.hessian = hessian
+        (inputs, i), (vectors, v) = store.split(inputs), store.split(vectors)
+        store.fill(request.stored_inputs, i)
+        store.fill(request.second_order.stored_vectors, v)
         return TensorMessage(request, {"inputs": inputs,
                                        "second_order": {"vectors": vectors}})
 
@@ -445,7 +691,7 @@ class Client:
             self._ids[key] = graph_id
         return graph_id
 
-    def _by_id(self, method: str, graph, request):
+    def _by_id(self, method: str, graph, request, stub=None):
         """Send by graph id. On NOT_FOUND (a restarted server, or a replica or server
         process that has not seen the graph) send the graph inline instead: the one that
         answers compiles and caches it under the same id. Behind a round-robin balancer
@@ -453,11 +699,11 @@ class Client:
         inline too, which teaches every replica in the rotation."""
         key = self._address_graph(graph, request)
         try:
-            return self._call(method, request)
+            return self._call(method, request, stub)
         except grpc.RpcError as err:
             if not self._resend_inline(err, key, graph, request):
                 raise
-        return self._call(method, request)
+        return self._call(method, request, stub)
 
     def _by_id_async(self, method: str, graph, request, convert) -> Future:
         """_by_id without waiting: a Future of convert(reply)."""
@@ -497,7 +743,8 @@ class Client:
     def _resend_inline(self, err: grpc.RpcError, key: str | None, graph, request) -> bool:
         """After a call by id failed with `err`: if the server did not know the graph,
         put the graph inline in `request` (and in the next calls') and say so."""
-        if key is None or err.code() != grpc.StatusCode.NOT_FOUND or _residuals_gone(err):
+        if (key is None or err.code() != grpc.StatusCode.NOT_FOUND or _residuals_gone(err)
+                or store.stored_gone(err)):
             return False
         with self._lock:
             self._inline_left[key] = INLINE_AFTER_NOT_FOUND
@@ -512,18 +759,18 @@ class Client:
             return None
         return min(self.backoff * 2 ** attempt, 2.0)
 
-    def _call(self, method: str, request):
+    def _call(self, method: str, request, stub=None):
         """One call of `method` with the retry policy (_retry_delay), each attempt on the
-        next channel."""
+        next channel (or on `stub`'s: the one holding stored tensors)."""
         for attempt in itertools.count():
             started = time.monotonic()
             try:
-                return getattr(self._next_stub(), method)(request, timeout=self.timeout,
-                                                          metadata=self._metadata)
+                return getattr(stub or self._next_stub(), method)(
+                    request, timeout=self.timeout, metadata=self._metadata)
             except grpc.RpcError as err:
                 delay = self._retry_delay(err, started, attempt)
                 if delay is None:
-                    raise
+                    raise _explained(err) from None
             time.sleep(delay)
 
     def _call_async(self, method: str, request, future: Future, convert, on_error=None,
@@ -572,6 +819,24 @@ def _retryable(err: grpc.RpcError, before_deadline: bool) -> bool:
         code == grpc.StatusCode.CANCELLED and before_deadline)
 
 
+def _explained(err: grpc.RpcError) -> grpc.RpcError:
+    """grpc's own refusal of a message over a size limit, with what to do about it
+    (the limit, its flag, the chunked alternative); any other error unchanged."""
+    details = err.details() or ""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not (
+            details.startswith("Received message larger than max")
+            or details.startswith("Sent message larger than max")):
+        return err
+    return _StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
+        f"a message is over a size limit ({details}): the server's is max_message_bytes "
+        "(GetServerInfo; `gradserve serve --max-message-bytes N` or "
+        "GRADSERVE_MAX_MESSAGE_BYTES), the client's MAX_MESSAGE_BYTES "
+        f"({MAX_MESSAGE_BYTES:,}). Send large tensors in chunks instead: "
+        "Client.put(tensors) and name them in the request ({**handle, ...}), and take "
+        "large derivatives back with differentiate(..., store_results=True) and "
+        "Client.get (Client.differentiate does both by itself for inputs it sees)"))
+
+
 def _ended_idle(err: grpc.RpcError) -> bool:
     """The server ended a stream that sent nothing for its stream_idle_seconds."""
     return (err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -618,13 +883,22 @@ class _TensorStub:
         self.DifferentiateStream = method("stream_stream", "DifferentiateStream",
                                           pb.DifferentiateResponse)
         self.TrainSteps = method("unary_unary", "TrainSteps", pb.TrainStepsResponse)
+        # the tensor store's chunks are written and read as bytes (gradserve.v1.chunks)
+        self.PutTensors = channel.stream_unary(
+            "/gradserve.v1.GradientService/PutTensors", request_serializer=bytes,
+            response_deserializer=pb.PutTensorsResponse.FromString, _registered_method=True)
+        self.GetTensors = channel.unary_stream(
+            "/gradserve.v1.GradientService/GetTensors",
+            request_serializer=pb.GetTensorsRequest.SerializeToString,
+            response_deserializer=bytes, _registered_method=True)
 
 
 def _stub(channel: grpc.Channel) -> pb_grpc.GradientServiceStub:
     """The generated stub of `channel`, its methods carrying tensors taken from
     _TensorStub: every method by name on one object, one per channel."""
     stub, tensors = pb_grpc.GradientServiceStub(channel), _TensorStub(channel)
-    for name in ("Evaluate", "Differentiate", "DifferentiateStream", "TrainSteps"):
+    for name in ("Evaluate", "Differentiate", "DifferentiateStream", "TrainSteps",
+                 "PutTensors", "GetTensors"):
         setattr(stub, name, getattr(tensors, name))
     return stub
 

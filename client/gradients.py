@@ -60,6 +60,10 @@ class RemoteGradient:
     def __init__(self, address: str, graph: GraphBuilder, param_names: Sequence[str], *,
                  stream: bool = False, timeout: float = 30.0, retries: int = DEFAULT_RETRIES):
         self.address, self.graph, self.param_names = address, graph, list(param_names)
+        # The Trainer keeps the state in this server's tensor store (unary calls only),
+        # and its data sets, put once: (ids of the arrays) -> (train, test) handles
+        self.stored_training = not stream
+        self.stored_sets: dict = {}
         self.client = connect(address, timeout=timeout, retries=retries)
         try:
             self.client.register(graph)  # once; steps then go by id
@@ -98,6 +102,12 @@ class RemoteGradient:
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
+        for handles in self.stored_sets.values():
+            for handle in handles:
+                try:
+                    self.client.delete(handle)
+                except grpc.RpcError:
+                    pass  # the server is gone: so are its handles
         self.client.close()
 
 

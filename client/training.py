@@ -8,6 +8,14 @@ Minibatches: each epoch visits the training set in a fresh random order drawn
 from the batch sampler's generator; the last batch of an epoch may be smaller.
 Each epoch ends with an evaluation of the held-out split.
 
+Against one server over unary calls, the state lives on the server (the tensor
+store, StoredTraining): the data sets are put once, each TrainSteps call carries
+only its minibatches' row numbers and K, and the epoch's short last batch, its
+evaluation and the parameters ride in the epoch's last call (and in a checkpoint's;
+`state` read in between fetches them). A server that lost the state (restarted)
+gets the last state known put again and the steps since are replayed, each
+reported to `on_step` once.
+
 A step's update is applied only after its gradient has arrived, and the state
 (parameters, optimizer state, step, epoch, the sampler's RNG state, the epoch's
 running loss, the history) is replaced as a whole after each step. A
@@ -24,11 +32,13 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Protocol
 
+import grpc
 import numpy as np
 
 from .datasets import Dataset
-from .gradients import Gradient
-from .models import DTYPE, ModelSpec, one_hot
+from .gradients import Gradient, RemoteGradient
+from .models import DTYPE, LOGITS, LOSS, ModelSpec, one_hot
+from .store import VELOCITY, stored_gone
 
 CHECKPOINT_FORMAT = 1
 
@@ -108,7 +118,25 @@ class Trainer:
         self.Y_test = one_hot(data.y_test, data.num_classes)
         self.steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
         self.total_steps = self.steps_per_epoch * config.epochs
-        self.state: TrainState | None = None
+        self._state: TrainState | None = None
+        self._stored: StoredTraining | None = None  # while run() trains on the server
+        self._stale = False  # _state's parameters are older than its step (on the server)
+
+    @property
+    def state(self) -> TrainState | None:
+        """The state after the last applied step (its parameters fetched from the server
+        when they live there; if that fails, the last state fetched)."""
+        if self._stale and self._stored is not None:
+            try:
+                self._state = self._stored.fetch(self._state)
+                self._stale = False
+            except grpc.RpcError:
+                return self._stored.synced
+        return self._state
+
+    @state.setter
+    def state(self, value: TrainState | None) -> None:
+        self._state, self._stale = value, False
 
     # --- state ---------------------------------------------------------------------
 
@@ -138,6 +166,8 @@ class Trainer:
 
     def run(self, state: TrainState,
             on_step: Callable[[TrainState, Gradient], None] | None = None) -> TrainState:
+        if isinstance(self.gradient, RemoteGradient) and self.gradient.stored_training:
+            return self._run_stored(state, on_step)
         self.state = state
         X, Y, batch = self.data.X_train, self.Y_train, self.config.batch_size
         while state.epoch < self.config.epochs:
@@ -197,6 +227,69 @@ class Trainer:
                          Gradient(loss, {}, "reverse", None)))
         return done
 
+    def _run_stored(self, state: TrainState, on_step) -> TrainState:
+        """run() with the state on the server (see the module's docstring)."""
+        X, batch, spe = self.data.X_train, self.config.batch_size, self.steps_per_epoch
+        stored = self._stored = StoredTraining(self.gradient, X, self.Y_train,
+                                               self.data.X_test, self.Y_test, self.config)
+        reported = state.step  # on_step has heard of every step up to here
+        try:
+            stored.start(state)
+            self.state = state
+            while state.epoch < self.config.epochs:
+                order, next_epoch_rng_state = _epoch_order(state.batch_rng_state, len(X))
+                last, b = spe - 1, state.step - state.epoch * spe
+                while b <= last:
+                    k = min(self.config.steps_per_call, last - b + 1)
+                    every = self.config.checkpoint_every
+                    if every and self.config.checkpoint:
+                        k = min(k, every - state.step % every)
+                    rows = [order[i * batch:(i + 1) * batch] for i in range(b, b + k)]
+                    ends_epoch = b + k - 1 == last
+                    due = self._checkpoint_due(replace(state, step=state.step + k), ends_epoch)
+                    try:  # the parameters come back at an epoch's end and at checkpoints
+                        result = stored.steps(rows, ends_epoch, ends_epoch or due)
+                    except grpc.RpcError as err:
+                        if not stored_gone(err):
+                            raise
+                        state = stored.restore()  # a server that lost it: replay from there
+                        break
+                    losses, evaluation = result.losses, result.evaluation
+                    done, loss_sum = [], state.epoch_loss_sum
+                    for i, (loss, r) in enumerate(zip(losses, rows)):
+                        loss_sum += loss * len(r)
+                        done.append((replace(state, step=state.step + i + 1,
+                                             epoch_loss_sum=loss_sum),
+                                     Gradient(loss, {}, "reverse", None)))
+                    state = done[-1][0]
+                    b += k
+                    if b > last:
+                        test_loss = float(evaluation[LOSS])
+                        accuracy = float(np.mean(np.argmax(evaluation[LOGITS], axis=1)
+                                                 == self.data.y_test))
+                        record = EpochRecord(state.epoch + 1,
+                                             state.epoch_loss_sum / len(self.data.y_train),
+                                             test_loss, accuracy)
+                        state = replace(state, epoch=state.epoch + 1, epoch_loss_sum=0.0,
+                                        batch_rng_state=next_epoch_rng_state,
+                                        history=state.history + (record,))
+                    if b > last or due:  # the parameters, as of this step
+                        state = stored.with_state(state, result.parameters, result.velocity)
+                        stored.synced = state
+                    done[-1] = (state, done[-1][1])
+                    self._state, self._stale = state, state is not stored.synced
+                    if due:
+                        save_checkpoint(self.config.checkpoint, state, self.run_identity())
+                    if on_step is not None:
+                        for step_state, gradient in done:
+                            if step_state.step > reported:
+                                on_step(step_state, gradient)
+                    reported = max(reported, state.step)
+            return self.state
+        finally:
+            self._stored = None
+            stored.close()
+
     def evaluate(self, params) -> tuple[float, float]:
         """(loss, accuracy) on the held-out split."""
         loss, logits = self.gradient.evaluate(params, self.data.X_test, self.Y_test)
@@ -225,6 +318,72 @@ class Trainer:
         if state.step == self.total_steps:
             return True
         return state.step % every == 0 if every else epoch_ended
+
+
+class StoredTraining:
+    """A training run's state and data sets in one server's tensor store: the data put
+    once, the parameters and momentum buffers put at the start (and again after the
+    server lost them), TrainSteps by rows and versions, the parameters fetched on
+    demand."""
+
+    def __init__(self, gradient: RemoteGradient, X, Y, X_test, Y_test, config: TrainConfig):
+        self.client, self.graph = gradient.client, gradient.graph
+        self.config = config
+        # The data sets are put once per gradient source (and freed with it): runs on
+        # the same arrays share them.
+        key = tuple(map(id, (X, Y, X_test, Y_test)))
+        sets = gradient.stored_sets.get(key)
+        if sets is None:
+            sets = gradient.stored_sets[key] = (self.client.put({"X": X, "Y": Y}),
+                                                self.client.put({"X": X_test, "Y": Y_test}))
+        self._train, self._test = sets  # (the handles keep the arrays: the ids stay valid)
+        self.handle = None
+        self.version = 0
+        self.synced: TrainState | None = None  # the last state whose parameters we hold
+
+    def start(self, state: TrainState) -> None:
+        tensors = dict(state.params)
+        tensors.update({VELOCITY + k: v for k, v in state.velocity.items()})
+        self.handle, self.version, self.synced = self.client.put(tensors), 0, state
+
+    def restore(self) -> TrainState:
+        """The server lost the state: put the data sets and the last state fetched again
+        (the data handles put themselves again); continue from that state."""
+        for handle in (self._train, self._test):
+            self.client._put(handle)
+        self.start(self.synced)
+        return self.synced
+
+    def steps(self, rows: list, evaluate: bool, sync: bool):
+        """len(rows) steps, one minibatch of rows each: the TrainStepsResult (with the
+        parameters and buffers when `sync`)."""
+        result = self.client.train_steps(
+            self.graph, self.handle, learning_rate=self.config.lr,
+            momentum=self.config.momentum, loss=LOSS, state_version=self.version,
+            data=self._train, rows=np.concatenate(rows), batch_sizes=[len(r) for r in rows],
+            evaluate_data=self._test if evaluate else None,
+            evaluate_outputs=[LOSS, LOGITS] if evaluate else None, return_state=sync)
+        self.version = result.state_version
+        return result
+
+    @staticmethod
+    def with_state(state: TrainState, params: dict, velocity: dict) -> TrainState:
+        return replace(state, params={k: np.array(v, dtype=DTYPE) for k, v in params.items()},
+                       velocity={k: np.array(v) for k, v in velocity.items()})
+
+    def fetch(self, state: TrainState) -> TrainState:
+        """`state` with the server's parameters and momentum buffers."""
+        tensors = self.client.get(self.handle)
+        return self.with_state(
+            state, {k: v for k, v in tensors.items() if not k.startswith(VELOCITY)},
+            {k[len(VELOCITY):]: v for k, v in tensors.items() if k.startswith(VELOCITY)})
+
+    def close(self) -> None:
+        if self.handle is not None:
+            try:
+                self.client.delete(self.handle)
+            except grpc.RpcError:
+                pass  # the server is gone: so are its handles
 
 
 def _epoch_order(rng_state: dict, n: int) -> tuple[np.ndarray, dict]:

@@ -98,12 +98,13 @@ class CallState:
     when the client cancels or the call's deadline passes (then the client reads
     DEADLINE_EXCEEDED from grpc, never a status of ours)."""
 
-    __slots__ = ("_deadline", "ended")
+    __slots__ = ("_deadline", "ended", "peer")
 
     def __init__(self, context: grpc.aio.ServicerContext):
         remaining = context.time_remaining()
         self._deadline = None if remaining is None else time.monotonic() + remaining
         self.ended = False
+        self.peer = peer_host(context.peer())  # the client address (the store's owner)
 
     def time_remaining(self) -> float | None:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())

@@ -48,6 +48,14 @@ class LimitExceeded(RequestError):
     pass
 
 
+class StoredNotFound(RequestError):
+    """A tensor-store handle this server process does not hold (server.store)."""
+
+
+class StateConflict(RequestError):
+    """A TrainSteps call stepping a stored state from a version it is not at."""
+
+
 class BadRequest(RequestError):
     pass
 
@@ -68,6 +76,8 @@ class ServerClosing(RequestError):
 STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (GraphNotFound, grpc.StatusCode.NOT_FOUND),
     (ResidualsNotFound, grpc.StatusCode.NOT_FOUND),
+    (StoredNotFound, grpc.StatusCode.NOT_FOUND),
+    (StateConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (CallEnded, grpc.StatusCode.CANCELLED),
     (StreamIdle, grpc.StatusCode.DEADLINE_EXCEEDED),
     (ServerClosing, grpc.StatusCode.UNAVAILABLE),

@@ -29,6 +29,12 @@ class Limits:
     stream_idle_seconds: int = 60  # a stream sending nothing this long ends DEADLINE_EXCEEDED
     max_streams_per_client: int = 64  # open streams from one client address
     max_streams: int = 512  # open streams in all
+    # The tensor store (server.store): handles put in chunks, named by later requests
+    max_store_bytes: int = 1024 * MiB  # held in all (data plus measured overheads)
+    max_store_bytes_per_client: int = 512 * MiB  # held by one client address
+    max_store_handles: int = 1024  # handles held (least recently used evicted)
+    store_seconds: int = 600  # a handle unused this long expires
+    store_chunk_bytes: int = 4 * MiB  # data in one GetTensors chunk
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

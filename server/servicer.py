@@ -20,7 +20,10 @@ from .lean import DEFAULT_INLINE_BUDGET_US, LeanPath
 from .limits import Limits
 from .registry import GraphRegistry
 from .residuals import ResidualStore
+from .store import TensorStore, reply_limit_hint
+from .store_rpc import get_tensors, put_tensors
 from .telemetry import Telemetry
+from .training import TrainState
 
 VERSION = "0.1.0"
 
@@ -40,6 +43,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         self.residuals = ResidualStore(self.limits.max_residual_sets,
                                        self.limits.max_residual_bytes,
                                        self.limits.residual_seconds)
+        self.store = TensorStore(self.limits.max_store_bytes,
+                                 self.limits.max_store_bytes_per_client,
+                                 self.limits.max_store_handles, self.limits.store_seconds)
+        self.training = TrainState(self.store, self.limits)
         self._run_limits = {"max_bytes": self.limits.max_intermediate_bytes,
                             "max_reply_bytes": self.limits.max_message_bytes,
                             "max_flops": self.limits.max_request_flops or None}
@@ -57,36 +64,52 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
         reply = pb.EvaluateResponse(graph_id=graph_id)
+        inputs = self._stored(request, "inputs")
         if request.keep_residuals:
             # Kept inputs are copied: a view would pin the whole request (an inline graph
             # too) while the store counts only the array's bytes.
-            inputs = {name: a.copy() for name, a in request.inputs.items()}
+            inputs = {name: a.copy() for name, a in inputs.items()}
             kept = plan.residuals(inputs, check=check, **self._run_limits)
             outputs, reply.residuals = kept.outputs, self.residuals.keep(graph_id, kept)
         else:
-            outputs = plan.evaluate(request.inputs, check=check, **self._run_limits)
+            outputs = plan.evaluate(inputs, check=check, **self._run_limits)
         return TensorMessage(reply, {"outputs": outputs})
 
     @rpc
     def Differentiate(self, request, context):
-        return self._differentiate(request, stop_when_ended(context))
+        with reply_limit_hint():
+            return self._differentiate(request, stop_when_ended(context), context)
 
     @stream_rpc
     def DifferentiateStream(self, request, context):
-        return self._differentiate(request, stop_when_ended(context))
+        with reply_limit_hint():
+            return self._differentiate(request, stop_when_ended(context), context)
 
     @rpc
     def TrainSteps(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
+        if request.state:
+            return self.training.steps(request, graph_id, plan, check, self._run_limits)
+        batches = self.training.batches(request)
         result = engine.sgd_steps(
-            plan, request.parameters, request.batches, velocity=request.velocity,
+            plan, request.parameters, batches, velocity=request.velocity,
             learning_rate=request.learning_rate, momentum=request.momentum,
             loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
             max_block_elements=self.limits.max_tensor_elements, check=check,
             **self._run_limits)
         return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
                              {"parameters": result.parameters, "velocity": result.velocity})
+
+    async def PutTensors(self, requests, context):
+        return await put_tensors(self, requests, context)
+
+    async def GetTensors(self, request, context):
+        await get_tensors(self, request, context)
+
+    @rpc
+    def DeleteTensors(self, request, context):
+        return pb.DeleteTensorsResponse(deleted=self.store.delete(request.handle))
 
     @rpc
     def GetServerInfo(self, request, context):
@@ -101,7 +124,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             self.connection_age
         return reply
 
-    def _differentiate(self, request, check) -> TensorMessage:
+    def _differentiate(self, request, check, context=None) -> TensorMessage:
         graph_id, plan = self.registry.resolve(request, check)
         limit = self.limits.max_tensor_elements
         mode = mode_name(request.mode)
@@ -112,25 +135,75 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         except KeyError:
             raise BadRequest(f"unknown sparsity {request.sparsity}", field="sparsity") from None
         if request.HasField("second_order"):
-            return self._second_order(request, graph_id, plan, mode, sparsity, check)
+            return self._second_order(request, graph_id, plan, mode, sparsity, check, context)
         result = plan.differentiate(
-            request.inputs, wrt=tuple(request.wrt) or None, of=tuple(request.of) or None,
-            mode=mode, tangents=request.tangents, cotangents=request.cotangents,
-            trace=request.trace, check=check, **self._run_limits,
+            self._stored(request, "inputs"), wrt=tuple(request.wrt) or None,
+            of=tuple(request.of) or None, mode=mode,
+            tangents=self._stored(request, "tangents"),
+            cotangents=self._stored(request, "cotangents"),
+            trace=request.trace, check=check, **self._limits_for(request),
             residuals=(self.residuals.get(request.residuals, graph_id)
                        if request.residuals else None),
             max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None,
             sparsity=sparsity)
-        return differentiate_response(result, graph_id, request.request_id)
+        reply = differentiate_response(result, graph_id, request.request_id)
+        return self._store_results(request, reply, context)
 
-    def _second_order(self, request, graph_id, plan, mode, sparsity, check) -> TensorMessage:
+    def _second_order(self, request, graph_id, plan, mode, sparsity, check,
+                      context) -> TensorMessage:
         for field in ("tangents", "cotangents", "trace", "residuals"):
             if getattr(request, field):
                 raise BadRequest(f"second_order cannot be combined with {field}", field=field)
         limit = self.limits.max_tensor_elements
+        vectors = self.store.tensors(request.second_order.stored_vectors,
+                                     "second_order.stored_vectors",
+                                     request.second_order.vectors)
         result = plan.second_order(
-            request.inputs, vectors=request.second_order.vectors,
+            self._stored(request, "inputs"), vectors=vectors,
             hessian=request.second_order.hessian, of=tuple(request.of) or None,
             wrt=tuple(request.wrt) or None, mode=mode, check=check, max_block_elements=limit,
-            sparsity=sparsity, **self._run_limits)
-        return second_order_response(result, graph_id, request.request_id)
+            sparsity=sparsity, **self._limits_for(request))
+        reply = second_order_response(result, graph_id, request.request_id)
+        return self._store_results(request, reply, context)
+
+    def _stored(self, request, name: str) -> dict:
+        """A request's tensor map `name` with the tensors its stored_<name> names."""
+        refs = getattr(request, "stored_" + name)
+        if not refs:
+            return getattr(request, name)
+        return self.store.tensors(refs, "stored_" + name, getattr(request, name))
+
+    def _limits_for(self, request) -> dict:
+        """The run limits; with store_results the derivatives skip the reply's bound
+        (the outputs are still bounded by it, in the reply)."""
+        if not request.store_results:
+            return self._run_limits
+        return {**self._run_limits, "max_reply_bytes": None}
+
+    def _store_results(self, request, reply: TensorMessage, context) -> TensorMessage:
+        """With store_results: the derivatives into the tensor store, their handle in the
+        reply (server.store keys: "jacobian/OF/WRT", "gradient/WRT", ...)."""
+        if not request.store_results:
+            return reply
+        kept = {}
+        tensors = reply._tensors
+        for field in ("tangents", "cotangents", "gradient", "hvp"):
+            for name, array in (tensors.pop(field, None) or {}).items():
+                kept[f"{field}/{name}"] = array
+        # sparse blocks stay in the reply: their values mean nothing without their indices,
+        # and they are small by construction
+        for field, key in (("jacobian", lambda b: f"jacobian/{b.of}/{b.wrt}"),
+                           ("hessian", lambda b: f"hessian/{b.wrt_a}/{b.wrt_b}")):
+            sparse = []
+            for block, array in tensors.pop(field, None) or ():
+                if block.HasField("sparse"):
+                    sparse.append((block, array))
+                else:
+                    kept[key(block)] = array
+            if sparse:
+                tensors[field] = sparse
+        message = reply.message
+        if kept:
+            owner = getattr(context, "peer", "")  # the client's address (server.calls)
+            message.results_handle = self.store.keep(owner, kept, "store_results")
+        return TensorMessage(message, tensors)

@@ -541,7 +541,7 @@ def test_reflection_lists_and_describes_the_service(channel):
     service = descriptor_pool.DescriptorPool(db).FindServiceByName(SERVICE)
     assert {m.name for m in service.methods} == {
         "RegisterGraph", "Evaluate", "Differentiate", "DifferentiateStream", "GetServerInfo",
-        "TrainSteps"}
+        "TrainSteps", "PutTensors", "GetTensors", "DeleteTensors"}
     stream = service.methods_by_name["DifferentiateStream"]
     assert stream.input_type.full_name == "gradserve.v1.DifferentiateRequest"
 

@@ -55,6 +55,9 @@ def test_modules_import_as_gradserve_v1():
         "DifferentiateStream": (True, True),
         "GetServerInfo": (False, False),
         "TrainSteps": (False, False),
+        "PutTensors": (True, False),
+        "GetTensors": (False, True),
+        "DeleteTensors": (False, False),
     }
     assert hasattr(gradient_service_pb2_grpc, "GradientServiceStub")
     assert hasattr(gradient_service_pb2_grpc, "add_GradientServiceServicer_to_server")

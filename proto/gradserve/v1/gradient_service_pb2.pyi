@@ -78,7 +78,7 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "keep_residuals")
+    __slots__ = ("graph", "graph_id", "inputs", "keep_residuals", "stored_inputs")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,15 +86,24 @@ class EvaluateRequest(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class StoredInputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     KEEP_RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    STORED_INPUTS_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     inputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     keep_residuals: bool
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., keep_residuals: _Optional[bool] = ...) -> None: ...
+    stored_inputs: _containers.MessageMap[str, StoredTensor]
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., keep_residuals: _Optional[bool] = ..., stored_inputs: _Optional[_Mapping[str, StoredTensor]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("outputs", "graph_id", "residuals")
@@ -114,7 +123,7 @@ class EvaluateResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., graph_id: _Optional[str] = ..., residuals: _Optional[str] = ...) -> None: ...
 
 class DifferentiateRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "second_order", "residuals", "sparsity")
+    __slots__ = ("graph", "graph_id", "inputs", "wrt", "of", "mode", "tangents", "cotangents", "request_id", "trace", "second_order", "residuals", "stored_inputs", "stored_tangents", "stored_cotangents", "store_results", "sparsity")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +145,27 @@ class DifferentiateRequest(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class StoredInputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
+    class StoredTangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
+    class StoredCotangentsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +178,10 @@ class DifferentiateRequest(_message.Message):
     TRACE_FIELD_NUMBER: _ClassVar[int]
     SECOND_ORDER_FIELD_NUMBER: _ClassVar[int]
     RESIDUALS_FIELD_NUMBER: _ClassVar[int]
+    STORED_INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STORED_TANGENTS_FIELD_NUMBER: _ClassVar[int]
+    STORED_COTANGENTS_FIELD_NUMBER: _ClassVar[int]
+    STORE_RESULTS_FIELD_NUMBER: _ClassVar[int]
     SPARSITY_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
@@ -161,11 +195,15 @@ class DifferentiateRequest(_message.Message):
     trace: bool
     second_order: SecondOrder
     residuals: str
+    stored_inputs: _containers.MessageMap[str, StoredTensor]
+    stored_tangents: _containers.MessageMap[str, StoredTensor]
+    stored_cotangents: _containers.MessageMap[str, StoredTensor]
+    store_results: bool
     sparsity: Sparsity
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., second_order: _Optional[_Union[SecondOrder, _Mapping]] = ..., residuals: _Optional[str] = ..., sparsity: _Optional[_Union[Sparsity, str]] = ...) -> None: ...
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., wrt: _Optional[_Iterable[str]] = ..., of: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., request_id: _Optional[str] = ..., trace: _Optional[bool] = ..., second_order: _Optional[_Union[SecondOrder, _Mapping]] = ..., residuals: _Optional[str] = ..., stored_inputs: _Optional[_Mapping[str, StoredTensor]] = ..., stored_tangents: _Optional[_Mapping[str, StoredTensor]] = ..., stored_cotangents: _Optional[_Mapping[str, StoredTensor]] = ..., store_results: _Optional[bool] = ..., sparsity: _Optional[_Union[Sparsity, str]] = ...) -> None: ...
 
 class SecondOrder(_message.Message):
-    __slots__ = ("vectors", "hessian")
+    __slots__ = ("vectors", "hessian", "stored_vectors")
     class VectorsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,11 +211,20 @@ class SecondOrder(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class StoredVectorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
     VECTORS_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
+    STORED_VECTORS_FIELD_NUMBER: _ClassVar[int]
     vectors: _containers.MessageMap[str, _tensor_pb2.Tensor]
     hessian: bool
-    def __init__(self, vectors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[bool] = ...) -> None: ...
+    stored_vectors: _containers.MessageMap[str, StoredTensor]
+    def __init__(self, vectors: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[bool] = ..., stored_vectors: _Optional[_Mapping[str, StoredTensor]] = ...) -> None: ...
 
 class HessianBlock(_message.Message):
     __slots__ = ("wrt_a", "wrt_b", "value", "sparse")
@@ -204,7 +251,7 @@ class JacobianBlock(_message.Message):
     def __init__(self, of: _Optional[str] = ..., wrt: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., sparse: _Optional[_Union[SparseIndex, _Mapping]] = ...) -> None: ...
 
 class DifferentiateResponse(_message.Message):
-    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace", "gradient", "hvp", "hessian")
+    __slots__ = ("outputs", "jacobian", "tangents", "cotangents", "mode", "planner", "graph_id", "request_id", "trace", "gradient", "hvp", "hessian", "results_handle")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +299,7 @@ class DifferentiateResponse(_message.Message):
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
     HVP_FIELD_NUMBER: _ClassVar[int]
     HESSIAN_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_HANDLE_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, _tensor_pb2.Tensor]
     jacobian: _containers.RepeatedCompositeFieldContainer[JacobianBlock]
     tangents: _containers.MessageMap[str, _tensor_pb2.Tensor]
@@ -264,7 +312,8 @@ class DifferentiateResponse(_message.Message):
     gradient: _containers.MessageMap[str, _tensor_pb2.Tensor]
     hvp: _containers.MessageMap[str, _tensor_pb2.Tensor]
     hessian: _containers.RepeatedCompositeFieldContainer[HessianBlock]
-    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., gradient: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hvp: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[_Iterable[_Union[HessianBlock, _Mapping]]] = ...) -> None: ...
+    results_handle: str
+    def __init__(self, outputs: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., jacobian: _Optional[_Iterable[_Union[JacobianBlock, _Mapping]]] = ..., tangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., cotangents: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., mode: _Optional[_Union[Mode, str]] = ..., planner: _Optional[_Union[PlannerDecision, _Mapping]] = ..., graph_id: _Optional[str] = ..., request_id: _Optional[str] = ..., trace: _Optional[_Union[Trace, _Mapping]] = ..., gradient: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hvp: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., hessian: _Optional[_Iterable[_Union[HessianBlock, _Mapping]]] = ..., results_handle: _Optional[str] = ...) -> None: ...
 
 class Trace(_message.Message):
     __slots__ = ("nodes", "mode")
@@ -305,7 +354,7 @@ class EdgeTrace(_message.Message):
     def __init__(self, input: _Optional[str] = ..., partial: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., tangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., cotangent: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainStepsRequest(_message.Message):
-    __slots__ = ("graph", "graph_id", "loss", "parameters", "velocity", "batches", "learning_rate", "momentum")
+    __slots__ = ("graph", "graph_id", "loss", "parameters", "velocity", "batches", "learning_rate", "momentum", "stored_batches", "state", "state_version", "data", "rows", "batch_sizes", "evaluate_data", "evaluate_outputs", "return_state")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -327,6 +376,13 @@ class TrainStepsRequest(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class StoredBatchesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StoredTensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StoredTensor, _Mapping]] = ...) -> None: ...
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -335,6 +391,15 @@ class TrainStepsRequest(_message.Message):
     BATCHES_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    STORED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_DATA_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
     graph: _graph_pb2.Graph
     graph_id: str
     loss: str
@@ -343,10 +408,19 @@ class TrainStepsRequest(_message.Message):
     batches: _containers.MessageMap[str, _tensor_pb2.Tensor]
     learning_rate: float
     momentum: float
-    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., loss: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., batches: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ...) -> None: ...
+    stored_batches: _containers.MessageMap[str, StoredTensor]
+    state: str
+    state_version: int
+    data: str
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    evaluate_data: str
+    evaluate_outputs: _containers.RepeatedScalarFieldContainer[str]
+    return_state: bool
+    def __init__(self, graph: _Optional[_Union[_graph_pb2.Graph, _Mapping]] = ..., graph_id: _Optional[str] = ..., loss: _Optional[str] = ..., parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., batches: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., stored_batches: _Optional[_Mapping[str, StoredTensor]] = ..., state: _Optional[str] = ..., state_version: _Optional[int] = ..., data: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., evaluate_data: _Optional[str] = ..., evaluate_outputs: _Optional[_Iterable[str]] = ..., return_state: _Optional[bool] = ...) -> None: ...
 
 class TrainStepsResponse(_message.Message):
-    __slots__ = ("parameters", "velocity", "losses", "graph_id")
+    __slots__ = ("parameters", "velocity", "losses", "graph_id", "state_version", "state_steps", "evaluation")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -361,15 +435,28 @@ class TrainStepsResponse(_message.Message):
         key: str
         value: _tensor_pb2.Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class EvaluationEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _tensor_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     VELOCITY_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EVALUATION_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.MessageMap[str, _tensor_pb2.Tensor]
     velocity: _containers.MessageMap[str, _tensor_pb2.Tensor]
     losses: _containers.RepeatedScalarFieldContainer[float]
     graph_id: str
-    def __init__(self, parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., graph_id: _Optional[str] = ...) -> None: ...
+    state_version: int
+    state_steps: int
+    evaluation: _containers.MessageMap[str, _tensor_pb2.Tensor]
+    def __init__(self, parameters: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., velocity: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ..., losses: _Optional[_Iterable[float]] = ..., graph_id: _Optional[str] = ..., state_version: _Optional[int] = ..., state_steps: _Optional[int] = ..., evaluation: _Optional[_Mapping[str, _tensor_pb2.Tensor]] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
@@ -404,7 +491,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds", "max_steps_per_call", "stream_idle_seconds", "max_streams_per_client", "max_streams")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds", "max_steps_per_call", "stream_idle_seconds", "max_streams_per_client", "max_streams", "max_store_bytes", "max_store_bytes_per_client", "max_store_handles", "store_seconds", "store_chunk_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -423,6 +510,11 @@ class Limits(_message.Message):
     STREAM_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORE_BYTES_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORE_HANDLES_FIELD_NUMBER: _ClassVar[int]
+    STORE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STORE_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_message_bytes: int
     max_nodes: int
     max_tensor_elements: int
@@ -441,7 +533,12 @@ class Limits(_message.Message):
     stream_idle_seconds: int
     max_streams_per_client: int
     max_streams: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ...) -> None: ...
+    max_store_bytes: int
+    max_store_bytes_per_client: int
+    max_store_handles: int
+    store_seconds: int
+    store_chunk_bytes: int
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_store_bytes_per_client: _Optional[int] = ..., max_store_handles: _Optional[int] = ..., store_seconds: _Optional[int] = ..., store_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds", "max_pattern_entries")
@@ -464,3 +561,65 @@ class GetServerInfoResponse(_message.Message):
     max_connection_age_grace_seconds: float
     max_pattern_entries: int
     def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ..., max_pattern_entries: _Optional[int] = ...) -> None: ...
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: _tensor_pb2.DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutTensorsRequest(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class PutTensorsResponse(_message.Message):
+    __slots__ = ("handle", "nbytes")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    nbytes: int
+    def __init__(self, handle: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class GetTensorsRequest(_message.Message):
+    __slots__ = ("handle", "names")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, handle: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetTensorsResponse(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class DeleteTensorsRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class DeleteTensorsResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class StoredTensor(_message.Message):
+    __slots__ = ("handle", "name")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    name: str
+    def __init__(self, handle: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...

@@ -52,7 +52,11 @@ class GradientServiceStub:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
@@ -92,6 +96,21 @@ class GradientServiceStub:
                 request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.SerializeToString,
                 response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.FromString,
                 _registered_method=True)
+        self.PutTensors = channel.stream_unary(
+                '/gradserve.v1.GradientService/PutTensors',
+                request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsResponse.FromString,
+                _registered_method=True)
+        self.GetTensors = channel.unary_stream(
+                '/gradserve.v1.GradientService/GetTensors',
+                request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsResponse.FromString,
+                _registered_method=True)
+        self.DeleteTensors = channel.unary_unary(
+                '/gradserve.v1.GradientService/DeleteTensors',
+                request_serializer=gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsRequest.SerializeToString,
+                response_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsResponse.FromString,
+                _registered_method=True)
 
 
 class GradientServiceServicer:
@@ -121,7 +140,11 @@ class GradientServiceServicer:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
@@ -215,14 +238,62 @@ class GradientServiceServicer:
         and returns the new parameters, momentum buffers and the K losses: one
         round trip for K training steps. Stateless: the caller sends the
         parameters and buffers each time and applies the reply only on success,
-        so a failed call changes nothing.
+        so a failed call changes nothing. Or on a stored state
+        (TrainStepsRequest.state): the parameters and buffers stay in the tensor
+        store, updated in place, exactly once per state_version, and the reply
+        carries the losses and the new version only.
 
         Errors: INVALID_ARGUMENT (bad graph or batches, a parameter that is not a
         floating graph input, a loss that is not one floating output of one
         element, learning_rate not > 0, momentum not in [0, 1), momentum buffers
-        that do not match their parameters); NOT_FOUND (unknown graph_id);
+        that do not match their parameters); NOT_FOUND (unknown graph_id, or a
+        stored state, data set or batch the server does not hold, naming the
+        field); FAILED_PRECONDITION (state_version);
         RESOURCE_EXHAUSTED (more than max_steps_per_call steps, or a step over
         a limit); UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutTensors(self, request_iterator, context):
+        """Tensor store. Tensors put here stay on this server process under a handle,
+        so that later requests name them (StoredTensor) instead of sending them:
+        parameters of any size up to the store's bounds, put once in chunks, or a
+        training state that TrainSteps updates in place. The store is bounded
+        (Limits.max_store_bytes, max_store_bytes_per_client, max_store_handles;
+        the least recently used handles are evicted to make room) and a handle
+        expires store_seconds after its last use. A handle is valid only on the
+        server process that returned it: a request naming a handle this process
+        does not hold (evicted, expired, restarted, another replica or process)
+        fails NOT_FOUND naming the field, and the client should put the tensors
+        again and retry.
+
+        PutTensors: the tensors in chunks (see TensorChunk), each at most
+        max_message_bytes, so a tensor set larger than one message enters
+        whole; returns the handle once the client half-closes. Errors:
+        INVALID_ARGUMENT (a chunk out of order or malformed, a tensor ending
+        early or running long, a name given twice; the message names the
+        chunk's field); RESOURCE_EXHAUSTED (over max_store_bytes_per_client,
+        max_store_bytes or max_tensor_elements, named); UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTensors(self, request, context):
+        """Streams a handle's tensors back in chunks of at most
+        Limits.store_chunk_bytes bytes of data, tensor after tensor. Errors:
+        NOT_FOUND (field "handle"); INVALID_ARGUMENT (a name the handle does not
+        hold); UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTensors(self, request, context):
+        """Drops a handle and frees its memory (idempotent: an unknown handle is
+        not an error; `deleted` says whether it was held).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -261,6 +332,21 @@ def add_GradientServiceServicer_to_server(servicer, server):
                     request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.FromString,
                     response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.SerializeToString,
             ),
+            'PutTensors': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutTensors,
+                    request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsResponse.SerializeToString,
+            ),
+            'GetTensors': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetTensors,
+                    request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsResponse.SerializeToString,
+            ),
+            'DeleteTensors': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTensors,
+                    request_deserializer=gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsRequest.FromString,
+                    response_serializer=gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'gradserve.v1.GradientService', rpc_method_handlers)
@@ -296,7 +382,11 @@ class GradientService:
     - DEADLINE_EXCEEDED, CANCELLED, UNAVAILABLE: as set by gRPC itself
     (deadline passed, call cancelled, server unreachable). UNAVAILABLE may be
     retried with backoff; every RPC here is free of side effects apart from
-    the graph cache, so any of them may be retried safely.
+    the graph cache and the tensor store, so any of them may be retried
+    safely (a retried PutTensors makes a second handle, which expires; a
+    retried TrainSteps on a stored state does not step twice).
+    - FAILED_PRECONDITION: TrainSteps on a stored state from a version it is not
+    at (TrainStepsRequest.state_version).
     - INTERNAL: a server bug; bad input never produces INTERNAL or UNKNOWN.
     """
 
@@ -452,6 +542,87 @@ class GradientService:
             '/gradserve.v1.GradientService/TrainSteps',
             gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsRequest.SerializeToString,
             gradserve_dot_v1_dot_gradient__service__pb2.TrainStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutTensors(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradserve.v1.GradientService/PutTensors',
+            gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradient__service__pb2.PutTensorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gradserve.v1.GradientService/GetTensors',
+            gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradient__service__pb2.GetTensorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTensors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradserve.v1.GradientService/DeleteTensors',
+            gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsRequest.SerializeToString,
+            gradserve_dot_v1_dot_gradient__service__pb2.DeleteTensorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,7 +55,7 @@ LAYOUTS = {
     pb.DifferentiateResponse: Layout(maps=("outputs", "tangents", "cotangents", "gradient", "hvp"),
                                      blocks=("jacobian", "hessian")),
     pb.TrainStepsRequest: Layout(maps=("parameters", "velocity", "batches")),
-    pb.TrainStepsResponse: Layout(maps=("parameters", "velocity")),
+    pb.TrainStepsResponse: Layout(maps=("parameters", "velocity", "evaluation")),
 }
 
 

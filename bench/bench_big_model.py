@@ -1,0 +1,167 @@
+"""P12: a gradient with respect to every parameter of a resnet50-sized model (25.5M
+float32 parameters, ~102 MB) through the Client, against a `gradserve serve` process
+with its default settings, vs the same forward and backward pass in local PyTorch.
+
+    python bench/bench_big_model.py [--quick] [--json PATH]
+
+The model: an MLP 1024-4096-4096-1100 (ReLU, softmax cross-entropy), 25,486,412
+parameters, batch 32. gradserve's path: the parameters are put once in chunks
+(Client.put, timed apart), then each gradient is one Client.differentiate naming
+them: its derivatives are kept on the server (store_results) and fetched in chunks
+(GetTensors), because a 102 MB reply is over the default 64 MiB message limit;
+also the gradient left on the server as a handle (no transfer back). PyTorch:
+the same parameters, fwd + bwd (loss.backward()) at 1 and 2 threads, the faster
+the baseline. Rounds interleaved; median and spread of the per-round ratios.
+Target: works with default settings, <= 2x PyTorch. Never asserts on time.
+"""
+
+from __future__ import annotations
+
+import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _timing import environment_lines, load_torch, parse_args, ratio_line, write_json
+from gradserve.client import Client
+from gradserve.client.models import LOSS, ModelSpec, one_hot
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
+
+TARGET = 2.0
+BATCH = 32
+WIDTHS = (1024, 4096, 4096, 1100)
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.0f} ms"
+
+
+def torch_step(torch, spec, params, X, y, threads):
+    """fwd + bwd of the same model in PyTorch eager, at `threads` threads."""
+    layers = []
+    for k in range(1, len(spec.widths)):
+        linear = torch.nn.Linear(*spec.param_shapes[f"W{k}"])
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(params[f"W{k}"].T))
+            linear.bias.copy_(torch.from_numpy(params[f"b{k}"]))
+        layers.append(linear)
+        if k < len(spec.widths) - 1:
+            layers.append(torch.nn.ReLU())
+    model = torch.nn.Sequential(*layers)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+
+    def step():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            model.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(Xt), yt)
+            loss.backward()
+            return {f"W{k}": layers[2 * (k - 1)].weight.grad for k in range(1, len(WIDTHS))}
+        finally:
+            torch.set_num_threads(before)
+    return step
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv)
+    rounds = 3 if args.settings.quick else 7
+    for line in environment_lines():
+        print(line)
+    spec = ModelSpec.mlp(WIDTHS[0], WIDTHS[-1], WIDTHS[1:-1])
+    rng = np.random.default_rng(0)
+    params = spec.init_params(rng)
+    X = rng.standard_normal((BATCH, WIDTHS[0])).astype(np.float32)
+    y = rng.integers(0, WIDTHS[-1], BATCH)
+    Y = one_hot(y, WIDTHS[-1])
+    nbytes = sum(a.nbytes for a in params.values())
+    print(f"\n== {spec.description}: {spec.num_params:,} float32 parameters "
+          f"({nbytes / 1e6:.1f} MB), batch {BATCH}, {rounds} rounds\n")
+    graph = spec.build_graph()
+    torch = load_torch()
+    figures: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        out = fn()
+        figures.setdefault(name, []).append(time.perf_counter() - start)
+        return out
+
+    with ServerProcess("--port", "0") as server:  # the defaults, one process
+        address = server.wait_serving(timeout=60)
+        with Client(address, timeout=300) as client:
+            limits = client.server_info().limits
+            print(f"server defaults: max_message_bytes {limits.max_message_bytes:,}, "
+                  f"max_store_bytes {limits.max_store_bytes:,} "
+                  f"(per client {limits.max_store_bytes_per_client:,})")
+            start = time.perf_counter()
+            stored = client.put(params)
+            put_seconds = time.perf_counter() - start
+            print(f"put once, in chunks: {fmt_ms(put_seconds)} "
+                  f"({nbytes / put_seconds / 1e6:,.0f} MB/s)\n")
+            inputs = {**stored, "X": X, "Y": Y}
+            names = spec.param_names
+
+            def gradient():
+                r = client.differentiate(graph, inputs, wrt=names, of=[LOSS])
+                return {n: r.jacobian[LOSS, n] for n in names}
+
+            def gradient_as_handle():
+                r = client.differentiate(graph, inputs, wrt=names, of=[LOSS],
+                                         store_results=True)
+                client.delete(r.results_handle)
+
+            ours = gradient()  # warm-up, and the check against PyTorch
+            steps = {}
+            if torch is not None:
+                for threads in sorted({1, torch.get_num_threads()}):
+                    steps[threads] = torch_step(torch, spec, params, X, y, threads)
+                theirs = steps[1]()
+                worst = max(float(np.max(np.abs(ours[k] - theirs[k].numpy().T))
+                                  / np.max(np.abs(theirs[k].numpy())))
+                            for k in theirs)
+                print(f"gradient vs PyTorch's: largest difference {worst:.1e} of the "
+                      "largest entry, over the weight matrices")
+                for step in steps.values():
+                    step()
+            gradient_as_handle()
+            for _ in range(rounds):
+                timed("gradserve: gradient fetched in chunks", gradient)
+                timed("gradserve: gradient left on the server (handle)", gradient_as_handle)
+                for threads, step in steps.items():
+                    timed(f"torch eager fwd+bwd, {threads} thread"
+                          + ("s" if threads > 1 else ""), step)
+    print()
+    for name, seconds in figures.items():
+        print(f"{name:50} median {fmt_ms(statistics.median(seconds)):>9}, "
+              f"spread {fmt_ms(min(seconds))}-{fmt_ms(max(seconds))}")
+    print()
+    records = []
+    torch_names = [n for n in figures if n.startswith("torch")]
+    for name in [n for n in figures if n.startswith("gradserve")]:
+        if not torch_names:
+            records.append(ratio_line(f"P12 {name}", statistics.median(figures[name]), None,
+                                      TARGET, fmt=fmt_ms, skipped="torch not installed"))
+            continue
+        per_round = [figures[name][i] / min(figures[t][i] for t in torch_names)
+                     for i in range(rounds)]
+        baseline = min(statistics.median(figures[t]) for t in torch_names)
+        records.append(ratio_line(
+            f"P12 25.5M-parameter gradient, {name}", statistics.median(figures[name]),
+            baseline, TARGET, fmt=fmt_ms,
+            note=(f"per-round ratios: median {statistics.median(per_round):.2f}x, spread "
+                  f"{min(per_round):.2f}-{max(per_round):.2f}x")))
+    if args.json:
+        write_json(args.json, {"environment": environment_lines(), "put_seconds": put_seconds,
+                               "seconds": figures, "p12": records})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""TrainSteps on a stored state: parameters and momentum buffers stay on the server, a
+call carries only its minibatches (or rows of a stored data set), and the result
+equals the same steps made one Differentiate at a time with the worker's own update
+rule; exactly once on retries; stale versions and lost states refused by field."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from gradserve.client import GraphBuilder
+from gradserve.v1 import gradient_service_pb2 as pb
+
+
+def model():
+    g = GraphBuilder()
+    x = g.input("X", "float32", [-1, 4])
+    w = g.input("W", "float32", [4, 3])
+    b = g.input("b", "float32", [3])
+    y = g.input("Y", "float32", [-1, 3])
+    g.output("loss", g.mean(g.square(g.tanh(x @ w + b) - y)))
+    return g
+
+
+def initial():
+    rng = np.random.default_rng(3)
+    return {"W": rng.standard_normal((4, 3)).astype(np.float32),
+            "b": np.zeros(3, np.float32)}
+
+
+def data(n=50, seed=4):
+    rng = np.random.default_rng(seed)
+    return {"X": rng.standard_normal((n, 4)).astype(np.float32),
+            "Y": rng.standard_normal((n, 3)).astype(np.float32)}
+
+
+def oracle(client, g, params, steps, lr, momentum):
+    """One Differentiate per step and PyTorch's SGD rule in float32, on the client."""
+    params = dict(params)
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
+    losses = []
+    for batch in steps:
+        r = client.differentiate(g, {**batch, **params}, wrt=list(params), of=["loss"])
+        losses.append(float(r.outputs["loss"]))
+        for name, p in params.items():
+            velocity[name] = np.float32(momentum) * velocity[name] + r.jacobian["loss", name]
+            params[name] = (p - np.float32(lr) * velocity[name]).astype(np.float32)
+    return params, velocity, losses
+
+
+def field_of(err) -> str:
+    detail = error_details_pb2.BadRequest()
+    rpc_status.from_call(err).details[0].Unpack(detail)
+    return detail.field_violations[0].field
+
+
+def test_stored_state_equals_one_step_at_a_time(client):
+    g, params, d = model(), initial(), data()
+    state = client.put(params)
+    stacked = {n: a[:48].reshape(6, 8, -1) for n, a in d.items()}
+    first = client.train_steps(g, state, {n: a[:4] for n, a in stacked.items()},
+                               learning_rate=0.1, momentum=0.9, loss="loss")
+    assert first.velocity == {}
+    assert (first.state_version, first.state_steps, first.parameters) == (1, 4, {})
+    second = client.train_steps(g, state, {n: a[4:] for n, a in stacked.items()},
+                                learning_rate=0.1, momentum=0.9, loss="loss",
+                                state_version=first.state_version, return_state=True)
+    assert (second.state_version, second.state_steps) == (2, 6)
+    expected, velocity, losses = oracle(client, g, params, [
+        {n: a[k] for n, a in stacked.items()} for k in range(6)], 0.1, 0.9)
+    assert first.losses + second.losses == losses
+    stored = client.get(state)
+    for name in params:
+        np.testing.assert_array_equal(stored[name], expected[name])
+        np.testing.assert_array_equal(stored["velocity/" + name], velocity[name])
+        np.testing.assert_array_equal(second.parameters[name], expected[name])
+        np.testing.assert_array_equal(second.velocity[name], velocity[name])
+
+
+def test_rows_of_a_stored_data_set_with_a_short_last_batch_and_an_evaluation(client):
+    g, params, d = model(), initial(), data()
+    state, train, test = client.put(params), client.put(d), client.put(data(20, seed=9))
+    order = np.random.default_rng(0).permutation(50)
+    sizes = [16, 16, 16, 2]  # an epoch of 50 examples, batch 16: the last one short
+    r = client.train_steps(g, state, learning_rate=0.05, momentum=0.9, loss="loss",
+                           data=train, rows=order, batch_sizes=sizes,
+                           evaluate_data=test, evaluate_outputs=["loss"])
+    bounds = np.cumsum([0] + sizes)
+    expected, _, losses = oracle(client, g, params, [
+        {n: a[order[s:e]] for n, a in d.items()} for s, e in zip(bounds, bounds[1:])],
+        0.05, 0.9)
+    assert r.losses == losses and r.state_steps == 4
+    np.testing.assert_array_equal(
+        r.evaluation["loss"], client.evaluate(g, {**data(20, seed=9), **expected})["loss"])
+    with pytest.raises(grpc.RpcError) as info:
+        client.train_steps(g, state, learning_rate=0.05, loss="loss", data=train,
+                           rows=[0, 50], batch_sizes=[2], state_version=1)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_of(info.value) == "rows" and "row 50" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.train_steps(g, state, learning_rate=0.05, loss="loss", data=train,
+                           rows=[0, 1, 2], batch_sizes=[2], state_version=1)
+    assert field_of(info.value) == "batch_sizes"
+
+
+def test_a_retried_call_does_not_step_twice(client, channel):
+    """The same request sent twice (its reply lost) gets the same reply, and the state
+    steps once; a stale version is FAILED_PRECONDITION."""
+    g, params, d = model(), initial(), data()
+    state = client.put(params)
+    graph_id = client.register(g)
+    request = pb.TrainStepsRequest(graph_id=graph_id, loss="loss", learning_rate=0.1,
+                                   momentum=0.5, state=state.id, state_version=0)
+    from gradserve.v1.codec import fill_tensor
+    for name, a in d.items():
+        fill_tensor(request.batches[name], a[:32].reshape(2, 16, -1))
+    stub = _stub(channel)
+    once = stub.TrainSteps(request, timeout=10)
+    again = stub.TrainSteps(request, timeout=10)
+    assert once.losses == again.losses and once.state_version == again.state_version == 1
+    assert again.state_steps == 2
+    expected, _, _ = oracle(client, g, params, [{n: a[:16] for n, a in d.items()},
+                                                {n: a[16:32] for n, a in d.items()}], 0.1, 0.5)
+    for name, value in client.get(state, list(params)).items():
+        np.testing.assert_array_equal(value, expected[name])
+    request.return_state = True  # the retry may ask for the state: the one it made
+    from gradserve.v1.codec import from_tensor
+    third = stub.TrainSteps(request, timeout=10)
+    assert third.state_version == 1 and third.losses == once.losses
+    for name in params:
+        np.testing.assert_array_equal(from_tensor(third.parameters[name]), expected[name])
+    request.return_state = False
+    request.state_version = 1
+    assert stub.TrainSteps(request, timeout=10).state_version == 2
+    request.state_version = 0  # two versions back: not a retry
+    with pytest.raises(grpc.RpcError) as info:
+        stub.TrainSteps(request, timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert field_of(info.value) == "state_version"
+
+
+def test_a_lost_state_is_not_found(client):
+    g, params = model(), initial()
+    state = client.put(params)
+    client.train_steps(g, state, {n: a[:16][None] for n, a in data().items()},
+                       learning_rate=0.1, loss="loss")
+    client.delete(state)
+    with pytest.raises(grpc.RpcError) as info:
+        client.train_steps(g, state, {n: a[:16][None] for n, a in data().items()},
+                           learning_rate=0.1, loss="loss", state_version=1)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert field_of(info.value) == "state"
+
+
+def _stub(channel):
+    from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
+    return pb_grpc.GradientServiceStub(channel)
