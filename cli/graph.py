@@ -36,7 +36,7 @@ from gradserve.v1.codec import DTYPES
 
 from gradserve.client import Client, GraphBuilder, load_graph
 from gradserve.client.extras import MissingExtra
-from gradserve.client.onnx import OnnxImportError, from_onnx
+from gradserve.client.onnx import MAX_FOLD_BYTES, OnnxImportError, from_onnx
 from gradserve.client.render import graph_dot, has_modules, model_dot
 
 from .in_process import server_address
@@ -108,12 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "inputs, for derivatives with respect to them; their values are "
                           "then saved next to the graph as GRAPH.params.npz "
                           "(default: %(default)s)")
+    imp.add_argument("--max-fold-mib", type=float, default=MAX_FOLD_BYTES / 2 ** 20,
+                     metavar="MIB",
+                     help="what computing the model's constant parts at import time may "
+                          "allocate, beyond twice the model's own weights; a model asking "
+                          "for more is refused (default: %(default)g)")
 
 
 def run(args: argparse.Namespace) -> int:
     command = f"gradserve graph {args.graph_command}"
     try:
         return _import(args) if args.graph_command == "import" else _show(args)
+    except (OnnxImportError, MemoryError, RecursionError) as err:  # a model it cannot import
+        print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except (UsageError, OSError, OnnxImportError, MissingExtra) as err:
         print(f"{command}: error: {err}", file=sys.stderr)
         return 2
@@ -123,11 +131,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or {MemoryError: "out of memory while importing the model",
+                    RecursionError: "the model is nested too deeply to import"}.get(
+                        type(err), type(err).__name__)
+
+
 def _import(args) -> int:
     output = Path(args.output)
     if output.suffix.lower() not in (".pb", ".json"):
         raise UsageError(f"--output {output}: use a name ending in .pb (binary) or .json")
-    imported = from_onnx(args.model, parameters=args.parameters)
+    if not args.max_fold_mib >= 0:
+        raise UsageError(f"--max-fold-mib must be >= 0, not {args.max_fold_mib}")
+    imported = from_onnx(args.model, parameters=args.parameters,
+                         max_fold_bytes=int(args.max_fold_mib * 2 ** 20))
     imported.graph.save(output)
     graph = imported.graph.build()
     counts = Counter(node.op for node in graph.nodes)

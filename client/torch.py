@@ -33,14 +33,16 @@ only: differentiating the backward again (create_graph=True, hessians) raises.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import torch
 
 from gradserve.client._remote import RemoteError, RemoteGraph
+from gradserve.client.onnx import OnnxImport
 
-__all__ = ["RemoteError", "remote_function"]
+__all__ = ["ModuleImport", "RemoteError", "from_module", "remote_function"]
 
 _NUMPY = {torch.float32: np.dtype("float32"), torch.float64: np.dtype("float64"),
           torch.int32: np.dtype("int32"), torch.int64: np.dtype("int64"),
@@ -238,3 +240,211 @@ class _VJP(_Seeded):
                          {j: _numpy(c) for j, c in zip(of, cotangents)}, wrt, batch,
                          residuals=getattr(_KEEP, "residuals", "") or "")
         return tuple(_tensor(g, values[i].device) for i, g in zip(wrt, out))
+
+
+# --- a torch.nn.Module as an imported graph ----------------------------------------------------
+
+def from_module(module, example_inputs, *, input_names=None, output_names=None,
+                dynamic_batch: bool = True, exporter: str = "torchscript",
+                opset: int | None = None, strict: bool = True):
+    """Export `module` (a torch.nn.Module in eval mode) to ONNX with settings that keep
+    every parameter as itself, import it, and return a ModuleImport whose `parameters`
+    are keyed by `module.named_parameters()` names (and `named_buffers()` names for the
+    buffers the graph reads, listed in `buffers`), each checked equal to the module's.
+
+    exporter="torchscript" (torch.onnx.export(dynamo=False, do_constant_folding=False):
+    no batch norm folded into convolutions, no pre-transposed weights) or "dynamo"
+    (dynamo=True, optimize=False). Equal initializers that the exporter merged into one
+    are split again, each under its own name. A parameter that cannot be found under its
+    own name with its own value (folded, fused, transposed or unused) is an error naming
+    it; strict=False leaves such parameters out instead (never under a wrong name).
+
+    example_inputs: a tensor or a tuple of tensors; the graph's inputs are named
+    `input_names` (default x, or x0, x1...) and its outputs `output_names` (y, or y0...).
+    dynamic_batch: the first axis of every input and output stays free.
+    """
+    onnx = _import_onnx()
+    from gradserve.client.onnx import OnnxImportError, from_onnx
+
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}")
+    if module.training:
+        raise ValueError("from_module differentiates the module in eval mode (batch norm's "
+                         "running statistics, no dropout): call module.eval() first")
+    if exporter not in ("torchscript", "dynamo"):
+        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', not {exporter!r}")
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) \
+        else tuple(example_inputs)
+    input_names = list(input_names or (["x"] if len(args) == 1 else
+                                       [f"x{i}" for i in range(len(args))]))
+    try:
+        data = _export(module, args, input_names, output_names, dynamic_batch, exporter, opset)
+    except Exception as err:  # torch's own errors, many kinds
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise OnnxImportError(
+            f"torch.onnx.export ({exporter}) failed: {type(err).__name__}: {first}"
+            + ("; a model that fixes its batch size exports with dynamic_batch=False"
+               if dynamic_batch else "")
+            + f"; exporter={'dynamo' if exporter == 'torchscript' else 'torchscript'!r} "
+            "may work") from err
+    proto = onnx.load_model_from_string(data)
+    if output_names is None:  # y, or y0, y1...: known once exported (no extra forward)
+        _rename_outputs(proto)
+
+    params = {n: p.detach().cpu() for n, p in module.named_parameters()}
+    buffers = {n: b.detach().cpu() for n, b in module.named_buffers()}
+    _keep_only_module_initializers(onnx, proto, set(params) | set(buffers))
+    _padding_rows_get_no_gradient(onnx, proto, module)
+    imported = from_onnx(proto, parameters="inputs")
+
+    wrong, missing = [], []
+    for name, tensor in {**params, **buffers}.items():
+        if name not in imported.parameters:
+            if name in params and (tensor.is_floating_point() or tensor.is_complex()):
+                missing.append(name)
+            continue
+        value = imported.parameters[name]
+        mine = tensor.numpy()
+        if value.shape != mine.shape or not np.array_equal(value, mine):
+            wrong.append(name)
+    problems = []
+    if wrong:
+        problems.append("the exported values of " + ", ".join(f"'{n}'" for n in wrong)
+                        + " differ from the module's (the exporter changed them)")
+    if missing:
+        problems.append("no input of the exported graph is " + ", ".join(
+            f"'{n}'" for n in missing) + " (unused in forward, or folded into another value "
+            "by the exporter)")
+    if wrong or (missing and strict):  # never a value under a torch name it does not have
+        raise OnnxImportError("from_module cannot give these parameters their own gradients: "
+                              + "; ".join(problems)
+                              + ("; strict=False leaves the missing ones out" if not wrong
+                                 else ""))
+    order = [n for n in (*params, *buffers) if n in imported.parameters]
+    return ModuleImport(**{f.name: getattr(imported, f.name)
+                           for f in dataclasses.fields(imported)},
+                        buffers=[n for n in order if n in buffers],
+                        trainable=[n for n in order if n in params])
+
+
+def _import_onnx():
+    from gradserve.client.onnx import import_optional
+    import_optional("onnxscript", "onnxscript", "from_module (torch.onnx.export)")
+    return import_optional("onnx", "onnx", "from_module")
+
+
+def _export(module, args, input_names, output_names, dynamic_batch, exporter, opset) -> bytes:
+    import io
+    import warnings
+
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            shapes = None
+            if dynamic_batch:
+                batch = torch.export.Dim("batch")
+                shapes = tuple({0: batch} if a.dim() else None for a in args)
+            program = torch.onnx.export(module, args, input_names=input_names,
+                                        output_names=output_names, dynamo=True,
+                                        optimize=False, dynamic_shapes=shapes, verbose=False,
+                                        opset_version=opset)
+            program.save(f)
+        else:
+            axes = {n: {0: "batch"} for n in input_names} if dynamic_batch else None
+            torch.onnx.export(module, args, f, input_names=input_names,
+                              output_names=output_names, dynamic_axes=axes, dynamo=False,
+                              do_constant_folding=False, opset_version=opset or 18,
+                              training=torch.onnx.TrainingMode.EVAL)
+    return f.getvalue()
+
+
+def _rename_outputs(proto) -> None:
+    graph = proto.graph
+    n = len(graph.output)
+    names = ["y"] if n == 1 else [f"y{i}" for i in range(n)]
+    taken = {t for node in graph.node for t in (*node.input, *node.output)} | \
+        {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    old = [o.name for o in graph.output]
+    if len(set(old)) != n or any(name in taken and name not in old for name in names):
+        return  # the exporter's own names then
+    rename = dict(zip(old, names))
+    for node in graph.node:
+        for i, t in enumerate(node.output):
+            node.output[i] = rename.get(t, t)
+        for i, t in enumerate(node.input):
+            node.input[i] = rename.get(t, t)
+    for o in graph.output:
+        o.name = rename[o.name]
+
+
+def _keep_only_module_initializers(onnx, proto, names: set[str]) -> None:
+    """Undo what stands between a module's tensors and the graph's inputs: initializers
+    the exporter merged (`Identity(bn1.weight) -> ln.weight`) become separate again, and
+    initializers that are no module tensor (exporter constants) become Constant nodes, so
+    that the import's parameters are exactly the module's tensors."""
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    merged = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits
+              and n.output[0] in names and n.output[0] not in inits]
+    for node in merged:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    constants = []
+    for tensor in list(graph.initializer):
+        if tensor.name not in names:
+            constants.append(onnx.helper.make_node("Constant", [], [tensor.name],
+                                                   value=tensor))
+            graph.initializer.remove(tensor)
+    for i, node in enumerate(constants):
+        graph.node.insert(i, node)
+    kept = {t.name for t in graph.initializer}
+    for inp in list(graph.input):  # old exporters list initializers as inputs too
+        if inp.name in {c.output[0] for c in constants} and inp.name not in kept:
+            graph.input.remove(inp)
+
+
+def _padding_rows_get_no_gradient(onnx, proto, module) -> None:
+    """PyTorch gives an nn.Embedding's padding_idx row no gradient (a convention the ONNX
+    graph does not carry): the graph reads W * keep + row instead of W, keep 0 on that row
+    and row its (constant) value: the same values, and that row's gradient 0."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    added = []
+    for prefix, m in module.named_modules():
+        name = f"{prefix}.weight" if prefix else "weight"
+        if not isinstance(m, torch.nn.Embedding) or m.padding_idx is None or name not in inits:
+            continue
+        weight = m.weight.detach().cpu().numpy()
+        keep = np.ones((weight.shape[0], 1), weight.dtype)
+        keep[m.padding_idx] = 0
+        row = np.zeros_like(weight)
+        row[m.padding_idx] = weight[m.padding_idx]
+        padded = f"{name}/padding_row_without_gradient"
+        for node in graph.node:
+            for i, inp in enumerate(node.input):
+                if inp == name:
+                    node.input[i] = padded
+        for value, what in ((keep, "keep"), (row, "row")):
+            added.append(onnx.helper.make_node("Constant", [], [f"{padded}/{what}"],
+                                               value=numpy_helper.from_array(value)))
+        added.append(onnx.helper.make_node("Mul", [name, f"{padded}/keep"],
+                                           [f"{padded}/kept"]))
+        added.append(onnx.helper.make_node("Add", [f"{padded}/kept", f"{padded}/row"],
+                                           [padded]))
+    for i, node in enumerate(added):
+        graph.node.insert(i, node)
+
+
+@dataclasses.dataclass
+class ModuleImport(OnnxImport):
+    """An OnnxImport of a torch.nn.Module whose `parameters` are the module's own tensors
+    under their names: `trainable` (from named_parameters(), in that order) and `buffers`
+    (from named_buffers(): inputs of the graph, but not parameters to train)."""
+    buffers: list = dataclasses.field(default_factory=list)
+    trainable: list = dataclasses.field(default_factory=list)
