@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import signal
-import threading
+import time
 from dataclasses import fields
 
 from gradserve.server.allocator import keep_freed_memory
@@ -38,6 +38,29 @@ DEFAULT_MAX_CONNECTION_AGE_GRACE = 30.0
 log = logging.getLogger("gradserve.server")
 
 
+class StopRequest:
+    """Set by SIGTERM or SIGINT, waited for by the main thread. A plain attribute, not a
+    threading.Event: a signal handler runs in the main thread between two bytecodes,
+    and Event.set() takes the lock that Event.wait() holds for a few bytecodes on its
+    way in, so a signal landing there (likelier on a loaded machine, where the main
+    thread waits for the GIL right there) deadlocked the server: it never exited."""
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self):
+        self.requested = False
+
+    def set(self, *_) -> None:
+        self.requested = True
+
+    def is_set(self) -> bool:
+        return self.requested
+
+    def wait(self) -> None:
+        while not self.requested:
+            time.sleep(self.POLL_SECONDS)
+
+
 def env(name: str, default):
     """GRADSERVE_<NAME> from the environment, or `default`."""
     return os.environ.get("GRADSERVE_" + name, default)
@@ -53,7 +76,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        default=int(env("PROCESSES", 0)) or default_processes(), metavar="N",
                        help="server processes sharing the port (SO_REUSEPORT), each with "
                             "its own GIL, workers and graph cache; connections, not calls, "
-                            "are spread over them. 1 serves in this process (default: the "
+                            "are spread over them; one that dies is restarted with backoff "
+                            "while the others serve. 1 serves in this process (default: the "
                             "CPUs this process may use, within a cgroup CPU limit: "
                             "%(default)s)")
     serve.add_argument("--max-workers", type=int, default=int(env("MAX_WORKERS", 16)),
@@ -111,8 +135,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        default=env("NO_REFLECTION", "") not in ("", "0"),
                        help="turn off gRPC server reflection")
     serve.add_argument("--metrics-port", type=int, default=env("METRICS_PORT", None),
-                       help="serve Prometheus metrics at http://HOST:PORT/metrics "
-                            "(default: off; 0 picks a free port)")
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics, those of "
+                            "all --processes on this one port, each sample labelled "
+                            "process=\"I\" (default: off; 0 picks a free port)")
     serve.add_argument("--auth-token-file", default=env("AUTH_TOKEN_FILE", None),
                        metavar="PATH", help="require 'authorization: Bearer <token>' on every "
                        "call but health checks; the token is the file's content")
@@ -171,7 +196,7 @@ def run(args) -> int:
     return serve_one(args, token)
 
 
-def serve_one(args, token, port: int | None = None, stop: threading.Event | None = None,
+def serve_one(args, token, port: int | None = None, stop: StopRequest | None = None,
               process: int | None = None, ready=None) -> int:
     """Serve in this process until SIGTERM or SIGINT (one of --processes when `process`
     is its index: bound to `port`, metrics labelled with it, `ready()` once serving)."""
@@ -183,15 +208,19 @@ def serve_one(args, token, port: int | None = None, stop: threading.Event | None
                     "page-fault fresh memory")
     overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    server = create_server(f"{args.host}:{args.port if port is None else port}",
-                           Limits.from_env(**overrides), args.max_workers,
-                           not args.no_reflection, token, tls, event_loop=args.event_loop,
-                           max_connection_age=args.max_connection_age,
-                           max_connection_age_grace=args.max_connection_age_grace,
-                           inline_budget_us=args.inline_budget_us)
+    address = f"{args.host}:{args.port if port is None else port}"
+    try:  # only the --processes supervisor's own children share a port (SO_REUSEPORT)
+        server = create_server(address, Limits.from_env(**overrides), args.max_workers,
+                               not args.no_reflection, token, tls, event_loop=args.event_loop,
+                               reuse_port=process is not None,
+                               max_connection_age=args.max_connection_age,
+                               max_connection_age_grace=args.max_connection_age_grace,
+                               inline_budget_us=args.inline_budget_us)
+    except OSError as err:
+        raise SystemExit(f"gradserve serve: cannot serve on {address}: {err}") from None
     metrics_port = args.metrics_port
-    if metrics_port is not None and process is not None and int(metrics_port):
-        metrics_port = int(metrics_port) + process  # one /metrics per process
+    if metrics_port is not None and process is not None:
+        metrics_port = 0  # on loopback, for the supervisor, which serves them all on one port
     return serve_until_signal(server, args.host, metrics_port, args.grace,
                               tls is not None, token is not None, args.drain, stop=stop,
                               process=process, ready=ready)
@@ -199,23 +228,23 @@ def serve_one(args, token, port: int | None = None, stop: threading.Event | None
 
 def serve_until_signal(server, host: str, metrics_port: int | None, grace: float,
                        tls: bool, token: bool, drain: float = DEFAULT_DRAIN, *,
-                       stop: threading.Event | None = None, process: int | None = None,
+                       stop: StopRequest | None = None, process: int | None = None,
                        ready=None) -> int:
     """Start `server`, run until SIGTERM or SIGINT (or `stop` is set), then shut down
     cleanly; the exit code. As one of several processes (`process`, its index), metrics
-    carry a `process` label, and `ready()` replaces the "listening" line, which the
-    supervisor logs once for all."""
+    are served on loopback for the supervisor, carrying a `process` label, and
+    `ready(server)` replaces the "listening" line, which the supervisor logs once for all."""
     if stop is None:
-        stop = threading.Event()
+        stop = StopRequest()
         for sig in (signal.SIGTERM, signal.SIGINT):  # before serving: a SIGTERM always drains
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, stop.set)
     labels = None if process is None else {"process": str(process)}
-    server.start(None if metrics_port is None else (host, int(metrics_port)), labels)
-    if server.metrics_port is not None:
-        log.warning("metrics on http://%s:%d/metrics%s", host, server.metrics_port,
-                    "" if process is None else f" (process {process}, pid {os.getpid()})")
+    metrics_host = host if process is None else "127.0.0.1"
+    server.start(None if metrics_port is None else (metrics_host, int(metrics_port)), labels)
+    if server.metrics_port is not None and process is None:
+        log.warning("metrics on http://%s:%d/metrics", host, server.metrics_port)
     if ready is not None:
-        ready()
+        ready(server)
     else:
         log.warning("gradserve listening on %s:%d%s%s", host, server.port,
                     " (TLS)" if tls else "", " (token required)" if token else "")

@@ -183,6 +183,7 @@ class Server:
             log.warning("the server did not stop within its grace and drain + 5 s")
         finally:
             self.servicer.telemetry.close()
+            self.servicer.residuals.close()
             self._loop.close()
             self.servicer.calls.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -218,7 +219,8 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   auth_token: str | None = None, tls: TLSConfig | None = None,
                   event_loop: str = "auto", max_connection_age: float = 0.0,
                   max_connection_age_grace: float = 0.0,
-                  inline_budget_us: float = DEFAULT_INLINE_BUDGET_US) -> Server:
+                  inline_budget_us: float = DEFAULT_INLINE_BUDGET_US,
+                  reuse_port: bool = False) -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
@@ -234,24 +236,32 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     come to use replicas added after they connected. Calls in flight then get
     `max_connection_age_grace` seconds to finish before the connection closes (0: as
     long as they need).
+
+    `reuse_port` lets other sockets with SO_REUSEPORT share the port (the processes of
+    `gradserve serve --processes N` only); without it, binding a port in use fails
+    (OSError) rather than sharing it with whatever holds it.
     """
     limits = limits or Limits()
     loop = EventLoopThread(event_loop)
     age = (max_connection_age, max_connection_age_grace)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
-                               tls, loop, age, inline_budget_us))
+                               tls, loop, age, inline_budget_us, reuse_port))
     except BaseException:
         loop.close()
         raise
 
 
 async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
-                 loop, age=(0.0, 0.0), inline_budget_us=DEFAULT_INLINE_BUDGET_US) -> Server:
+                 loop, age=(0.0, 0.0), inline_budget_us=DEFAULT_INLINE_BUDGET_US,
+                 reuse_port=False) -> Server:
     """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
+        # grpc sets SO_REUSEPORT by default on Linux: a second server on a port in use
+        # would start and take a share of its connections.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if age[0] > 0:  # GOAWAY after age[0] s; in-flight calls get age[1] s more (0: unbounded)
         options.append(("grpc.max_connection_age_ms", round(age[0] * 1000)))
@@ -270,8 +280,12 @@ async def _build(address, limits, max_workers, reflection_enabled, auth_token, t
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), server)
-    port = (server.add_secure_port(address, tls.credentials()) if tls
-            else server.add_insecure_port(address))
+    try:
+        port = (server.add_secure_port(address, tls.credentials()) if tls
+                else server.add_insecure_port(address))
+    except RuntimeError:  # grpc's "Failed to bind": in use, or not an address of this host
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: the port is in use (by another server?) "
+                      "or the address is not one of this host's")
     return Server(server, port, health_servicer, servicer, loop)

@@ -36,11 +36,15 @@ from gradserve.v1.tensor_wire import LAYOUTS, decode
 from .errors import (BadRequest, LimitExceeded, RequestError, ServerClosing, StreamIdle, abort,
                      status_for)
 from .limits import Limits
+from .memory import TRIM_AFTER_BYTES, MemoryGuard, trim
 from .wire import wire_counter
 
 # After shutdown began, how long a stream that just finished a message waits for its
-# next one (already sent, typically) before it is ended UNAVAILABLE.
-CLOSING_READ_SECONDS = 0.1
+# next one (already sent, typically) before it is ended UNAVAILABLE. 0.1 s cut streams
+# whose next message was already sent on a loaded machine (load average 16 on 2 cores:
+# grpc's threads hand a message over late); the streams wait in parallel, within the
+# grace.
+CLOSING_READ_SECONDS = 1.0
 
 
 def _mode(reply) -> str | None:
@@ -135,6 +139,7 @@ class Calls:
         self._closing: asyncio.Future | None = None
         self._working = 0  # requests running in a worker (their calls may have ended)
         self._working_lock = threading.Lock()
+        self.memory = MemoryGuard(limits.max_rss_bytes)
 
     @property
     def working(self) -> int:
@@ -161,6 +166,11 @@ class Calls:
         if limit and self.in_progress >= limit:
             raise LimitExceeded(f"{self.in_progress} requests in progress, at the server's "
                                 f"limit of {limit} (max_concurrent_rpcs); retry with backoff")
+        rss = self.memory.over()
+        if rss:
+            raise LimitExceeded(f"the server process holds {rss:,} bytes, over its limit of "
+                                f"{self.limits.max_rss_bytes:,} (max_rss_bytes): retry with "
+                                "backoff or on another replica")
         self.in_progress += 1
 
     def done(self) -> None:
@@ -222,12 +232,17 @@ class Calls:
 def _run(method, name: str, request_type, self, data, call: CallState, started: float):
     """In a worker: parse, call the method, record the outcome; the reply's bytes."""
     request = data
+    size = len(data) if isinstance(data, bytes) else 0
     try:
         request = parse(request_type, data, self.limits)
         reply = method(self, request, call)
     except Exception as exc:  # noqa: BLE001 - recorded here, mapped to a status by the caller
         self.telemetry.record(name, _code(exc), started, request)
+        request = data = None  # this frame stays in the traceback: see forget_frames
         raise
+    finally:
+        if size >= TRIM_AFTER_BYTES:  # what parsing it freed, back to the system
+            trim()
     self.telemetry.record(name, "OK", started, request, reply, _mode(reply))
     return reply.SerializeToString()
 
@@ -259,9 +274,13 @@ def rpc(method):
             call.ended = True  # the worker's next check stops the work
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await abort(context, exc)
+            error = exc
         finally:
             calls.done()
+        # Outside the except clause: the abort's own exception then chains nothing, and
+        # this frame (in its traceback) no longer holds the request's bytes.
+        data = None
+        await abort(context, error)
     return wrapper
 
 
@@ -303,7 +322,9 @@ def stream_rpc(method):
             call.ended = True
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            await abort(context, exc)
+            error = exc
         finally:
             calls.close_stream(host)
+        data = None  # as in rpc: not held by the abort's traceback
+        await abort(context, error)
     return wrapper

@@ -14,6 +14,7 @@ echoed into them, so that the client gets the status and its detail.
 from __future__ import annotations
 
 import logging
+import traceback
 
 import grpc
 from google.protobuf import any_pb2
@@ -138,12 +139,30 @@ def to_status(code: grpc.StatusCode, exc: BaseException) -> grpc.Status:
         code=getattr(code_pb2, code.name), message=message, details=[detail]))
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Drop the frames `exc` (and the exceptions it chains) hold: their locals are the
+    request and its arrays, and a traceback is a reference cycle (frame -> exception ->
+    traceback -> frame) that only Python's cyclic GC would free, so a failed 60 MiB
+    request stayed in memory (16 of them: +600 MiB) until it ran."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException):
-    """End the call with the status of `exc` (raises, as context.abort does)."""
+    """End the call with the status of `exc` (raises, as context.abort does); `exc`'s
+    frames are dropped first (forget_frames), once logged when it is INTERNAL."""
     code = status_for(exc)
     if code is None:
         log.error("internal error", exc_info=exc)
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            short(f"internal error: {type(exc).__name__}: {exc}"))
+        message = short(f"internal error: {type(exc).__name__}: {exc}")
+        forget_frames(exc)
+        exc = None
+        await context.abort(grpc.StatusCode.INTERNAL, message)
+    forget_frames(exc)
     status = to_status(code, exc)
+    exc = None
     await context.abort(status.code, status.details, status.trailing_metadata)

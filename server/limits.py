@@ -35,6 +35,8 @@ class Limits:
     max_store_handles: int = 1024  # handles held (least recently used evicted)
     store_seconds: int = 600  # a handle unused this long expires
     store_chunk_bytes: int = 4 * MiB  # data in one GetTensors chunk
+    max_rss_bytes: int = 0  # server process RSS over which new requests are refused (0: off)
+    max_references: int = 1_000_000  # Node.inputs entries of one graph, all nodes together
 
     @classmethod
     def from_env(cls, environ=os.environ, **overrides) -> "Limits":

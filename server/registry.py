@@ -30,6 +30,9 @@ PLAN_BYTES_PER_NODE = 1200
 PLAN_BYTES_PER_CONSTANT = 700
 PLAN_BYTES_PER_INPUT = 550
 PLAN_BYTES_PER_OUTPUT = 100
+# An input reference (Node.inputs entry) beyond its wire bytes: ~90 B kept per `concat`
+# operand (three 4 MB graphs of references held +287 MiB counted as 12 MB).
+PLAN_BYTES_PER_REFERENCE = 100
 
 
 def graph_id(graph: graph_pb2.Graph) -> tuple[str, int]:
@@ -45,7 +48,13 @@ def plan_bytes(graph: graph_pb2.Graph, wire_bytes: int) -> int:
     return (wire_bytes + PLAN_BYTES_PER_NODE * len(graph.nodes)
             + PLAN_BYTES_PER_CONSTANT * len(graph.constants)
             + PLAN_BYTES_PER_INPUT * len(graph.inputs)
-            + PLAN_BYTES_PER_OUTPUT * len(graph.outputs))
+            + PLAN_BYTES_PER_OUTPUT * len(graph.outputs)
+            + PLAN_BYTES_PER_REFERENCE * references(graph))
+
+
+def references(graph: graph_pb2.Graph) -> int:
+    """Node.inputs entries of all the graph's nodes."""
+    return sum(len(node.inputs) for node in graph.nodes)
 
 
 def _no_check() -> None:
@@ -162,7 +171,9 @@ class GraphRegistry:
         for field, count, limit, name in (
                 ("graph.nodes", len(graph.nodes), limits.max_nodes, "max_nodes"),
                 ("graph.constants", len(graph.constants), limits.max_constants, "max_constants"),
-                ("graph.inputs", len(graph.inputs), limits.max_inputs, "max_inputs")):
+                ("graph.inputs", len(graph.inputs), limits.max_inputs, "max_inputs"),
+                ("graph.nodes.inputs", references(graph), limits.max_references,
+                 "max_references")):
             if limit and count > limit:
                 raise LimitExceeded(f"{field} has {count:,} entries, over the limit of "
                                     f"{limit:,} ({name})", field=field)

@@ -13,6 +13,7 @@ from gradserve.v1.codec import WIRE_DTYPES
 from gradserve.v1.modes import mode_name, sparsity_name
 from gradserve.v1.tensor_wire import TensorMessage
 
+from . import training
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
@@ -91,13 +92,16 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         graph_id, plan = self.registry.resolve(request, check)
         if request.state:
             return self.training.steps(request, graph_id, plan, check, self._run_limits)
+        # Bounded before any step (server.training): the reply, the call's FLOPs, and
+        # the hyperparameters as the steps' dtype holds them.
         batches = self.training.batches(request)
-        result = engine.sgd_steps(
-            plan, request.parameters, batches, velocity=request.velocity,
-            learning_rate=request.learning_rate, momentum=request.momentum,
-            loss=request.loss or None, max_steps=self.limits.max_steps_per_call,
-            max_block_elements=self.limits.max_tensor_elements, check=check,
-            **self._run_limits)
+        steps = training.steps_of(batches)
+        training.check_hyperparameters(request.parameters, request.learning_rate,
+                                       request.momentum)
+        if steps is not None:
+            training.check_reply(request.parameters, steps, self.limits)
+        result = training.run_steps(plan, request.parameters, batches, request.velocity,
+                                    request, steps, check, self._run_limits, self.limits)
         return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
                              {"parameters": result.parameters, "velocity": result.velocity})
 

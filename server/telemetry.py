@@ -7,20 +7,30 @@ Metrics (on --metrics-port, Prometheus text format at /metrics):
   gradserve_graph_cache_graphs, _bytes         compiled graphs cached, their memory
   gradserve_graph_cache_lookups_total{result}  cache hits and misses (hit rate)
 Each server has its own registry, so several servers can live in one process;
-`gradserve serve --processes N` serves one /metrics per process, each sample
-labelled process="I" (see serve_metrics).
+`gradserve serve --processes N` serves one /metrics for all its processes, each
+sample labelled process="I" (the supervisor merges its children's: merge_metrics).
+/metrics is served by a few threads at most (MAX_CONNECTIONS; more connections
+are closed at once) and a connection that sends no request within
+READ_TIMEOUT_SECONDS is closed: idle connections cannot hold a thread each.
 Request logs go to the "gradserve.requests" logger at INFO (quiet by default):
 one JSON object per line with method, graph_id, mode, code and milliseconds.
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
+import socket
+import socketserver
+import threading
 import time
+from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.engine.errors import echo
 
@@ -80,12 +90,12 @@ class Telemetry:
         if labels:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Labelled(self.registry, labels))
-        self._http, _ = start_http_server(port, addr=host, registry=registry)
-        return self._http.server_port
+        self._http = MetricsHTTPServer(host, port, lambda: generate_latest(registry))
+        return self._http.port
 
     def close(self) -> None:
         if self._http is not None:
-            self._http.shutdown()
+            self._http.close()
             self._http = None
 
     def record(self, method: str, code: str, started: float, request=None, reply=None,
@@ -106,3 +116,91 @@ class Telemetry:
             request_log.info(json.dumps({"method": method, "graph_id": graph_id or None,
                                          "mode": mode, "code": code,
                                          "ms": round(seconds * 1e3, 3)}))
+
+
+MAX_CONNECTIONS = 8  # connections to /metrics served at once; more are closed at once
+READ_TIMEOUT_SECONDS = 5.0  # a connection silent this long is closed
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    timeout = READ_TIMEOUT_SECONDS  # on the socket: reading the request, writing the reply
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.split("?", 1)[0] not in ("/", "/metrics"):
+            self.send_error(404)
+            return
+        body = self.server.render()
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):  # quiet, as prometheus_client's server is
+        pass
+
+
+class _BoundedHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, render, family):
+        self.address_family = family
+        self.render = render
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # at the cap: closed, no thread
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class MetricsHTTPServer:
+    """/metrics over HTTP on host:port (0: a free port), the body from `render()`, with
+    at most MAX_CONNECTIONS threads and READ_TIMEOUT_SECONDS per connection."""
+
+    def __init__(self, host: str, port: int, render: Callable[[], bytes]):
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        self._server = _BoundedHTTPServer((host.strip("[]"), port), render, family)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="gradserve-metrics", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def merge_metrics(texts: Iterable[str], extra: Iterable = ()) -> bytes:
+    """Prometheus texts (each process's /metrics, their samples told apart by a label)
+    as one exposition: each family once, with every process's samples; `extra`:
+    metric families of the caller's own (e.g. the supervisor's restarts)."""
+    families: dict[str, object] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            known = families.get(family.name)
+            if known is None:
+                families[family.name] = family
+            else:
+                known.samples.extend(family.samples)
+    for family in extra:
+        families[family.name] = family
+
+    class _Families:
+        def collect(self):
+            return iter(families.values())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry)

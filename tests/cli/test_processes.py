@@ -1,15 +1,18 @@
 """`gradserve serve --processes 2` over real gRPC on 127.0.0.1, and the Client's
 channel pool that reaches both processes.
 
-Which process served a call is read from each process's own /metrics (child I on
---metrics-port + I, here each on a free port, samples labelled process="I"), so
-the test sees what the servers did. Answers are checked against the seed
-example's published figures.
+Which process served a call is read from the one /metrics the supervisor serves
+(--metrics-port, here a free port: every process's samples, labelled process="I"),
+so the test sees what the servers did. Answers are checked against the seed
+example's published figures. A child killed with SIGKILL is restarted while the
+others serve (no call on them fails), and only the supervisor's own children may
+share its port.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -25,20 +28,24 @@ from support.server_process import ServerProcess
 PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
 
 
-def served(metrics_port: int, process: int) -> int:
-    """Differentiate calls one process answered OK, from its /metrics."""
+def samples(metrics_port: int, name: str, **labels) -> dict[str, float]:
+    """From the one /metrics: the samples `name` with `labels`, by their process label."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
+    with urllib.request.urlopen(url, timeout=10) as reply:
         text = reply.read().decode()
-    total = 0
+    found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if (sample.name == "gradserve_requests_total"
-                    and sample.labels.get("method") == "Differentiate"
-                    and sample.labels.get("code") == "OK"):
-                assert sample.labels["process"] == str(process)
-                total += sample.value
-    return int(total)
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                process = sample.labels["process"]
+                found[process] = found.get(process, 0) + sample.value
+    return found
+
+
+def served(metrics_port: int, process: int) -> int:
+    """Differentiate calls one process answered OK, from the one /metrics."""
+    return int(samples(metrics_port, "gradserve_requests_total", method="Differentiate",
+                       code="OK").get(str(process), 0))
 
 
 def alive(pid: int) -> bool:
@@ -72,21 +79,20 @@ def check_seed(result) -> None:
 
 def test_a_client_with_four_channels_reaches_both_processes(two_processes, seed_builder,
                                                             seed_inputs):
-    ports = two_processes.metrics_ports()
-    assert sorted(ports) == [0, 1]
+    port = two_processes.metrics_port()
     with Client(two_processes.wait_serving(), channels=4) as client:
         graph = seed_builder()
         for _ in range(40):  # each process learns the graph after one NOT_FOUND
             check_seed(client.differentiate(graph, seed_inputs()))
-    counts = [served(ports[i], i) for i in (0, 1)]
-    assert sum(counts) == 40
+    counts = [served(port, i) for i in (0, 1)]
+    assert sum(counts) == 40  # one scrape sees every call, whichever process served it
     # Four connections land on one process with probability 2 * 2**-4: retry once
     # with fresh connections before calling it a failure.
     if 0 in counts:
         with Client(two_processes.wait_serving(), channels=4) as client:
             for _ in range(40):
                 check_seed(client.differentiate(seed_builder(), seed_inputs()))
-        counts = [served(ports[i], i) for i in (0, 1)]
+        counts = [served(port, i) for i in (0, 1)]
     assert all(counts), counts
 
 
@@ -100,12 +106,79 @@ def test_sigterm_stops_every_process_and_exits_0(two_processes, seed_builder, se
     assert two_processes.output().count("gradserve listening on") == 1
 
 
-def test_a_killed_child_stops_the_others_and_the_server_exits_1(two_processes):
+RESTARTED = re.compile(r"server process gradserve-(\d+) restarted \(pid (\d+), restart (\d+)\)")
+
+
+def test_a_killed_child_is_restarted_while_the_others_serve(two_processes, seed_builder,
+                                                            seed_inputs):
+    """SIGKILL one child (as the OOM killer would): the supervisor restarts it after a
+    backoff; meanwhile every call, each on a new connection (which the kernel gives to
+    a process still listening), is answered by the other; the restart is counted in
+    the metrics and the new process serves calls too."""
+    port, address = two_processes.metrics_port(), two_processes.wait_serving()
     pids = two_processes.child_pids()
     os.kill(pids[0], signal.SIGKILL)
-    assert two_processes.proc.wait(20) == 1
-    wait_gone(pids)
-    assert "exited with code -9: stopping the others" in two_processes.output()
+    wait_gone(pids[:1])  # its listening socket is closed now
+    calls = failures = 0
+    while not RESTARTED.search(two_processes.output()):
+        assert two_processes.proc.poll() is None, two_processes.output()
+        with Client(address, timeout=30) as client:  # a new connection each time
+            try:
+                check_seed(client.differentiate(seed_builder(), seed_inputs()))
+            except grpc.RpcError:
+                failures += 1
+        calls += 1
+        assert calls < 2000, "not restarted"
+    assert failures == 0 and calls >= 1, (failures, calls)
+    match = RESTARTED.search(two_processes.output())
+    assert (match.group(1), match.group(3)) == ("0", "1") and alive(int(match.group(2)))
+    assert samples(port, "gradserve_process_restarts_total") == {"0": 1.0, "1": 0.0}
+    assert samples(port, "gradserve_process_up") == {"0": 1.0, "1": 1.0}
+    for _ in range(40):  # the new process serves: a fresh connection reaches it soon
+        with Client(address, channels=2) as client:
+            check_seed(client.differentiate(seed_builder(), seed_inputs()))
+        if served(port, 0):
+            break
+    assert served(port, 0) >= 1
+    assert two_processes.terminate(timeout=20) == 0
+
+
+def test_restarts_that_keep_failing_stop_the_server_with_exit_1(two_processes):
+    """A child killed again each time it comes back: after 5 failed restarts in a row
+    the supervisor stops the other and exits 1 (the orchestrator's turn)."""
+    pid = two_processes.child_pids()[0]
+    other = two_processes.child_pids()[1]
+    for restart in range(1, 6):
+        os.kill(pid, signal.SIGKILL)
+        if restart == 5:
+            break
+        match = two_processes.wait_for(re.compile(
+            rf"server process gradserve-0 restarted \(pid (\d+), restart {restart}\)"), 60)
+        pid = int(match.group(1))
+    assert two_processes.proc.wait(60) == 1
+    wait_gone([pid, other])
+    assert "restarts in a row failed" in two_processes.output()
+
+
+def test_only_the_supervisors_children_share_its_port(seed_builder, seed_inputs):
+    """grpc sets SO_REUSEPORT on Linux: a second `gradserve serve` on a port in use
+    started and took a share of the connections (with a token on the first, 4-5 of 12
+    tokenless connections were served by the second). Now a second server on an
+    occupied port fails to start, one process or several, whoever holds it."""
+    for first_args in (("--processes", "1"), ("--processes", "2")):
+        with ServerProcess("--port", "0", "--grace", "1", *first_args) as first:
+            port = first.address()[1]
+            for second_args in (("--processes", "1"), ("--processes", "2")):
+                second = ServerProcess("--port", port, *second_args)
+                try:
+                    assert second.proc.wait(30) == 1, second.output()
+                finally:
+                    second.stop()
+                assert f"cannot" in second.output() and str(port) in second.output()
+                assert "in use" in second.output()
+            with Client(first.wait_serving()) as client:
+                check_seed(client.differentiate(seed_builder(), seed_inputs()))
+            assert first.terminate(timeout=20) == 0
 
 
 def test_a_killed_supervisor_takes_its_children_with_it(two_processes):

@@ -310,7 +310,10 @@ def scenarios(draw):
     g, inputs, values = graph_of(d)
     sc = Scenario(g, inputs, tight=d.chance(30), by_id=d.chance(40))
     kind = d.pick(["register", "evaluate", "jacobian", "jacobian", "jvp", "vjp", "stream",
-                   "bytes"])
+                   "bytes", "train", "second"])
+    if kind == "train":
+        sc.calls.append(("TrainSteps", train_request(d, g, inputs, values)))
+        return sc
     if kind == "register":
         sc.calls.append(("RegisterGraph", pb.RegisterGraphRequest(graph=g)))
         return sc
@@ -345,6 +348,8 @@ def scenarios(draw):
             r.tangents["x0"].CopyFrom(tensor(d, FLOATS[0], []))
         if HAS_TRACE and d.chance(10):
             r.trace = True
+        if kind == "second":
+            second_order(d, r, float_inputs, values)
         requests.append(r)
     if kind == "stream":
         sc.calls.append(("DifferentiateStream", requests))
@@ -367,6 +372,71 @@ def scenarios(draw):
     return sc
 
 
+def stacked(t: tensor_pb2.Tensor, k: int) -> tensor_pb2.Tensor:
+    """`t` repeated along a new leading axis of k steps (TrainSteps batches)."""
+    return tensor_pb2.Tensor(dtype=t.dtype, shape=[k, *t.shape], data=t.data * k)
+
+
+# learning rates and momenta: fine, and not fine as the float32 the steps use
+LEARNING_RATES = [0.1, 1e-3, 2.0]
+BAD_LEARNING_RATES = [0.0, -0.1, 1e300, 1e-320, float("nan"), float("inf")]
+MOMENTA = [0.0, 0.5, 0.9]
+BAD_MOMENTA = [1.0, -0.5, 0.99999999999, float("nan")]
+
+
+def train_request(d: Draw, g, inputs, values) -> pb.TrainStepsRequest:
+    """TrainSteps: some floating inputs as parameters, the others as K stacked batches,
+    a loss among the outputs; dirty: a bad name, rate, momentum, buffer or step count."""
+    floats = [i.name for i in g.inputs if i.dtype in FLOATS]
+    params = sorted(set(d(st.lists(st.sampled_from(floats), min_size=1)))) if floats else []
+    if d.bad(8) or not params:
+        params.append(d.pick(["nope"] + [i.name for i in g.inputs]))
+    k = d(st.integers(1, 3)) if not d.bad(5) else d.pick([0, 2000])
+    r = pb.TrainStepsRequest(graph=g)
+    for name, t in inputs.items():
+        if name in params:
+            r.parameters[name].CopyFrom(t)
+        else:
+            r.batches[name].CopyFrom(t if d.bad(5) else stacked(t, k))
+    for name in params:
+        if name not in r.parameters:
+            r.parameters[name].CopyFrom(tensor(d, FLOATS[0], shape(d)))
+    if d.chance(30):
+        for name in params:
+            dtype, s = values.get(name, (FLOATS[0], None))
+            r.velocity[name].CopyFrom(tensor(d, dtype, s if s is not None else shape(d)))
+    r.learning_rate = d.pick(BAD_LEARNING_RATES) if d.bad(15) else d.pick(LEARNING_RATES)
+    r.momentum = d.pick(BAD_MOMENTA) if d.bad(15) else d.pick(MOMENTA)
+    outputs = [o for o in g.outputs if values.get(o, (0,))[0] in FLOATS]
+    if d.chance(50) and outputs:
+        r.loss = d.pick(outputs)
+    elif d.bad(8):
+        r.loss = "nope"
+    return r
+
+
+def second_order(d: Draw, r: pb.DifferentiateRequest, float_inputs, values) -> None:
+    """Make `r` second-order: Hessian-vector products (vectors for its wrt) or the whole
+    Hessian; dirty: both or neither, vectors of the wrong names, seeds besides."""
+    r.ClearField("tangents")
+    r.ClearField("cotangents")
+    if not d.bad(10):
+        r.mode = 0
+    if HAS_TRACE and not d.bad(10):
+        r.trace = False
+    if d.chance(50) or d.bad(10):
+        r.second_order.hessian = True
+    if not r.second_order.hessian or d.bad(10):
+        batch = d(st.integers(1, 3)) if d.chance(25) else None
+        names = list(r.wrt) or float_inputs or ["x0"]
+        if d.bad(8):
+            names = names + ["nope"]
+        for name, t in seeds_for(d, names, values, batch).items():
+            r.second_order.vectors[name].CopyFrom(t)
+    if d.bad(5):
+        r.second_order.Clear()
+
+
 def shapes_in(sc: Scenario):
     """Every shape-like list in the scenario: declared and tensor shapes, `shape` attrs."""
     yield from (list(i.shape) for i in sc.graph.inputs)
@@ -378,8 +448,12 @@ def shapes_in(sc: Scenario):
                 yield list(a.ints.values)
     for _, request in sc.calls:
         for r in request if isinstance(request, list) else [request]:
-            for seeds in (getattr(r, "tangents", {}), getattr(r, "cotangents", {})):
+            for seeds in (getattr(r, "tangents", {}), getattr(r, "cotangents", {}),
+                          getattr(r, "parameters", {}), getattr(r, "batches", {}),
+                          getattr(r, "velocity", {})):
                 yield from (list(t.shape) for t in seeds.values())
+            if isinstance(r, pb.DifferentiateRequest) and r.HasField("second_order"):
+                yield from (list(t.shape) for t in r.second_order.vectors.values())
 
 
 def zero_next_to_huge(sc: Scenario) -> bool:

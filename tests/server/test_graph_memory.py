@@ -99,3 +99,43 @@ def test_unknown_fields_do_not_change_the_graph_id(channel, variant):
     reply = pb.EvaluateResponse.FromString(call_raw(channel, "Evaluate", field(1, variant) + field(
         3, field(1, b"x") + field(2, b"\x08\x01" + field(2, b"\x01") + field(3, b"\0" * 4)))))
     assert reply.graph_id == plain
+
+
+def concat_graph(references: int, tag: bytes = b"") -> bytes:
+    """Graph bytes of o = concat(x, x, ... x) (`references` operands), x float32 [1]: 3
+    bytes on the wire per reference. `tag` names a second output to tell graphs apart."""
+    node = field(3, field(1, b"o") + field(2, b"concat") + field(3, b"x") * references)
+    extra = field(3, field(1, tag) + field(2, b"sin") + field(3, b"x")) + field(4, tag) if tag else b""
+    return X_INPUT + node + extra + OUTPUT_O
+
+
+def test_input_references_are_bounded_on_the_wire():
+    """A concat of 1,200,000 references (3.6 MB) is over max_references (1,000,000 by
+    default, reported by GetServerInfo): refused before parsing, within the message's
+    own buffers and well under a second of server CPU (16.8M references took 13.6 CPU-s
+    and +2.4 GiB to register)."""
+    refused_with_little_work("RegisterGraph", field(1, concat_graph(1_200_000)),
+                             ("1,000,000", "max_references"), "graph.nodes.inputs")
+
+
+def test_graphs_of_many_references_count_them_in_the_cache():
+    """Three distinct 1.2 MB graphs of 400,000 references each under --max-cache-bytes
+    16 MiB: each would hold ~36 MiB compiled (~90 bytes per reference), counted as its
+    wire bytes before (all three kept: +287 MiB with 4 MB graphs); now counted at 100 bytes
+    a reference, each is over the cache and refused, and the server's RSS stays put."""
+    with ServerProcess("--port", "0", "--max-cache-bytes", str(16 * MiB)) as server:
+        with grpc.insecure_channel(server.wait_serving()) as channel:
+            limits = pb_grpc.GradientServiceStub(channel).GetServerInfo(
+                pb.GetServerInfoRequest(), timeout=10).limits
+            assert limits.max_references == Limits().max_references == 1_000_000
+            register(channel, concat_graph(1000))  # warm, and small ones are kept
+            pid = server.proc.pid
+            before = status_mib(pid, "VmRSS")
+            for k in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    register(channel, concat_graph(400_000, f"t{k}".encode()))
+                check_status(info.value, EXHAUSTED, ("max_cache_bytes",), "graph")
+            growth = status_mib(pid, "VmRSS") - before
+            assert growth <= 48, f"server RSS grew by {growth:.0f} MiB"
+            check_good_request(pb_grpc.GradientServiceStub(channel))
+        assert server.terminate(timeout=30) == 0

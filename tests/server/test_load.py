@@ -277,16 +277,60 @@ def test_load_64_clients_x_1000():
     run_load(FULL_REQUESTS)
 
 
+def chain_graph(length: int = 50_000, size: int = 1000):
+    """sum(sin(...sin(x))) over `length` nodes: seconds of work per call."""
+    g = GraphBuilder()
+    h = g.input("x", "float64", [size])
+    for _ in range(length):
+        h = g.sin(h)
+    g.output("o", g.sum(h))
+    return g.build()
+
+
 def test_load_above_the_admission_limit():
     """--max-concurrent-rpcs 4 and 64 clients: valid requests get OK (the replies they get
-    alone) or RESOURCE_EXHAUSTED, invalid ones their own error or RESOURCE_EXHAUSTED;
-    both OK and RESOURCE_EXHAUSTED occur."""
+    alone) or RESOURCE_EXHAUSTED, invalid ones their own error or RESOURCE_EXHAUSTED.
+
+    Whether 64 clients ever have more than 4 calls at the server at once depends on
+    the machine (on a loaded one, none got RESOURCE_EXHAUSTED), so the limit itself is
+    checked directly: with 4 slow calls in progress (which stay so until cancelled), a
+    fifth call is refused RESOURCE_EXHAUSTED naming max_concurrent_rpcs, whatever the
+    load; once they are cancelled, calls are served again."""
     with ServerProcess("--port", "0", "--max-workers", "8",
                        "--max-concurrent-rpcs", "4") as server:
         address, jobs = prepared_jobs(server)
         tally = Tally()
         load(address, jobs, 30, tally, allowed_extra=("RESOURCE_EXHAUSTED",))
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GradientServiceStub(channel)
+            slow = pb.EvaluateRequest(graph=chain_graph(), inputs={"x": to_tensor(np.zeros(1000))})
+            slow_id = stub.RegisterGraph(pb.RegisterGraphRequest(graph=slow.graph),
+                                         timeout=120).graph_id
+            slow = pb.EvaluateRequest(graph_id=slow_id, inputs=slow.inputs)
+            held = [stub.Evaluate.future(slow, timeout=600) for _ in range(4)]
+            refused = None
+            while refused is None and not all(f.done() for f in held):
+                try:
+                    stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60)
+                except grpc.RpcError as err:
+                    refused = err
+                time.sleep(0.01)
+            for f in held:
+                f.cancel()
+            assert refused is not None, "4 slow calls finished before a fifth was refused"
+            assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+            assert "max_concurrent_rpcs" in refused.details()
+            # the cancelled calls stop at the engine's next check and free their slots
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=60)
+                    break
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the slots were never freed"
+                    time.sleep(0.1)
         assert server.terminate(timeout=60) == 0
     assert not tally.wrong, tally.wrong
     valid = {code for (kind, code) in tally.codes if kind == "valid"}
-    assert valid == {OK, "RESOURCE_EXHAUSTED"}, dict(tally.codes)
+    assert OK in valid and valid <= {OK, "RESOURCE_EXHAUSTED"}, dict(tally.codes)

@@ -24,7 +24,6 @@ COMMAND = [sys.executable, "-m", "gradserve.cli"]
 # Logged by `gradserve serve` once the port is bound and health is SERVING.
 LISTENING = re.compile(r"gradserve listening on ([^\s:]+):(\d+)")
 METRICS = re.compile(r"metrics on http://[^\s:]+:(\d+)/metrics")
-PROCESS_METRICS = re.compile(r"metrics on http://[^\s:]+:(\d+)/metrics \(process (\d+),")
 # Logged by `gradserve serve --processes N` (N > 1) just before the listening line.
 PIDS = re.compile(r"(\d+) server processes, pids ([\d ]+)")
 
@@ -105,17 +104,6 @@ class ServerProcess:
     def child_pids(self, timeout: float = 30.0) -> list[int]:
         """The server processes' pids under `--processes N` (N > 1)."""
         return [int(pid) for pid in self.wait_for(PIDS, timeout).group(2).split()]
-
-    def metrics_ports(self, timeout: float = 30.0) -> dict[int, int]:
-        """Under `--processes N` with --metrics-port: process index -> its /metrics port."""
-        count = len(self.child_pids(timeout))
-        ports = {}
-        for line in self.stderr:
-            match = PROCESS_METRICS.search(line)
-            if match:
-                ports[int(match.group(2))] = int(match.group(1))
-        assert len(ports) == count, self.output()
-        return ports
 
     def terminate(self, timeout: float) -> int:
         """SIGTERM, then the exit code (TimeoutExpired if the process is still running)."""

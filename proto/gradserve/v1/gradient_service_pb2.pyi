@@ -491,7 +491,7 @@ class OpInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., min_inputs: _Optional[int] = ..., max_inputs: _Optional[int] = ..., attrs: _Optional[_Iterable[_Union[AttributeInfo, _Mapping]]] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds", "max_steps_per_call", "stream_idle_seconds", "max_streams_per_client", "max_streams", "max_store_bytes", "max_store_bytes_per_client", "max_store_handles", "store_seconds", "store_chunk_bytes")
+    __slots__ = ("max_message_bytes", "max_nodes", "max_tensor_elements", "max_intermediate_bytes", "max_cached_graphs", "max_cache_bytes", "max_concurrent_rpcs", "max_trace_elements", "max_inputs", "max_constants", "max_request_flops", "max_residual_sets", "max_residual_bytes", "residual_seconds", "max_steps_per_call", "stream_idle_seconds", "max_streams_per_client", "max_streams", "max_rss_bytes", "max_references", "max_store_bytes", "max_store_bytes_per_client", "max_store_handles", "store_seconds", "store_chunk_bytes")
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NODES_FIELD_NUMBER: _ClassVar[int]
     MAX_TENSOR_ELEMENTS_FIELD_NUMBER: _ClassVar[int]
@@ -510,6 +510,8 @@ class Limits(_message.Message):
     STREAM_IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REFERENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_STORE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STORE_BYTES_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     MAX_STORE_HANDLES_FIELD_NUMBER: _ClassVar[int]
@@ -533,12 +535,14 @@ class Limits(_message.Message):
     stream_idle_seconds: int
     max_streams_per_client: int
     max_streams: int
+    max_rss_bytes: int
+    max_references: int
     max_store_bytes: int
     max_store_bytes_per_client: int
     max_store_handles: int
     store_seconds: int
     store_chunk_bytes: int
-    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_store_bytes_per_client: _Optional[int] = ..., max_store_handles: _Optional[int] = ..., store_seconds: _Optional[int] = ..., store_chunk_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_rss_bytes: _Optional[int] = ..., max_references: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_store_bytes_per_client: _Optional[int] = ..., max_store_handles: _Optional[int] = ..., store_seconds: _Optional[int] = ..., store_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
     __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds", "max_pattern_entries")

@@ -245,12 +245,14 @@ class GradientServiceServicer:
 
         Errors: INVALID_ARGUMENT (bad graph or batches, a parameter that is not a
         floating graph input, a loss that is not one floating output of one
-        element, learning_rate not > 0, momentum not in [0, 1), momentum buffers
+        element, learning_rate not > 0 or momentum not in [0, 1) as the
+        parameters' dtype holds them (1e300 is inf in float32), momentum buffers
         that do not match their parameters); NOT_FOUND (unknown graph_id, or a
         stored state, data set or batch the server does not hold, naming the
         field); FAILED_PRECONDITION (state_version);
-        RESOURCE_EXHAUSTED (more than max_steps_per_call steps, or a step over
-        a limit); UNAUTHENTICATED.
+        RESOURCE_EXHAUSTED (more than max_steps_per_call steps, a reply over
+        max_message_bytes, the K steps together over max_request_flops, or a
+        step over another limit), all before any step runs; UNAUTHENTICATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
