@@ -26,6 +26,14 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before trimming
 
+_keeping = False  # whether keep_freed_memory took effect in this process
+
+
+def keeping_freed_memory() -> bool:
+    """Whether this process keeps freed memory for reuse (server.memory then does not
+    trim the heap after large requests: that would undo it)."""
+    return _keeping
+
 
 def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD,
                       trim_threshold: int = TRIM_THRESHOLD) -> bool:
@@ -38,5 +46,7 @@ def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD,
     except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)
-                and mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    global _keeping
+    _keeping = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+                    and mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    return _keeping

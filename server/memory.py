@@ -12,6 +12,8 @@ import os
 import threading
 import time
 
+from .allocator import keeping_freed_memory
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 # Reading /proc costs ~10 us: admissions reuse a reading this recent.
 READ_EVERY_SECONDS = 0.05
@@ -36,8 +38,10 @@ def rss_bytes() -> int:
 
 def trim() -> None:
     """Give the heap's free memory back to the system (glibc's malloc_trim): 16 freed
-    60 MiB requests otherwise stay +100-250 MiB in RSS."""
-    if _malloc_trim is not None:
+    60 MiB requests otherwise stay +100-250 MiB in RSS. Not in a process that keeps
+    freed memory for the next request (server.allocator, `gradserve serve`'s default):
+    there the heap is meant to stay at its peak, bounded by the request limits."""
+    if _malloc_trim is not None and not keeping_freed_memory():
         _malloc_trim(0)
 
 

@@ -104,8 +104,10 @@ def test_expired_residuals_are_freed_without_a_further_call():
 def test_failed_requests_are_freed_at_once():
     """16 sequential 60 MiB Evaluates by an unknown graph_id (NOT_FOUND): each failed
     request stayed in memory, held by its exception's traceback in a reference cycle,
-    until Python's cyclic GC ran (+593-766 MiB); now it is freed when the call ends, and
-    what parsing it left in glibc's heaps is given back (malloc_trim): +3-4 MiB."""
+    until Python's cyclic GC ran (+593-766 MiB); now it is freed when the call ends.
+    `gradserve serve` keeps freed memory for the next request (server.allocator), so the
+    bound is that the memory is reused: the server stays within three requests' worth
+    over the first one, and the last 8 calls add less than one request (the defect: 8)."""
     with ServerProcess("--port", "0") as server:
         with grpc.insecure_channel(server.wait_serving(),
                                    options=[("grpc.max_send_message_length", 128 * MiB)]) as ch:
@@ -120,10 +122,15 @@ def test_failed_requests_are_freed_at_once():
                 assert info.value.code() == grpc.StatusCode.NOT_FOUND
             one()  # warm: the first such request's buffers
             before = status_mib(server.proc.pid)
-            for _ in range(16):
+            for _ in range(8):
+                one()
+            half = status_mib(server.proc.pid)
+            for _ in range(8):
                 one()
             growth = status_mib(server.proc.pid) - before
-            assert growth < 60, f"server RSS grew by {growth:.0f} MiB over 16 failed calls"
+            assert growth < 180, f"server RSS grew by {growth:.0f} MiB over 16 failed calls"
+            late = status_mib(server.proc.pid) - half
+            assert late < 60, f"the last 8 failed calls added {late:.0f} MiB"  # < one request
             check_good_request(stub)
         assert server.terminate(timeout=30) == 0
 
