@@ -156,37 +156,19 @@ def _remember(plan, key, value: Analysis):
 def jacobian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> Analysis:
     """The Jacobian pattern of `of` (rows, end to end) against `wrt` (columns), with its
     column and row colorings; cached per plan and shapes. Too large to find: dense."""
-    key = ("jacobian", tuple(tuple(shapes[x]) for x in wrt + of), wrt, of)
-    found = _cache(plan).get(key)
-    if found is not None:
-        return found
-    budget = [sp.entries_limit(max_entries)]
-    try:
+    def find(budget):
         patterns, _, columns = _patterns(plan, shapes, wrt, budget, check)
-        parts = []
-        for name in of:
-            p = patterns.get(name)
-            parts.append(sp.empty(prod(shapes[name]), columns) if p is None else p)
-        pattern = _stack(parts, columns)
-    except sp.TooDense:
-        analysis = Analysis(None, None, None)
-    else:
-        analysis = Analysis(pattern, *_colorings(pattern, check, sp.color_columns,
-                                                 sp.color_rows))
-    _remember(plan, key, analysis)
-    return analysis
+        return _stack([sp.empty(prod(shapes[name]), columns) if patterns.get(name) is None
+                       else patterns[name] for name in of], columns)
+    key = ("jacobian", tuple(tuple(shapes[x]) for x in wrt + of), wrt, of)
+    return _analysis(plan, key, find, max_entries, check, sp.color_columns, sp.color_rows)
 
 
 def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> Analysis:
     """The Hessian pattern of the scalar `of` over `wrt` (n x n, symmetric): the union over
     the nodes `of` depends on that add second-order interactions (sparsity.hessian_terms)
     of every pair of columns one of their elements depends on; with its star coloring."""
-    key = ("hessian", tuple(tuple(shapes[x]) for x in wrt), wrt, of)
-    found = _cache(plan).get(key)
-    if found is not None:
-        return found
-    budget = [sp.entries_limit(max_entries)]
-    try:
+    def find(budget):
         patterns, _, columns = _patterns(plan, shapes, wrt, budget, check)
         ancestors = _ancestors(plan, of)
         rows, cols = [], []
@@ -200,15 +182,26 @@ def hessian_analysis(plan, shapes, wrt, of, *, max_entries=None, check=None) -> 
             a, b = sp.square_blocks(patterns[node.name], budget)
             rows.append(a)
             cols.append(b)
-        if rows:
-            pattern = sp.from_coo(np.concatenate(rows), np.concatenate(cols),
-                                  (columns, columns))
-        else:
-            pattern = sp.empty(columns, columns)
+        if not rows:
+            return sp.empty(columns, columns)
+        return sp.from_coo(np.concatenate(rows), np.concatenate(cols), (columns, columns))
+    key = ("hessian", tuple(tuple(shapes[x]) for x in wrt), wrt, of)
+    return _analysis(plan, key, find, max_entries, check, sp.star_coloring)
+
+
+def _analysis(plan, key, find, max_entries, check, *colorings) -> Analysis:
+    """The cached analysis for `key`, or `find(budget)`'s pattern with its colorings (the
+    rows' coloring None where only one is asked for), remembered for the next call."""
+    found = _cache(plan).get(key)
+    if found is not None:
+        return found
+    try:
+        pattern = find([sp.entries_limit(max_entries)])
     except sp.TooDense:
         analysis = Analysis(None, None, None)
     else:
-        analysis = Analysis(pattern, _colorings(pattern, check, sp.star_coloring)[0], None)
+        colors = _colorings(pattern, check, *colorings)
+        analysis = Analysis(pattern, colors[0], colors[1] if len(colors) > 1 else None)
     _remember(plan, key, analysis)
     return analysis
 

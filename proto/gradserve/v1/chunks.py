@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from .codec import DTYPES, TensorError, TensorLimitError, wire_array
+from .tensor_wire import _varint_bytes
 
 CHUNK_BYTES = 4 << 20  # data per chunk by default: well within any message limit
 # Arrays from this size up get pages of their own (an anonymous mmap), returned to the
@@ -130,15 +131,6 @@ def _skip(buf, i: int, wire: int) -> int:
     if wire in (1, 5):
         return i + (8 if wire == 1 else 4)
     raise ValueError(f"wire type {wire}")
-
-
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def write_chunks(arrays: Mapping[str, np.ndarray], names: Iterable[str] | None = None,
