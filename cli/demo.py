@@ -46,7 +46,7 @@ def run(args) -> int:
 
 def _print_planner(r) -> None:
     p = r.planner
-    print(f"   mode  = {r.mode}: n = {p.n} input elements, m = {p.m} output elements, "
+    print(f"   mode  = {r.mode}: n = {p.n} and m = {p.m} input and output elements, "
           f"cost forward {p.cost_forward:g}, reverse {p.cost_reverse:g} "
           "(in forward directions)")
     print(f"   why   = {p.reason}")

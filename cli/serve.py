@@ -92,9 +92,9 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "slower here). Raise it for one client with large products "
                             "(default: %(default)s)")
     serve.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=EVENT_LOOPS,
-                       help="the server's event loop: uvloop needs the uvloop extra (pip "
-                            "install 'gradserve[uvloop]'), auto takes it when installed "
-                            "(default: %(default)s)")
+                       help="the server's event loop: uvloop is installed with gradserve (not on "
+                            "Windows); auto takes it when it can be imported, else asyncio's "
+                            "own (default: %(default)s)")
     serve.add_argument("--inline-budget-us", type=float,
                        default=float(env("INLINE_BUDGET_US", DEFAULT_INLINE_BUDGET_US)),
                        metavar="US",

@@ -374,7 +374,10 @@ class Client:
         if len(outs) != 1 or result.outputs[next(iter(outs))].size != 1:
             raise ValueError("grad needs exactly one scalar output; use jacobian() "
                              f"(outputs differentiated: {sorted(outs)})")
-        return {w: block.reshape(np.shape(inputs[w])) for (_, w), block in result.jacobian.items()}
+        # A block is shaped output.shape + input.shape: drop the output's (one-element)
+        # dimensions, which needs no input array (a stored input is a handle's name).
+        lead = np.ndim(result.outputs[next(iter(outs))])
+        return {w: block.reshape(block.shape[lead:]) for (_, w), block in result.jacobian.items()}
 
     def jvp(self, graph, inputs, tangents) -> tuple[dict, dict]:
         """Forward mode: (outputs, output tangents)."""

@@ -37,6 +37,11 @@ class PlannerDecision:
     colors_reverse: int = 0
 
 
+def _count(count: int, noun: str) -> str:
+    """'1 output element', '3 output elements': the noun's last word agrees with the count."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
               forced: str | None = None) -> PlannerDecision:
     """Forward iff n <= ratio * m.
@@ -51,8 +56,9 @@ def plan_mode(n: int, m: int, ratio: float = REVERSE_COST_RATIO,
     if forced is not None:
         return PlannerDecision(forced, n, m, cost_forward, cost_reverse,
                             f"{forced} mode requested by the caller")
-    why = (f"{n} input elements (one forward direction each) against {m} output "
-           f"elements (one reverse direction each, costing {ratio:g} forward ones): ")
+    why = (f"{_count(n, 'input element')} (one forward direction each) against "
+           f"{_count(m, 'output element')} (one reverse direction each, costing {ratio:g} "
+           "forward ones): ")
     if n <= ratio * m:
         return PlannerDecision("forward", n, m, cost_forward, cost_reverse,
                             why + f"forward costs {cost_forward:g} <= reverse {cost_reverse:g}")
@@ -78,10 +84,10 @@ def plan_second_order(n: int, k: int, ratio: float = HVP_COST_RATIO,
     """
     cost_forward = float(ratio * k)
     cost_reverse = float(REVERSE_COST_RATIO * ratio * k)
-    reason = (f"forward-over-reverse: one reverse sweep carrying {k} tangent directions "
-              f"({what}; n = {n} input elements, one scalar output): inner level reverse "
-              f"(1 reverse direction against {n} forward ones), outer level forward "
-              f"({k} directions in the same sweep), about {cost_forward:g} gradients "
+    reason = (f"forward-over-reverse: one reverse sweep carrying {_count(k, 'tangent direction')} "
+              f"({what}; n = {_count(n, 'input element')}, one scalar output): inner level "
+              f"reverse (1 reverse direction against {_count(n, 'forward one')}), outer level "
+              f"forward ({_count(k, 'direction')} in the same sweep), about {cost_forward:g} gradients "
               f"(one HVP ~ {ratio:g} gradients) against {cost_reverse:g} "
               "for reverse-over-reverse")
     return PlannerDecision("forward", n, 1, cost_forward, cost_reverse, reason)

@@ -29,7 +29,8 @@ from gradserve.client import GraphBuilder  # noqa: E402
 from support.server_process import COMMAND, clean_env  # noqa: E402
 from support import REPO
 
-README = REPO / "README.md"
+# The page whose two Python blocks test_docs_example_emcee_and_laplace runs as written.
+PAGE = REPO / "docs" / "umbridge.md"
 URL = re.compile(r"model '([^']*)' at (http://\S+),")
 INPUTS = [("x", (3,)), ("w", (2, 3))]
 OUTPUTS = [("y", (2,)), ("s", ())]
@@ -386,27 +387,25 @@ def test_integer_inputs_are_refused(tmp_path, address, capsys):
     assert "input 'i' is not floating" in capsys.readouterr().err
 
 
-# --- the README's example, executed as written -------------------------------------------
+# --- docs/umbridge.md's example, executed as written ---------------------------------------
 
-def readme_blocks() -> list[str]:
-    section = README.read_text(encoding="utf-8").split("\n## UM-Bridge", 1)[1]
-    section = section.split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
+def page_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S)
 
 
-def test_readme_example_emcee_and_laplace(tmp_path, monkeypatch):
+def test_docs_example_emcee_and_laplace(tmp_path, monkeypatch):
     pytest.importorskip("emcee")
     pytest.importorskip("scipy")
-    build, use = readme_blocks()
+    build, use = page_blocks()
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(build, "README.md (UM-Bridge, build)", "exec"), namespace)
+    exec(compile(build, "docs/umbridge.md (build)", "exec"), namespace)
     process = UmbridgeProcess(tmp_path / "posterior.json", "--port", "0", "--name",
                               "posterior")
     try:
         url = process.url()
         assert "http://localhost:4242" in use
-        exec(compile(use.replace("http://localhost:4242", url), "README.md (UM-Bridge, use)",
+        exec(compile(use.replace("http://localhost:4242", url), "docs/umbridge.md (use)",
                      "exec"), namespace)
     finally:
         assert process.stop() == 0, process.output()

@@ -229,7 +229,7 @@ def test_compose_builds_once_and_runs_three_healthchecked_replicas_on_loopback()
     assert {service["image"] for service in services.values()} == {_image_tag()}
     published = set()
     for name, service in services.items():
-        # README's `docker exec gradserve-1 ...` and `podman healthcheck run gradserve-1`
+        # docs/deploy.md's `docker exec gradserve-1 ...` and `podman healthcheck run gradserve-1`
         # name the containers: the same with docker compose and podman-compose.
         assert service["container_name"] == name
         assert service["stop_grace_period"], name
@@ -277,15 +277,14 @@ def test_the_default_grace_is_shorter_than_every_stop_timeout_shipped():
         grace = float(service.get("environment", {}).get("GRADSERVE_GRACE", DEFAULT_GRACE))
         assert grace < _seconds(service["stop_grace_period"]), name
     assert max(DEFAULT_GRACE, configured) < kubernetes
-    readme = (REPO / "README.md").read_text()
-    assert f"The default grace, {DEFAULT_GRACE:g} s, is shorter than every stop timeout" in readme
+    deploy = (REPO / "docs" / "deploy.md").read_text()
+    assert f"The default grace, {DEFAULT_GRACE:g} s, is shorter than every stop timeout" in deploy
 
 
 def test_one_image_tag_everywhere():
     tag = _image_tag()
     name, version = tag.rsplit(":", 1)
-    readme = (REPO / "README.md").read_text()
-    deploy = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+    deploy = (REPO / "docs" / "deploy.md").read_text()
     built = set(re.findall(r"build .* -t (\S+) \.$", deploy, re.M))
     assert built == {tag}, built
     run = set(re.findall(r"run -d .* (\S+:\S+)$", deploy, re.M))
@@ -332,7 +331,7 @@ def test_kubernetes_manifests_probe_the_health_service_and_balance_on_the_client
 
 
 def test_kubernetes_settings_keep_a_pod_within_its_memory_limit():
-    """The ConfigMap's limits, combined as the README's security model counts them
+    """The ConfigMap's limits, combined as docs/security.md counts them
     (requests in progress x message size, workers x (intermediates + request and
     reply), the graph cache and residuals), leave room under the Deployment's memory
     limit for the interpreter, NumPy and gRPC (512 MiB)."""

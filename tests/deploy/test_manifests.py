@@ -4,7 +4,7 @@ kubernetes-validate package (the test extra). Its schemas ship inside the packag
 so this runs offline: the test checks they are there for the versions used, the
 oldest our manifests support (1.27: native gRPC probes) and the newest bundled.
 
-The HorizontalPodAutoscaler is checked for what the README promises: CPU, on the
+The HorizontalPodAutoscaler is checked for what docs/deploy.md promises: CPU, on the
 Deployment, from the Deployment's replica count up."""
 
 from __future__ import annotations

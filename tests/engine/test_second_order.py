@@ -283,7 +283,7 @@ def test_hvp_defaults_and_decision():
     assert set(r.outputs) == {"L", "v"}
     d = r.decision
     assert (d.mode, d.n, d.m) == ("forward", 4, 1)
-    assert "forward-over-reverse: one reverse sweep carrying 1 tangent directions" in d.reason
+    assert "forward-over-reverse: one reverse sweep carrying 1 tangent direction (" in d.reason
     assert "gradients" in d.reason
     assert d.cost_forward < d.cost_reverse
     h = plan.hessian(inputs, of=["L"], wrt=["x"])

@@ -12,6 +12,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from gradserve.engine import REVERSE_COST_RATIO, Graph, Input, Node, compile, plan_mode
+from gradserve.engine.planner import plan_second_order
 from support.graphs import (PUBLISHED_DODX, PUBLISHED_DODY, closed_form, seed_graph, seed_inputs,
                             seed_nodes)
 
@@ -133,3 +134,16 @@ def test_plan_mode_rule(n, m, ratio, mode):
     assert (d.mode, d.n, d.m) == (mode, n, m)
     assert d.cost_forward >= 0 and d.cost_reverse >= 0
     assert isinstance(d.reason, str) and d.reason
+
+
+def test_reason_counts_agree_with_their_nouns():
+    """The reason names n and m with the noun agreeing: the worked example has 1 output
+    element, the one-input graph 1 input element."""
+    assert plan_mode(2, 1).reason.startswith(
+        "2 input elements (one forward direction each) against 1 output element (")
+    assert plan_mode(1, 1000).reason.startswith("1 input element (")
+    assert "against 1000 output elements (" in plan_mode(1, 1000).reason
+    one = plan_second_order(1, 1).reason
+    assert "carrying 1 tangent direction (" in one and "n = 1 input element," in one
+    assert "(1 direction in the same sweep)" in one
+    assert "carrying 3 tangent directions (" in plan_second_order(3, 3).reason

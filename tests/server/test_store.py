@@ -122,6 +122,20 @@ def test_requests_take_stored_tensors(client):
                                        rtol=1e-5, atol=1e-6)
 
 
+
+def test_grad_takes_stored_inputs(client):
+    """Client.grad shapes each gradient like its input without reading the input, so a
+    stored input (a handle's name, no array on the client) works as an array does."""
+    g = model()
+    x = np.linspace(-2, 2, 50, dtype=np.float32)
+    w = np.linspace(1, 3, 50, dtype=np.float32)
+    handle = client.put({"x": x, "w": w})
+    grads = client.grad(g, {"x": handle["x"], "w": handle["w"]}, wrt=["w", "x"])
+    assert grads["w"].shape == grads["x"].shape == (50,)
+    np.testing.assert_allclose(grads["w"], np.sin(x), rtol=1e-6)
+    np.testing.assert_allclose(grads["x"], np.cos(x) * w, rtol=1e-5, atol=1e-6)
+    client.delete(handle)
+
 def test_stored_results_come_back_in_chunks(client):
     g = model()
     x = np.linspace(-2, 2, 300_000, dtype=np.float32)
