@@ -1,4 +1,4 @@
-# gradserve: the gRPC gradient service in a container (README's Deploy section).
+# gradserve: the gRPC gradient service in a container (docs/deploy.md).
 #
 #   docker build --build-arg BASE="${GRADSERVE_BASE_IMAGE:-python:3.12-slim}" \
 #       -t localhost/gradserve:0.1.0 .

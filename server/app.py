@@ -102,7 +102,7 @@ EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 
 
 def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """asyncio's own event loop, or uvloop's (the `uvloop` extra); "auto": uvloop's if
+    """asyncio's own event loop, or uvloop's (a dependency, not on Windows); "auto": uvloop's if
     it is installed. uvloop makes the hand-off of each request to a worker and back
     cheaper (bench/bench_server_model.py: about 100 us less server CPU per call)."""
     if kind == "auto":
@@ -225,8 +225,8 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
     <token>` metadata; with `tls`, the port speaks TLS (mutual with a client CA).
-    `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (the
-    `uvloop` extra) or "auto" (uvloop if installed). Small requests whose estimated
+    `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (a
+    dependency, not on Windows) or "auto" (uvloop if installed). Small requests whose estimated
     time is within `inline_budget_us` are answered on the event loop (server.lean; 0:
     every request in a worker).
 

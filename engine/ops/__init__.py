@@ -4,7 +4,7 @@ its declared costs. The rows live by op group, one module each; importing this
 package fills OPS.
 
 Adding an op: one row in its group's module (and one row in tests/test_ops.py's
-TABLE); the client's builder methods, README's op table and GetServerInfo's op list
+TABLE); the client's builder methods, the op table in docs/engine.md and GetServerInfo's op list
 come from OPS or are checked against it.
 """
 
