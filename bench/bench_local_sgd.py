@@ -9,7 +9,7 @@ of communication per step) on digits, over real `gradserve serve` processes.
    H = 16 (DiLoCo's outer optimizer: lr 0.7, Nesterov momentum 0.9). Per epoch:
    the rounds so far and the test accuracy; then the rounds to reach 95% and the
    whole run's rounds, with their ratio to data parallelism's. `--model cnn`:
-   the digits CNN imported from ONNX (tests/test_onnx.py's digits_cnn_model,
+   the digits CNN imported from ONNX (tests/client/test_onnx.py's digits_cnn_model,
    1,370 parameters) instead of the MLP.
 2. Steps/s with 2 and 3 servers, data parallelism against H = 16 (--speed-epochs
    epochs each; every server `--processes 1`). The box is shared: quote the

@@ -16,7 +16,7 @@ direction.
 
 `plan_costs` aggregates the rows of one plan at one set of shapes (one pass over the
 nodes); `estimate_bytes` and `estimate_flops` turn that into the bounds a request is
-checked against. tests/test_costs.py proves, op by op and mode by mode, that what a
+checked against. tests/engine/test_costs.py proves, op by op and mode by mode, that what a
 row declares is no less than what its kernels really allocate (tracemalloc) and do
 (FLOP formulas, and Python-level loop iterations counted by `iteration()`).
 

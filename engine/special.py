@@ -10,7 +10,7 @@ float32: one rational approximation x P(x^2) / Q(x^2) on x clipped to [-4, 4]
 relative) and about five times faster than the float64 route, which matters
 for GELU in float32 models.
 
-tests/test_ops_edges.py checks both against math.erf on dense grids.
+tests/engine/test_ops_edges.py checks both against math.erf on dense grids.
 """
 
 from __future__ import annotations

@@ -358,7 +358,7 @@ def avg_pool_vjp(g, spatial, w: Window, count_include_pad):
     return unpad(grad, w, spatial)
 
 
-# --- declared costs (engine/costs.py; tests/test_costs.py measures them) -----------------
+# --- declared costs (engine/costs.py; tests/engine/test_costs.py measures them) -----------------
 # Bytes beyond the op's inputs and output, FLOPs and loop passes, per seed direction
 # (the whole eval for "values"). A term computed once per call (the maxima's positions,
 # the padded input) is declared per direction: k directions are then charged k times.

@@ -2,7 +2,7 @@
 # The README's test command beside a CPU hog that keeps every core busy: a test that
 # only passes on an idle machine fails here. Usage:
 #   scripts/run_tests_under_load.sh [pytest args...]   (default: the whole suite)
-#   HOGS=4 scripts/run_tests_under_load.sh tests/test_load.py
+#   HOGS=4 scripts/run_tests_under_load.sh tests/server/test_load.py
 # HOGS busy-looping processes (default: one per CPU) run at the tests' priority for
 # the whole run and are stopped (by their pids) when it ends, however it ends.
 set -u

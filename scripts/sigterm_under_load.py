@@ -1,6 +1,6 @@
 """SIGTERM under a CPU hog, many times: how long `gradserve serve --grace G` takes to
 exit after SIGTERM while clients call it as fast as they can (as
-tests/test_idle_streams.py's racing test does), against the bound G + 2 s.
+tests/server/test_idle_streams.py's racing test does), against the bound G + 2 s.
 
     .venv/bin/python scripts/sigterm_under_load.py --runs 200 --grace 5
 

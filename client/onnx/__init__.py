@@ -24,7 +24,7 @@ Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
 
 The package: values.py (dynamic dimensions, graph values under import, the errors),
 folds.py (the engine's ops in numpy, for what is known at import time: each checked
-against the engine by tests/test_onnx_folds.py), emitter.py (engine ops over import-time
+against the engine by tests/client/test_onnx_folds.py), emitter.py (engine ops over import-time
 values: folded or emitted), registry.py (op type -> converter), importer.py (the graph
 walker; loading, with external data checked by external.py) and ops/ (the converters, one
 module per op family: elementwise, shapes, indexing, reductions, linalg, nn).

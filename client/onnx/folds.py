@@ -1,6 +1,6 @@
 """Import-time folds: the engine's ops computed with numpy on values known at import time.
 
-Each must give what the engine's own op gives (tests/test_onnx_folds.py checks each one
+Each must give what the engine's own op gives (tests/client/test_onnx_folds.py checks each one
 against gradserve.engine): a folded constant and the same op run by the server agree.
 """
 

@@ -3,7 +3,7 @@ about it: shape, dtype and attribute rules, eval, jvp, vjp, its second-order rul
 its declared costs. The rows live by op group, one module each; importing this
 package fills OPS.
 
-Adding an op: one row in its group's module (and one row in tests/test_ops.py's
+Adding an op: one row in its group's module (and one row in tests/support/op_table.py's
 TABLE); the client's builder methods, the op table in docs/engine.md and GetServerInfo's op list
 come from OPS or are checked against it.
 """

@@ -92,7 +92,7 @@ class OpDef:
     # (mode, shapes, out_shape, dtype, **attrs) -> costs.OpCost: memory beyond the op's
     # inputs and output, FLOPs and Python loop passes in each of costs.MODES, per seed
     # direction (the whole eval for "values"); None: from `scratch` and `flops` above
-    # (costs.default_cost). tests/test_costs.py proves it against the kernels.
+    # (costs.default_cost). tests/engine/test_costs.py proves it against the kernels.
     cost: Callable | None = None
     # Second order (see the module docstring): the vjp's derivative along the tangents
     # (ZERO: none), and optionally g_i and ġ_i computed together.
