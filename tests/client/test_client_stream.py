@@ -64,9 +64,19 @@ def test_a_slow_reply_is_deadline_exceeded_and_the_session_goes_on(address):
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "0.5 s" in info.value.details()
         assert waited >= 0.5, waited  # not before its deadline (how long after: the load)
-        # the stream was cancelled; the next step opens a new one
+        # the stream was cancelled; the next step opens a new one. On a busy machine the
+        # server may still be finishing the cancelled step past the next one's 0.5 s, so
+        # the session is given a few tries: each fails only by its deadline, then it works
         small = np.linspace(0.0, 1.0, 4)
-        check(session.differentiate({"x": small}), small, length)
+        for _ in range(20):
+            try:
+                reply = session.differentiate({"x": small})
+                break
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+        else:
+            pytest.fail("the session never answered again")
+        check(reply, small, length)
 
 
 def test_an_error_ends_only_its_stream(client, seed_builder, seed_inputs):
