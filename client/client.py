@@ -23,6 +23,7 @@ import queue
 import socket
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,34 @@ def _target(address: str | Iterable[str]) -> tuple[str, list]:
     return target, [("grpc.lb_policy_name", "round_robin")]
 
 
+def _peers(address: str | Iterable[str]) -> list[tuple[str, str]]:
+    """(host:port with an IPv4 host, the name it was resolved from or "") of each
+    server a target spreads calls over, when there are several; [] for one (or a
+    target of another scheme, or a name that does not resolve now)."""
+    addresses = [address] if isinstance(address, str) else list(address)
+    peers = []
+    for a in addresses:
+        if a.startswith("dns:"):
+            a = a[4:].lstrip("/")
+        elif a.partition(":")[0] in ("unix", "unix-abstract", "ipv4", "ipv6", "vsock",
+                                     "xds"):
+            return []  # taken as given
+        host, _, port = a.rpartition(":")
+        try:
+            ipaddress.IPv4Address(host)
+            peers.append((a, ""))
+            continue
+        except ValueError:
+            pass
+        try:
+            info = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            return []
+        peers += [(f"{ip}:{port}", host) for ip in dict.fromkeys(i[4][0] for i in info)]
+    peers = list(dict.fromkeys(peers))
+    return peers if len({p for p, _ in peers}) > 1 else []
+
+
 def _ipv4(address: str) -> str:
     """host:port with the host resolved to an IPv4 address (the ipv4: target needs it)."""
     host, _, port = address.rpartition(":")
@@ -252,12 +281,22 @@ class Client:
             grpc.secure_channel(target, tls.credentials(), channel_options) if tls
             else grpc.insecure_channel(target, channel_options) for _ in range(channels)]
         self._stubs = [_stub(channel) for channel in self._channels]
+        # Stored tensors live on one server: behind several addresses (a list, or a name
+        # resolving to several), a put and the calls naming its tensors go over a
+        # channel of their own to one address (_store_stub), not round-robin.
+        self._peers, self._pin_turn, self._pinned = _peers(address), 0, {}
+        self._pin_options = [(k, v) for k, v in channel_options
+                             if k != "grpc.lb_policy_name"]
+        self._tls = tls
         self._next_stub = itertools.cycle(self._stubs).__next__  # round-robin
         # The first channel's generated stub and tensor_wire stub, as before the pool.
         self._stub = pb_grpc.GradientServiceStub(self._channels[0])
         self._tensor_stub = _TensorStub(self._channels[0])
         self._ids: dict[str, str] = {}  # sha256 of the graph's bytes -> server's graph id
         self._inline_left: dict[str, int] = {}  # sha256 -> calls still to send inline
+        # handle id -> the TensorHandle this client put under it (to put again, see
+        # _put_again); a handle the program drops leaves by itself
+        self._handles: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._server_message_bytes: int | None = None  # learned when a request is large
@@ -265,7 +304,7 @@ class Client:
     # --- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel in [*self._channels, *(c for c, _ in self._pinned.values())]:
             channel.close()
 
     def __enter__(self) -> "Client":
@@ -357,7 +396,9 @@ class Client:
 
     def evaluate_async(self, graph, inputs: Mapping[str, np.ndarray]) -> Future:
         """As `evaluate`, without waiting: a Future of the outputs (see differentiate_async)."""
+        inputs, refs = store.split(inputs)
         request = TensorMessage(pb.EvaluateRequest(), {"inputs": inputs})
+        store.fill(request.message.stored_inputs, refs)
         return self._by_id_async("Evaluate", graph, request, lambda reply: reply.outputs)
 
     def jacobian(self, graph, inputs, *, wrt=None, of=None, mode: str = "auto",
@@ -506,7 +547,7 @@ class Client:
         keeps references to the arrays, to put them again if the server loses them (do
         not change them in place meanwhile)."""
         source = dict(tensors)
-        stub = self._next_stub()
+        stub = self._store_stub()
         handle = TensorHandle("", store.shapes_of(source), source=source, stub=stub)
         self._put(handle, chunk_bytes)
         return handle
@@ -536,6 +577,28 @@ class Client:
         return stub.DeleteTensors(pb.DeleteTensorsRequest(handle=handle_id),
                                   timeout=self.timeout, metadata=self._metadata).deleted
 
+    def _store_stub(self):
+        """The stub a put goes over: the next channel when every call reaches one server
+        (one address: a connection stays on one server process); else a channel of its
+        own to one of the addresses in turn, so that the calls naming the handle's
+        tensors (which go over the channel that put them) reach the server holding
+        them, where round-robin would send every other call elsewhere."""
+        if not self._peers:
+            return self._next_stub()
+        with self._lock:
+            peer, host = self._peers[self._pin_turn % len(self._peers)]
+            self._pin_turn += 1
+            pinned = self._pinned.get(peer)
+            if pinned is None:
+                options = list(self._pin_options)
+                if self._tls and host:  # the certificate names the host, not the IP
+                    options += [("grpc.ssl_target_name_override", host),
+                                ("grpc.default_authority", host)]
+                channel = (grpc.secure_channel(peer, self._tls.credentials(), options)
+                           if self._tls else grpc.insecure_channel(peer, options))
+                pinned = self._pinned[peer] = (channel, _stub(channel))
+        return pinned[1]
+
     def _put(self, handle: TensorHandle, chunk_bytes: int | None = None) -> None:
         """Put the handle's arrays (again), retrying UNAVAILABLE; sets handle.id."""
         if chunk_bytes is None:
@@ -547,6 +610,7 @@ class Client:
                 reply = store.put_chunks(handle._stub.PutTensors, handle._source, chunk_bytes,
                                          self.timeout, self._metadata)
                 handle.id, handle.nbytes = reply.handle, reply.nbytes
+                self._handles[handle.id] = handle
                 return
             except grpc.RpcError as err:
                 delay = self._retry_delay(err, started, attempt)
@@ -578,6 +642,31 @@ class Client:
             self._put(handle)
         self._bind(request.message, refs)
         return self._by_id(method, graph, request, stub=stub)
+
+    def _named_handles(self, message) -> list[TensorHandle] | None:
+        """The handles this client put that a request names (None: it names one this
+        client cannot put again, such as another client's or a stored result)."""
+        handles = [self._handles.get(i) for i in sorted(store.named_ids(message))]
+        if any(h is None or h._source is None for h in handles):
+            return None
+        return handles
+
+    def _stub_of(self, message):
+        """The stub of the channel that holds the stored tensors a request names (their
+        calls go there), or None."""
+        return next((h._stub for h in self._named_handles(message) or () if h._stub), None)
+
+    def _put_again(self, message) -> bool:
+        """After a NOT_FOUND for stored tensors: put the handles a request names again
+        from their arrays and point the request at the new ids; whether it could."""
+        handles = self._named_handles(message)
+        if not handles:
+            return False
+        for handle in handles:
+            old = handle.id
+            self._put(handle)
+            store.rename(message, old, handle.id)
+        return True
 
     @staticmethod
     def _bind(message, refs: dict) -> None:
@@ -706,7 +795,10 @@ class Client:
         return self._call(method, request, stub)
 
     def _by_id_async(self, method: str, graph, request, convert) -> Future:
-        """_by_id without waiting: a Future of convert(reply)."""
+        """_by_id without waiting: a Future of convert(reply). A request naming stored
+        tensors goes to the channel that put them, and when the server no longer holds
+        them they are put again (on a thread of its own) and the call made once more,
+        as _stored_call does."""
         future: Future = Future()
         future.set_running_or_notify_cancel()
         try:
@@ -714,13 +806,35 @@ class Client:
         except BaseException as exc:  # e.g. registering the graph failed
             future.set_exception(exc)
             return future
+        stub, tried = self._stub_of(request.message), set()
+
+        def again() -> None:
+            self._call_async(method, request, future, convert, not_found, stub=stub)
+
+        def put_again(err) -> None:
+            try:
+                if not self._put_again(request.message):
+                    future.set_exception(err)
+                    return
+            except BaseException as exc:
+                future.set_exception(exc)
+                return
+            again()
 
         def not_found(err) -> bool:
-            if not self._resend_inline(err, key, graph, request):
+            if store.stored_gone(err):
+                if "store" in tried:
+                    return False
+                tried.add("store")
+                threading.Thread(target=put_again, args=(err,), daemon=True,
+                                 name="gradserve-put-again").start()
+                return True
+            if "graph" in tried or not self._resend_inline(err, key, graph, request):
                 return False
-            self._call_async(method, request, future, convert)
+            tried.add("graph")
+            again()
             return True
-        self._call_async(method, request, future, convert, not_found)
+        self._call_async(method, request, future, convert, not_found, stub=stub)
         return future
 
     def _address_graph(self, graph, request) -> str | None:
@@ -774,7 +888,7 @@ class Client:
             time.sleep(delay)
 
     def _call_async(self, method: str, request, future: Future, convert, on_error=None,
-                    attempt: int = 0) -> None:
+                    attempt: int = 0, stub=None) -> None:
         """_call without waiting: `future` gets convert(reply), or the error once
         _retry_delay gives up and on_error(err) (if given) did not take it over. A
         retry waits on a timer thread; a call that succeeds uses no thread of ours."""
@@ -787,7 +901,7 @@ class Client:
                 delay = self._retry_delay(err, started, attempt)
                 if delay is not None:
                     timer = threading.Timer(delay, self._call_async, (
-                        method, request, future, convert, on_error, attempt + 1))
+                        method, request, future, convert, on_error, attempt + 1, stub))
                     timer.daemon = True
                     timer.start()
                 elif on_error is None or not on_error(err):
@@ -801,7 +915,7 @@ class Client:
             except BaseException as exc:  # a reply that does not decode
                 future.set_exception(exc)
         try:
-            call = getattr(self._next_stub(), method).future(
+            call = getattr(stub or self._next_stub(), method).future(
                 request, timeout=self.timeout, metadata=self._metadata)
         except BaseException as exc:  # e.g. the client was closed
             future.set_exception(exc)
@@ -930,7 +1044,9 @@ class DifferentiateSession:
     Errors: UNAVAILABLE is retried as unary calls retry it (the client's `retries`
     times, with the same backoff), each time on a new stream; on NOT_FOUND (a server
     that restarted or lost the graph) the request is sent again on a new stream with
-    the graph inline. A stream the server ended for idleness (stream_idle_seconds)
+    the graph inline; on NOT_FOUND for stored tensors the request's handles are put
+    again and it is sent once more (as Client.differentiate does). A request naming
+    stored tensors goes over the channel that put them. A stream the server ended for idleness (stream_idle_seconds)
     is replaced by a new one before the next request. Other errors are raised. An
     error ends the stream it happened on; the session's next call opens a new one.
     """
@@ -941,9 +1057,10 @@ class DifferentiateSession:
         self._inline = False
         self._open()
 
-    def _open(self) -> None:
+    def _open(self, stub=None) -> None:
         self._graph_id = self._client._register(self._graph)
-        self._stream = _Stream(self._client._next_stub(), self._client._metadata)
+        self._stub = stub or self._client._next_stub()
+        self._stream = _Stream(self._stub, self._client._metadata)
 
     def differentiate(self, inputs, *, wrt=None, of=None, mode="auto", tangents=None,
                       cotangents=None, trace=False) -> Result:
@@ -964,12 +1081,18 @@ class DifferentiateSession:
     def _exchange(self, request) -> TensorMessage:
         """Send one request and return its reply, retrying as the class says."""
         delay, retried, resent_inline, reopened = self._client.backoff, 0, False, False
+        put_again = False
         while True:
             try:
                 return self._send(request)
             except grpc.RpcError as err:
                 self._end_stream()
                 code = err.code()
+                if store.stored_gone(err):
+                    if put_again or not self._client._put_again(request.message):
+                        raise
+                    put_again = True
+                    continue
                 if code == grpc.StatusCode.NOT_FOUND and not resent_inline:
                     resent_inline = self._inline = True
                     continue
@@ -985,8 +1108,11 @@ class DifferentiateSession:
     def _send(self, request) -> TensorMessage:
         if self._stream is not None and self._stream.ended():
             self._end_stream()  # the server ended it meanwhile (idle for too long)
+        stub = self._client._stub_of(request.message)
+        if stub is not None and stub is not self._stub:
+            self._end_stream()  # the stored tensors live behind another channel
         if self._stream is None:
-            self._open()
+            self._open(stub)
         if self._inline:  # the first request of a reopened stream teaches its replica
             request.message.graph.CopyFrom(_graph_proto(self._graph))
         else:

@@ -97,6 +97,35 @@ def fill(field, refs: Mapping[str, StoredTensor]) -> None:
         entry.name = "" if ref.name == key else ref.name
 
 
+# A request's map<string, StoredTensor> fields, by path from the message.
+STORED_FIELDS = ("stored_inputs", "stored_tangents", "stored_cotangents",
+                 "second_order.stored_vectors", "stored_batches")
+
+
+def _stored_fields(message) -> Iterator:
+    for path in STORED_FIELDS:
+        target = message
+        for name in path.split("."):
+            if name not in target.DESCRIPTOR.fields_by_name:
+                break
+            target = getattr(target, name)
+        else:
+            yield target
+
+
+def named_ids(message) -> set[str]:
+    """The handle ids a request's stored-tensor fields name."""
+    return {ref.handle for field in _stored_fields(message) for ref in field.values()}
+
+
+def rename(message, old: str, new: str) -> None:
+    """Point a request's references to handle `old` at handle `new`."""
+    for field in _stored_fields(message):
+        for ref in field.values():
+            if ref.handle == old:
+                ref.handle = new
+
+
 def stored_gone(err: grpc.RpcError) -> bool:
     """NOT_FOUND for a handle of the tensor store (not a graph): put again."""
     return (err.code() == grpc.StatusCode.NOT_FOUND

@@ -179,6 +179,69 @@ def test_lost_handles_are_not_found_and_the_client_puts_again(start_server):
         assert float(cb.evaluate(g, {"x": x, "w": x})["o"]) > 0  # the other is fine
 
 
+def test_async_and_stream_calls_put_lost_handles_again(start_server):
+    """differentiate_async, evaluate_async and a DifferentiateSession take stored
+    tensors and, like the blocking calls, put a lost handle again by themselves."""
+    s = start_server()
+    g, x = model(), np.linspace(0, 1, 64, dtype=np.float32)
+    w = np.linspace(1, 2, 64, dtype=np.float32)
+    with Client(f"127.0.0.1:{s.port}") as client, client.stream(g) as session:
+        handle = client.put({"w": w})
+        calls = {
+            "differentiate_async": lambda: client.differentiate_async(
+                g, {"x": x, **handle}, wrt=["w"]).result(timeout=30).jacobian["o", "w"],
+            "evaluate_async": lambda: client.evaluate_async(
+                g, {"x": x, **handle}).result(timeout=30)["o"],
+            "session": lambda: session.differentiate(
+                {"x": x, **handle}, wrt=["w"]).jacobian["o", "w"],
+        }
+        oracles = {"differentiate_async": np.sin(x), "evaluate_async": np.sum(np.sin(x) * w),
+                   "session": np.sin(x)}
+        for name, call in calls.items():
+            np.testing.assert_allclose(call(), oracles[name], rtol=1e-5, err_msg=name)
+            old = handle.id
+            assert client.delete(handle)  # lost: the next call must put it again
+            np.testing.assert_allclose(call(), oracles[name], rtol=1e-5, err_msg=name)
+            assert handle.id != old, name
+
+
+def test_async_calls_go_to_the_replica_holding_their_handles(start_server):
+    """With two addresses (calls round-robin), calls naming a handle go to the server
+    that holds it: none needs a put again (before, every other call went to the other
+    server, and a put again could land where the retry did not)."""
+    a, b = start_server(), start_server()
+    g, x = model(), np.linspace(0, 1, 32, dtype=np.float32)
+    with Client([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]) as client:
+        handle = client.put({"w": np.ones_like(x)})
+        first = handle.id
+        for _ in range(4):
+            r = client.differentiate(g, {"x": x, **handle}, wrt=["w"])
+            np.testing.assert_allclose(r.jacobian["o", "w"], np.sin(x), rtol=1e-6)
+        futures = [client.differentiate_async(g, {"x": x, **handle}, wrt=["w"])
+                   for _ in range(6)]
+        for f in futures:
+            np.testing.assert_allclose(f.result(timeout=30).jacobian["o", "w"], np.sin(x),
+                                       rtol=1e-6)
+        with client.stream(g) as session:
+            for _ in range(3):
+                r = session.differentiate({"x": x, **handle}, wrt=["w"])
+                np.testing.assert_allclose(r.jacobian["o", "w"], np.sin(x), rtol=1e-6)
+        assert handle.id == first
+
+
+@pytest.mark.parametrize("address, peers", [
+    ("127.0.0.1:5", []),                      # one server: the normal channels
+    ("localhost:5", []),                      # one IPv4 address
+    (["127.0.0.1:5", "127.0.0.1:6"], ["127.0.0.1:5", "127.0.0.1:6"]),
+    (["localhost:5", "127.0.0.1:5"], []),     # the same server twice
+    ("unix:/tmp/gradserve.sock", []),         # other schemes are taken as given
+    ("ipv4:127.0.0.1:5,127.0.0.1:6", []),
+])
+def test_which_addresses_a_put_is_pinned_to(address, peers):
+    from gradserve.client.client import _peers
+    assert [p for p, _ in _peers(address)] == peers
+
+
 def test_handles_expire(start_server):
     server = start_server(Limits(store_seconds=1))
     with Client(f"127.0.0.1:{server.port}") as c:
