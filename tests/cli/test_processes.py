@@ -15,14 +15,13 @@ import os
 import re
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
 from numpy.testing import assert_allclose
-from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client
+from support import metrics
 from support.server_process import ServerProcess
 
 PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
@@ -30,15 +29,10 @@ PUBLISHED_DODX, PUBLISHED_DODY = -6.2832, -8.7423e-08
 
 def samples(metrics_port: int, name: str, **labels) -> dict[str, float]:
     """From the one /metrics: the samples `name` with `labels`, by their process label."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
     found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                process = sample.labels["process"]
-                found[process] = found.get(process, 0) + sample.value
+    for sample in metrics.samples(metrics_port, name, **labels):
+        process = sample.labels["process"]
+        found[process] = found.get(process, 0) + sample.value
     return found
 
 

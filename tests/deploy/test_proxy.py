@@ -26,15 +26,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
+from support import metrics
 from support.server_process import ServerProcess, clean_env, free_port
 from support import REPO
 
@@ -50,16 +49,6 @@ def _haproxy() -> str:
             pytest.fail(f"{reason}; GRADSERVE_REQUIRE_HAPROXY=1: the proxy test must run")
         pytest.skip(reason)
     return found
-
-
-def _served(metrics_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return int(sum(s.value for family in text_string_to_metric_families(text)
-                   for s in family.samples
-                   if s.name == "gradserve_requests_total"
-                   and s.labels.get("method") == "Differentiate"
-                   and s.labels.get("code") == "OK"))
 
 
 class Proxy:
@@ -142,11 +131,11 @@ def test_calls_through_the_proxy_spread_over_replicas_and_health_answers(proxied
                           env=clean_env(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     # one client, one connection (to the proxy), 60 calls
-    g, before = _graph(), [_served(p) for p in ports]
+    g, before = _graph(), [metrics.served(p) for p in ports]
     with Client(target) as c:
         for i in range(60):
             _call(c, g, i)
-    counts = [_served(p) - b for p, b in zip(ports, before)]
+    counts = [metrics.served(p) - b for p, b in zip(ports, before)]
     print(f"\n60 calls through HAProxy over one connection: per replica {counts}")
     assert sum(counts) == 60 and min(counts) >= 10, counts
 
@@ -161,10 +150,10 @@ def test_a_replica_shutting_down_leaves_the_rotation_by_the_health_check(proxied
         leaving = servers[1]
         leaving.proc.terminate()  # SIGTERM: NOT_SERVING, new calls still served for 10 s
         proxy.wait_for(r"gradserve/gradserve-2 is DOWN")
-        served_before = [_served(p) for p in ports]
+        served_before = [metrics.served(p) for p in ports]
         for i in range(30):
             _call(c, g, i)
-        counts = [_served(p) - b for p, b in zip(ports, served_before)]
+        counts = [metrics.served(p) - b for p, b in zip(ports, served_before)]
         print(f"\n30 calls after HAProxy's check saw NOT_SERVING: per replica {counts}")
         assert leaving.proc.poll() is None  # still serving (its drain), yet no call came
         with Client(leaving.wait_serving()) as direct:

@@ -16,15 +16,14 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
+from support import metrics
 from support.server_process import ServerProcess
 
 CALLS = 300
@@ -43,14 +42,7 @@ class Replica:
 
     def served(self) -> int:
         """Differentiate calls this replica answered with OK, from its own /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        return int(sum(sample.value for family in text_string_to_metric_families(text)
-                       for sample in family.samples
-                       if sample.name == "gradserve_requests_total"
-                       and sample.labels.get("method") == "Differentiate"
-                       and sample.labels.get("code") == "OK"))
+        return metrics.served(self.metrics_port)
 
 
 @pytest.fixture

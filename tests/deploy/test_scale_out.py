@@ -35,14 +35,13 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gradserve.client import Client, GraphBuilder
+from support import metrics
 from support.server_process import ServerProcess, free_port
 
 NAME = "gradserve.test"
@@ -135,14 +134,7 @@ class Replica:
 
     def served(self) -> int:
         """Differentiate calls answered OK, from this replica's /metrics."""
-        url = f"http://{self.host}:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            text = reply.read().decode()
-        return int(sum(s.value for family in text_string_to_metric_families(text)
-                       for s in family.samples
-                       if s.name == "gradserve_requests_total"
-                       and s.labels.get("method") == "Differentiate"
-                       and s.labels.get("code") == "OK"))
+        return metrics.served(self.metrics_port, self.host)
 
 
 class SteadyClient:
