@@ -168,7 +168,7 @@ def test_only_the_supervisors_children_share_its_port(seed_builder, seed_inputs)
                     assert second.proc.wait(30) == 1, second.output()
                 finally:
                     second.stop()
-                assert f"cannot" in second.output() and str(port) in second.output()
+                assert "cannot" in second.output() and str(port) in second.output()
                 assert "in use" in second.output()
             with Client(first.wait_serving()) as client:
                 check_seed(client.differentiate(seed_builder(), seed_inputs()))
