@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 from typing import Callable, NamedTuple
 
+from gradserve.v1.tensor_wire import read_varint as _varint
+
 from .errors import LimitExceeded
 from .limits import Limits
 
@@ -195,17 +197,3 @@ def _refuse(counted: Counted, bound: int) -> None:
     kind = "nodes" if counted.path == "graph.nodes" else "entries"
     raise LimitExceeded(f"{counted.path} has more than {bound:,} {kind} ({counted.limit})",
                         field=counted.path)
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    b = buf[i]
-    if b < 0x80:  # most keys and lengths: one byte
-        return b, i + 1
-    result = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, i
-        shift += 7

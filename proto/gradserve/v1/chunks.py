@@ -20,6 +20,7 @@ import numpy as np
 
 from .codec import DTYPES, TensorError, TensorLimitError, wire_array
 from .tensor_wire import _varint_bytes
+from .tensor_wire import read_varint as _varint
 
 CHUNK_BYTES = 4 << 20  # data per chunk by default: well within any message limit
 # Arrays from this size up get pages of their own (an anonymous mmap), returned to the
@@ -107,19 +108,6 @@ def _dim(shape: list, value: int, where: str) -> None:
 
 def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _varint(buf, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if b < 0x80:
-            return result, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("a varint longer than 10 bytes")
 
 
 def _skip(buf, i: int, wire: int) -> int:

@@ -327,6 +327,24 @@ def _tensor_parts(array, field: str) -> tuple[bytes, memoryview | bytes, int]:
 _SMALL_VARINTS = [bytes([n]) for n in range(128)]
 
 
+def read_varint(buf, i: int) -> tuple[int, int]:
+    """(the varint at buf[i], the index after it), for readers that check bounds by
+    catching IndexError (past the end) and ValueError (over 10 bytes)."""
+    b = buf[i]
+    if b < 0x80:  # most keys and lengths: one byte
+        return b, i + 1
+    result = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("a varint longer than 10 bytes")
+
+
 def _varint_bytes(n: int) -> bytes:
     if n < 128:
         return _SMALL_VARINTS[n]
