@@ -76,7 +76,9 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
         if name not in velocity:
             velocity[name] = np.zeros_like(p)
     step = LossGradient(plan, names, loss, budget)
-    rates = [(p.dtype.type(learning_rate), p.dtype.type(momentum)) for p in params.values()]
+    by_dtype = {p.dtype: None for p in params.values()}
+    by_dtype = {d: (d.type(learning_rate), d.type(momentum)) for d in by_dtype}
+    rates = [by_dtype[p.dtype] for p in params.values()]
     scratch = {}  # name -> lr * v, reused by every step after the first
     losses = []
     for k in range(steps):
@@ -189,7 +191,8 @@ def _listed_steps(batches) -> int:
 
 
 def _steps(batches) -> int:
-    ks = {np.shape(b)[0] if np.ndim(b) else None for b in batches.values()}
+    ks = {b.shape[0] if type(b) is np.ndarray and b.ndim else
+          np.shape(b)[0] if np.ndim(b) else None for b in batches.values()}
     if None in ks:
         raise InputError("each batch input needs a leading axis of steps", field="batches")
     if len(ks) > 1:
