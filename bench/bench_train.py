@@ -22,10 +22,16 @@ parameters with every step, as before.
 Targets (P8, the MLP 64-64-64-10): gradserve steps/s >= 0.5x torch's with one step
 per call, >= 1.0x with 16 steps per call; each round's ratio is taken against that
 round's faster torch, and the lines give their median and spread (min-max).
-`--only-p8` measures the P8 model alone. Then one step is split into its parts
-(client encode, gRPC transport, server proto work, engine, client decode,
-update) with timers around each, against the in-process server. Never asserts
-on time.
+`--only-p8` measures the P8 model alone.
+
+Then (issue 20 item 5) one SGD step in the engine, engine.sgd_steps with the
+server's limits (one step per call, and 16), against the same step written by hand
+in numpy (checked equal first) and against one Plan.jacobian plus the update per
+step: CPU time of the measuring thread, one BLAS thread, rounds interleaved, ratios
+to the hand-written step per round (median and spread). `--engine-step` measures
+only that. Last, one step of `gradserve train` with one step per call (TrainSteps on
+the stored state) is split into its parts, CPU timers around each, against an
+in-process server. Never asserts on time.
 """
 
 from __future__ import annotations
@@ -41,12 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-from _timing import (environment_lines, load_torch, parse_args, print_table, ratio_line,
-                     torch_skip_message, write_json)
+from _timing import (RunClock, environment_lines, load_torch, parse_args, print_table,
+                     ratio_line, torch_skip_message, write_json)
 from gradserve import engine
-from gradserve.client.client import result_from_proto
 from gradserve.client.datasets import load_dataset
-from gradserve.client.gradients import Gradient, remote_gradient
+from gradserve.client.gradients import remote_gradient
 from gradserve.client.models import LOSS, ModelSpec
 from gradserve.client.training import Trainer, TrainConfig
 from gradserve.cli.in_process import server_address
@@ -171,83 +176,214 @@ def spread_note(ratios: list[float]) -> str:
             f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds")
 
 
-class Timers:
+# --- one SGD step in the engine against the same step by hand in numpy ----------------------
+
+def hand_step(widths):
+    """The MLP's SGD step written by hand in numpy (ReLU layers, softmax cross-entropy,
+    momentum): forward, backward, update in place. Returns step(params, velocity, X, Y,
+    lr, mu) -> (loss, gradients)."""
+    layers = len(widths) - 1
+
+    def step(params, velocity, X, Y, lr, mu):
+        hs, pre = [X], []
+        for k in range(1, layers + 1):
+            a = hs[-1] @ params[f"W{k}"] + params[f"b{k}"]
+            pre.append(a)
+            hs.append(np.maximum(a, 0) if k < layers else a)
+        z = hs[-1]
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        loss = -float(np.mean(np.sum(Y * (z - np.log(s)), axis=1)))
+        g = (e / s - Y) / np.float32(len(X))
+        grads = {}
+        for k in range(layers, 0, -1):
+            grads[f"W{k}"] = hs[k - 1].T @ g
+            grads[f"b{k}"] = g.sum(axis=0)
+            if k > 1:
+                g = g @ params[f"W{k}"].T
+                g *= pre[k - 2] > 0
+        for name, p in params.items():
+            v = velocity[name]
+            v *= mu
+            v += grads[name]
+            p -= lr * v
+        return loss, grads
+    return step
+
+
+def engine_step(spec, data, config, rounds: int) -> list[dict]:
+    """One SGD step of the P8 model in the engine (engine.sgd_steps with the server's
+    limits, as a TrainSteps call runs it) against the same step written by hand in
+    numpy, and against one Plan.jacobian of the loss plus the update per step (the
+    per-step path sgd_steps took before it ran the loss's reverse sweep itself).
+    Per-round ratios to the hand-written step, rounds interleaved; CPU time of this
+    thread (other tenants' load barely moves it), one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+    from gradserve.server.convert import graph_from_proto
+    from gradserve.server.limits import Limits
+
+    plan = engine.compile(graph_from_proto(spec.build_graph().build()))
+    limits = Limits()
+    budget = engine.Budget(max_bytes=limits.max_intermediate_bytes,
+                           max_reply_bytes=limits.max_message_bytes,
+                           max_flops=limits.max_request_flops or None,
+                           max_block_elements=limits.max_tensor_elements)
+    trainer_like = np.random.default_rng(0)
+    params = spec.init_params(trainer_like)
+    rows = trainer_like.permutation(len(data.y_train))[:config.batch_size]
+    X = data.X_train[rows]
+    Y = np.eye(spec.num_classes, dtype=np.float32)[data.y_train[rows]]
+    names = tuple(params)
+    lr, mu = np.float32(config.lr), np.float32(config.momentum)
+    zeros = {n: np.zeros_like(p) for n, p in params.items()}
+
+    # The hand-written step is checked against the engine's before it is timed.
+    by_hand = hand_step(spec.widths)
+    loss, grads = by_hand({n: p.copy() for n, p in params.items()},
+                          {n: v.copy() for n, v in zeros.items()}, X, Y, lr, mu)
+    reference = plan.jacobian({"X": X, "Y": Y, **params}, wrt=names, of=[LOSS])
+    for name in names:
+        np.testing.assert_allclose(grads[name], reference.jacobian[LOSS, name], rtol=1e-4,
+                                   atol=1e-6)
+    np.testing.assert_allclose(loss, float(reference.outputs[LOSS]), rtol=1e-5)
+
+    stacked = {"X": np.stack([X] * STEPS_PER_CALL), "Y": np.stack([Y] * STEPS_PER_CALL)}
+    hand_params = {n: p.copy() for n, p in params.items()}
+    hand_velocity = {n: v.copy() for n, v in zeros.items()}
+    jac_params = {n: p.copy() for n, p in params.items()}
+    jac_velocity = {n: v.copy() for n, v in zeros.items()}
+
+    def engine_one():
+        engine.sgd_steps(plan, params, {"X": X[None], "Y": Y[None]}, learning_rate=config.lr,
+                         momentum=config.momentum, velocity=zeros, loss=LOSS, budget=budget)
+
+    def engine_sixteen():
+        engine.sgd_steps(plan, params, stacked, learning_rate=config.lr,
+                         momentum=config.momentum, velocity=zeros, loss=LOSS, budget=budget)
+
+    def jacobian_and_update():
+        r = plan.jacobian({"X": X, "Y": Y, **jac_params}, wrt=names, of=[LOSS],
+                          budget=budget)
+        for name, p in jac_params.items():
+            v = jac_velocity[name]
+            v *= mu
+            v += r.jacobian[LOSS, name]
+            p -= lr * v
+
+    def numpy_step():
+        by_hand(hand_params, hand_velocity, X, Y, lr, mu)
+
+    runs = {"engine: sgd_steps, one step per call": (engine_one, 1),
+            f"engine: sgd_steps, {STEPS_PER_CALL} steps per call": (engine_sixteen,
+                                                                     STEPS_PER_CALL),
+            "engine: Plan.jacobian + update, per step": (jacobian_and_update, 1),
+            "hand-written numpy step": (numpy_step, 1)}
+    per_round = {name: [] for name in runs}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for f, _ in runs.values():
+            for _ in range(20):
+                f()
+        for _ in range(rounds):
+            for name, (f, steps) in runs.items():
+                calls = max(1, 200 // steps)
+                start = time.thread_time()
+                for _ in range(calls):
+                    f()
+                per_round[name].append((time.thread_time() - start) / (calls * steps))
+    hand = per_round["hand-written numpy step"]
+    rows_out, records = [], []
+    for name, times in per_round.items():
+        ratios = [t / h for t, h in zip(times, hand)]
+        rows_out.append((name, f"{statistics.median(times) * 1e6:,.0f}",
+                         f"{min(times) * 1e6:,.0f}-{max(times) * 1e6:,.0f}",
+                         f"{statistics.median(ratios):.2f}x",
+                         f"{min(ratios):.2f}-{max(ratios):.2f}x"))
+        records.append({"name": name, "seconds_per_step": times, "vs_hand": ratios})
+    print_table(["one SGD step", "us (median)", "min-max", "vs hand", "spread"], rows_out,
+                title=f"One step of {spec.description}, batch {config.batch_size}, momentum "
+                      f"{config.momentum} (CPU time of this thread, {rounds} interleaved "
+                      "rounds, one BLAS thread; ratios per round)")
+    return records
+
+
+# --- where a K=1 TrainSteps step goes ---------------------------------------------------------
+
+class CPUTimers:
+    """CPU seconds of the calling thread inside wrapped functions, by part."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def __call__(self, part: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+    def wrap(self, part: str, f):
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.seconds[part] = self.seconds.get(part, 0.0) + time.thread_time() - start
+        return timed
 
 
-def step_breakdown(spec, data, config, steps: int) -> list[tuple[str, float]]:
-    """One unary step in parts, against an in-process server whose servicer and
-    engine are wrapped in timers (the client calls below are Client.differentiate's
-    own, spelled out)."""
-    timers = Timers()
-    with create_server("127.0.0.1:0") as server:
-        servicer = server.servicer
-        handle = servicer._differentiate
-        jacobian = engine.Plan.jacobian
+def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
+    """`gradserve train`'s loop with one step per call (TrainSteps on the stored state,
+    the epoch's evaluation in its last call) against an in-process server whose parts
+    are wrapped in CPU timers: CPU seconds per step, by part, and the wall time."""
+    from threadpoolctl import threadpool_limits
+    from gradserve.client import client as client_module
+    from gradserve.server import calls as calls_module, training as training_module
 
-        def timed_handle(*args, **kwargs):
-            with timers("server handler"):
-                return handle(*args, **kwargs)
+    timers = CPUTimers()
+    patched = [(client_module.Client, "_call"), (calls_module, "parse"),
+               (training_module, "run_steps")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in patched]
+    try:
+        with threadpool_limits(limits=1, user_api="blas"), \
+                create_server("127.0.0.1:0") as server:
+            servicer = server.servicer
+            in_worker = servicer.calls.in_worker
 
-        def timed_jacobian(self, *args, **kwargs):
-            with timers("engine"):
-                return jacobian(self, *args, **kwargs)
+            async def timed_in_worker(fn, *args):
+                return await in_worker(timers.wrap("worker", fn), *args)
 
-        servicer._differentiate = timed_handle
-        engine.Plan.jacobian = timed_jacobian
-        try:
+            servicer.calls.in_worker = timed_in_worker
+            servicer.training.steps = timers.wrap("TrainState.steps", servicer.training.steps)
+            servicer.registry.resolve = timers.wrap("resolve", servicer.registry.resolve)
+            client_module.Client._call = timers.wrap("client call", saved[0][2])
+            calls_module.parse = timers.wrap("parse", saved[1][2])
+            training_module.run_steps = timers.wrap("engine", saved[2][2])
             gradient = remote_gradient([f"127.0.0.1:{server.port}"], spec.build_graph(),
                                        spec.param_names)
-            client = gradient.client
-            graph_id = client.register(gradient.graph)
-            trainer = Trainer(spec, data, gradient, config)
-            state = trainer.initial_state()
-            order = np.random.default_rng(0).permutation(len(data.y_train))
-            for step in range(steps + 5):
-                if step == 5:  # warm-up done
-                    timers.seconds.clear()
-                start = step * config.batch_size % (len(order) - config.batch_size)
-                rows = order[start:start + config.batch_size]
-                with timers("client encode"):
-                    inputs = {**state.params, "X": data.X_train[rows],
-                              "Y": trainer.Y_train[rows]}
-                    request = client._differentiate_request(inputs, spec.param_names, [LOSS],
-                                                            "auto", None, None)
-                    request.message.graph_id = graph_id
-                with timers("rpc"):
-                    reply = client._tensor_stub.Differentiate(request, timeout=30)
-                with timers("client decode"):
-                    result = result_from_proto(reply)
-                    grads = {p: result.jacobian[LOSS, p] for p in spec.param_names}
-                with timers("update"):
-                    step_gradient = Gradient(float(result.outputs[LOSS]), grads, result.mode,
-                                             result.planner)
-                    state = trainer._apply(state, step_gradient, len(rows))
+            trainer = Trainer(spec, data, gradient, replace(config, epochs=epochs))
+            trainer.run(trainer.initial_state())  # warm-up
+            timers.seconds.clear()
+            cpu, main, wall = time.process_time(), time.thread_time(), time.perf_counter()
+            trainer.run(trainer.initial_state())
+            cpu, main, wall = (time.process_time() - cpu, time.thread_time() - main,
+                               time.perf_counter() - wall)
+            steps = trainer.total_steps
             gradient.close()
-        finally:
-            engine.Plan.jacobian = jacobian
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
     s = {k: v / steps for k, v in timers.seconds.items()}
-    return [("client: encode request (inputs -> protobuf)", s["client encode"]),
-            ("gRPC: transport + protobuf (de)serialization",
-             s["rpc"] - s["server handler"]),
-            ("server: decode inputs, encode reply", s["server handler"] - s["engine"]),
-            ("server: engine (Plan.jacobian, reverse mode)", s["engine"]),
-            ("client: decode reply", s["client decode"]),
-            ("client: SGD update", s["update"])]
+    cpu, main, wall = cpu / steps, main / steps, wall / steps
+    return [("client: Trainer loop, request and reply (Python)", main - s["client call"]),
+            ("client: the gRPC call (its thread's CPU)", s["client call"]),
+            ("server: event loop, gRPC threads", cpu - main - s["worker"]),
+            ("server worker: parse", s["parse"]),
+            ("server worker: resolve the graph", s["resolve"]),
+            ("server worker: store, rows, checks, evaluation, reply message",
+             s["TrainState.steps"] - s["engine"]),
+            ("server worker: engine (sgd_steps)", s["engine"]),
+            ("server worker: serialize, telemetry",
+             s["worker"] - s["parse"] - s["resolve"] - s["TrainState.steps"]),
+            ("wall time per step", wall)]
 
 
 # --- main ---------------------------------------------------------------------------------------
 
-def measure_model(hidden, data, torch, rounds: int, breakdown_steps: int) -> dict:
+def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> dict:
     spec = ModelSpec.mlp(data.num_features, data.num_classes, hidden)
     config = TrainConfig(epochs=EPOCHS_PER_ROUND, batch_size=64, lr=0.1, momentum=0.9)
     name = "MLP " + "-".join(map(str, spec.widths))
@@ -297,21 +433,31 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_steps: int) -> dic
                 for where in addresses]
     print()
 
-    parts = step_breakdown(spec, data, config, breakdown_steps)
-    total = sum(t for _, t in parts)
-    print_table(["part of one step", "us", "share"],
-                [(part, f"{t * 1e6:,.0f}", f"{t / total:.0%}") for part, t in parts]
-                + [("total", f"{total * 1e6:,.0f}", "100%")],
-                title="Where one step goes (unary call, in-process server, timers around "
-                      "each part)")
-    return {"model": name, "steps_per_second": rates, "p8": records,
+    steps = engine_step(spec, data, config, rounds)
+
+    parts = step_breakdown(spec, data, config, breakdown_epochs)
+    cpu_parts, (_, wall) = parts[:-1], parts[-1]
+    total = sum(t for _, t in cpu_parts)
+    print_table(["part of one step", "CPU us", "share"],
+                [(part, f"{t * 1e6:,.0f}", f"{t / total:.0%}") for part, t in cpu_parts]
+                + [("total CPU", f"{total * 1e6:,.0f}", "100%"),
+                   ("wall time", f"{wall * 1e6:,.0f}", "")],
+                title="Where one step goes (`gradserve train`, one step per call: TrainSteps "
+                      "on the stored state; in-process server; CPU timers around each part; "
+                      "the per-epoch evaluation spread over the epoch's steps)")
+    return {"model": name, "steps_per_second": rates, "p8": records, "engine_step": steps,
             "breakdown_seconds": dict(parts)}
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv, extra=lambda p: p.add_argument(
-        "--only-p8", action="store_true", help="only the P8 model, MLP 64-64-64-10"))
-    rounds, breakdown_steps = (5, 200) if args.settings.quick else (15, 600)
+    def options(parser):
+        parser.add_argument("--only-p8", action="store_true",
+                            help="only the P8 model, MLP 64-64-64-10")
+        parser.add_argument("--engine-step", action="store_true",
+                            help="only the P8 model's engine step against numpy by hand")
+    args = parse_args(__doc__, argv, extra=options)
+    rounds, breakdown_epochs = (5, 2) if args.settings.quick else (15, 6)
+    clock = RunClock()
     for line in environment_lines():
         print(line)
     print()
@@ -320,12 +466,23 @@ def main(argv=None) -> int:
         print(torch_skip_message() + "\n")
     data = load_dataset("digits", test_fraction=0.2, seed=0)
     print(f"data: {data.description}\n")
+    if args.engine_step:
+        spec = ModelSpec.mlp(data.num_features, data.num_classes, (64, 64))
+        config = TrainConfig(epochs=EPOCHS_PER_ROUND, batch_size=64, lr=0.1, momentum=0.9)
+        steps = engine_step(spec, data, config, 3 * rounds)
+        run = clock.print_summary()
+        if args.json:
+            write_json(args.json, {"environment": environment_lines(), "run": run,
+                                   "engine_step": steps})
+        return 0
     # The issue's MLP 64-64-10 (64 inputs, one hidden layer of 64), then the
     # README's sample command (--hidden 64 --hidden 64).
-    results = [measure_model(hidden, data, torch, rounds, breakdown_steps)
+    results = [measure_model(hidden, data, torch, rounds, breakdown_epochs)
                for hidden in ([(64, 64)] if args.only_p8 else [(64,), (64, 64)])]
+    run = clock.print_summary()
     if args.json:
-        write_json(args.json, {"environment": environment_lines(), "models": results})
+        write_json(args.json, {"environment": environment_lines(), "run": run,
+                               "models": results})
     return 0
 
 

@@ -246,7 +246,7 @@ class Trainer:
                         k = min(k, every - state.step % every)
                     rows = [order[i * batch:(i + 1) * batch] for i in range(b, b + k)]
                     ends_epoch = b + k - 1 == last
-                    due = self._checkpoint_due(replace(state, step=state.step + k), ends_epoch)
+                    due = self._checkpoint_due_at(state.step + k, ends_epoch)
                     try:  # the parameters come back at an epoch's end and at checkpoints
                         result = stored.steps(rows, ends_epoch, ends_epoch or due)
                     except grpc.RpcError as err:
@@ -312,12 +312,15 @@ class Trainer:
                        history=state.history + (record,))
 
     def _checkpoint_due(self, state: TrainState, epoch_ended: bool) -> bool:
+        return self._checkpoint_due_at(state.step, epoch_ended)
+
+    def _checkpoint_due_at(self, step: int, epoch_ended: bool) -> bool:
         every = self.config.checkpoint_every
         if not self.config.checkpoint:
             return False
-        if state.step == self.total_steps:
+        if step == self.total_steps:
             return True
-        return state.step % every == 0 if every else epoch_ended
+        return step % every == 0 if every else epoch_ended
 
 
 class StoredTraining:

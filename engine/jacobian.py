@@ -71,22 +71,10 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget,
         if isinstance(found, JacobianResult):
             return found
     shapes = bound.shapes
-    key = (bound.signature, None if wrt is None else tuple(wrt),
-           None if of is None else tuple(of), mode, ratio)
-    setups = plan.jacobian_setups
-    setup = setups.get(key)
-    if setup is None:
-        setup = _setup(plan, shapes, *key[1:])
-        if len(setups) >= SETUP_CACHE:
-            setups.pop(next(iter(setups)), None)
-        setups[key] = setup
+    setup = setup_for(plan, bound, wrt, of, mode, ratio)
     d = setup.decision
     if budget.limited:
-        reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
-        budget.admit(plan, shapes, Need(
-            d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
-            extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
-            block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
+        admit(plan, shapes, setup, budget)
     seeds = setup.seeds or _identity_seeds(plan, setup, shapes)
     vals = bound.vals
     if d.mode == "forward":
@@ -110,6 +98,35 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget,
     if found is not None:  # dense, with the pattern's figures and why
         d = replace(d, reason=found.reason, nnz=found.nnz)
     return JacobianResult(plan.outputs(vals), blocks, d.mode, d)
+
+
+def setup_for(plan, bound, wrt, of, mode, ratio) -> JacobianSetup:
+    """The JacobianSetup of these names at the bound shapes (kept per request shape)."""
+    key = (bound.signature, None if wrt is None else tuple(wrt),
+           None if of is None else tuple(of), mode, ratio)
+    setups = plan.jacobian_setups
+    setup = setups.get(key)
+    if setup is None:
+        setup = _setup(plan, bound.shapes, *key[1:])
+        if len(setups) >= SETUP_CACHE:
+            setups.pop(next(iter(setups)), None)
+        setups[key] = setup
+    return setup
+
+
+def admit(plan, shapes, setup: JacobianSetup, budget: Budget) -> None:
+    """The budget's refusal, before any work, of a Jacobian over a bound."""
+    d = setup.decision
+    reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
+    budget.admit(plan, shapes, Need(
+        d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
+        extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
+        block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
+
+
+def seeds_for(plan, setup: JacobianSetup, shapes) -> dict:
+    """The setup's identity seeds (slot -> read-only seed), kept or made now."""
+    return setup.seeds or _identity_seeds(plan, setup, shapes)
 
 
 def _setup(plan, shapes, wrt, of, mode, ratio) -> JacobianSetup:

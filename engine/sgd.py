@@ -14,14 +14,16 @@ short last batch in the same call).
 
 from __future__ import annotations
 
-from math import isfinite
+from math import isfinite, prod
 from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
+from .sweeps import reverse_sweep
 
 
 class SGDResult(NamedTuple):
@@ -57,9 +59,10 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
     if max_steps is not None and steps > max_steps:
         raise ResourceLimitError(f"{steps} steps in one call, over the limit of {max_steps} "
                                  "(max_steps_per_call)", field="batches")
-    params = {n: np.array(p) for n, p in parameters.items()}  # copies, updated in place
-    velocity = dict(velocity or {})
-    for name, v in velocity.items():
+    params = {n: np.asarray(p) for n, p in parameters.items()}  # the caller's: never written
+    given = dict(velocity or {})
+    velocity = {}
+    for name, v in given.items():
         if name not in params:
             raise InputError("has a momentum buffer but is not a parameter", node=name,
                              field="velocity")
@@ -68,36 +71,79 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
             raise InputError(f"momentum buffer {v.dtype}{list(v.shape)} does not match the "
                              f"parameter's {params[name].dtype}{list(params[name].shape)}",
                              node=name, field="velocity")
-        velocity[name] = v.copy()
+        velocity[name] = v
     for name, p in params.items():
         if name not in velocity:
             velocity[name] = np.zeros_like(p)
+    step = LossGradient(plan, names, loss, budget)
+    by_dtype = {p.dtype: None for p in params.values()}
+    by_dtype = {d: (d.type(learning_rate), d.type(momentum)) for d in by_dtype}
+    rates = [by_dtype[p.dtype] for p in params.values()]
+    scratch = {}  # name -> lr * v, reused by every step after the first
     losses = []
-    rates = {n: (p.dtype.type(learning_rate), p.dtype.type(momentum))
-             for n, p in params.items()}
     for k in range(steps):
         if check is not None:
             check()
         batch = {n: b[k] for n, b in batches.items()} if stacked else batches[k]
-        inputs = {**batch, **params}
-        # The same Jacobian of the loss a worker asks for one step at a time, so that K
-        # steps here equal K calls exactly.
-        result = plan.jacobian(inputs, wrt=names, of=(loss,), budget=budget)
-        value = np.asarray(result.outputs[loss])
-        if value.size != 1:
-            raise DifferentiationError(f"the loss has {value.size} elements; it must have one",
-                                       node=loss, field="loss")
-        losses.append(float(value.reshape(())))
-        # In place, on this call's own copies: the same float arithmetic (and bits) as
-        # v = mu * v + g; p = p - lr * v, without their temporaries.
-        jacobian = result.jacobian
-        for name, p in params.items():
-            lr, mu = rates[name]
-            v = velocity[name]
-            v *= mu
-            v += jacobian[loss, name].reshape(p.shape)
-            p -= lr * v
+        value, gradients = step({**batch, **params})
+        losses.append(value)
+        # v = mu * v + g; p = p - lr * v in the same float arithmetic (and bits): the
+        # first step makes this call's own arrays, later steps update them in place.
+        for (name, p), (lr, mu), g in zip(params.items(), rates, gradients):
+            if k:
+                v = velocity[name]
+                np.multiply(v, mu, out=v)
+                v += g
+                np.multiply(lr, v, out=scratch[name])
+                p -= scratch[name]
+            else:  # (out= arrays: a 0-d parameter stays an array)
+                v = np.multiply(velocity[name], mu, out=np.empty_like(p))
+                velocity[name] = v
+                v += g
+                lr_v = scratch[name] = np.multiply(lr, v, out=np.empty_like(p))
+                params[name] = np.subtract(p, lr_v, out=np.empty_like(p))
     return SGDResult(params, velocity, losses)
+
+
+class LossGradient:
+    """One step's loss and gradient, bound once per call: the names checked, the seed,
+    the steps the reverse sweep runs and the budget admitted per input shapes. The
+    same sweep (and bits) as the Jacobian of the loss a worker asks for one step at a
+    time (Plan.jacobian, reverse mode), without assembling blocks."""
+
+    def __init__(self, plan, names: tuple, loss: str, budget: Budget):
+        self.plan, self.names, self.of, self.budget = plan, names, (loss,), budget
+        self.slots = [plan.slot[n] for n in names]
+        self.loss_slot = plan.slot[loss]
+        self.admitted = None  # the shapes (a Plan's dict) last admitted
+        self.check = budget.check
+
+    def __call__(self, inputs) -> tuple[float, list]:
+        plan, budget = self.plan, self.budget
+        bound = plan.bind(inputs)
+        shapes = bound.shapes
+        loss = self.of[0]
+        size = prod(shapes[loss])
+        if size != 1:
+            raise DifferentiationError(f"the loss has {size} elements; it must have one",
+                                       node=loss, field="loss")
+        setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
+        if setup.decision.mode != "reverse":  # one scalar parameter: forward, as asked
+            result = plan.jacobian(inputs, wrt=self.names, of=self.of, sparsity="dense",
+                                   budget=budget)
+            return (float(np.asarray(result.outputs[loss]).reshape(())),
+                    [result.jacobian[loss, n].reshape(shapes[n]) for n in self.names])
+        if budget.limited and shapes is not self.admitted:
+            jacobian.admit(plan, shapes, setup, budget)
+            self.admitted = shapes
+        vals = bound.vals
+        cots = reverse_sweep(plan.steps, vals, jacobian.seeds_for(plan, setup, shapes),
+                             plan.needs(setup.wrt), self.check, plan.points)
+        gradients = []
+        for name, s in zip(self.names, self.slots):
+            g = cots[s]
+            gradients.append(0 if g is None else g.reshape(shapes[name]))
+        return float(vals[self.loss_slot].reshape(())), gradients
 
 
 def _check_names(plan, names, batches) -> None:
@@ -145,7 +191,8 @@ def _listed_steps(batches) -> int:
 
 
 def _steps(batches) -> int:
-    ks = {np.shape(b)[0] if np.ndim(b) else None for b in batches.values()}
+    ks = {b.shape[0] if type(b) is np.ndarray and b.ndim else
+          np.shape(b)[0] if np.ndim(b) else None for b in batches.values()}
     if None in ks:
         raise InputError("each batch input needs a leading axis of steps", field="batches")
     if len(ks) > 1:

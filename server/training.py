@@ -40,10 +40,12 @@ def steps_of(batches) -> int | None:
 def check_hyperparameters(parameters, learning_rate: float, momentum: float) -> None:
     """learning_rate and momentum as each parameter's dtype holds them (the steps compute
     in it): 1e300 is inf in float32, 1e-320 is 0, 0.99999999999 is 1.0."""
+    checked = set()  # (the same dtype holds them alike: checked once, naming its first)
     for name, value in parameters.items():
-        dtype = np.asarray(value).dtype
-        if dtype.kind != "f":
+        dtype = value.dtype if isinstance(value, np.ndarray) else np.asarray(value).dtype
+        if dtype.kind != "f" or dtype in checked:
             continue  # the engine refuses a parameter that is not floating
+        checked.add(dtype)
         with np.errstate(over="ignore", under="ignore"):
             lr, mu = dtype.type(learning_rate), dtype.type(momentum)
         if not (np.isfinite(lr) and lr > 0):
@@ -97,17 +99,29 @@ def is_flops_refusal(err: Exception) -> bool:
 def run_steps(plan, parameters, batches, velocity, request, steps, check, run_limits: dict,
               limits: Limits):
     """The engine's K steps, max_request_flops bounding the whole call (K x one step)."""
+    budget = engine.Budget(**{**run_limits, "max_flops": flops_per_step(steps, limits)},
+                           max_block_elements=limits.max_tensor_elements, cancel=check)
     try:
         return engine.sgd_steps(
             plan, parameters, batches, velocity=velocity,
             learning_rate=request.learning_rate, momentum=request.momentum,
-            loss=request.loss or None, max_steps=limits.max_steps_per_call,
-            max_block_elements=limits.max_tensor_elements, check=check,
-            **{**run_limits, "max_flops": flops_per_step(steps, limits)})
+            loss=request.loss or None, max_steps=limits.max_steps_per_call, budget=budget)
     except engine.ResourceLimitError as err:
         if steps and steps > 1 and is_flops_refusal(err):
             raise call_over_flops(err, steps, limits) from None
         raise
+
+
+def split_state(tensors: dict) -> tuple[dict, dict]:
+    """A stored state's parameters and momentum buffers ("velocity/NAME"), by name."""
+    params, velocity = {}, {}
+    skip = len(VELOCITY)
+    for name, array in tensors.items():
+        if name.startswith(VELOCITY):
+            velocity[name[skip:]] = array
+        else:
+            params[name] = array
+    return params, velocity
 
 
 class TrainState:
@@ -168,19 +182,13 @@ class TrainState:
                 message, evaluation = entry.last_reply[1]
                 state = {}
                 if request.return_state:
-                    tensors = entry.tensors
-                    state = {"parameters": {n: a for n, a in tensors.items()
-                                            if not n.startswith(VELOCITY)},
-                             "velocity": {n[len(VELOCITY):]: a for n, a in tensors.items()
-                                          if n.startswith(VELOCITY)}}
+                    state = dict(zip(("parameters", "velocity"), split_state(entry.tensors)))
                 return TensorMessage(message, {"evaluation": evaluation, **state})
             if version != entry.version:
                 raise StateConflict(
                     f"the state is at version {entry.version}, this call steps from "
                     f"{version}: send the version of the last reply", field="state_version")
-            params = {n: a for n, a in entry.tensors.items() if not n.startswith(VELOCITY)}
-            velocity = {n[len(VELOCITY):]: a for n, a in entry.tensors.items()
-                        if n.startswith(VELOCITY)}
+            params, velocity = split_state(entry.tensors)
             batches = self.batches(request)
             steps = steps_of(batches)
             check_hyperparameters(params, request.learning_rate, request.momentum)

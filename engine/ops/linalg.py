@@ -95,6 +95,8 @@ def _matvec_jvp(t, a, b):
 
 def _matmul_vjp(i, g, x, ans):
     a, b = x
+    if a.ndim == 2 and b.ndim == 2:  # matrices (a dense layer): the products themselves
+        return _mm(g, b.T) if i == 0 else _mm(a.T, g)
     if a.ndim <= 2 and b.ndim <= 2 and (a.ndim == 1) != (b.ndim == 1):
         return _matvec_vjp(i, g, a, b)
     _, _, g2 = _as_matrices(a.ndim, b.ndim, seed_out=g)

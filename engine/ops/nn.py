@@ -55,8 +55,9 @@ row(OpDef(
 
 
 def _log_softmax(x, axis):
-    z = x - np.max(x, axis=axis, keepdims=True)
-    return z - np.log(np.sum(np.exp(z), axis=axis, keepdims=True))
+    # (the methods: the same reductions as np.max and np.sum, without their wrappers)
+    z = x - x.max(axis=axis, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=axis, keepdims=True))
 
 
 def _log_softmax_jvp(t, x, ans, axis):

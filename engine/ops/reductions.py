@@ -52,8 +52,26 @@ def normalizing_rule(what):
 
 
 def _expand(g, axes, keepdims):
-    """A reduced cotangent with its reduced axes back (size 1), ready to broadcast."""
-    return g if keepdims else np.expand_dims(g, shift(axes))
+    """A reduced cotangent with its reduced axes back (size 1), ready to broadcast (a
+    reshape: np.expand_dims's own checks cost more than the rest of a small vjp)."""
+    if keepdims or not axes:
+        return g
+    shape = list(g.shape)
+    for a in sorted(axes):
+        shape.insert(a + 1, 1)
+    return g.reshape(shape)
+
+
+def _mean(x, axes, keepdims):
+    """np.mean's own arithmetic, a sum then a division by the count as intp, without its
+    Python wrapper (which costs several times the sum of a small array)."""
+    n = _count(x.shape, axes)
+    if n == 0:
+        return np.mean(x, axis=axes, keepdims=keepdims)  # nan, with numpy's warning
+    total = np.add.reduce(x, axis=axes, keepdims=keepdims)
+    if isinstance(total, np.ndarray):
+        return np.true_divide(total, np.intp(n), out=total, casting="unsafe")
+    return total.dtype.type(total / np.intp(n))
 
 
 def _count(shape, axes):
@@ -77,13 +95,14 @@ def reduction(name, f, jvp, vjp, saves, float_only, description, curvature,
 
 
 reduction(
-    "sum", lambda x, axes, keepdims: np.sum(x, axis=axes, keepdims=keepdims, dtype=x.dtype),
+    "sum", lambda x, axes, keepdims: np.add.reduce(x, axis=axes, keepdims=keepdims,
+                                                   dtype=x.dtype),  # (np.sum, unwrapped)
     lambda t, x, ans, axes, keepdims: np.sum(t[0], axis=shift(axes), keepdims=keepdims),
     lambda i, g, x, ans, axes, keepdims: np.broadcast_to(
         _expand(g, axes, keepdims), g.shape[:1] + x[0].shape),
     (), False, "sum over axes, in the input's dtype", ZERO)
 reduction(
-    "mean", lambda x, axes, keepdims: np.mean(x, axis=axes, keepdims=keepdims),
+    "mean", _mean,
     lambda t, x, ans, axes, keepdims: np.mean(t[0], axis=shift(axes), keepdims=keepdims),
     lambda i, g, x, ans, axes, keepdims: np.broadcast_to(
         _expand(g, axes, keepdims) / _count(x[0].shape, axes), g.shape[:1] + x[0].shape),

@@ -1,0 +1,160 @@
+"""engine.sgd_steps: K SGD steps with momentum on a plan equal K steps taken one
+Jacobian at a time with PyTorch's rule (bitwise), and PyTorch's own SGD (to float32
+rounding); the caller's arrays are never written; the budget is admitted before any
+step and the check runs inside every step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gradserve.engine import (DeadlineExceeded, DifferentiationError, Graph, Input, Node,
+                              ResourceLimitError, compile, sgd_steps)
+
+LR, MU = 0.1, 0.9
+
+
+def mlp_plan(dtype="float32", extra=False):
+    """X @ W1 + b1 -> relu -> @ W2 + b2 -> softmax cross-entropy against one-hot Y;
+    `extra`: a parameter U that does not reach the loss (its gradient is zero)."""
+    inputs = [Input("X", dtype, [-1, 5]), Input("Y", dtype, [-1, 3]),
+              Input("W1", dtype, [5, 4]), Input("b1", dtype, [4]),
+              Input("W2", dtype, [4, 3]), Input("b2", dtype, [3])]
+    nodes = [Node("m1", "matmul", ["X", "W1"]), Node("a1", "add", ["m1", "b1"]),
+             Node("h1", "relu", ["a1"]), Node("m2", "matmul", ["h1", "W2"]),
+             Node("z", "add", ["m2", "b2"]), Node("lp", "log_softmax", ["z"], {"axis": -1}),
+             Node("yl", "mul", ["Y", "lp"]), Node("s", "sum", ["yl"], {"axes": [-1]}),
+             Node("ms", "mean", ["s"]), Node("loss", "neg", ["ms"])]
+    outputs = ["loss"]
+    if extra:
+        inputs.append(Input("U", dtype, [2]))
+        nodes.append(Node("u", "sum", ["U"]))
+        outputs.append("u")
+    return compile(Graph(inputs, nodes, outputs))
+
+
+def start(dtype=np.float32, k=5, batch=7, seed=0, sizes=None):
+    rng = np.random.default_rng(seed)
+    params = {"W1": rng.standard_normal((5, 4)), "b1": rng.standard_normal(4) * 0.1,
+              "W2": rng.standard_normal((4, 3)), "b2": np.zeros(3)}
+    params = {n: p.astype(dtype) for n, p in params.items()}
+    steps = []
+    for n in sizes or [batch] * k:
+        labels = rng.integers(0, 3, n)
+        steps.append({"X": rng.standard_normal((n, 5)).astype(dtype),
+                      "Y": np.eye(3, dtype=dtype)[labels]})
+    return params, steps
+
+
+def one_jacobian_at_a_time(plan, params, steps, velocity=None):
+    """A worker's loop: one Plan.jacobian of the loss per step, PyTorch's rule."""
+    params = {n: p.copy() for n, p in params.items()}
+    velocity = {n: (velocity or {}).get(n, np.zeros_like(p)).copy() for n, p in params.items()}
+    losses = []
+    for batch in steps:
+        r = plan.jacobian({**batch, **params}, wrt=list(params), of=["loss"])
+        losses.append(float(r.outputs["loss"]))
+        for name, p in params.items():
+            lr, mu = p.dtype.type(LR), p.dtype.type(MU)
+            velocity[name] = mu * velocity[name] + r.jacobian["loss", name].reshape(p.shape)
+            params[name] = p - lr * velocity[name]
+    return params, velocity, losses
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stacked", [True, False])
+def test_k_steps_equal_k_jacobians_bitwise(dtype, stacked):
+    plan = mlp_plan(np.dtype(dtype).name)
+    params, steps = start(dtype)
+    before = {n: p.copy() for n, p in params.items()}
+    velocity = {"W1": np.full((5, 4), 0.5, dtype)}  # one buffer given, the others zeros
+    batches = ({n: np.stack([s[n] for s in steps]) for n in ("X", "Y")} if stacked
+               else steps)
+    result = sgd_steps(plan, params, batches, learning_rate=LR, momentum=MU,
+                       velocity=velocity, loss="loss")
+    expected, expected_velocity, losses = one_jacobian_at_a_time(plan, params, steps, velocity)
+    assert result.losses == losses
+    for name in params:
+        np.testing.assert_array_equal(result.parameters[name], expected[name])
+        np.testing.assert_array_equal(result.velocity[name], expected_velocity[name])
+        assert result.parameters[name].dtype == dtype
+        np.testing.assert_array_equal(params[name], before[name])  # the caller's: unchanged
+    np.testing.assert_array_equal(velocity["W1"], np.full((5, 4), 0.5, dtype))
+
+
+def test_steps_equal_pytorch_sgd_with_a_short_last_batch():
+    torch = pytest.importorskip("torch")
+    plan = mlp_plan()
+    params, steps = start(k=4, sizes=[7, 7, 7, 3])
+    result = sgd_steps(plan, params, steps, learning_rate=LR, momentum=MU, loss="loss")
+    w = {n: torch.tensor(p, requires_grad=True) for n, p in params.items()}
+    optimizer = torch.optim.SGD(list(w.values()), lr=LR, momentum=MU)
+    losses = []
+    for batch in steps:
+        optimizer.zero_grad()
+        logits = torch.relu(torch.from_numpy(batch["X"]) @ w["W1"] + w["b1"]) @ w["W2"] + w["b2"]
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(batch["Y"]))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    np.testing.assert_allclose(result.losses, losses, rtol=1e-5)
+    for name, p in w.items():
+        np.testing.assert_allclose(result.parameters[name], p.detach().numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(result.velocity[name],
+                                   optimizer.state[p]["momentum_buffer"].numpy(), rtol=1e-5,
+                                   atol=1e-6)
+
+
+def test_a_parameter_that_does_not_reach_the_loss_keeps_its_value():
+    plan = mlp_plan(extra=True)
+    params, steps = start(k=3)
+    params["U"] = np.array([1.0, -2.0], np.float32)
+    result = sgd_steps(plan, params, steps, learning_rate=LR, momentum=MU, loss="loss")
+    np.testing.assert_array_equal(result.parameters["U"], params["U"])
+    np.testing.assert_array_equal(result.velocity["U"], np.zeros(2, np.float32))
+    expected, _, losses = one_jacobian_at_a_time(plan, params, steps)
+    assert result.losses == losses
+    np.testing.assert_array_equal(result.parameters["W1"], expected["W1"])
+
+
+def test_one_scalar_parameter_steps_as_its_jacobian_does():
+    """One parameter element: the planner picks forward mode for its Jacobian; the steps
+    take the same path, so they still equal one Jacobian at a time."""
+    plan = compile(Graph([Input("x", "float64", [3]), Input("w", "float64", [])],
+                         [Node("wx", "mul", ["x", "w"]), Node("s", "sin", ["wx"]),
+                          Node("loss", "sum", ["s"])], ["loss"]))
+    xs = np.linspace(0.1, 0.9, 12).reshape(4, 3)
+    result = sgd_steps(plan, {"w": np.float64(0.7)}, {"x": xs}, learning_rate=LR,
+                       momentum=MU)
+    w, v = 0.7, 0.0
+    for x in xs:  # the closed form: d/dw sum(sin(w x)) = sum(x cos(w x))
+        v = MU * v + float(np.sum(x * np.cos(w * x)))
+        w = w - LR * v
+    np.testing.assert_allclose(result.parameters["w"], w, rtol=1e-12)
+    expected, _, _ = one_jacobian_at_a_time(plan, {"w": np.float64(0.7)},
+                                            [{"x": x} for x in xs])
+    np.testing.assert_array_equal(result.parameters["w"], expected["w"])
+
+
+def test_a_loss_of_several_elements_is_refused_before_any_step():
+    plan = compile(Graph([Input("x", "float32", [3]), Input("w", "float32", [3])],
+                         [Node("loss", "mul", ["x", "w"])], ["loss"]))
+    calls = []
+    with pytest.raises(DifferentiationError, match="the loss has 3 elements") as err:
+        sgd_steps(plan, {"w": np.ones(3, np.float32)}, {"x": np.ones((2, 3), np.float32)},
+                  learning_rate=LR, check=lambda: calls.append(1))
+    assert err.value.field == "loss" and calls == [1]  # checked once, before step 1 ran
+
+
+def test_the_budget_is_admitted_before_any_step_and_checked_inside_each():
+    plan = mlp_plan()
+    params, steps = start(k=3)
+    with pytest.raises(ResourceLimitError, match="max_request_flops"):
+        sgd_steps(plan, params, steps, learning_rate=LR, loss="loss", max_flops=10)
+    checks = []
+    sgd_steps(plan, params, steps, learning_rate=LR, loss="loss",
+              check=lambda: checks.append(1))
+    assert len(checks) >= 2 * len(steps)  # between steps and inside each sweep
+    with pytest.raises(DeadlineExceeded):
+        sgd_steps(plan, params, steps, learning_rate=LR, loss="loss", deadline=0.0)
