@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import statistics
 import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -32,6 +33,7 @@ from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
+from gradserve.engine import depthwise  # noqa: E402
 
 # (name, x shape, w shape, strides, pads, groups)
 LAYERS = [
@@ -56,6 +58,29 @@ def engine_layer(x_shape, w_shape, strides, pads, groups, rng):
     return (lambda: plan.evaluate(inputs),
             lambda: plan.vjp(inputs, {"y": cot}),
             x, w, cot)
+
+
+def _never(*args, **kwargs):
+    return False
+
+
+def general_kernels_only(fn):
+    """fn run with the shape-specific kernels turned off (the gathered kernels only)."""
+    def run():
+        saved = depthwise.applies
+        depthwise.applies = _never
+        try:
+            return fn()
+        finally:
+            depthwise.applies = saved
+    return run
+
+
+def ratio(t, engine, baseline):
+    """Median and interquartile range over rounds of engine / baseline (same round)."""
+    r = sorted(a / b for a, b in zip(t[engine].times, t[baseline].times))
+    q = statistics.quantiles(r, n=4)
+    return f"{statistics.median(r):.2f}x ({q[0]:.2f}-{q[2]:.2f})"
 
 
 def keep_freed_memory() -> bool:
@@ -106,17 +131,20 @@ def main(argv=None):
             if err > 1e-3:
                 print(f"{name}: d{key} differs from torch by {err:.2e} (relative)")
                 return 1
-        t = measure({"engine fwd": fwd, "torch fwd": t_fwd, "engine fwd+bwd": both,
-                     "torch fwd+bwd": t_both}, settings)
-        rows.append([name, f"{t['engine fwd'].median * 1e3:.2f}",
-                     f"{t['torch fwd'].median * 1e3:.2f}",
-                     f"{t['engine fwd'].median / t['torch fwd'].median:.2f}x",
-                     f"{t['engine fwd+bwd'].median * 1e3:.2f}",
-                     f"{t['torch fwd+bwd'].median * 1e3:.2f}",
-                     f"{t['engine fwd+bwd'].median / t['torch fwd+bwd'].median:.2f}x"])
-    print_table(["layer", "engine fwd ms", "torch fwd ms", "ratio", "engine f+b ms",
-                 "torch f+b ms", "ratio"], rows,
-                title="conv per layer shape, float32, one thread each (target <= 1.0x)")
+        t = measure({"before fwd": general_kernels_only(fwd), "after fwd": fwd,
+                     "torch fwd": t_fwd, "before fwd+bwd": general_kernels_only(both),
+                     "after fwd+bwd": both, "torch fwd+bwd": t_both}, settings)
+        rows.append([name] + [f"{t[f'{w} {p}'].median * 1e3:.2f}"
+                              for p in ("fwd",) for w in ("before", "after", "torch")]
+                    + [ratio(t, "before fwd", "torch fwd"), ratio(t, "after fwd", "torch fwd")]
+                    + [f"{t[f'{w} fwd+bwd'].median * 1e3:.2f}"
+                       for w in ("before", "after", "torch")]
+                    + [ratio(t, "before fwd+bwd", "torch fwd+bwd"),
+                       ratio(t, "after fwd+bwd", "torch fwd+bwd")])
+    print_table(["layer", "fwd ms before", "after", "torch", "ratio before", "ratio after",
+                 "f+b ms before", "after", "torch", "ratio before", "ratio after"], rows,
+                title="conv per layer shape, float32, one thread each, medians; ratios "
+                "engine / torch per round, median (interquartile range); target <= 1.0x")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0
 
