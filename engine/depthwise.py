@@ -74,12 +74,15 @@ def conv(x, w, pads, dilations, out):
     padded, shifts, tail = _layout(x.shape[2:], kernel, pads, dilations)
     xp, n = _flat(x, padded, pads, tail)
     wk = w.reshape(k, c, len(shifts))
-    acc = np.zeros((k, c, n), np.result_type(x, w))
-    tmp = np.empty_like(acc)
+    acc = np.empty((k, c, n), np.result_type(x, w))
+    tmp = np.empty_like(acc) if len(shifts) > 1 else None
     for j, shift in enumerate(shifts):
         iteration()
-        np.multiply(xp[:, shift:shift + n], wk[:, :, j, None], out=tmp)
-        acc += tmp
+        if j == 0:
+            np.multiply(xp[:, shift:shift + n], wk[:, :, j, None], out=acc)
+        else:
+            np.multiply(xp[:, shift:shift + n], wk[:, :, j, None], out=tmp)
+            acc += tmp
     del xp, tmp
     grid = acc.reshape((k, c, b) + padded)[(Ellipsis,) + tuple(slice(0, o) for o in out)]
     return np.ascontiguousarray(np.swapaxes(grid, 1, 2))
