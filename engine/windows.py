@@ -132,7 +132,7 @@ def conv(x, w, strides, pads, dilations, groups):
     b = x.shape[0]
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
-        return depthwise.conv(x, w, pads, dilations, out)
+        return depthwise.conv(x, w, strides, pads, dilations, out)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
     if groups == 1:
@@ -161,7 +161,7 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     """The transpose of conv in x: g (B, O, *out), w (O, C / groups, *kernel) -> (B, C, *S)."""
     d = len(spatial)
     if depthwise.applies((g.shape[0], w.shape[0]) + tuple(spatial), w.shape, strides, groups):
-        return depthwise.input_grad(g, w, spatial, pads, dilations)
+        return depthwise.input_grad(g, w, spatial, strides, pads, dilations)
     reach = tuple(dl * (k - 1) for dl, k in zip(dilations, w.shape[2:]))
     if stride_one_transpose(g.shape, w.shape, spatial, strides, pads, dilations, groups):
         # Stride 1: the transpose is itself a convolution, of g padded by what the
@@ -216,7 +216,7 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     k, n, n_out = g.shape[:3]
     if depthwise.applies(x.shape, (n_out, x.shape[1] // groups) + tuple(kernel), strides,
                          groups):
-        return depthwise.weight_grad(g, x, kernel, pads, dilations)
+        return depthwise.weight_grad(g, x, kernel, strides, pads, dilations)
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
     cg = x.shape[1] // groups
@@ -397,8 +397,8 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
         return step * batch * channels_per_group * kp * positions, passes
 
     if depthwise.applies((b, c) + spatial, (n_out, cg) + kernel, strides, groups):
-        return _depthwise_cost(mode, b, c, spatial, kernel, pads, dilations, isz, flops,
-                               out_size, x_size, w_size)
+        return _depthwise_cost(mode, b, c, spatial, kernel, strides, pads, dilations, isz,
+                               flops, out_size, x_size, w_size)
     cols, passes = gathered(b, cg, p, og)
     forward = _padded_bytes(b * c, spatial, win, isz) + (cols + w_size) * isz + out_size * isz
     if mode == "values":
@@ -431,17 +431,18 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
                   2 * reverse.loops + 1)
 
 
-def _depthwise_cost(mode, b, c, spatial, kernel, pads, dilations, isz, flops, out_size,
-                    x_size, w_size):
-    """conv's cost on engine/depthwise.py's kernels: a pass per kernel offset for the
-    values, each transpose and each forward term."""
-    kp = prod(kernel)
-    scratch = depthwise.scratch_bytes(mode, b, c, spatial, kernel, pads, dilations, isz)
+def _depthwise_cost(mode, b, c, spatial, kernel, strides, pads, dilations, isz, flops,
+                    out_size, x_size, w_size):
+    """conv's cost on engine/depthwise.py's kernels (which say what they hold and how
+    many passes they make): the values, each forward term and their sum, both
+    transposes."""
+    held, passes = depthwise.cost(mode, b, c, spatial, kernel, strides, pads, dilations)
+    scratch = held * isz
     if mode == "values":
-        return OpCost(scratch + out_size * isz, flops, kp)
+        return OpCost(scratch + out_size * isz, flops, passes)
     if mode == "forward":  # a term per input and their sum
-        return OpCost(2 * scratch + 2 * out_size * isz, 2 * flops, 2 * kp)
-    reverse = OpCost(scratch + (x_size + w_size) * isz, 4 * flops, 2 * kp)
+        return OpCost(2 * scratch + 2 * out_size * isz, 2 * flops, 2 * passes)
+    reverse = OpCost(scratch + (x_size + w_size) * isz, 4 * flops, passes)
     if mode == "reverse":
         return reverse
     return OpCost(2 * reverse.scratch + (x_size + w_size) * isz, 2 * reverse.flops,

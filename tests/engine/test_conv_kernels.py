@@ -18,19 +18,25 @@ from support.oracles import numeric_jacobian, reference
 
 torch = pytest.importorskip("torch")
 
-# name -> (x shape, w shape, pads (begin values, then end values), dilations)
+# name -> (x shape, w shape, strides, pads (begin values, then end values), dilations)
 DEPTHWISE = {
-    "3x3 same": ((2, 6, 9, 7), (6, 1, 3, 3), [1, 1, 1, 1], [1, 1]),
-    "asymmetric pads, dilated": ((3, 4, 11, 8), (4, 1, 3, 2), [2, 0, 1, 3], [2, 3]),
-    "5x5 no pads": ((2, 3, 12, 10), (3, 1, 5, 5), [0, 0, 0, 0], [1, 1]),
-    "1-d": ((3, 5, 17), (5, 1, 4), [2, 1], [2]),
-    "3-d": ((2, 3, 5, 6, 4), (3, 1, 2, 3, 2), [1, 0, 1, 0, 1, 1], [1, 1, 2]),
+    "3x3 same": ((2, 6, 9, 7), (6, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1]),
+    "asymmetric pads, dilated": ((3, 4, 11, 8), (4, 1, 3, 2), [1, 1], [2, 0, 1, 3], [2, 3]),
+    "5x5 no pads": ((2, 3, 12, 10), (3, 1, 5, 5), [1, 1], [0, 0, 0, 0], [1, 1]),
+    "1-d": ((3, 5, 17), (5, 1, 4), [1], [2, 1], [2]),
+    "3-d": ((2, 3, 5, 6, 4), (3, 1, 2, 3, 2), [1, 1, 1], [1, 0, 1, 0, 1, 1], [1, 1, 2]),
+    "3x3 stride 2": ((2, 6, 9, 8), (6, 1, 3, 3), [2, 2], [1, 1, 1, 1], [1, 1]),
+    "stride 3 and 2, dilated, odd pads": ((2, 4, 13, 11), (4, 1, 3, 2), [3, 2],
+                                          [2, 0, 1, 3], [2, 3]),
+    "stride above the kernel": ((2, 3, 14, 9), (3, 1, 2, 2), [5, 4], [0, 1, 2, 0], [1, 1]),
+    "1-d stride 4, dilation 2": ((3, 5, 23), (5, 1, 4), [4], [2, 1], [2]),
+    "3-d strided": ((2, 3, 7, 6, 5), (3, 1, 3, 2, 2), [2, 1, 3], [1, 0, 1, 0, 1, 1],
+                    [1, 1, 2]),
 }
 
 
-def _attrs(w_shape, pads, dilations):
-    d = len(w_shape) - 2
-    return {"strides": [1] * d, "pads": list(pads), "dilations": list(dilations),
+def _attrs(w_shape, strides, pads, dilations):
+    return {"strides": list(strides), "pads": list(pads), "dilations": list(dilations),
             "groups": w_shape[0]}
 
 
@@ -49,8 +55,8 @@ def _torch_conv(x, w, attrs):
         spec += [pads[i], pads[d + i]]
     conv = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
             3: torch.nn.functional.conv3d}[d]
-    return conv(torch.nn.functional.pad(x, spec), w, dilation=attrs["dilations"],
-                groups=attrs["groups"])
+    return conv(torch.nn.functional.pad(x, spec), w, stride=attrs["strides"],
+                dilation=attrs["dilations"], groups=attrs["groups"])
 
 
 def _torch_grads(x, w, g, attrs):
@@ -63,8 +69,8 @@ def _torch_grads(x, w, g, attrs):
 
 @pytest.mark.parametrize("case", sorted(DEPTHWISE))
 def test_depthwise_matches_pytorch_in_values_and_both_transposes(case):
-    xs, ws, pads, dilations = DEPTHWISE[case]
-    attrs = _attrs(ws, pads, dilations)
+    xs, ws, strides, pads, dilations = DEPTHWISE[case]
+    attrs = _attrs(ws, strides, pads, dilations)
     assert depthwise.applies(xs, ws, attrs["strides"], attrs["groups"])
     rng = np.random.default_rng(7)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
@@ -85,8 +91,8 @@ def test_depthwise_matches_pytorch_in_values_and_both_transposes(case):
 def test_depthwise_forward_mode_is_the_sum_of_two_convolutions(case):
     """conv is bilinear: its JVP is conv(tx, w) + conv(x, tw), each checked by the
     reference; and the JVP and VJP agree (<g, J t> = <J^T g, t>)."""
-    xs, ws, pads, dilations = DEPTHWISE[case]
-    attrs = _attrs(ws, pads, dilations)
+    xs, ws, strides, pads, dilations = DEPTHWISE[case]
+    attrs = _attrs(ws, strides, pads, dilations)
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     plan = _plan(x, w, attrs)
@@ -104,8 +110,8 @@ def test_depthwise_forward_mode_is_the_sum_of_two_convolutions(case):
 
 
 def test_depthwise_jacobian_matches_finite_differences():
-    xs, ws, pads, dilations = (1, 3, 5, 4), (3, 1, 2, 3), [1, 0, 0, 2], [2, 1]
-    attrs = _attrs(ws, pads, dilations)
+    xs, ws, strides, pads, dilations = (1, 3, 7, 6), (3, 1, 2, 3), [2, 3], [1, 0, 0, 2], [2, 1]
+    attrs = _attrs(ws, strides, pads, dilations)
     rng = np.random.default_rng(9)
     inputs = {"x": rng.standard_normal(xs), "w": rng.standard_normal(ws)}
     plan = _plan(inputs["x"], inputs["w"], attrs)
@@ -118,7 +124,7 @@ def test_depthwise_jacobian_matches_finite_differences():
 
 def test_depthwise_float32_is_as_accurate_as_pytorchs_against_float64():
     xs, ws = (8, 32, 16, 16), (32, 1, 3, 3)
-    attrs = _attrs(ws, [1, 1, 1, 1], [1, 1])
+    attrs = _attrs(ws, [1, 1], [1, 1, 1, 1], [1, 1])
     rng = np.random.default_rng(10)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     g = rng.standard_normal((8, 32, 16, 16))
@@ -138,9 +144,8 @@ def test_depthwise_float32_is_as_accurate_as_pytorchs_against_float64():
 
 
 def test_depthwise_is_not_taken_where_it_does_not_apply():
-    """A stride, a channel multiplier or input channels shared by a group: the general
-    path (and its own tests) serve them."""
-    assert not depthwise.applies((1, 4, 8, 8), (4, 1, 3, 3), (2, 1), 4)
+    """A channel multiplier, input channels shared by a group or a single group: the
+    general path (and its own tests) serve them."""
     assert not depthwise.applies((1, 4, 8, 8), (8, 1, 3, 3), (1, 1), 4)
     assert not depthwise.applies((1, 4, 8, 8), (2, 2, 3, 3), (1, 1), 2)
     assert not depthwise.applies((1, 1, 8, 8), (1, 1, 3, 3), (1, 1), 1)

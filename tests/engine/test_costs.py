@@ -177,8 +177,8 @@ def _conv_case(rng, f, adversarial):
         if kind == 0:  # many groups of one channel
             groups, cg, og, kernel, dil, stride = 20_000, 1, 1, [1] * d, [1] * d, [1] * d
             d = len(kernel)
-        elif kind == 4:  # depthwise (engine/depthwise.py): a channel per group, stride 1
-            groups, cg, og, stride = int(rng.integers(2, 40)), 1, 1, [1] * d
+        elif kind == 4:  # depthwise (engine/depthwise.py): a channel per group
+            groups, cg, og = int(rng.integers(2, 40)), 1, 1
             kernel = [int(rng.integers(1, 9)) for _ in range(d)]
         elif kind == 1:  # a huge dilation
             dil = [int(rng.integers(200, 400))] + dil[1:]
@@ -343,6 +343,11 @@ CONV_KERNEL_CASES = {
     "depthwise 1-d, many channels": ((2, 300, 11), (300, 1, 4), [1], [2, 1], [1], 300),
     "depthwise 3-d": ((1, 4, 5, 6, 4), (4, 1, 2, 3, 1), [1, 1, 1], [1, 0, 1, 0, 1, 0],
                       [1, 1, 2], 4),
+    "depthwise strided": ((2, 6, 11, 9), (6, 1, 3, 3), [2, 3], [1, 1, 0, 2], [1, 2], 6),
+    "depthwise huge stride": ((1, 3, 9, 900), (3, 1, 2, 3), [4, 700], [0, 1, 0, 0], [3, 1],
+                              3),
+    "depthwise huge dilation": ((2, 4, 7, 700), (4, 1, 2, 3), [1, 2], [0, 0, 1, 1],
+                                [2, 300], 4),
 }
 
 
