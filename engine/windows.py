@@ -10,7 +10,9 @@ view) and multiplies the weights by it: one BLAS product, or for a grouped
 convolution one batched product per chunk of groups, with the seed directions
 folded into the batch (input directions) or into the weight rows (weight
 directions). Its input cotangent scatters back with one strided add per kernel
-offset (col2im). Pooling walks the kernel offsets, each a strided view of the
+offset (col2im). A depthwise convolution (a channel per group) runs instead as
+shifted elementwise products (engine/depthwise.py), in values and both transposes.
+Pooling walks the kernel offsets, each a strided view of the
 padded input; no Python loop runs over pixels or single groups, and every loop
 whose trip count the request sets calls costs.iteration() between passes (the
 deadline check). Each kernel's declared cost (`*_cost`, bottom) is what its op
