@@ -8,6 +8,13 @@ same fwd and y.backward(g) with both leaves requiring grad. Both sides run one B
 thread (OPENBLAS_NUM_THREADS=1 is set here before NumPy loads), so the ratio compares
 the algorithms, not the thread counts. Gradients are checked against torch's.
 
+"before" is the same plan with the shape-specific kernels (engine/depthwise.py,
+windows.py's flat-row gather) turned off for the call: the gathered (im2col) kernels
+every shape used before them. Before, after and torch are timed round by round,
+interleaved; each ratio is the median over rounds of that round's engine / torch
+time, with its interquartile range. Print the load average with the figures: this
+machine is shared.
+
 glibc's malloc thresholds are raised as a server sets them at start (mmap 32 MiB,
 trim 1 GiB: freed blocks are reused, not faulted in afresh; it took the ResNet 3x3
 forward from 17 to 10 ms here); --default-malloc measures with glibc's defaults.
@@ -33,7 +40,7 @@ from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
-from gradserve.engine import depthwise  # noqa: E402
+from gradserve.engine import depthwise, windows  # noqa: E402
 
 # (name, x shape, w shape, strides, pads, groups)
 LAYERS = [
@@ -68,12 +75,12 @@ def _never(*args, **kwargs):
 def general_kernels_only(fn):
     """fn run with the shape-specific kernels turned off (the gathered kernels only)."""
     def run():
-        saved = depthwise.applies
-        depthwise.applies = _never
+        saved = depthwise.applies, windows.flat_rows
+        depthwise.applies = windows.flat_rows = _never
         try:
             return fn()
         finally:
-            depthwise.applies = saved
+            depthwise.applies, windows.flat_rows = saved
     return run
 
 

@@ -1,4 +1,4 @@
-"""conv's shape-specific kernels (engine/depthwise.py) against independent oracles:
+"""conv's shape-specific kernels (engine/depthwise.py, windows.py's flat-row gather) against independent oracles:
 PyTorch's convolution and its autograd (values, both transposes), the loop-by-window
 reference of tests/support/oracles.py, finite differences on a small case, and the
 gathered kernels' float32 error against float64.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from gradserve.engine import Graph, Input, Node, compile, depthwise
+from gradserve.engine import Graph, Input, Node, compile, depthwise, windows
 from support.oracles import numeric_jacobian, reference
 
 torch = pytest.importorskip("torch")
@@ -149,3 +149,39 @@ def test_depthwise_is_not_taken_where_it_does_not_apply():
     assert not depthwise.applies((1, 4, 8, 8), (8, 1, 3, 3), (1, 1), 4)
     assert not depthwise.applies((1, 4, 8, 8), (2, 2, 3, 3), (1, 1), 2)
     assert not depthwise.applies((1, 1, 8, 8), (1, 1, 3, 3), (1, 1), 1)
+
+
+# windows.py's flat-row gather (stride 1, one group, short windows):
+# name -> (x shape, w shape, pads, dilations)
+FLAT_ROWS = {
+    "lenet conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1]),
+    "3x3 same on 8x8": ((2, 5, 8, 8), (7, 5, 3, 3), [1, 1, 1, 1], [1, 1]),
+    "asymmetric pads, dilated": ((2, 3, 13, 9), (4, 3, 3, 2), [2, 0, 1, 3], [2, 3]),
+    "3-d": ((2, 3, 6, 9, 10), (4, 3, 2, 2, 3), [1, 0, 0, 0, 0, 1], [1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FLAT_ROWS))
+def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
+    xs, ws, pads, dilations = FLAT_ROWS[case]
+    d = len(xs) - 2
+    attrs = {"strides": [1] * d, "pads": pads, "dilations": dilations, "groups": 1}
+    assert windows.flat_rows(xs, windows.Window(ws[2:], (1,) * d, tuple(pads),
+                                                tuple(dilations)), 1)
+    rng = np.random.default_rng(11)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    plan = _plan(x, w, attrs)
+    y = plan.evaluate({"x": x, "w": w})["y"]
+    g = rng.standard_normal((2,) + y.shape)
+    back = plan.vjp({"x": x, "w": w}, {"y": g}).cotangents
+    for i in range(2):
+        want_y, want_x, want_w = _torch_grads(x, w, g[i], attrs)
+        assert_allclose(y, want_y, rtol=1e-11, atol=1e-11)
+        assert_allclose(back["x"][i], want_x, rtol=1e-11, atol=1e-11)
+        assert_allclose(back["w"][i], want_w, rtol=1e-11, atol=1e-11)
+    assert_allclose(y, reference("conv", [x, w], attrs), rtol=1e-11, atol=1e-11)
+    tx, tw = rng.standard_normal((3,) + xs), rng.standard_normal((3,) + ws)
+    got = plan.jvp({"x": x, "w": w}, {"x": tx, "w": tw}).tangents["y"]
+    for i in range(3):
+        assert_allclose(got[i], reference("conv", [tx[i], w], attrs)
+                        + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)

@@ -334,7 +334,7 @@ def test_declared_costs_bound_what_the_kernels_incur(op):
                f"{', adversarial' if adversarial else ''})")
 
 
-# conv's kernels for particular shapes (engine/depthwise.py, engine/winograd.py), each
+# conv's kernels for particular shapes (engine/depthwise.py, windows.py's flat rows), each
 # proven on shapes that reach it: (x shape, w shape, strides, pads, dilations, groups)
 CONV_KERNEL_CASES = {
     "depthwise 2-d": ((2, 5, 9, 7), (5, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 5),
@@ -348,6 +348,14 @@ CONV_KERNEL_CASES = {
                               3),
     "depthwise huge dilation": ((2, 4, 7, 700), (4, 1, 2, 3), [1, 2], [0, 0, 1, 1],
                                 [2, 300], 4),
+    "flat rows 2-d": ((3, 6, 14, 14), (16, 6, 5, 5), [1, 1], [0, 0, 0, 0], [1, 1], 1),
+    "flat rows, many outputs from one channel": ((2, 1, 12, 12), (64, 1, 2, 2), [1, 1],
+                                                 [0, 0, 0, 0], [1, 1], 1),
+    "flat rows dilated": ((2, 3, 13, 9), (4, 3, 3, 2), [1, 1], [2, 0, 1, 3], [2, 3], 1),
+    "flat rows, a tall dilated kernel": ((1, 2, 300, 6), (3, 2, 4, 2), [1, 1], [0, 0, 1, 1],
+                                         [90, 1], 1),
+    "flat rows 3-d": ((2, 3, 6, 9, 10), (4, 3, 2, 2, 3), [1, 1, 1], [1, 0, 0, 0, 0, 1],
+                      [1, 1, 1], 1),
 }
 
 
