@@ -490,14 +490,15 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
         into_cols, group_pass = gathered(b, cg, p, og)
         into = (b * c * prod(win.padded(spatial)) + out_size + into_cols + x_size) * isz
         into_passes = max(group_pass, 1) * (1 + kp)
+    # the weight's transpose loops over passes of groups at least once (one group too)
     reverse = OpCost(weight + into + (x_size + w_size) * isz, 4 * flops,
-                     passes + into_passes)
+                     max(passes, 1) + into_passes)
     if mode == "reverse":
         return reverse
-    # second: the curvature term runs one transposed convolution per direction beside
-    # the vjps of the stacked seed, and holds the term's result
+    # second: the curvature term runs one transposed convolution per direction and input
+    # (a pass each) beside the vjps of the stacked seed, and holds the term's result
     return OpCost(2 * reverse.scratch + (x_size + w_size) * isz, 2 * reverse.flops,
-                  2 * reverse.loops + 1)
+                  2 * reverse.loops + 2)
 
 
 def _depthwise_cost(mode, b, c, spatial, kernel, strides, pads, dilations, isz, flops,

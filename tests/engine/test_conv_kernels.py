@@ -156,6 +156,8 @@ def test_depthwise_is_not_taken_where_it_does_not_apply():
 FLAT_ROWS = {
     "lenet conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1]),
     "3x3 same on 8x8": ((2, 5, 8, 8), (7, 5, 3, 3), [1, 1, 1, 1], [1, 1]),
+    # fewer outputs than inputs: the input's transpose is itself a flat-row convolution
+    "3x3 same on 8x8, 7 -> 5 channels": ((2, 7, 8, 8), (5, 7, 3, 3), [1, 1, 1, 1], [1, 1]),
     "asymmetric pads, dilated": ((2, 3, 13, 9), (4, 3, 3, 2), [2, 0, 1, 3], [2, 3]),
     "3-d": ((2, 3, 6, 9, 10), (4, 3, 2, 2, 3), [1, 0, 0, 0, 0, 1], [1, 1, 1]),
 }
