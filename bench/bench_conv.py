@@ -8,6 +8,13 @@ same fwd and y.backward(g) with both leaves requiring grad. Both sides run one B
 thread (OPENBLAS_NUM_THREADS=1 is set here before NumPy loads), so the ratio compares
 the algorithms, not the thread counts. Gradients are checked against torch's.
 
+"before" is the same plan with the shape-specific kernels (engine/depthwise.py,
+windows.py's flat-row gather) turned off for the call: the gathered (im2col) kernels
+every shape used before them. Before, after and torch are timed round by round,
+interleaved; each ratio is the median over rounds of that round's engine / torch
+time, with its interquartile range. Print the load average with the figures: this
+machine is shared.
+
 glibc's malloc thresholds are raised as a server sets them at start (mmap 32 MiB,
 trim 1 GiB: freed blocks are reused, not faulted in afresh; it took the ResNet 3x3
 forward from 17 to 10 ms here); --default-malloc measures with glibc's defaults.
@@ -21,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import statistics
 import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -32,6 +40,7 @@ from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
+from gradserve.engine import depthwise, windows  # noqa: E402
 
 # (name, x shape, w shape, strides, pads, groups)
 LAYERS = [
@@ -40,6 +49,7 @@ LAYERS = [
     ("resnet 3x3 s2 64->128 b16", (16, 64, 16, 16), (128, 64, 3, 3), (2, 2), (1, 1, 1, 1), 1),
     ("resnet 1x1 s2 64->128 b16", (16, 64, 16, 16), (128, 64, 1, 1), (2, 2), (0, 0, 0, 0), 1),
     ("depthwise 3x3 64 b16", (16, 64, 16, 16), (64, 1, 3, 3), (1, 1), (1, 1, 1, 1), 64),
+    ("depthwise 3x3 s2 64 b16", (16, 64, 16, 16), (64, 1, 3, 3), (2, 2), (1, 1, 1, 1), 64),
 ]
 
 
@@ -56,6 +66,29 @@ def engine_layer(x_shape, w_shape, strides, pads, groups, rng):
     return (lambda: plan.evaluate(inputs),
             lambda: plan.vjp(inputs, {"y": cot}),
             x, w, cot)
+
+
+def _never(*args, **kwargs):
+    return False
+
+
+def general_kernels_only(fn):
+    """fn run with the shape-specific kernels turned off (the gathered kernels only)."""
+    def run():
+        saved = depthwise.applies, windows.flat_rows
+        depthwise.applies = windows.flat_rows = _never
+        try:
+            return fn()
+        finally:
+            depthwise.applies, windows.flat_rows = saved
+    return run
+
+
+def ratio(t, engine, baseline):
+    """Median and interquartile range over rounds of engine / baseline (same round)."""
+    r = sorted(a / b for a, b in zip(t[engine].times, t[baseline].times))
+    q = statistics.quantiles(r, n=4)
+    return f"{statistics.median(r):.2f}x ({q[0]:.2f}-{q[2]:.2f})"
 
 
 def keep_freed_memory() -> bool:
@@ -106,17 +139,20 @@ def main(argv=None):
             if err > 1e-3:
                 print(f"{name}: d{key} differs from torch by {err:.2e} (relative)")
                 return 1
-        t = measure({"engine fwd": fwd, "torch fwd": t_fwd, "engine fwd+bwd": both,
-                     "torch fwd+bwd": t_both}, settings)
-        rows.append([name, f"{t['engine fwd'].median * 1e3:.2f}",
-                     f"{t['torch fwd'].median * 1e3:.2f}",
-                     f"{t['engine fwd'].median / t['torch fwd'].median:.2f}x",
-                     f"{t['engine fwd+bwd'].median * 1e3:.2f}",
-                     f"{t['torch fwd+bwd'].median * 1e3:.2f}",
-                     f"{t['engine fwd+bwd'].median / t['torch fwd+bwd'].median:.2f}x"])
-    print_table(["layer", "engine fwd ms", "torch fwd ms", "ratio", "engine f+b ms",
-                 "torch f+b ms", "ratio"], rows,
-                title="conv per layer shape, float32, one thread each (target <= 1.0x)")
+        t = measure({"before fwd": general_kernels_only(fwd), "after fwd": fwd,
+                     "torch fwd": t_fwd, "before fwd+bwd": general_kernels_only(both),
+                     "after fwd+bwd": both, "torch fwd+bwd": t_both}, settings)
+        rows.append([name] + [f"{t[f'{w} {p}'].median * 1e3:.2f}"
+                              for p in ("fwd",) for w in ("before", "after", "torch")]
+                    + [ratio(t, "before fwd", "torch fwd"), ratio(t, "after fwd", "torch fwd")]
+                    + [f"{t[f'{w} fwd+bwd'].median * 1e3:.2f}"
+                       for w in ("before", "after", "torch")]
+                    + [ratio(t, "before fwd+bwd", "torch fwd+bwd"),
+                       ratio(t, "after fwd+bwd", "torch fwd+bwd")])
+    print_table(["layer", "fwd ms before", "after", "torch", "ratio before", "ratio after",
+                 "f+b ms before", "after", "torch", "ratio before", "ratio after"], rows,
+                title="conv per layer shape, float32, one thread each, medians; ratios "
+                "engine / torch per round, median (interquartile range); target <= 1.0x")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -173,10 +173,13 @@ def _conv_case(rng, f, adversarial):
     dil = [int(k) for k in rng.integers(1, 3, d)]
     stride = [int(k) for k in rng.integers(1, 3, d)]
     if adversarial:
-        kind = int(rng.integers(4))
+        kind = int(rng.integers(5))
         if kind == 0:  # many groups of one channel
             groups, cg, og, kernel, dil, stride = 20_000, 1, 1, [1] * d, [1] * d, [1] * d
             d = len(kernel)
+        elif kind == 4:  # depthwise (engine/depthwise.py): a channel per group
+            groups, cg, og = int(rng.integers(2, 40)), 1, 1
+            kernel = [int(rng.integers(1, 9)) for _ in range(d)]
         elif kind == 1:  # a huge dilation
             dil = [int(rng.integers(200, 400))] + dil[1:]
         elif kind == 2:  # a big kernel
@@ -329,3 +332,41 @@ def test_declared_costs_bound_what_the_kernels_incur(op):
         inputs, attrs = _case(op, rng, dtype, adversarial)
         _prove(op, inputs, attrs, rng, f"case {i} ({np.dtype(dtype).name}"
                f"{', adversarial' if adversarial else ''})")
+
+
+# conv's kernels for particular shapes (engine/depthwise.py, windows.py's flat rows), each
+# proven on shapes that reach it: (x shape, w shape, strides, pads, dilations, groups)
+CONV_KERNEL_CASES = {
+    "depthwise 2-d": ((2, 5, 9, 7), (5, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 5),
+    "depthwise big dilated kernel": ((1, 3, 40, 6), (3, 1, 7, 2), [1, 1], [2, 0, 1, 3],
+                                     [5, 2], 3),
+    "depthwise 1-d, many channels": ((2, 300, 11), (300, 1, 4), [1], [2, 1], [1], 300),
+    "depthwise 3-d": ((1, 4, 5, 6, 4), (4, 1, 2, 3, 1), [1, 1, 1], [1, 0, 1, 0, 1, 0],
+                      [1, 1, 2], 4),
+    "depthwise strided": ((2, 6, 11, 9), (6, 1, 3, 3), [2, 3], [1, 1, 0, 2], [1, 2], 6),
+    "depthwise huge stride": ((1, 3, 9, 900), (3, 1, 2, 3), [4, 700], [0, 1, 0, 0], [3, 1],
+                              3),
+    "depthwise huge dilation": ((2, 4, 7, 700), (4, 1, 2, 3), [1, 2], [0, 0, 1, 1],
+                                [2, 300], 4),
+    "flat rows 2-d": ((3, 6, 14, 14), (16, 6, 5, 5), [1, 1], [0, 0, 0, 0], [1, 1], 1),
+    "flat rows, many outputs from one channel": ((2, 1, 12, 12), (64, 1, 2, 2), [1, 1],
+                                                 [0, 0, 0, 0], [1, 1], 1),
+    "flat rows, the transpose too": ((2, 7, 8, 8), (5, 7, 3, 3), [1, 1], [1, 1, 1, 1],
+                                     [1, 1], 1),
+    "flat rows dilated": ((2, 3, 13, 9), (4, 3, 3, 2), [1, 1], [2, 0, 1, 3], [2, 3], 1),
+    "flat rows, a tall dilated kernel": ((1, 2, 300, 6), (3, 2, 4, 2), [1, 1], [0, 0, 1, 1],
+                                         [90, 1], 1),
+    "flat rows 3-d": ((2, 3, 6, 9, 10), (4, 3, 2, 2, 3), [1, 1, 1], [1, 0, 0, 0, 0, 1],
+                      [1, 1, 1], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_KERNEL_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype):
+    xs, ws, strides, pads, dilations, groups = CONV_KERNEL_CASES[case]
+    rng = np.random.default_rng(len(case))
+    inputs = {"x": rng.standard_normal(xs).astype(dtype),
+              "w": rng.standard_normal(ws).astype(dtype)}
+    _prove("conv", inputs, {"strides": strides, "pads": pads, "dilations": dilations,
+                            "groups": groups}, rng, f"{case} ({np.dtype(dtype).name})")
