@@ -118,7 +118,8 @@ class Repeats:
     `refs` holds per reference the position of its value among the distinct ones;
     `order` the references grouped by value (stable), `bounds` each group's range in it.
     With the sizes along the axis known when the plan is made, each reference's start in
-    the result (`starts`) is computed then too."""
+    the result (`starts`) is computed then too. A node of many inputs, none repeated, gets
+    one as well (table.COMPACT_FROM): its vjp then finds an input's slice at once."""
 
     def __init__(self, refs, shapes, axis):
         # int32 where it holds them: a plan keeps these per reference (max_references)
@@ -126,6 +127,7 @@ class Repeats:
         self.counts = np.bincount(refs, minlength=len(shapes))
         self.order = _narrow(np.argsort(refs, kind="stable"), len(refs))
         self.bounds = np.concatenate(([0], np.cumsum(self.counts)))
+        self.repeated = len(shapes) < len(refs)  # else: many inputs, each read once
         sizes = [s[axis] for s in shapes]
         self.sizes = None if None in sizes else np.array(sizes, np.int64)
         if self.sizes is not None:
@@ -193,7 +195,7 @@ def _concat_rule(shapes, dtypes, axis, refs=None):
 
 def _concat(*x, axis, refs=None):
     joined = np.concatenate(x, axis=axis) if len(x) > 1 or refs is None else x[0]
-    if refs is None:
+    if refs is None or not refs.repeated:
         return joined
     return np.take(joined, refs.index(refs.axis_sizes(x, axis)), axis=axis)
 
@@ -203,7 +205,7 @@ def _concat_jvp(t, x, ans, axis, refs=None):
     parts = [np.zeros((k,) + xi.shape, ans.dtype) if ti is None else fill_seed(ti, xi.shape)
              for ti, xi in zip(t, x)]
     joined = np.concatenate(parts, axis=axis + 1)
-    if refs is None:
+    if refs is None or not refs.repeated:
         return joined
     return np.take(joined, refs.index(refs.axis_sizes(x, axis)), axis=axis + 1)
 
