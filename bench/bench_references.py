@@ -7,14 +7,14 @@ serve` process:
   refs      o = sum(concat(x, x, ..., x, y)), x and y float32 [1]: N references
   elements  o = sum(concat(z)), z float32 [N - 1]: one reference, the same elements
 
-Each call kind (evaluate, reverse and forward Jacobians, an HVP) is made by id through
-the Client; the server process's CPU time is read from /proc around each call. Rounds are
-interleaved (every kind on both graphs per round); the median and min-max per call are
-printed, with the ratio refs / elements of the medians (the same run) and the
+Each call kind (evaluate, the gradient in reverse mode, a JVP of one direction, an HVP)
+is made by id through the Client; the server process's CPU time is read from /proc
+(10 ms ticks) around --calls-per-sample calls in a row. Rounds are interleaved (every
+kind on both graphs per round); the median and min-max per call are printed, with the ratio refs / elements of the medians (the same run) and the
 registration's CPU. Prints the load average: the machine is shared.
 
     .venv/bin/python bench/bench_references.py [--references 1000000] [--rounds 7]
-        [--calls evaluate,reverse,forward,hvp]
+        [--calls evaluate,reverse,jvp,hvp] [--calls-per-sample 10]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from support.server_process import ServerProcess  # noqa: E402
 
 from gradserve.client import Client, GraphBuilder  # noqa: E402
 
-CALLS = ("evaluate", "reverse", "forward", "hvp")
+CALLS = ("evaluate", "reverse", "jvp", "hvp")
 
 
 def graphs(references):
@@ -52,9 +52,11 @@ def graphs(references):
 def call(client, kind, graph, inputs):
     if kind == "evaluate":
         return client.evaluate(graph, inputs)
-    if kind in ("reverse", "forward"):
+    if kind == "reverse":
         return client.differentiate(graph, inputs, mode=kind)
     ones = {k: np.ones_like(v) for k, v in inputs.items()}
+    if kind == "jvp":
+        return client.jvp(graph, inputs, ones)
     return client.hvp(graph, inputs, ones, of="o")
 
 
@@ -63,6 +65,7 @@ def main(argv=None):
     parser.add_argument("--references", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", default=",".join(CALLS))
+    parser.add_argument("--calls-per-sample", type=int, default=10)
     args = parser.parse_args(argv)
     kinds = args.calls.split(",")
     cases = graphs(args.references)
@@ -81,8 +84,10 @@ def main(argv=None):
                 for kind in kinds:
                     for name, (graph, inputs) in cases.items():
                         start = cpu_seconds(pid)
-                        call(client, kind, graph, inputs)
-                        spent[kind, name].append(cpu_seconds(pid) - start)
+                        for _ in range(args.calls_per_sample):
+                            call(client, kind, graph, inputs)
+                        spent[kind, name].append((cpu_seconds(pid) - start)
+                                                 / args.calls_per_sample)
         server.terminate(timeout=30)
     print(f"{args.references:,} references; server CPU-s per call by id, median "
           f"(min-max) of {args.rounds} interleaved rounds")
