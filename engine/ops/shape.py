@@ -135,17 +135,27 @@ class Repeats:
             self.starts = _narrow(starts, int(starts[-1]) + int(self.sizes[self.refs[-1]]))
         else:
             self.starts = None
-
-    @property
-    def nbytes(self) -> int:
-        arrays = (self.refs, self.counts, self.order, self.bounds, self.sizes, self.starts)
-        return sum(a.nbytes for a in arrays if a is not None)
+        self._last = None  # sizes known only at run time: the last call's (sizes, starts)
 
     def axis_sizes(self, x, axis) -> np.ndarray:
         """Each distinct value's size along the axis (x: the values, Stubs or shapes)."""
         if self.sizes is not None:
             return self.sizes
         return np.array([getattr(v, "shape", v)[axis] for v in x], np.int64)
+
+    def starts_for(self, sizes) -> np.ndarray:
+        """Each reference's start along the result's axis: made with the plan when the
+        sizes are static, else once per call (the last call's kept: a vjp asks for every
+        input of the node)."""
+        if self.starts is not None:
+            return self.starts
+        key = sizes.tobytes()
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        starts = self._starts(sizes)
+        self._last = (key, starts)
+        return starts
 
     def _starts(self, sizes) -> np.ndarray:
         lengths = sizes[self.refs]
@@ -156,7 +166,7 @@ class Repeats:
     def index(self, sizes) -> np.ndarray:
         """Per element of the result along the axis, its position in the distinct values
         concatenated once."""
-        starts = self.starts if self.sizes is not None else self._starts(sizes)
+        starts = self.starts_for(sizes)
         joined = np.zeros(len(sizes), np.int64)
         np.cumsum(sizes[:-1], out=joined[1:])
         lengths = sizes[self.refs]
@@ -165,7 +175,7 @@ class Repeats:
     def segments(self, i, sizes) -> np.ndarray:
         """The positions along the result's axis that read distinct value i: one row per
         reference to it."""
-        starts = self.starts if self.sizes is not None else self._starts(sizes)
+        starts = self.starts_for(sizes)
         mine = self.order[self.bounds[i]:self.bounds[i + 1]]
         return starts[mine][:, None] + np.arange(sizes[i])
 
