@@ -109,9 +109,10 @@ class OpDef:
     # A variadic op whose node may read one value many times (concat(x, x, ..., x)):
     # (refs, shapes, **attrs) -> what its rules get as the attribute `refs`, where refs
     # holds, per reference, the position of its value among the distinct ones and shapes
-    # their static shapes (also given for many inputs, none repeated: COMPACT_FROM). The plan (compact_references) then hands every rule each
-    # distinct value once, so a call's work follows the values and the elements produced,
-    # not the count of references. None: the node reads its references as listed.
+    # their static shapes (also called for COMPACT_FROM inputs or more, none repeated).
+    # The plan (compact_references) then hands every rule each distinct value once, so a
+    # call's work follows the values and the elements produced, not the count of
+    # references. None: the node reads its references as listed.
     references: Callable | None = None
 
 
@@ -243,8 +244,8 @@ def compact_references(node, op: OpDef, attrs: dict, shapes) -> tuple:
     """(node, op, attrs) of a plan's node, with the inputs of a node that reads a value
     more than once (an op with a `references` rule) reduced to the distinct ones, in the
     order of first use, and the rule's `refs` among the attrs (also for COMPACT_FROM
-    distinct inputs or more). Once per plan: one pass over
-    the references, then vectorized work (`shapes`: name -> static shape)."""
+    distinct inputs or more). Once per plan: one pass over the references, then
+    vectorized work (`shapes`: name -> static shape)."""
     inputs = node.inputs
     if op.references is None or len(inputs) < 2:
         return node, op, attrs
