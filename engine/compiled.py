@@ -27,6 +27,7 @@ from . import arguments, costs, jacobian, request, second, tracing
 from .budget import Budget, Need
 from .errors import InputError
 from .ir import FLOAT_DTYPES, Graph
+from .ops.table import compact_references
 from .jacobian import PLAN_CACHE_BYTES  # noqa: F401 (the identity seeds' bound, also read here)
 from .shapes import fmt_shape
 from .sweeps import (Step, backward_sweep, check_points, forward_sweep, residual_sweep,
@@ -111,7 +112,10 @@ class Plan:
             self._template[self.slot[name]] = value
 
         live = self._live_nodes(graph)
-        self.nodes = [(node, op, attrs) for node, op, attrs, keep
+        if check is not None:
+            check()
+        # a node reading one value many times reads it once (engine/ops/table.py)
+        self.nodes = [compact_references(node, op, attrs, self.shapes) for node, op, attrs, keep
                       in zip(graph.nodes, checked.ops, checked.attrs, live) if keep]
         if check is not None:
             check()

@@ -179,16 +179,18 @@ def pad_moves(shapes, out, values=None, op_eval=None, **attrs):
     return [(np.arange(src.size, dtype=np.int64)[keep], src[keep])]
 
 
-def concat_pattern(shapes, out, values=None, axis=0, **_):
+def concat_pattern(shapes, out, values=None, op_eval=None, axis=0, **attrs):
+    """concat: each element comes from one element of one input; with repeated references
+    (attrs["refs"]) the row's own eval places them. Grouped by input in one sort."""
     offsets = np.cumsum([0] + [prod(s) for s in shapes])
     parts = [_index(s) + off for s, off in zip(shapes, offsets)]
-    joined = np.concatenate(parts, axis=axis).ravel()
-    dst = np.arange(joined.size, dtype=np.int64)
-    local = []
-    for k in range(len(shapes)):
-        mine = (joined >= offsets[k]) & (joined < offsets[k + 1])
-        local.append((dst[mine], joined[mine] - offsets[k]))
-    return local
+    joined = (np.concatenate(parts, axis=axis) if op_eval is None
+              else np.asarray(op_eval(*parts, axis=axis, **attrs), np.int64)).ravel()
+    owner = np.searchsorted(offsets, joined, side="right") - 1
+    dst = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[dst], np.arange(len(shapes) + 1))
+    src = joined[dst] - offsets[owner[dst]]
+    return [(dst[a:b], src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def take_pattern(shapes, out, values=None, axis=0, **_):

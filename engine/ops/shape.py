@@ -3,9 +3,12 @@ pad). Each is linear: ZERO curvature."""
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 
 from .. import sparsity
+from ..costs import TEMPORARIES, OpCost
 from ..errors import GraphError, RuleError
 from ..shapes import fill_seed, fmt_shape, normalize_axis, num_elements, unbroadcast
 from .table import ZERO, AttrSpec, OpDef, any_dtype, row, shift
@@ -106,7 +109,86 @@ def _norm_concat(attrs, shapes):
     return dict(attrs, axis=normalize_axis(attrs["axis"], len(shapes[0]), "attrs.axis"))
 
 
-def _concat_rule(shapes, dtypes, axis):
+class Repeats:
+    """A concat node's references when some value is read more than once (concat(x, x,
+    ..., x, y)), made once per plan: the rules get each distinct value once and gather
+    the result from them with one index array, so a call costs O(distinct values) Python
+    and vectorized work over the references and the elements produced.
+
+    `refs` holds per reference the position of its value among the distinct ones;
+    `order` the references grouped by value (stable), `bounds` each group's range in it.
+    With the sizes along the axis known when the plan is made, each reference's start in
+    the result (`starts`) is computed then too. A node of many inputs, none repeated, gets
+    one as well (table.COMPACT_FROM): its vjp then finds an input's slice at once."""
+
+    def __init__(self, refs, shapes, axis):
+        # int32 where it holds them: a plan keeps these per reference (max_references)
+        self.refs = _narrow(refs, len(shapes))
+        self.counts = np.bincount(refs, minlength=len(shapes))
+        self.order = _narrow(np.argsort(refs, kind="stable"), len(refs))
+        self.bounds = np.concatenate(([0], np.cumsum(self.counts)))
+        self.repeated = len(shapes) < len(refs)  # else: many inputs, each read once
+        sizes = [s[axis] for s in shapes]
+        self.sizes = None if None in sizes else np.array(sizes, np.int64)
+        if self.sizes is not None:
+            starts = self._starts(self.sizes)
+            self.starts = _narrow(starts, int(starts[-1]) + int(self.sizes[self.refs[-1]]))
+        else:
+            self.starts = None
+        self._last = None  # sizes known only at run time: the last call's (sizes, starts)
+
+    def axis_sizes(self, x, axis) -> np.ndarray:
+        """Each distinct value's size along the axis (x: the values, Stubs or shapes)."""
+        if self.sizes is not None:
+            return self.sizes
+        return np.array([getattr(v, "shape", v)[axis] for v in x], np.int64)
+
+    def starts_for(self, sizes) -> np.ndarray:
+        """Each reference's start along the result's axis: made with the plan when the
+        sizes are static, else once per call (the last call's kept: a vjp asks for every
+        input of the node)."""
+        if self.starts is not None:
+            return self.starts
+        key = sizes.tobytes()
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        starts = self._starts(sizes)
+        self._last = (key, starts)
+        return starts
+
+    def _starts(self, sizes) -> np.ndarray:
+        lengths = sizes[self.refs]
+        starts = np.zeros(len(lengths), np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        return starts
+
+    def index(self, sizes) -> np.ndarray:
+        """Per element of the result along the axis, its position in the distinct values
+        concatenated once."""
+        starts = self.starts_for(sizes)
+        joined = np.zeros(len(sizes), np.int64)
+        np.cumsum(sizes[:-1], out=joined[1:])
+        lengths = sizes[self.refs]
+        return np.repeat(joined[self.refs] - starts, lengths) + np.arange(starts[-1] + lengths[-1])
+
+    def segments(self, i, sizes) -> np.ndarray:
+        """The positions along the result's axis that read distinct value i: one row per
+        reference to it."""
+        starts = self.starts_for(sizes)
+        mine = self.order[self.bounds[i]:self.bounds[i + 1]]
+        return starts[mine][:, None] + np.arange(sizes[i])
+
+
+def _narrow(a, largest):
+    return a.astype(np.int32) if largest < 2 ** 31 else a
+
+
+def _concat_references(refs, shapes, axis):
+    return Repeats(refs, shapes, axis)
+
+
+def _concat_rule(shapes, dtypes, axis, refs=None):
     out = list(shapes[0])
     for s in shapes[1:]:
         for j, (a, b) in enumerate(zip(out, s)):
@@ -116,32 +198,61 @@ def _concat_rule(shapes, dtypes, axis):
             if j != axis and a is None:
                 out[j] = b
     sizes = [s[axis] for s in shapes]
-    out[axis] = None if None in sizes else sum(sizes)
+    counts = [1] * len(sizes) if refs is None else refs.counts.tolist()
+    out[axis] = None if None in sizes else sum(c * d for c, d in zip(counts, sizes))
     return tuple(out)
 
 
-def _concat_jvp(t, x, ans, axis):
+def _concat(*x, axis, refs=None):
+    joined = np.concatenate(x, axis=axis) if len(x) > 1 or refs is None else x[0]
+    if refs is None or not refs.repeated:
+        return joined
+    return np.take(joined, refs.index(refs.axis_sizes(x, axis)), axis=axis)
+
+
+def _concat_jvp(t, x, ans, axis, refs=None):
     k = next(s for s in t if s is not None).shape[0]
     parts = [np.zeros((k,) + xi.shape, ans.dtype) if ti is None else fill_seed(ti, xi.shape)
              for ti, xi in zip(t, x)]
-    return np.concatenate(parts, axis=axis + 1)
+    joined = np.concatenate(parts, axis=axis + 1)
+    if refs is None or not refs.repeated:
+        return joined
+    return np.take(joined, refs.index(refs.axis_sizes(x, axis)), axis=axis + 1)
 
 
-def _concat_vjp(i, g, x, ans, axis):
-    start = sum(xj.shape[axis] for xj in x[:i])
-    index = (slice(None),) * (axis + 1) + (slice(start, start + x[i].shape[axis]),)
-    return g[index]
+def _concat_vjp(i, g, x, ans, axis, refs=None):
+    if refs is None:
+        start = sum(xj.shape[axis] for xj in x[:i])
+        index = (slice(None),) * (axis + 1) + (slice(start, start + x[i].shape[axis]),)
+        return g[index]
+    # the references to x[i] each read one slice of g: their sum, gathered in one take
+    segments = refs.segments(i, refs.axis_sizes(x, axis))
+    uses, size = segments.shape
+    if uses == 1:
+        start = int(segments[0, 0]) if size else 0
+        return g[(slice(None),) * (axis + 1) + (slice(start, start + size),)]
+    taken = np.take(g, segments.ravel(), axis=axis + 1)
+    return taken.reshape(g.shape[:axis + 1] + (uses, size) + g.shape[axis + 2:]).sum(axis + 1)
+
+
+def _concat_cost(mode, shapes, out, dtype, axis, refs=None):
+    """The default cost (engine/costs.py), plus with repeated references the gather's
+    index arrays: a few int64 entries per reference and per element along the axis."""
+    size = prod(out)
+    scratch = TEMPORARIES * max([size] + [prod(s) for s in shapes]) * dtype.itemsize
+    flops = size + sum(prod(s) for s in shapes)
+    if refs is not None:
+        scratch += 8 * (6 * len(refs.refs) + 4 * out[axis]) + 2 * dtype.itemsize * size
+        flops += len(refs.refs) + out[axis] + size
+    return OpCost(scratch, flops if mode == "values" else 2 * flops)
 
 
 row(OpDef(
-    "concat", None, _concat_rule,
-    lambda *x, axis: np.concatenate(x, axis=axis), _concat_jvp, _concat_vjp,
+    "concat", None, _concat_rule, _concat, _concat_jvp, _concat_vjp,
     (AttrSpec("axis", "int", 0, "axis to join along"),),
     frozenset(), False, _norm_concat, "NumPy concatenate of one or more inputs",
-    dtype=any_dtype, curvature=ZERO,
-    pattern=sparsity.concat_pattern))
-
-
+    dtype=any_dtype, curvature=ZERO, cost=_concat_cost,
+    pattern=sparsity.concat_pattern, references=_concat_references))
 
 
 def _norm_pad(attrs, shapes):

@@ -106,6 +106,14 @@ class OpDef:
     # only different inputs (mul, matmul, conv), for the Hessian's pattern.
     pattern: Callable | None = None
     bilinear: bool = False
+    # A variadic op whose node may read one value many times (concat(x, x, ..., x)):
+    # (refs, shapes, **attrs) -> what its rules get as the attribute `refs`, where refs
+    # holds, per reference, the position of its value among the distinct ones and shapes
+    # their static shapes (also called for COMPACT_FROM inputs or more, none repeated).
+    # The plan (compact_references) then hands every rule each distinct value once, so a
+    # call's work follows the values and the elements produced, not the count of
+    # references. None: the node reads its references as listed.
+    references: Callable | None = None
 
 
 OPS: dict[str, OpDef] = {}
@@ -225,3 +233,29 @@ def check_dtypes(op: OpDef, names, dtypes, attrs=None) -> str:
     if op.dtype is not None:
         return op.dtype(names, dtypes, **(attrs or {}))
     return shared_dtype(names, dtypes, op.float_only)
+
+
+# A node of this many inputs gets its row's `references` even when each is distinct: its
+# rules then find an input's place along the axis without a pass over the others.
+COMPACT_FROM = 16
+
+
+def compact_references(node, op: OpDef, attrs: dict, shapes) -> tuple:
+    """(node, op, attrs) of a plan's node, with the inputs of a node that reads a value
+    more than once (an op with a `references` rule) reduced to the distinct ones, in the
+    order of first use, and the rule's `refs` among the attrs (also for COMPACT_FROM
+    distinct inputs or more). Once per plan: one pass over the references, then
+    vectorized work (`shapes`: name -> static shape)."""
+    inputs = node.inputs
+    if op.references is None or len(inputs) < 2:
+        return node, op, attrs
+    first: dict = {}
+    positions = [first.setdefault(name, len(first)) for name in inputs]
+    if len(first) == len(inputs) and len(inputs) < COMPACT_FROM:
+        return node, op, attrs
+    distinct = list(first)
+    refs = np.array(positions, np.int64)
+    compact = type(node)(node.name, node.op, distinct, node.attrs)
+    bound = {k: v for k, v in attrs.items() if k != "node"}
+    return compact, op, dict(attrs, refs=op.references(refs, [shapes[n] for n in distinct],
+                                                       **bound))

@@ -249,17 +249,18 @@ def flops(op, shapes, out, attrs, passes=PASSES) -> int:
 
 # --- running and measuring ----------------------------------------------------------------
 
-def _graph(op, inputs, attrs, second):
-    nodes = [Node("y", op, list(inputs), attrs)]
+def _graph(op, inputs, attrs, second, refs=None):
+    nodes = [Node("y", op, list(inputs) if refs is None else refs, attrs)]
     if second:
         nodes.append(Node("s", "sum", ["y"], {}))
     return Graph([Input(n, v.dtype.name, list(v.shape)) for n, v in inputs.items()],
                  nodes, ["s" if second else "y"])
 
 
-def _runs(op, inputs, attrs, rng):
-    """mode -> (run(**limits), seed directions as the plan counts them, plan)."""
-    plan = compile(_graph(op, inputs, attrs, second=False))
+def _runs(op, inputs, attrs, rng, refs=None):
+    """mode -> (run(**limits), seed directions as the plan counts them, plan); `refs`: the
+    node's references, when not each input once."""
+    plan = compile(_graph(op, inputs, attrs, second=False, refs=refs))
     runs = {"values": (lambda **kw: plan.evaluate(inputs, **kw), 0, plan)}
     floats = [n for n, v in inputs.items() if v.dtype.kind == "f"]
     out_dtype = plan.dtypes["y"]
@@ -272,7 +273,7 @@ def _runs(op, inputs, attrs, rng):
     cot = {"y": rng.standard_normal((k,) + y_shape).astype(out_dtype)}
     runs["forward"] = (lambda **kw: plan.jvp(inputs, tangents, **kw), k, plan)
     runs["reverse"] = (lambda **kw: plan.vjp(inputs, cot, wrt=floats, **kw), k, plan)
-    second = compile(_graph(op, inputs, attrs, second=True))
+    second = compile(_graph(op, inputs, attrs, second=True, refs=refs))
     runs["second"] = (lambda **kw: second.hvp(inputs, tangents, wrt=floats, **kw), 2 * k + 1,
                       second)
     return runs
@@ -290,13 +291,16 @@ def _measure(run):
     return peak, passes[0]
 
 
-def _prove(op, inputs, attrs, rng, what):
-    for mode, (run, directions, plan) in _runs(op, inputs, attrs, rng).items():
+def _prove(op, inputs, attrs, rng, what, refs=None):
+    for mode, (run, directions, plan) in _runs(op, inputs, attrs, rng, refs).items():
         peak, passes = _measure(run)
         shapes = [v.shape for v in inputs.values()]
         out = tuple(plan.shapes["y"])
-        work = (flops(op, shapes, out, attrs)
-                + flops(op, shapes, out, attrs, {**PASSES, **DIRECTION_PASSES}) * directions
+        # a node reading values more than once: one step of index work per reference
+        gather = 0 if refs is None else len(refs)
+        work = (flops(op, shapes, out, attrs) + gather
+                + (flops(op, shapes, out, attrs, {**PASSES, **DIRECTION_PASSES}) + gather)
+                * directions
                 + costs.LOOP_FLOPS * passes)
         label = f"{op} {mode} {what}: {attrs} on {shapes}"
         declared = plan.costs(plan.shapes)
@@ -370,3 +374,24 @@ def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype):
               "w": rng.standard_normal(ws).astype(dtype)}
     _prove("conv", inputs, {"strides": strides, "pads": pads, "dilations": dilations,
                             "groups": groups}, rng, f"{case} ({np.dtype(dtype).name})")
+
+
+def test_declared_costs_bound_a_concat_of_repeated_references():
+    """concat reading some values many times (the plan gathers from the distinct values
+    with index arrays): its declared cost still bounds the kernels, in every mode, for
+    few and many references, small and large values, an empty value among them."""
+    rng = np.random.default_rng(19)
+    for i in range(8):
+        dtype = (np.float64, np.float32)[i % 2]
+        shape = _shape(rng, high=12)
+        axis = int(rng.integers(len(shape)))
+        inputs = {}
+        for j in range(int(rng.integers(1, 4))):
+            s = list(shape)
+            s[axis] = 0 if i >= 6 and j == 0 else int(rng.integers(1, 6))
+            inputs[f"a{j}"] = _values(rng, tuple(s), dtype)
+        many = int(rng.integers(2, 40)) if i % 3 else int(rng.integers(2_000, 20_000))
+        names = list(inputs)
+        refs = names + [names[int(n)] for n in rng.integers(len(names), size=many)]
+        _prove("concat", inputs, {"axis": axis}, rng,
+               f"case {i} ({np.dtype(dtype).name}, {len(refs)} references)", refs)

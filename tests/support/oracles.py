@@ -3,7 +3,8 @@
 - `numeric_jvp` / `numeric_jacobian`: central finite differences in float64;
 - `dot`: the inner product of two dicts of arrays (for the VJP dot-product test);
 - `random_inputs`: inputs drawn from a per-op safe domain (away from kinks, poles and ties);
-- `reference`: each op as a plain NumPy expression.
+- `reference`: each op as a plain NumPy expression;
+- `selection_matrix`: the Jacobian of a concat (repeated references too).
 """
 
 from __future__ import annotations
@@ -295,3 +296,20 @@ REFERENCE = {
 def reference(op, args, attrs=None):
     """The value of `op` on `args` (a list of arrays) with `attrs`, computed by NumPy."""
     return np.asarray(REFERENCE[op](*args, **dict(attrs or {})))
+
+
+def selection_matrix(refs, axis, shapes):
+    """The Jacobian of concat(refs, axis) by NumPy alone: S (output elements x input
+    elements, the inputs end to end in `shapes` order, a dict name -> shape) with
+    S[i, j] = 1 where output element i copies input element j. Then y = S x, a VJP is
+    S^T c, and sum(y * y) has gradient 2 S^T y and Hessian 2 S^T S."""
+    offsets, at = {}, 0
+    for name, s in shapes.items():
+        offsets[name] = at
+        at += int(np.prod(s))
+    numbers = {name: np.arange(int(np.prod(s))).reshape(s) + offsets[name]
+               for name, s in shapes.items()}
+    copied = np.concatenate([numbers[r] for r in refs], axis=axis).ravel()
+    s = np.zeros((copied.size, at))
+    s[np.arange(copied.size), copied] = 1.0
+    return s
