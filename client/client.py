@@ -599,7 +599,7 @@ class Client:
         `fit`)."""
         arrays, refs = store.split(inputs)
         sizes = {k: np.asarray(a).nbytes for k, a in arrays.items()}
-        total = (sum(sizes.values()) + sum(r.handle.data_bytes for r in refs.values())
+        total = (sum(sizes.values()) + sum(r.nbytes for r in refs.values())
                  + sum(np.asarray(a).nbytes for seeds in (tangents, cotangents)
                        for a in store.split(seeds or {})[0].values()))
         if total <= STORE_CHECK_BYTES:
@@ -823,9 +823,10 @@ def _explained(err: grpc.RpcError) -> grpc.RpcError:
     """grpc's own refusal of a message over a size limit, with what to do about it
     (the limit, its flag, the chunked alternative); any other error unchanged."""
     details = err.details() or ""
+    # grpc's text, with "SERVER: " before it when the server refused a request
     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not (
-            details.startswith("Received message larger than max")
-            or details.startswith("Sent message larger than max")):
+            "Received message larger than max" in details
+            or "Sent message larger than max" in details):
         return err
     return _StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
         f"a message is over a size limit ({details}): the server's is max_message_bytes "
