@@ -6,8 +6,10 @@ transformer encoder layer (embedding, 4-head attention, GELU feed-forward, layer
 norm; d=32) on batch 16 x sequence 7: each model is exported with
 torch.onnx.export, imported with gradserve.client.onnx.from_onnx(parameters=
 "inputs"), and the gradient of sum(y * w) with respect to every parameter is
-asked of a local server through the Client (a VJP from the cotangent w; also with
-the parameters put once in the server's tensor store, each call sending x). The
+asked of a local server through the Client, as the import's own call does it
+(`imported.vjp(client, {"x": x}, {"y": w})`: the parameters put once in the server's
+tensor store, each call sending x and w; the P9 rows), and, for comparison, with the
+parameters sent in every request (`client.vjp(graph, {"x": x, **parameters}, ...)`). The
 baseline is the same forward and backward in PyTorch eager in this process
 (zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
 for each. No timed assertion.
@@ -45,6 +47,7 @@ from gradserve.server.app import create_server
 from gradserve.server.convert import graph_from_proto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "client"))
 from support.server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
 
 TARGET = 1.5
@@ -86,7 +89,8 @@ class Case:
         if len(self.wrt) != len(self.params):
             raise SystemExit(f"{name}: parameters missing from the import: "
                              f"{sorted(set(self.params) - set(self.wrt))}")
-        self.values = {"x": self.example.numpy(), **self.imported.parameters}
+        self.data = {"x": self.example.numpy()}
+        self.values = {**self.data, **self.imported.parameters}
         self.cotangent = {"y": self.w.numpy()}
 
     def torch_step(self):
@@ -95,13 +99,14 @@ class Case:
         (self.module(self.example) * self.w).sum().backward()
 
     def gradserve_step(self, client):
+        """The import's own call: the parameters put in the server's tensor store once
+        (on the first call), each call sending x and the cotangent."""
+        return lambda: self.imported.vjp(client, self.data, self.cotangent, wrt=self.wrt)
+
+    def resending_step(self, client):
+        """Every parameter in every request."""
         return lambda: client.vjp(self.imported.graph, self.values, self.cotangent,
                                   wrt=self.wrt)
-
-    def stored_step(self, client):
-        """The parameters put in the server's tensor store once; each call sends x."""
-        values = {**self.values, **client.put(self.imported.parameters)}
-        return lambda: client.vjp(self.imported.graph, values, self.cotangent, wrt=self.wrt)
 
     def plan(self):
         return engine.compile(graph_from_proto(self.imported.graph.build()))
@@ -113,7 +118,7 @@ class Case:
         """The service's gradients agree with PyTorch's (a benchmark of wrong answers
         measures nothing)."""
         self.torch_step()
-        _, got = client.vjp(self.imported.graph, self.values, self.cotangent, wrt=self.wrt)
+        _, got = self.imported.vjp(client, self.data, self.cotangent, wrt=self.wrt)
         worst = max(float(np.max(np.abs(got[n] - p.grad.numpy())) /
                           (float(np.max(np.abs(p.grad.numpy()))) or 1.0))
                     for n, p in self.params.items())
@@ -178,7 +183,7 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
             clients.append(client)
             worst = case.check(client)
             funcs[f"gradserve, {where}"] = case.gradserve_step(client)
-            funcs[f"gradserve, {where}, parameters stored"] = case.stored_step(client)
+            funcs[f"gradserve, {where}, parameters sent each call"] = case.resending_step(client)
             if where == "in-process server":
                 funcs[f"gradserve, {where}, 1 BLAS thread"] = one_blas_thread(
                     case.gradserve_step(client))
@@ -205,7 +210,8 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
     records = []
     for call in (k for k in timings if k.startswith("gradserve")):
         t = timings[call]
-        records.append(ratio_line(f"P9 {name} gradient ({call[11:]})", t.median,
+        label = "P9" if "sent each call" not in call else "not P9 (comparison):"
+        records.append(ratio_line(f"{label} {name} gradient ({call[11:]})", t.median,
                                   torch_best.median, TARGET,
                                   note=noise_note(t, torch_best)))
     for engine_call, call in (("engine alone (Plan.vjp, this process)",
