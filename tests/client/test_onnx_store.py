@@ -180,3 +180,33 @@ def test_auto_keeps_small_initializers_as_constants_and_moves_large_ones():
     assert big.parameter_mode == "inputs" and list(big.parameters) == ["W"]
     assert from_onnx(model([node("MatMul", ["x", "W"])], {"x": x}, {"W": big_w}),
                      parameters="constants").parameter_mode == "constants"
+
+
+def test_many_small_stored_parameters_are_not_a_big_request(start_server, caplog):
+    """64 stored parameters of 16 KiB (1 MiB in all) under an 8 MiB limit: the request is
+    small, and its gradients come in the reply (no GetTensors), each one equal to the
+    cotangent (y = x + W0 + ... + W63)."""
+    from gradserve.server.limits import Limits
+
+    server = start_server(Limits(max_message_bytes=8 * MiB))
+    x = np.zeros((4, 1024), np.float32)
+    names = [f"W{i}" for i in range(64)]
+    nodes, last = [], "x"
+    for i, name in enumerate(names):
+        out = "y" if i == len(names) - 1 else f"s{i}"
+        nodes.append(node("Add", [last, name], [out]))
+        last = out
+    rng = np.random.default_rng(0)
+    inits = {n: rng.standard_normal((4, 1024)).astype(np.float32) for n in names}
+    imported = from_onnx(model(nodes, {"x": x}, inits), parameters="inputs")
+    w = rng.standard_normal((4, 1024)).astype(np.float32)
+    with Client(f"127.0.0.1:{server.port}") as client, \
+            caplog.at_level("INFO", logger="gradserve.requests"):
+        y, grads = imported.vjp(client, {"x": x}, {"y": w})
+    assert_allclose(y["y"], sum(inits.values()), rtol=1e-5, atol=1e-5)
+    assert sorted(grads) == sorted(names)
+    for name in names:
+        assert_allclose(grads[name], w, err_msg=name)
+    methods = [r.getMessage() for r in caplog.records if r.name == "gradserve.requests"]
+    assert any('"PutTensors"' in m for m in methods), methods
+    assert not any('"GetTensors"' in m for m in methods), methods
