@@ -98,6 +98,12 @@ class OnnxImport:
         return client.differentiate(self.graph, self._request_inputs(client, inputs),
                                     wrt=self._wrt(wrt), **options)
 
+    def __getstate__(self) -> dict:
+        """Pickled and copied without the handles: they belong to this object's clients."""
+        state = dict(self.__dict__)
+        state.pop("_handles", None)
+        return state
+
     def default_wrt(self) -> list[str] | None:
         """What the calls differentiate by default: every parameter (None, when there
         are none: the Client's default, every floating input)."""

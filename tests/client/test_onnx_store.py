@@ -9,6 +9,7 @@ between the Client and the server."""
 from __future__ import annotations
 
 import io
+import pickle
 import warnings
 
 import grpc
@@ -203,10 +204,16 @@ def test_many_small_stored_parameters_are_not_a_big_request(start_server, caplog
     with Client(f"127.0.0.1:{server.port}") as client, \
             caplog.at_level("INFO", logger="gradserve.requests"):
         y, grads = imported.vjp(client, {"x": x}, {"y": w})
-    assert_allclose(y["y"], sum(inits.values()), rtol=1e-5, atol=1e-5)
-    assert sorted(grads) == sorted(names)
-    for name in names:
-        assert_allclose(grads[name], w, err_msg=name)
-    methods = [r.getMessage() for r in caplog.records if r.name == "gradserve.requests"]
-    assert any('"PutTensors"' in m for m in methods), methods
-    assert not any('"GetTensors"' in m for m in methods), methods
+        assert_allclose(y["y"], sum(inits.values()), rtol=1e-5, atol=1e-5)
+        assert sorted(grads) == sorted(names)
+        for name in names:
+            assert_allclose(grads[name], w, err_msg=name)
+        methods = [r.getMessage() for r in caplog.records if r.name == "gradserve.requests"]
+        assert sum('"PutTensors"' in m for m in methods) == 1, methods
+        assert not any('"GetTensors"' in m for m in methods), methods
+        # a pickled copy leaves the handle behind (it belongs to this object's clients)
+        copy = pickle.loads(pickle.dumps(imported))
+        assert "_handles" not in copy.__dict__
+        assert_allclose(copy.vjp(client, {"x": x}, {"y": w})[1]["W7"], w)
+        methods = [r.getMessage() for r in caplog.records if r.name == "gradserve.requests"]
+        assert sum('"PutTensors"' in m for m in methods) == 2, methods
