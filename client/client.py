@@ -50,6 +50,7 @@ INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUN
 # A request with more tensor bytes than this asks the server for its message limit once
 # (GetServerInfo); over half that limit, its large inputs go by the tensor store.
 STORE_CHECK_BYTES = 1 << 20
+PUT_CHECK_BYTES = 64 << 10  # a larger put asks the server's message limit (once) for its chunks
 _STREAM_END = object()
 
 
@@ -539,7 +540,8 @@ class Client:
     def _put(self, handle: TensorHandle, chunk_bytes: int | None = None) -> None:
         """Put the handle's arrays (again), retrying UNAVAILABLE; sets handle.id."""
         if chunk_bytes is None:
-            limit = self._message_limit() if handle.data_bytes > CHUNK_BYTES // 2 else 0
+            # asked (once) unless the put is tiny: a server's limit may be under a chunk
+            limit = self._message_limit() if handle.data_bytes > PUT_CHECK_BYTES else 0
             chunk_bytes = min(CHUNK_BYTES, limit // 2) if limit else CHUNK_BYTES
         for attempt in itertools.count():
             started = time.monotonic()

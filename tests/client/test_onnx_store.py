@@ -131,6 +131,24 @@ def test_a_model_over_the_message_limit_keeps_its_parameters_on_the_server(proxi
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_parameters_between_the_limit_and_a_chunk_are_put_in_chunks_under_the_limit(proxied):
+    """1.5 MiB of parameters against a 1 MiB limit: more than half the limit, so inputs;
+    less than the Client's 4 MiB chunk, which must shrink to the server's limit."""
+    _, proxy = proxied
+    torch.manual_seed(2)
+    module = nn.Sequential(nn.Linear(64, 4096), nn.Tanh(), nn.Linear(4096, 32)).eval()
+    example = torch.randn(2, 64)
+    w = torch.linspace(-1, 1, 64).reshape(2, 32)
+    want_y, want = torch_vjp(module, example, w)
+    assert LIMIT < sum(p.numel() * 4 for p in module.parameters()) < 2 * LIMIT
+    with Client(proxy.address, timeout=60) as client:
+        imported = from_onnx(exported(module, example), client=client)
+        assert imported.parameter_mode == "inputs"
+        y, grads = imported.vjp(client, {"x": example.numpy()}, {"y": w.numpy()})
+    assert_allclose(y["y"], want_y, rtol=1e-5, atol=1e-6)
+    assert_gradients_equal(grads, want)
+
+
 class ConvBN(nn.Module):
     def __init__(self):
         super().__init__()
