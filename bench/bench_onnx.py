@@ -6,15 +6,24 @@ transformer encoder layer (embedding, 4-head attention, GELU feed-forward, layer
 norm; d=32) on batch 16 x sequence 7: each model is exported with
 torch.onnx.export, imported with gradserve.client.onnx.from_onnx(parameters=
 "inputs"), and the gradient of sum(y * w) with respect to every parameter is
-asked of a local server through the Client (a VJP from the cotangent w; also with
-the parameters put once in the server's tensor store, each call sending x). The
+asked of a local server through the Client, as the import's own call does it
+(`imported.vjp(client, {"x": x}, {"y": w})`: the parameters put once in the server's
+tensor store, each call sending x and w; the P9 rows), and, for comparison, with the
+parameters sent in every request (`client.vjp(graph, {"x": x, **parameters}, ...)`). The
 baseline is the same forward and backward in PyTorch eager in this process
 (zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
 for each. No timed assertion.
 
+CPU cost, beside the times: on a shared 2-core machine a server in its own process
+gets its own share of the CPUs, which flatters it against PyTorch in one process; so
+each call through a server process also counts the CPU seconds it took, the client's
+(this process) and the server's (/proc/PID/stat, summed over the calls), against
+torch's own CPU seconds per step, a ratio that other load does not move much.
+
 Where the time goes: the engine alone (Plan.vjp on the same graph, in this
-process) against the whole call, and the engine's time per op (forward and
-backward rules timed one by one). Every gradserve figure is taken twice: with
+process, which sets the allocator as `gradserve serve` does) against the whole call,
+the CPU split above, and the engine's time per op (forward and backward rules timed
+one by one). Every gradserve figure is taken twice: with
 OpenBLAS's default threads, and with one BLAS thread (threadpoolctl in this
 process, OPENBLAS_NUM_THREADS=1 for the server process): these models' matrix
 products are small, and on a busy 2-core machine a multi-threaded product waits
@@ -30,6 +39,7 @@ import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is impor
 import collections
 import contextlib
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,10 +51,12 @@ from _timing import (environment_lines, fmt_time, load_torch, measure, noise_not
 from gradserve import engine
 from gradserve.client import Client
 from gradserve.client.onnx import from_onnx
+from gradserve.server.allocator import keep_freed_memory
 from gradserve.server.app import create_server
 from gradserve.server.convert import graph_from_proto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "client"))
 from support.server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
 
 TARGET = 1.5
@@ -55,8 +67,43 @@ MODELS = {"lenet5": "LeNet-5, 28x28, batch 32",
 
 @contextlib.contextmanager
 def server_process(**env):
+    """(address, pid) of a `gradserve serve` process (one server process)."""
     with ServerProcess("--port", "0", env=clean_env(**env)) as process:
-        yield process.wait_serving(timeout=60)
+        yield process.wait_serving(timeout=60), process.proc.pid
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, all its threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class CpuCount:
+    """CPU seconds per call of the functions it wraps: this process's, and a server
+    process's (clock ticks: exact only summed over many calls)."""
+
+    def __init__(self):
+        self.totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
+
+    def wrap(self, name, f, pid=None):
+        totals = self.totals[name]
+
+        def call():
+            c0, s0 = time.process_time(), process_cpu(pid) if pid else 0.0
+            f()
+            totals[0] += time.process_time() - c0
+            if pid:
+                totals[1] += process_cpu(pid) - s0
+            totals[2] += 1
+        return call
+
+    def per_call(self, name) -> tuple[float, float]:
+        here, server, calls = self.totals[name]
+        return here / calls, server / calls
 
 
 def one_blas_thread(f):
@@ -86,7 +133,8 @@ class Case:
         if len(self.wrt) != len(self.params):
             raise SystemExit(f"{name}: parameters missing from the import: "
                              f"{sorted(set(self.params) - set(self.wrt))}")
-        self.values = {"x": self.example.numpy(), **self.imported.parameters}
+        self.data = {"x": self.example.numpy()}
+        self.values = {**self.data, **self.imported.parameters}
         self.cotangent = {"y": self.w.numpy()}
 
     def torch_step(self):
@@ -95,13 +143,14 @@ class Case:
         (self.module(self.example) * self.w).sum().backward()
 
     def gradserve_step(self, client):
+        """The import's own call: the parameters put in the server's tensor store once
+        (on the first call), each call sending x and the cotangent."""
+        return lambda: self.imported.vjp(client, self.data, self.cotangent, wrt=self.wrt)
+
+    def resending_step(self, client):
+        """Every parameter in every request."""
         return lambda: client.vjp(self.imported.graph, self.values, self.cotangent,
                                   wrt=self.wrt)
-
-    def stored_step(self, client):
-        """The parameters put in the server's tensor store once; each call sends x."""
-        values = {**self.values, **client.put(self.imported.parameters)}
-        return lambda: client.vjp(self.imported.graph, values, self.cotangent, wrt=self.wrt)
 
     def plan(self):
         return engine.compile(graph_from_proto(self.imported.graph.build()))
@@ -113,7 +162,7 @@ class Case:
         """The service's gradients agree with PyTorch's (a benchmark of wrong answers
         measures nothing)."""
         self.torch_step()
-        _, got = client.vjp(self.imported.graph, self.values, self.cotangent, wrt=self.wrt)
+        _, got = self.imported.vjp(client, self.data, self.cotangent, wrt=self.wrt)
         worst = max(float(np.max(np.abs(got[n] - p.grad.numpy())) /
                           (float(np.max(np.abs(p.grad.numpy()))) or 1.0))
                     for n, p in self.params.items())
@@ -171,14 +220,14 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
     print(f"== {MODELS[name]}: {case.imported.num_parameters:,} parameters in "
           f"{len(case.wrt)} tensors; graph of {sum(counts.values())} nodes ("
           + ", ".join(f"{op} {k}" for op, k in counts.most_common()) + ")")
-    funcs, clients = {}, []
+    funcs, clients, cpu = {}, [], CpuCount()
     try:
-        for where, address in addresses.items():
+        for where, (address, pid) in addresses.items():
             client = Client(address, timeout=60)
             clients.append(client)
             worst = case.check(client)
-            funcs[f"gradserve, {where}"] = case.gradserve_step(client)
-            funcs[f"gradserve, {where}, parameters stored"] = case.stored_step(client)
+            funcs[f"gradserve, {where}"] = cpu.wrap(where, case.gradserve_step(client), pid)
+            funcs[f"gradserve, {where}, parameters sent each call"] = case.resending_step(client)
             if where == "in-process server":
                 funcs[f"gradserve, {where}, 1 BLAS thread"] = one_blas_thread(
                     case.gradserve_step(client))
@@ -191,7 +240,8 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
             def step(n=n):
                 with torch_threads(torch, n):
                     case.torch_step()
-            funcs[f"torch eager, {n} thread{'s' if n > 1 else ''}"] = step
+            label = f"torch eager, {n} thread{'s' if n > 1 else ''}"
+            funcs[label] = cpu.wrap(label, step)
         timings = measure(funcs, settings)
     finally:
         for client in clients:
@@ -205,9 +255,22 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
     records = []
     for call in (k for k in timings if k.startswith("gradserve")):
         t = timings[call]
-        records.append(ratio_line(f"P9 {name} gradient ({call[11:]})", t.median,
+        label = "P9" if "sent each call" not in call else "not P9 (comparison):"
+        records.append(ratio_line(f"{label} {name} gradient ({call[11:]})", t.median,
                                   torch_best.median, TARGET,
                                   note=noise_note(t, torch_best)))
+    torch_cpu = min(cpu.per_call(k)[0] for k in timings if k.startswith("torch"))
+    print(f"\n   CPU per call (torch's least: {fmt_time(torch_cpu)} a step):")
+    for where in addresses:
+        here, server = cpu.per_call(where)
+        total = here + server
+        split = (f"client {fmt_time(here)} + server {fmt_time(server)}" if addresses[where][1]
+                 else "client and server in this process")
+        print(f"   {where}: {fmt_time(total)} ({split}) = {total / torch_cpu:.2f}x torch's")
+        records.append({"name": f"P9 {name} CPU per call ({where})", "value": total,
+                        "baseline": torch_cpu, "ratio": total / torch_cpu,
+                        "target": TARGET, "met": total / torch_cpu <= TARGET,
+                        "client_cpu": here, "server_cpu": server})
     for engine_call, call in (("engine alone (Plan.vjp, this process)",
                                "gradserve, in-process server"),
                               ("engine alone, 1 BLAS thread",
@@ -239,10 +302,11 @@ def main(argv=None) -> int:
         print(torch_skip_message())
         return 0
     profile_steps = 10 if args.settings.quick else 40
+    keep_freed_memory()  # as `gradserve serve` does: the in-process rows run as it would
     results = []
     with contextlib.ExitStack() as stack:
         in_process = stack.enter_context(create_server("127.0.0.1:0"))
-        addresses = {"in-process server": f"127.0.0.1:{in_process.port}",
+        addresses = {"in-process server": (f"127.0.0.1:{in_process.port}", None),
                      "server process": stack.enter_context(server_process()),
                      "server process, OPENBLAS_NUM_THREADS=1": stack.enter_context(
                          server_process(OPENBLAS_NUM_THREADS=1))}
@@ -253,6 +317,8 @@ def main(argv=None) -> int:
     for r in results:
         for rec in r["p9"]:
             print(f"  {rec['name']}: {rec['ratio']:.2f}x {'MET' if rec['met'] else 'NOT MET'}")
+    print("(CPU per call rows: CPU seconds, client and server, against torch's; a wall-clock "
+          "ratio on a loaded machine flatters a server in its own process)")
     if args.json:
         write_json(args.json, {"environment": environment_lines(), "models": results})
     return 0

@@ -179,7 +179,7 @@ def _show(args) -> int:
     path = Path(args.graph)
     origins = None
     if path.suffix.lower() == ".onnx" and path.exists():
-        imported = from_onnx(path)
+        imported = from_onnx(path, parameters="constants")
         graph, origins = imported.graph.build(), imported.node_origins
     else:
         graph = read_graph(path)
@@ -267,7 +267,7 @@ def read_graph(path: Path) -> graph_pb2.Graph:
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.suffix.lower() == ".onnx":
-        return from_onnx(path).graph.build()
+        return from_onnx(path, parameters="constants").graph.build()
     if path.suffix.lower() != ".py":
         try:
             return load_graph(path)

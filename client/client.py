@@ -51,6 +51,7 @@ INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUN
 # A request with more tensor bytes than this asks the server for its message limit once
 # (GetServerInfo); over half that limit, its large inputs go by the tensor store.
 STORE_CHECK_BYTES = 1 << 20
+PUT_CHECK_BYTES = 64 << 10  # a larger put asks the server's message limit (once) for its chunks
 _STREAM_END = object()
 
 
@@ -602,7 +603,8 @@ class Client:
     def _put(self, handle: TensorHandle, chunk_bytes: int | None = None) -> None:
         """Put the handle's arrays (again), retrying UNAVAILABLE; sets handle.id."""
         if chunk_bytes is None:
-            limit = self._message_limit() if handle.data_bytes > CHUNK_BYTES // 2 else 0
+            # asked (once) unless the put is tiny: a server's limit may be under a chunk
+            limit = self._message_limit() if handle.data_bytes > PUT_CHECK_BYTES else 0
             chunk_bytes = min(CHUNK_BYTES, limit // 2) if limit else CHUNK_BYTES
         for attempt in itertools.count():
             started = time.monotonic()
@@ -688,7 +690,7 @@ class Client:
         `fit`)."""
         arrays, refs = store.split(inputs)
         sizes = {k: np.asarray(a).nbytes for k, a in arrays.items()}
-        total = (sum(sizes.values()) + sum(r.handle.data_bytes for r in refs.values())
+        total = (sum(sizes.values()) + sum(r.nbytes for r in refs.values())
                  + sum(np.asarray(a).nbytes for seeds in (tangents, cotangents)
                        for a in store.split(seeds or {})[0].values()))
         if total <= STORE_CHECK_BYTES:
@@ -937,9 +939,10 @@ def _explained(err: grpc.RpcError) -> grpc.RpcError:
     """grpc's own refusal of a message over a size limit, with what to do about it
     (the limit, its flag, the chunked alternative); any other error unchanged."""
     details = err.details() or ""
+    # grpc's text, with "SERVER: " before it when the server refused a request
     if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or not (
-            details.startswith("Received message larger than max")
-            or details.startswith("Sent message larger than max")):
+            "Received message larger than max" in details
+            or "Sent message larger than max" in details):
         return err
     return _StreamError(grpc.StatusCode.RESOURCE_EXHAUSTED, (
         f"a message is over a size limit ({details}): the server's is max_message_bytes "

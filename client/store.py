@@ -30,6 +30,11 @@ class StoredTensor(NamedTuple):
     handle: "TensorHandle"
     name: str
 
+    @property
+    def nbytes(self) -> int:
+        """This tensor's data, in bytes (0 where the handle's shapes are unknown)."""
+        return self.handle.tensor_bytes(self.name)
+
 
 class TensorHandle(Mapping):
     """Tensors on the server under one handle (Client.put, or a request's stored
@@ -41,6 +46,7 @@ class TensorHandle(Mapping):
         self.id, self.shapes, self.nbytes = handle_id, shapes, nbytes
         self._source = source  # the arrays, to put again after a NOT_FOUND (None: cannot)
         self._stub = stub  # the channel's stub that put it: its calls go there
+        self._sizes: dict | None = None  # name -> data bytes, computed once (per call is N^2)
 
     def __getitem__(self, name: str) -> StoredTensor:
         if self.shapes is not None and name not in self.shapes:
@@ -59,10 +65,17 @@ class TensorHandle(Mapping):
     @property
     def data_bytes(self) -> int:
         """The tensors' data, in bytes (0 where the shapes are unknown)."""
-        if not self.shapes:
-            return 0
-        return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                   for dtype, shape in self.shapes.values())
+        return sum(self._tensor_sizes().values())
+
+    def tensor_bytes(self, name: str) -> int:
+        """One tensor's data, in bytes (0 where unknown)."""
+        return self._tensor_sizes().get(name, 0)
+
+    def _tensor_sizes(self) -> dict:
+        if self._sizes is None:
+            self._sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize
+                           for name, (dtype, shape) in (self.shapes or {}).items()}
+        return self._sizes
 
     def __repr__(self) -> str:
         names = "?" if self.shapes is None else ", ".join(self.shapes)

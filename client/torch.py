@@ -262,6 +262,10 @@ def from_module(module, example_inputs, *, input_names=None, output_names=None,
     example_inputs: a tensor or a tuple of tensors; the graph's inputs are named
     `input_names` (default x, or x0, x1...) and its outputs `output_names` (y, or y0...).
     dynamic_batch: the first axis of every input and output stays free.
+
+    The result's calls (`imported.vjp(client, {"x": x}, {"y": dy})`, `grad`, `evaluate`,
+    `differentiate`) keep the parameters and buffers in the server's tensor store, put
+    once per client, send only the data, and differentiate with respect to `trainable`.
     """
     onnx = _import_onnx()
     from gradserve.client.onnx import OnnxImportError, from_onnx
@@ -448,3 +452,9 @@ class ModuleImport(OnnxImport):
     (from named_buffers(): inputs of the graph, but not parameters to train)."""
     buffers: list = dataclasses.field(default_factory=list)
     trainable: list = dataclasses.field(default_factory=list)
+
+    def default_wrt(self) -> list[str] | None:
+        """The import's calls (`vjp`, `grad`, `differentiate`: parameters and buffers put
+        once in the server's tensor store, only the data sent) differentiate with respect
+        to the trainable parameters by default, not the buffers."""
+        return list(self.trainable) or None

@@ -5,7 +5,11 @@
     imported.inputs       # the model's data inputs, in order
     imported.outputs      # its outputs, in order
     imported.parameters   # initializers that became graph inputs: name -> array
-    client.grad(imported.graph, {**imported.parameters, "x": x}, of="y")
+    imported.grad(client, {"x": x}, of="loss")   # the parameters put once, x sent
+
+parameters="auto" (the default) keeps the initializers as constants unless they are
+over half the server's message limit; then they are inputs, kept in the server's
+tensor store by the import's calls (model.py).
 
 Each ONNX op becomes one engine op or a small composite of them (Gemm is a
 matmul and an add, LayerNormalization a mean, a square, a reciprocal square
@@ -22,7 +26,8 @@ intermediate values are named `output/op`.
 
 Needs the `onnx` package (pip install 'gradserve[onnx]'); never onnxruntime.
 
-The package: values.py (dynamic dimensions, graph values under import, the errors),
+The package: model.py (OnnxImport, the result, and its calls with the parameters stored
+once), values.py (dynamic dimensions, graph values under import, the errors),
 folds.py (the engine's ops in numpy, for what is known at import time: each checked
 against the engine by tests/client/test_onnx_folds.py), emitter.py (engine ops over import-time
 values: folded or emitted), registry.py (op type -> converter), importer.py (the graph
@@ -34,24 +39,33 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import numpy as np
+
 from ..builder import GraphBuilder, Value
 from . import ops  # noqa: F401  (importing the converters registers them)
 from .importer import Importer, _onnx_dtype, import_optional, load_model
 from .registry import CONVERTERS, supported_ops  # noqa: F401
-from .values import (MAX_FOLD_BYTES, PARAMETER_MODES, WIRE_DTYPES, Dim, Dyn, OnnxImport,  # noqa: F401
+from .values import (DEFAULT_MESSAGE_BYTES, MAX_FOLD_BYTES, PARAMETER_MODES, WIRE_DTYPES, Dim, Dyn, OnnxImport,  # noqa: F401
                      OnnxImportError)
 
-__all__ = ["FoldedParametersWarning", "OnnxImport", "OnnxImportError", "from_onnx", "import_into", "load_model",
+__all__ = ["FoldedParametersWarning", "OnnxImport", "OnnxImportError", "auto_parameter_mode", "from_onnx",
+           "import_into", "load_model",
            "model_inputs", "supported_ops"]
 
 
-def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = None,
-              max_fold_bytes: int = MAX_FOLD_BYTES) -> OnnxImport:
+def from_onnx(model, parameters: str = "auto", input_shapes: dict | None = None,
+              max_fold_bytes: int = MAX_FOLD_BYTES, *, client=None) -> OnnxImport:
     """Import an ONNX model (a path, bytes or onnx.ModelProto) as a gradserve graph.
 
     parameters="constants": initializers become graph constants (register once, send only
     the data). parameters="inputs": floating initializers become graph inputs, returned with
-    their values in `parameters`, so derivatives with respect to them can be asked for.
+    their values in `parameters`, so derivatives with respect to them can be asked for; the
+    result's calls (`imported.vjp(client, ...)`, `evaluate`, `grad`, `differentiate`) keep
+    them in the server's tensor store, put once per client, and send only the data.
+    parameters="auto" (the default): "constants" while the initializers total at most half
+    the server's max_message_bytes (that of `client`'s server, asked with GetServerInfo;
+    without a client, half of gradserve serve's default 64 MiB), else "inputs", so that a
+    big model never makes a graph over the message limit. `parameter_mode` says which.
     `input_shapes` ({name: [dims]}, None or -1 for a dynamic size) overrides the model's
     declared input shapes. `max_fold_bytes`: what import-time folding may allocate beyond
     twice the model's initializers (a model asking for more is refused with that advice).
@@ -61,9 +75,28 @@ def from_onnx(model, parameters: str = "constants", input_shapes: dict | None = 
                          f"not {parameters!r}")
     with _one_line_errors():
         proto = load_model(model)
+        if parameters == "auto":
+            parameters = auto_parameter_mode(proto, client)
         if parameters == "inputs":
             _warn_of_folded_parameters(proto)
         return Importer(proto, parameters, input_shapes, max_fold_bytes=max_fold_bytes).run()
+
+
+def auto_parameter_mode(proto, client=None) -> str:
+    """What parameters="auto" makes of `proto`'s initializers: "inputs" when they total
+    more than half the message limit of `client`'s server (or of the default), else
+    "constants"."""
+    limit = (client.server_info().limits.max_message_bytes if client is not None
+             else DEFAULT_MESSAGE_BYTES)
+    onnx = import_optional("onnx", "onnx", "ONNX import")
+    total = 0
+    for tensor in proto.graph.initializer:
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            itemsize = 8
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return "inputs" if total > limit // 2 else "constants"
 
 
 def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tuple]],
@@ -78,6 +111,8 @@ def import_into(builder: GraphBuilder, model, bound: dict[str, tuple[Value, tupl
         proto = load_model(model)
         dyn = {name: Dyn(value, [Dim.symbol("batch") if d is None else d for d in shape],
                          value.dtype) for name, (value, shape) in bound.items()}
+        if parameters == "auto":
+            parameters = auto_parameter_mode(proto)
         return Importer(proto, parameters, None, builder, dyn, tuple(taken),
                         mark_outputs=False, max_fold_bytes=max_fold_bytes).run()
 

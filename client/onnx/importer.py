@@ -78,7 +78,7 @@ class Importer:
         ordered = {name: self.parameters[name] for name in initializers if name in self.parameters}
         values.update((name, self.env[name].value) for name in ordered)
         return OnnxImport(self.g, data_inputs, outputs, ordered, dtypes, shapes, self.opset,
-                          values, out_shapes, self.origins)
+                          values, out_shapes, self.origins, self.mode)
 
     def _initializer(self, tensor):
         array = _tensor_array(self.numpy_helper, tensor, "initializer")

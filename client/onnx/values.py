@@ -1,19 +1,22 @@
 """What the importer computes with: dynamic dimensions (Dim), graph values with their
-shapes tracked (Dyn), sequences, the errors and the import's result."""
+shapes tracked (Dyn), sequences and the errors (the import's result, OnnxImport, is model.py's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
 
 from gradserve.v1.codec import WIRE_DTYPES  # noqa: F401 (the wire's dtypes, one table)
 
-from ..builder import GraphBuilder, Value
+from ..builder import Value
+from .model import OnnxImport  # noqa: F401 (the import's result, with its calls)
 
 OLDEST_OPSET = 13
-PARAMETER_MODES = ("constants", "inputs")
+PARAMETER_MODES = ("auto", "constants", "inputs")
+# `gradserve serve`'s default max_message_bytes: with parameters="auto" and no client, the
+# initializers stay constants up to half of it
+DEFAULT_MESSAGE_BYTES = 64 * 2 ** 20
 ONNX_EXTRA_HINT = "pip install 'gradserve[onnx]'"
 INT_MAX = 2 ** 63 - 1
 # What import-time folds may allocate in all, beyond twice the model's own initializers
@@ -28,27 +31,6 @@ class OnnxImportError(ValueError):
 
 class _FoldError(Exception):
     """Raised inside a converter; the importer adds the node's name and op type."""
-
-
-@dataclass
-class OnnxImport:
-    graph: GraphBuilder
-    inputs: list[str]  # data inputs, in the model's order
-    outputs: list[str]
-    parameters: dict[str, np.ndarray] = field(default_factory=dict)  # name -> value
-    input_dtypes: dict[str, str] = field(default_factory=dict)
-    input_shapes: dict[str, tuple] = field(default_factory=dict)  # -1: any size
-    opset: int = 0
-    values: dict[str, Value] = field(default_factory=dict)  # outputs and parameters
-    output_shapes: dict[str, tuple] = field(default_factory=dict)  # as imported; -1: dynamic
-    # graph node name -> (ONNX node name, op type, torch module path from the exporter's
-    # metadata or ()), for pictures grouped by module (gradserve.client.render.model_dot)
-    node_origins: dict[str, tuple] = field(default_factory=dict)
-
-
-    @property
-    def num_parameters(self) -> int:
-        return sum(int(a.size) for a in self.parameters.values())
 
 
 # --- dynamic dimensions --------------------------------------------------------------

@@ -417,7 +417,7 @@ def test_gradient_with_respect_to_parameters_matches_finite_differences(client):
 
 
 def test_bad_parameters_mode():
-    with pytest.raises(ValueError, match="parameters must be one of constants, inputs"):
+    with pytest.raises(ValueError, match="parameters must be one of auto, constants, inputs"):
         from_onnx(mlp_model(18), parameters="weights")
 
 
