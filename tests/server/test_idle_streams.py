@@ -230,7 +230,9 @@ def test_sigterm_with_idle_streams_and_a_health_watch_exits_at_once():
                 pytest.fail(f"still running {grace} s after SIGTERM\n{server.output()}")
             exited = time.monotonic() - started
             assert code == 0, server.output()
-            assert exited < 3.0, f"exited {exited:.2f} s after SIGTERM\n{server.output()}"
+            # not held by the idle streams until the grace ends (20 s): well before it,
+            # however loaded the machine (~1 s idle; 3.05 s was seen at load 13)
+            assert exited < grace / 2, f"exited {exited:.2f} s after SIGTERM\n{server.output()}"
             watcher.join(5)
             assert watched == ["SERVING", "NOT_SERVING", "OK"], watched
             for streams in (answered, silent):
