@@ -120,11 +120,13 @@ def test_a_six_million_value_attribute_is_refused_before_conversion(stub):
     request = pb.EvaluateRequest(
         graph=graph([inp("x", F32, (2, 3))], [node("o", "transpose", "x", perm=attr)]),
         inputs=X)
-    started = time.perf_counter()
+    # CPU time of this process (the in-process server and the client), not wall time: a
+    # loaded machine stretches the latter
+    started = time.process_time()
     with pytest.raises(grpc.RpcError) as info:
         stub.Evaluate(request, timeout=30)
-    took = time.perf_counter() - started
+    took = time.process_time() - started
     check_status(info.value, INVALID, ("node 'o' (transpose)", "6,000,000 values", "64"),
                  "graph['o'].attrs.perm")
-    assert took < 1.0, f"refusing it took {took:.2f} s"
+    assert took < 1.0, f"refusing it took {took:.2f} CPU-s"
     check_good_request(stub)
