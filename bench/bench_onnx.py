@@ -56,7 +56,6 @@ from gradserve.server.app import create_server
 from gradserve.server.convert import graph_from_proto
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "client"))
 from support.server_process import ServerProcess, clean_env  # noqa: E402  (tests/: subprocess helper)
 
 TARGET = 1.5
@@ -120,7 +119,8 @@ class Case:
     """One model: the PyTorch module, its ONNX import, the request's values."""
 
     def __init__(self, torch, name):
-        import test_onnx_torch as models  # needs torch: imported once torch is known
+        # needs torch: imported once torch is known
+        from support import exported_models as models
 
         self.torch, self.name = torch, name
         self.module, self.example = models.make(name)
