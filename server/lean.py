@@ -19,6 +19,14 @@ path that answered it.
 The budget bounds how long the event loop (and so health checks and every other
 call's I/O) can be held by one request; it is an estimate of time, not of FLOPs:
 a 2,000-op scalar chain has few FLOPs and takes milliseconds of per-op Python.
+
+A Jacobian request (no seeds) of a form answered here before (same graph id, `wrt`,
+`of` and mode) is answered by its sweep alone: the engine remembers the request as
+planned and admitted (engine.request.repeat), and the reply's bytes are those of the
+first answer with the new arrays' bytes in place of the old ones (`ReplyTemplate`,
+checked against the generated serialization when made). Its estimate of time, its
+checks and its decision are those of the first answer: none of them depends on
+anything else.
 """
 
 from __future__ import annotations
@@ -29,23 +37,31 @@ from math import prod
 
 from prometheus_client import Counter as Metric
 
+from gradserve.engine import Budget
+from gradserve.engine.request import repeat
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import array_from, fill_tensor, fill_tensors
 from gradserve.v1.modes import WIRE_MODES, mode_name
 
 from .convert import fill_decision
-from .wire import wire_counter
+from .wire import _varint, wire_counter
 
 # Larger requests go to a worker (tensor_wire reads them without copies there).
 LEAN_MAX_BYTES = 16384
 DEFAULT_INLINE_BUDGET_US = 500.0
 _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
+# Reply templates of Jacobian requests (ReplyTemplate), by request form: at most this
+# many and these many bytes in all (then forgotten, all at once); a larger one is not kept.
+_TEMPLATES_KEPT = 1024
+_TEMPLATE_BYTES = 4 << 20
+_TEMPLATE_MAX_BYTES = 64 << 10
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
 _EVALUATE_FIELDS = frozenset({"graph_id", "inputs"})
 _DIFFERENTIATE_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "tangents",
                                    "cotangents", "request_id"})
+_JACOBIAN_FIELDS = _DIFFERENTIATE_FIELDS - {"tangents", "cotangents"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,8 @@ class LeanPath:
     """Answers qualifying requests inline (see the module's docstring); `counts` says
     how many were answered inline ("inline"), how many went to a worker over the time
     budget ("over_budget") or past their deadline ("expired"), also as the
-    gradserve_lean_requests metric."""
+    gradserve_lean_requests metric; `templated` how many of the inline ones a
+    ReplyTemplate answered."""
 
     def __init__(self, servicer, budget_us: float = DEFAULT_INLINE_BUDGET_US,
                  model: TimeModel | None = None):
@@ -98,6 +115,14 @@ class LeanPath:
                               ["path"], registry=servicer.telemetry.registry)
         self._children: dict = {}
         self._planners: dict = {}  # engine.PlannerDecision -> its message
+        # What the engine is asked to spend, as a Budget (the same for every request)
+        self._limits = {**servicer._run_limits, "max_block_elements": limits.max_tensor_elements,
+                        "max_trace_elements": limits.max_trace_elements or None}
+        self._budget = Budget.of(None, None, **self._limits)
+        # (graph_id, wrt, of, wire mode) -> ReplyTemplate of a Jacobian request answered here
+        self._templates: dict = {}
+        self._template_bytes = 0
+        self.templated = 0
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -167,7 +192,8 @@ class LeanPath:
                                 **servicer._run_limits)
         reply = pb.EvaluateResponse(graph_id=graph_id)
         fill_tensors(reply.outputs, outputs)
-        return self._reply(method, started, request, reply, None, graph_id)
+        return self._answered(method, started, request, None, graph_id,
+                              reply.SerializeToString(deterministic=True))
 
     def _differentiate(self, method: str, data: bytes, started: float) -> bytes | None:
         found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS)
@@ -178,6 +204,20 @@ class LeanPath:
         mode = mode_name(request.mode)
         if mode is None:
             return None
+        form = None
+        if present <= _JACOBIAN_FIELDS:  # a Jacobian request: answered by a template?
+            form = (graph_id, tuple(request.wrt) or None, tuple(request.of) or None,
+                    request.mode)
+            template = self._templates.get(form)
+            if template is not None:
+                answer = repeat(plan, self._arrays(request, present, "inputs"), wrt=form[1],
+                                of=form[2], mode=mode, budget=self._budget)
+                if answer is not None:
+                    reply = template.fill(answer.outputs, answer.jacobian, request.request_id)
+                    if reply is not None:
+                        self.templated += 1
+                        return self._answered(method, started, request, answer.decision.mode,
+                                              graph_id, reply)
         model, nodes = self.model, len(plan.graph.nodes)
         # the node count first: FLOPs take a pass over the nodes (once per plan)
         if not self._within_budget(model.differentiate_us(nodes, 0)):
@@ -186,16 +226,13 @@ class LeanPath:
         if not self._within_budget(model.differentiate_us(
                 nodes, plan.estimate_flops(plan.shapes, directions))):
             return None
-        servicer = self.servicer
         result = plan.differentiate(
             self._arrays(request, present, "inputs"),
             wrt=tuple(request.wrt) if "wrt" in present else None,
             of=tuple(request.of) if "of" in present else None, mode=mode,
             tangents=self._arrays(request, present, "tangents"),
             cotangents=self._arrays(request, present, "cotangents"), trace=False,
-            check=None, **servicer._run_limits, residuals=None,
-            max_block_elements=servicer.limits.max_tensor_elements,
-            max_trace_elements=servicer.limits.max_trace_elements or None)
+            residuals=None, budget=self._budget)
         decision = result.decision
         reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
                                          mode=WIRE_MODES[decision.mode],
@@ -206,7 +243,24 @@ class LeanPath:
                 fill_tensors(getattr(reply, name), arrays)
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
-        return self._reply(method, started, request, reply, decision.mode, graph_id)
+        data = reply.SerializeToString(deterministic=True)
+        if form is not None and result.jacobian and decision.sparsity != "sparse":
+            self._keep_template(form, data, result, request.request_id)
+        return self._answered(method, started, request, decision.mode, graph_id, data)
+
+    def _keep_template(self, form, data: bytes, result, request_id: str) -> None:
+        """Keep the reply's template for the next requests of its form, if it gives back
+        the reply's own bytes (see ReplyTemplate)."""
+        template = ReplyTemplate.of(data, result.outputs, result.jacobian)
+        if template is None or template.nbytes > _TEMPLATE_MAX_BYTES or template.fill(
+                result.outputs, result.jacobian, request_id) != data:
+            return
+        if (len(self._templates) >= _TEMPLATES_KEPT
+                or self._template_bytes + template.nbytes > _TEMPLATE_BYTES):
+            self._templates.clear()
+            self._template_bytes = 0
+        self._templates[form] = template
+        self._template_bytes += template.nbytes
 
     def _planner(self, decision) -> pb.PlannerDecision:
         """The planner's decision as a message, built once per decision: a graph's calls
@@ -218,12 +272,12 @@ class LeanPath:
             message = self._planners[decision] = fill_decision(pb.PlannerDecision(), decision)
         return message
 
-    def _reply(self, method, started, request, reply, mode, graph_id) -> bytes:
-        data = reply.SerializeToString(deterministic=True)
+    def _answered(self, method, started, request, mode, graph_id, data: bytes) -> bytes:
         # Answered: the lookup is counted (and the graph made most recent) as the general
         # path's would be; a request that fails on the way is counted by that path only.
         self.servicer.registry.cache.get(graph_id)
-        self.servicer.telemetry.record(method, "OK", started, request, reply, mode)
+        # (the request log reads the reply's graph_id: the request's, here)
+        self.servicer.telemetry.record(method, "OK", started, request, request, mode)
         self._count("inline")
         return data
 
@@ -240,3 +294,143 @@ def _directions(plan, request, present) -> int:
     wrt = tuple(request.wrt) if "wrt" in present else plan.float_inputs
     of = tuple(request.of) if "of" in present else plan.float_outputs
     return min(sum(prod(shapes[n]) for n in wrt), sum(prod(shapes[n]) for n in of))
+
+
+
+_REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
+_BLOCK = _REPLY["jacobian"].message_type.fields_by_name
+_ENTRY = _REPLY["outputs"].message_type.fields_by_name
+_TENSOR = _ENTRY["value"].message_type.fields_by_name
+# The reply fields a Jacobian request's template holds, by number: their kind
+_TEMPLATE_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                    _REPLY["mode"].number: "", _REPLY["planner"].number: "",
+                    _REPLY["graph_id"].number: ""}
+_REQUEST_ID = _REPLY["request_id"].number
+_REQUEST_ID_KEY = bytes([_REQUEST_ID << 3 | 2])
+
+
+class ReplyTemplate:
+    """A Jacobian request's reply bytes as the generated code writes them
+    (deterministically: fields by number, map entries by key) with a hole for each
+    array's data: `fill` puts another answer's arrays of the same sizes and dtypes in
+    the holes, and the request's request_id (the last field such a reply holds) at the
+    end. Every length prefix stays as it was, since the arrays' sizes do; an array
+    with no data (no elements) has no hole and none in any answer of the same form."""
+
+    __slots__ = ("pieces", "holes", "nbytes")
+
+    def __init__(self, pieces: list, holes: tuple):
+        self.pieces = pieces  # bytes, or None where an array's data goes
+        self.holes = holes  # (index in pieces, "outputs" or "jacobian", key, nbytes, dtype)
+        self.nbytes = sum(len(p) for p in pieces if p is not None)
+
+    @classmethod
+    def of(cls, data: bytes, outputs: dict, jacobian: dict) -> "ReplyTemplate | None":
+        """The template of a DifferentiateResponse's bytes `data` holding these outputs and
+        Jacobian blocks, a mode, planner, graph_id and request_id only (else None)."""
+        answer = {"outputs": outputs, "jacobian": jacobian}
+        pieces, holes, at, i, end = [], [], 0, 0, len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            kind = _TEMPLATE_FIELDS.get(number)
+            if wire == 0 and kind == "":  # the mode
+                _, i = _varint(data, i)
+                continue
+            if wire != 2:
+                return None
+            length, i = _varint(data, i)
+            if number == _REQUEST_ID:
+                if i + length != end:
+                    return None
+                end = i = start  # cut off: written per request
+                break
+            if kind is None:
+                return None
+            if kind:
+                found = _data_of(data, i, i + length, kind)
+                if found is None:
+                    return None
+                if found[0] is not None:
+                    name, a, b = found
+                    array = answer[kind].get(name)
+                    if array is None or array.nbytes != b - a:
+                        return None
+                    pieces.append(data[at:a])
+                    holes.append((len(pieces), kind, name, b - a, array.dtype))
+                    pieces.append(None)
+                    at = b
+            i += length
+        if i > end:
+            return None
+        pieces.append(data[at:end])
+        return cls(pieces, tuple(holes))
+
+    def fill(self, outputs: dict, jacobian: dict, request_id: str) -> bytes | None:
+        """The reply with these arrays and request_id; None if an array is not of the
+        template's size and dtype."""
+        pieces = self.pieces[:]
+        for at, kind, name, nbytes, dtype in self.holes:
+            array = (outputs if kind == "outputs" else jacobian).get(name)
+            if array is None or array.nbytes != nbytes or array.dtype != dtype:
+                return None
+            pieces[at] = array.tobytes()
+        if request_id:
+            rid = request_id.encode()
+            pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(rid)) + rid)
+        return b"".join(pieces)
+
+
+def _data_of(data: bytes, i: int, end: int, kind: str):
+    """In an outputs map entry or a Jacobian block at data[i:end]: (its key, the start and
+    end of its tensor's data), (None,) when the tensor has no data, None when it holds a
+    field other than its names and tensor (a sparse block)."""
+    names, value = ((_ENTRY["key"].number,), _ENTRY["value"].number) if kind == "outputs" \
+        else ((_BLOCK["of"].number, _BLOCK["wrt"].number), _BLOCK["value"].number)
+    found, span = [], (None,)
+    while i < end:
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire != 2:
+            return None
+        length, i = _varint(data, i)
+        if number in names:
+            found.append(data[i:i + length].decode())
+        elif number == value:
+            span = _tensor_data(data, i, i + length)
+            if span is None:
+                return None
+        else:
+            return None
+        i += length
+    if len(found) != len(names) or span[0] is None:
+        return None if len(found) != len(names) else (None,)
+    return (found[0] if kind == "outputs" else tuple(found), *span)
+
+
+def _tensor_data(data: bytes, i: int, end: int):
+    """(start, end) of a Tensor's data field in data[i:end], (None,) without one."""
+    span = (None,)
+    while i < end:
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+            continue
+        if wire != 2:
+            return None
+        length, i = _varint(data, i)
+        if number == _TENSOR["data"].number:
+            span = (i, i + length)
+        i += length
+    return span
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
