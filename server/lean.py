@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from math import prod
 
+import numpy as np
 from prometheus_client import Counter as Metric
 
 from gradserve.engine import Budget
@@ -55,6 +56,8 @@ _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all
 _TEMPLATES_KEPT = 1024
 _TEMPLATE_BYTES = 4 << 20
 _TEMPLATE_MAX_BYTES = 64 << 10
+_PREFIX_BYTES = 64  # request bytes a RequestTemplate is looked up by (a graph id's, mostly)
+_FORMS_PER_PREFIX = 8  # RequestTemplates kept per prefix (the oldest dropped)
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
@@ -121,6 +124,8 @@ class LeanPath:
         self._budget = Budget.of(None, None, **self._limits)
         # (graph_id, wrt, of, wire mode) -> ReplyTemplate of a Jacobian request answered here
         self._templates: dict = {}
+        # the first _PREFIX_BYTES of a request's bytes -> RequestTemplates of its forms
+        self._requests: dict = {}
         self._template_bytes = 0
         self.templated = 0
 
@@ -196,6 +201,13 @@ class LeanPath:
                               reply.SerializeToString(deterministic=True))
 
     def _differentiate(self, method: str, data: bytes, started: float) -> bytes | None:
+        for known in self._requests.get(data[:_PREFIX_BYTES], ()):
+            found = known.match(data)
+            if found is not None:
+                reply = self._repeat(method, started, known, *found)
+                if reply is not None:
+                    return reply
+                break
         found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS)
         if found is None:
             return None
@@ -213,7 +225,8 @@ class LeanPath:
                 answer = repeat(plan, self._arrays(request, present, "inputs"), wrt=form[1],
                                 of=form[2], mode=mode, budget=self._budget)
                 if answer is not None:
-                    reply = template.fill(answer.outputs, answer.jacobian, request.request_id)
+                    reply = template.fill(answer.outputs, answer.jacobian,
+                                          request.request_id.encode())
                     if reply is not None:
                         self.templated += 1
                         return self._answered(method, started, request, answer.decision.mode,
@@ -226,9 +239,9 @@ class LeanPath:
         if not self._within_budget(model.differentiate_us(
                 nodes, plan.estimate_flops(plan.shapes, directions))):
             return None
+        inputs = self._arrays(request, present, "inputs")
         result = plan.differentiate(
-            self._arrays(request, present, "inputs"),
-            wrt=tuple(request.wrt) if "wrt" in present else None,
+            inputs, wrt=tuple(request.wrt) if "wrt" in present else None,
             of=tuple(request.of) if "of" in present else None, mode=mode,
             tangents=self._arrays(request, present, "tangents"),
             cotangents=self._arrays(request, present, "cotangents"), trace=False,
@@ -243,24 +256,52 @@ class LeanPath:
                 fill_tensors(getattr(reply, name), arrays)
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
-        data = reply.SerializeToString(deterministic=True)
+        reply_data = reply.SerializeToString(deterministic=True)
         if form is not None and result.jacobian and decision.sparsity != "sparse":
-            self._keep_template(form, data, result, request.request_id)
-        return self._answered(method, started, request, decision.mode, graph_id, data)
+            self._keep_template(form, data, inputs, reply_data, result,
+                                request.request_id.encode())
+        return self._answered(method, started, request, decision.mode, graph_id, reply_data)
 
-    def _keep_template(self, form, data: bytes, result, request_id: str) -> None:
+    def _keep_template(self, form, data: bytes, inputs: dict, reply_data: bytes, result,
+                       request_id: bytes) -> None:
         """Keep the reply's template for the next requests of its form, if it gives back
-        the reply's own bytes (see ReplyTemplate)."""
-        template = ReplyTemplate.of(data, result.outputs, result.jacobian)
+        the reply's own bytes (see ReplyTemplate), and the request's (RequestTemplate)."""
+        template = ReplyTemplate.of(reply_data, result.outputs, result.jacobian)
         if template is None or template.nbytes > _TEMPLATE_MAX_BYTES or template.fill(
-                result.outputs, result.jacobian, request_id) != data:
+                result.outputs, result.jacobian, request_id) != reply_data:
             return
+        known = RequestTemplate.of(data, inputs, form, template)
+        size = template.nbytes + (known.nbytes if known is not None else 0)
         if (len(self._templates) >= _TEMPLATES_KEPT
-                or self._template_bytes + template.nbytes > _TEMPLATE_BYTES):
+                or self._template_bytes + size > _TEMPLATE_BYTES):
             self._templates.clear()
+            self._requests.clear()
             self._template_bytes = 0
         self._templates[form] = template
-        self._template_bytes += template.nbytes
+        self._template_bytes += size
+        if known is not None:
+            same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
+            if len(same) >= _FORMS_PER_PREFIX:
+                same.pop(0)
+            same.append(known)
+
+    def _repeat(self, method, started, known: "RequestTemplate", inputs: dict,
+                request_id: bytes) -> bytes | None:
+        """The reply to a request matching `known` (RequestTemplate), or None (the
+        request is parsed and answered as any other)."""
+        graph_id, wrt, of, wire_mode = known.form
+        plan = self.servicer.registry.cache.peek(graph_id)
+        if plan is None:
+            return None
+        answer = repeat(plan, inputs, wrt=wrt, of=of, mode=mode_name(wire_mode),
+                        budget=self._budget)
+        if answer is None:
+            return None
+        reply = known.reply.fill(answer.outputs, answer.jacobian, request_id)
+        if reply is None:
+            return None
+        self.templated += 1
+        return self._answered(method, started, known, answer.decision.mode, graph_id, reply)
 
     def _planner(self, decision) -> pb.PlannerDecision:
         """The planner's decision as a message, built once per decision: a graph's calls
@@ -367,9 +408,9 @@ class ReplyTemplate:
         pieces.append(data[at:end])
         return cls(pieces, tuple(holes))
 
-    def fill(self, outputs: dict, jacobian: dict, request_id: str) -> bytes | None:
-        """The reply with these arrays and request_id; None if an array is not of the
-        template's size and dtype."""
+    def fill(self, outputs: dict, jacobian: dict, request_id: bytes) -> bytes | None:
+        """The reply with these arrays and request_id (UTF-8); None if an array is not of
+        the template's size and dtype."""
         pieces = self.pieces[:]
         for at, kind, name, nbytes, dtype in self.holes:
             array = (outputs if kind == "outputs" else jacobian).get(name)
@@ -377,9 +418,92 @@ class ReplyTemplate:
                 return None
             pieces[at] = array.tobytes()
         if request_id:
-            rid = request_id.encode()
-            pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(rid)) + rid)
+            pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(request_id)) + request_id)
         return b"".join(pieces)
+
+
+_INPUTS = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_REQUEST_ID_TAG = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["request_id"].number << 3 | 2
+
+
+class RequestTemplate:
+    """A Jacobian request's bytes as a client sends them call after call: the same
+    fields but for its inputs' data and its request_id (the last field). Bytes that
+    match it outside those holes parse to the same request with other arrays and
+    another id, so they need no parsing, no count of their fields and no checks of
+    their tensors (all as for the first request); `match` reads their arrays (views of
+    the bytes, as the codec's) and request_id. Bool inputs are left out (their bytes
+    are checked one by one)."""
+
+    __slots__ = ("pieces", "inputs", "body", "form", "reply", "graph_id", "nbytes")
+
+    def __init__(self, pieces, inputs, body, form, reply):
+        self.pieces = pieces  # (offset, bytes) of the fixed stretches
+        self.inputs = inputs  # (name, offset, dtype, count, shape), or a constant array
+        self.body = body  # the bytes before the request_id
+        self.form, self.reply = form, reply  # (graph_id, wrt, of, wire mode), ReplyTemplate
+        self.graph_id = form[0]  # read by the request log
+        self.nbytes = sum(len(p) for _, p in pieces)
+
+    @classmethod
+    def of(cls, data: bytes, inputs: dict, form, reply) -> "RequestTemplate | None":
+        """The template of a request's bytes `data` whose `inputs` (arrays) were read
+        from them; None if it holds a bool input, a name twice, or a field after its
+        request_id."""
+        holes, fixed, i, end, body = [], {}, 0, len(data), len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = _varint(data, i)
+                continue
+            if wire != 2:
+                return None
+            length, i = _varint(data, i)
+            if key == _REQUEST_ID_TAG:
+                if i + length != end:
+                    return None
+                body = start
+            elif number == _INPUTS:
+                # an entry as the reply's outputs' (a name without data: no template)
+                found = _data_of(data, i, i + length, "outputs")
+                name = found[0] if found is not None else None
+                if name is None or name in fixed or name not in inputs:
+                    return None
+                fixed[name] = found[1:]
+                holes.append(found)
+            i += length
+        if len(fixed) != len(inputs) or any(a.dtype == bool for a in inputs.values()):
+            return None
+        pieces, at = [], 0
+        for _, a, b in sorted(holes, key=lambda h: h[1]):
+            pieces.append((at, data[at:a]))
+            at = b
+        pieces.append((at, data[at:body]))
+        spec = tuple((name, a, inputs[name].dtype, inputs[name].size, inputs[name].shape)
+                     for name, a, _ in holes)
+        return cls(tuple(pieces), spec, body, form, reply)
+
+    def match(self, data: bytes):
+        """(inputs, request_id) if `data` is this request with other arrays and id."""
+        size, body = len(data), self.body
+        if size == body:
+            request_id = b""
+        elif 0 < size - body - 2 < 128 and data[body] == _REQUEST_ID_TAG \
+                and data[body + 1] == size - body - 2:
+            request_id = data[body + 2:]
+            try:
+                request_id.decode()  # what the generated code would check
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+        for at, piece in self.pieces:
+            if not data.startswith(piece, at):
+                return None
+        return {name: np.frombuffer(data, dtype, count, at).reshape(shape)
+                for name, at, dtype, count, shape in self.inputs}, request_id
 
 
 def _data_of(data: bytes, i: int, end: int, kind: str):

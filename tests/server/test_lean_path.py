@@ -197,6 +197,11 @@ def test_repeated_jacobian_requests_are_answered_by_a_template_byte_identically(
             fast, slow = lean("Differentiate", data), general("Differentiate", data)
             assert isinstance(fast, bytes) and fast == slow, (name, request_id)
         assert lean.templated == before + (0 if name == "compressed" else 3), name
+    # ... the requests with a short id by their bytes, without parsing (RequestTemplate;
+    # not those with an empty input, as the mixed graph's)
+    known = {t.graph_id for forms in lean.server.servicer.lean._requests.values()
+             for t in forms}
+    assert seed_id in known and not {mixed_id, compressed_id} & known
 
 
 def test_the_seed_gradient_on_the_lean_path_matches_the_closed_form(pair):
@@ -234,6 +239,8 @@ def bad_cases(graph_id):
         "tangent of the wrong shape": ("Differentiate", differentiate(
             graph_id, good, tangents={"x": to_tensor(np.float32([1, 2, 3]))})),
         "not a request": ("Differentiate", b"\xff\xff\xff\xff"),
+        "request_id not UTF-8": ("Differentiate", differentiate(
+            graph_id, good, request_id="7")[:-1] + b"\xff"),
         "truncated": ("Evaluate", _evaluate(graph_id, good)[:-3]),
     }
 
@@ -243,7 +250,7 @@ def test_errors_are_those_of_the_general_path(pair):
     path, and nothing counted answered)."""
     lean, general = pair
     graph_id = registered(pair, seed_graph())
-    for fields in ({}, {"wrt": ["x"]}, {"mode": 9}):
+    for fields in ({}, {"wrt": ["x"]}, {"mode": 9}, {"request_id": "6"}):
         for _ in range(2):
             lean("Differentiate", differentiate(graph_id, {"x": PI, "y": PI}, **fields))
     inline = lean.counts["inline"]
