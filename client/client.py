@@ -292,6 +292,7 @@ class Client:
         self._small_heads: dict = {}  # (name, dtype, shape) -> an input's header
         self._small_frames: dict = {}  # (graph id, wrt, of, mode) -> bytes before, after
         self._small_orders: dict = {}  # input names -> in map order
+        self._small_layouts: dict = {}  # form -> _ReplyLayout of its replies
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -696,8 +697,9 @@ class Client:
     # path's: a graph not yet registered, or sent inline after a NOT_FOUND, takes it.
 
     def _small_request(self, graph, inputs, wrt, of, mode):
-        """(request bytes, request id, the graph's key or None for an id) of a small
-        Jacobian request by graph id, or None: the general path sends it. The bytes are
+        """(request bytes, request id, the graph's key or None for an id, the form: graph
+        id, wrt, of, mode) of a small Jacobian request by graph id, or None: the general
+        path sends it. The bytes are
         the generated code's (deterministic: fields by number, map entries by key) from
         pieces it wrote once: the graph id, each input's header by name, dtype and
         shape, and `wrt`, `of` and the mode; only the arrays' data and the request id
@@ -741,7 +743,7 @@ class Client:
         parts[0] = frame[0]
         parts.append(frame[1])
         parts.append(_REQUEST_ID_KEY + bytes([len(request_id)]) + request_id.encode())
-        return b"".join(parts), request_id, key
+        return b"".join(parts), request_id, key, form
 
     def _small_order(self, inputs) -> tuple:
         """The input names in the order of the generated code's deterministic maps."""
@@ -751,9 +753,10 @@ class Client:
             order = _remember(self._small_orders, names, tuple(sorted(names, key=_map_order)))
         return order
 
-    def _small_differentiate(self, graph, inputs, wrt, of, mode, data, request_id, key):
+    def _small_differentiate(self, graph, inputs, wrt, of, mode, data, request_id, key,
+                             form):
         try:
-            return _small_result(self._call("DifferentiateBytes", data))
+            return self._small_result(form, request_id, self._call("DifferentiateBytes", data))
         except grpc.RpcError as err:
             request = self._inline_request(err, graph, inputs, wrt, of, mode, request_id,
                                            key)
@@ -762,7 +765,7 @@ class Client:
         return result_from_proto(self._call("Differentiate", request))
 
     def _small_differentiate_async(self, graph, inputs, wrt, of, mode, data, request_id,
-                                   key) -> Future:
+                                   key, form) -> Future:
         future: Future = Future()
         future.set_running_or_notify_cancel()
 
@@ -772,8 +775,25 @@ class Client:
                 return False
             self._call_async("Differentiate", request, future, result_from_proto)
             return True
-        self._call_async("DifferentiateBytes", data, future, _small_result, not_found)
+        self._call_async("DifferentiateBytes", data, future,
+                         lambda reply: self._small_result(form, request_id, reply), not_found)
         return future
+
+    def _small_result(self, form, request_id: str, data: bytes) -> Result:
+        """The Result of a small request's reply: read by the layout of its form's
+        earlier replies when it has it (_ReplyLayout), else parsed (and its layout
+        kept)."""
+        layout = self._small_layouts.get(form)
+        if layout is not None:
+            result = layout.read(data, request_id)
+            if result is not None:
+                return result
+        result = _small_result(data)
+        if layout is None and len(data) < SMALL_TENSOR_BYTES:
+            layout = _ReplyLayout.of(data, result)
+            if layout is not None:
+                _remember(self._small_layouts, form, layout)
+        return result
 
     def _inline_request(self, err, graph, inputs, wrt, of, mode, request_id, key):
         """After a small request by id failed with `err`: the same request with the graph
@@ -1036,6 +1056,142 @@ def _small_result(data: bytes) -> Result:
     if len(data) < SMALL_TENSOR_BYTES:
         return result_from_proto(pb.DifferentiateResponse.FromString(data))
     return result_from_proto(decode(pb.DifferentiateResponse, data))
+
+
+_REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
+_REPLY_REQUEST_ID_KEY = bytes([_REPLY["request_id"].number << 3 | 2])
+# The fields of a reply a _ReplyLayout reads, by number: "outputs", "jacobian", or ""
+# (the mode, planner and graph_id: the same in every reply of a form)
+_LAYOUT_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                  _REPLY["mode"].number: "", _REPLY["planner"].number: "",
+                  _REPLY["graph_id"].number: ""}
+
+
+class _ReplyLayout:
+    """A small Jacobian reply's bytes as a server writes them for every request of one
+    form: the same bytes but for its arrays' data and its request_id (the last field).
+    A reply that matches them outside those holes is read without parsing: its arrays
+    are views of its bytes (dtypes and shapes as in the first reply, whose tensors were
+    checked), its mode, planner and graph id the first reply's. Replies with bool,
+    empty or sparse blocks have no layout."""
+
+    __slots__ = ("pieces", "arrays", "body", "first")
+
+    def __init__(self, pieces, arrays, body, first: Result):
+        self.pieces = pieces  # (offset, bytes) of the fixed stretches
+        self.arrays = arrays  # ("outputs" or "jacobian", key, offset, dtype, count, shape)
+        self.body = body  # the bytes before the request_id
+        self.first = first
+
+    @classmethod
+    def of(cls, data: bytes, result: Result) -> "_ReplyLayout | None":
+        holes, i, end, body = [], 0, len(data), len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0 and number == _REPLY["mode"].number:
+                i = _varint(data, i)[1]
+                continue
+            length, i = _varint(data, i) if wire == 2 else (None, i)
+            if length is None:
+                return None
+            if number == _REPLY["request_id"].number:
+                if i + length != end:
+                    return None
+                body = start
+            elif _LAYOUT_FIELDS.get(number) is None:
+                return None
+            elif _LAYOUT_FIELDS[number]:
+                kind = _LAYOUT_FIELDS[number]
+                found = _array_span(data, i, i + length, 2 if kind == "outputs" else 3)
+                if found is None:
+                    return None
+                names, a, b = found
+                name = names[0] if kind == "outputs" else tuple(names)
+                array = getattr(result, kind).get(name)
+                if array is None or array.dtype == bool or array.nbytes != b - a or not b - a:
+                    return None
+                holes.append((kind, name, a, b, array.dtype, array.size, array.shape))
+            i += length
+        if len(holes) != len(result.outputs) + len(result.jacobian) or result.tangents \
+                or result.cotangents or result.trace is not None or result.results_handle:
+            return None
+        pieces, at = [], 0
+        for _, _, a, b, *_ in holes:
+            pieces.append((at, data[at:a]))
+            at = b
+        pieces.append((at, data[at:body]))
+        return cls(tuple(pieces), tuple((k, n, a, d, c, s) for k, n, a, _, d, c, s in holes),
+                   body, result)
+
+    def read(self, data: bytes, request_id: str) -> Result | None:
+        """The Result of `data` if it is this reply with other arrays and `request_id`."""
+        body = self.body
+        tail = (_REPLY_REQUEST_ID_KEY + _varint_bytes(len(request_id.encode()))
+                + request_id.encode()) if request_id else b""
+        if len(data) != body + len(tail) or not data.endswith(tail):
+            return None
+        for at, piece in self.pieces:
+            if not data.startswith(piece, at):
+                return None
+        found = {"outputs": {}, "jacobian": {}}
+        for kind, name, at, dtype, count, shape in self.arrays:
+            found[kind][name] = np.frombuffer(data, dtype, count, at).reshape(shape)
+        first = self.first
+        return Result(found["outputs"], found["jacobian"], {}, {}, first.mode, first.planner,
+                      first.graph_id, request_id)
+
+
+def _array_span(data: bytes, i: int, end: int, value: int):
+    """In a map entry or a Jacobian block at data[i:end] whose tensor is field `value`:
+    (its names, the start and end of its tensor's data); None if it holds anything else
+    or its tensor no data."""
+    names, span = [], None
+    while i < end:
+        key, i = _varint(data, i)
+        if key & 7 != 2:
+            return None
+        length, i = _varint(data, i)
+        if key >> 3 == value:
+            j, stop = i, i + length
+            while j < stop:  # the tensor: dtype, shape, data
+                k, j = _varint(data, j)
+                if k & 7 == 0:
+                    j = _varint(data, j)[1]
+                    continue
+                if k & 7 != 2:
+                    return None
+                n, j = _varint(data, j)
+                if k >> 3 == 3:
+                    span = (j, j + n)
+                j += n
+        elif key >> 3 < value:
+            names.append(data[i:i + length].decode())
+        else:
+            return None
+        i += length
+    return None if span is None else (names, *span)
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def _hessian_blocks(reply: TensorMessage) -> dict:

@@ -60,7 +60,7 @@ def test_small_request_bytes_are_the_generated_codes():
         for inputs, options in cases:
             for graph_id in ("g" * 64, "short"):
                 for _ in range(2):
-                    data, request_id, key = client._small_request(
+                    data, request_id, key, _ = client._small_request(
                         graph_id, inputs, options.get("wrt"), options.get("of"),
                         options.get("mode", "auto"))
                     assert key is None
@@ -104,7 +104,9 @@ def test_small_requests_answer_as_finite_differences_and_the_general_path(addres
             for _ in range(3):
                 inputs = mixed_inputs(rng)
                 small = client.differentiate(graph, inputs, mode=mode)
-                assert (small.graph_id, (), (), mode) in client._small_frames  # small path
+                form = (small.graph_id, (), (), mode)
+                assert form in client._small_frames  # the small path
+                assert form in client._small_layouts  # replies after the first: read by it
                 # the same request by the general path: big-endian arrays, which it
                 # converts (the small path leaves them alone)
                 general = client.differentiate(graph, big_endian(inputs), mode=mode)
