@@ -789,7 +789,7 @@ class Client:
             if result is not None:
                 return result
         result = _small_result(data)
-        if layout is None and len(data) < SMALL_TENSOR_BYTES:
+        if len(data) < SMALL_TENSOR_BYTES:  # (a layout that no longer fits: replaced)
             layout = _ReplyLayout.of(data, result)
             if layout is not None:
                 _remember(self._small_layouts, form, layout)

@@ -216,7 +216,7 @@ class LeanPath:
         mode = mode_name(request.mode)
         if mode is None:
             return None
-        form = None
+        form = template = None
         if present <= _JACOBIAN_FIELDS:  # a Jacobian request: answered by a template?
             form = (graph_id, tuple(request.wrt) or None, tuple(request.of) or None,
                     request.mode)
@@ -231,6 +231,7 @@ class LeanPath:
                         self.templated += 1
                         return self._answered(method, started, request, answer.decision.mode,
                                               graph_id, reply)
+                    template = None  # it no longer fits: made again below
         model, nodes = self.model, len(plan.graph.nodes)
         # the node count first: FLOPs take a pass over the nodes (once per plan)
         if not self._within_budget(model.differentiate_us(nodes, 0)):
@@ -257,7 +258,9 @@ class LeanPath:
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
         reply_data = reply.SerializeToString(deterministic=True)
-        if form is not None and result.jacobian and decision.sparsity != "sparse":
+        # (kept once per form: a form the engine does not repeat keeps its first one)
+        if (form is not None and template is None and result.jacobian
+                and decision.sparsity != "sparse"):
             self._keep_template(form, data, inputs, reply_data, result,
                                 request.request_id.encode())
         return self._answered(method, started, request, decision.mode, graph_id, reply_data)
@@ -281,8 +284,7 @@ class LeanPath:
         self._template_bytes += size
         if known is not None:
             same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
-            if len(same) >= _FORMS_PER_PREFIX:
-                same.pop(0)
+            same[:] = [t for t in same if t.form != form][-(_FORMS_PER_PREFIX - 1):]
             same.append(known)
 
     def _repeat(self, method, started, known: "RequestTemplate", inputs: dict,
