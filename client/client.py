@@ -36,15 +36,16 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import gradient_service_pb2_grpc as pb_grpc
 from gradserve.v1 import graph_pb2
 from gradserve.v1.chunks import CHUNK_BYTES
-from gradserve.v1.codec import from_tensor
+from gradserve.v1.codec import DTYPES, from_tensor
 from gradserve.v1.modes import SPARSITY_NAMES, WIRE_MODES, WIRE_SPARSITY, mode_name
-from gradserve.v1.tensor_wire import TensorMessage, decode
+from gradserve.v1.tensor_wire import SMALL_TENSOR_BYTES, TensorMessage, _varint_bytes, decode
+from gradserve.v1.tensor_wire import read_varint as _varint
 
 from . import store
 from .builder import GraphBuilder
 from .render import trace_dot
 from .sparse import block_value
-from .store import StoredTensor, TensorHandle
+from .store import TensorHandle
 
 MAX_MESSAGE_BYTES = 256 << 20
 INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUND
@@ -52,6 +53,7 @@ INLINE_AFTER_NOT_FOUND = 16  # calls sent with the graph inline after a NOT_FOUN
 # (GetServerInfo); over half that limit, its large inputs go by the tensor store.
 STORE_CHECK_BYTES = 1 << 20
 PUT_CHECK_BYTES = 64 << 10  # a larger put asks the server's message limit (once) for its chunks
+_WIRE_CODES = {dtype: code for code, dtype in DTYPES.items()}  # little-endian dtypes
 _STREAM_END = object()
 
 
@@ -145,22 +147,48 @@ class TrainStepsResult:
 
 def result_from_proto(reply) -> Result:
     """The Result of a DifferentiateResponse: a generated message, or a TensorMessage
-    as the Client receives it."""
-    if not isinstance(reply, TensorMessage):
-        reply = decode(pb.DifferentiateResponse, reply.SerializeToString())
-    p = reply.planner
+    as the Client receives it. Arrays are read-only, checked as tensor_wire checks
+    them (errors name the field)."""
+    if isinstance(reply, TensorMessage):
+        outputs, tangents, cotangents = reply.outputs, reply.tangents, reply.cotangents
+        jacobian = {(b.of, b.wrt): block_value(b, value) for b, value in reply.jacobian}
+    else:  # the generated message: its arrays read from its own tensors
+        outputs, tangents, cotangents = (_arrays(reply, name)
+                                         for name in ("outputs", "tangents", "cotangents"))
+        jacobian = {(b.of, b.wrt): block_value(b, from_tensor(b.value,
+                                                              f"jacobian[{b.of}, {b.wrt}]"))
+                    for b in reply.jacobian}
     has_trace = reply.HasField("trace")
     return Result(
-        outputs=reply.outputs,
-        jacobian={(b.of, b.wrt): block_value(b, value) for b, value in reply.jacobian},
-        tangents=reply.tangents, cotangents=reply.cotangents,
+        outputs=outputs, jacobian=jacobian, tangents=tangents, cotangents=cotangents,
         mode=mode_name(reply.mode) or "",
-        planner=decision_from_proto(p),
+        planner=_decision(reply.planner),
         graph_id=reply.graph_id, request_id=reply.request_id,
         trace=trace_from_proto(reply.trace) if has_trace else None,
         trace_mode=(mode_name(reply.trace.mode) or "") if has_trace else "",
         results_handle=(TensorHandle(reply.results_handle, None)
                         if reply.results_handle else None))
+
+
+def _arrays(reply, name: str) -> dict:
+    tensors = getattr(reply, name)
+    return {key: from_tensor(t, name, None, key) for key, t in tensors.items()} if tensors else {}
+
+
+_DECISIONS: dict = {}  # a PlannerDecision message's bytes -> its PlannerDecision
+_DECISIONS_KEPT = 256  # (then forgotten, all at once)
+
+
+def _decision(p) -> PlannerDecision:
+    """decision_from_proto(p), kept by p's bytes: a graph's calls of one kind repeat it
+    (a PlannerDecision is immutable, so it is shared)."""
+    data = p.SerializeToString()
+    decision = _DECISIONS.get(data)
+    if decision is None:
+        if len(_DECISIONS) >= _DECISIONS_KEPT:
+            _DECISIONS.clear()
+        decision = _DECISIONS[data] = decision_from_proto(p)
+    return decision
 
 
 def trace_from_proto(trace: pb.Trace) -> list:
@@ -301,6 +329,11 @@ class Client:
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
         self._server_message_bytes: int | None = None  # learned when a request is large
+        # pieces of small requests' bytes (_small_request), each bounded by _SMALL_KEPT
+        self._small_heads: dict = {}  # (name, dtype, shape) -> an input's header
+        self._small_frames: dict = {}  # (graph id, wrt, of, mode) -> bytes before, after
+        self._small_orders: dict = {}  # input names -> in map order
+        self._small_layouts: dict = {}  # form -> _ReplyLayout of its replies
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -365,6 +398,11 @@ class Client:
         `Result.results_handle` (keys "jacobian/OF/WRT", "cotangents/WRT", ...; fetch
         with `get`, or name them in later requests); False: always in the reply.
         """
+        if (tangents is None and cotangents is None and not trace and sparsity is None
+                and not store_results):
+            small = self._small_request(graph, inputs, wrt, of, mode)
+            if small is not None:
+                return self._small_differentiate(graph, inputs, wrt, of, mode, *small)
         inputs, auto_put, big = self._fit(inputs, tangents, cotangents)
         try:
             fetch = store_results is None and big
@@ -391,6 +429,10 @@ class Client:
         the NOT_FOUND resend are those of `differentiate`; no thread waits for the call,
         and the reply is decoded on grpc's thread. The first call with a graph this
         client has not registered registers it, waiting for that."""
+        if tangents is None and cotangents is None and not trace and sparsity is None:
+            small = self._small_request(graph, inputs, wrt, of, mode)
+            if small is not None:
+                return self._small_differentiate_async(graph, inputs, wrt, of, mode, *small)
         request = self._differentiate_request(inputs, wrt, of, mode, tangents, cotangents,
                                               trace, sparsity)
         return self._by_id_async("Differentiate", graph, request, result_from_proto)
@@ -738,6 +780,120 @@ class Client:
         DifferentiateSession: each reply has the client's `timeout` as its deadline)."""
         return DifferentiateSession(self, graph)
 
+    # --- small requests ----------------------------------------------------------
+    # A Jacobian request of a few arrays (under SMALL_TENSOR_BYTES in all) for a graph
+    # the server knows by id is the common call, and its round trip is short: its bytes
+    # are written by the generated code straight from the arrays and its reply read the
+    # same way, without the tensor store's and the tensor codec's steps (which have
+    # nothing to do for it). Retries, the NOT_FOUND resend and errors are the general
+    # path's: a graph not yet registered, or sent inline after a NOT_FOUND, takes it.
+
+    def _small_request(self, graph, inputs, wrt, of, mode):
+        """(request bytes, request id, the graph's key or None for an id, the form: graph
+        id, wrt, of, mode) of a small Jacobian request by graph id, or None: the general
+        path sends it. The bytes are
+        the generated code's (deterministic: fields by number, map entries by key) from
+        pieces it wrote once: the graph id, each input's header by name, dtype and
+        shape, and `wrt`, `of` and the mode; only the arrays' data and the request id
+        are new."""
+        if isinstance(wrt, str) or isinstance(of, str) or mode not in WIRE_MODES:
+            return None
+        heads = self._small_heads
+        parts = [b""]
+        total = 0
+        for name in self._small_order(inputs):
+            array = inputs[name]
+            if type(array) is not np.ndarray:  # a StoredTensor, a list, a scalar
+                return None
+            head = heads.get((name, array.dtype, array.shape))
+            if head is None:
+                head = _input_head(name, array)
+                if head is None:
+                    return None
+                _remember(heads, (name, array.dtype, array.shape), head)
+            total += array.nbytes
+            parts.append(head)
+            parts.append(array.tobytes())
+        if total >= SMALL_TENSOR_BYTES:
+            return None
+        if isinstance(graph, str):
+            graph_id, key = graph, None
+        else:
+            key = _serialized(graph)[1]
+            with self._lock:
+                graph_id = self._ids.get(key)
+                if graph_id is None or self._inline_left.get(key, 0):
+                    return None
+        form = (graph_id, tuple(wrt or ()), tuple(of or ()), mode)
+        frame = self._small_frames.get(form)
+        if frame is None:
+            frame = _remember(self._small_frames, form, (
+                pb.DifferentiateRequest(graph_id=graph_id).SerializeToString(),
+                pb.DifferentiateRequest(wrt=form[1], of=form[2], mode=WIRE_MODES[mode])
+                .SerializeToString(deterministic=True)))
+        request_id = str(next(self._request_ids))
+        parts[0] = frame[0]
+        parts.append(frame[1])
+        parts.append(_REQUEST_ID_KEY + bytes([len(request_id)]) + request_id.encode())
+        return b"".join(parts), request_id, key, form
+
+    def _small_order(self, inputs) -> tuple:
+        """The input names in the order of the generated code's deterministic maps."""
+        names = tuple(inputs)
+        order = self._small_orders.get(names)
+        if order is None:
+            order = _remember(self._small_orders, names, tuple(sorted(names, key=_map_order)))
+        return order
+
+    def _small_differentiate(self, graph, inputs, wrt, of, mode, data, request_id, key,
+                             form):
+        try:
+            return self._small_result(form, request_id, self._call("DifferentiateBytes", data))
+        except grpc.RpcError as err:
+            request = self._inline_request(err, graph, inputs, wrt, of, mode, request_id,
+                                           key)
+            if request is None:
+                raise
+        return result_from_proto(self._call("Differentiate", request))
+
+    def _small_differentiate_async(self, graph, inputs, wrt, of, mode, data, request_id,
+                                   key, form) -> Future:
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+
+        def not_found(err) -> bool:
+            request = self._inline_request(err, graph, inputs, wrt, of, mode, request_id, key)
+            if request is None:
+                return False
+            self._call_async("Differentiate", request, future, result_from_proto)
+            return True
+        self._call_async("DifferentiateBytes", data, future,
+                         lambda reply: self._small_result(form, request_id, reply), not_found)
+        return future
+
+    def _small_result(self, form, request_id: str, data: bytes) -> Result:
+        """The Result of a small request's reply: read by the layout of its form's
+        earlier replies when it has it (_ReplyLayout), else parsed (and its layout
+        kept)."""
+        layout = self._small_layouts.get(form)
+        if layout is not None:
+            result = layout.read(data, request_id)
+            if result is not None:
+                return result
+        result = _small_result(data)
+        if len(data) < SMALL_TENSOR_BYTES:  # (a layout that no longer fits: replaced)
+            layout = _ReplyLayout.of(data, result)
+            if layout is not None:
+                _remember(self._small_layouts, form, layout)
+        return result
+
+    def _inline_request(self, err, graph, inputs, wrt, of, mode, request_id, key):
+        """After a small request by id failed with `err`: the same request with the graph
+        inline if the server did not know the graph (see _by_id), else None."""
+        request = self._differentiate_request(inputs, wrt, of, mode, None, None)
+        request.message.request_id = request_id
+        return request if self._resend_inline(err, key, graph, request) else None
+
     # --- plumbing ------------------------------------------------------------------
 
     def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents,
@@ -979,6 +1135,163 @@ def _wire_sparsity(sparsity: str | None) -> int:
     return WIRE_SPARSITY[sparsity]
 
 
+_SMALL_KEPT = 256  # entries of each of a Client's small-request caches (then cleared)
+_REQUEST_ID_KEY = bytes([pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["request_id"].number
+                         << 3 | 2])
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) >= _SMALL_KEPT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _map_order(key: str) -> bytes:
+    """The order of map keys in protobuf's (upb's) deterministic serialization: by UTF-8
+    bytes, a key before its own prefixes. 0xFF is never in UTF-8."""
+    return key.encode() + b"\xff"
+
+
+def _input_head(name: str, array: np.ndarray) -> bytes | None:
+    """The bytes of an `inputs` map entry of `array`'s name, dtype and shape, up to its
+    data (the entry's last bytes), as the generated code writes them; None for a dtype
+    the wire does not carry as it is (the general path converts or refuses it)."""
+    if array.dtype not in _WIRE_CODES:
+        return None
+    request = pb.DifferentiateRequest()
+    tensor = request.inputs[name]
+    tensor.dtype = _WIRE_CODES[array.dtype]
+    tensor.shape.extend(array.shape)
+    tensor.data = bytes(array.nbytes)
+    data = request.SerializeToString()
+    return data[:len(data) - array.nbytes]
+
+
+def _small_result(data: bytes) -> Result:
+    """The Result of a DifferentiateResponse's bytes: a small one parsed by the generated
+    code, a larger one read by tensor_wire (without copies of its arrays)."""
+    if len(data) < SMALL_TENSOR_BYTES:
+        return result_from_proto(pb.DifferentiateResponse.FromString(data))
+    return result_from_proto(decode(pb.DifferentiateResponse, data))
+
+
+_REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
+_REPLY_REQUEST_ID_KEY = bytes([_REPLY["request_id"].number << 3 | 2])
+# The fields of a reply a _ReplyLayout reads, by number: "outputs", "jacobian", or ""
+# (the mode, planner and graph_id: the same in every reply of a form)
+_LAYOUT_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                  _REPLY["mode"].number: "", _REPLY["planner"].number: "",
+                  _REPLY["graph_id"].number: ""}
+
+
+class _ReplyLayout:
+    """A small Jacobian reply's bytes as a server writes them for every request of one
+    form: the same bytes but for its arrays' data and its request_id (the last field).
+    A reply that matches them outside those holes is read without parsing: its arrays
+    are views of its bytes (dtypes and shapes as in the first reply, whose tensors were
+    checked), its mode, planner and graph id the first reply's. Replies with bool,
+    empty or sparse blocks have no layout."""
+
+    __slots__ = ("pieces", "arrays", "body", "first")
+
+    def __init__(self, pieces, arrays, body, first: Result):
+        self.pieces = pieces  # (offset, bytes) of the fixed stretches
+        self.arrays = arrays  # ("outputs" or "jacobian", key, offset, dtype, count, shape)
+        self.body = body  # the bytes before the request_id
+        self.first = first
+
+    @classmethod
+    def of(cls, data: bytes, result: Result) -> "_ReplyLayout | None":
+        holes, i, end, body = [], 0, len(data), len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0 and number == _REPLY["mode"].number:
+                i = _varint(data, i)[1]
+                continue
+            length, i = _varint(data, i) if wire == 2 else (None, i)
+            if length is None:
+                return None
+            if number == _REPLY["request_id"].number:
+                if i + length != end:
+                    return None
+                body = start
+            elif _LAYOUT_FIELDS.get(number) is None:
+                return None
+            elif _LAYOUT_FIELDS[number]:
+                kind = _LAYOUT_FIELDS[number]
+                found = _array_span(data, i, i + length, 2 if kind == "outputs" else 3)
+                if found is None:
+                    return None
+                names, a, b = found
+                name = names[0] if kind == "outputs" else tuple(names)
+                array = getattr(result, kind).get(name)
+                if array is None or array.dtype == bool or array.nbytes != b - a or not b - a:
+                    return None
+                holes.append((kind, name, a, b, array.dtype, array.size, array.shape))
+            i += length
+        if len(holes) != len(result.outputs) + len(result.jacobian) or result.tangents \
+                or result.cotangents or result.trace is not None or result.results_handle:
+            return None
+        pieces, at = [], 0
+        for _, _, a, b, *_ in holes:
+            pieces.append((at, data[at:a]))
+            at = b
+        pieces.append((at, data[at:body]))
+        return cls(tuple(pieces), tuple((k, n, a, d, c, s) for k, n, a, _, d, c, s in holes),
+                   body, result)
+
+    def read(self, data: bytes, request_id: str) -> Result | None:
+        """The Result of `data` if it is this reply with other arrays and `request_id`."""
+        body = self.body
+        tail = (_REPLY_REQUEST_ID_KEY + _varint_bytes(len(request_id.encode()))
+                + request_id.encode()) if request_id else b""
+        if len(data) != body + len(tail) or not data.endswith(tail):
+            return None
+        for at, piece in self.pieces:
+            if not data.startswith(piece, at):
+                return None
+        found = {"outputs": {}, "jacobian": {}}
+        for kind, name, at, dtype, count, shape in self.arrays:
+            found[kind][name] = np.frombuffer(data, dtype, count, at).reshape(shape)
+        first = self.first
+        return Result(found["outputs"], found["jacobian"], {}, {}, first.mode, first.planner,
+                      first.graph_id, request_id)
+
+
+def _array_span(data: bytes, i: int, end: int, value: int):
+    """In a map entry or a Jacobian block at data[i:end] whose tensor is field `value`:
+    (its names, the start and end of its tensor's data); None if it holds anything else
+    or its tensor no data."""
+    names, span = [], None
+    while i < end:
+        key, i = _varint(data, i)
+        if key & 7 != 2:
+            return None
+        length, i = _varint(data, i)
+        if key >> 3 == value:
+            j, stop = i, i + length
+            while j < stop:  # the tensor: dtype, shape, data
+                k, j = _varint(data, j)
+                if k & 7 == 0:
+                    j = _varint(data, j)[1]
+                    continue
+                if k & 7 != 2:
+                    return None
+                n, j = _varint(data, j)
+                if k >> 3 == 3:
+                    span = (j, j + n)
+                j += n
+        elif key >> 3 < value:
+            names.append(data[i:i + length].decode())
+        else:
+            return None
+        i += length
+    return None if span is None else (names, *span)
+
+
 def _hessian_blocks(reply: TensorMessage) -> dict:
     return {(b.wrt_a, b.wrt_b): block_value(b, value) for b, value in reply.hessian}
 
@@ -1017,6 +1330,9 @@ def _stub(channel: grpc.Channel) -> pb_grpc.GradientServiceStub:
     for name in ("Evaluate", "Differentiate", "DifferentiateStream", "TrainSteps",
                  "PutTensors", "GetTensors"):
         setattr(stub, name, getattr(tensors, name))
+    # small requests: bytes both ways, written and read by the Client (_small_request)
+    stub.DifferentiateBytes = channel.unary_unary(
+        "/gradserve.v1.GradientService/Differentiate", _registered_method=True)
     return stub
 
 

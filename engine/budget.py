@@ -52,6 +52,11 @@ class Budget:
         # any limit to admit: callers skip sizing a request (its Need) when there is none
         object.__setattr__(self, "limited", any(
             getattr(self, f) is not None for f in _LIMITS))
+        # what `admit` decides by, beside the plan and the request (its deadline and
+        # cancellation are not): a cache of admitted requests is keyed by it
+        object.__setattr__(self, "admission", (self.max_bytes, self.max_flops,
+                                               self.max_reply_bytes, self.max_block_elements,
+                                               self.max_trace_elements))
 
     @classmethod
     def of(cls, budget: "Budget | None" = None, check=None, **limits) -> "Budget":

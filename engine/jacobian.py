@@ -3,7 +3,11 @@ seeds' layout, one vectorized sweep, and where each block sits in its result.
 
 Everything that depends on shapes only (a `JacobianSetup`) is kept per request shape
 in the plan's `jacobian_setups`; the identity seeds with it while the plan's seeds stay
-within PLAN_CACHE_BYTES in all.
+within PLAN_CACHE_BYTES in all. A setup also remembers under which limits it was
+answered densely, and with which decision (`admitted`): `repeat` answers the same
+request again by its sweep alone (what a small request's time is mostly spent on
+otherwise is planning, admitting and checking what was planned, admitted and
+checked before).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .sweeps import forward_sweep, reverse_sweep
 
 SETUP_CACHE = 64  # request shapes whose setups are remembered per plan
 PLAN_CACHE_BYTES = 1 << 20  # identity seeds kept per plan, in all
+ADMITTED_KEPT = 8  # sets of limits a setup remembers its dense answer under
 
 
 class Block(NamedTuple):
@@ -49,6 +54,9 @@ class JacobianSetup(NamedTuple):
     result_bytes: int
     seed_bytes: int
     largest_block: int  # elements
+    # Budget.admission key -> the decision of a dense answer under those limits, without
+    # a sparsity choice of the caller's own or a ratio (see `repeat`)
+    admitted: dict
 
 
 class JacobianResult(NamedTuple):
@@ -76,14 +84,46 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget,
     if budget.limited:
         admit(plan, shapes, setup, budget)
     seeds = setup.seeds or _identity_seeds(plan, setup, shapes)
-    vals = bound.vals
-    if d.mode == "forward":
+    blocks = _swept(plan, setup, seeds, bound.vals, budget.check)
+    if found is not None:  # dense, with the pattern's figures and why
+        d = replace(d, reason=found.reason, nnz=found.nnz)
+    if ratio is None and sparsity is None and setup.seeds:
+        if len(setup.admitted) >= ADMITTED_KEPT:
+            setup.admitted.clear()
+        setup.admitted[budget.admission] = d
+    return JacobianResult(plan.outputs(bound.vals), blocks, d.mode, d)
+
+
+def repeat(plan, bound, wrt, of, mode, budget: Budget) -> JacobianResult | None:
+    """`jacobian(plan, bound, wrt, of, mode, None, budget)` for a request it answered
+    densely before at the same shapes, `wrt`, `of` and `mode` under the same limits:
+    the same sweep, blocks and decision, without planning, sparsity analysis or
+    admission again (all depend on nothing else). None when it has not: call
+    `jacobian`."""
+    setup = plan.jacobian_setups.get(_key(bound, wrt, of, mode, None))
+    if setup is None:
+        return None
+    d = setup.admitted.get(budget.admission)
+    if d is None or not setup.seeds:
+        return None
+    blocks = _swept(plan, setup, setup.seeds, bound.vals, budget.check)
+    return JacobianResult(plan.outputs(bound.vals), blocks, d.mode, d)
+
+
+def _key(bound, wrt, of, mode, ratio) -> tuple:
+    return (bound.signature, None if wrt is None else tuple(wrt),
+            None if of is None else tuple(of), mode, ratio)
+
+
+def _swept(plan, setup: JacobianSetup, seeds: dict, vals: list, check) -> dict:
+    """The blocks of one sweep of the identity seeds over the bound values."""
+    if setup.decision.mode == "forward":
         res = [None] * plan.n_slots
         for s, t in seeds.items():
             res[s] = t
-        forward_sweep(plan.steps, vals, res, budget.check, plan.points)
+        forward_sweep(plan.steps, vals, res, check, plan.points)
     else:
-        res = reverse_sweep(plan.steps, vals, seeds, plan.needs(setup.wrt), budget.check,
+        res = reverse_sweep(plan.steps, vals, seeds, plan.needs(setup.wrt), check,
                             plan.points)
     blocks = {}
     for b in setup.blocks:
@@ -95,15 +135,12 @@ def jacobian(plan, bound, wrt, of, mode, ratio, budget: Budget,
         if b.start or b.stop != b.flat[0]:
             r = r[b.start:b.stop]
         blocks[b.key] = (r.T if b.transpose else r).reshape(b.shape)
-    if found is not None:  # dense, with the pattern's figures and why
-        d = replace(d, reason=found.reason, nnz=found.nnz)
-    return JacobianResult(plan.outputs(vals), blocks, d.mode, d)
+    return blocks
 
 
 def setup_for(plan, bound, wrt, of, mode, ratio) -> JacobianSetup:
     """The JacobianSetup of these names at the bound shapes (kept per request shape)."""
-    key = (bound.signature, None if wrt is None else tuple(wrt),
-           None if of is None else tuple(of), mode, ratio)
+    key = _key(bound, wrt, of, mode, ratio)
     setups = plan.jacobian_setups
     setup = setups.get(key)
     if setup is None:
@@ -167,7 +204,7 @@ def _setup(plan, shapes, wrt, of, mode, ratio) -> JacobianSetup:
             blocks.append(Block((o, w), slot, at, at + size, flat, shape, forward, dtypes[o]))
     largest = max((sizes[o] * sizes[w] for o in of for w in wrt), default=0)
     return JacobianSetup(wrt, seed_names, offsets, total, {}, decision, blocks,
-                         n * m * itemsize, seed_bytes, largest)
+                         n * m * itemsize, seed_bytes, largest, {})
 
 
 def _identity_seeds(plan, setup, shapes) -> dict:

@@ -102,6 +102,19 @@ def differentiate(plan, inputs, *, wrt=None, of=None, mode="auto", tangents=None
     return answer
 
 
+def repeat(plan, inputs, *, wrt=None, of=None, mode="auto",
+           budget: Budget) -> Differentiation | None:
+    """`differentiate(plan, inputs, wrt=wrt, of=of, mode=mode, budget=budget)` for a
+    Jacobian request (no seeds, trace, residuals or sparsity of its own) that it has
+    answered before at these input shapes, names and mode under the same limits: the
+    same answer by the sweep alone (jacobian.repeat); None when it has not."""
+    bound = plan.bind(inputs)
+    result = jacobian.repeat(plan, bound, wrt, of, mode, budget)
+    if result is None:
+        return None
+    return Differentiation(result.outputs, result.jacobian, {}, {}, result.decision)
+
+
 def second_order(plan, inputs, *, vectors=None, hessian=False, of=None, wrt=None,
                  mode="auto", sparsity=None, budget: Budget) -> second.SecondOrder:
     """One second-order request: Hessian-vector products (`vectors` given) or the

@@ -262,16 +262,18 @@ def rpc(method):
         except LimitExceeded as exc:
             self.telemetry.record(name, _code(exc), started)
             await abort(context, exc)
-        call = CallState(context)
+        call = None
         try:
             lean = self.lean  # small requests: answered here, on the loop (server.lean)
-            reply = (None if lean is None
-                     else lean.answer(name, data, started, call.time_remaining()))
-            if reply is not None:
-                return reply
+            if lean is not None:
+                reply = lean.answer(name, data, started, context.time_remaining())
+                if reply is not None:
+                    return reply
+            call = CallState(context)
             return await calls.in_worker(run, self, data, call, started)
         except asyncio.CancelledError:
-            call.ended = True  # the worker's next check stops the work
+            if call is not None:
+                call.ended = True  # the worker's next check stops the work
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
             error = exc

@@ -19,6 +19,14 @@ path that answered it.
 The budget bounds how long the event loop (and so health checks and every other
 call's I/O) can be held by one request; it is an estimate of time, not of FLOPs:
 a 2,000-op scalar chain has few FLOPs and takes milliseconds of per-op Python.
+
+A Jacobian request (no seeds) of a form answered here before (same graph id, `wrt`,
+`of` and mode) is answered by its sweep alone: the engine remembers the request as
+planned and admitted (engine.request.repeat), and the reply's bytes are those of the
+first answer with the new arrays' bytes in place of the old ones (`ReplyTemplate`,
+checked against the generated serialization when made). Its estimate of time, its
+checks and its decision are those of the first answer: none of them depends on
+anything else.
 """
 
 from __future__ import annotations
@@ -27,11 +35,16 @@ from collections import Counter
 from dataclasses import dataclass
 from math import prod
 
+import numpy as np
 from prometheus_client import Counter as Metric
 
+from gradserve.engine import Budget
+from gradserve.engine.request import repeat
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import array_from, fill_tensor, fill_tensors
 from gradserve.v1.modes import WIRE_MODES, mode_name
+from gradserve.v1.tensor_wire import _varint_bytes
+from gradserve.v1.tensor_wire import read_varint as _varint
 
 from .convert import fill_decision
 from .wire import wire_counter
@@ -40,12 +53,20 @@ from .wire import wire_counter
 LEAN_MAX_BYTES = 16384
 DEFAULT_INLINE_BUDGET_US = 500.0
 _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
+# Reply templates of Jacobian requests (ReplyTemplate), by request form: at most this
+# many and these many bytes in all (then forgotten, all at once); a larger one is not kept.
+_TEMPLATES_KEPT = 1024
+_TEMPLATE_BYTES = 4 << 20
+_TEMPLATE_MAX_BYTES = 64 << 10
+_PREFIX_BYTES = 64  # request bytes a RequestTemplate is looked up by (a graph id's, mostly)
+_FORMS_PER_PREFIX = 8  # RequestTemplates kept per prefix (the oldest dropped)
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
 _EVALUATE_FIELDS = frozenset({"graph_id", "inputs"})
 _DIFFERENTIATE_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "tangents",
                                    "cotangents", "request_id"})
+_JACOBIAN_FIELDS = _DIFFERENTIATE_FIELDS - {"tangents", "cotangents"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +99,8 @@ class LeanPath:
     """Answers qualifying requests inline (see the module's docstring); `counts` says
     how many were answered inline ("inline"), how many went to a worker over the time
     budget ("over_budget") or past their deadline ("expired"), also as the
-    gradserve_lean_requests metric."""
+    gradserve_lean_requests metric; `templated` how many of the inline ones a
+    ReplyTemplate answered."""
 
     def __init__(self, servicer, budget_us: float = DEFAULT_INLINE_BUDGET_US,
                  model: TimeModel | None = None):
@@ -98,6 +120,16 @@ class LeanPath:
                               ["path"], registry=servicer.telemetry.registry)
         self._children: dict = {}
         self._planners: dict = {}  # engine.PlannerDecision -> its message
+        # What the engine is asked to spend, as a Budget (the same for every request)
+        self._limits = {**servicer._run_limits, "max_block_elements": limits.max_tensor_elements,
+                        "max_trace_elements": limits.max_trace_elements or None}
+        self._budget = Budget.of(None, None, **self._limits)
+        # (graph_id, wrt, of, wire mode) -> ReplyTemplate of a Jacobian request answered here
+        self._templates: dict = {}
+        # the first _PREFIX_BYTES of a request's bytes -> RequestTemplates of its forms
+        self._requests: dict = {}
+        self._template_bytes = 0
+        self.templated = 0
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -167,9 +199,17 @@ class LeanPath:
                                 **servicer._run_limits)
         reply = pb.EvaluateResponse(graph_id=graph_id)
         fill_tensors(reply.outputs, outputs)
-        return self._reply(method, started, request, reply, None, graph_id)
+        return self._answered(method, started, request, None, graph_id,
+                              reply.SerializeToString(deterministic=True))
 
     def _differentiate(self, method: str, data: bytes, started: float) -> bytes | None:
+        for known in self._requests.get(data[:_PREFIX_BYTES], ()):
+            found = known.match(data)
+            if found is not None:
+                reply = self._repeat(method, started, known, *found)
+                if reply is not None:
+                    return reply
+                break
         found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS)
         if found is None:
             return None
@@ -178,6 +218,22 @@ class LeanPath:
         mode = mode_name(request.mode)
         if mode is None:
             return None
+        form = template = None
+        if present <= _JACOBIAN_FIELDS:  # a Jacobian request: answered by a template?
+            form = (graph_id, tuple(request.wrt) or None, tuple(request.of) or None,
+                    request.mode)
+            template = self._templates.get(form)
+            if template is not None:
+                answer = repeat(plan, self._arrays(request, present, "inputs"), wrt=form[1],
+                                of=form[2], mode=mode, budget=self._budget)
+                if answer is not None:
+                    reply = template.fill(answer.outputs, answer.jacobian,
+                                          request.request_id.encode())
+                    if reply is not None:
+                        self.templated += 1
+                        return self._answered(method, started, request, answer.decision.mode,
+                                              graph_id, reply)
+                    template = None  # it no longer fits: made again below
         model, nodes = self.model, len(plan.graph.nodes)
         # the node count first: FLOPs take a pass over the nodes (once per plan)
         if not self._within_budget(model.differentiate_us(nodes, 0)):
@@ -186,16 +242,13 @@ class LeanPath:
         if not self._within_budget(model.differentiate_us(
                 nodes, plan.estimate_flops(plan.shapes, directions))):
             return None
-        servicer = self.servicer
+        inputs = self._arrays(request, present, "inputs")
         result = plan.differentiate(
-            self._arrays(request, present, "inputs"),
-            wrt=tuple(request.wrt) if "wrt" in present else None,
+            inputs, wrt=tuple(request.wrt) if "wrt" in present else None,
             of=tuple(request.of) if "of" in present else None, mode=mode,
             tangents=self._arrays(request, present, "tangents"),
             cotangents=self._arrays(request, present, "cotangents"), trace=False,
-            check=None, **servicer._run_limits, residuals=None,
-            max_block_elements=servicer.limits.max_tensor_elements,
-            max_trace_elements=servicer.limits.max_trace_elements or None)
+            residuals=None, budget=self._budget)
         decision = result.decision
         reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
                                          mode=WIRE_MODES[decision.mode],
@@ -206,7 +259,53 @@ class LeanPath:
                 fill_tensors(getattr(reply, name), arrays)
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
-        return self._reply(method, started, request, reply, decision.mode, graph_id)
+        reply_data = reply.SerializeToString(deterministic=True)
+        # (kept once per form: a form the engine does not repeat keeps its first one)
+        if (form is not None and template is None and result.jacobian
+                and decision.sparsity != "sparse"):
+            self._keep_template(form, data, inputs, reply_data, result,
+                                request.request_id.encode())
+        return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+
+    def _keep_template(self, form, data: bytes, inputs: dict, reply_data: bytes, result,
+                       request_id: bytes) -> None:
+        """Keep the reply's template for the next requests of its form, if it gives back
+        the reply's own bytes (see ReplyTemplate), and the request's (RequestTemplate)."""
+        template = ReplyTemplate.of(reply_data, result.outputs, result.jacobian)
+        if template is None or template.nbytes > _TEMPLATE_MAX_BYTES or template.fill(
+                result.outputs, result.jacobian, request_id) != reply_data:
+            return
+        known = RequestTemplate.of(data, inputs, form, template)
+        size = template.nbytes + (known.nbytes if known is not None else 0)
+        if (len(self._templates) >= _TEMPLATES_KEPT
+                or self._template_bytes + size > _TEMPLATE_BYTES):
+            self._templates.clear()
+            self._requests.clear()
+            self._template_bytes = 0
+        self._templates[form] = template
+        self._template_bytes += size
+        if known is not None:
+            same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
+            same[:] = [t for t in same if t.form != form][-(_FORMS_PER_PREFIX - 1):]
+            same.append(known)
+
+    def _repeat(self, method, started, known: "RequestTemplate", inputs: dict,
+                request_id: bytes) -> bytes | None:
+        """The reply to a request matching `known` (RequestTemplate), or None (the
+        request is parsed and answered as any other)."""
+        graph_id, wrt, of, wire_mode = known.form
+        plan = self.servicer.registry.cache.peek(graph_id)
+        if plan is None:
+            return None
+        answer = repeat(plan, inputs, wrt=wrt, of=of, mode=mode_name(wire_mode),
+                        budget=self._budget)
+        if answer is None:
+            return None
+        reply = known.reply.fill(answer.outputs, answer.jacobian, request_id)
+        if reply is None:
+            return None
+        self.templated += 1
+        return self._answered(method, started, known, answer.decision.mode, graph_id, reply)
 
     def _planner(self, decision) -> pb.PlannerDecision:
         """The planner's decision as a message, built once per decision: a graph's calls
@@ -218,12 +317,12 @@ class LeanPath:
             message = self._planners[decision] = fill_decision(pb.PlannerDecision(), decision)
         return message
 
-    def _reply(self, method, started, request, reply, mode, graph_id) -> bytes:
-        data = reply.SerializeToString(deterministic=True)
+    def _answered(self, method, started, request, mode, graph_id, data: bytes) -> bytes:
         # Answered: the lookup is counted (and the graph made most recent) as the general
         # path's would be; a request that fails on the way is counted by that path only.
         self.servicer.registry.cache.get(graph_id)
-        self.servicer.telemetry.record(method, "OK", started, request, reply, mode)
+        # (the request log reads the reply's graph_id: the request's, here)
+        self.servicer.telemetry.record(method, "OK", started, request, request, mode)
         self._count("inline")
         return data
 
@@ -240,3 +339,217 @@ def _directions(plan, request, present) -> int:
     wrt = tuple(request.wrt) if "wrt" in present else plan.float_inputs
     of = tuple(request.of) if "of" in present else plan.float_outputs
     return min(sum(prod(shapes[n]) for n in wrt), sum(prod(shapes[n]) for n in of))
+
+
+
+_REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
+_BLOCK = _REPLY["jacobian"].message_type.fields_by_name
+_ENTRY = _REPLY["outputs"].message_type.fields_by_name
+_TENSOR = _ENTRY["value"].message_type.fields_by_name
+# The reply fields a Jacobian request's template holds, by number: their kind
+_TEMPLATE_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                    _REPLY["mode"].number: "", _REPLY["planner"].number: "",
+                    _REPLY["graph_id"].number: ""}
+_REQUEST_ID = _REPLY["request_id"].number
+_REQUEST_ID_KEY = bytes([_REQUEST_ID << 3 | 2])
+
+
+class ReplyTemplate:
+    """A Jacobian request's reply bytes as the generated code writes them
+    (deterministically: fields by number, map entries by key) with a hole for each
+    array's data: `fill` puts another answer's arrays of the same sizes and dtypes in
+    the holes, and the request's request_id (the last field such a reply holds) at the
+    end. Every length prefix stays as it was, since the arrays' sizes do; an array
+    with no data (no elements) has no hole and none in any answer of the same form."""
+
+    __slots__ = ("pieces", "holes", "nbytes")
+
+    def __init__(self, pieces: list, holes: tuple):
+        self.pieces = pieces  # bytes, or None where an array's data goes
+        self.holes = holes  # (index in pieces, "outputs" or "jacobian", key, nbytes, dtype)
+        self.nbytes = sum(len(p) for p in pieces if p is not None)
+
+    @classmethod
+    def of(cls, data: bytes, outputs: dict, jacobian: dict) -> "ReplyTemplate | None":
+        """The template of a DifferentiateResponse's bytes `data` holding these outputs and
+        Jacobian blocks, a mode, planner, graph_id and request_id only (else None)."""
+        answer = {"outputs": outputs, "jacobian": jacobian}
+        pieces, holes, at, i, end = [], [], 0, 0, len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            kind = _TEMPLATE_FIELDS.get(number)
+            if wire == 0 and kind == "":  # the mode
+                _, i = _varint(data, i)
+                continue
+            if wire != 2:
+                return None
+            length, i = _varint(data, i)
+            if number == _REQUEST_ID:
+                if i + length != end:
+                    return None
+                end = i = start  # cut off: written per request
+                break
+            if kind is None:
+                return None
+            if kind:
+                found = _data_of(data, i, i + length, kind)
+                if found is None:
+                    return None
+                if found[0] is not None:
+                    name, a, b = found
+                    array = answer[kind].get(name)
+                    if array is None or array.nbytes != b - a:
+                        return None
+                    pieces.append(data[at:a])
+                    holes.append((len(pieces), kind, name, b - a, array.dtype))
+                    pieces.append(None)
+                    at = b
+            i += length
+        if i > end:
+            return None
+        pieces.append(data[at:end])
+        return cls(pieces, tuple(holes))
+
+    def fill(self, outputs: dict, jacobian: dict, request_id: bytes) -> bytes | None:
+        """The reply with these arrays and request_id (UTF-8); None if an array is not of
+        the template's size and dtype."""
+        pieces = self.pieces[:]
+        for at, kind, name, nbytes, dtype in self.holes:
+            array = (outputs if kind == "outputs" else jacobian).get(name)
+            if array is None or array.nbytes != nbytes or array.dtype != dtype:
+                return None
+            pieces[at] = array.tobytes()
+        if request_id:
+            pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(request_id)) + request_id)
+        return b"".join(pieces)
+
+
+_INPUTS = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["inputs"].number
+_REQUEST_ID_TAG = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["request_id"].number << 3 | 2
+
+
+class RequestTemplate:
+    """A Jacobian request's bytes as a client sends them call after call: the same
+    fields but for its inputs' data and its request_id (the last field). Bytes that
+    match it outside those holes parse to the same request with other arrays and
+    another id, so they need no parsing, no count of their fields and no checks of
+    their tensors (all as for the first request); `match` reads their arrays (views of
+    the bytes, as the codec's) and request_id. Bool inputs are left out (their bytes
+    are checked one by one)."""
+
+    __slots__ = ("pieces", "inputs", "body", "form", "reply", "graph_id", "nbytes")
+
+    def __init__(self, pieces, inputs, body, form, reply):
+        self.pieces = pieces  # (offset, bytes) of the fixed stretches
+        self.inputs = inputs  # (name, offset, dtype, count, shape), or a constant array
+        self.body = body  # the bytes before the request_id
+        self.form, self.reply = form, reply  # (graph_id, wrt, of, wire mode), ReplyTemplate
+        self.graph_id = form[0]  # read by the request log
+        self.nbytes = sum(len(p) for _, p in pieces)
+
+    @classmethod
+    def of(cls, data: bytes, inputs: dict, form, reply) -> "RequestTemplate | None":
+        """The template of a request's bytes `data` whose `inputs` (arrays) were read
+        from them; None if it holds a bool input, a name twice, or a field after its
+        request_id."""
+        holes, fixed, i, end, body = [], {}, 0, len(data), len(data)
+        while i < end:
+            start = i
+            key, i = _varint(data, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _, i = _varint(data, i)
+                continue
+            if wire != 2:
+                return None
+            length, i = _varint(data, i)
+            if key == _REQUEST_ID_TAG:
+                if i + length != end:
+                    return None
+                body = start
+            elif number == _INPUTS:
+                # an entry as the reply's outputs' (a name without data: no template)
+                found = _data_of(data, i, i + length, "outputs")
+                name = found[0] if found is not None else None
+                if name is None or name in fixed or name not in inputs:
+                    return None
+                fixed[name] = found[1:]
+                holes.append(found)
+            i += length
+        if len(fixed) != len(inputs) or any(a.dtype == bool for a in inputs.values()):
+            return None
+        pieces, at = [], 0
+        for _, a, b in sorted(holes, key=lambda h: h[1]):
+            pieces.append((at, data[at:a]))
+            at = b
+        pieces.append((at, data[at:body]))
+        spec = tuple((name, a, inputs[name].dtype, inputs[name].size, inputs[name].shape)
+                     for name, a, _ in holes)
+        return cls(tuple(pieces), spec, body, form, reply)
+
+    def match(self, data: bytes):
+        """(inputs, request_id) if `data` is this request with other arrays and id."""
+        size, body = len(data), self.body
+        if size == body:
+            request_id = b""
+        elif 0 < size - body - 2 < 128 and data[body] == _REQUEST_ID_TAG \
+                and data[body + 1] == size - body - 2:
+            request_id = data[body + 2:]
+            try:
+                request_id.decode()  # what the generated code would check
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+        for at, piece in self.pieces:
+            if not data.startswith(piece, at):
+                return None
+        return {name: np.frombuffer(data, dtype, count, at).reshape(shape)
+                for name, at, dtype, count, shape in self.inputs}, request_id
+
+
+def _data_of(data: bytes, i: int, end: int, kind: str):
+    """In an outputs map entry or a Jacobian block at data[i:end]: (its key, the start and
+    end of its tensor's data), (None,) when the tensor has no data, None when it holds a
+    field other than its names and tensor (a sparse block)."""
+    names, value = ((_ENTRY["key"].number,), _ENTRY["value"].number) if kind == "outputs" \
+        else ((_BLOCK["of"].number, _BLOCK["wrt"].number), _BLOCK["value"].number)
+    found, span = [], (None,)
+    while i < end:
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire != 2:
+            return None
+        length, i = _varint(data, i)
+        if number in names:
+            found.append(data[i:i + length].decode())
+        elif number == value:
+            span = _tensor_data(data, i, i + length)
+            if span is None:
+                return None
+        else:
+            return None
+        i += length
+    if len(found) != len(names) or span[0] is None:
+        return None if len(found) != len(names) else (None,)
+    return (found[0] if kind == "outputs" else tuple(found), *span)
+
+
+def _tensor_data(data: bytes, i: int, end: int):
+    """(start, end) of a Tensor's data field in data[i:end], (None,) without one."""
+    span = (None,)
+    while i < end:
+        key, i = _varint(data, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+            continue
+        if wire != 2:
+            return None
+        length, i = _varint(data, i)
+        if number == _TENSOR["data"].number:
+            span = (i, i + length)
+        i += length
+    return span

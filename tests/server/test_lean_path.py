@@ -68,6 +68,10 @@ class Raw:
         lean = self.server.servicer.lean
         return Counter(lean.counts) if lean is not None else None
 
+    @property
+    def templated(self) -> int:
+        return self.server.servicer.lean.templated
+
 
 @pytest.fixture(scope="module")
 def pair():
@@ -136,18 +140,83 @@ def test_replies_are_byte_identical_to_the_general_path(pair):
     assert general.counts is None
 
 
+def mixed_graph():
+    """Outputs of every kind a Jacobian reply holds: a matrix block and vector ones, a
+    scalar (shape ()) input and output, a zero-element input (blocks with no data), int
+    and bool outputs (values only), and names that are prefixes of each other (the
+    map's order)."""
+    g = GraphBuilder()
+    x, s = g.input("x", "float32", [3]), g.input("s", "float32", [])
+    z, k = g.input("z", "float32", [0]), g.input("k", "int32", [2])
+    w = g.constant(np.float32([[1, 2, 3], [-1, 0.5, 2], [0.25, -3, 1]]))
+    g.output("aa", g.sin(w @ x) * s)
+    g.output("a", g.sum(x * x))
+    g.output("b", s * s + g.sum(z))
+    g.output("c", g.less(x, g.constant(np.float32(0.5))))
+    g.output("k2", k * k)
+    return g
+
+
+def mixed_inputs(rng):
+    return {"x": rng.standard_normal(3).astype(np.float32),
+            "s": np.float32(rng.standard_normal()), "z": np.zeros(0, np.float32),
+            "k": rng.integers(-5, 5, 2).astype(np.int32)}
+
+
+def test_repeated_jacobian_requests_are_answered_by_a_template_byte_identically(pair):
+    """The first request of a form is answered and its reply kept as a template; the
+    next ones (new inputs, new request ids: none, one byte, a 2-byte length) by the
+    sweep and the template: every reply equal to the general path's bytes. (A
+    Jacobian answered by compressed sweeps, as the seed's of shape (2,) is, has no
+    template: the same bytes the long way.)"""
+    lean, general = pair
+    rng = np.random.default_rng(7)
+    seed_id = registered(pair, seed_graph("float64"))
+    compressed_id = registered(pair, seed_graph("float64", (2,)))
+    mixed_id = registered(pair, mixed_graph())
+    forms = {
+        "seed": (seed_id, lambda: {"x": rng.standard_normal(1), "y": rng.standard_normal(1)},
+                 {}),
+        "seed forward": (seed_id, lambda: {"x": rng.standard_normal(1),
+                                           "y": rng.standard_normal(1)},
+                         {"mode": WIRE_MODES["forward"]}),
+        "seed wrt and of": (seed_id, lambda: {"x": rng.standard_normal(1),
+                                              "y": rng.standard_normal(1)},
+                            {"wrt": ["y"], "of": ["o"], "mode": WIRE_MODES["auto"]}),
+        "compressed": (compressed_id, lambda: {"x": rng.standard_normal(2),
+                                               "y": rng.standard_normal(2)}, {}),
+        "mixed": (mixed_id, lambda: mixed_inputs(rng), {}),
+        "mixed reverse": (mixed_id, lambda: mixed_inputs(rng),
+                          {"wrt": ["s", "x", "z"], "of": ["a", "aa", "b"],
+                           "mode": WIRE_MODES["reverse"]}),
+    }
+    for name, (graph_id, inputs, fields) in forms.items():
+        before = lean.templated
+        for request_id in ("", "7", "r" * 200, "8"):
+            data = differentiate(graph_id, inputs(), request_id=request_id, **fields)
+            fast, slow = lean("Differentiate", data), general("Differentiate", data)
+            assert isinstance(fast, bytes) and fast == slow, (name, request_id)
+        assert lean.templated == before + (0 if name == "compressed" else 3), name
+    # ... the requests with a short id by their bytes, without parsing (RequestTemplate;
+    # not those with an empty input, as the mixed graph's)
+    known = {t.graph_id for forms in lean.server.servicer.lean._requests.values()
+             for t in forms}
+    assert seed_id in known and not {mixed_id, compressed_id} & known
+
+
 def test_the_seed_gradient_on_the_lean_path_matches_the_closed_form(pair):
+    """The first call, and the next ones answered by the template, at other points."""
     lean, _ = pair
     graph_id = registered(pair, seed_graph("float64"))
-    x, y = 0.7, -0.4
-    data = differentiate(graph_id, {"x": np.float64([x]), "y": np.float64([y])})
-    reply = pb.DifferentiateResponse.FromString(lean("Differentiate", data))
-    blocks = {(b.of, b.wrt): from_tensor(b.value) for b in reply.jacobian}
-    # d/dx (x + y) sin x = sin x + (x + y) cos x; d/dy = sin x
-    assert blocks["o", "x"].item() == pytest.approx(math.sin(x) + (x + y) * math.cos(x),
-                                                    rel=1e-12)
-    assert blocks["o", "y"].item() == pytest.approx(math.sin(x), rel=1e-12)
-    assert from_tensor(reply.outputs["o"]).item() == pytest.approx((x + y) * math.sin(x))
+    for x, y in ((0.7, -0.4), (2.5, 1.25), (-1.0, 3.0)):
+        data = differentiate(graph_id, {"x": np.float64([x]), "y": np.float64([y])})
+        reply = pb.DifferentiateResponse.FromString(lean("Differentiate", data))
+        blocks = {(b.of, b.wrt): from_tensor(b.value) for b in reply.jacobian}
+        # d/dx (x + y) sin x = sin x + (x + y) cos x; d/dy = sin x
+        assert blocks["o", "x"].item() == pytest.approx(
+            math.sin(x) + (x + y) * math.cos(x), rel=1e-12)
+        assert blocks["o", "y"].item() == pytest.approx(math.sin(x), rel=1e-12)
+        assert from_tensor(reply.outputs["o"]).item() == pytest.approx((x + y) * math.sin(x))
 
 
 def bad_cases(graph_id):
@@ -170,13 +239,20 @@ def bad_cases(graph_id):
         "tangent of the wrong shape": ("Differentiate", differentiate(
             graph_id, good, tangents={"x": to_tensor(np.float32([1, 2, 3]))})),
         "not a request": ("Differentiate", b"\xff\xff\xff\xff"),
+        "request_id not UTF-8": ("Differentiate", differentiate(
+            graph_id, good, request_id="7")[:-1] + b"\xff"),
         "truncated": ("Evaluate", _evaluate(graph_id, good)[:-3]),
     }
 
 
 def test_errors_are_those_of_the_general_path(pair):
+    """Also once the request's form has a template (the same errors, by the general
+    path, and nothing counted answered)."""
     lean, general = pair
     graph_id = registered(pair, seed_graph())
+    for fields in ({}, {"wrt": ["x"]}, {"mode": 9}, {"request_id": "6"}):
+        for _ in range(2):
+            lean("Differentiate", differentiate(graph_id, {"x": PI, "y": PI}, **fields))
     inline = lean.counts["inline"]
     for name, (method, data) in bad_cases(graph_id).items():
         fast, slow = lean(method, data), general(method, data)
