@@ -169,6 +169,17 @@ def test_tests_live_in_folders_by_part():
                 f"{path.relative_to(REPO)}: shared helpers go in tests/support/")
 
 
+def test_test_module_names_are_unique():
+    """pytest imports test modules by their file name (the folders are not packages): two
+    of one name in different folders stop the whole run at collection."""
+    seen: dict[str, Path] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        assert path.name not in seen, (
+            f"{path.relative_to(REPO)} and {seen[path.name].relative_to(REPO)}: "
+            "one name for two test modules")
+        seen[path.name] = path
+
+
 def test_no_test_module_imports_another():
     """Test modules share helpers through tests/support/, never by importing each other."""
     tests = REPO / "tests"
