@@ -360,9 +360,50 @@ def argmax_positions(x, ans, w: Window):
     return where
 
 
+def _tiled(ans, w: Window):
+    """Whether the fast path below gives each window's derivative element: windows that
+    do not overlap, no NaN maximum (the last NaN rule is the general path's), and no
+    window of padding and -inf only (its maximum must go to a real element)."""
+    return (not w.overlapping() and not np.isnan(ans).any()
+            and not (any(w.pads) and np.isneginf(ans).any()))
+
+
+def _first_maxima(xp, ans, w: Window, out, bits):
+    """For windows that do not overlap (see _tiled), per kernel offset in row-major order:
+    (index into the padded axes, a mask of `bits` all ones where the element at that
+    offset is its window's first maximum, else zero). Equality, not argmax over a window
+    axis: a pass per offset runs over every window at once. The mask is reused."""
+    eq = np.empty(ans.shape, bool)
+    hit = np.empty(ans.shape, bool)
+    taken = np.zeros(ans.shape, bool)
+    mask = np.empty(ans.shape, bits)
+    ones = bits.type(np.iinfo(bits).max)
+    for _, index in _offsets(w, out):
+        iteration()
+        np.equal(xp[(Ellipsis,) + index], ans, out=eq)
+        np.greater(eq, taken, out=hit)  # equal, and no earlier offset took the window
+        taken |= eq
+        np.multiply(hit, ones, out=mask)
+        yield index, mask
+
+
+def _bits(dtype):
+    return np.dtype(f"u{dtype.itemsize}")
+
+
 def max_pool_jvp(t, x, ans, w: Window):
     """t (k, *x.shape) -> (k, *ans.shape): the tangent of each window's first maximum."""
     k = t.shape[0]
+    if _tiled(ans, w):  # each offset's tangents, masked bitwise (exact), or-ed together
+        bits = _bits(t.dtype)
+        d = len(w.kernel)
+        res = np.zeros((k,) + ans.shape, t.dtype)
+        rb, part = res.view(bits), np.empty(res.shape, bits)
+        tp = pad(t, w, 0)
+        for index, mask in _first_maxima(pad(x, w, -np.inf), ans, w, ans.shape[-d:], bits):
+            np.bitwise_and(tp[(Ellipsis,) + index].view(bits), mask, out=part)
+            rb |= part
+        return res
     flat = argmax_positions(x, ans, w)
     tp = pad(t, w, 0)
     tp = tp.reshape(k, prod(tp.shape[1:]))  # not -1: it is undetermined when k * size is 0
@@ -373,6 +414,13 @@ def max_pool_vjp(g, x, ans, w: Window):
     """g (k, *ans.shape) -> (k, *x.shape): each window's cotangent to its first maximum."""
     k = g.shape[0]
     d = len(w.kernel)
+    if _tiled(ans, w):  # a one-hot placement: each offset's elements are its own
+        bits = _bits(g.dtype)
+        grad = np.zeros((k,) + x.shape[:-d] + w.padded(x.shape[-d:]), g.dtype)
+        gb = g.view(bits)
+        for index, mask in _first_maxima(pad(x, w, -np.inf), ans, w, ans.shape[-d:], bits):
+            np.bitwise_and(gb, mask, out=grad[(Ellipsis,) + index].view(bits))
+        return unpad(grad, w, x.shape[-d:])
     flat = argmax_positions(x, ans, w).ravel()
     size = prod(x.shape[:-d]) * prod(w.padded(x.shape[-d:]))
     gk = g.reshape(k, prod(g.shape[1:]))
@@ -521,7 +569,9 @@ def _depthwise_cost(mode, b, c, spatial, kernel, strides, pads, dilations, isz, 
 
 def max_pool_cost(mode, shapes, out, dtype, window):
     """max_pool's cost: the padded input; for derivatives the maxima's positions (a
-    pass per kernel offset, two where a maximum is NaN) and the padded seed."""
+    pass per kernel offset, two where a maximum is NaN) and the padded seed. Windows
+    that do not overlap take the masked path (_first_maxima: six array operations per
+    element and offset, three bytes and a mask per window), which this also bounds."""
     x = shapes[0]
     d = len(window.kernel)
     lead, spatial = prod(x[:-d]), tuple(x[-d:])
@@ -538,7 +588,8 @@ def max_pool_cost(mode, shapes, out, dtype, window):
     else:  # reverse and second (its curvature is zero: the vjp of the stacked seed)
         seed = (out_size * _INTP + padded * (8 + isz) if window.overlapping()
                 else padded * isz)
-    return OpCost(positions + seed, 3 * flops + out_size, 2 * kp)
+    passes = 3 if window.overlapping() else 6
+    return OpCost(positions + seed, passes * flops + out_size, 2 * kp)
 
 
 def avg_pool_cost(mode, shapes, out, dtype, window, count_include_pad):

@@ -189,11 +189,14 @@ class TensorStore:
         """The arrays a request's map<string, StoredTensor> names, by its keys, added to
         `into` (a request's inline map, copied: a key in both is INVALID_ARGUMENT)."""
         out = dict(into or {})
+        entries = {}  # each handle looked up (and its expiry renewed) once a request
         for key, ref in refs.items():
             where = f"{field_name}['{key}']"
             if key in out:
                 raise BadRequest(f"'{key}' is given both inline and stored", field=where)
-            entry = self.entry(ref.handle, where)
+            entry = entries.get(ref.handle)
+            if entry is None:
+                entry = entries[ref.handle] = self.entry(ref.handle, where)
             name = ref.name or key
             array = entry.tensors.get(name)
             if array is None:

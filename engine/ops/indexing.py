@@ -86,10 +86,15 @@ def _take_vjp(i, g, x, ans, axis, node=None):
     before, after = prod(data.shape[:axis]), prod(data.shape[axis + 1:])
     g4 = g.reshape(k, before, flat.size, after)
     out = np.zeros((k, before, size, after), g.dtype)
-    if flat.size:
+    if flat.size == 1:  # one index (ONNX's Gather of a scalar: q, k, v from one tensor)
+        out[:, :, flat] = g4
+    elif flat.size:
         order = np.argsort(flat, kind="stable")
         ordered = flat[order]
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        new = np.empty(flat.size, bool)  # where a run of equal indices begins
+        new[0] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=new[1:])
+        starts = np.flatnonzero(new)
         if starts.size == flat.size:  # no index repeats
             out[:, :, flat] = g4
         else:

@@ -201,13 +201,19 @@ def _pool_case(op, rng, f, adversarial):
     kernel = [int(k) for k in rng.integers(1, 4, d)]
     dil = [int(k) for k in rng.integers(1, 3, d)]
     stride = [int(k) for k in rng.integers(1, 3, d)]
+    many = 0
     if adversarial:
-        if rng.random() < 0.5:  # a huge window
+        kind = rng.random()
+        if kind < 0.35:  # a huge window
             kernel = [int(rng.integers(30, 60)) for _ in range(d)]
-        else:  # a huge dilation
+        elif kind < 0.7:  # a huge dilation
             dil = [int(rng.integers(100, 300))] + dil[1:]
+        else:  # many small windows
+            many = int(rng.integers(100, 300))
     extents = [dl * (k - 1) + 1 for k, dl in zip(kernel, dil)]
-    spatial = [int(e + rng.integers(0, 10)) for e in extents]
+    if rng.random() < 0.5:  # windows that do not overlap (max_pool's masked path)
+        stride = [int(e + rng.integers(0, 2)) for e in extents]
+    spatial = [int(e + rng.integers(0, 10)) + many for e in extents]
     pads = [int(rng.integers(0, min(3, e))) for e in extents + extents]
     attrs = {"kernel_shape": kernel, "strides": stride, "pads": pads, "dilations": dil}
     if op == "avg_pool":
@@ -374,6 +380,29 @@ def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype):
               "w": rng.standard_normal(ws).astype(dtype)}
     _prove("conv", inputs, {"strides": strides, "pads": pads, "dilations": dilations,
                             "groups": groups}, rng, f"{case} ({np.dtype(dtype).name})")
+
+
+# max_pool's masked path (windows that do not overlap; engine/windows.py _first_maxima):
+# (x shape, kernel, strides, pads, dilations)
+MAX_POOL_TILED_CASES = {
+    "LeNet's": ((4, 6, 28, 28), [2, 2], [2, 2], [0, 0, 0, 0], [1, 1]),
+    "many tiny windows, 1-d": ((2, 3, 6001), [2], [2], [1, 0], [1]),
+    "one-element windows": ((2, 5, 9, 9), [1, 1], [1, 1], [0, 0, 0, 0], [1, 1]),
+    "huge tiled windows": ((1, 2, 121, 92), [40, 30], [40, 31], [1, 2, 3, 4], [1, 1]),
+    "gaps and padding": ((2, 3, 17, 13), [3, 2], [4, 3], [1, 0, 2, 1], [1, 1]),
+    "dilated, not overlapping": ((2, 2, 30, 11), [3, 2], [9, 5], [2, 0, 1, 1], [4, 3]),
+    "3-d": ((1, 2, 6, 8, 10), [2, 2, 2], [2, 2, 2], [0, 1, 0, 1, 0, 1], [1, 1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MAX_POOL_TILED_CASES))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_declared_costs_bound_max_pool_on_windows_that_do_not_overlap(case, dtype):
+    xs, kernel, strides, pads, dilations = MAX_POOL_TILED_CASES[case]
+    rng = np.random.default_rng(len(case))
+    _prove("max_pool", {"x": rng.standard_normal(xs).astype(dtype)},
+           {"kernel_shape": kernel, "strides": strides, "pads": pads,
+            "dilations": dilations}, rng, f"{case} ({np.dtype(dtype).name})")
 
 
 def test_declared_costs_bound_a_concat_of_repeated_references():
