@@ -10,11 +10,11 @@ chunk of (image, channel) pairs of at most about CHUNK_FLOPS of work and calls
 costs.iteration() before each (the deadline and cancellation check), so a huge request
 stops within one chunk.
 
-numba compiles each kernel for a dtype on its first call (about a second and a half for
-all three kernels and both float dtypes here) and keeps the machine code in its on-disk
-cache (numba's `cache=True`: __pycache__ beside this file, else the user's cache
-folder); where no cache folder can be written the kernels compile in memory every
-process. kernels.warm_up() compiles them at server start.
+numba compiles the kernels for a dtype on their first call: 7 to 15 s for all of them
+and both float dtypes on this (busy, 2-core) machine, 1 to 2.5 s to load them back from
+numba's on-disk cache (`cache=True`: __pycache__ beside this file, else the user's cache
+folder). Where no cache folder can be written they compile in memory, in every process.
+kernels.warm_up() does this at server start (`gradserve serve` logs how long it took).
 
 This module imports numba at its top: only engine/kernels.py imports it, and only when
 numba imports.

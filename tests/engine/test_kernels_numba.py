@@ -175,3 +175,25 @@ def test_the_seam_chooses_and_refuses(provider, monkeypatch):
     assert provider("auto") == "numpy"
     with pytest.raises(kernels.KernelProviderError, match=r"gradserve\[numba\]"):
         kernels.use("numba")
+
+
+def test_the_kernels_work_where_no_cache_folder_can_be_written(tmp_path):
+    """A read-only install with no writable cache folder (numba finds no cache locator and
+    refuses cache=True): the kernels compile in memory instead of failing to import."""
+    import subprocess
+    import sys
+    script = (
+        "import numba.core.caching as caching\n"
+        "caching.CacheImpl._locator_classes = []  # no folder numba may write\n"
+        "import numpy as np\n"
+        "from gradserve.engine import depthwise, depthwise_numba, kernels\n"
+        "assert kernels.use('numba') == 'numba'\n"
+        "kernels.warm_up()\n"
+        "x = np.arange(2 * 3 * 5 * 4.0).reshape(2, 3, 5, 4)\n"
+        "w = np.ones((1, 3, 1, 2, 3))\n"
+        "args = ((1, 1), (1, 0, 0, 1), (1, 1), (5, 3))\n"
+        "assert np.array_equal(depthwise_numba.conv(x, w, *args), depthwise.conv(x, w, *args))\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
