@@ -49,50 +49,52 @@ def _compile(fn):
 def _fill(xi, buf, st, pd, grid, plane):
     """The polyphase rows of one padded (image, channel) plane xi (D, H, W): element
     (z, y, u) at padded position (z + pd0, ...) goes to phase (pz % s0, py % s1, pu % s2),
-    grid position (pz // s0, py // s1, pu // s2); buf is zero elsewhere."""
-    buf[:] = 0
-    s1, s2 = st[1], st[2]
-    for z in range(xi.shape[0]):
-        pz = z + pd[0]
-        for y in range(xi.shape[1]):
-            py = y + pd[1]
-            base = ((pz % st[0]) * s1 + py % s1) * s2 * plane + (
-                (pz // st[0]) * grid[1] + py // s1) * grid[2]
-            row = xi[z, y]
-            if s2 == 1:
-                dst = buf[base + pd[2]:base + pd[2] + xi.shape[2]]
-                for u in range(xi.shape[2]):
-                    dst[u] = row[u]
-                continue
-            phase, q = pd[2] % s2, pd[2] // s2  # of u + pd2, kept without dividing
-            for u in range(xi.shape[2]):
-                buf[base + phase * plane + q] = row[u]
-                phase += 1
-                if phase == s2:
-                    phase, q = 0, q + 1
+    grid position (pz // s0, py // s1, pu // s2). Every plane fills the same places:
+    the rest of buf (the padding) is zeroed once per call, by the caller."""
+    _copy_phases(xi, buf, st, pd, grid, plane, True)
 
 
 def _drain(buf, xi, st, pd, grid, plane):
     """The inverse of _fill: xi (D, H, W) read back from its phases' rows."""
-    s1, s2 = st[1], st[2]
+    _copy_phases(xi, buf, st, pd, grid, plane, False)
+
+
+def _copy_phases(xi, buf, st, pd, grid, plane, into):
+    """xi's elements into (into) or out of their places in the phases' rows. Phases and
+    grid positions are stepped along, not divided (a division per row cost more than the
+    row's copy)."""
+    s0, s1, s2 = st[0], st[1], st[2]
+    u_phase, u_q = pd[2] % s2, pd[2] // s2
+    z_phase, z_q = pd[0] % s0, pd[0] // s0
     for z in range(xi.shape[0]):
-        pz = z + pd[0]
+        y_phase, y_q = pd[1] % s1, pd[1] // s1
         for y in range(xi.shape[1]):
-            py = y + pd[1]
-            base = ((pz % st[0]) * s1 + py % s1) * s2 * plane + (
-                (pz // st[0]) * grid[1] + py // s1) * grid[2]
+            base = (z_phase * s1 + y_phase) * s2 * plane + (z_q * grid[1] + y_q) * grid[2]
             row = xi[z, y]
             if s2 == 1:
-                src = buf[base + pd[2]:base + pd[2] + xi.shape[2]]
+                run = buf[base + u_q:base + u_q + xi.shape[2]]
+                if into:
+                    for u in range(xi.shape[2]):
+                        run[u] = row[u]
+                else:
+                    for u in range(xi.shape[2]):
+                        row[u] = run[u]
+            else:
+                phase, q = u_phase, u_q
                 for u in range(xi.shape[2]):
-                    row[u] = src[u]
-                continue
-            phase, q = pd[2] % s2, pd[2] // s2
-            for u in range(xi.shape[2]):
-                row[u] = buf[base + phase * plane + q]
-                phase += 1
-                if phase == s2:
-                    phase, q = 0, q + 1
+                    if into:
+                        buf[base + phase * plane + q] = row[u]
+                    else:
+                        row[u] = buf[base + phase * plane + q]
+                    phase += 1
+                    if phase == s2:
+                        phase, q = 0, q + 1
+            y_phase += 1
+            if y_phase == s1:
+                y_phase, y_q = 0, y_q + 1
+        z_phase += 1
+        if z_phase == s0:
+            z_phase, z_q = 0, z_q + 1
 
 
 def _conv_pairs(x, w, out, lo, hi, st, pd, grid, starts, n, buf, acc):
@@ -101,15 +103,19 @@ def _conv_pairs(x, w, out, lo, hi, st, pd, grid, starts, n, buf, acc):
     from its phase's rows (buf) at starts[tap] into acc; the real outputs read out."""
     c_n = x.shape[1]
     plane = grid[0] * grid[1] * grid[2]
+    buf[:] = 0
     for i in range(lo, hi):
         b, c = i // c_n, i % c_n
         _fill_jit(x[b, c], buf, st, pd, grid, plane)
-        acc[:n] = 0
         for t in range(starts.shape[0]):
             wv = w[c, t]
             src = buf[starts[t]:starts[t] + n]  # a view: indices from range() only vectorize
-            for q in range(n):
-                acc[q] += wv * src[q]
+            if t == 0:
+                for q in range(n):
+                    acc[q] = wv * src[q]
+            else:
+                for q in range(n):
+                    acc[q] += wv * src[q]
         oi = out[b, c]
         for od in range(oi.shape[0]):
             for oh in range(oi.shape[1]):
@@ -126,9 +132,9 @@ def _input_grad_pairs(g, w, dx, lo, hi, st, pd, grid, starts, n, buf, acc):
     rows, the input's elements read back."""
     c_n = dx.shape[1]
     plane = grid[0] * grid[1] * grid[2]
+    acc[:] = 0  # every plane of g lands in the same places
     for i in range(lo, hi):
         b, c = i // c_n, i % c_n
-        acc[:n] = 0
         gi = g[b, c]
         for od in range(gi.shape[0]):
             for oh in range(gi.shape[1]):
@@ -151,10 +157,11 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, starts, n, buf, acc):
     added into dw (C, taps): per tap a dot product of the spread g with its phase's rows."""
     c_n = x.shape[1]
     plane = grid[0] * grid[1] * grid[2]
+    buf[:] = 0
+    acc[:] = 0
     for i in range(lo, hi):
         b, c = i // c_n, i % c_n
         _fill_jit(x[b, c], buf, st, pd, grid, plane)
-        acc[:n] = 0
         gi = g[b, c]
         for od in range(gi.shape[0]):
             for oh in range(gi.shape[1]):
@@ -171,6 +178,7 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, starts, n, buf, acc):
             dw[c, t] += total
 
 
+_copy_phases = _compile(_copy_phases)
 _fill_jit = _compile(_fill)
 _drain_jit = _compile(_drain)
 _conv_pairs_jit = _compile(_conv_pairs)
