@@ -46,25 +46,25 @@ def _compile(fn):
         return numba.njit(cache=False, fastmath=_FASTMATH, nogil=True)(fn)
 
 
-def _fill(xi, buf, st, pd, grid, plane):
+def _fill(xi, buf, st, pd, grid, plane, runs):
     """The polyphase rows of one padded (image, channel) plane xi (D, H, W): element
     (z, y, u) at padded position (z + pd0, ...) goes to phase (pz % s0, py % s1, pu % s2),
     grid position (pz // s0, py // s1, pu // s2). Every plane fills the same places:
     the rest of buf (the padding) is zeroed once per call, by the caller."""
-    _copy_phases(xi, buf, st, pd, grid, plane, True)
+    _copy_phases(xi, buf, st, pd, grid, plane, runs, True)
 
 
-def _drain(buf, xi, st, pd, grid, plane):
+def _drain(buf, xi, st, pd, grid, plane, runs):
     """The inverse of _fill: xi (D, H, W) read back from its phases' rows."""
-    _copy_phases(xi, buf, st, pd, grid, plane, False)
+    _copy_phases(xi, buf, st, pd, grid, plane, runs, False)
 
 
-def _copy_phases(xi, buf, st, pd, grid, plane, into):
+def _copy_phases(xi, buf, st, pd, grid, plane, runs, into):
     """xi's elements into (into) or out of their places in the phases' rows. Phases and
     grid positions are stepped along, not divided (a division per row cost more than the
     row's copy)."""
     s0, s1, s2 = st[0], st[1], st[2]
-    u_phase, u_q = pd[2] % s2, pd[2] // s2
+    u_q = pd[2]  # the grid position of u = 0 when s2 == 1
     z_phase, z_q = pd[0] % s0, pd[0] // s0
     for z in range(xi.shape[0]):
         y_phase, y_q = pd[1] % s1, pd[1] // s1
@@ -79,16 +79,16 @@ def _copy_phases(xi, buf, st, pd, grid, plane, into):
                 else:
                     for u in range(xi.shape[2]):
                         row[u] = run[u]
-            else:
-                phase, q = u_phase, u_q
-                for u in range(xi.shape[2]):
+            else:  # a run per phase: every s2-th element of the row, contiguous in buf
+                for ph in range(s2):
+                    first, q, count = runs[ph, 0], runs[ph, 1], runs[ph, 2]
+                    run = buf[base + ph * plane + q:base + ph * plane + q + count]
                     if into:
-                        buf[base + phase * plane + q] = row[u]
+                        for j in range(count):
+                            run[j] = row[first + j * s2]
                     else:
-                        row[u] = buf[base + phase * plane + q]
-                    phase += 1
-                    if phase == s2:
-                        phase, q = 0, q + 1
+                        for j in range(count):
+                            row[first + j * s2] = run[j]
             y_phase += 1
             if y_phase == s1:
                 y_phase, y_q = 0, y_q + 1
@@ -97,7 +97,7 @@ def _copy_phases(xi, buf, st, pd, grid, plane, into):
             z_phase, z_q = 0, z_q + 1
 
 
-def _conv_pairs(x, w, out, lo, hi, st, pd, grid, starts, n, buf, acc):
+def _conv_pairs(x, w, out, lo, hi, st, pd, grid, runs, starts, n, buf, acc):
     """x (B, C, D, H, W), w (C, taps) -> out (B, C, OD, OH, OW), for the pairs
     b * C + c in [lo, hi): each tap one contiguous multiply-add of n grid positions
     from its phase's rows (buf) at starts[tap] into acc; the real outputs read out."""
@@ -106,7 +106,7 @@ def _conv_pairs(x, w, out, lo, hi, st, pd, grid, starts, n, buf, acc):
     buf[:] = 0
     for i in range(lo, hi):
         b, c = i // c_n, i % c_n
-        _fill_jit(x[b, c], buf, st, pd, grid, plane)
+        _fill_jit(x[b, c], buf, st, pd, grid, plane, runs)
         for t in range(starts.shape[0]):
             wv = w[c, t]
             src = buf[starts[t]:starts[t] + n]  # a view: indices from range() only vectorize
@@ -126,7 +126,7 @@ def _conv_pairs(x, w, out, lo, hi, st, pd, grid, starts, n, buf, acc):
                     row[ow] = src[ow]
 
 
-def _input_grad_pairs(g, w, dx, lo, hi, st, pd, grid, starts, n, buf, acc):
+def _input_grad_pairs(g, w, dx, lo, hi, st, pd, grid, runs, starts, n, buf, acc):
     """The transpose of _conv_pairs in x: g (B, C, OD, OH, OW), w (C, taps) -> dx (B, C,
     D, H, W): g spread on the grid (acc, zero elsewhere), each tap added into its phase's
     rows, the input's elements read back."""
@@ -149,10 +149,10 @@ def _input_grad_pairs(g, w, dx, lo, hi, st, pd, grid, starts, n, buf, acc):
             dst = buf[starts[t]:starts[t] + n]
             for q in range(n):
                 dst[q] += wv * acc[q]
-        _drain_jit(buf, dx[b, c], st, pd, grid, plane)
+        _drain_jit(buf, dx[b, c], st, pd, grid, plane, runs)
 
 
-def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, starts, n, buf, acc):
+def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, runs, starts, n, buf, acc):
     """The transpose of _conv_pairs in w: g (B, C, OD, OH, OW), x (B, C, D, H, W) ->
     added into dw (C, taps): per tap a dot product of the spread g with its phase's rows."""
     c_n = x.shape[1]
@@ -161,7 +161,7 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, starts, n, buf, acc):
     acc[:] = 0
     for i in range(lo, hi):
         b, c = i // c_n, i % c_n
-        _fill_jit(x[b, c], buf, st, pd, grid, plane)
+        _fill_jit(x[b, c], buf, st, pd, grid, plane, runs)
         gi = g[b, c]
         for od in range(gi.shape[0]):
             for oh in range(gi.shape[1]):
@@ -197,6 +197,7 @@ class Layout(NamedTuple):
     strides: tuple  # 3 values
     begin: tuple  # begin pads, 3 values
     grid: tuple  # positions per axis of each phase: ceil(padded / stride)
+    runs: np.ndarray  # per phase of the last axis: (first input index, its grid index, count)
     starts: np.ndarray  # per kernel offset (row-major): where its run starts in the rows
     n: int  # grid positions computed: up to the last real output
     rows: int  # elements of one plane's phase rows (all phases, and the tail)
@@ -217,7 +218,11 @@ def layout(spatial, kernel, strides, pads, dilations) -> Layout:
         phase = ((at[0] % st[0]) * st[1] + at[1] % st[1]) * st[2] + at[2] % st[2]
         starts.append(phase * plane + sum((a // s) * m for a, s, m in zip(at, st, steps)))
     n = 0 if min(out) < 1 else ((out[0] - 1) * grid[1] + out[1] - 1) * grid[2] + out[2]
-    return Layout(st, begin, grid, np.array(starts, np.int64), n,
+    width, s2 = _three(spatial)[2], st[2]
+    runs = np.array([((ph - begin[2]) % s2, ((ph - begin[2]) % s2 + begin[2]) // s2,
+                      max(0, -(-(width - (ph - begin[2]) % s2) // s2))) for ph in range(s2)],
+                    np.int64).reshape(s2, 3)
+    return Layout(st, begin, grid, runs, np.array(starts, np.int64), n,
                   max(prod(st) * plane, max(starts) + n))
 
 
@@ -263,7 +268,7 @@ def conv(x, w, strides, pads, dilations, out):
     for j in range(k):
         for lo, hi in _chunks(b * c, step):
             _conv_pairs_jit(x5, w3[j], r6[j], lo, hi, lay.strides, lay.begin, lay.grid,
-                            lay.starts, lay.n, buf, acc)
+                            lay.runs, lay.starts, lay.n, buf, acc)
     return res
 
 
@@ -281,7 +286,7 @@ def input_grad(g, w, spatial, strides, pads, dilations):
     buf, acc = _scratch(lay, dtype)
     for lo, hi in _chunks(b * c, chunk(_pair_flops(lay))):
         _input_grad_pairs_jit(g5, w2, d5, lo, hi, lay.strides, lay.begin, lay.grid,
-                              lay.starts, lay.n, buf, acc)
+                              lay.runs, lay.starts, lay.n, buf, acc)
     return dx
 
 
@@ -301,7 +306,7 @@ def weight_grad(g, x, kernel, strides, pads, dilations):
     for j in range(k):
         for lo, hi in _chunks(b * c, step):
             _weight_grad_pairs_jit(g6[j], x5, d3[j], lo, hi, lay.strides, lay.begin,
-                                   lay.grid, lay.starts, lay.n, buf, acc)
+                                   lay.grid, lay.runs, lay.starts, lay.n, buf, acc)
     return dw
 
 
@@ -314,7 +319,8 @@ def cost(mode, b, c, spatial, kernel, strides, pads, dilations):
     lay = layout(spatial, kernel, strides, pads, dilations)
     pairs = b * c
     passes = -(-pairs // chunk(_pair_flops(lay))) if lay.n else 0
-    scratch = lay.rows + prod(lay.grid)
+    # and the taps' starts and the runs (int64: two elements of float32 each)
+    scratch = lay.rows + prod(lay.grid) + 2 * len(lay.starts) + 6 * lay.strides[2]
     x_size, w_size = pairs * prod(spatial), c * prod(kernel)
     out = pairs * prod(lay.grid)  # at least the output's elements
     if mode in ("values", "forward"):
