@@ -103,7 +103,8 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "in), or numba's compiled depthwise-conv loops when the numba "
                             "extra is installed (pip install 'gradserve[numba]'); auto takes "
                             "numba when it imports. Compiled (or loaded from numba's cache) "
-                            "at start. Also GRADSERVE_KERNELS (default: %(default)s)")
+                            "in the background from start. Also GRADSERVE_KERNELS (default: "
+                            "%(default)s)")
     serve.add_argument("--inline-budget-us", type=float,
                        default=float(env("INLINE_BUDGET_US", DEFAULT_INLINE_BUDGET_US)),
                        metavar="US",
@@ -215,12 +216,10 @@ def serve_one(args, token, port: int | None = None, stop: StopRequest | None = N
     if not args.no_malloc_tuning and not keep_freed_memory():
         log.warning("could not raise malloc's thresholds (not glibc?): large requests "
                     "page-fault fresh memory")
-    try:
-        provider, seconds = start_kernels(args.kernels)
+    try:  # numba's kernels compile in the background (logged when ready)
+        start_kernels(args.kernels, announce=process is None or process == 0)
     except KernelProviderError as err:
         raise SystemExit(f"gradserve serve: --kernels: {err}") from None
-    if process is None or process == 0:
-        log.warning("conv kernels: %s (ready in %.1f s)", provider, seconds)
     overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     address = f"{args.host}:{args.port if port is None else port}"

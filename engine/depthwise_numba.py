@@ -50,45 +50,52 @@ def _fill(xi, buf, st, pd, grid, plane, runs):
     """The polyphase rows of one padded (image, channel) plane xi (D, H, W): element
     (z, y, u) at padded position (z + pd0, ...) goes to phase (pz % s0, py % s1, pu % s2),
     grid position (pz // s0, py // s1, pu // s2). Every plane fills the same places:
-    the rest of buf (the padding) is zeroed once per call, by the caller."""
-    _copy_phases(xi, buf, st, pd, grid, plane, runs, True)
-
-
-def _drain(buf, xi, st, pd, grid, plane, runs):
-    """The inverse of _fill: xi (D, H, W) read back from its phases' rows."""
-    _copy_phases(xi, buf, st, pd, grid, plane, runs, False)
-
-
-def _copy_phases(xi, buf, st, pd, grid, plane, runs, into):
-    """xi's elements into (into) or out of their places in the phases' rows. Phases and
+    the rest of buf (the padding) is zeroed once per call, by the caller. Phases and
     grid positions are stepped along, not divided (a division per row cost more than the
-    row's copy)."""
+    row's copy); runs[phase] = (first u, its grid position, count) along the last axis.
+    xi may be read-only (a request's buffer): this function only reads it."""
     s0, s1, s2 = st[0], st[1], st[2]
-    u_q = pd[2]  # the grid position of u = 0 when s2 == 1
     z_phase, z_q = pd[0] % s0, pd[0] // s0
     for z in range(xi.shape[0]):
         y_phase, y_q = pd[1] % s1, pd[1] // s1
         for y in range(xi.shape[1]):
             base = (z_phase * s1 + y_phase) * s2 * plane + (z_q * grid[1] + y_q) * grid[2]
             row = xi[z, y]
-            if s2 == 1:
-                run = buf[base + u_q:base + u_q + xi.shape[2]]
-                if into:
-                    for u in range(xi.shape[2]):
-                        run[u] = row[u]
+            for ph in range(s2):  # a run per phase: every s2-th element, contiguous in buf
+                first, q, count = runs[ph, 0], runs[ph, 1], runs[ph, 2]
+                run = buf[base + ph * plane + q:base + ph * plane + q + count]
+                if s2 == 1:
+                    for j in range(count):
+                        run[j] = row[j]
                 else:
-                    for u in range(xi.shape[2]):
-                        row[u] = run[u]
-            else:  # a run per phase: every s2-th element of the row, contiguous in buf
-                for ph in range(s2):
-                    first, q, count = runs[ph, 0], runs[ph, 1], runs[ph, 2]
-                    run = buf[base + ph * plane + q:base + ph * plane + q + count]
-                    if into:
-                        for j in range(count):
-                            run[j] = row[first + j * s2]
-                    else:
-                        for j in range(count):
-                            row[first + j * s2] = run[j]
+                    for j in range(count):
+                        run[j] = row[first + j * s2]
+            y_phase += 1
+            if y_phase == s1:
+                y_phase, y_q = 0, y_q + 1
+        z_phase += 1
+        if z_phase == s0:
+            z_phase, z_q = 0, z_q + 1
+
+
+def _drain(buf, xi, st, pd, grid, plane, runs):
+    """The inverse of _fill: xi (D, H, W) read back from its phases' rows."""
+    s0, s1, s2 = st[0], st[1], st[2]
+    z_phase, z_q = pd[0] % s0, pd[0] // s0
+    for z in range(xi.shape[0]):
+        y_phase, y_q = pd[1] % s1, pd[1] // s1
+        for y in range(xi.shape[1]):
+            base = (z_phase * s1 + y_phase) * s2 * plane + (z_q * grid[1] + y_q) * grid[2]
+            row = xi[z, y]
+            for ph in range(s2):
+                first, q, count = runs[ph, 0], runs[ph, 1], runs[ph, 2]
+                run = buf[base + ph * plane + q:base + ph * plane + q + count]
+                if s2 == 1:
+                    for j in range(count):
+                        row[j] = run[j]
+                else:
+                    for j in range(count):
+                        row[first + j * s2] = run[j]
             y_phase += 1
             if y_phase == s1:
                 y_phase, y_q = 0, y_q + 1
@@ -178,7 +185,6 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, runs, starts, n, buf, acc
             dw[c, t] += total
 
 
-_copy_phases = _compile(_copy_phases)
 _fill_jit = _compile(_fill)
 _drain_jit = _compile(_drain)
 _conv_pairs_jit = _compile(_conv_pairs)

@@ -1,9 +1,12 @@
 """The engine's kernel provider for this server process (gradserve.engine.kernels):
-chosen once at start (`gradserve serve --kernels`) and compiled there, so that the first
-request does not pay numba's compilation."""
+chosen at start (`gradserve serve --kernels`), its kernels compiled in a background
+thread so that the server listens at once and the first request finds them ready (or
+waits only for what is left of the compilation)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 from gradserve.engine import kernels
@@ -12,11 +15,28 @@ CHOICES = kernels.CHOICES
 ENV = kernels.ENV
 KernelProviderError = kernels.KernelProviderError
 
+log = logging.getLogger("gradserve.server")
 
-def start_kernels(name: str) -> tuple[str, float]:
-    """Select the provider ("auto", "numpy" or "numba") and compile its kernels; the
-    active provider and the seconds it took. KernelProviderError (a ValueError) for an
-    unknown name, or "numba" without numba."""
-    began = time.monotonic()
-    kernels.use(name)
-    return kernels.warm_up(), time.monotonic() - began
+
+def start_kernels(name: str, announce: bool = True) -> str:
+    """Select the provider ("auto", "numpy" or "numba") now and compile its kernels in a
+    daemon thread (logged when done, with `announce`); returns the active provider.
+    KernelProviderError (a ValueError) for an unknown name, or "numba" without numba."""
+    provider = kernels.use(name)
+    if provider == "numpy":
+        if announce:
+            log.warning("conv kernels: numpy")
+        return provider
+
+    def warm():
+        began = time.monotonic()
+        try:
+            kernels.warm_up()
+        except Exception:  # noqa: BLE001 - requests compile on first use instead
+            log.exception("conv kernels: compiling numba's kernels at start failed")
+            return
+        if announce:
+            log.warning("conv kernels: %s, compiled or loaded in %.1f s", provider,
+                        time.monotonic() - began)
+    threading.Thread(target=warm, name="gradserve-kernels-warm-up", daemon=True).start()
+    return provider

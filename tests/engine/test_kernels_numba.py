@@ -52,15 +52,15 @@ def _plan(xs, kernel, strides, pads, dilations, dtype):
 def _torch(x, w, g, strides, pads, dilations):
     d = len(strides)
     begin, end = pads[:d], pads[d:]
-    tx = torch.from_numpy(x).requires_grad_()
-    tw = torch.from_numpy(w).requires_grad_()
+    tx = torch.from_numpy(np.array(x)).requires_grad_()
+    tw = torch.from_numpy(np.array(w)).requires_grad_()
     # pad explicitly (PyTorch's padding is symmetric), last axis first
     spread = [p for axis in reversed(range(d)) for p in (begin[axis], end[axis])]
     xp = torch.nn.functional.pad(tx, spread)
     conv = (torch.nn.functional.conv1d, torch.nn.functional.conv2d,
             torch.nn.functional.conv3d)[d - 1]
     y = conv(xp, tw, stride=strides, dilation=dilations, groups=x.shape[1])
-    y.backward(torch.from_numpy(g))
+    y.backward(torch.from_numpy(np.array(g)))
     return y.detach().numpy(), tx.grad.numpy(), tw.grad.numpy()
 
 
@@ -78,12 +78,14 @@ def test_numba_kernels_equal_numpys_and_pytorchs(case, dtype, provider):
     rng = np.random.default_rng(len(case))
     x = rng.standard_normal(xs).astype(dtype)
     w = rng.standard_normal((xs[1], 1) + kernel).astype(dtype)
+    x.flags.writeable = w.flags.writeable = False  # as a request's decoded buffers
     results = {}
     for name in ("numpy", "numba"):
         assert provider(name) == name
         plan = _plan(xs, kernel, strides, pads, dilations, dtype)
         y = plan.evaluate({"x": x, "w": w})["y"]
         g = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
+        g.flags.writeable = False
         cot = plan.vjp({"x": x, "w": w}, {"y": g[None]}, wrt=["x", "w"]).cotangents
         results[name] = (y, cot["x"][0], cot["w"][0])
     ref = _torch(x, w, g, strides, pads, dilations)
