@@ -34,6 +34,7 @@ from .costs import iteration
 
 # Work (FLOPs) of one call of a compiled loop: about 10 ms here, the deadline's grain.
 CHUNK_FLOPS = 1 << 25
+VECTOR = 16  # elements per tap's run are a multiple of this (AVX-512 float32)
 _FASTMATH = {"reassoc", "nsz", "contract"}  # sums may be reordered (vectorized)
 
 
@@ -205,8 +206,9 @@ class Layout(NamedTuple):
     grid: tuple  # positions per axis of each phase: ceil(padded / stride)
     runs: np.ndarray  # per phase of the last axis: (first input index, its grid index, count)
     starts: np.ndarray  # per kernel offset (row-major): where its run starts in the rows
-    n: int  # grid positions computed: up to the last real output
+    n: int  # grid positions computed: up to the last real output, rounded up to VECTOR
     rows: int  # elements of one plane's phase rows (all phases, and the tail)
+    grid_size: int  # elements of the grid (the accumulator): at least n
 
 
 def layout(spatial, kernel, strides, pads, dilations) -> Layout:
@@ -224,12 +226,14 @@ def layout(spatial, kernel, strides, pads, dilations) -> Layout:
         phase = ((at[0] % st[0]) * st[1] + at[1] % st[1]) * st[2] + at[2] % st[2]
         starts.append(phase * plane + sum((a // s) * m for a, s, m in zip(at, st, steps)))
     n = 0 if min(out) < 1 else ((out[0] - 1) * grid[1] + out[1] - 1) * grid[2] + out[2]
+    n = -(-n // VECTOR) * VECTOR  # whole vectors: no scalar remainder per tap (the extra
+    # positions are not outputs; the transposes hold zeros there)
     width, s2 = _three(spatial)[2], st[2]
     runs = np.array([((ph - begin[2]) % s2, ((ph - begin[2]) % s2 + begin[2]) // s2,
                       max(0, -(-(width - (ph - begin[2]) % s2) // s2))) for ph in range(s2)],
                     np.int64).reshape(s2, 3)
     return Layout(st, begin, grid, runs, np.array(starts, np.int64), n,
-                  max(prod(st) * plane, max(starts) + n))
+                  max(prod(st) * plane, max(starts) + n), max(plane, n))
 
 
 def _as5(a, lead):
@@ -250,7 +254,7 @@ def _chunks(pairs, step):
 
 
 def _scratch(lay: Layout, dtype):
-    return np.empty(lay.rows, dtype), np.empty(prod(lay.grid), dtype)
+    return np.empty(lay.rows, dtype), np.empty(lay.grid_size, dtype)
 
 
 def _pair_flops(lay: Layout):
@@ -326,7 +330,7 @@ def cost(mode, b, c, spatial, kernel, strides, pads, dilations):
     pairs = b * c
     passes = -(-pairs // chunk(_pair_flops(lay))) if lay.n else 0
     # and the taps' starts and the runs (int64: two elements of float32 each)
-    scratch = lay.rows + prod(lay.grid) + 2 * len(lay.starts) + 6 * lay.strides[2]
+    scratch = lay.rows + lay.grid_size + 2 * len(lay.starts) + 6 * lay.strides[2]
     x_size, w_size = pairs * prod(spatial), c * prod(kernel)
     out = pairs * prod(lay.grid)  # at least the output's elements
     if mode in ("values", "forward"):
