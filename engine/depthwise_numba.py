@@ -164,6 +164,9 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, runs, starts, n, buf, acc
     """The transpose of _conv_pairs in w: g (B, C, OD, OH, OW), x (B, C, D, H, W) ->
     added into dw (C, taps): per tap a dot product of the spread g with its phase's rows."""
     c_n = x.shape[1]
+    # sums in the operands' dtype, as numpy's BLAS dot products (a float64 sum of float32
+    # products took 30% longer)
+    zero = np.zeros(1, dw.dtype)[0]
     plane = grid[0] * grid[1] * grid[2]
     buf[:] = 0
     acc[:] = 0
@@ -180,7 +183,7 @@ def _weight_grad_pairs(g, x, dw, lo, hi, st, pd, grid, runs, starts, n, buf, acc
                     dst[ow] = row[ow]
         for t in range(starts.shape[0]):
             src = buf[starts[t]:starts[t] + n]
-            total = 0.0
+            total = zero
             for q in range(n):
                 total += acc[q] * src[q]
             dw[c, t] += total
