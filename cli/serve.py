@@ -14,7 +14,7 @@ from gradserve.server.allocator import keep_freed_memory
 from gradserve.server.app import EVENT_LOOPS, TLSConfig, create_server
 from gradserve.server.auth import TokenFileError, read_token
 from gradserve.server.kernels import CHOICES as KERNEL_CHOICES
-from gradserve.server.kernels import KernelProviderError, start_kernels
+from gradserve.server.kernels import KernelProviderError, check_kernels, start_kernels
 from gradserve.server.lean import DEFAULT_INLINE_BUDGET_US
 from gradserve.server.limits import Limits
 
@@ -200,6 +200,10 @@ def run(args) -> int:
         token = read_token(args.auth_token_file) if args.auth_token_file else None
     except TokenFileError as err:
         raise SystemExit(f"gradserve serve: {err}") from None
+    try:  # a bad choice is one message here, not one per server process
+        check_kernels(args.kernels)
+    except KernelProviderError as err:
+        raise SystemExit(f"gradserve serve: --kernels: {err}") from None
     if args.processes > 1:
         from .supervise import supervise
         return supervise(args, token)

@@ -18,6 +18,12 @@ KernelProviderError = kernels.KernelProviderError
 log = logging.getLogger("gradserve.server")
 
 
+def check_kernels(name: str) -> str:
+    """Select the provider without compiling anything (a supervisor checks the choice
+    before it starts server processes); the active provider, or KernelProviderError."""
+    return kernels.use(name)
+
+
 def start_kernels(name: str, announce: bool = True) -> str:
     """Select the provider ("auto", "numpy" or "numba") now and compile its kernels in a
     daemon thread (logged when done, with `announce`); returns the active provider.

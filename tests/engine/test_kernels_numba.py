@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("numba", reason="numba is not installed (pip install 'gradserve[numba]')")
+try:
+    import numba  # noqa: F401
+except ImportError as e:  # absent, or an install that does not load
+    pytest.skip(f"numba does not import ({e}): pip install 'gradserve[numba]'",
+                allow_module_level=True)
 
 from gradserve.engine import Budget, Graph, Input, Node, compile  # noqa: E402
 from gradserve.engine import costs, depthwise, depthwise_numba, kernels  # noqa: E402
