@@ -2,19 +2,31 @@
 loops: numba's kernels behind engine/kernels.py, the same functions and results as
 engine/depthwise.py (which stays the default when numba is absent or turned off).
 
-Every spatial rank runs as 3-d (leading axes of size 1). The loops never pad: for each
-kernel offset the range of output positions whose input element is inside the input is
-computed once per row, and the innermost loop runs over that range only (along memory
-for stride 1). The compiled loops never run a whole request: Python calls them for a
-chunk of (image, channel) pairs of at most about CHUNK_FLOPS of work and calls
+The layout is engine/depthwise.py's, one (image, channel) plane at a time: every
+spatial rank runs as 3-d (leading axes of size 1); the plane is copied into its padded
+polyphase rows (a stride s splits an axis into s phases; each phase's positions are
+contiguous), so that each kernel offset is one contiguous multiply-add of the whole
+output grid from one phase at one shift (the grid positions past the real outputs are
+computed and dropped, a run is whole AVX-512 vectors), and the real outputs are read
+out. The transposes run the same runs the other way: the input's cotangent adds each
+weighted cotangent run into the phase rows and reads the input's elements back; the
+weight's is a dot product per offset. The plane's rows and grid stay in the L1/L2 cache,
+where numpy's whole-array passes (engine/depthwise.py) stream the whole tensor once per
+offset.
+
+The compiled loops never run a whole request: Python calls them for a chunk of (image,
+channel) pairs of at most about CHUNK_FLOPS of work (a few ms) and calls
 costs.iteration() before each (the deadline and cancellation check), so a huge request
-stops within one chunk.
+stops within one chunk. They allocate nothing of a request's size: the operands'
+contiguous copies, the result and one plane's scratch are numpy arrays made here and
+declared in `cost`.
 
 numba compiles the kernels for a dtype on their first call: 7 to 15 s for all of them
-and both float dtypes on this (busy, 2-core) machine, 1 to 2.5 s to load them back from
-numba's on-disk cache (`cache=True`: __pycache__ beside this file, else the user's cache
-folder). Where no cache folder can be written they compile in memory, in every process.
-kernels.warm_up() does this at server start (`gradserve serve` logs how long it took).
+and both float dtypes on this (busy, 2-core) machine, 0.4 to 2.5 s to load them back
+from numba's on-disk cache (`cache=True`: NUMBA_CACHE_DIR, else __pycache__ beside this
+file, else the user's cache folder). Where no cache folder can be written they compile
+in memory, in every process. kernels.warm_up() does this; `gradserve serve` runs it in a
+background thread from start and logs how long it took.
 
 This module imports numba at its top: only engine/kernels.py imports it, and only when
 numba imports.
@@ -32,7 +44,7 @@ import numpy as np
 
 from .costs import iteration
 
-# Work (FLOPs) of one call of a compiled loop: about 10 ms here, the deadline's grain.
+# Work (FLOPs) of one call of a compiled loop: a few ms here, the deadline's grain.
 CHUNK_FLOPS = 1 << 25
 VECTOR = 16  # elements per tap's run are a multiple of this (AVX-512 float32)
 _FASTMATH = {"reassoc", "nsz", "contract"}  # sums may be reordered (vectorized)
