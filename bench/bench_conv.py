@@ -8,12 +8,14 @@ same fwd and y.backward(g) with both leaves requiring grad. Both sides run one B
 thread (OPENBLAS_NUM_THREADS=1 is set here before NumPy loads), so the ratio compares
 the algorithms, not the thread counts. Gradients are checked against torch's.
 
-"before" is the same plan with the shape-specific kernels (engine/depthwise.py,
-windows.py's flat-row gather) turned off for the call: the gathered (im2col) kernels
-every shape used before them. Before, after and torch are timed round by round,
-interleaved; each ratio is the median over rounds of that round's engine / torch
-time, with its interquartile range. Print the load average with the figures: this
-machine is shared.
+One row per kernel provider (engine/kernels.py): "numpy" (the default kernels),
+"numba" (the compiled depthwise kernels, when numba is installed; the dense layers run
+the same numpy kernels under either provider, so they get no numba row), and "general"
+(the numpy provider with the shape-specific kernels - engine/depthwise.py, windows.py's
+flat-row gather - turned off: the gathered im2col kernels every shape used before).
+All providers and torch are timed round by round, interleaved; each ratio is the
+median over rounds of that round's engine / torch time, with its interquartile range.
+Print the load average with the figures: this machine is shared.
 
 glibc's malloc thresholds are raised as a server sets them at start (mmap 32 MiB,
 trim 1 GiB: freed blocks are reused, not faulted in afresh; it took the ResNet 3x3
@@ -40,7 +42,7 @@ from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
-from gradserve.engine import depthwise, windows  # noqa: E402
+from gradserve.engine import depthwise, kernels, windows  # noqa: E402
 
 # (name, x shape, w shape, strides, pads, groups)
 LAYERS = [
@@ -84,6 +86,14 @@ def general_kernels_only(fn):
     return run
 
 
+def on(provider, fn):
+    """fn run on the given kernel provider."""
+    def run():
+        kernels.use(provider)
+        return fn()
+    return run
+
+
 def ratio(t, engine, baseline):
     """Median and interquartile range over rounds of engine / baseline (same round)."""
     r = sorted(a / b for a, b in zip(t[engine].times, t[baseline].times))
@@ -100,6 +110,13 @@ def keep_freed_memory() -> bool:
         return False
 
 
+def _warm():
+    import time
+    began = time.perf_counter()
+    kernels.warm_up()
+    return time.perf_counter() - began
+
+
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=lambda p: p.add_argument(
         "--default-malloc", action="store_true",
@@ -114,6 +131,11 @@ def main(argv=None):
         return 0
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
+    numba = kernels.use("auto") == "numba"
+    if numba:
+        print(f"numba kernels compiled or loaded in {_warm():.1f} s")
+    else:
+        print("numba is not installed: no numba rows (pip install 'gradserve[numba]')")
     rows = []
     for name, xs, ws, strides, pads, groups in LAYERS:
         fwd, both, x, w, cot = engine_layer(xs, ws, strides, pads, groups, rng)
@@ -133,25 +155,35 @@ def main(argv=None):
                                        groups=groups).backward(tg)
 
         t_both()
-        got = both().cotangents
-        for key, ref in (("x", tx.grad), ("w", tw.grad)):
-            err = np.max(np.abs(got[key] - ref.numpy())) / (np.max(np.abs(ref.numpy())) or 1)
-            if err > 1e-3:
-                print(f"{name}: d{key} differs from torch by {err:.2e} (relative)")
-                return 1
-        t = measure({"before fwd": general_kernels_only(fwd), "after fwd": fwd,
-                     "torch fwd": t_fwd, "before fwd+bwd": general_kernels_only(both),
-                     "after fwd+bwd": both, "torch fwd+bwd": t_both}, settings)
-        rows.append([name] + [f"{t[f'{w} {p}'].median * 1e3:.2f}"
-                              for p in ("fwd",) for w in ("before", "after", "torch")]
-                    + [ratio(t, "before fwd", "torch fwd"), ratio(t, "after fwd", "torch fwd")]
-                    + [f"{t[f'{w} fwd+bwd'].median * 1e3:.2f}"
-                       for w in ("before", "after", "torch")]
-                    + [ratio(t, "before fwd+bwd", "torch fwd+bwd"),
-                       ratio(t, "after fwd+bwd", "torch fwd+bwd")])
-    print_table(["layer", "fwd ms before", "after", "torch", "ratio before", "ratio after",
-                 "f+b ms before", "after", "torch", "ratio before", "ratio after"], rows,
-                title="conv per layer shape, float32, one thread each, medians; ratios "
+        providers = ["general", "numpy"]
+        if numba and groups == xs[1] == ws[0]:
+            providers.append("numba")
+        for provider in providers[1:]:
+            got = on(provider, both)().cotangents
+            for key, ref in (("x", tx.grad), ("w", tw.grad)):
+                err = (np.max(np.abs(got[key] - ref.numpy()))
+                       / (np.max(np.abs(ref.numpy())) or 1))
+                if err > 1e-3:
+                    print(f"{name} ({provider}): d{key} differs from torch by {err:.2e}")
+                    return 1
+        funcs = {"torch fwd": t_fwd, "torch fwd+bwd": t_both}
+        for provider in providers:
+            run = (lambda f: on("numpy", general_kernels_only(f))) if provider == "general" \
+                else (lambda f, p=provider: on(p, f))
+            funcs[f"{provider} fwd"] = run(fwd)
+            funcs[f"{provider} fwd+bwd"] = run(both)
+        t = measure(funcs, settings)
+        for provider in providers:
+            rows.append([name, provider]
+                        + [f"{t[f'{provider} fwd'].median * 1e3:.2f}",
+                           f"{t['torch fwd'].median * 1e3:.2f}",
+                           ratio(t, f"{provider} fwd", "torch fwd"),
+                           f"{t[f'{provider} fwd+bwd'].median * 1e3:.2f}",
+                           f"{t['torch fwd+bwd'].median * 1e3:.2f}",
+                           ratio(t, f"{provider} fwd+bwd", "torch fwd+bwd")])
+    kernels.use("auto")
+    print_table(["layer", "kernels", "fwd ms", "torch", "ratio", "f+b ms", "torch", "ratio"],
+                rows, title="conv per layer shape, float32, one thread each, medians; ratios "
                 "engine / torch per round, median (interquartile range); target <= 1.0x")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0

@@ -13,6 +13,8 @@ from dataclasses import fields
 from gradserve.server.allocator import keep_freed_memory
 from gradserve.server.app import EVENT_LOOPS, TLSConfig, create_server
 from gradserve.server.auth import TokenFileError, read_token
+from gradserve.server.kernels import CHOICES as KERNEL_CHOICES
+from gradserve.server.kernels import KernelProviderError, check_kernels, start_kernels
 from gradserve.server.lean import DEFAULT_INLINE_BUDGET_US
 from gradserve.server.limits import Limits
 
@@ -95,6 +97,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="the server's event loop: uvloop is installed with gradserve (not on "
                             "Windows); auto takes it when it can be imported, else asyncio's "
                             "own (default: %(default)s)")
+    serve.add_argument("--kernels", default=os.environ.get("GRADSERVE_KERNELS", "auto"),
+                       choices=KERNEL_CHOICES,
+                       help="the engine's kernel provider for convolutions: numpy's (built "
+                            "in), or numba's compiled depthwise-conv loops when the numba "
+                            "extra is installed (pip install 'gradserve[numba]'); auto takes "
+                            "numba when it imports, at a process's first depthwise conv; "
+                            "numba compiles (or loads from numba's cache) in the background "
+                            "from start. Also GRADSERVE_KERNELS (default: %(default)s)")
     serve.add_argument("--inline-budget-us", type=float,
                        default=float(env("INLINE_BUDGET_US", DEFAULT_INLINE_BUDGET_US)),
                        metavar="US",
@@ -190,6 +200,10 @@ def run(args) -> int:
         token = read_token(args.auth_token_file) if args.auth_token_file else None
     except TokenFileError as err:
         raise SystemExit(f"gradserve serve: {err}") from None
+    try:  # a bad choice is one message here, not one per server process
+        check_kernels(args.kernels)
+    except KernelProviderError as err:
+        raise SystemExit(f"gradserve serve: --kernels: {err}") from None
     if args.processes > 1:
         from .supervise import supervise
         return supervise(args, token)
@@ -206,6 +220,10 @@ def serve_one(args, token, port: int | None = None, stop: StopRequest | None = N
     if not args.no_malloc_tuning and not keep_freed_memory():
         log.warning("could not raise malloc's thresholds (not glibc?): large requests "
                     "page-fault fresh memory")
+    try:  # --kernels numba: compiled in the background (logged when ready)
+        start_kernels(args.kernels, announce=process is None or process == 0)
+    except KernelProviderError as err:
+        raise SystemExit(f"gradserve serve: --kernels: {err}") from None
     overrides = {f.name: getattr(args, f.name) for f in fields(Limits)}
     tls = TLSConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     address = f"{args.host}:{args.port if port is None else port}"

@@ -11,7 +11,8 @@ convolution one batched product per chunk of groups, with the seed directions
 folded into the batch (input directions) or into the weight rows (weight
 directions). Its input cotangent scatters back with one strided add per kernel
 offset (col2im). A depthwise convolution (a channel per group) runs instead as
-shifted elementwise products (engine/depthwise.py), in values and both transposes.
+shifted elementwise products (engine/depthwise.py), in values and both transposes,
+or as numba's compiled loops when that provider is active (engine/kernels.py).
 Pooling walks the kernel offsets, each a strided view of the
 padded input; no Python loop runs over pixels or single groups, and every loop
 whose trip count the request sets calls costs.iteration() between passes (the
@@ -28,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import depthwise
+from . import depthwise, kernels
 from .blocked import BLOCK_FLOPS, matmul
 from .costs import OpCost, iteration
 
@@ -134,7 +135,7 @@ def conv(x, w, strides, pads, dilations, groups):
     b = x.shape[0]
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
-        return depthwise.conv(x, w, strides, pads, dilations, out)
+        return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
     if flat_rows(x.shape, win, groups):
         return _flat_rows_conv(x, w, win, out)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
@@ -225,7 +226,7 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
     """The transpose of conv in x: g (B, O, *out), w (O, C / groups, *kernel) -> (B, C, *S)."""
     d = len(spatial)
     if depthwise.applies((g.shape[0], w.shape[0]) + tuple(spatial), w.shape, strides, groups):
-        return depthwise.input_grad(g, w, spatial, strides, pads, dilations)
+        return kernels.depthwise().input_grad(g, w, spatial, strides, pads, dilations)
     reach = tuple(dl * (k - 1) for dl, k in zip(dilations, w.shape[2:]))
     if stride_one_transpose(g.shape, w.shape, spatial, strides, pads, dilations, groups):
         # Stride 1: the transpose is itself a convolution, of g padded by what the
@@ -280,7 +281,7 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     k, n, n_out = g.shape[:3]
     if depthwise.applies(x.shape, (n_out, x.shape[1] // groups) + tuple(kernel), strides,
                          groups):
-        return depthwise.weight_grad(g, x, kernel, strides, pads, dilations)
+        return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
     cg = x.shape[1] // groups
@@ -551,10 +552,11 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
 
 def _depthwise_cost(mode, b, c, spatial, kernel, strides, pads, dilations, isz, flops,
                     out_size, x_size, w_size):
-    """conv's cost on engine/depthwise.py's kernels (which say what they hold and how
-    many passes they make): the values, each forward term and their sum, both
+    """conv's cost on the active provider's depthwise kernels (engine/kernels.py: they
+    say what they hold and how many passes they make): the values, each forward term and their sum, both
     transposes."""
-    held, passes = depthwise.cost(mode, b, c, spatial, kernel, strides, pads, dilations)
+    held, passes = kernels.depthwise().cost(mode, b, c, spatial, kernel, strides, pads,
+                                           dilations)
     scratch = held * isz
     if mode == "values":
         return OpCost(scratch + out_size * isz, flops, passes)

@@ -22,7 +22,8 @@ STDLIB = frozenset(sys.stdlib_module_names)
 # package -> (folder, gradserve packages it may import, other top-level modules it may
 # import; None = any outside gradserve). A package may always import itself.
 RULES = {
-    "engine": ("engine", set(), {"numpy"} | STDLIB),
+    # numba: the optional kernel provider (engine/kernels.py imports it only when it imports)
+    "engine": ("engine", set(), {"numpy", "numba"} | STDLIB),
     "v1": ("proto/gradserve/v1", set(), {"google", "grpc", "numpy"} | STDLIB),
     "server": ("server", {"engine", "v1"}, None),
     "client": ("client", {"v1"}, None),

@@ -8,6 +8,7 @@ import re
 import subprocess
 import time
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -217,3 +218,46 @@ def test_blas_threads_flag():
             g.output("p", x @ x)
             np.testing.assert_allclose(client.evaluate(g, {"a": a})["p"], a @ a)
         assert server.terminate(timeout=30) == 0
+
+
+def test_kernels_flag_and_variable():
+    """--kernels picks the engine's conv kernel provider (logged at start); numpy's needs
+    nothing; a depthwise conv answers the same either way; with auto, the default, a
+    process loads no numba before its first depthwise conv; an unknown provider in
+    GRADSERVE_KERNELS is a one-line error."""
+    g = GraphBuilder()
+    x = g.input("x", "float64", [2, 3, 5, 5])
+    w = g.input("w", "float64", [3, 1, 3, 3])
+    g.output("y", g.conv(x, w, pads=[1, 1, 1, 1], groups=3))
+    g_plain = GraphBuilder()
+    g_plain.output("s", g_plain.sum(g_plain.input("x", "float64", [2, 3, 5, 5])))
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.standard_normal((2, 3, 5, 5)), "w": rng.standard_normal((3, 1, 3, 3))}
+    answers = {}
+    choices = ["numpy"]
+    try:
+        import numba  # noqa: F401
+        choices.append("numba")
+    except ImportError:
+        pass
+    for provider in choices:
+        with ServerProcess("--port", "0", "--kernels", provider) as server:
+            with Client(server.wait_serving()) as client:
+                answers[provider] = client.evaluate(g, inputs)["y"]
+            server.wait_for(re.compile(f"conv kernels: {provider}"), timeout=120)
+            assert server.terminate(timeout=30) == 0
+    for got in answers.values():
+        np.testing.assert_allclose(got, answers["numpy"], rtol=1e-12, atol=1e-12)
+    # auto (the default): no numba in a process until its first depthwise convolution
+    with ServerProcess("--port", "0") as server:
+        with Client(server.wait_serving()) as client:
+            client.evaluate(g_plain, {"x": inputs["x"]})
+            maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+            assert "llvmlite" not in maps and "numba" not in maps
+            np.testing.assert_allclose(client.evaluate(g, inputs)["y"], answers["numpy"],
+                                       rtol=1e-12, atol=1e-12)
+        assert server.terminate(timeout=30) == 0
+    done = run("serve", "--port", "0", env=clean_env(GRADSERVE_KERNELS="fortran"))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("gradserve serve: --kernels:"), done.stderr
+    assert "expected one of auto, numpy, numba" in done.stderr

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from gradserve.engine import Graph, Input, Node, ResourceLimitError, compile
-from gradserve.engine import costs
+from gradserve.engine import costs, kernels
 from gradserve.engine.ops import OPS
 from gradserve.engine.ops.table import no_cotangent
 
@@ -371,15 +371,40 @@ CONV_KERNEL_CASES = {
 }
 
 
+def _numba_installed():
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# The depthwise cases run on each kernel provider (engine/kernels.py): numba's declares
+# its own costs.
+PROVIDERS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not _numba_installed(), reason="numba is not installed (the numba extra)"))]
+
+
 @pytest.mark.parametrize("case", sorted(CONV_KERNEL_CASES))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype):
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype, provider):
+    if provider != "numpy" and not case.startswith("depthwise"):
+        pytest.skip("the numba provider compiles the depthwise kernels only")
     xs, ws, strides, pads, dilations, groups = CONV_KERNEL_CASES[case]
     rng = np.random.default_rng(len(case))
     inputs = {"x": rng.standard_normal(xs).astype(dtype),
               "w": rng.standard_normal(ws).astype(dtype)}
-    _prove("conv", inputs, {"strides": strides, "pads": pads, "dilations": dilations,
-                            "groups": groups}, rng, f"{case} ({np.dtype(dtype).name})")
+    before = kernels.active()
+    kernels.use(provider)
+    try:
+        kernels.warm_up()  # numba compiles outside the measurement
+        _prove("conv", inputs, {"strides": strides, "pads": pads, "dilations": dilations,
+                                "groups": groups}, rng,
+               f"{case} ({np.dtype(dtype).name}, {provider} kernels)")
+    finally:
+        kernels.use(before)
+
 
 
 # max_pool's masked path (windows that do not overlap; engine/windows.py _first_maxima):
