@@ -379,18 +379,17 @@ def _numba_installed():
     return True
 
 
-# The depthwise cases run on each kernel provider (engine/kernels.py): numba's declares
-# its own costs.
-PROVIDERS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
-    not _numba_installed(), reason="numba is not installed (the numba extra)"))]
+# Every case runs on numpy's kernels; the depthwise ones on numba's too (it compiles
+# those only, and declares their costs itself).
+PROVIDER_CASES = [(case, "numpy") for case in sorted(CONV_KERNEL_CASES)] + [
+    pytest.param(case, "numba", marks=pytest.mark.skipif(
+        not _numba_installed(), reason="numba is not installed (the numba extra)"))
+    for case in sorted(CONV_KERNEL_CASES) if case.startswith("depthwise")]
 
 
-@pytest.mark.parametrize("case", sorted(CONV_KERNEL_CASES))
+@pytest.mark.parametrize("case, provider", PROVIDER_CASES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("provider", PROVIDERS)
 def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype, provider):
-    if provider != "numpy" and not case.startswith("depthwise"):
-        pytest.skip("the numba provider compiles the depthwise kernels only")
     xs, ws, strides, pads, dilations, groups = CONV_KERNEL_CASES[case]
     rng = np.random.default_rng(len(case))
     inputs = {"x": rng.standard_normal(xs).astype(dtype),
