@@ -348,7 +348,15 @@ def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
                 return await in_worker(timers.wrap("worker", fn), *args)
 
             servicer.calls.in_worker = timed_in_worker
-            servicer.training.steps = timers.wrap("TrainState.steps", servicer.training.steps)
+            if servicer.lean is not None:  # small calls: answered on the event loop
+                servicer.lean.answer = timers.wrap("lean", servicer.lean.answer)
+            steps_in = {name: timers.wrap(f"TrainState.steps ({name})", servicer.training.steps)
+                        for name in ("worker", "lean")}
+
+            def timed_steps(*args, **kwargs):  # which path ran it: the lean one has a gate
+                gate = args[5] if len(args) > 5 else kwargs.get("gate")
+                return steps_in["worker" if gate is None else "lean"](*args, **kwargs)
+            servicer.training.steps = timed_steps
             servicer.registry.resolve = timers.wrap("resolve", servicer.registry.resolve)
             client_module.Client._call = timers.wrap("client call", saved[0][2])
             calls_module.parse = timers.wrap("parse", saved[1][2])
@@ -368,17 +376,21 @@ def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
         for owner, name, value in saved:
             setattr(owner, name, value)
     s = {k: v / steps for k, v in timers.seconds.items()}
+    for part in ("worker", "lean", "parse", "resolve", "engine", "TrainState.steps (worker)",
+                 "TrainState.steps (lean)"):
+        s.setdefault(part, 0.0)
     cpu, main, wall = cpu / steps, main / steps, wall / steps
+    in_steps = s["TrainState.steps (worker)"] + s["TrainState.steps (lean)"]
     return [("client: Trainer loop, request and reply (Python)", main - s["client call"]),
             ("client: the gRPC call (its thread's CPU)", s["client call"]),
-            ("server: event loop, gRPC threads", cpu - main - s["worker"]),
-            ("server worker: parse", s["parse"]),
-            ("server worker: resolve the graph", s["resolve"]),
-            ("server worker: store, rows, checks, evaluation, reply message",
-             s["TrainState.steps"] - s["engine"]),
-            ("server worker: engine (sgd_steps)", s["engine"]),
-            ("server worker: serialize, telemetry",
-             s["worker"] - s["parse"] - s["resolve"] - s["TrainState.steps"]),
+            ("server: event loop, gRPC threads", cpu - main - s["worker"] - s["lean"]),
+            ("server: store, rows, checks, evaluation, reply message (either path)",
+             in_steps - s["engine"]),
+            ("server: engine (sgd_steps; either path)", s["engine"]),
+            ("server worker: parse, resolve, serialize, telemetry",
+             s["worker"] - s["TrainState.steps (worker)"]),
+            ("server lean path: parse, gate, serialize, telemetry",
+             s["lean"] - s["TrainState.steps (lean)"]),
             ("wall time per step", wall)]
 
 
