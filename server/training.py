@@ -40,6 +40,7 @@ TENSOR_FRAMING_BYTES = 64
 class Declined(Exception):
     """The lean path does not answer this call inline (server.lean): a worker will."""
 
+
 def steps_of(batches) -> int | None:
     """K, the steps the batches stack, when they agree on one (the engine names what is
     wrong otherwise)."""
