@@ -39,6 +39,7 @@ from __future__ import annotations
 import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
 import contextlib
+import os
 import statistics
 from dataclasses import replace
 import sys
@@ -347,7 +348,15 @@ def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
                 return await in_worker(timers.wrap("worker", fn), *args)
 
             servicer.calls.in_worker = timed_in_worker
-            servicer.training.steps = timers.wrap("TrainState.steps", servicer.training.steps)
+            if servicer.lean is not None:  # small calls: answered on the event loop
+                servicer.lean.answer = timers.wrap("lean", servicer.lean.answer)
+            steps_in = {name: timers.wrap(f"TrainState.steps ({name})", servicer.training.steps)
+                        for name in ("worker", "lean")}
+
+            def timed_steps(*args, **kwargs):  # which path ran it: the lean one has a gate
+                gate = args[5] if len(args) > 5 else kwargs.get("gate")
+                return steps_in["worker" if gate is None else "lean"](*args, **kwargs)
+            servicer.training.steps = timed_steps
             servicer.registry.resolve = timers.wrap("resolve", servicer.registry.resolve)
             client_module.Client._call = timers.wrap("client call", saved[0][2])
             calls_module.parse = timers.wrap("parse", saved[1][2])
@@ -367,18 +376,102 @@ def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
         for owner, name, value in saved:
             setattr(owner, name, value)
     s = {k: v / steps for k, v in timers.seconds.items()}
+    for part in ("worker", "lean", "parse", "resolve", "engine", "TrainState.steps (worker)",
+                 "TrainState.steps (lean)"):
+        s.setdefault(part, 0.0)
     cpu, main, wall = cpu / steps, main / steps, wall / steps
+    in_steps = s["TrainState.steps (worker)"] + s["TrainState.steps (lean)"]
     return [("client: Trainer loop, request and reply (Python)", main - s["client call"]),
             ("client: the gRPC call (its thread's CPU)", s["client call"]),
-            ("server: event loop, gRPC threads", cpu - main - s["worker"]),
-            ("server worker: parse", s["parse"]),
-            ("server worker: resolve the graph", s["resolve"]),
-            ("server worker: store, rows, checks, evaluation, reply message",
-             s["TrainState.steps"] - s["engine"]),
-            ("server worker: engine (sgd_steps)", s["engine"]),
-            ("server worker: serialize, telemetry",
-             s["worker"] - s["parse"] - s["resolve"] - s["TrainState.steps"]),
+            ("server: event loop, gRPC threads", cpu - main - s["worker"] - s["lean"]),
+            ("server: store, rows, checks, evaluation, reply message (either path)",
+             in_steps - s["engine"]),
+            ("server: engine (sgd_steps; either path)", s["engine"]),
+            ("server worker: parse, resolve, serialize, telemetry",
+             s["worker"] - s["TrainState.steps (worker)"]),
+            ("server lean path: parse, gate, serialize, telemetry",
+             s["lean"] - s["TrainState.steps (lean)"]),
             ("wall time per step", wall)]
+
+
+# --- the lean path's time model for TrainSteps -------------------------------------------------
+
+def calibrate(quick: bool) -> None:
+    """Time the lean path's answer to TrainSteps calls on a stored state (parse, store,
+    rows, steps, reply: server.lean with an unlimited budget, in this process, one BLAS
+    thread) for MLPs of 1-4 hidden layers of 16-512, batches of 1-256 rows and 1-16
+    steps a call, and fit server.lean.TimeModel's TrainSteps constants (least squares on
+    relative error; the other FLOPs' and the gathered bytes' rates held at the shipped
+    model's): printed beside the shipped model's estimates. Never asserts on time."""
+    from gradserve.server.servicer import GradientServicer
+    from gradserve.v1 import gradient_service_pb2 as pb
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")  # as `gradserve serve` (--blas-threads 1)
+    servicer = GradientServicer(inline_budget_us=1e12)
+    lean, model = servicer.lean, servicer.lean.model
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2048, 64)).astype(np.float32)
+    cases = [((16,), 1, 1), ((64,), 1, 1), ((64, 64), 64, 1), ((64, 64), 1, 1),
+             ((64, 64), 16, 1), ((64, 64), 256, 1), ((64, 64), 64, 4), ((64, 64), 1, 16),
+             ((256, 256), 64, 1), ((256, 256), 16, 1), ((128,) * 4, 32, 1), ((16,) * 4, 1, 4),
+             ((32,) * 3, 8, 2), ((256,), 256, 1), ((512,), 64, 1)]
+    if quick:
+        cases = cases[::2]
+    print(f"lean TrainSteps calibration (load average {os.getloadavg()[0]:.2f}); median "
+          f"of {3 if quick else 7} blocks")
+    rows = []
+    for hidden, batch, steps in cases:
+        spec = ModelSpec.mlp(64, 10, hidden)
+        graph_id, plan = servicer.registry.register(spec.build_graph().build())
+        params = spec.init_params(rng)
+        Y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, len(X))]
+        state = servicer.store.keep("bench", dict(params), "state")
+        data = servicer.store.keep("bench", {"X": X, "Y": Y}, "data")
+        entry = servicer.store.entry(state, "state")
+
+        def request() -> bytes:
+            picked = rng.integers(0, len(X), batch * steps)
+            return pb.TrainStepsRequest(
+                graph_id=graph_id, state=state, state_version=entry.version, data=data,
+                rows=picked.tolist(), batch_sizes=[batch] * steps, learning_rate=0.01,
+                momentum=0.9, loss=LOSS).SerializeToString()
+        first = request()
+        parsed = pb.TrainStepsRequest.FromString(first)
+        estimate = lean.train_estimate(plan, params, parsed)
+        calls = max(3, int(3000 / (steps * (1 + batch * sum(hidden) / 2000))))
+        times = []
+        for _ in range(3 if quick else 7):
+            elapsed = 0.0
+            for _ in range(calls):
+                data_bytes = request()
+                start = time.perf_counter()
+                if lean.answer("TrainSteps", data_bytes, start) is None:
+                    raise RuntimeError(f"the lean path did not answer {hidden} {batch}x{steps}")
+                elapsed += time.perf_counter() - start
+            times.append(elapsed / calls * 1e6)
+        nodes = len(plan.graph.nodes)
+        forms = servicer.training.batch_shapes(parsed)
+        shapes = plan.bind({**params, **{n: np.broadcast_to(np.zeros((), d), s)
+                                         for n, (s, d) in forms[0][1].items()}}).shapes
+        flops, dense = lean._step_flops(plan, shapes)
+        gathered = batch * steps * (64 + 10) * 4
+        rows.append((nodes, len(params), steps, flops * steps, dense * steps, gathered,
+                     statistics.median(times), estimate))
+        print(f"  MLP 64-{'-'.join(map(str, hidden))}-10 ({nodes} nodes), batch {batch:3d}, "
+              f"{steps:2d} steps: {flops * steps:10,d} + {dense * steps:11,d} dense FLOPs: "
+              f"{statistics.median(times):8.1f} us (model {estimate:8.1f} us)")
+    print("fitted (fixed us, us per node and step, us per parameter and step, us per dense "
+          f"MFLOP); shipped: {model.train_fixed_us}, {model.step_node_us}, "
+          f"{model.step_parameter_us}, {model.dense_mflop_us}")
+    t = np.array([r[6] for r in rows])
+    known = np.array([(model.mflop_us * r[3] + model.gather_mb_us * r[5]) * 1e-6 for r in rows])
+    a = np.array([[1.0, r[0] * r[2], r[1] * r[2], r[4] * 1e-6] for r in rows])
+    coef = np.linalg.lstsq(a / t[:, None], 1 - known / t, rcond=None)[0]
+    print("  " + ", ".join(f"{c:.1f}" for c in coef))
+    worst = max(r[6] / r[7] for r in rows)
+    print(f"  the shipped model's worst case: measured {worst:.2f}x its estimate")
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -455,7 +548,12 @@ def main(argv=None) -> int:
                             help="only the P8 model, MLP 64-64-64-10")
         parser.add_argument("--engine-step", action="store_true",
                             help="only the P8 model's engine step against numpy by hand")
+        parser.add_argument("--calibrate", action="store_true",
+                            help="fit the lean path's TrainSteps time model (server.lean)")
     args = parse_args(__doc__, argv, extra=options)
+    if args.calibrate:
+        calibrate(args.settings.quick)
+        return 0
     rounds, breakdown_epochs = (5, 2) if args.settings.quick else (15, 6)
     clock = RunClock()
     for line in environment_lines():

@@ -108,7 +108,7 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--inline-budget-us", type=float,
                        default=float(env("INLINE_BUDGET_US", DEFAULT_INLINE_BUDGET_US)),
                        metavar="US",
-                       help="small Evaluate/Differentiate requests by graph id whose "
+                       help="small Evaluate/Differentiate/TrainSteps requests by graph id whose "
                             "estimated time (graph nodes and FLOPs, measured constants) is "
                             "within this many microseconds are answered on the event loop, "
                             "skipping the hand-off to a worker thread; longer ones go to a "

@@ -7,8 +7,8 @@ everything CPU-bound about a request (parsing, the engine, serializing the
 reply) runs in a bounded pool of worker threads (`Calls.executor`). The servicer's
 methods stay plain functions `method(self, request, context)` run in a worker;
 their `context` is a CallState (is_active, time_remaining), which the engine's
-`check` reads between ops. Small Evaluate and Differentiate requests within the
-inline time budget are answered on the event loop instead (server.lean).
+`check` reads between ops. Small Evaluate, Differentiate and TrainSteps requests
+within the inline time budget are answered on the event loop instead (server.lean).
 
 Requests arrive as raw bytes (the handlers are registered without a
 deserializer) so that bytes that are not a valid request are INVALID_ARGUMENT

@@ -1,5 +1,6 @@
-"""The lean path: small Evaluate and Differentiate requests by graph id, answered on the
-event loop where they arrive, without the hand-off to a worker thread and back.
+"""The lean path: small Evaluate, Differentiate and TrainSteps requests by graph id,
+answered on the event loop where they arrive, without the hand-off to a worker thread
+and back.
 
 A seed call's own work is ~40 us (parse, cache lookup, engine, reply) against ~130 us
 of thread hand-off and ~35 us of the general path's glue (PERF-NOTES.md), so a
@@ -27,26 +28,38 @@ first answer with the new arrays' bytes in place of the old ones (`ReplyTemplate
 checked against the generated serialization when made). Its estimate of time, its
 checks and its decision are those of the first answer: none of them depends on
 anything else.
+
+A TrainSteps call (by graph id: on a stored state, or on the parameters it carries) is
+run by the general path's own code (server.training, TrainState.call), with a gate
+before its minibatches are gathered: its estimated time (TimeModel.train_us: K steps
+of the plan's nodes, parameters and FLOPs at the steps' shapes, an evaluation, the
+rows gathered) over the budget, or its state locked by a call in a worker (never
+waited for on the loop), and a worker answers it. The reply is serialized as the
+general path serializes it, so its bytes are the same; exactly once, versions, the
+store's bounds and max_request_flops are the same code's.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import prod
 
 import numpy as np
 from prometheus_client import Counter as Metric
 
 from gradserve.engine import Budget
+from gradserve.engine.costs import LOOP_FLOPS, op_cost
 from gradserve.engine.request import repeat
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import array_from, fill_tensor, fill_tensors
 from gradserve.v1.modes import WIRE_MODES, mode_name
-from gradserve.v1.tensor_wire import _varint_bytes
+from gradserve.v1.tensor_wire import _varint_bytes, decode
 from gradserve.v1.tensor_wire import read_varint as _varint
 
 from .convert import fill_decision
+from .training import Declined
 from .wire import wire_counter
 
 # Larger requests go to a worker (tensor_wire reads them without copies there).
@@ -67,6 +80,10 @@ _EVALUATE_FIELDS = frozenset({"graph_id", "inputs"})
 _DIFFERENTIATE_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "tangents",
                                    "cotangents", "request_id"})
 _JACOBIAN_FIELDS = _DIFFERENTIATE_FIELDS - {"tangents", "cotangents"}
+# Ops whose FLOPs are a BLAS product's (TimeModel.dense_mflop_us), far cheaper per FLOP
+# than an elementwise op's.
+DENSE_OPS = frozenset({"matmul"})
+_STEP_COSTS_KEPT = 1024  # (plan, shapes) -> a training step's FLOPs, then forgotten at once
 
 
 @dataclass(frozen=True)
@@ -80,12 +97,34 @@ class TimeModel:
     (evaluate) and 61-112 us (differentiate), 0.65-1.6 and 3.2-7.5 us per node,
     100-185 us per MFLOP. The constants are the slower run's, rounded up: a short
     estimate holds the loop longer than the budget says, a long one only costs a
-    hand-off."""
+    hand-off.
+
+    TrainSteps (train_us) adds a call's fixed cost (parse, store, checks, reply), each
+    step's per node (both sweeps) and per parameter (its update), the FLOPs of
+    DENSE_OPS at their own rate and the bytes gathered from a stored data set's rows.
+    Fitted with `bench/bench_train.py --calibrate` (MLPs of 10-19 nodes, widths
+    16-512, batches of 1-256, 1-16 steps a call; one BLAS thread) in two runs, load
+    average 3.1 and 3.4: fixed 133-146 us, 2.1-8.7 us per node and 3.7-16.4 per
+    parameter a step (the two trade off), 3.3-4.2 us per dense MFLOP; rounded up, the
+    dense rate 2.5x (it moves most with the BLAS kernel and the matrices' sizes). It
+    holds for one BLAS thread, as `gradserve serve` runs by default (`for_blas`): with
+    more, a small product waits on BLAS's helper threads, descheduled on a busy machine
+    (a 64-wide MLP step at batch 64 took 0.9-1.4 ms with two against 0.33-0.35 with
+    one), and dense FLOPs are costed as any other."""
 
     fixed_us: float = 60.0
     evaluate_node_us: float = 1.6
     differentiate_node_us: float = 7.5
     mflop_us: float = 600.0
+    train_fixed_us: float = 150.0
+    step_node_us: float = 9.0
+    step_parameter_us: float = 16.0
+    dense_mflop_us: float = 10.0
+    gather_mb_us: float = 500.0
+
+    def for_blas(self, threads: int | None) -> "TimeModel":
+        """This model for BLAS running `threads` threads (None: unknown)."""
+        return self if threads == 1 else replace(self, dense_mflop_us=self.mflop_us)
 
     def evaluate_us(self, nodes: int, flops: int) -> float:
         return self.fixed_us + self.evaluate_node_us * nodes + self.mflop_us * flops * 1e-6
@@ -93,6 +132,18 @@ class TimeModel:
     def differentiate_us(self, nodes: int, flops: int) -> float:
         return (self.fixed_us + self.differentiate_node_us * nodes
                 + self.mflop_us * flops * 1e-6)
+
+    def train_us(self, nodes: int, parameters: int, steps: int, flops: int = 0,
+                 dense_flops: int = 0, evaluated: bool = False, gathered: int = 0) -> float:
+        """A TrainSteps call of `steps` steps (a differentiation and an update of each
+        parameter each) and, if `evaluated`, an evaluation after them; `flops` and
+        `dense_flops` (of DENSE_OPS) those of all its sweeps, `gathered` the bytes of
+        its minibatches taken from a stored data set's rows."""
+        return (self.train_fixed_us
+                + steps * (self.step_node_us * nodes + self.step_parameter_us * parameters)
+                + (self.evaluate_node_us * nodes if evaluated else 0.0)
+                + (self.mflop_us * flops + self.dense_mflop_us * dense_flops
+                   + self.gather_mb_us * gathered) * 1e-6)
 
 
 class LeanPath:
@@ -106,13 +157,15 @@ class LeanPath:
                  model: TimeModel | None = None):
         self.servicer = servicer
         self.budget_us = budget_us
-        self.model = model or TimeModel()
+        self.model = model or TimeModel().for_blas(blas_threads())
         self.counts: Counter[str] = Counter()
-        self._answer = {"Evaluate": self._evaluate, "Differentiate": self._differentiate}
+        self._answer = {"Evaluate": self._evaluate, "Differentiate": self._differentiate,
+                        "TrainSteps": self._train_steps}
         limits = servicer.limits
         self._max_elements = limits.max_tensor_elements
         self._counters = {t: wire_counter(t, limits)
                           for t in (pb.EvaluateRequest, pb.DifferentiateRequest)}
+        self._train_counter = wire_counter(pb.TrainStepsRequest, limits)
         self._metric = Metric("gradserve_lean_requests",
                               "small requests answered on the event loop (inline), or sent "
                               "to a worker over the time budget (over_budget) or past "
@@ -130,6 +183,8 @@ class LeanPath:
         self._requests: dict = {}
         self._template_bytes = 0
         self.templated = 0
+        self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
+        self._train_estimates: dict = {}  # see _train_gate
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -307,6 +362,97 @@ class LeanPath:
         self.templated += 1
         return self._answered(method, started, known, answer.decision.mode, graph_id, reply)
 
+    def _train_steps(self, method: str, data: bytes, started: float) -> bytes | None:
+        """A TrainSteps call by graph id, run by the general path's own code (TrainState
+        .call) with _train_gate before its minibatches are gathered."""
+        servicer = self.servicer
+        self._train_counter.check(data)
+        request = pb.TrainStepsRequest.FromString(data)
+        if request.parameters or request.velocity or request.batches:
+            # tensors: read as the general path reads them (views of the bytes, checked)
+            request = decode(pb.TrainStepsRequest, data, self._max_elements)
+        if request.WhichOneof("graph_ref") != "graph_id":
+            return None
+        graph_id = request.graph_id
+        plan = servicer.registry.cache.peek(graph_id)
+        if plan is None:
+            return None
+        # the steps' node count first: before a state, data set or shape is looked at
+        steps = (len(request.batch_sizes) if request.data else
+                 max((len(b) for b in request.batches.values() if np.ndim(b)), default=1))
+        if not self._within_budget(self.model.train_us(len(plan.graph.nodes), 0, steps)):
+            return None
+        try:
+            reply = servicer.training.call(request, graph_id, plan, None, servicer._run_limits,
+                                           gate=self._train_gate)
+        except Declined:
+            return None
+        return self._answered(method, started, request, None, graph_id,
+                              reply.SerializeToString())
+
+    def _train_gate(self, plan, parameters: dict, request) -> None:
+        """TrainState.call's gate: Declined when the call's estimated time is over the
+        budget. On a stored state stepping by rows of a stored data set the estimate is
+        remembered by the handles and batch sizes it depends on (what a handle holds
+        never changes shape)."""
+        if request.state and request.data and not (request.batches or request.stored_batches):
+            key = (id(plan), request.state, request.data, tuple(request.batch_sizes),
+                   request.evaluate_data)
+            known = self._train_estimates.get(key)
+            if known is not None and known[0] is plan:
+                estimate = known[1]
+            else:
+                estimate = self.train_estimate(plan, parameters, request)
+                if len(self._train_estimates) >= _STEP_COSTS_KEPT:
+                    self._train_estimates.clear()
+                self._train_estimates[key] = (plan, estimate)
+        else:
+            estimate = self.train_estimate(plan, parameters, request)
+        if not self._within_budget(estimate):
+            raise Declined("over the inline time budget")
+
+    def train_estimate(self, plan, parameters: dict, request) -> float:
+        """TimeModel.train_us of a TrainSteps request on these parameters (the counts
+        alone, if they are over the budget already)."""
+        model, nodes = self.model, len(plan.graph.nodes)
+        forms = self.servicer.training.batch_shapes(request)
+        steps = sum(count for count, _ in forms)
+        count = len(parameters)
+        estimate = model.train_us(nodes, count, steps)
+        if estimate > self.budget_us:  # (before any FLOPs are counted)
+            return estimate
+        flops = dense = gathered = 0
+        for k, inputs in forms:
+            shapes = plan.bind({**parameters, **_placeholders(inputs)}).shapes
+            f, d = self._step_flops(plan, shapes)
+            flops, dense = flops + k * f, dense + k * d
+            if request.data:
+                gathered += k * sum(prod(shape) * dtype.itemsize
+                                    for shape, dtype in inputs.values())
+        evaluated = bool(request.evaluate_data)
+        if evaluated:
+            data = self.servicer.store.entry(request.evaluate_data, "evaluate_data").tensors
+            shapes = plan.bind({**data, **parameters}).shapes
+            d = _dense_flops(plan, shapes, ("values",))
+            flops, dense = flops + plan.estimate_flops(shapes) - d, dense + d
+        return model.train_us(nodes, count, steps, flops, dense, evaluated, gathered)
+
+    def _step_flops(self, plan, shapes) -> tuple[int, int]:
+        """A training step's FLOPs at these shapes (the values' sweep and one reverse
+        direction): (those of other ops, those of DENSE_OPS); remembered per shapes (a
+        plan's specializations are)."""
+        key = (id(plan), id(shapes))
+        known = self._step_costs.get(key)
+        if known is not None and known[0] is plan and known[1] is shapes:
+            return known[2]
+        dense = _dense_flops(plan, shapes, ("values", "reverse"))
+        # (the engine's estimate counts the costliest mode per direction: >= reverse's)
+        found = (plan.estimate_flops(shapes, 1) - dense, dense)
+        if len(self._step_costs) >= _STEP_COSTS_KEPT:
+            self._step_costs.clear()
+        self._step_costs[key] = (plan, shapes, found)
+        return found
+
     def _planner(self, decision) -> pb.PlannerDecision:
         """The planner's decision as a message, built once per decision: a graph's calls
         of one kind repeat it."""
@@ -325,6 +471,45 @@ class LeanPath:
         self.servicer.telemetry.record(method, "OK", started, request, request, mode)
         self._count("inline")
         return data
+
+
+def blas_threads() -> int | None:
+    """The threads NumPy's BLAS runs now, None if not known (the most of the BLAS
+    libraries loaded when none is NumPy's own: another package's, e.g. SciPy's, is not
+    the engine's)."""
+    try:
+        from threadpoolctl import threadpool_info
+        pools = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
+    except Exception:  # noqa: BLE001 - unknown: costed as if more than one
+        return None
+    root = os.path.dirname(np.__file__)  # (a wheel's own BLAS is under numpy.libs beside it)
+    counts = [pool["num_threads"] for pool in pools
+              if str(pool.get("filepath", "")).startswith(root)] or [
+        pool["num_threads"] for pool in pools]
+    return max(counts) if counts else None
+
+
+def _placeholders(inputs: dict) -> dict:
+    """Arrays of these (shape, dtype)s without their data (one element, broadcast):
+    enough for Plan.bind to find every value's shape."""
+    return {name: np.broadcast_to(np.zeros((), dtype), shape)
+            for name, (shape, dtype) in inputs.items()}
+
+
+def _dense_flops(plan, shapes, modes) -> int:
+    """FLOPs the DENSE_OPS nodes of a plan declare at these shapes, summed over `modes`
+    (one direction each past "values")."""
+    total = 0
+    for node, op, attrs in plan.nodes:
+        if op.name not in DENSE_OPS:
+            continue
+        ins = [tuple(shapes[r]) for r in node.inputs]
+        kwargs = {k: v for k, v in attrs.items() if k != "node"} if attrs else {}
+        for mode in modes:
+            cost = op_cost(op, mode, ins, tuple(shapes[node.name]), plan.np_dtypes[node.name],
+                           kwargs)
+            total += cost.flops + LOOP_FLOPS * cost.loops
+    return total
 
 
 def _directions(plan, request, present) -> int:

@@ -13,7 +13,6 @@ from gradserve.v1.codec import WIRE_DTYPES
 from gradserve.v1.modes import mode_name, sparsity_name
 from gradserve.v1.tensor_wire import TensorMessage
 
-from . import training
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
@@ -31,8 +30,8 @@ VERSION = "0.1.0"
 
 class GradientServicer(pb_grpc.GradientServiceServicer):
     """Each method answers one request in a worker thread (server.calls); small
-    Evaluate and Differentiate requests by graph id are answered on the event loop by
-    `lean` (server.lean), with the same replies and errors."""
+    Evaluate, Differentiate and TrainSteps requests by graph id are answered on the
+    event loop by `lean` (server.lean), with the same replies and errors."""
 
     def __init__(self, limits: Limits | None = None, max_workers: int = 16,
                  inline_budget_us: float = DEFAULT_INLINE_BUDGET_US):
@@ -90,20 +89,7 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def TrainSteps(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
-        if request.state:
-            return self.training.steps(request, graph_id, plan, check, self._run_limits)
-        # Bounded before any step (server.training): the reply, the call's FLOPs, and
-        # the hyperparameters as the steps' dtype holds them.
-        batches = self.training.batches(request)
-        steps = training.steps_of(batches)
-        training.check_hyperparameters(request.parameters, request.learning_rate,
-                                       request.momentum)
-        if steps is not None:
-            training.check_reply(request.parameters, steps, self.limits)
-        result = training.run_steps(plan, request.parameters, batches, request.velocity,
-                                    request, steps, check, self._run_limits, self.limits)
-        return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
-                             {"parameters": result.parameters, "velocity": result.velocity})
+        return self.training.call(request, graph_id, plan, check, self._run_limits)
 
     async def PutTensors(self, requests, context):
         return await put_tensors(self, requests, context)

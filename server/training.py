@@ -10,9 +10,17 @@ the call that made its current version, so a retry of that call (its reply lost)
 gets the same reply without stepping again, and any other version is refused
 (FAILED_PRECONDITION). Calls on one state run one at a time (its lock); a call that
 fails changes nothing (the new arrays replace the old only once all steps are done).
+
+The lean path (server.lean) runs small calls through the same code on the event loop,
+with a `gate`: called with the parameters before the minibatches are gathered
+(batch_shapes says what they will be), it raises Declined to leave the call to a
+worker (over the inline time budget); a state whose lock a worker holds is Declined
+too, never waited for on the loop.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -28,6 +36,11 @@ from .store import VELOCITY, TensorStore, tensor_nbytes
 # A reply tensor's framing beyond its data and name: tags, lengths, dtype, shape.
 TENSOR_FRAMING_BYTES = 64
 
+
+class Declined(Exception):
+    """The lean path does not answer this call inline (server.lean): a worker will."""
+
+
 def steps_of(batches) -> int | None:
     """K, the steps the batches stack, when they agree on one (the engine names what is
     wrong otherwise)."""
@@ -35,6 +48,11 @@ def steps_of(batches) -> int | None:
         return len(batches)
     ks = {np.shape(b)[0] for b in batches.values() if np.ndim(b)}
     return ks.pop() if len(ks) == 1 and len(batches) else None
+
+
+# (dtype, learning_rate, momentum) found fine, for the next calls of a training run
+_FINE_HYPERPARAMETERS: set = set()
+_FINE_KEPT = 1024
 
 
 def check_hyperparameters(parameters, learning_rate: float, momentum: float) -> None:
@@ -46,6 +64,8 @@ def check_hyperparameters(parameters, learning_rate: float, momentum: float) -> 
         if dtype.kind != "f" or dtype in checked:
             continue  # the engine refuses a parameter that is not floating
         checked.add(dtype)
+        if (dtype, learning_rate, momentum) in _FINE_HYPERPARAMETERS:
+            continue
         with np.errstate(over="ignore", under="ignore"):
             lr, mu = dtype.type(learning_rate), dtype.type(momentum)
         if not (np.isfinite(lr) and lr > 0):
@@ -56,6 +76,9 @@ def check_hyperparameters(parameters, learning_rate: float, momentum: float) -> 
             raise BadRequest(f"momentum {momentum!r} is {mu!r} in {dtype}, the dtype of "
                              f"parameter '{echo(name)}' the steps compute in: it must be in "
                              "[0, 1) there", field="momentum")
+        if len(_FINE_HYPERPARAMETERS) >= _FINE_KEPT:
+            _FINE_HYPERPARAMETERS.clear()
+        _FINE_HYPERPARAMETERS.add((dtype, learning_rate, momentum))
 
 
 def reply_bytes(parameters, steps: int) -> int:
@@ -128,6 +151,26 @@ class TrainState:
     def __init__(self, store: TensorStore, limits: Limits):
         self.store, self.limits = store, limits
 
+    def call(self, request, graph_id: str, plan, check, run_limits: dict,
+             gate=None) -> TensorMessage:
+        """A TrainSteps call: on a stored state, or on the parameters it carries (bounded
+        before any step: the reply, the call's FLOPs, the hyperparameters as the steps'
+        dtype holds them). `gate(plan, parameters, request)`, if given, runs before the
+        minibatches are gathered (see the module's docstring)."""
+        if request.state:
+            return self.steps(request, graph_id, plan, check, run_limits, gate)
+        if gate is not None:
+            gate(plan, request.parameters, request)
+        batches = self.batches(request)
+        steps = steps_of(batches)
+        check_hyperparameters(request.parameters, request.learning_rate, request.momentum)
+        if steps is not None:
+            check_reply(request.parameters, steps, self.limits)
+        result = run_steps(plan, request.parameters, batches, request.velocity, request,
+                           steps, check, run_limits, self.limits)
+        return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
+                             {"parameters": result.parameters, "velocity": result.velocity})
+
     def batches(self, request):
         """The steps' minibatches: stacked `batches` (with stored_batches), or a list of
         per-step dicts gathered from the rows of the stored data set `data`."""
@@ -139,6 +182,21 @@ class TrainState:
             raise BadRequest("rows and batch_sizes need data (a stored data set)",
                              field="rows")
         return self.store.tensors(request.stored_batches, "stored_batches", request.batches)
+
+    def batch_shapes(self, request) -> list[tuple[int, dict]]:
+        """What batches(request) gives, without gathering it: (steps, {input: (shape,
+        dtype)}) for each distinct minibatch shape. Bad requests may give anything (the
+        steps refuse them)."""
+        if request.data:
+            data = self.store.entry(request.data, "data").tensors
+            return [(count, {name: ((size, *a.shape[1:]), a.dtype) for name, a in data.items()})
+                    for size, count in Counter(request.batch_sizes).items()]
+        stacked = self.store.tensors(request.stored_batches, "stored_batches", request.batches)
+        steps = steps_of(stacked)
+        if not steps:
+            return []
+        return [(steps, {name: (np.shape(b)[1:], np.asarray(b).dtype)
+                         for name, b in stacked.items()})]
 
     def _rows(self, request) -> list:
         data = self.store.entry(request.data, "data").tensors
@@ -169,55 +227,66 @@ class TrainState:
             steps.append({name: a[picked] for name, a in data.items()})
         return steps
 
-    def steps(self, request, graph_id: str, plan, check, run_limits: dict) -> TensorMessage:
+    def steps(self, request, graph_id: str, plan, check, run_limits: dict,
+              gate=None) -> TensorMessage:
         if request.parameters or request.velocity:
             raise BadRequest("with a stored state, parameters and velocity come from it: "
                              "send neither", field="parameters")
         entry = self.store.entry(request.state, "state")
-        with entry.lock:
-            version = request.state_version
-            if entry.last_reply is not None and entry.last_reply[0] == version:
-                # a retry of the call that made this version: its reply again (the
-                # state it returns is the current one)
-                message, evaluation = entry.last_reply[1]
-                state = {}
-                if request.return_state:
-                    state = dict(zip(("parameters", "velocity"), split_state(entry.tensors)))
-                return TensorMessage(message, {"evaluation": evaluation, **state})
-            if version != entry.version:
-                raise StateConflict(
-                    f"the state is at version {entry.version}, this call steps from "
-                    f"{version}: send the version of the last reply", field="state_version")
-            params, velocity = split_state(entry.tensors)
-            batches = self.batches(request)
-            steps = steps_of(batches)
-            check_hyperparameters(params, request.learning_rate, request.momentum)
-            if steps is not None and request.return_state:
-                check_reply(params, steps, self.limits)
-            result = run_steps(plan, params, batches, velocity, request, steps, check,
-                               run_limits, self.limits)
-            evaluation = None
+        if not entry.lock.acquire(blocking=gate is None):
+            raise Declined("the state is busy: its call waits in a worker")
+        try:
+            return self._steps(entry, request, graph_id, plan, check, run_limits, gate)
+        finally:
+            entry.lock.release()
+
+    def _steps(self, entry, request, graph_id, plan, check, run_limits, gate):
+        """steps() with the state's lock held."""
+        version = request.state_version
+        if entry.last_reply is not None and entry.last_reply[0] == version:
+            # a retry of the call that made this version: its reply again (the
+            # state it returns is the current one)
+            message, evaluation = entry.last_reply[1]
+            state = {}
             if request.return_state:
-                state = {"parameters": result.parameters, "velocity": result.velocity}
-            else:
-                state = {}
-            if request.evaluate_data:
-                data = self.store.entry(request.evaluate_data, "evaluate_data").tensors
-                outputs = plan.evaluate({**data, **result.parameters}, check=check,
-                                        **run_limits)
-                names = list(request.evaluate_outputs) or list(outputs)
-                for i, name in enumerate(names):
-                    if name not in outputs:
-                        raise BadRequest(f"'{name[:200]}' is not a graph output",
-                                         field=f"evaluate_outputs[{i}]")
-                evaluation = {name: outputs[name] for name in names}
-            tensors = dict(result.parameters)
-            tensors.update({VELOCITY + n: v for n, v in result.velocity.items()})
-            self.store.resize(entry, tensor_nbytes(tensors), "state")
-            entry.tensors = tensors
-            entry.version += 1
-            entry.steps += len(result.losses)
-            message = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses,
-                                            state_version=entry.version, state_steps=entry.steps)
-            entry.last_reply = (version, (message, evaluation))
+                state = dict(zip(("parameters", "velocity"), split_state(entry.tensors)))
             return TensorMessage(message, {"evaluation": evaluation, **state})
+        if version != entry.version:
+            raise StateConflict(
+                f"the state is at version {entry.version}, this call steps from "
+                f"{version}: send the version of the last reply", field="state_version")
+        params, velocity = split_state(entry.tensors)
+        if gate is not None:
+            gate(plan, params, request)
+        batches = self.batches(request)
+        steps = steps_of(batches)
+        check_hyperparameters(params, request.learning_rate, request.momentum)
+        if steps is not None and request.return_state:
+            check_reply(params, steps, self.limits)
+        result = run_steps(plan, params, batches, velocity, request, steps, check,
+                           run_limits, self.limits)
+        evaluation = None
+        if request.return_state:
+            state = {"parameters": result.parameters, "velocity": result.velocity}
+        else:
+            state = {}
+        if request.evaluate_data:
+            data = self.store.entry(request.evaluate_data, "evaluate_data").tensors
+            outputs = plan.evaluate({**data, **result.parameters}, check=check,
+                                    **run_limits)
+            names = list(request.evaluate_outputs) or list(outputs)
+            for i, name in enumerate(names):
+                if name not in outputs:
+                    raise BadRequest(f"'{name[:200]}' is not a graph output",
+                                     field=f"evaluate_outputs[{i}]")
+            evaluation = {name: outputs[name] for name in names}
+        tensors = dict(result.parameters)
+        tensors.update({VELOCITY + n: v for n, v in result.velocity.items()})
+        self.store.resize(entry, tensor_nbytes(tensors), "state")
+        entry.tensors = tensors
+        entry.version += 1
+        entry.steps += len(result.losses)
+        message = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses,
+                                        state_version=entry.version, state_steps=entry.steps)
+        entry.last_reply = (version, (message, evaluation))
+        return TensorMessage(message, {"evaluation": evaluation, **state})
