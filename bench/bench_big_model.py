@@ -31,7 +31,7 @@ from gradserve.client import Client
 from gradserve.client.models import LOSS, ModelSpec, one_hot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
+from support.server_process import ServerProcess  # noqa: E402  (tests/support)
 
 TARGET = 2.0
 BATCH = 32

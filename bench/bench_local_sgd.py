@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from server_process import ServerProcess  # noqa: E402  (tests/: subprocess helper)
+from support.server_process import ServerProcess  # noqa: E402  (tests/support)
 
 from gradserve.client.datasets import load_dataset  # noqa: E402
 from gradserve.client.gradients import remote_gradient  # noqa: E402

@@ -24,7 +24,7 @@ from gradserve.server.store import (STORE_BYTES_PER_HANDLE, STORE_BYTES_PER_TENS
 from gradserve.v1.chunks import write_chunks
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from process_stats import status_mib  # noqa: E402
+from support.process_stats import status_mib  # noqa: E402
 
 
 def rss_bytes() -> float:

@@ -181,6 +181,20 @@ def test_test_module_names_are_unique():
         seen[path.name] = path
 
 
+def test_benchmarks_import_test_helpers_from_support():
+    """bench/ scripts put tests/ on sys.path and take its shared helpers as support.X:
+    a helper imported by its bare name (from before tests/support/) breaks the script."""
+    helpers = {p.stem for p in (REPO / "tests" / "support").glob("*.py")}
+    for path in sorted((REPO / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom)
+                     and not node.level else [])
+            for name in names:
+                assert name.split(".")[0] not in helpers, (
+                    f"{path.relative_to(REPO)}: import {name} as support.{name}")
+
+
 def test_no_test_module_imports_another():
     """Test modules share helpers through tests/support/, never by importing each other."""
     tests = REPO / "tests"
