@@ -97,14 +97,14 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                        help="the server's event loop: uvloop is installed with gradserve (not on "
                             "Windows); auto takes it when it can be imported, else asyncio's "
                             "own (default: %(default)s)")
-    serve.add_argument("--kernels", default=os.environ.get("GRADSERVE_KERNELS", "auto"),
+    serve.add_argument("--kernels", default=os.environ.get("GRADSERVE_KERNELS", "numpy"),
                        choices=KERNEL_CHOICES,
                        help="the engine's kernel provider for convolutions: numpy's (built "
-                            "in), or numba's compiled depthwise-conv loops when the numba "
-                            "extra is installed (pip install 'gradserve[numba]'); auto takes "
-                            "numba when it imports, at a process's first depthwise conv; "
-                            "numba compiles (or loads from numba's cache) in the background "
-                            "from start. Also GRADSERVE_KERNELS (default: %(default)s)")
+                            "in, the default), or numba's compiled depthwise-conv loops, "
+                            "which need the numba extra (pip install 'gradserve[numba]'); "
+                            "auto takes numba when it imports, else numpy. numba's kernels "
+                            "compile (or load from numba's cache) in the background from "
+                            "start. Also GRADSERVE_KERNELS (default: %(default)s)")
     serve.add_argument("--inline-budget-us", type=float,
                        default=float(env("INLINE_BUDGET_US", DEFAULT_INLINE_BUDGET_US)),
                        metavar="US",

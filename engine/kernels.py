@@ -8,8 +8,8 @@ compiled gather was built: for ResNet's 3x3 64-channel layer the BLAS product al
 measured longer than PyTorch's whole convolution, the gather about a fifth of the
 time). The provider is chosen once per process:
 
-- `GRADSERVE_KERNELS` = `auto` (the default: numba when it imports), `numpy` or `numba`
-  (an error when numba does not import), read at the first conv;
+- `GRADSERVE_KERNELS` = `numpy` (the default), `auto` (numba when it imports, else
+  numpy) or `numba` (an error when numba does not import), read at the first conv;
 - or `use(name)` (`gradserve serve --kernels {auto,numpy,numba}`), before requests run.
 
 numba is imported only here, and only when the provider is not `numpy`. Each provider
@@ -70,7 +70,7 @@ def use(name: str) -> str:
 
 def _resolve():
     if "name" not in _active:
-        use(os.environ.get(ENV, "auto").strip().lower() or "auto")
+        use(os.environ.get(ENV, "numpy").strip().lower() or "numpy")
 
 
 def active() -> str:
