@@ -17,7 +17,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from gradserve.engine import Graph, Input, Node, compile
-from support.oracles import numeric_jvp, selection_matrix
+from support.oracles import flatten, numeric_jvp, selection_matrix, unflatten
 
 # (references, axis, size along the axis of each input): repeats, mixed distinct and
 # repeated, an input of size 0 along the axis, one value only.
@@ -48,19 +48,6 @@ def _graph(refs, axis, shapes, dtype, dynamic=False):
     return Graph(inputs, nodes, ["y", "l"])
 
 
-def _flat(arrays, names):
-    return np.concatenate([np.ravel(arrays[n]) for n in names]).astype(np.float64)
-
-
-def _unflat(vector, shapes):
-    out, at = {}, 0
-    for name, s in shapes.items():
-        n = int(np.prod(s))
-        out[name] = vector[at:at + n].reshape(s)
-        at += n
-    return out
-
-
 def _setup(case, dtype, dynamic=False):
     refs, axis, sizes = case
     shapes = _shapes(axis, sizes)
@@ -86,14 +73,14 @@ def test_values_and_first_order_equal_the_selection_oracle(case, dtype, dynamic)
     want = np.concatenate([inputs[r] for r in refs], axis=axis)
     out = plan.evaluate(inputs)["y"]
     assert out.dtype == np.dtype(dtype) and np.array_equal(out, want)
-    assert_allclose(s @ _flat(inputs, names), want.ravel(), **_tol(dtype))
+    assert_allclose(s @ flatten(inputs, names), want.ravel(), **_tol(dtype))
 
     rng = np.random.default_rng(7)
     k = 3
     tangents = {n: rng.standard_normal((k,) + sh).astype(dtype) for n, sh in shapes.items()}
     jvp = plan.jvp(inputs, tangents).tangents["y"]
     for d in range(k):
-        assert_allclose(jvp[d].ravel(), s @ _flat({n: t[d] for n, t in tangents.items()},
+        assert_allclose(jvp[d].ravel(), s @ flatten({n: t[d] for n, t in tangents.items()},
                                                   names), **_tol(dtype))
     one = {n: t[0] for n, t in tangents.items()}
     f64 = {n: v.astype(np.float64) for n, v in inputs.items()}
@@ -104,7 +91,7 @@ def test_values_and_first_order_equal_the_selection_oracle(case, dtype, dynamic)
     cot = rng.standard_normal((k,) + want.shape).astype(dtype)
     vjp = plan.vjp(inputs, {"y": cot}, wrt=names).cotangents
     for d in range(k):
-        pulled = _unflat(s.T @ cot[d].ravel().astype(np.float64), shapes)
+        pulled = unflatten(s.T @ cot[d].ravel().astype(np.float64), shapes)
         for n in names:
             assert vjp[n].dtype == np.dtype(dtype)
             assert_allclose(vjp[n][d], pulled[n], **_tol(dtype))
@@ -121,17 +108,17 @@ def test_values_and_first_order_equal_the_selection_oracle(case, dtype, dynamic)
 def test_second_order_equals_the_selection_oracle(case, dtype, dynamic):
     plan, inputs, shapes, s = _setup(case, dtype, dynamic)
     names = list(shapes)
-    x = _flat(inputs, names)
+    x = flatten(inputs, names)
     gradient = 2 * s.T @ (s @ x)
     hessian = 2 * s.T @ s
     rng = np.random.default_rng(3)
     vectors = {n: rng.standard_normal((2,) + sh).astype(dtype) for n, sh in shapes.items()}
     result = plan.hvp(inputs, vectors, of="l", wrt=names)
-    want_g = _unflat(gradient, shapes)
+    want_g = unflatten(gradient, shapes)
     for n in names:
         assert_allclose(result.gradient[n], want_g[n], **_tol(dtype))
     for d in range(2):
-        hv = _unflat(hessian @ _flat({n: v[d] for n, v in vectors.items()}, names), shapes)
+        hv = unflatten(hessian @ flatten({n: v[d] for n, v in vectors.items()}, names), shapes)
         for n in names:
             assert_allclose(result.hvp[n][d], hv[n], **_tol(dtype))
     blocks = plan.hessian(inputs, of="l", wrt=names).hessian
@@ -163,7 +150,7 @@ def test_a_reverse_trace_sums_each_value_once(case):
     trace = plan.trace(inputs, "reverse", cotangents={"y": cot})
     node = trace["y"]
     assert node.inputs == tuple(dict.fromkeys(refs))
-    pulled = _unflat(s.T @ cot.ravel(), shapes)
+    pulled = unflatten(s.T @ cot.ravel(), shapes)
     for edge in node.edges:
         assert_allclose(edge.cotangent, pulled[edge.input], rtol=1e-12, atol=1e-12)
         assert_allclose(trace[edge.input].adjoint, pulled[edge.input], rtol=1e-12,
@@ -254,6 +241,6 @@ def test_sizes_known_only_at_run_time_change_from_call_to_call():
         cot = rng.standard_normal((2, s.shape[0] // 2, 2))
         pulled = plan.vjp(x, {"y": cot}).cotangents
         for d in range(2):
-            want = _unflat(s.T @ cot[d].ravel(), shapes)
+            want = unflatten(s.T @ cot[d].ravel(), shapes)
             for n in "abc":
                 assert_allclose(pulled[n][d], want[n], rtol=1e-12, atol=1e-12)

@@ -18,7 +18,7 @@ from numpy.testing import assert_allclose
 from gradserve.client import Client, GraphBuilder
 from gradserve.server.limits import Limits
 
-from support.oracles import selection_matrix
+from support.oracles import flatten, selection_matrix, unflatten
 from support.process_stats import cpu_seconds
 from support.server_process import ServerProcess
 
@@ -120,19 +120,6 @@ def _case(case, dtype):
     return g, inputs, shapes, selection_matrix(refs, axis, shapes)
 
 
-def _flat(arrays, names):
-    return np.concatenate([np.ravel(arrays[n]) for n in names]).astype(np.float64)
-
-
-def _unflat(vector, shapes):
-    out, at = {}, 0
-    for name, s in shapes.items():
-        n = int(np.prod(s))
-        out[name] = vector[at:at + n].reshape(s)
-        at += n
-    return out
-
-
 def _dense(block):
     return np.asarray(block.todense() if hasattr(block, "todense") else block)
 
@@ -144,7 +131,7 @@ def test_small_graphs_of_repeated_references_equal_the_oracle(client, case, dtyp
     graph, inputs, shapes, s = _case(case, dtype)
     names = list(shapes)
     tol = dict(rtol=2e-6, atol=2e-6) if dtype == "float32" else dict(rtol=1e-12, atol=1e-12)
-    x = _flat(inputs, names)
+    x = flatten(inputs, names)
     y = np.concatenate([inputs[r] for r in refs], axis=axis)
     out = client.evaluate(graph, inputs)
     assert out["y"].dtype == np.dtype(dtype) and np.array_equal(out["y"], y)
@@ -161,16 +148,16 @@ def test_small_graphs_of_repeated_references_equal_the_oracle(client, case, dtyp
     rng = np.random.default_rng(1)
     tangents = {n: rng.standard_normal(sh).astype(dtype) for n, sh in shapes.items()}
     _, tangent = client.jvp(graph, inputs, tangents)
-    assert_allclose(tangent["y"].ravel(), s @ _flat(tangents, names), **tol)
+    assert_allclose(tangent["y"].ravel(), s @ flatten(tangents, names), **tol)
     cot = rng.standard_normal(y.shape).astype(dtype)
     _, pulled = client.vjp(graph, inputs, {"y": cot, "l": np.zeros((), dtype)})
-    want = _unflat(s.T @ cot.ravel().astype(np.float64), shapes)
+    want = unflatten(s.T @ cot.ravel().astype(np.float64), shapes)
     for n in names:
         assert_allclose(pulled[n], want[n], **tol)
 
     gradient, hvp = client.hvp(graph, inputs, tangents, of="l")
-    want_g = _unflat(2 * s.T @ (s @ x), shapes)
-    want_hv = _unflat(2 * s.T @ (s @ _flat(tangents, names)), shapes)
+    want_g = unflatten(2 * s.T @ (s @ x), shapes)
+    want_hv = unflatten(2 * s.T @ (s @ flatten(tangents, names)), shapes)
     for n in names:
         assert_allclose(gradient[n], want_g[n], **tol)
         assert_allclose(hvp[n], want_hv[n], **tol)

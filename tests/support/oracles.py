@@ -313,3 +313,18 @@ def selection_matrix(refs, axis, shapes):
     s = np.zeros((copied.size, at))
     s[np.arange(copied.size), copied] = 1.0
     return s
+
+
+def flatten(arrays, names):
+    """The arrays named, raveled end to end as one float64 vector."""
+    return np.concatenate([np.ravel(arrays[n]) for n in names]).astype(np.float64)
+
+
+def unflatten(vector, shapes):
+    """flatten's inverse: name -> the vector's next prod(shape) entries, reshaped."""
+    out, at = {}, 0
+    for name, s in shapes.items():
+        n = int(np.prod(s))
+        out[name] = vector[at:at + n].reshape(s)
+        at += n
+    return out
