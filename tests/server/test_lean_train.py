@@ -16,37 +16,16 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gradserve.client import Client, GraphBuilder
+from gradserve.client import Client
 from gradserve.server.app import create_server
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors
 from gradserve.v1.tensor_wire import decode
+from support.regression import data as dataset, initial, model
 
 SERVICE = "/gradserve.v1.GradientService/"
 LR, MOMENTUM = 0.1, 0.9
-
-
-def model(features=4):
-    g = GraphBuilder()
-    x = g.input("X", "float32", [-1, features])
-    w = g.input("W", "float32", [features, 3])
-    b = g.input("b", "float32", [3])
-    y = g.input("Y", "float32", [-1, 3])
-    g.output("loss", g.mean(g.square(g.tanh(x @ w + b) - y)))
-    return g
-
-
-def initial():
-    rng = np.random.default_rng(3)
-    return {"W": rng.standard_normal((4, 3)).astype(np.float32),
-            "b": np.zeros(3, np.float32)}
-
-
-def dataset(n=40, seed=4):
-    rng = np.random.default_rng(seed)
-    return {"X": rng.standard_normal((n, 4)).astype(np.float32),
-            "Y": rng.standard_normal((n, 3)).astype(np.float32)}
 
 
 def by_hand(params, velocity, batches):
@@ -140,7 +119,7 @@ def same_reply(lean, general, lean_data: bytes, general_data: bytes) -> bytes:
 def test_inline_parameters_reply_byte_identically_and_equal_sgd_by_hand(pair):
     lean, general = pair
     graph_id = register(pair)
-    d, params = dataset(), initial()
+    d, params = dataset(40), initial()
     velocity = {"W": np.full((4, 3), 0.5, np.float32)}  # "b" starts from zeros
     stacked = {n: a[:24].reshape(3, 8, -1) for n, a in d.items()}
     data = request(graph_id, parameters=params, velocity=velocity,
@@ -163,7 +142,7 @@ def test_a_stored_state_steps_byte_identically_exactly_once(pair):
     the retry without stepping again; the state after them equals SGD by hand."""
     lean, general = pair
     graph_id = register(pair)
-    d, params = dataset(), initial()
+    d, params = dataset(40), initial()
     stacked = {n: a[:16].reshape(2, 8, -1) for n, a in d.items()}
     handles = [{"state": s.put(params), "data": s.put(d), "test": s.put(d),
                 "batches": s.put(stacked)} for s in (lean, general)]
@@ -210,7 +189,7 @@ def test_a_stored_state_steps_byte_identically_exactly_once(pair):
 def test_errors_are_those_of_the_general_path_and_change_nothing(pair):
     lean, general = pair
     graph_id = register(pair)
-    d, params = dataset(), initial()
+    d, params = dataset(40), initial()
     handles = [{"state": s.put(params), "data": s.put(d)} for s in (lean, general)]
 
     def by_rows(h, **fields):
@@ -253,7 +232,7 @@ def test_the_flop_budget_is_the_general_paths():
     general = Server(create_server("127.0.0.1:0", limits, inline_budget_us=0).start())
     try:
         graph_id = register((lean, general))
-        d, params = dataset(), initial()
+        d, params = dataset(40), initial()
         stacked = {n: a[:32].reshape(4, 8, -1) for n, a in d.items()}
         data = request(graph_id, parameters=params, batches=stacked).SerializeToString()
         fast, slow = lean(data), general(data)
@@ -303,7 +282,7 @@ def test_a_state_a_worker_holds_is_never_waited_for_on_the_loop(pair):
     meanwhile; once the lock is free the call steps as usual."""
     lean, general = pair
     graph_id = register(pair)
-    d, params = dataset(), initial()
+    d, params = dataset(40), initial()
     handles = [{"state": s.put(params), "data": s.put(d)} for s in pair]
     data = [request(graph_id, state=h["state"], data=h["data"], rows=[3, 1, 4],
                     batch_sizes=[3]).SerializeToString() for h in handles]
@@ -332,7 +311,7 @@ def test_a_call_past_its_deadline_is_not_stepped_inline(pair):
     says how many calls stepped it (none twice)."""
     lean, _ = pair
     graph_id = register(pair)
-    d, params = dataset(), initial()
+    d, params = dataset(40), initial()
     state, data = lean.put(params), lean.put(d)
     before = lean.counts["expired"]
     version, codes = 0, Counter()

@@ -11,30 +11,8 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from gradserve.client import GraphBuilder
 from gradserve.v1 import gradient_service_pb2 as pb
-
-
-def model():
-    g = GraphBuilder()
-    x = g.input("X", "float32", [-1, 4])
-    w = g.input("W", "float32", [4, 3])
-    b = g.input("b", "float32", [3])
-    y = g.input("Y", "float32", [-1, 3])
-    g.output("loss", g.mean(g.square(g.tanh(x @ w + b) - y)))
-    return g
-
-
-def initial():
-    rng = np.random.default_rng(3)
-    return {"W": rng.standard_normal((4, 3)).astype(np.float32),
-            "b": np.zeros(3, np.float32)}
-
-
-def data(n=50, seed=4):
-    rng = np.random.default_rng(seed)
-    return {"X": rng.standard_normal((n, 4)).astype(np.float32),
-            "Y": rng.standard_normal((n, 3)).astype(np.float32)}
+from support.regression import data, initial, model
 
 
 def oracle(client, g, params, steps, lr, momentum):
