@@ -76,40 +76,67 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
         if name not in velocity:
             velocity[name] = np.zeros_like(p)
     step = LossGradient(plan, names, loss, budget)
-    by_dtype = {p.dtype: None for p in params.values()}
-    by_dtype = {d: (d.type(learning_rate), d.type(momentum)) for d in by_dtype}
-    rates = [by_dtype[p.dtype] for p in params.values()]
-    scratch = {}  # name -> lr * v, reused by every step after the first
+    update = MomentumUpdate(params, velocity, learning_rate, momentum)
     losses = []
     for k in range(steps):
         if check is not None:
             check()
         batch = {n: b[k] for n, b in batches.items()} if stacked else batches[k]
-        value, gradients = step({**batch, **params})
+        value, gradients = step(batch, update.params)
         losses.append(value)
-        # v = mu * v + g; p = p - lr * v in the same float arithmetic (and bits): the
-        # first step makes this call's own arrays, later steps update them in place.
-        for (name, p), (lr, mu), g in zip(params.items(), rates, gradients):
-            if k:
-                v = velocity[name]
-                np.multiply(v, mu, out=v)
-                v += g
-                np.multiply(lr, v, out=scratch[name])
-                p -= scratch[name]
-            else:  # (out= arrays: a 0-d parameter stays an array)
-                v = np.multiply(velocity[name], mu, out=np.empty_like(p))
-                velocity[name] = v
-                v += g
-                lr_v = scratch[name] = np.multiply(lr, v, out=np.empty_like(p))
-                params[name] = np.subtract(p, lr_v, out=np.empty_like(p))
-    return SGDResult(params, velocity, losses)
+        update(gradients)
+    return SGDResult(update.params, update.velocity, losses)
+
+
+class MomentumUpdate:
+    """v <- mu * v + g;  p <- p - lr * v, for every parameter at once: the parameters
+    (and buffers) of one dtype live in one flat array, this call's own (the caller's
+    arrays are copied into it, never written), so a step's update is four NumPy calls
+    per dtype and one addition per gradient, in the same float arithmetic (and bits)
+    as parameter by parameter. `params` and `velocity` are views into the flat arrays,
+    updated in place."""
+
+    def __init__(self, params: dict, velocity: dict, learning_rate: float, momentum: float):
+        self.groups = []  # (lr, mu, flat parameters, flat buffers, flat lr * v, buffer views)
+        self.params, self.velocity = dict.fromkeys(params), dict.fromkeys(params)
+        dtypes = [p.dtype for p in params.values()]
+        for dtype in dict.fromkeys(dtypes):
+            group = [(i, n, p) for i, (n, p) in enumerate(params.items()) if p.dtype == dtype]
+            flat_p = np.concatenate([p.reshape(-1) for _, _, p in group])  # (a new array)
+            flat_v = np.concatenate([velocity[n].reshape(-1) for _, n, _ in group])
+            views, at = [], 0
+            for i, n, p in group:
+                end = at + p.size
+                self.params[n] = _view(flat_p, at, end, p.shape)
+                self.velocity[n] = v = _view(flat_v, at, end, p.shape)
+                views.append((i, v))
+                at = end
+            self.groups.append((dtype.type(learning_rate), dtype.type(momentum), flat_p,
+                                flat_v, np.empty_like(flat_p), views))
+
+    def __call__(self, gradients: list) -> None:
+        for lr, mu, p, v, lr_v, views in self.groups:
+            np.multiply(v, mu, out=v)
+            for i, v_i in views:
+                v_i += gradients[i]
+            np.multiply(lr, v, out=lr_v)
+            p -= lr_v
+
+
+def _view(flat: np.ndarray, start: int, end: int, shape: tuple) -> np.ndarray:
+    part = flat[start:end]
+    return part if len(shape) == 1 else part.reshape(shape)
 
 
 class LossGradient:
     """One step's loss and gradient, bound once per call: the names checked, the seed,
     the steps the reverse sweep runs and the budget admitted per input shapes. The
     same sweep (and bits) as the Jacobian of the loss a worker asks for one step at a
-    time (Plan.jacobian, reverse mode), without assembling blocks."""
+    time (Plan.jacobian, reverse mode), without assembling blocks.
+
+    A step's batch of the same dtypes and shapes as the step before it is bound without
+    Plan.bind's checks (the parameters are this call's own arrays after the first step,
+    of the shapes and dtypes the first step checked); any other is bound in full."""
 
     def __init__(self, plan, names: tuple, loss: str, budget: Budget):
         self.plan, self.names, self.of, self.budget = plan, names, (loss,), budget
@@ -117,26 +144,17 @@ class LossGradient:
         self.loss_slot = plan.slot[loss]
         self.admitted = None  # the shapes (a Plan's dict) last admitted
         self.check = budget.check
+        self.forms = None  # ((name, slot, shape, dtype), ...) of the batch last bound
+        self.template = None  # its slot list before a sweep filled it
+        self.shapes = self.setup = None
 
-    def __call__(self, inputs) -> tuple[float, list]:
-        plan, budget = self.plan, self.budget
-        bound = plan.bind(inputs)
-        shapes = bound.shapes
-        loss = self.of[0]
-        size = prod(shapes[loss])
-        if size != 1:
-            raise DifferentiationError(f"the loss has {size} elements; it must have one",
-                                       node=loss, field="loss")
-        setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
-        if setup.decision.mode != "reverse":  # one scalar parameter: forward, as asked
-            result = plan.jacobian(inputs, wrt=self.names, of=self.of, sparsity="dense",
-                                   budget=budget)
-            return (float(np.asarray(result.outputs[loss]).reshape(())),
-                    [result.jacobian[loss, n].reshape(shapes[n]) for n in self.names])
-        if budget.limited and shapes is not self.admitted:
-            jacobian.admit(plan, shapes, setup, budget)
-            self.admitted = shapes
-        vals = bound.vals
+    def __call__(self, batch: Mapping, params: Mapping) -> tuple[float, list]:
+        vals = self._bind_again(batch, params)
+        if vals is None:
+            vals = self._bind(batch, params)
+            if vals is None:  # one scalar parameter: forward, as its Jacobian is
+                return self._forward({**batch, **params})
+        plan, shapes, setup = self.plan, self.shapes, self.setup
         cots = reverse_sweep(plan.steps, vals, jacobian.seeds_for(plan, setup, shapes),
                              plan.needs(setup.wrt), self.check, plan.points)
         gradients = []
@@ -144,6 +162,52 @@ class LossGradient:
             g = cots[s]
             gradients.append(0 if g is None else g.reshape(shapes[name]))
         return float(vals[self.loss_slot].reshape(())), gradients
+
+    def _bind_again(self, batch, params) -> list | None:
+        """The slot list for a batch of the forms bound last (None: bind it in full)."""
+        forms = self.forms
+        if forms is None or len(batch) != len(forms):
+            return None
+        vals = self.template[:]
+        for name, slot, shape, dtype in forms:
+            value = batch.get(name)
+            if type(value) is not np.ndarray or value.shape != shape or value.dtype != dtype:
+                return None
+            vals[slot] = value
+        for s, p in zip(self.slots, params.values()):
+            vals[s] = p
+        return vals
+
+    def _bind(self, batch, params) -> list | None:
+        """Plan.bind's checks, the loss's size, the mode and the budget's admission at
+        these shapes; the slot list, or None when the planner picks forward mode."""
+        plan, budget = self.plan, self.budget
+        bound = plan.bind({**batch, **params})
+        shapes = bound.shapes
+        loss = self.of[0]
+        size = prod(shapes[loss])
+        if size != 1:
+            raise DifferentiationError(f"the loss has {size} elements; it must have one",
+                                       node=loss, field="loss")
+        setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
+        if setup.decision.mode != "reverse":
+            return None
+        if budget.limited and shapes is not self.admitted:
+            jacobian.admit(plan, shapes, setup, budget)
+            self.admitted = shapes
+        self.shapes, self.setup = shapes, setup
+        self.template = bound.vals[:]
+        self.forms = tuple((name, plan.slot[name], value.shape, value.dtype)
+                           for name in batch for value in (bound.vals[plan.slot[name]],))
+        return bound.vals
+
+    def _forward(self, inputs) -> tuple[float, list]:
+        plan, loss = self.plan, self.of[0]
+        result = plan.jacobian(inputs, wrt=self.names, of=self.of, sparsity="dense",
+                               budget=self.budget)
+        shapes = plan.bind(inputs).shapes
+        return (float(np.asarray(result.outputs[loss]).reshape(())),
+                [result.jacobian[loss, n].reshape(shapes[n]) for n in self.names])
 
 
 def _check_names(plan, names, batches) -> None:
