@@ -126,6 +126,7 @@ class Plan:
         self._activity: dict = {}
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, costs at those shapes)
         self.second_order_steps = None  # engine/second.py's, made on its first call
+        self.loss_tails: dict = {}  # engine/losses.py's steps per loss name (16 at most)
 
     # --- compile-time analysis ------------------------------------------------
 
@@ -263,7 +264,8 @@ class Plan:
         # the cost cache may keep specializations alive after their eviction: counted too
         shape_dicts = len(self._specializations) + len(self._cost_cache)
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
-                + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
+                + (len(self._activity) + len(self.loss_tails)) * len(self.steps)
+                * _ACTIVITY_BYTES
                 + len(self.jacobian_setups) * _SETUP_BYTES
                 + sum(a.nbytes for a in self.patterns.values()))
 

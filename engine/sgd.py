@@ -23,6 +23,7 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
+from .losses import sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
@@ -147,6 +148,7 @@ class LossGradient:
         self.forms = None  # ((name, slot, shape, dtype), ...) of the batch last bound
         self.template = None  # its slot list before a sweep filled it
         self.shapes = self.setup = None
+        self.sweep = self.needs = None  # the steps the sweep runs (engine/losses.py)
 
     def __call__(self, batch: Mapping, params: Mapping) -> tuple[float, list]:
         vals = self._bind_again(batch, params)
@@ -154,9 +156,9 @@ class LossGradient:
             vals = self._bind(batch, params)
             if vals is None:  # one scalar parameter: forward, as its Jacobian is
                 return self._forward({**batch, **params})
-        plan, shapes, setup = self.plan, self.shapes, self.setup
-        cots = reverse_sweep(plan.steps, vals, jacobian.seeds_for(plan, setup, shapes),
-                             plan.needs(setup.wrt), self.check, plan.points)
+        plan, shapes, setup, sweep = self.plan, self.shapes, self.setup, self.sweep
+        cots = reverse_sweep(sweep.steps, vals, jacobian.seeds_for(plan, setup, shapes),
+                             self.needs, self.check, sweep.points)
         gradients = []
         for name, s in zip(self.names, self.slots):
             g = cots[s]
@@ -195,6 +197,10 @@ class LossGradient:
         if budget.limited and shapes is not self.admitted:
             jacobian.admit(plan, shapes, setup, budget)
             self.admitted = shapes
+        if shapes is not self.shapes or setup is not self.setup:
+            self.sweep = loss_sweep_steps(plan, loss, shapes)
+            needs = plan.needs(setup.wrt)
+            self.needs = [needs[j] for j in self.sweep.index]
         self.shapes, self.setup = shapes, setup
         self.template = bound.vals[:]
         self.forms = tuple((name, plan.slot[name], value.shape, value.dtype)

@@ -448,3 +448,49 @@ def test_declared_costs_bound_a_concat_of_repeated_references():
         refs = names + [names[int(n)] for n in rng.integers(len(names), size=many)]
         _prove("concat", inputs, {"axis": axis}, rng,
                f"case {i} ({np.dtype(dtype).name}, {len(refs)} references)", refs)
+
+
+def test_declared_costs_bound_a_training_step_with_its_loss_tail_fused():
+    """engine/losses.py runs a loss's -mean(sum(Y * lp)) tail as one step in a training
+    step's sweep: the plan's declared costs (of the four nodes it replaces) still bound
+    what the step takes, memory and FLOPs (an independent count: each node's FLOPs, once
+    for the values and once for the one cotangent)."""
+    from gradserve.engine import losses, sgd_steps
+
+    rng = np.random.default_rng(23)
+    for i in range(6):
+        dtype = (np.float32, np.float64)[i % 2]
+        rows, features, classes = (int(n) for n in rng.integers(1, 300, 3))
+        inputs = [Input("X", np.dtype(dtype).name, [-1, features]),
+                  Input("Y", np.dtype(dtype).name, [-1, classes]),
+                  Input("W", np.dtype(dtype).name, [features, classes])]
+        nodes = [Node("z", "matmul", ["X", "W"]),
+                 Node("lp", "log_softmax", ["z"], {"axis": -1}),
+                 Node("yl", "mul", ["Y", "lp"]), Node("s", "sum", ["yl"], {"axes": [-1]}),
+                 Node("ms", "mean", ["s"]), Node("loss", "neg", ["ms"])]
+        plan = compile(Graph(inputs, nodes, ["loss"]))
+        batch = {"X": _values(rng, (rows, features), dtype),
+                 "Y": np.eye(classes, dtype=dtype)[rng.integers(0, classes, rows)]}
+        params = {"W": _values(rng, (features, classes), dtype)}
+        shapes = plan.bind({**batch, **params}).shapes
+        assert losses.sweep_steps(plan, "loss", shapes).fused  # the fused tail runs
+
+        def run(**limits):
+            return sgd_steps(plan, params, [batch], learning_rate=0.1, momentum=0.9,
+                             **limits)
+        peak, passes = _measure(run)
+        out = (rows, classes)
+        node_flops = (_matmul_flops((rows, features), (features, classes))
+                      + flops("log_softmax", [out], out, {})
+                      + flops("mul", [out, out], out, {}) + flops("sum", [out], (rows,), {})
+                      + flops("mean", [(rows,)], (), {}) + flops("neg", [()], (), {}))
+        work = 2 * node_flops + costs.LOOP_FLOPS * passes
+        label = f"case {i}: {rows}x{features} -> {classes} ({np.dtype(dtype).name})"
+        if peak > SLACK:
+            with pytest.raises(ResourceLimitError, match="bytes"):
+                run(max_bytes=peak - SLACK)
+                pytest.fail(f"{label}: ran within {peak - SLACK:,} bytes; measured peak "
+                            f"{peak:,}")
+        with pytest.raises(ResourceLimitError, match="floating-point"):
+            run(max_flops=work - 1)
+            pytest.fail(f"{label}: {work:,} FLOPs is above the declared estimate")

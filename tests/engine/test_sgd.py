@@ -158,3 +158,52 @@ def test_the_budget_is_admitted_before_any_step_and_checked_inside_each():
     assert len(checks) >= 2 * len(steps)  # between steps and inside each sweep
     with pytest.raises(DeadlineExceeded):
         sgd_steps(plan, params, steps, learning_rate=LR, loss="loss", deadline=0.0)
+
+
+@pytest.mark.parametrize("sum_attrs, mean_attrs, y_shape", [
+    ({"axes": [-1]}, {}, [-1, 3]),  # the usual loss: row sums, their mean
+    ({"axes": [0], "keepdims": True}, {"axes": [1, 0]}, [-1, 3]),
+    ({}, {}, [-1, 3]),  # one sum of everything, the mean of a scalar
+    ({"axes": [-1]}, {}, [1, 3]),  # Y broadcast against the batch: not fused
+])
+def test_a_fused_loss_tail_steps_as_the_jacobians_do_bitwise(sum_attrs, mean_attrs, y_shape):
+    """The training sweep runs -mean(sum(Y * lp)) as one step (engine/losses.py) where the
+    two factors have one shape: the same bits as the four nodes' Jacobian, whatever the
+    axes; a Y that broadcasts takes the plan's own steps."""
+    from gradserve.engine import losses
+
+    inputs = [Input("X", "float64", [-1, 5]), Input("Y", "float64", y_shape),
+              Input("W", "float64", [5, 3]), Input("b", "float64", [3])]
+    nodes = [Node("m", "matmul", ["X", "W"]), Node("z", "add", ["m", "b"]),
+             Node("lp", "log_softmax", ["z"], {"axis": -1}), Node("yl", "mul", ["Y", "lp"]),
+             Node("s", "sum", ["yl"], sum_attrs), Node("ms", "mean", ["s"], mean_attrs),
+             Node("loss", "neg", ["ms"])]
+    plan = compile(Graph(inputs, nodes, ["loss"]))
+    rng = np.random.default_rng(3)
+    params = {"W": rng.standard_normal((5, 3)), "b": rng.standard_normal(3)}
+    rows = 1 if y_shape[0] == 1 else 6
+    steps = [{"X": rng.standard_normal((6, 5)),
+              "Y": np.eye(3)[rng.integers(0, 3, rows)] * rng.uniform(0.5, 2)}
+             for _ in range(3)]
+    bound = plan.bind({**steps[0], **params})
+    fused = losses.sweep_steps(plan, "loss", bound.shapes)
+    assert (len(fused.steps) == len(plan.steps) - 3) == (rows == 6)
+    result = sgd_steps(plan, params, steps, learning_rate=LR, momentum=MU)
+    expected, expected_velocity, losses_by_jacobian = one_jacobian_at_a_time(plan, params,
+                                                                             steps)
+    assert result.losses == losses_by_jacobian
+    for name in params:
+        np.testing.assert_array_equal(result.parameters[name], expected[name])
+        np.testing.assert_array_equal(result.velocity[name], expected_velocity[name])
+
+
+def test_a_tail_value_read_elsewhere_is_not_fused():
+    """A value of the tail that another node (or an output) reads keeps the four steps."""
+    from gradserve.engine import losses
+
+    for extra, outputs in (([Node("t", "exp", ["s"])], ["loss", "t"]), ([], ["loss", "ms"])):
+        plan = compile(Graph(
+            [Input("a", "float32", [4]), Input("b", "float32", [4])],
+            [Node("yl", "mul", ["a", "b"]), Node("s", "sum", ["yl"]),
+             Node("ms", "mean", ["s"]), Node("loss", "neg", ["ms"])] + extra, outputs))
+        assert losses.loss_steps(plan, "loss").steps is plan.steps

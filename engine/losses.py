@@ -1,0 +1,126 @@
+"""A training step's loss tail as one step of its reverse sweep.
+
+The usual loss, mean cross-entropy written -mean(sum(Y * log_softmax(z))), ends in four
+nodes (mul, sum, mean, neg) whose reverse sweep broadcasts a scalar three times before
+the product with Y: four steps' dispatch and two broadcast views for what is one
+product of the scalar -1/n with Y. `loss_steps` finds that tail in a plan's steps once
+and gives the steps with the four replaced by one: its values are the four rows' own
+evals in order (the same bits), its cotangent the scalar's product with the other
+factor, in the same float arithmetic as the four rows' vjps (the same bits). The
+sweep that runs them is the one reverse sweep (engine/sweeps.py); its costs are at
+most the four rows' (the same forward values, fewer backward arrays), so a plan's
+declared costs still bound it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .ops.reductions import _count, _expand
+from .sweeps import Step
+
+_TAIL = ("mul", "sum", "mean", "neg")
+
+
+class LossSteps(NamedTuple):
+    steps: list  # the plan's steps with the tail replaced (or the plan's own)
+    points: tuple  # where the sweep checks, as in the plan's
+    index: tuple  # per step, the plan's step whose needs (input positions) it has
+    fused: tuple  # the names of the product's two factors when the tail was fused, else ()
+
+
+def loss_steps(plan, loss: str) -> LossSteps:
+    """The steps a reverse sweep of `loss` runs (cached per plan and loss name)."""
+    found = plan.loss_tails.get(loss)
+    if found is None:
+        found = _loss_steps(plan, plan.slot[loss])
+        if len(plan.loss_tails) >= 16:
+            plan.loss_tails.pop(next(iter(plan.loss_tails)))
+        plan.loss_tails[loss] = found
+    return found
+
+
+def sweep_steps(plan, loss: str, shapes: dict) -> LossSteps:
+    """The steps for a reverse sweep of `loss` at these shapes: with the tail fused when
+    its product's two factors have one shape and dtype (no broadcasting between them),
+    else the plan's own."""
+    tail = loss_steps(plan, loss)
+    if tail.fused:
+        a, b = tail.fused
+        if shapes[a] == shapes[b] and plan.dtypes[a] == plan.dtypes[b]:
+            return tail
+    return plain(plan)
+
+
+def plain(plan) -> LossSteps:
+    """The plan's own steps."""
+    return LossSteps(plan.steps, plan.points, tuple(range(len(plan.steps))), ())
+
+
+def _loss_steps(plan, loss_slot: int) -> LossSteps:
+    steps = plan.steps
+    plain_steps = plain(plan)
+    producer = {st.out: j for j, st in enumerate(steps)}
+    readers: dict = {}
+    for st in steps:
+        for i in st.ins:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {plan.slot[n] for n in plan.output_names}
+    chain, slot = [], loss_slot
+    for op in reversed(_TAIL):  # neg, mean, sum, mul: each reading the next one's value
+        j = producer.get(slot)
+        if j is None or steps[j].op != op:
+            return plain_steps
+        if chain and (slot in outputs or readers.get(slot) != 1):
+            return plain_steps  # an intermediate value someone else reads: not fused
+        chain.append(j)
+        slot = steps[j].ins[0]
+    neg, mean, total, mul = (steps[j] for j in chain)
+    if len(mul.ins) != 2:
+        return plain_steps
+    attrs = {j: plan.nodes[j][2] for j in chain}
+    fused = Step(neg.node, "mean_product", _evaluate(mul, total, mean, neg),
+                 None, _pull(attrs[chain[2]], attrs[chain[1]]), mul.ins, neg.out,
+                 _without(chain, steps, "free"), _without(chain, steps, "drop"))
+    gone = set(chain[1:])  # mul, sum and mean: the fused step stands where neg stood
+    new_steps, index, at = [], [], {}
+    for j, st in enumerate(steps):
+        if j in gone:
+            at[j] = len(new_steps)  # (their check points move to the next step kept)
+            continue
+        at[j] = len(new_steps)
+        new_steps.append(fused if j == chain[0] else st)
+        index.append(chain[3] if j == chain[0] else j)
+    points = tuple(sorted({min(at[j], len(new_steps) - 1) for j in plan.points}))
+    names = list(plan.slot)
+    return LossSteps(new_steps, points, tuple(index), tuple(names[s] for s in mul.ins))
+
+
+def _without(chain, steps, field) -> tuple:
+    """The slots the four steps free (or drop), less the three values no longer made."""
+    made = {steps[j].out for j in chain[1:]}
+    return tuple(s for j in reversed(chain) for s in getattr(steps[j], field)
+                 if s not in made)
+
+
+def _evaluate(mul, total, mean, neg):
+    f, g, h, k = mul.eval, total.eval, mean.eval, neg.eval
+
+    def evaluate(a, b):
+        return k(h(g(f(a, b))))
+    return evaluate
+
+
+def _pull(sum_attrs, mean_attrs):
+    """d loss / d factor i: -g / n, the mean's count, with the reduced axes put back,
+    times the other factor (the mean's, sum's and mul's vjps without broadcasting)."""
+    sum_axes, sum_keep = sum_attrs["axes"], sum_attrs["keepdims"]
+    mean_axes, mean_keep = mean_attrs["axes"], mean_attrs["keepdims"]
+
+    def vjp(i, g, x, ans):
+        shape = x[0].shape
+        summed = (tuple(1 if d in sum_axes else n for d, n in enumerate(shape)) if sum_keep
+                  else tuple(n for d, n in enumerate(shape) if d not in sum_axes))
+        g = _expand(-g, mean_axes, mean_keep) / _count(summed, mean_axes)
+        return _expand(g, sum_axes, sum_keep) * x[1 - i]
+    return vjp
