@@ -23,7 +23,7 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from . import arguments, costs, jacobian, request, second, tracing
+from . import arguments, costs, jacobian, losses, request, second, tracing
 from .budget import Budget, Need
 from .errors import InputError
 from .ir import FLOAT_DTYPES, Graph
@@ -264,8 +264,8 @@ class Plan:
         # the cost cache may keep specializations alive after their eviction: counted too
         shape_dicts = len(self._specializations) + len(self._cost_cache)
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
-                + (len(self._activity) + len(self.loss_tails)) * len(self.steps)
-                * _ACTIVITY_BYTES
+                + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
+                + len(self.loss_tails) * len(self.steps) * losses.COMPILED_STEP_BYTES
                 + len(self.jacobian_setups) * _SETUP_BYTES
                 + sum(a.nbytes for a in self.patterns.values()))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from .ops.reductions import _count, _expand
-from .sweeps import Step
+from .sweeps import Step, compiled_reverse
 
 _TAIL = ("mul", "sum", "mean", "neg")
 
@@ -34,10 +34,36 @@ def loss_steps(plan, loss: str) -> LossSteps:
     found = plan.loss_tails.get(loss)
     if found is None:
         found = _loss_steps(plan, plan.slot[loss])
-        if len(plan.loss_tails) >= 16:
-            plan.loss_tails.pop(next(iter(plan.loss_tails)))
-        plan.loss_tails[loss] = found
+        _keep(plan, loss, found)
     return found
+
+
+# A training call's sweep is compiled (engine/sweeps.py's compiled_reverse) for plans of
+# at most this many steps; longer ones run in the interpreter (its own loop costs less
+# than compiling a very long function once per plan).
+COMPILED_MAX_STEPS = 1000
+COMPILED_STEP_BYTES = 400  # about what a compiled sweep keeps per step (its code), counted
+
+
+def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple):
+    """run(vals, seeds, check) -> ([loss value, parameter values...], [cotangents of
+    the same]) for a training step's reverse sweep over `tail`'s steps (cached per plan,
+    loss, tail and parameter names), or None for a plan too long to compile."""
+    if len(tail.steps) > COMPILED_MAX_STEPS:
+        return None
+    key = (loss, bool(tail.fused), names)
+    found = plan.loss_tails.get(key)
+    if found is None:
+        wanted = [plan.slot[loss]] + [plan.slot[n] for n in names]
+        found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted)
+        _keep(plan, key, found)
+    return found
+
+
+def _keep(plan, key, value) -> None:
+    if len(plan.loss_tails) >= 16:
+        plan.loss_tails.pop(next(iter(plan.loss_tails)))
+    plan.loss_tails[key] = value
 
 
 def sweep_steps(plan, loss: str, shapes: dict) -> LossSteps:

@@ -23,7 +23,7 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
-from .losses import sweep_steps as loss_sweep_steps
+from .losses import compiled_sweep, sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
@@ -149,6 +149,7 @@ class LossGradient:
         self.template = None  # its slot list before a sweep filled it
         self.shapes = self.setup = None
         self.sweep = self.needs = None  # the steps the sweep runs (engine/losses.py)
+        self.compiled = None  # and the sweep compiled, for a plan not too long
 
     def __call__(self, batch: Mapping, params: Mapping) -> tuple[float, list]:
         vals = self._bind_again(batch, params)
@@ -157,13 +158,20 @@ class LossGradient:
             if vals is None:  # one scalar parameter: forward, as its Jacobian is
                 return self._forward({**batch, **params})
         plan, shapes, setup, sweep = self.plan, self.shapes, self.setup, self.sweep
-        cots = reverse_sweep(sweep.steps, vals, jacobian.seeds_for(plan, setup, shapes),
-                             self.needs, self.check, sweep.points)
+        seeds = jacobian.seeds_for(plan, setup, shapes)
+        if self.compiled is not None:
+            values, cots = self.compiled(vals, seeds, self.check)
+            loss = values[0]
+            cots = cots[1:]
+        else:
+            cots = reverse_sweep(sweep.steps, vals, seeds, self.needs, self.check,
+                                 sweep.points)
+            loss = vals[self.loss_slot]
+            cots = [cots[s] for s in self.slots]
         gradients = []
-        for name, s in zip(self.names, self.slots):
-            g = cots[s]
+        for name, g in zip(self.names, cots):
             gradients.append(0 if g is None else g.reshape(shapes[name]))
-        return float(vals[self.loss_slot].reshape(())), gradients
+        return float(loss.reshape(())), gradients
 
     def _bind_again(self, batch, params) -> list | None:
         """The slot list for a batch of the forms bound last (None: bind it in full)."""
@@ -201,6 +209,7 @@ class LossGradient:
             self.sweep = loss_sweep_steps(plan, loss, shapes)
             needs = plan.needs(setup.wrt)
             self.needs = [needs[j] for j in self.sweep.index]
+            self.compiled = compiled_sweep(plan, loss, self.sweep, self.needs, self.names)
         self.shapes, self.setup = shapes, setup
         self.template = bound.vals[:]
         self.forms = tuple((name, plan.slot[name], value.shape, value.dtype)

@@ -260,3 +260,52 @@ def _backward(steps, vals, seeds, needs, check, points, record):
         if record is not None:
             record.backward(st, g, pulled)
     return cots
+
+
+def compiled_reverse(steps, needs, points, seed_slots, wanted):
+    """reverse_sweep over these steps as one generated Python function, for a caller that
+    runs the same sweep many times (a training call's steps): the same evals and vjps in
+    the same order, the same values reduced to Stubs, the same checks before the same
+    steps of both passes, cotangents summed in the same order; no per-step dispatch.
+    Returns run(vals, seeds, check) -> (the values of `wanted`... as vals after the
+    sweep, the cotangents of `wanted`): `vals` is read, not written."""
+    lines, env, points = [], {"Stub": Stub}, frozenset(points)
+    made = {st.out for st in steps}
+    read = sorted({i for st in steps for i in st.ins if i not in made}
+                  | {s for s in wanted if s not in made})
+    lines += [f"    v{i} = vals[{i}]" for i in read]
+    for j, st in enumerate(steps):
+        env[f"e{j}"], env[f"b{j}"] = st.eval, st.vjp
+        if j in points:
+            lines.append("    if check is not None: check()")
+        args = ", ".join(f"v{i}" for i in st.ins)
+        lines.append(f"    v{st.out} = e{j}({args})")
+        lines += [f"    v{s} = Stub(v{s}.shape, v{s}.dtype, v{s}.ndim)" for s in st.drop]
+    cots = sorted({i for st in steps for i in st.ins} | {st.out for st in steps}
+                  | set(seed_slots) | set(wanted))
+    lines.append("    " + " = ".join(f"c{s}" for s in cots) + " = None")
+    lines += [f"    c{s} = seeds[{s}]" for s in seed_slots]
+    for j in range(len(steps) - 1, -1, -1):
+        st = steps[j]
+        if j in points:
+            lines.append("    if check is not None: check()")
+        if not needs[j]:
+            continue
+        xs = "(" + "".join(f"v{i}, " for i in st.ins) + ")"
+        lines += [f"    g = c{st.out}", "    if g is not None:", f"        c{st.out} = None"]
+        for pos in needs[j]:
+            i = st.ins[pos]
+            lines += [f"        gi = b{j}({pos}, g, {xs}, v{st.out})",
+                      f"        c{i} = gi if c{i} is None else c{i} + gi"]
+    lines.append("    return [" + ", ".join(f"v{s}" for s in wanted) + "], ["
+                 + ", ".join(f"c{s}" for s in wanted) + "]")
+    source = "def run(vals, seeds, check):\n" + "\n".join(lines) + "\n"
+    exec(compile(source, "<gradserve compiled reverse sweep>", "exec"), env)  # noqa: S102
+    run = env["run"]
+
+    def sweep(vals, seeds, check=None):
+        if check is not None:
+            with _checking(check):
+                return run(vals, seeds, check)
+        return run(vals, seeds, check)
+    return sweep

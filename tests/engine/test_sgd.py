@@ -207,3 +207,43 @@ def test_a_tail_value_read_elsewhere_is_not_fused():
             [Node("yl", "mul", ["a", "b"]), Node("s", "sum", ["yl"]),
              Node("ms", "mean", ["s"]), Node("loss", "neg", ["ms"])] + extra, outputs))
         assert losses.loss_steps(plan, "loss").steps is plan.steps
+
+
+def test_the_compiled_sweep_is_the_reverse_sweep():
+    """engine/sweeps.py's compiled_reverse runs what reverse_sweep runs: the same values
+    and cotangents (bitwise), the same checks, for values that fan out, are dropped to
+    their shapes on the way, or reach no cotangent."""
+    from gradserve.engine.sweeps import compiled_reverse, reverse_sweep
+
+    plan = compile(Graph(
+        [Input("x", "float64", [40, 3]), Input("w", "float64", [3]),
+         Input("u", "float64", [2])],
+        [Node("a", "mul", ["x", "w"]), Node("b", "sin", ["a"]), Node("c", "mul", ["a", "b"]),
+         Node("d", "exp", ["c"]), Node("e", "add", ["d", "a"]), Node("s", "sum", ["e"]),
+         Node("t", "sum", ["u"]), Node("loss", "mul", ["s", "s"])], ["loss", "t"]))
+    rng = np.random.default_rng(5)
+    inputs = {"x": rng.standard_normal((40, 3)), "w": rng.standard_normal(3),
+              "u": rng.standard_normal(2)}
+    assert any(st.drop for st in plan.steps)  # a value reduced to its shape on the way
+    for plan_, wrt in ((plan, ("w", "u", "x")), (mlp_plan("float64"), ("W1", "b1", "W2"))):
+        if plan_ is not plan:
+            params, steps = start(np.float64)
+            inputs = {**steps[0], **params}
+        loss = plan_.slot["loss"]
+        needs = plan_.needs(wrt)
+        seeds = {loss: np.ones((1,) + np.shape(plan_.evaluate(inputs)["loss"]))}
+        wanted = [loss] + [plan_.slot[n] for n in wrt]
+        checked, compiled_checks = [], []
+        vals = plan_.bind(inputs).vals
+        cots = reverse_sweep(plan_.steps, vals, seeds, needs, lambda: checked.append(1),
+                             plan_.points)
+        run = compiled_reverse(plan_.steps, needs, plan_.points, (loss,), wanted)
+        values, compiled_cots = run(plan_.bind(inputs).vals, seeds,
+                                    lambda: compiled_checks.append(1))
+        assert len(checked) == len(compiled_checks) > 0
+        np.testing.assert_array_equal(values[0], vals[loss])
+        for s, g in zip(wanted, compiled_cots):
+            if cots[s] is None:
+                assert g is None
+            else:
+                np.testing.assert_array_equal(g, cots[s])
