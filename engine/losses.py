@@ -34,7 +34,7 @@ def loss_steps(plan, loss: str) -> LossSteps:
     found = plan.loss_tails.get(loss)
     if found is None:
         found = _loss_steps(plan, plan.slot[loss])
-        _keep(plan, loss, found)
+        keep(plan, loss, found)
     return found
 
 
@@ -56,11 +56,12 @@ def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple):
     if found is None:
         wanted = [plan.slot[loss]] + [plan.slot[n] for n in names]
         found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted)
-        _keep(plan, key, found)
+        keep(plan, key, found)
     return found
 
 
-def _keep(plan, key, value) -> None:
+def keep(plan, key, value) -> None:
+    """Keep `value` in the plan's cache of training sweeps (16 entries at most)."""
     if len(plan.loss_tails) >= 16:
         plan.loss_tails.pop(next(iter(plan.loss_tails)))
     plan.loss_tails[key] = value

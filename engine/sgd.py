@@ -23,7 +23,7 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
-from .losses import compiled_sweep, sweep_steps as loss_sweep_steps
+from .losses import compiled_sweep, keep as keep_binding, sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
@@ -129,6 +129,21 @@ def _view(flat: np.ndarray, start: int, end: int, shape: tuple) -> np.ndarray:
     return part if len(shape) == 1 else part.reshape(shape)
 
 
+class Binding(NamedTuple):
+    """What a training step's sweep needs at one set of input forms, kept on the plan
+    (engine/losses.py's cache) for the next call of the same forms and limits: no arrays,
+    only shapes, the Jacobian setup, the steps (and their compiled sweep) and the slot
+    list with the constants filled in."""
+
+    shapes: dict
+    setup: object  # engine/jacobian.py's JacobianSetup
+    sweep: object  # engine/losses.py's LossSteps
+    needs: list  # per step of the sweep, the input positions it pulls cotangents into
+    compiled: object  # the sweep compiled (engine/sweeps.py's compiled_reverse), or None
+    template: list  # the slot list: constants, no inputs
+    forms: tuple  # ((name, slot, shape, dtype), ...) of the batch inputs
+
+
 class LossGradient:
     """One step's loss and gradient, bound once per call: the names checked, the seed,
     the steps the reverse sweep runs and the budget admitted per input shapes. The
@@ -137,19 +152,16 @@ class LossGradient:
 
     A step's batch of the same dtypes and shapes as the step before it is bound without
     Plan.bind's checks (the parameters are this call's own arrays after the first step,
-    of the shapes and dtypes the first step checked); any other is bound in full."""
+    of the shapes and dtypes the first step checked); any other is bound in full, unless
+    an earlier call bound the same forms (batch and parameters) under the same limits
+    (its Binding, kept on the plan)."""
 
     def __init__(self, plan, names: tuple, loss: str, budget: Budget):
         self.plan, self.names, self.of, self.budget = plan, names, (loss,), budget
         self.slots = [plan.slot[n] for n in names]
         self.loss_slot = plan.slot[loss]
-        self.admitted = None  # the shapes (a Plan's dict) last admitted
         self.check = budget.check
-        self.forms = None  # ((name, slot, shape, dtype), ...) of the batch last bound
-        self.template = None  # its slot list before a sweep filled it
-        self.shapes = self.setup = None
-        self.sweep = self.needs = None  # the steps the sweep runs (engine/losses.py)
-        self.compiled = None  # and the sweep compiled, for a plan not too long
+        self.binding: Binding | None = None  # of the batch last bound
 
     def __call__(self, batch: Mapping, params: Mapping) -> tuple[float, list]:
         vals = self._bind_again(batch, params)
@@ -157,29 +169,30 @@ class LossGradient:
             vals = self._bind(batch, params)
             if vals is None:  # one scalar parameter: forward, as its Jacobian is
                 return self._forward({**batch, **params})
-        plan, shapes, setup, sweep = self.plan, self.shapes, self.setup, self.sweep
-        seeds = jacobian.seeds_for(plan, setup, shapes)
-        if self.compiled is not None:
-            values, cots = self.compiled(vals, seeds, self.check)
+        b = self.binding
+        seeds = jacobian.seeds_for(self.plan, b.setup, b.shapes)
+        if b.compiled is not None:
+            values, cots = b.compiled(vals, seeds, self.check)
             loss = values[0]
             cots = cots[1:]
         else:
-            cots = reverse_sweep(sweep.steps, vals, seeds, self.needs, self.check,
-                                 sweep.points)
+            cots = reverse_sweep(b.sweep.steps, vals, seeds, b.needs, self.check,
+                                 b.sweep.points)
             loss = vals[self.loss_slot]
             cots = [cots[s] for s in self.slots]
         gradients = []
+        shapes = b.shapes
         for name, g in zip(self.names, cots):
             gradients.append(0 if g is None else g.reshape(shapes[name]))
         return float(loss.reshape(())), gradients
 
     def _bind_again(self, batch, params) -> list | None:
         """The slot list for a batch of the forms bound last (None: bind it in full)."""
-        forms = self.forms
-        if forms is None or len(batch) != len(forms):
+        b = self.binding
+        if b is None or len(batch) != len(b.forms):
             return None
-        vals = self.template[:]
-        for name, slot, shape, dtype in forms:
+        vals = b.template[:]
+        for name, slot, shape, dtype in b.forms:
             value = batch.get(name)
             if type(value) is not np.ndarray or value.shape != shape or value.dtype != dtype:
                 return None
@@ -190,11 +203,16 @@ class LossGradient:
 
     def _bind(self, batch, params) -> list | None:
         """Plan.bind's checks, the loss's size, the mode and the budget's admission at
-        these shapes; the slot list, or None when the planner picks forward mode."""
-        plan, budget = self.plan, self.budget
+        these shapes (or an earlier call's Binding of the same forms and limits); the
+        slot list, or None when the planner picks forward mode."""
+        plan, budget, loss = self.plan, self.budget, self.of[0]
+        key = _forms_key(self.names, loss, budget, batch, params)
+        known = plan.loss_tails.get(key) if key is not None else None
+        if known is not None:
+            self.binding = known
+            return self._bind_again(batch, params)
         bound = plan.bind({**batch, **params})
         shapes = bound.shapes
-        loss = self.of[0]
         size = prod(shapes[loss])
         if size != 1:
             raise DifferentiationError(f"the loss has {size} elements; it must have one",
@@ -202,18 +220,23 @@ class LossGradient:
         setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
         if setup.decision.mode != "reverse":
             return None
-        if budget.limited and shapes is not self.admitted:
+        if budget.limited:
             jacobian.admit(plan, shapes, setup, budget)
-            self.admitted = shapes
-        if shapes is not self.shapes or setup is not self.setup:
-            self.sweep = loss_sweep_steps(plan, loss, shapes)
-            needs = plan.needs(setup.wrt)
-            self.needs = [needs[j] for j in self.sweep.index]
-            self.compiled = compiled_sweep(plan, loss, self.sweep, self.needs, self.names)
-        self.shapes, self.setup = shapes, setup
-        self.template = bound.vals[:]
-        self.forms = tuple((name, plan.slot[name], value.shape, value.dtype)
-                           for name in batch for value in (bound.vals[plan.slot[name]],))
+        b = self.binding
+        if b is not None and shapes is b.shapes and setup is b.setup:
+            sweep, needs, compiled = b.sweep, b.needs, b.compiled
+        else:
+            sweep = loss_sweep_steps(plan, loss, shapes)
+            all_needs = plan.needs(setup.wrt)
+            needs = [all_needs[j] for j in sweep.index]
+            compiled = compiled_sweep(plan, loss, sweep, needs, self.names)
+        template = bound.vals[:]
+        template[:len(plan.input_names)] = [None] * len(plan.input_names)
+        forms = tuple((name, plan.slot[name], value.shape, value.dtype)
+                      for name in batch for value in (bound.vals[plan.slot[name]],))
+        self.binding = Binding(shapes, setup, sweep, needs, compiled, template, forms)
+        if key is not None:
+            keep_binding(plan, key, self.binding)
         return bound.vals
 
     def _forward(self, inputs) -> tuple[float, list]:
@@ -223,6 +246,19 @@ class LossGradient:
         shapes = plan.bind(inputs).shapes
         return (float(np.asarray(result.outputs[loss]).reshape(())),
                 [result.jacobian[loss, n].reshape(shapes[n]) for n in self.names])
+
+
+def _forms_key(names, loss, budget, batch, params) -> tuple | None:
+    """What a Binding depends on: the names, the limits admitted by, and every input's
+    shape and dtype (None when an input is not an array: bound in full)."""
+    forms = []
+    for values in (batch, params):
+        for name, value in values.items():
+            if type(value) is not np.ndarray:
+                return None
+            forms.append((name, value.shape, value.dtype))
+    return ("binding", names, loss, budget.admission if budget.limited else None,
+            tuple(forms))
 
 
 def _check_names(plan, names, batches) -> None:
