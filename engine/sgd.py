@@ -60,15 +60,18 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
     if max_steps is not None and steps > max_steps:
         raise ResourceLimitError(f"{steps} steps in one call, over the limit of {max_steps} "
                                  "(max_steps_per_call)", field="batches")
-    params = {n: np.asarray(p) for n, p in parameters.items()}  # the caller's: never written
-    given = dict(velocity or {})
+    params = {n: p if type(p) is np.ndarray else np.asarray(p)  # never written
+              for n, p in parameters.items()}
+    given = velocity or {}
     velocity = {}
     for name, v in given.items():
-        if name not in params:
+        p = params.get(name)
+        if p is None:
             raise InputError("has a momentum buffer but is not a parameter", node=name,
                              field="velocity")
-        v = np.asarray(v)
-        if v.shape != params[name].shape or v.dtype != params[name].dtype:
+        if type(v) is not np.ndarray:
+            v = np.asarray(v)
+        if v.shape != p.shape or v.dtype != p.dtype:
             raise InputError(f"momentum buffer {v.dtype}{list(v.shape)} does not match the "
                              f"parameter's {params[name].dtype}{list(params[name].shape)}",
                              node=name, field="velocity")

@@ -224,7 +224,7 @@ class TrainState:
         for size in sizes:
             picked = rows[start:start + size]
             start += size
-            steps.append({name: a[picked] for name, a in data.items()})
+            steps.append({name: a.take(picked, axis=0) for name, a in data.items()})
         return steps
 
     def steps(self, request, graph_id: str, plan, check, run_limits: dict,
