@@ -1,4 +1,4 @@
-"""A training step's loss tail as one step of its reverse sweep.
+"""What a training call's reverse sweep runs (engine/sgd.py), kept per plan.
 
 The usual loss, mean cross-entropy written -mean(sum(Y * log_softmax(z))), ends in four
 nodes (mul, sum, mean, neg) whose reverse sweep broadcasts a scalar three times before
@@ -6,10 +6,14 @@ the product with Y: four steps' dispatch and two broadcast views for what is one
 product of the scalar -1/n with Y. `loss_steps` finds that tail in a plan's steps once
 and gives the steps with the four replaced by one: its values are the four rows' own
 evals in order (the same bits), its cotangent the scalar's product with the other
-factor, in the same float arithmetic as the four rows' vjps (the same bits). The
-sweep that runs them is the one reverse sweep (engine/sweeps.py); its costs are at
-most the four rows' (the same forward values, fewer backward arrays), so a plan's
-declared costs still bound it.
+factor, in the same float arithmetic as the four rows' vjps (the same bits). Its costs
+are at most the four rows' (the same forward values, fewer backward arrays), so a
+plan's declared costs still bound it.
+
+`compiled_sweep` gives those steps' reverse sweep as one generated function
+(engine/sweeps.py's compiled_reverse: the same sweep without per-step dispatch). The
+plan's `loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no
+arrays.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ single step runs long without a check.
 `record`, when given, is told what each step computed (a `Recorder`): that is
 how a trace is taken, by the same sweeps that answer every other request, and
 how second order (forward-over-reverse) runs: as a hook of the reverse sweep.
+
+`compiled_reverse` writes the reverse sweep over one fixed list of steps out as one
+Python function, for a training call that runs it K times (engine/sgd.py): the
+same semantics, no per-step dispatch.
 """
 
 from __future__ import annotations
@@ -267,8 +271,9 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted):
     runs the same sweep many times (a training call's steps): the same evals and vjps in
     the same order, the same values reduced to Stubs, the same checks before the same
     steps of both passes, cotangents summed in the same order; no per-step dispatch.
-    Returns run(vals, seeds, check) -> (the values of `wanted`... as vals after the
-    sweep, the cotangents of `wanted`): `vals` is read, not written."""
+    Returns sweep(vals, seeds, check=None) -> ([value of each slot in `wanted`],
+    [cotangent of each, None where none reached it]); `vals` is read, never written.
+    (Generated, not looped: the one reverse sweep's semantics in straight-line code.)"""
     lines, env, points = [], {"Stub": Stub}, frozenset(points)
     made = {st.out for st in steps}
     read = sorted({i for st in steps for i in st.ins if i not in made}
