@@ -126,7 +126,7 @@ class Plan:
         self._activity: dict = {}
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, costs at those shapes)
         self.second_order_steps = None  # engine/second.py's, made on its first call
-        self.loss_tails: dict = {}  # engine/losses.py's steps per loss name (16 at most)
+        self.loss_tails: dict = {}  # engine/losses.py's training sweeps (16 at most)
 
     # --- compile-time analysis ------------------------------------------------
 
