@@ -68,11 +68,14 @@ class Window(NamedTuple):
 
 
 def pad(x, w: Window, value=0):
-    """x with its last len(kernel) axes padded by `value`."""
+    """x with its last len(kernel) axes padded by `value` (a filled array and one copy:
+    np.pad's own Python took 45-70 us a call, several times a conv's copy here)."""
     if not any(w.pads):
         return x
-    lead = [(0, 0)] * (x.ndim - len(w.kernel))
-    return np.pad(x, lead + list(zip(w.begin, w.end)), constant_values=value)
+    d = len(w.kernel)
+    xp = np.full(x.shape[:-d] + w.padded(x.shape[-d:]), value, x.dtype)
+    xp[(Ellipsis,) + tuple(slice(b, b + s) for b, s in zip(w.begin, x.shape[-d:]))] = x
+    return xp
 
 
 def unpad(xp, w: Window, spatial):
@@ -136,7 +139,7 @@ def conv(x, w, strides, pads, dilations, groups):
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
         return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
-    if flat_rows(x.shape, win, groups):
+    if flat_rows(x.shape, win, groups, k * n_out):
         return _flat_rows_conv(x, w, win, out)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
@@ -168,19 +171,30 @@ def conv(x, w, strides, pads, dilations, groups):
 # copies whole rows, at the price of computing the outputs of every padded column (the
 # ones past the last window are dropped). Taken where the windows' last axis is below
 # FLAT_ROWS_BELOW and that adds at most half again (measured: LeNet's conv2 0.72x,
-# 8x8 windows of 128 channels 0.83-0.94x; ResNet's 16x16 ones 1.05-1.17x, left out).
+# 8x8 windows of 128 channels 0.83-0.94x), or, for rows up to FLAT_ROWS_UP_TO, where
+# the products' extra work is small beside the gather's saving: the dropped positions
+# times the product's rows at most FLAT_ROWS_EXTRA times the kept positions (ResNet's
+# 16x16 "same" 3x3 with 16 channels: 0.6-0.75x; with 64, or 32 on 28x28, the products
+# dominate and the extra positions cost more than the gather saves). The weight's
+# transpose gathers the same rows, channel-major, and zeroes the cotangent's dropped
+# columns (_flat_rows_weight_grad).
 
 FLAT_ROWS_BELOW = 16
+FLAT_ROWS_UP_TO = 32
+FLAT_ROWS_EXTRA = 2
 
 
-def flat_rows(x_shape, win: Window, groups):
-    """(row length, tail past it, outputs per row computed) when conv gathers by flat rows,
-    else None."""
+def flat_rows(x_shape, win: Window, groups, rows_out):
+    """(row length, tail past it, outputs per row computed) when conv gathers by flat rows
+    for a product of `rows_out` rows (output channels, times weight stacks), else None."""
     d = len(win.kernel)
     if d < 2 or groups != 1 or any(s != 1 for s in win.strides):
         return None
     out, padded = win.out(x_shape[2:]), win.padded(x_shape[2:])
-    if out[-1] >= FLAT_ROWS_BELOW or 2 * prod(padded[1:]) > 3 * prod(out[1:]):
+    kept, laid = prod(out[1:]), prod(padded[1:])
+    if 2 * laid > 3 * kept or out[-1] > FLAT_ROWS_UP_TO:
+        return None
+    if out[-1] >= FLAT_ROWS_BELOW and (laid - kept) * rows_out > FLAT_ROWS_EXTRA * kept:
         return None
     n = prod(padded)
     computed = out[0] * prod(padded[1:])
@@ -192,7 +206,7 @@ def flat_rows(x_shape, win: Window, groups):
 def _flat_rows_conv(x, w, win: Window, out):
     k, n_out, cg = w.shape[:3]
     b, d = x.shape[0], len(win.kernel)
-    n, tail, computed = flat_rows(x.shape, win, 1)
+    n, tail, computed = flat_rows(x.shape, win, 1, k * n_out)
     padded = win.padded(x.shape[2:])
     xp = np.zeros((b, cg, n + tail), x.dtype)
     inner = tuple(slice(p, p + s) for p, s in zip(win.begin, x.shape[2:]))
@@ -209,10 +223,36 @@ def _flat_rows_conv(x, w, win: Window, out):
     return np.ascontiguousarray(np.moveaxis(grid, 1, 0))
 
 
+def _flat_rows_weight_grad(g, x, win: Window):
+    """conv_weight_grad by flat rows: g (k, N, O, *out), x (N, C, *S) -> (k, O, C,
+    *kernel). The windows of every image in one (C * prod(kernel), N * computed) matrix,
+    rows copied whole; g laid out alike, zero in the columns the forward drops; one
+    product."""
+    k, b, n_out = g.shape[:3]
+    c, d = x.shape[1], len(win.kernel)
+    out = g.shape[3:]
+    n, tail, computed = flat_rows(x.shape, win, 1, k * n_out)
+    padded = win.padded(x.shape[2:])
+    xp = np.zeros((c, b, n + tail), x.dtype)
+    inner = tuple(slice(p, p + s) for p, s in zip(win.begin, x.shape[2:]))
+    xp[:, :, :n].reshape((c, b) + padded)[(slice(None), slice(None)) + inner] = (
+        x.swapaxes(0, 1))
+    st = xp.strides
+    shifts = tuple(dl * prod(padded[i + 1:]) * st[2] for i, dl in enumerate(win.dilations))
+    cols = as_strided(xp, (c,) + win.kernel + (b, computed), st[:1] + shifts + st[1:],
+                      writeable=False).reshape(c * prod(win.kernel), b * computed)
+    del xp
+    gp = np.zeros((k, n_out, b, out[0]) + padded[1:], g.dtype)
+    gp[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])] = g.swapaxes(1, 2)
+    # (cols @ gp.T).T: OpenBLAS is markedly faster this way round for these shapes
+    r = matmul(cols, gp.reshape(k * n_out, b * computed).T)  # (C kp, k O)
+    return np.ascontiguousarray(r.T).reshape((k, n_out, c) + win.kernel)
+
+
 def _flat_rows_cost(x_shape, rows_out, win: Window, isz):
     """(bytes, FLOPs) of _flat_rows_conv beyond the gathered kernel's declaration: the
     padded rows, the gathered windows and the products over the computed positions."""
-    found = flat_rows(x_shape, win, 1)
+    found = flat_rows(x_shape, win, 1, rows_out)
     if found is None:
         return 0, 0
     n, tail, computed = found
@@ -284,6 +324,8 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
         return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
+    if flat_rows(x.shape, win, groups, k * n_out):
+        return _flat_rows_weight_grad(g, x, win)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)  # (C, *kernel, N, *out)
@@ -524,6 +566,11 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     # reverse: the weight's transpose gathers the input again and regroups g; the
     # input's is a scatter (per group pass, per kernel offset) or a convolution of g
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
+    found = flat_rows((b, c) + spatial, win, groups, n_out)
+    if found is not None:  # _flat_rows_weight_grad (k seeds may take the gathered path)
+        n, tail, computed = found
+        weight = max(weight, (c * b * (n + tail) + (c * kp + n_out) * b * computed
+                              + 3 * w_size) * isz)
     g_shape = (b, n_out) + tuple(out[2:])
     if stride_one_transpose(g_shape, (n_out, cg) + kernel, spatial, strides, pads, dilations,
                             groups):
