@@ -139,8 +139,9 @@ def conv(x, w, strides, pads, dilations, groups):
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
         return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
-    if flat_rows(x.shape, win, groups, k * n_out):
-        return _flat_rows_conv(x, w, win, out)
+    found = flat_rows(x.shape, win, groups, k * n_out)
+    if found is not None:
+        return _flat_rows_conv(x, w, win, out, found)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
     if groups == 1:
@@ -184,65 +185,85 @@ FLAT_ROWS_UP_TO = 32
 FLAT_ROWS_EXTRA = 2
 
 
+class FlatRows(NamedTuple):
+    padded: tuple  # the padded input's spatial sizes
+    n: int  # its elements per image and channel (a flat row)
+    tail: int  # zeros past the row that the last windows read
+    computed: int  # outputs computed per row: out[0] * prod(padded[1:])
+    shifts: tuple  # elements along the row per kernel step, per spatial axis
+
+
 def flat_rows(x_shape, win: Window, groups, rows_out):
-    """(row length, tail past it, outputs per row computed) when conv gathers by flat rows
-    for a product of `rows_out` rows (output channels, times weight stacks), else None."""
-    d = len(win.kernel)
-    if d < 2 or groups != 1 or any(s != 1 for s in win.strides):
+    """The flat-row layout (FlatRows) when conv gathers by flat rows for a product of
+    `rows_out` rows (output channels, times weight stacks), else None."""
+    kernel = win.kernel
+    d = len(kernel)
+    if d < 2 or groups != 1 or win.strides.count(1) != d:
         return None
-    out, padded = win.out(x_shape[2:]), win.padded(x_shape[2:])
+    pads = win.pads
+    padded = tuple(s + pads[i] + pads[d + i] for i, s in enumerate(x_shape[2:]))
+    out = tuple(p - dl * (k - 1) for p, k, dl in zip(padded, kernel, win.dilations))
     kept, laid = prod(out[1:]), prod(padded[1:])
     if 2 * laid > 3 * kept or out[-1] > FLAT_ROWS_UP_TO:
         return None
     if out[-1] >= FLAT_ROWS_BELOW and (laid - kept) * rows_out > FLAT_ROWS_EXTRA * kept:
         return None
-    n = prod(padded)
-    computed = out[0] * prod(padded[1:])
-    reach = sum(dl * (k - 1) * prod(padded[i + 1:])
-                for i, (k, dl) in enumerate(zip(win.kernel, win.dilations)))
-    return n, max(0, computed + reach - n), computed
+    n = padded[0] * laid
+    computed = out[0] * laid
+    shifts = tuple(dl * prod(padded[i + 1:]) for i, dl in enumerate(win.dilations))
+    reach = sum(sh * (k - 1) for sh, k in zip(shifts, kernel))
+    return FlatRows(padded, n, max(0, computed + reach - n), computed, shifts)
 
 
-def _flat_rows_conv(x, w, win: Window, out):
+def _strided(a, shape, strides):
+    """A read-only view of a (np.ndarray over a's buffer: as_strided's own Python took
+    about as long as a small convolution's copy)."""
+    view = np.ndarray(shape, a.dtype, a, 0, strides)
+    view.flags.writeable = False
+    return view
+
+
+def _flat_row_input(x, win: Window, flat: FlatRows, channels_first):
+    """x (B, C, *S) padded into flat rows (B, C, n + tail), or (C, B, n + tail)."""
+    b, c = x.shape[:2]
+    xp = np.zeros((c, b, flat.n + flat.tail) if channels_first else (b, c, flat.n + flat.tail),
+                  x.dtype)
+    inner = (slice(None), slice(None)) + tuple(
+        slice(p, p + s) for p, s in zip(win.pads, x.shape[2:]))
+    xp[:, :, :flat.n].reshape(xp.shape[:2] + flat.padded)[inner] = (
+        x.swapaxes(0, 1) if channels_first else x)
+    return xp
+
+
+def _flat_rows_conv(x, w, win: Window, out, flat: FlatRows):
     k, n_out, cg = w.shape[:3]
-    b, d = x.shape[0], len(win.kernel)
-    n, tail, computed = flat_rows(x.shape, win, 1, k * n_out)
-    padded = win.padded(x.shape[2:])
-    xp = np.zeros((b, cg, n + tail), x.dtype)
-    inner = tuple(slice(p, p + s) for p, s in zip(win.begin, x.shape[2:]))
-    xp[:, :, :n].reshape((b, cg) + padded)[(slice(None), slice(None)) + inner] = x
+    b, kp, computed = x.shape[0], prod(win.kernel), flat.computed
+    xp = _flat_row_input(x, win, flat, False)
     st = xp.strides
-    shifts = tuple(dl * prod(padded[i + 1:]) * st[2] for i, dl in enumerate(win.dilations))
-    view = as_strided(xp, (b, cg) + win.kernel + (computed,), st[:2] + shifts + st[2:],
-                      writeable=False)
-    r = matmul(w.reshape(k * n_out, cg * prod(win.kernel)),
-               view.reshape(b, cg * prod(win.kernel), computed))  # (B, k O, computed)
-    del xp, view
-    grid = r.reshape((b, k, n_out, out[0]) + padded[1:])[
+    view = _strided(xp, (b, cg) + win.kernel + (computed,),
+                    st[:2] + tuple(sh * st[2] for sh in flat.shifts) + st[2:])
+    r = matmul(w.reshape(k * n_out, cg * kp), view.reshape(b, cg * kp, computed))
+    del xp, view  # r: (B, k O, computed)
+    grid = r.reshape((b, k, n_out, out[0]) + flat.padded[1:])[
         (Ellipsis,) + tuple(slice(0, o) for o in out[1:])]
-    return np.ascontiguousarray(np.moveaxis(grid, 1, 0))
+    return np.ascontiguousarray(grid.swapaxes(0, 1))
 
 
-def _flat_rows_weight_grad(g, x, win: Window):
+def _flat_rows_weight_grad(g, x, win: Window, flat: FlatRows):
     """conv_weight_grad by flat rows: g (k, N, O, *out), x (N, C, *S) -> (k, O, C,
     *kernel). The windows of every image in one (C * prod(kernel), N * computed) matrix,
     rows copied whole; g laid out alike, zero in the columns the forward drops; one
     product."""
     k, b, n_out = g.shape[:3]
-    c, d = x.shape[1], len(win.kernel)
+    c, computed = x.shape[1], flat.computed
     out = g.shape[3:]
-    n, tail, computed = flat_rows(x.shape, win, 1, k * n_out)
-    padded = win.padded(x.shape[2:])
-    xp = np.zeros((c, b, n + tail), x.dtype)
-    inner = tuple(slice(p, p + s) for p, s in zip(win.begin, x.shape[2:]))
-    xp[:, :, :n].reshape((c, b) + padded)[(slice(None), slice(None)) + inner] = (
-        x.swapaxes(0, 1))
+    xp = _flat_row_input(x, win, flat, True)
     st = xp.strides
-    shifts = tuple(dl * prod(padded[i + 1:]) * st[2] for i, dl in enumerate(win.dilations))
-    cols = as_strided(xp, (c,) + win.kernel + (b, computed), st[:1] + shifts + st[1:],
-                      writeable=False).reshape(c * prod(win.kernel), b * computed)
+    cols = _strided(xp, (c,) + win.kernel + (b, computed),
+                    st[:1] + tuple(sh * st[2] for sh in flat.shifts) + st[1:]).reshape(
+        c * prod(win.kernel), b * computed)
     del xp
-    gp = np.zeros((k, n_out, b, out[0]) + padded[1:], g.dtype)
+    gp = np.zeros((k, n_out, b, out[0]) + flat.padded[1:], g.dtype)
     gp[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])] = g.swapaxes(1, 2)
     # (cols @ gp.T).T: OpenBLAS is markedly faster this way round for these shapes
     r = matmul(cols, gp.reshape(k * n_out, b * computed).T)  # (C kp, k O)
@@ -255,7 +276,7 @@ def _flat_rows_cost(x_shape, rows_out, win: Window, isz):
     found = flat_rows(x_shape, win, 1, rows_out)
     if found is None:
         return 0, 0
-    n, tail, computed = found
+    _, n, tail, computed, _ = found
     b, c = x_shape[:2]
     kp = prod(win.kernel)
     held = b * c * (n + tail) + b * c * kp * computed + b * rows_out * computed
@@ -324,8 +345,9 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
         return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
-    if flat_rows(x.shape, win, groups, k * n_out):
-        return _flat_rows_weight_grad(g, x, win)
+    found = flat_rows(x.shape, win, groups, k * n_out)
+    if found is not None:
+        return _flat_rows_weight_grad(g, x, win, found)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)  # (C, *kernel, N, *out)
@@ -568,7 +590,7 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
     found = flat_rows((b, c) + spatial, win, groups, n_out)
     if found is not None:  # _flat_rows_weight_grad (k seeds may take the gathered path)
-        n, tail, computed = found
+        _, n, tail, computed, _ = found
         weight = max(weight, (c * b * (n + tail) + (c * kp + n_out) * b * computed
                               + 3 * w_size) * isz)
     g_shape = (b, n_out) + tuple(out[2:])
