@@ -163,6 +163,8 @@ FLAT_ROWS = {
     # ResNet's 3x3 "same" layers (P9's small ResNet: 16x16 windows a row)
     "3x3 same on 16x16": ((2, 4, 16, 16), (5, 4, 3, 3), [1, 1, 1, 1], [1, 1]),
     "1-row windows, 32 a row": ((2, 3, 4, 32), (2, 3, 1, 3), [0, 1, 0, 1], [1, 1]),
+    # the weight's transpose then runs an image per pass (windows.flat_weight_pass)
+    "many channels in and out": ((3, 128, 4, 4), (512, 128, 3, 3), [1, 1, 1, 1], [1, 1]),
 }
 
 
@@ -173,6 +175,8 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
     attrs = {"strides": [1] * d, "pads": pads, "dilations": dilations, "groups": 1}
     assert windows.flat_rows(xs, windows.Window(ws[2:], (1,) * d, tuple(pads),
                                                 tuple(dilations)), 1, ws[0])
+    if case == "many channels in and out":
+        assert windows.flat_weight_pass(xs[0], ws[1] * 9, ws[0], 4 * 6) == 1
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     plan = _plan(x, w, attrs)

@@ -370,6 +370,8 @@ CONV_KERNEL_CASES = {
                       [1, 1, 1], 1),
     "flat rows, ResNet's 16x16": ((3, 4, 16, 16), (6, 4, 3, 3), [1, 1], [1, 1, 1, 1],
                                   [1, 1], 1),
+    "flat rows, an image per pass of the weight's transpose": (
+        (3, 128, 4, 4), (512, 128, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 1),
     "flat rows, 31 a row": ((2, 2, 5, 32), (8, 2, 2, 3), [1, 1], [0, 1, 1, 0], [1, 1], 1),
     "31 a row, too many channels out for flat rows": ((2, 2, 5, 32), (40, 2, 2, 3), [1, 1],
                                                       [0, 1, 1, 0], [1, 1], 1),
