@@ -140,7 +140,7 @@ def conv(x, w, strides, pads, dilations, groups):
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
         return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
     found = flat_rows(x.shape, win, groups, k * n_out)
-    if found is not None:
+    if found:
         return _flat_rows_conv(x, w, win, out, found)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
@@ -290,7 +290,7 @@ def _flat_rows_cost(x_shape, rows_out, win: Window, isz):
     """(bytes, FLOPs) of _flat_rows_conv beyond the gathered kernel's declaration: the
     padded rows, the gathered windows and the products over the computed positions."""
     found = flat_rows(x_shape, win, 1, rows_out)
-    if found is None:
+    if not found:
         return 0, 0
     _, n, tail, computed, _ = found
     b, c = x_shape[:2]
@@ -365,7 +365,7 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
     found = flat_rows(x.shape, win, groups, k * n_out)
-    if found is not None:
+    if found:
         return _flat_rows_weight_grad(g, x, win, found)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
@@ -609,7 +609,7 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
     found = flat_rows((b, c) + spatial, win, groups, n_out)
     weight_passes = max(passes, 1)
-    if found is not None:  # _flat_rows_weight_grad (k seeds may take the gathered path)
+    if found:  # _flat_rows_weight_grad (k seeds may take the gathered path)
         _, n, tail, computed, _ = found
         step = flat_weight_pass(b, c * kp, n_out, computed)
         weight = max(weight, (c * b * (n + tail) + (c * kp + n_out) * b * computed
