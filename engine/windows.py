@@ -10,7 +10,10 @@ view) and multiplies the weights by it: one BLAS product, or for a grouped
 convolution one batched product per chunk of groups, with the seed directions
 folded into the batch (input directions) or into the weight rows (weight
 directions). Its input cotangent scatters back with one strided add per kernel
-offset (col2im). A depthwise convolution (a channel per group) runs instead as
+offset (col2im). A stride-1 convolution with short rows gathers whole flat rows of
+the padded input instead (a kernel offset is a shift along the row; the outputs of the
+padding's columns are computed and dropped), in values and both transposes (FlatRows
+below). A depthwise convolution (a channel per group) runs instead as
 shifted elementwise products (engine/depthwise.py), in values and both transposes,
 or as numba's compiled loops when that provider is active (engine/kernels.py).
 Pooling walks the kernel offsets, each a strided view of the
