@@ -10,7 +10,10 @@ view) and multiplies the weights by it: one BLAS product, or for a grouped
 convolution one batched product per chunk of groups, with the seed directions
 folded into the batch (input directions) or into the weight rows (weight
 directions). Its input cotangent scatters back with one strided add per kernel
-offset (col2im). A depthwise convolution (a channel per group) runs instead as
+offset (col2im). A stride-1 convolution with short rows gathers whole flat rows of
+the padded input instead (a kernel offset is a shift along the row; the outputs of the
+padding's columns are computed and dropped), in values and both transposes (FlatRows
+below). A depthwise convolution (a channel per group) runs instead as
 shifted elementwise products (engine/depthwise.py), in values and both transposes,
 or as numba's compiled loops when that provider is active (engine/kernels.py).
 Pooling walks the kernel offsets, each a strided view of the
@@ -68,11 +71,14 @@ class Window(NamedTuple):
 
 
 def pad(x, w: Window, value=0):
-    """x with its last len(kernel) axes padded by `value`."""
+    """x with its last len(kernel) axes padded by `value` (a filled array and one copy:
+    np.pad's own Python took 45-70 us a call, several times a conv's copy here)."""
     if not any(w.pads):
         return x
-    lead = [(0, 0)] * (x.ndim - len(w.kernel))
-    return np.pad(x, lead + list(zip(w.begin, w.end)), constant_values=value)
+    d = len(w.kernel)
+    xp = np.full(x.shape[:-d] + w.padded(x.shape[-d:]), value, x.dtype)
+    xp[(Ellipsis,) + tuple(slice(b, b + s) for b, s in zip(w.begin, x.shape[-d:]))] = x
+    return xp
 
 
 def unpad(xp, w: Window, spatial):
@@ -136,8 +142,9 @@ def conv(x, w, strides, pads, dilations, groups):
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
         return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
-    if flat_rows(x.shape, win, groups):
-        return _flat_rows_conv(x, w, win, out)
+    found = flat_rows(x.shape, win, groups, k * n_out)
+    if found:
+        return _flat_rows_conv(x, w, win, out, found)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out, batch_first=True)  # (B, C, *kernel, *out)
     if groups == 1:
@@ -168,54 +175,127 @@ def conv(x, w, strides, pads, dilations, groups):
 # copies whole rows, at the price of computing the outputs of every padded column (the
 # ones past the last window are dropped). Taken where the windows' last axis is below
 # FLAT_ROWS_BELOW and that adds at most half again (measured: LeNet's conv2 0.72x,
-# 8x8 windows of 128 channels 0.83-0.94x; ResNet's 16x16 ones 1.05-1.17x, left out).
+# 8x8 windows of 128 channels 0.83-0.94x), or, for rows up to FLAT_ROWS_UP_TO, where
+# the products' extra work is small beside the gather's saving: the dropped positions
+# times the product's rows at most FLAT_ROWS_EXTRA times the kept positions (ResNet's
+# 16x16 "same" 3x3 with 16 channels: 0.6-0.75x; with 64, or 32 on 28x28, the products
+# dominate and the extra positions cost more than the gather saves). The weight's
+# transpose gathers the same rows, channel-major, and zeroes the cotangent's dropped
+# columns (_flat_rows_weight_grad).
 
 FLAT_ROWS_BELOW = 16
+FLAT_ROWS_UP_TO = 32
+FLAT_ROWS_EXTRA = 2
 
 
-def flat_rows(x_shape, win: Window, groups):
-    """(row length, tail past it, outputs per row computed) when conv gathers by flat rows,
-    else None."""
-    d = len(win.kernel)
-    if d < 2 or groups != 1 or any(s != 1 for s in win.strides):
+class FlatRows(NamedTuple):
+    padded: tuple  # the padded input's spatial sizes
+    n: int  # its elements per image and channel (a flat row)
+    tail: int  # zeros past the row that the last windows read
+    computed: int  # outputs computed per row: out[0] * prod(padded[1:])
+    shifts: tuple  # elements along the row per kernel step, per spatial axis
+
+
+def flat_rows(x_shape, win: Window, groups, rows_out):
+    """The flat-row layout (FlatRows) when conv gathers by flat rows for a product of
+    `rows_out` rows (output channels, times weight stacks), else None."""
+    kernel = win.kernel
+    d = len(kernel)
+    if d < 2 or groups != 1 or win.strides.count(1) != d:
         return None
-    out, padded = win.out(x_shape[2:]), win.padded(x_shape[2:])
-    if out[-1] >= FLAT_ROWS_BELOW or 2 * prod(padded[1:]) > 3 * prod(out[1:]):
+    pads = win.pads
+    padded = tuple(s + pads[i] + pads[d + i] for i, s in enumerate(x_shape[2:]))
+    out = tuple(p - dl * (k - 1) for p, k, dl in zip(padded, kernel, win.dilations))
+    kept, laid = prod(out[1:]), prod(padded[1:])
+    if 2 * laid > 3 * kept or out[-1] > FLAT_ROWS_UP_TO:
         return None
-    n = prod(padded)
-    computed = out[0] * prod(padded[1:])
-    reach = sum(dl * (k - 1) * prod(padded[i + 1:])
-                for i, (k, dl) in enumerate(zip(win.kernel, win.dilations)))
-    return n, max(0, computed + reach - n), computed
+    if out[-1] >= FLAT_ROWS_BELOW and (laid - kept) * rows_out > FLAT_ROWS_EXTRA * kept:
+        return None
+    n = padded[0] * laid
+    computed = out[0] * laid
+    shifts = tuple(dl * prod(padded[i + 1:]) for i, dl in enumerate(win.dilations))
+    reach = sum(sh * (k - 1) for sh, k in zip(shifts, kernel))
+    return FlatRows(padded, n, max(0, computed + reach - n), computed, shifts)
 
 
-def _flat_rows_conv(x, w, win: Window, out):
+def _strided(a, shape, strides):
+    """A read-only view of a (np.ndarray over a's buffer: as_strided's own Python took
+    about as long as a small convolution's copy)."""
+    view = np.ndarray(shape, a.dtype, a, 0, strides)
+    view.flags.writeable = False
+    return view
+
+
+def _flat_row_input(x, win: Window, flat: FlatRows, channels_first):
+    """x (B, C, *S) padded into flat rows (B, C, n + tail), or (C, B, n + tail)."""
+    b, c = x.shape[:2]
+    xp = np.zeros((c, b, flat.n + flat.tail) if channels_first else (b, c, flat.n + flat.tail),
+                  x.dtype)
+    inner = (slice(None), slice(None)) + tuple(
+        slice(p, p + s) for p, s in zip(win.pads, x.shape[2:]))
+    xp[:, :, :flat.n].reshape(xp.shape[:2] + flat.padded)[inner] = (
+        x.swapaxes(0, 1) if channels_first else x)
+    return xp
+
+
+def _flat_rows_conv(x, w, win: Window, out, flat: FlatRows):
     k, n_out, cg = w.shape[:3]
-    b, d = x.shape[0], len(win.kernel)
-    n, tail, computed = flat_rows(x.shape, win, 1)
-    padded = win.padded(x.shape[2:])
-    xp = np.zeros((b, cg, n + tail), x.dtype)
-    inner = tuple(slice(p, p + s) for p, s in zip(win.begin, x.shape[2:]))
-    xp[:, :, :n].reshape((b, cg) + padded)[(slice(None), slice(None)) + inner] = x
+    b, kp, computed = x.shape[0], prod(win.kernel), flat.computed
+    xp = _flat_row_input(x, win, flat, False)
     st = xp.strides
-    shifts = tuple(dl * prod(padded[i + 1:]) * st[2] for i, dl in enumerate(win.dilations))
-    view = as_strided(xp, (b, cg) + win.kernel + (computed,), st[:2] + shifts + st[2:],
-                      writeable=False)
-    r = matmul(w.reshape(k * n_out, cg * prod(win.kernel)),
-               view.reshape(b, cg * prod(win.kernel), computed))  # (B, k O, computed)
-    del xp, view
-    grid = r.reshape((b, k, n_out, out[0]) + padded[1:])[
+    view = _strided(xp, (b, cg) + win.kernel + (computed,),
+                    st[:2] + tuple(sh * st[2] for sh in flat.shifts) + st[2:])
+    r = matmul(w.reshape(k * n_out, cg * kp), view.reshape(b, cg * kp, computed))
+    del xp, view  # r: (B, k O, computed)
+    grid = r.reshape((b, k, n_out, out[0]) + flat.padded[1:])[
         (Ellipsis,) + tuple(slice(0, o) for o in out[1:])]
-    return np.ascontiguousarray(np.moveaxis(grid, 1, 0))
+    return np.ascontiguousarray(grid.swapaxes(0, 1))
+
+
+def _flat_rows_weight_grad(g, x, win: Window, flat: FlatRows):
+    """conv_weight_grad by flat rows: g (k, N, O, *out), x (N, C, *S) -> (k, O, C,
+    *kernel). Each image's windows gathered as the forward gathers them (rows copied
+    whole), g laid out alike (zero in the columns the forward drops), a product per image
+    batched over a pass of images and summed (measured against one product over every
+    image, channel-major: LeNet's conv1 0.45x, its conv2 and ResNet's 3x3 0.95x);
+    costs.iteration() between passes."""
+    k, b, n_out = g.shape[:3]
+    c, computed, kp = x.shape[1], flat.computed, prod(win.kernel)
+    out = g.shape[3:]
+    xp = _flat_row_input(x, win, flat, False)
+    st = xp.strides
+    cols = _strided(xp, (b, c) + win.kernel + (computed,),
+                    st[:2] + tuple(sh * st[2] for sh in flat.shifts) + st[2:]).reshape(
+        b, c * kp, computed)
+    del xp
+    gp = np.zeros((b, k, n_out, out[0]) + flat.padded[1:], g.dtype)
+    gp[(Ellipsis,) + tuple(slice(0, o) for o in out[1:])] = g.swapaxes(0, 1)
+    gt = gp.reshape(b, k * n_out, computed).transpose(0, 2, 1)
+    step = flat_weight_pass(b, c * kp, n_out, computed)
+    dw = None
+    for i in range(0, b, step):
+        iteration()
+        part = (matmul(cols[i], gt[i]) if step == 1  # blocked: a deadline stops it part-way
+                else np.matmul(cols[i:i + step], gt[i:i + step]).sum(axis=0))  # (C kp, k O)
+        dw = part if dw is None else np.add(dw, part, out=dw)
+    return np.ascontiguousarray(dw.T).reshape((k, n_out, c) + win.kernel)
+
+
+def flat_weight_pass(images, rows, n_out, computed) -> int:
+    """Images per pass of _flat_rows_weight_grad, per seed direction: their products
+    (images x rows x n_out) within GROUP_PASS_ELEMENTS and their work within BLOCK_FLOPS,
+    at least one."""
+    return max(1, min(images, GROUP_PASS_ELEMENTS // max(rows * n_out, 1),
+                      BLOCK_FLOPS // max(2 * rows * n_out * computed, 1)))
 
 
 def _flat_rows_cost(x_shape, rows_out, win: Window, isz):
     """(bytes, FLOPs) of _flat_rows_conv beyond the gathered kernel's declaration: the
     padded rows, the gathered windows and the products over the computed positions."""
-    found = flat_rows(x_shape, win, 1)
-    if found is None:
+    found = flat_rows(x_shape, win, 1, rows_out)
+    if not found:
         return 0, 0
-    n, tail, computed = found
+    _, n, tail, computed, _ = found
     b, c = x_shape[:2]
     kp = prod(win.kernel)
     held = b * c * (n + tail) + b * c * kp * computed + b * rows_out * computed
@@ -264,7 +344,10 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
             iteration()
             dst = target[(slice(None),) + index]
             dst += cols[(slice(None),) + offset]
-    return unpad(np.moveaxis(dxp, -1, 0), win, spatial)
+    # back in the input's layout: a view with the batch innermost slowed the ops that
+    # read it next (LeNet's pool: its vjp 1.2x slower) by more than this copy costs
+    return np.ascontiguousarray(unpad(dxp.transpose((d + 1,) + tuple(range(d + 1))), win,
+                                      spatial))
 
 
 def stride_one_transpose(g_shape, w_shape, spatial, strides, pads, dilations, groups):
@@ -284,6 +367,9 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
         return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
     out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
+    found = flat_rows(x.shape, win, groups, k * n_out)
+    if found:
+        return _flat_rows_weight_grad(g, x, win, found)
     cg = x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)  # (C, *kernel, N, *out)
@@ -524,6 +610,14 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     # reverse: the weight's transpose gathers the input again and regroups g; the
     # input's is a scatter (per group pass, per kernel offset) or a convolution of g
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
+    found = flat_rows((b, c) + spatial, win, groups, n_out)
+    weight_passes = max(passes, 1)
+    if found:  # _flat_rows_weight_grad (k seeds may take the gathered path)
+        _, n, tail, computed, _ = found
+        step = flat_weight_pass(b, c * kp, n_out, computed)
+        weight = max(weight, (c * b * (n + tail) + (c * kp + n_out) * b * computed
+                              + 2 * step * w_size + 3 * w_size) * isz)
+        weight_passes = max(weight_passes, -(-b // step))
     g_shape = (b, n_out) + tuple(out[2:])
     if stride_one_transpose(g_shape, (n_out, cg) + kernel, spatial, strides, pads, dilations,
                             groups):
@@ -541,7 +635,7 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
         into_passes = max(group_pass, 1) * (1 + kp)
     # the weight's transpose loops over passes of groups at least once (one group too)
     reverse = OpCost(weight + into + (x_size + w_size) * isz, 4 * flops,
-                     max(passes, 1) + into_passes)
+                     weight_passes + into_passes)
     if mode == "reverse":
         return reverse
     # second: the curvature term runs one transposed convolution per direction and input

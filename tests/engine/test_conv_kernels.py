@@ -160,6 +160,11 @@ FLAT_ROWS = {
     "3x3 same on 8x8, 7 -> 5 channels": ((2, 7, 8, 8), (5, 7, 3, 3), [1, 1, 1, 1], [1, 1]),
     "asymmetric pads, dilated": ((2, 3, 13, 9), (4, 3, 3, 2), [2, 0, 1, 3], [2, 3]),
     "3-d": ((2, 3, 6, 9, 10), (4, 3, 2, 2, 3), [1, 0, 0, 0, 0, 1], [1, 1, 1]),
+    # ResNet's 3x3 "same" layers (P9's small ResNet: 16x16 windows a row)
+    "3x3 same on 16x16": ((2, 4, 16, 16), (5, 4, 3, 3), [1, 1, 1, 1], [1, 1]),
+    "1-row windows, 32 a row": ((2, 3, 4, 32), (2, 3, 1, 3), [0, 1, 0, 1], [1, 1]),
+    # the weight's transpose then runs an image per pass (windows.flat_weight_pass)
+    "many channels in and out": ((3, 128, 4, 4), (512, 128, 3, 3), [1, 1, 1, 1], [1, 1]),
 }
 
 
@@ -169,7 +174,9 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
     d = len(xs) - 2
     attrs = {"strides": [1] * d, "pads": pads, "dilations": dilations, "groups": 1}
     assert windows.flat_rows(xs, windows.Window(ws[2:], (1,) * d, tuple(pads),
-                                                tuple(dilations)), 1)
+                                                tuple(dilations)), 1, ws[0])
+    if case == "many channels in and out":
+        assert windows.flat_weight_pass(xs[0], ws[1] * 9, ws[0], 4 * 6) == 1
     rng = np.random.default_rng(11)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     plan = _plan(x, w, attrs)
@@ -187,3 +194,33 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
     for i in range(3):
         assert_allclose(got[i], reference("conv", [tx[i], w], attrs)
                         + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("xs, ws, pads", [
+    ((16, 16, 16, 16), (16, 16, 3, 3), [1, 1, 1, 1]),  # P9's ResNet block
+    ((32, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0]),  # LeNet's conv2
+])
+def test_flat_rows_float32_is_as_accurate_as_pytorchs_against_float64(xs, ws, pads):
+    """float32 in, float32 out, no float64 on the way: the values and both transposes
+    as close to float64's as PyTorch's own float32 convolution."""
+    attrs = {"strides": [1, 1], "pads": pads, "dilations": [1, 1], "groups": 1}
+    assert windows.flat_rows(xs, windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1,
+                             ws[0])
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    out = tuple(s + pads[i] + pads[2 + i] - k + 1
+                for i, (s, k) in enumerate(zip(xs[2:], ws[2:])))
+    g = rng.standard_normal((xs[0], ws[0]) + out)
+    exact = _torch_grads(x, w, g, attrs)
+    single = _torch_grads(x.astype(np.float32), w.astype(np.float32),
+                          g.astype(np.float32), attrs)
+    inputs = {"x": x.astype(np.float32), "w": w.astype(np.float32)}
+    plan = _plan(inputs["x"], inputs["w"], attrs)
+    y = plan.evaluate(inputs)["y"]
+    back = plan.vjp(inputs, {"y": g.astype(np.float32)}).cotangents
+    for got, ours, torch_single in zip(exact, (y, back["x"], back["w"]), single):
+        assert ours.dtype == np.float32
+        scale = np.abs(got).max()
+        ours_err = np.abs(ours - got).max() / scale
+        torch_err = np.abs(torch_single - got).max() / scale
+        assert ours_err <= max(4 * torch_err, 1e-6), (ours_err, torch_err)
