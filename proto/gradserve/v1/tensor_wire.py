@@ -45,8 +45,10 @@ SMALL_TENSOR_BYTES = 16384
 
 def by_generated_code(nbytes: int, count: int) -> bool:
     """Whether a message with `count` tensors of `nbytes` in all is written by the
-    generated code (see SMALL_TENSOR_BYTES)."""
-    return nbytes < SMALL_TENSOR_BYTES * (2 + count) // 2
+    generated code (see SMALL_TENSOR_BYTES): never at 8 x SMALL_TENSOR_BYTES or more,
+    whatever the count, so that its copies stay a few pages (a reply of thousands of
+    small tensors is written without them)."""
+    return nbytes < SMALL_TENSOR_BYTES * min(2 + count, 16) // 2
 
 
 @dataclass(frozen=True)
