@@ -22,6 +22,9 @@ torch's own CPU seconds per step, a ratio that other load does not move much.
 
 Where the time goes: the engine alone (Plan.vjp on the same graph, in this
 process, which sets the allocator as `gradserve serve` does) against the whole call,
+the fixed cost per call (CPU seconds of client and server process per call, less
+Plan.vjp's CPU seconds at one BLAS thread in this process: gRPC, protobuf, the hand-off
+to a worker, the server's checks and the request's own glue around the sweeps),
 the CPU split above, and the engine's time per op (forward and backward rules timed
 one by one). Every gradserve figure is taken twice: with
 OpenBLAS's default threads, and with one BLAS thread (threadpoolctl in this
@@ -88,13 +91,15 @@ class CpuCount:
     def __init__(self):
         self.totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
 
-    def wrap(self, name, f, pid=None):
+    def wrap(self, name, f, pid=None, clock=time.process_time):
+        """`clock`: this process's CPU seconds, or time.thread_time for work that runs on
+        the calling thread alone (the engine at one BLAS thread)."""
         totals = self.totals[name]
 
         def call():
-            c0, s0 = time.process_time(), process_cpu(pid) if pid else 0.0
+            c0, s0 = clock(), process_cpu(pid) if pid else 0.0
             f()
-            totals[0] += time.process_time() - c0
+            totals[0] += clock() - c0
             if pid:
                 totals[1] += process_cpu(pid) - s0
             totals[2] += 1
@@ -105,12 +110,18 @@ class CpuCount:
         return here / calls, server / calls
 
 
-def one_blas_thread(f):
-    """f with OpenBLAS limited to one thread in this process for the call."""
-    from threadpoolctl import threadpool_limits
+_CONTROLLERS: list = []  # one threadpoolctl controller, made on first use
 
+
+def one_blas_thread(f):
+    """f with OpenBLAS limited to one thread in this process for the call. (One
+    controller for every call: threadpool_limits() finds the loaded libraries again each
+    time, 0.23 ms a call here, which the 1 BLAS thread rows counted as their own.)"""
     def call():
-        with threadpool_limits(limits=1, user_api="blas"):
+        if not _CONTROLLERS:
+            from threadpoolctl import ThreadpoolController
+            _CONTROLLERS.append(ThreadpoolController())
+        with _CONTROLLERS[0].limit(limits=1, user_api="blas"):
             return f()
     return call
 
@@ -234,7 +245,10 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
         print(f"   gradients agree with PyTorch's (worst relative difference {worst:.1e})\n")
         plan = case.plan()
         funcs["engine alone (Plan.vjp, this process)"] = case.engine_step(plan)
-        funcs["engine alone, 1 BLAS thread"] = one_blas_thread(case.engine_step(plan))
+        # (its CPU counted inside the BLAS limit, on this thread: threadpoolctl's own
+        # work per call is no part of the engine's)
+        funcs["engine alone, 1 BLAS thread"] = one_blas_thread(
+            cpu.wrap("engine", case.engine_step(plan), clock=time.thread_time))
         thread_counts = sorted({1, torch.get_num_threads()})
         for n in thread_counts:
             def step(n=n):
@@ -271,6 +285,14 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
                         "baseline": torch_cpu, "ratio": total / torch_cpu,
                         "target": TARGET, "met": total / torch_cpu <= TARGET,
                         "client_cpu": here, "server_cpu": server})
+    engine_cpu = cpu.per_call("engine")[0]
+    for where in [w for w in addresses if addresses[w][1]]:
+        here, server = cpu.per_call(where)
+        fixed = here + server - engine_cpu
+        print(f"   {where}: fixed cost per call {fmt_time(fixed)} of CPU (client + server, "
+              f"less the engine's {fmt_time(engine_cpu)} for Plan.vjp at 1 BLAS thread here)")
+        records.append({"name": f"P9 {name} fixed cost per call ({where})", "value": fixed,
+                        "engine_cpu": engine_cpu, "client_cpu": here, "server_cpu": server})
     for engine_call, call in (("engine alone (Plan.vjp, this process)",
                                "gradserve, in-process server"),
                               ("engine alone, 1 BLAS thread",
@@ -316,6 +338,9 @@ def main(argv=None) -> int:
     print("P9 summary (goal <= 1.5x torch eager):")
     for r in results:
         for rec in r["p9"]:
+            if "ratio" not in rec:
+                print(f"  {rec['name']}: {fmt_time(rec['value'])}")
+                continue
             print(f"  {rec['name']}: {rec['ratio']:.2f}x {'MET' if rec['met'] else 'NOT MET'}")
     print("(CPU per call rows: CPU seconds, client and server, against torch's; a wall-clock "
           "ratio on a loaded machine flatters a server in its own process)")

@@ -406,14 +406,12 @@ class Client:
         inputs, auto_put, big = self._fit(inputs, tangents, cotangents)
         try:
             fetch = store_results is None and big
+            refs: dict = {}  # the stored tensors' fields, as the request was filled
             request = self._differentiate_request(inputs, wrt, of, mode, tangents,
-                                                  cotangents, trace, sparsity)
-            refs = {"stored_inputs": store.split(inputs)[1],
-                    "stored_tangents": store.split(tangents)[1],
-                    "stored_cotangents": store.split(cotangents)[1]}
+                                                  cotangents, trace, sparsity, refs)
             request.message.store_results = bool(store_results or fetch)
             result = result_from_proto(self._stored_call("Differentiate", graph, request,
-                                                         refs))
+                                                         refs, bound=True))
             if fetch and result.results_handle is not None:
                 self._fetch_results(result)
             return result
@@ -662,19 +660,21 @@ class Client:
                     raise
             time.sleep(delay)
 
-    def _stored_call(self, method: str, graph, request, refs: dict):
+    def _stored_call(self, method: str, graph, request, refs: dict, bound: bool = False):
         """_by_id for a request naming stored tensors: `refs` maps a request field (a
         path such as "second_order.stored_vectors") to {key: StoredTensor}, or a string
         field ("state") to a TensorHandle. Sent over the channel that put them; when the
         server no longer holds one (NOT_FOUND), the handles are put again from their
         arrays and the call made once more (handles without arrays, or a training state,
-        which has moved on from its arrays: the error)."""
+        which has moved on from its arrays: the error). `bound`: the request's fields
+        already hold the handles' current ids (filled as it was built)."""
         handles = {v for v in refs.values() if isinstance(v, TensorHandle)}
         handles.update(r.handle for v in refs.values() if isinstance(v, dict)
                        for r in v.values())
         if not handles:
             return self._by_id(method, graph, request)
-        self._bind(request.message, refs)
+        if not bound:
+            self._bind(request.message, refs)
         stub = next((h._stub for h in handles if h._stub is not None), None)
         try:
             return self._by_id(method, graph, request, stub=stub)
@@ -897,7 +897,8 @@ class Client:
     # --- plumbing ------------------------------------------------------------------
 
     def _differentiate_request(self, inputs, wrt, of, mode, tangents, cotangents,
-                               trace=False, sparsity=None):
+                               trace=False, sparsity=None, refs: dict | None = None):
+        """The request; `refs` (if given) gets the stored tensors it names, by field."""
         if mode not in WIRE_MODES:
             raise ValueError(f"mode must be one of {sorted(WIRE_MODES)}, not {mode!r}")
         request = pb.DifferentiateRequest(wrt=wrt or (), of=of or (), mode=WIRE_MODES[mode],
@@ -907,9 +908,11 @@ class Client:
                                                            (inputs, tangents, cotangents))
         message = TensorMessage(request, {"inputs": inputs, "tangents": tangents,
                                           "cotangents": cotangents})
-        for name, refs in (("stored_inputs", i), ("stored_tangents", t),
-                           ("stored_cotangents", c)):
-            store.fill(getattr(request, name), refs)
+        for name, named in (("stored_inputs", i), ("stored_tangents", t),
+                            ("stored_cotangents", c)):
+            store.fill(getattr(request, name), named)
+            if refs is not None:
+                refs[name] = named
         return message
 
     def _second_order_request(self, inputs, of, wrt, vectors=None, hessian=False,

@@ -125,6 +125,7 @@ class Plan:
         self.patterns: dict = {}  # engine/sparse.py's analyses, bounded in bytes
         self._activity: dict = {}
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, costs at those shapes)
+        self._points_cache: dict = {}  # id(shapes) -> (shapes, check points at them)
         self.second_order_steps = None  # engine/second.py's, made on its first call
         self.loss_tails: dict = {}  # engine/losses.py's training sweeps (16 at most)
 
@@ -173,10 +174,21 @@ class Plan:
                       for st, f, d in zip(steps, free, drop)]
         # A cancelled call is noticed before each heavy op (matmul, or a value of 64K+
         # elements or of a size known only at run time) and at least every 64 ops.
-        self.points = check_points([
-            op.name == "matmul" or any(d is None for d in self.shapes[node.name])
-            or prod(self.shapes[node.name]) >= _HEAVY_ELEMENTS
-            for node, op, _ in self.nodes])
+        self.points = check_points([_heavy(op, self.shapes[node.name])
+                                    for node, op, _ in self.nodes])
+
+    def points_at(self, shapes) -> tuple:
+        """`points` at bound shapes (a specialization): there a value's size is known, so
+        it is heavy by its size, not for being unknown (a model with a dynamic batch was
+        checked before every step). Remembered per shapes, as `costs`."""
+        if shapes is self.shapes:
+            return self.points
+        known = self._points_cache.get(id(shapes))
+        if known is not None and known[0] is shapes:
+            return known[1]
+        found = check_points([_heavy(op, shapes[node.name]) for node, op, _ in self.nodes])
+        remember(self._points_cache, id(shapes), (shapes, found), _SPECIALIZATION_CACHE)
+        return found
 
     def _small(self, name) -> bool:
         """A value of a static size under _SMALL_BYTES: the reverse sweep keeps it (its
@@ -261,8 +273,10 @@ class Plan:
         sparsity patterns and colorings (at most sparse.PATTERN_CACHE_BYTES), as counted by
         a graph cache."""
         seeds = sum(s.seed_bytes for s in self.jacobian_setups.values() if s.seeds)
-        # the cost cache may keep specializations alive after their eviction: counted too
-        shape_dicts = len(self._specializations) + len(self._cost_cache)
+        # the cost and points caches may keep specializations alive after their eviction:
+        # counted too (a points tuple holds at most an int per step, under an entry's bytes)
+        shape_dicts = (len(self._specializations) + len(self._cost_cache)
+                       + len(self._points_cache))
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
                 + len(self.loss_tails) * len(self.steps) * losses.COMPILED_STEP_BYTES
@@ -313,7 +327,7 @@ class Plan:
             budget.admit(self, bound.shapes,
                          Need(0, self.nbytes(bound.shapes, self.output_names), "outputs",
                               "outputs"))
-        values_sweep(self.steps, bound.vals, budget.check, self.points)
+        values_sweep(self.steps, bound.vals, budget.check, self.points_at(bound.shapes))
         return self.outputs(bound.vals)
 
     def run_jvp(self, bound: Bound, tangents, budget: Budget) -> JVPResult:
@@ -326,7 +340,7 @@ class Plan:
         tans = [None] * self.n_slots
         for s, t in seeds.items():
             tans[s] = t
-        forward_sweep(self.steps, vals, tans, budget.check, self.points)
+        forward_sweep(self.steps, vals, tans, budget.check, self.points_at(shapes))
         return JVPResult(self.outputs(vals),
                          arguments.per_name(self, tans, self.output_names, shapes, k, batched))
 
@@ -339,13 +353,14 @@ class Plan:
         if budget.limited:
             reply = self.nbytes(shapes, self.output_names) + self.nbytes(shapes, wrt, k)
             budget.admit(self, shapes, Need(k, reply, "outputs and cotangents", "cotangents"))
+        points = self.points_at(shapes)
         if isinstance(bound, Residuals):
             cots = backward_sweep(self.steps, bound.values, seeds, self.needs(wrt),
-                                  budget.check, self.points)
+                                  budget.check, points)
             outputs = bound.outputs
         else:
             cots = reverse_sweep(self.steps, bound.vals, seeds, self.needs(wrt), budget.check,
-                                 self.points)
+                                 points)
             outputs = self.outputs(bound.vals)
         return VJPResult(outputs, arguments.per_name(self, cots, wrt, shapes, k, batched))
 
@@ -353,7 +368,7 @@ class Plan:
         vals, shapes = bound.vals, bound.shapes
         if budget.limited:
             budget.admit(self, shapes, Need(0, self.nbytes(shapes, self.output_names)))
-        residual_sweep(self.steps, vals, budget.check, self.points)
+        residual_sweep(self.steps, vals, budget.check, self.points_at(shapes))
         kept = {id(v): v.nbytes for v in vals if isinstance(v, np.ndarray)}
         return Residuals(self.outputs(vals), vals, shapes, sum(kept.values()))
 
@@ -437,6 +452,13 @@ class Plan:
             limits["max_trace_elements"] = max_elements
         return tracing.trace(self, inputs, mode, tangents=tangents, cotangents=cotangents,
                              budget=Budget.of(budget, check, **limits))
+
+
+def _heavy(op, shape) -> bool:
+    """A step a sweep checks before: a matmul, or a value of _HEAVY_ELEMENTS or more, or of
+    a size not known."""
+    return (op.name == "matmul" or any(d is None for d in shape)
+            or prod(shape) >= _HEAVY_ELEMENTS)
 
 
 def remember(cache: dict, key, value, limit: int) -> None:

@@ -102,6 +102,7 @@ class OnnxImport:
         """Pickled and copied without the handles: they belong to this object's clients."""
         state = dict(self.__dict__)
         state.pop("_handles", None)
+        state.pop("_references", None)
         return state
 
     def default_wrt(self) -> list[str] | None:
@@ -118,4 +119,13 @@ class OnnxImport:
                 raise TypeError(f"the model has {len(self.inputs)} inputs "
                                 f"({', '.join(self.inputs)}): pass a dict of them by name")
             inputs = {self.inputs[0]: inputs}
-        return {**self.stored_parameters(client), **inputs}
+        handle = self.stored_parameters(client)
+        if not handle:
+            return dict(inputs)
+        # the handle's references as a dict, made once per handle (a call's `{**handle}`
+        # made a StoredTensor per parameter)
+        kept = self.__dict__.setdefault("_references", weakref.WeakKeyDictionary())
+        known = kept.get(client)
+        if known is None or known[0] is not handle:
+            known = kept[client] = (handle, dict(handle))
+        return {**known[1], **inputs}

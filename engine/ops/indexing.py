@@ -63,8 +63,11 @@ def _norm_take(attrs, shapes):
 
 def _take(data, indices, axis, node=None):
     size = data.shape[axis]
-    if indices.size:
+    if indices.size == 1:  # one index (q, k and v from one tensor): no reductions
+        low = high = int(indices.reshape(-1)[0])
+    elif indices.size:
         low, high = int(indices.min()), int(indices.max())
+    if indices.size:
         if low < -size or high >= size:
             bad = low if low < -size else high
             valid = f"valid: {-size} to {size - 1}" if size else "it is empty"
@@ -80,15 +83,17 @@ def _take_vjp(i, g, x, ans, axis, node=None):
         return None
     data, indices = x
     size = data.shape[axis]
-    flat = indices.ravel().astype(np.intp)
-    flat = np.where(flat < 0, flat + size, flat)
     k = g.shape[0]
     before, after = prod(data.shape[:axis]), prod(data.shape[axis + 1:])
-    g4 = g.reshape(k, before, flat.size, after)
     out = np.zeros((k, before, size, after), g.dtype)
-    if flat.size == 1:  # one index (ONNX's Gather of a scalar: q, k, v from one tensor)
-        out[:, :, flat] = g4
-    elif flat.size:
+    if indices.size == 1:  # one index (ONNX's Gather of a scalar: q, k, v from one tensor)
+        index = int(indices.reshape(-1)[0])
+        out[:, :, index if index >= 0 else index + size] = g.reshape(k, before, after)
+        return out.reshape((k,) + data.shape)
+    flat = indices.ravel().astype(np.intp)
+    flat = np.where(flat < 0, flat + size, flat)
+    g4 = g.reshape(k, before, flat.size, after)
+    if flat.size:
         order = np.argsort(flat, kind="stable")
         ordered = flat[order]
         new = np.empty(flat.size, bool)  # where a run of equal indices begins

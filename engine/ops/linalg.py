@@ -103,7 +103,7 @@ def _matmul_vjp(i, g, x, ans):
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
     if i == 0:
-        ga = _mm(g2, np.swapaxes(b2, -1, -2))
+        ga = _mm(g2, b2.swapaxes(-1, -2))  # (the method: np.swapaxes's wrapper costs more)
         ga = ga[..., 0, :] if a.ndim == 1 else ga
         return unbroadcast(ga, a.shape)
     if b.ndim == 2 and a2.ndim > 2:
@@ -111,7 +111,7 @@ def _matmul_vjp(i, g, x, ans):
         k, n = g2.shape[0], b2.shape[1]
         rows = a2.reshape(prod(a2.shape[:-1]), a2.shape[-1])
         return _mm(rows.T, g2.reshape(k, rows.shape[0], n))
-    gb = _mm(np.swapaxes(a2, -1, -2), g2)
+    gb = _mm(a2.swapaxes(-1, -2), g2)
     gb = gb[..., 0] if b.ndim == 1 else gb
     return unbroadcast(gb, b.shape)
 

@@ -27,13 +27,19 @@ def _logsumexp(x, axis, keepdims):
 
 
 def _softmax(x, axis):
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    # in place on the one new array, by the methods (np.max and np.sum's Python wrappers
+    # cost more than the passes themselves on an attention's small rows)
+    e = x - x.max(axis=axis, keepdims=True)
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def _softmax_map(s, ans, axis):
-    """The softmax Jacobian (symmetric) applied to a seed."""
-    return ans * (s - np.sum(s * ans, axis=axis + 1, keepdims=True))
+    """The softmax Jacobian (symmetric) applied to a seed: ans s - ans sum(ans s)."""
+    out = s * ans
+    out -= ans * out.sum(axis=axis + 1, keepdims=True)
+    return out
 
 
 def _softmax_curvature(i, g, x, ans, t, t_ans, axis):

@@ -3,6 +3,7 @@ pad). Each is linear: ZERO curvature."""
 
 from __future__ import annotations
 
+import functools
 from math import prod
 
 import numpy as np
@@ -46,9 +47,9 @@ def _reshape_rule(shapes, dtypes, shape):
 
 row(OpDef(
     "reshape", 1, _reshape_rule,
-    lambda x, shape: np.reshape(x, shape),
-    lambda t, x, ans, shape: np.reshape(t[0], t[0].shape[:1] + ans.shape),
-    lambda i, g, x, ans, shape: np.reshape(g, g.shape[:1] + x[0].shape),
+    lambda x, shape: np.asarray(x).reshape(shape),
+    lambda t, x, ans, shape: t[0].reshape(t[0].shape[:1] + ans.shape),
+    lambda i, g, x, ans, shape: g.reshape(g.shape[:1] + x[0].shape),
     (AttrSpec("shape", "ints", description="new shape; one entry may be -1"),),
     frozenset(), False, _norm_reshape, "NumPy reshape (C order)",
     dtype=any_dtype, curvature=ZERO,
@@ -66,11 +67,20 @@ def _norm_perm(attrs, shapes):
     return dict(attrs, perm=tuple(perm))
 
 
+@functools.lru_cache(maxsize=256)
+def _seed_perm(perm: tuple, inverse: bool) -> tuple:
+    """A seed's axis order for `perm` (or its inverse): the direction axis stays first.
+    Kept: a graph's permutations are few, and argsort per call was most of the VJP."""
+    if inverse:
+        perm = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+    return (0,) + shift(perm)
+
+
 row(OpDef(
     "transpose", 1, lambda shapes, dtypes, perm: tuple(shapes[0][p] for p in perm),
     lambda x, perm: np.transpose(x, perm),
-    lambda t, x, ans, perm: np.transpose(t[0], (0,) + shift(perm)),
-    lambda i, g, x, ans, perm: np.transpose(g, (0,) + shift(np.argsort(perm))),
+    lambda t, x, ans, perm: t[0].transpose(_seed_perm(perm, False)),
+    lambda i, g, x, ans, perm: g.transpose(_seed_perm(perm, True)),
     (AttrSpec("perm", "ints", None, "axis order; absent: reversed"),),
     frozenset(), False, _norm_perm, "NumPy transpose",
     dtype=any_dtype, curvature=ZERO,

@@ -75,6 +75,41 @@ def test_cancellation_raises_what_the_callers_check_raises():
     assert len(calls) == 3  # checked at loop boundaries: 200 ops are more than one chunk
 
 
+def test_a_dynamic_batch_is_checked_by_its_bound_size():
+    """A value whose size is known only at run time is checked before as any value of its
+    bound size: a small batch every CHUNK steps (not before every step), a large one
+    before each op; cancellation stops both part-way."""
+    nodes = [Node("v0", "sin", ["x"])]
+    nodes += [Node(f"v{i}", "sin", [f"v{i - 1}"]) for i in range(1, 200)]
+    nodes.append(Node("L", "sum", [f"v{199}"]))
+    plan = compile(Graph([Input("x", "float64", [-1])], nodes, ["L"]))
+
+    def checks(size):
+        calls = []
+        x = {"x": np.linspace(0.1, 0.8, size)}
+        plan.vjp(x, {"L": np.float64(1)}, check=lambda: calls.append(1))
+        return len(calls)
+
+    small, large = checks(8), checks(1 << 16)
+    assert 2 * 2 <= small <= 2 * 8  # each sweep: at the start, then every CHUNK (64) steps
+    assert large >= 2 * 200  # each sweep: before every op on 64K elements
+    assert small < large
+
+    class Gone(Exception):
+        pass
+
+    for size in (8, 1 << 16):
+        calls = []
+
+        def cancel():
+            calls.append(1)
+            if len(calls) > 2:
+                raise Gone
+        with pytest.raises(Gone):
+            plan.vjp({"x": np.linspace(0.1, 0.8, size)}, {"L": np.float64(1)}, check=cancel)
+        assert len(calls) == 3
+
+
 class CountingInputs(dict):
     """Inputs that count how often the engine looks a value up (a bind reads each once)."""
 

@@ -135,6 +135,21 @@ def write_path(request, monkeypatch):
 TYPES = list(LAYOUTS)
 
 
+@pytest.mark.parametrize("count, each, generated", [
+    (1, 8 << 10, True), (14, 4 << 10, True), (1, 24 << 10, False),
+    (2000, 1 << 10, False)])  # a model's many small gradients; thousands: no copies
+def test_many_small_tensors_go_by_the_generated_code_and_a_large_message_never(
+        count, each, generated):
+    """The generated code writes messages of many small tensors (its copies cost less
+    than the walk per tensor), never one of 128 KiB or more; the bytes are the same."""
+    arrays = {f"t{i}": np.full(each // 4, i, np.float32) for i in range(count)}
+    message = TensorMessage(pb.EvaluateResponse(graph_id="g"), {"outputs": arrays})
+    assert (message._small is not None) is generated
+    expected = pb.EvaluateResponse(graph_id="g")
+    fill_tensors(expected.outputs, arrays)
+    assert message.SerializeToString() == expected.SerializeToString(deterministic=True)
+
+
 @pytest.mark.parametrize("count", [0, 1, 8])
 @pytest.mark.parametrize("message_type", TYPES, ids=lambda t: t.DESCRIPTOR.name)
 def test_written_bytes_equal_the_generated_deterministic_serialization(message_type, count,
