@@ -19,6 +19,7 @@ how second order (forward-over-reverse) runs: as a hook of the reverse sweep.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, NamedTuple, Protocol
@@ -54,6 +55,7 @@ class Step(NamedTuple):
     out: int  # output slot
     free: tuple = ()  # slots last used here (not outputs): freed after the step
     drop: tuple = ()  # of those, the ones no vjp reads: only their shape is kept
+    twice: bool = False  # a symmetric op reading one value in both positions (x * x)
 
 
 class Recorder(Protocol):
@@ -216,6 +218,20 @@ def _keep_for_reverse(steps, vals, check, points, record):
                 vals[s] = Stub(v.shape, v.dtype, v.ndim)
 
 
+def _doubled(gi):
+    """gi + gi; in place when gi is a large array nothing else holds (a vjp's fresh
+    result: the local name and getrefcount's argument are its only references)."""
+    if gi is None:
+        return None
+    if (type(gi) is np.ndarray and gi.size >= IN_PLACE_ELEMENTS and gi.base is None
+            and gi.flags.writeable and sys.getrefcount(gi) == 2):
+        return np.add(gi, gi, out=gi)
+    return gi + gi
+
+
+IN_PLACE_ELEMENTS = 1 << 16
+
+
 def _backward(steps, vals, seeds, needs, check, points, record):
     cots = [None] * len(vals)
     for s, g in seeds.items():
@@ -241,6 +257,10 @@ def _backward(steps, vals, seeds, needs, check, points, record):
         else:
             xs = tuple([vals[i] for i in ins])
         ans = vals[out]
+        if st.twice and record is None and cots[ins[0]] is None and len(positions) == 2:
+            # both positions pull the same cotangent: once, doubled (x * x: 2 passes, not 3)
+            cots[ins[0]] = _doubled(st.vjp(0, g, xs, ans))
+            continue
         if pull is None:
             vjp = st.vjp
             pulled = {} if record is not None else None
