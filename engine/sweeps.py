@@ -258,8 +258,13 @@ def _backward(steps, vals, seeds, needs, check, points, record):
             xs = tuple([vals[i] for i in ins])
         ans = vals[out]
         if st.twice and record is None and cots[ins[0]] is None and len(positions) == 2:
-            # both positions pull the same cotangent: once, doubled (x * x: 2 passes, not 3)
-            cots[ins[0]] = _doubled(st.vjp(0, g, xs, ans))
+            # both positions pull the same cotangent: once, doubled (x * x: 2 passes, not 3;
+            # 1 when the cotangent is one number broadcast, as a sum's is: a vjp is linear)
+            if type(g) is np.ndarray and g.ndim and g.size and not any(g.strides):
+                cots[ins[0]] = st.vjp(0, np.broadcast_to(g[(0,) * g.ndim] * 2, g.shape),
+                                      xs, ans)
+            else:
+                cots[ins[0]] = _doubled(st.vjp(0, g, xs, ans))
             continue
         if pull is None:
             vjp = st.vjp

@@ -72,3 +72,13 @@ def test_a_callers_cotangent_is_left_as_given(op):
     pulled = plan.vjp({"x": x}, {"o": c}, wrt=["x"]).cotangents["x"]
     assert np.array_equal(c, kept)
     assert_allclose(pulled[0], c[0] * OPS[op][1](x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("shape", [(0,), (2, 0, 3)], ids=["empty", "empty-inner"])
+def test_empty_values_have_empty_gradients(op, shape):
+    """sum's cotangent broadcast over no elements at all: an empty gradient."""
+    plan, out = square_sum(op, shape, "float32")
+    grad = plan.jacobian({"x": np.zeros(shape, np.float32)}, of=[out], mode="reverse",
+                         sparsity="dense").jacobian[out, "x"]
+    assert grad.shape == shape and grad.dtype == np.float32
