@@ -410,3 +410,25 @@ def test_large_assembled_arrays_are_on_private_pages_of_their_own():
                 break
         else:
             raise AssertionError("the array's pages are not mapped")
+
+
+def test_a_get_of_many_chunks_cancelled_midway_leaves_the_server_serving(start_server):
+    """GetTensors over 64 KiB makes each message in a worker while the one before is
+    written: all of them arrive, in order; a client that stops reading after the first
+    and cancels leaves the server answering, the handle intact."""
+    server = start_server(Limits(store_chunk_bytes=64 << 10))
+    big = np.random.default_rng(5).standard_normal(300_000).astype(np.float32)  # 1.2 MB
+    with Client(f"127.0.0.1:{server.port}", timeout=30) as c:
+        handle = c.put({"big": big, "small": np.arange(3.0)})
+        back = c.get(handle)
+        assert np.array_equal(back["big"], big) and np.array_equal(back["small"], np.arange(3.0))
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            get = channel.unary_stream("/gradserve.v1.GradientService/GetTensors",
+                                       request_serializer=pb.GetTensorsRequest.SerializeToString)
+            replies = get(pb.GetTensorsRequest(handle=handle.id), timeout=30)
+            first = next(replies)
+            assert len(first) > 60 << 10
+            replies.cancel()
+        assert np.array_equal(c.get(handle, ["big"])["big"], big)
+        assert c.differentiate(model(), {"x": np.float32([0.5]), "w": np.float32([2.0])}
+                               ).jacobian["o", "w"] == pytest.approx(np.sin(0.5))
