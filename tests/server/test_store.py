@@ -18,6 +18,7 @@ from gradserve.client import Client, GraphBuilder
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1 import graph_pb2
+from gradserve.v1.chunks import OWN_PAGES_BYTES, Assembler, write_chunks
 
 from support.process_stats import status_mib
 from support.server_process import ServerProcess
@@ -391,8 +392,6 @@ def test_large_assembled_arrays_are_on_private_pages_of_their_own():
     """A tensor from OWN_PAGES_BYTES up is assembled into an anonymous mapping of its own
     (returned to the system when freed) that is private: a shared one, mmap's default,
     takes no transparent huge pages (102 MB took 70 ms of page faults instead of 19)."""
-    from gradserve.v1.chunks import OWN_PAGES_BYTES, Assembler, write_chunks
-
     a = np.random.default_rng(0).standard_normal(3 * OWN_PAGES_BYTES // 4).astype(np.float32)
     assembler = Assembler()
     for message in write_chunks({"a": a}, None, OWN_PAGES_BYTES // 2):

@@ -13,9 +13,11 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 import pytest
 
 from gradserve.server.app import create_server
+from gradserve.server.errors import LimitExceeded
 from gradserve.server.limits import Limits
 from gradserve.server.wire import wire_counter
 from gradserve.v1 import gradient_service_pb2 as pb
@@ -171,8 +173,6 @@ def test_references_in_a_large_request_are_bounded(references_channel, graph, da
 def test_tag_bytes_in_a_large_tensor_are_not_references(references_channel):
     """4 MiB of 0x1a bytes as x's data and a graph of 2 references: evaluated, the
     output equal to numpy's concatenate of x with itself."""
-    import numpy as np
-
     graph = field(1, field(1, field(1, b"x") + b"\x10\x01" + field(3, b"\x80\x80\x40"))
                   + concat_of(b"o", 2) + OUTPUT_O)
     reply = pb.EvaluateResponse.FromString(
@@ -188,7 +188,6 @@ def test_a_large_request_of_many_fields_counts_its_references_whole():
     bytes over the whole request: still bounded."""
     many = b"\x78\x00" * 5000  # field 15 (unknown), varint 0: 5,000 fields
     graph = field(1, X_INPUT + concat_of(b"o", 11) + OUTPUT_O)
-    from gradserve.server.errors import LimitExceeded
     with pytest.raises(LimitExceeded) as info:
         wire_counter(pb.EvaluateRequest, REFERENCES).check(many + TAG_DATA + graph)
     assert info.value.field == "graph.nodes.inputs"
