@@ -152,7 +152,7 @@ class Plan:
             out = slot[node.name]
             bind = (lambda f: partial(f, **attrs)) if attrs else (lambda f: f)
             steps.append(Step(node.name, op.name, bind(op.eval), bind(op.jvp), bind(op.vjp),
-                              ins, out))
+                              ins, out, twice=op.symmetric and len(set(ins)) == 1))
             for i in ins:
                 last_use[i] = j
             if "x" in op.saves:

@@ -23,6 +23,7 @@ same semantics, no per-step dispatch.
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, NamedTuple, Protocol
@@ -58,6 +59,7 @@ class Step(NamedTuple):
     out: int  # output slot
     free: tuple = ()  # slots last used here (not outputs): freed after the step
     drop: tuple = ()  # of those, the ones no vjp reads: only their shape is kept
+    twice: bool = False  # a symmetric op reading one value in both positions (x * x)
 
 
 class Recorder(Protocol):
@@ -220,6 +222,20 @@ def _keep_for_reverse(steps, vals, check, points, record):
                 vals[s] = Stub(v.shape, v.dtype, v.ndim)
 
 
+def _doubled(gi):
+    """gi + gi; in place when gi is a large array nothing else holds (a vjp's fresh
+    result: the local name and getrefcount's argument are its only references)."""
+    if gi is None:
+        return None
+    if (type(gi) is np.ndarray and gi.size >= IN_PLACE_ELEMENTS and gi.base is None
+            and gi.flags.writeable and sys.getrefcount(gi) == 2):
+        return np.add(gi, gi, out=gi)
+    return gi + gi
+
+
+IN_PLACE_ELEMENTS = 1 << 16
+
+
 def _backward(steps, vals, seeds, needs, check, points, record):
     cots = [None] * len(vals)
     for s, g in seeds.items():
@@ -245,6 +261,15 @@ def _backward(steps, vals, seeds, needs, check, points, record):
         else:
             xs = tuple([vals[i] for i in ins])
         ans = vals[out]
+        if st.twice and record is None and cots[ins[0]] is None and len(positions) == 2:
+            # both positions pull the same cotangent: once, doubled (x * x: 2 passes, not 3;
+            # 1 when the cotangent is one number broadcast, as a sum's is: a vjp is linear)
+            if type(g) is np.ndarray and g.ndim and g.size and not any(g.strides):
+                cots[ins[0]] = st.vjp(0, np.broadcast_to(g[(0,) * g.ndim] * 2, g.shape),
+                                      xs, ans)
+            else:
+                cots[ins[0]] = _doubled(st.vjp(0, g, xs, ans))
+            continue
         if pull is None:
             vjp = st.vjp
             pulled = {} if record is not None else None

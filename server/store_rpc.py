@@ -1,5 +1,6 @@
 """The tensor store's streaming RPCs on the event loop: PutTensors reads chunks (each
-copied into its tensor in a worker when large), GetTensors writes them. Admission,
+copied into its tensor in a worker when large), GetTensors writes them (when large,
+each made in a worker while the one before is written). Admission,
 idle streams and shutdown work as for DifferentiateStream (server.calls)."""
 
 from __future__ import annotations
@@ -73,18 +74,33 @@ async def get_tensors(servicer, data, context) -> None:
         if limits.max_message_bytes:
             chunk = max(1024, min(chunk, limits.max_message_bytes // 2))
         pieces = write_chunks(tensors, names, chunk)
-        in_worker = sum(tensors[n].nbytes for n in names) > INLINE_CHUNK_BYTES
-        while True:
-            if in_worker:
-                message = await calls.in_worker(next, pieces, None)
-            else:
-                message = next(pieces, None)
-            if message is None:
-                break
-            await context.write(message)
+        if sum(tensors[n].nbytes for n in names) > INLINE_CHUNK_BYTES:
+            await _write_ahead(calls, pieces, context)
+        else:
+            for message in pieces:
+                await context.write(message)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - every error becomes a status
         servicer.telemetry.record("GetTensors", _code(exc), started)
         await abort(context, exc)
     servicer.telemetry.record("GetTensors", "OK", started)
+
+
+async def _write_ahead(calls, pieces, context) -> None:
+    """Write the messages of `pieces`, each made in a worker while the one before it is
+    being written (not after: a loaded machine's thread hand-offs then add up per chunk);
+    two messages at most exist at a time."""
+    upcoming = asyncio.ensure_future(calls.in_worker(next, pieces, None))
+    try:
+        while True:
+            message = await upcoming
+            if message is None:
+                return
+            upcoming = asyncio.ensure_future(calls.in_worker(next, pieces, None))
+            await context.write(message)
+    finally:
+        if not upcoming.done():
+            upcoming.cancel()
+        elif not upcoming.cancelled():
+            upcoming.exception()  # retrieved: a write's error is the one reported

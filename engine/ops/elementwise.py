@@ -124,10 +124,11 @@ unary("erf", erf, lambda s, x, ans: s * (_TWO_OVER_SQRT_PI * np.exp(-(x * x))), 
 # --- binary, with broadcasting -------------------------------------------------
 
 def binary(name, f, jvp, vjp, saves, curvature, float_only=True, description="",
-           bilinear=False):
+           bilinear=False, symmetric=False):
     return row(OpDef(name, 2, broadcast_rule, f, jvp, vjp, saves=frozenset(saves),
                      float_only=float_only, description=description, elementwise=True,
-                     curvature=curvature, pattern=sparsity.elementwise, bilinear=bilinear))
+                     curvature=curvature, pattern=sparsity.elementwise, bilinear=bilinear,
+                     symmetric=symmetric))
 
 
 def _lift2(t, x, ans):
@@ -263,13 +264,13 @@ def _pow_curvature(i, g, x, ans, t, t_ans):
 
 
 binary("add", np.add, _add_jvp, lambda i, g, x, ans: unbroadcast(g, x[i].shape), (), ZERO,
-       float_only=False)
+       float_only=False, symmetric=True)
 binary("sub", np.subtract, _sub_jvp,
        lambda i, g, x, ans: unbroadcast(g if i == 0 else -g, x[i].shape), (), ZERO,
        float_only=False)
 binary("mul", np.multiply, _mul_jvp,
        lambda i, g, x, ans: unbroadcast(g * x[1 - i], x[i].shape), "x", _mul_curvature,
-       float_only=False, bilinear=True)
+       float_only=False, bilinear=True, symmetric=True)
 binary("div", np.divide, _div_jvp,
        lambda i, g, x, ans: unbroadcast(g / x[1] if i == 0 else -(g * (ans / x[1])),
                                         x[i].shape), {"x", "ans"}, _div_curvature)
@@ -277,9 +278,9 @@ binary("pow", np.power, _pow_jvp, _pow_vjp, {"x", "ans"}, _pow_curvature,
        description="a ** b; d/db taken as 0 where a == 0 and b >= 0, as in PyTorch")
 # piecewise linear: the vjp reads x only to pick a side (0 almost everywhere)
 binary("maximum", np.maximum, _select_jvp(1), _select_vjp(1), "x", ZERO, float_only=False,
-       description="ties split the gradient evenly, as in PyTorch")
+       description="ties split the gradient evenly, as in PyTorch", symmetric=True)
 binary("minimum", np.minimum, _select_jvp(-1), _select_vjp(-1), "x", ZERO, float_only=False,
-       description="ties split the gradient evenly, as in PyTorch")
+       description="ties split the gradient evenly, as in PyTorch", symmetric=True)
 
 
 # --- cast ------------------------------------------------------------------------------

@@ -106,6 +106,9 @@ class OpDef:
     # only different inputs (mul, matmul, conv), for the Hessian's pattern.
     pattern: Callable | None = None
     bilinear: bool = False
+    # f(a, b) == f(b, a): a node reading one value twice (x * x) pulls the same cotangent
+    # into both positions, so the reverse sweep computes it once and doubles it.
+    symmetric: bool = False
     # A variadic op whose node may read one value many times (concat(x, x, ..., x)):
     # (refs, shapes, **attrs) -> what its rules get as the attribute `refs`, where refs
     # holds, per reference, the position of its value among the distinct ones and shapes

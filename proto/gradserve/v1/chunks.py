@@ -163,12 +163,25 @@ def _chunk_pieces(arrays, names, chunk_bytes) -> Iterator[bytes]:
 
 
 def empty(shape, dtype) -> np.ndarray:
-    """An uninitialized array; from OWN_PAGES_BYTES up, on pages of its own."""
+    """An uninitialized array; from OWN_PAGES_BYTES up, on pages of its own: private
+    ones, on huge pages where the kernel gives them (a shared mapping, mmap's default,
+    takes no huge pages: writing 102 MB into one took 70 ms of page faults, into a
+    private one advised MADV_HUGEPAGE 19 ms, as into numpy's own np.empty)."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < OWN_PAGES_BYTES:
         return np.empty(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+    pages = mmap.mmap(-1, nbytes, flags=_PRIVATE)
+    if _HUGE is not None:
+        try:
+            pages.madvise(_HUGE)
+        except OSError:  # a kernel without transparent huge pages: small pages then
+            pass
+    return np.frombuffer(pages, dtype).reshape(shape)
+
+
+_PRIVATE = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0)
+_HUGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 class Assembler:
