@@ -16,8 +16,9 @@ padding's columns are computed and dropped), in values and both transposes (Flat
 below); a 2-d one with no dilation down the columns runs its values and input transpose
 by row shifts instead (engine/rowshifts.py: a gather per kernel column, a product per
 output row over a view of kernel-height rows). A depthwise convolution (a channel per
-group) runs instead as shifted elementwise products (engine/depthwise.py), in values and both transposes,
-or as numba's compiled loops when that provider is active (engine/kernels.py).
+group) runs instead as shifted elementwise products (engine/depthwise.py), in values
+and both transposes, or as numba's compiled loops when that provider is active
+(engine/kernels.py).
 Pooling walks the kernel offsets, each a strided view of the
 padded input; no Python loop runs over pixels or single groups, and every loop
 whose trip count the request sets calls costs.iteration() between passes (the
