@@ -12,7 +12,13 @@ One row per kernel provider (engine/kernels.py): "numpy" (the default kernels),
 "numba" (the compiled depthwise kernels, when numba is installed; the dense layers run
 the same numpy kernels under either provider, so they get no numba row), and "general"
 (the numpy provider with the shape-specific kernels - engine/depthwise.py, windows.py's
-flat-row gather - turned off: the gathered im2col kernels every shape used before).
+flat-row gather, engine/rowshifts.py - turned off: the gathered im2col kernels every shape
+used before).
+
+Then, per phase (windows.conv, conv_input_grad, conv_weight_grad called directly) for
+P9's stride-1 layers: the numpy kernels with engine/rowshifts.py (2-d stride-1
+values and input transposes) against the same kernels with them turned off (the
+dispatch before them: flat rows, the scatter), interleaved, with the same-round ratio.
 All providers and torch are timed round by round, interleaved; each ratio is the
 median over rounds of that round's engine / torch time, with its interquartile range.
 Print the load average with the figures: this machine is shared.
@@ -42,7 +48,7 @@ from _timing import (FULL, QUICK, load_torch, measure, parse_args,  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gradserve.engine import Graph, Input, Node, compile  # noqa: E402
-from gradserve.engine import depthwise, kernels, windows  # noqa: E402
+from gradserve.engine import depthwise, kernels, rowshifts, windows  # noqa: E402
 
 # (name, x shape, w shape, strides, pads, groups)
 LAYERS = [
@@ -84,13 +90,54 @@ def _never(*args, **kwargs):
 def general_kernels_only(fn):
     """fn run with the shape-specific kernels turned off (the gathered kernels only)."""
     def run():
-        saved = depthwise.applies, windows.flat_rows
-        depthwise.applies = windows.flat_rows = _never
+        saved = depthwise.applies, windows.flat_rows, rowshifts.applies
+        depthwise.applies = windows.flat_rows = rowshifts.applies = _never
         try:
             return fn()
         finally:
-            depthwise.applies, windows.flat_rows = saved
+            depthwise.applies, windows.flat_rows, rowshifts.applies = saved
     return run
+
+
+def without_row_shifts(fn):
+    """fn run with engine/rowshifts.py turned off (the kernels dispatched before)."""
+    def run():
+        saved = rowshifts.applies
+        rowshifts.applies = _never
+        try:
+            return fn()
+        finally:
+            rowshifts.applies = saved
+    return run
+
+
+# P9's stride-1 layers, per phase: (name, x shape, w shape, pads)
+PHASE_LAYERS = [LAYERS[1], LAYERS[0], LAYERS[3]]
+
+
+def phases(settings, rng):
+    """Rows: per layer and phase, the time with row shifts, without, and the ratio."""
+    rows = []
+    for name, xs, ws, strides, pads, groups in PHASE_LAYERS:
+        geometry = dict(strides=strides, pads=pads, dilations=(1, 1), groups=groups)
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        y = windows.conv(x, w[None], **geometry)[0]
+        g = rng.standard_normal(y.shape).astype(np.float32)
+        calls = {"values": lambda: windows.conv(x, w[None], **geometry),
+                 "input's transpose": lambda: windows.conv_input_grad(g, w, xs[2:], **geometry),
+                 "weight's transpose": lambda: windows.conv_weight_grad(g[None], x, ws[2:],
+                                                                        **geometry)}
+        funcs = {}
+        for phase, call in calls.items():
+            funcs[f"{phase} new"] = call
+            funcs[f"{phase} old"] = without_row_shifts(call)
+        t = measure(funcs, settings)
+        for phase in calls:
+            rows.append([name, phase, f"{t[f'{phase} new'].median * 1e6:.0f}",
+                         f"{t[f'{phase} old'].median * 1e6:.0f}",
+                         ratio(t, f"{phase} new", f"{phase} old")])
+    return rows
 
 
 def on(provider, fn):
@@ -192,6 +239,12 @@ def main(argv=None):
     print_table(["layer", "kernels", "fwd ms", "torch", "ratio", "f+b ms", "torch", "ratio"],
                 rows, title="conv per layer shape, float32, one thread each, medians; ratios "
                 "engine / torch per round, median (interquartile range); target <= 1.0x")
+    print(f"load average: {os.getloadavg()[0]:.1f}")
+    kernels.use("numpy")
+    print_table(["layer", "phase", "row shifts us", "without us", "ratio"], phases(settings, rng),
+                title="per phase, numpy kernels, with engine/rowshifts.py and without "
+                "(the kernels before them); ratio per round, median (interquartile range)")
+    kernels.use("auto")
     print(f"load average: {os.getloadavg()[0]:.1f}")
     return 0
 

@@ -13,9 +13,12 @@ directions). Its input cotangent scatters back with one strided add per kernel
 offset (col2im). A stride-1 convolution with short rows gathers whole flat rows of
 the padded input instead (a kernel offset is a shift along the row; the outputs of the
 padding's columns are computed and dropped), in values and both transposes (FlatRows
-below). A depthwise convolution (a channel per group) runs instead as
-shifted elementwise products (engine/depthwise.py), in values and both transposes,
-or as numba's compiled loops when that provider is active (engine/kernels.py).
+below); a 2-d one with no dilation down the columns runs its values and input transpose
+by row shifts instead (engine/rowshifts.py: a gather per kernel column, a product per
+output row over a view of kernel-height rows). A depthwise convolution (a channel per
+group) runs instead as shifted elementwise products (engine/depthwise.py), in values
+and both transposes, or as numba's compiled loops when that provider is active
+(engine/kernels.py).
 Pooling walks the kernel offsets, each a strided view of the
 padded input; no Python loop runs over pixels or single groups, and every loop
 whose trip count the request sets calls costs.iteration() between passes (the
@@ -32,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from . import depthwise, kernels
+from . import depthwise, kernels, rowshifts
 from .blocked import BLOCK_FLOPS, matmul
 from .costs import OpCost, iteration
 
@@ -142,6 +145,8 @@ def conv(x, w, strides, pads, dilations, groups):
     out = win.out(x.shape[2:])
     if depthwise.applies(x.shape, w.shape[1:], strides, groups):
         return kernels.depthwise().conv(x, w, strides, pads, dilations, out)
+    if rowshifts.applies(win, groups):
+        return rowshifts.conv(x, w, win, out)
     found = flat_rows(x.shape, win, groups, k * n_out)
     if found:
         return _flat_rows_conv(x, w, win, out, found)
@@ -319,10 +324,12 @@ def conv_input_grad(g, w, spatial, strides, pads, dilations, groups):
             np.flip(w, axis=tuple(range(2, 2 + d))).swapaxes(0, 1))
         back = tuple(r - p for r, p in zip(reach + reach, pads))
         return conv(g, flipped[None], strides, back, dilations, 1)[0]
+    win = Window(w.shape[2:], strides, pads, dilations)
+    if rowshifts.applies(win, groups):
+        return rowshifts.input_grad(g, w, spatial, win)
     b, n_out = g.shape[:2]
     out = g.shape[2:]
     cg = w.shape[1]
-    win = Window(w.shape[2:], strides, pads, dilations)
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     # The batch axis last while accumulating: each kernel offset then adds runs of
     # whole batches (contiguous) rather than runs of one window row.
@@ -600,13 +607,15 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
                                flops, out_size, x_size, w_size)
     cols, passes = gathered(b, cg, p, og)
     flat_bytes, flat_flops = _flat_rows_cost((b, c) + spatial, n_out, win, isz)
-    flops = max(flops, flat_flops)
+    rows_bytes, rows_flops, rows_passes = rowshifts.conv_cost((b, c) + spatial, n_out, win,
+                                                              groups, isz)
+    flops = max(flops, flat_flops, rows_flops)
     forward = (_padded_bytes(b * c, spatial, win, isz) + (cols + w_size) * isz + out_size * isz
-               + flat_bytes)
+               + max(flat_bytes, rows_bytes))
     if mode == "values":
-        return OpCost(forward, flops, passes)
+        return OpCost(forward, flops, passes + rows_passes)
     if mode == "forward":  # a term per input, each a convolution, and their sum
-        return OpCost(2 * forward + 2 * out_size * isz, 2 * flops, 2 * passes)
+        return OpCost(2 * forward + 2 * out_size * isz, 2 * flops, 2 * (passes + rows_passes))
     # reverse: the weight's transpose gathers the input again and regroups g; the
     # input's is a scatter (per group pass, per kernel offset) or a convolution of g
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
@@ -625,10 +634,14 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
         back = Window(kernel, (1,) * len(kernel), tuple(r - q for r, q in zip(reach + reach, pads)),
                       dilations)
         into_bytes, into_flops = _flat_rows_cost(g_shape, c, back, isz)
+        rows_bytes, rows_flops, into_passes = rowshifts.conv_cost(g_shape, c, back, 1, isz)
         into = (_padded_bytes(b * n_out, out[2:], back, isz)
-                + (b * n_out * kp * prod(spatial) + w_size) * isz + into_bytes)
+                + (b * n_out * kp * prod(spatial) + w_size) * isz
+                + max(into_bytes, rows_bytes))
+        flops = max(flops, into_flops, rows_flops)
+    elif rowshifts.applies(win, groups):
+        into, into_flops, into_passes = rowshifts.input_grad_cost(g_shape, c, win, spatial, isz)
         flops = max(flops, into_flops)
-        into_passes = 0
     else:
         into_cols, group_pass = gathered(b, cg, p, og)
         into = (b * c * prod(win.padded(spatial)) + out_size + into_cols + x_size) * isz

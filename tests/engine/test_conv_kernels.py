@@ -1,4 +1,5 @@
-"""conv's shape-specific kernels (engine/depthwise.py, windows.py's flat-row gather) against independent oracles:
+"""conv's shape-specific kernels (engine/depthwise.py, windows.py's flat-row gather,
+engine/rowshifts.py) against independent oracles:
 PyTorch's convolution and its autograd (values, both transposes), the loop-by-window
 reference of tests/support/oracles.py, finite differences on a small case, and the
 gathered kernels' float32 error against float64.
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from gradserve.engine import Graph, Input, Node, compile, depthwise, windows
+from gradserve.engine import Graph, Input, Node, compile, depthwise, rowshifts, windows
 from support.oracles import numeric_jacobian, reference
 
 torch = pytest.importorskip("torch")
@@ -196,16 +197,71 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
                         + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)
 
 
+# engine/rowshifts.py (2-d, stride 1, one group, no dilation down the columns): the
+# values, and the input's transpose (as its own kernel, or as a row-shift convolution
+# where windows.stride_one_transpose takes it). The 2-d FLAT_ROWS cases above reach them
+# too in values; their weight's transpose is the flat rows'.
+# name -> (x shape, w shape, pads, dilations)
+ROW_SHIFTS = {
+    "lenet conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1]),
+    "lenet conv1, padded": ((2, 1, 12, 12), (6, 1, 5, 5), [2, 2, 2, 2], [1, 1]),
+    "asymmetric pads, dilated columns": ((2, 3, 9, 13), (5, 3, 3, 2), [2, 0, 1, 3], [1, 3]),
+    "pads past the kernel": ((2, 3, 5, 5), (4, 3, 2, 2), [3, 1, 2, 4], [1, 1]),
+    "one row, a wide kernel": ((2, 2, 1, 20), (3, 2, 1, 7), [0, 3, 0, 2], [1, 1]),
+    "a tall kernel, one column": ((2, 2, 11, 4), (4, 2, 6, 1), [1, 0, 3, 0], [1, 1]),
+    "fewer outputs: the transpose a row-shift convolution": ((2, 7, 8, 8), (5, 7, 3, 3),
+                                                             [1, 1, 1, 1], [1, 1]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_SHIFTS))
+def test_row_shifts_match_pytorch_in_values_and_both_transposes(case):
+    xs, ws, pads, dilations = ROW_SHIFTS[case]
+    attrs = {"strides": [1, 1], "pads": pads, "dilations": dilations, "groups": 1}
+    assert rowshifts.applies(windows.Window(ws[2:], (1, 1), tuple(pads), tuple(dilations)), 1)
+    rng = np.random.default_rng(13)
+    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
+    plan = _plan(x, w, attrs)
+    y = plan.evaluate({"x": x, "w": w})["y"]
+    g = rng.standard_normal((2,) + y.shape)
+    back = plan.vjp({"x": x, "w": w}, {"y": g}).cotangents
+    for i in range(2):
+        want_y, want_x, want_w = _torch_grads(x, w, g[i], attrs)
+        assert_allclose(y, want_y, rtol=1e-11, atol=1e-11)
+        assert_allclose(back["x"][i], want_x, rtol=1e-11, atol=1e-11)
+        assert_allclose(back["w"][i], want_w, rtol=1e-11, atol=1e-11)
+    assert_allclose(y, reference("conv", [x, w], attrs), rtol=1e-11, atol=1e-11)
+    tx, tw = rng.standard_normal((3,) + xs), rng.standard_normal((3,) + ws)
+    got = plan.jvp({"x": x, "w": w}, {"x": tx, "w": tw}).tangents["y"]
+    for i in range(3):
+        assert_allclose(got[i], reference("conv", [tx[i], w], attrs)
+                        + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)
+
+
+def test_row_shifts_jacobian_matches_finite_differences():
+    attrs = {"strides": [1, 1], "pads": [1, 2, 0, 1], "dilations": [1, 2], "groups": 1}
+    rng = np.random.default_rng(14)
+    inputs = {"x": rng.standard_normal((2, 2, 4, 5)), "w": rng.standard_normal((3, 2, 2, 2))}
+    plan = _plan(inputs["x"], inputs["w"], attrs)
+    want = numeric_jacobian(lambda v: plan.evaluate(v), inputs)
+    for mode in ("forward", "reverse"):
+        got = plan.jacobian(inputs, mode=mode).jacobian
+        for key in want:
+            assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-8, err_msg=f"{mode} {key}")
+
+
 @pytest.mark.parametrize("xs, ws, pads", [
     ((16, 16, 16, 16), (16, 16, 3, 3), [1, 1, 1, 1]),  # P9's ResNet block
     ((32, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0]),  # LeNet's conv2
 ])
 def test_flat_rows_float32_is_as_accurate_as_pytorchs_against_float64(xs, ws, pads):
     """float32 in, float32 out, no float64 on the way: the values and both transposes
-    as close to float64's as PyTorch's own float32 convolution."""
+    (row shifts in values and the input's transpose, flat rows in the weight's) as close
+    to float64's as PyTorch's own float32 convolution."""
     attrs = {"strides": [1, 1], "pads": pads, "dilations": [1, 1], "groups": 1}
     assert windows.flat_rows(xs, windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1,
                              ws[0])
+    assert rowshifts.applies(windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1)
     rng = np.random.default_rng(12)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     out = tuple(s + pads[i] + pads[2 + i] - k + 1

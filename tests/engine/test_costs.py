@@ -344,8 +344,9 @@ def test_declared_costs_bound_what_the_kernels_incur(op):
                f"{', adversarial' if adversarial else ''})")
 
 
-# conv's kernels for particular shapes (engine/depthwise.py, windows.py's flat rows), each
-# proven on shapes that reach it: (x shape, w shape, strides, pads, dilations, groups)
+# conv's kernels for particular shapes (engine/depthwise.py, windows.py's flat rows,
+# engine/rowshifts.py), each proven on shapes that reach it: (x shape, w shape,
+# strides, pads, dilations, groups)
 CONV_KERNEL_CASES = {
     "depthwise 2-d": ((2, 5, 9, 7), (5, 1, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 5),
     "depthwise big dilated kernel": ((1, 3, 40, 6), (3, 1, 7, 2), [1, 1], [2, 0, 1, 3],
@@ -375,6 +376,17 @@ CONV_KERNEL_CASES = {
     "flat rows, 31 a row": ((2, 2, 5, 32), (8, 2, 2, 3), [1, 1], [0, 1, 1, 0], [1, 1], 1),
     "31 a row, too many channels out for flat rows": ((2, 2, 5, 32), (40, 2, 2, 3), [1, 1],
                                                       [0, 1, 1, 0], [1, 1], 1),
+    # row shifts (2-d, stride 1, one group; the flat rows' 2-d cases above reach them too)
+    "row shifts, LeNet's conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [1, 1], [0, 0, 0, 0],
+                                  [1, 1], 1),
+    "row shifts, a wide kernel row (a pass per column)": (
+        (1, 2, 3, 300), (3, 2, 2, 150), [1, 1], [0, 5, 1, 7], [1, 1], 1),
+    "row shifts, dilated columns, pads past the kernel": (
+        (2, 3, 5, 9), (4, 3, 2, 3), [1, 1], [3, 1, 2, 4], [1, 3], 1),
+    "row shifts, a tall kernel, many outputs": ((2, 2, 40, 3), (64, 2, 9, 1), [1, 1],
+                                                [4, 0, 4, 0], [1, 1], 1),
+    "row shifts, many channels in (the transpose a row-shift convolution)": (
+        (2, 64, 5, 5), (8, 64, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 1),
 }
 
 

@@ -1,0 +1,138 @@
+"""2-d stride-1 convolution by row shifts: windows.py's conv and its input's transpose
+for one group, stride 1 and no dilation down the columns (LeNet's and ResNet's
+stride-1 layers).
+
+The padded input is gathered once per kernel column, laid (Hp, C, kw, B, Wo):
+rows[i, c, j, b, o] is the padded x[b, c, i, o + j * dilation]. Output row r reads
+padded rows r .. r + kh - 1, and those lie kh * C * kw equally spaced blocks of B * Wo
+along memory: one strided view per output row, no copy, and one product of the weights
+laid (O, kh, C, kw) with it, batched over the rows. The gather is kh times smaller than
+im2col's, and no output is computed and dropped (the flat rows compute the padding's
+columns too): LeNet's conv2 values 332 -> 260 us, conv1 207 -> 170, ResNet's 16-channel
+3x3 "same" 332 -> 316 (bench/bench_conv.py's phases).
+
+The input's transpose sums over the kernel's rows inside the products: padded row i of
+the rows' cotangent (C kw, B Wp) takes kernel row kh - 1 - t with g's row i + t - (kh -
+1), t over the rows of g that exist, one product per padded row over g laid (Ho + 2
+(kh - 1), O, B, Wp), a view again. g's columns are laid Wp (the padded input's width)
+apart, so that the kernel's columns add back as kw shifts of whole flat rows (the
+products over the Wp - Wo extra columns are zeros, which land in the next image's
+padding). Against the scatter (a product, then a strided add per kernel offset):
+LeNet's conv2 516 -> 404 us. Where the transpose is itself a convolution
+(windows.stride_one_transpose: fewer output channels than input ones) that stays
+faster (ResNet's 3x3 "same": 311 against 416 us) and runs as row shifts in values.
+
+Every loop runs once per kernel column or padded row and calls costs.iteration().
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .blocked import BLOCK_FLOPS, matmul
+from .costs import iteration
+
+
+def applies(win, groups) -> bool:
+    """Whether windows.py's conv (and its input's transpose) run here: `win` a
+    windows.Window."""
+    return (len(win.kernel) == 2 and groups == 1 and win.strides == (1, 1)
+            and win.dilations[0] == 1)
+
+
+def _view(a, shape, strides):
+    """A read-only view of a's buffer (np.ndarray: as_strided's own Python costs more)."""
+    view = np.ndarray(shape, a.dtype, a, 0, strides)
+    view.flags.writeable = False
+    return view
+
+
+def _rows(x, win, out):
+    """x (B, C, H, W) -> (Hp, C, kw, B, Wo): the padded rows, a copy per kernel column."""
+    b, c, h, wd = x.shape
+    kw, dl = win.kernel[1], win.dilations[1]
+    top, left = win.pads[0], win.pads[1]
+    wo = out[1]
+    rows = np.zeros((h + top + win.pads[2], c, kw, b, wo), x.dtype)
+    xs = x.transpose(2, 1, 0, 3)  # (H, C, B, W)
+    for j in range(kw):
+        iteration()
+        # output column o reads input column o + j * dl - left, where that is inside x
+        lo, hi = max(0, left - j * dl), min(wo, wd + left - j * dl)
+        if lo < hi:
+            rows[top:top + h, :, j, :, lo:hi] = xs[..., lo + j * dl - left:hi + j * dl - left]
+    return rows
+
+
+def conv(x, w, win, out):
+    """x (B, C, H, W), w (k, O, C, kh, kw) -> (k, B, O, Ho, Wo), as windows.conv."""
+    k, n_out, c, kh, kw = w.shape
+    b = x.shape[0]
+    ho, wo = out
+    rows = _rows(x, win, out)
+    st = rows.strides
+    view = _view(rows, (ho, kh * c * kw, b * wo), (st[0], st[2], st[4]))
+    wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2, 4)).reshape(k * n_out, kh * c * kw)
+    r = matmul(wt, view)  # (Ho, k O, B Wo)
+    del rows, view
+    return np.ascontiguousarray(r.reshape(ho, k, n_out, b, wo).transpose(1, 3, 2, 0, 4))
+
+
+def input_grad(g, w, spatial, win):
+    """The transpose of conv in x: g (B, O, Ho, Wo), w (O, C, kh, kw) -> (B, C, H, W)."""
+    n_out, c, kh, kw = w.shape
+    b, _, ho, wo = g.shape
+    dl = win.dilations[1]
+    hp, wp = win.padded(spatial)
+    gp = np.zeros((ho + 2 * (kh - 1), n_out, b, wp), g.dtype)
+    gp[kh - 1:kh - 1 + ho, :, :, :wo] = g.transpose(2, 1, 0, 3)
+    st = gp.strides
+    view = _view(gp, (hp, kh * n_out, b * wp), (st[0], st[1], st[3]))
+    wt = np.ascontiguousarray(np.flip(w, 2).transpose(1, 3, 2, 0)).reshape(c * kw, kh * n_out)
+    rows = np.empty((hp, c * kw, b * wp), np.result_type(g, w))
+    for i in range(hp):
+        iteration()
+        t0, t1 = max(0, kh - 1 - i) * n_out, min(kh, kh - 1 + ho - i) * n_out
+        if 2 * c * kw * (t1 - t0) * b * wp <= BLOCK_FLOPS:
+            np.matmul(wt[:, t0:t1], view[i, t0:t1], out=rows[i])
+        else:  # blocked: a deadline stops it part-way
+            rows[i] = matmul(wt[:, t0:t1], view[i, t0:t1])
+    del gp, view
+    rows = rows.reshape(hp, c, kw, b * wp)
+    dxp = np.zeros((hp, c, b * wp + (kw - 1) * dl), rows.dtype)
+    for j in range(kw):
+        iteration()
+        dxp[:, :, j * dl:j * dl + b * wp] += rows[:, :, j]
+    del rows
+    top, left = win.pads[0], win.pads[1]
+    h, wd = spatial
+    return np.ascontiguousarray(dxp[top:top + h, :, :b * wp].reshape(h, c, b, wp)[
+        ..., left:left + wd].transpose(2, 1, 0, 3))
+
+
+# --- declared costs (windows.conv_cost adds them; tests/engine/test_costs.py measures) ---
+
+def conv_cost(x_shape, rows_out, win, groups, isz):
+    """(bytes, FLOPs, loop passes) of conv for `rows_out` output channels (times weight
+    stacks), 0s where it does not apply: the gathered rows (a pass per kernel column),
+    the weights laid out, the products' results (twice: a product split into blocks
+    holds a block beside the whole)."""
+    if not applies(win, groups):
+        return 0, 0, 0
+    b, c = x_shape[:2]
+    kh, kw = win.kernel
+    (hp, _), (ho, wo) = win.padded(x_shape[2:]), win.out(x_shape[2:])
+    held = hp * c * kw * b * wo + rows_out * kh * c * kw + 2 * rows_out * ho * b * wo
+    return held * isz, 2 * rows_out * kh * c * kw * ho * b * wo, kw
+
+
+def input_grad_cost(g_shape, c, win, spatial, isz):
+    """(bytes, FLOPs, loop passes) of input_grad: g laid out, the weights, the rows'
+    cotangent, a row's product (twice, blocked), the padded input's cotangent; a pass per
+    padded row and per kernel column."""
+    b, n_out, ho, wo = g_shape
+    kh, kw = win.kernel
+    hp, wp = win.padded(spatial)
+    held = ((ho + 2 * (kh - 1)) * n_out * b * wp + n_out * c * kh * kw
+            + (hp + 2) * c * kw * b * wp + hp * c * (b * wp + (kw - 1) * win.dilations[1]))
+    return held * isz, 2 * c * kw * kh * n_out * ho * b * wp, hp + kw
