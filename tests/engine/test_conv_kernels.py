@@ -169,16 +169,10 @@ FLAT_ROWS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(FLAT_ROWS))
-def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
-    xs, ws, pads, dilations = FLAT_ROWS[case]
-    d = len(xs) - 2
-    attrs = {"strides": [1] * d, "pads": pads, "dilations": dilations, "groups": 1}
-    assert windows.flat_rows(xs, windows.Window(ws[2:], (1,) * d, tuple(pads),
-                                                tuple(dilations)), 1, ws[0])
-    if case == "many channels in and out":
-        assert windows.flat_weight_pass(xs[0], ws[1] * 9, ws[0], 4 * 6) == 1
-    rng = np.random.default_rng(11)
+def _check_values_and_both_transposes(xs, ws, attrs, seed):
+    """conv's values and both transposes (a VJP of two cotangents) against PyTorch's and
+    the loop-by-window reference, and its JVP of three tangents against the reference."""
+    rng = np.random.default_rng(seed)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     plan = _plan(x, w, attrs)
     y = plan.evaluate({"x": x, "w": w})["y"]
@@ -195,6 +189,18 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
     for i in range(3):
         assert_allclose(got[i], reference("conv", [tx[i], w], attrs)
                         + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", sorted(FLAT_ROWS))
+def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
+    xs, ws, pads, dilations = FLAT_ROWS[case]
+    d = len(xs) - 2
+    attrs = {"strides": [1] * d, "pads": pads, "dilations": dilations, "groups": 1}
+    assert windows.flat_rows(xs, windows.Window(ws[2:], (1,) * d, tuple(pads),
+                                                tuple(dilations)), 1, ws[0])
+    if case == "many channels in and out":
+        assert windows.flat_weight_pass(xs[0], ws[1] * 9, ws[0], 4 * 6) == 1
+    _check_values_and_both_transposes(xs, ws, attrs, seed=11)
 
 
 # engine/rowshifts.py (2-d, stride 1, one group, no dilation down the columns): the
@@ -219,23 +225,7 @@ def test_row_shifts_match_pytorch_in_values_and_both_transposes(case):
     xs, ws, pads, dilations = ROW_SHIFTS[case]
     attrs = {"strides": [1, 1], "pads": pads, "dilations": dilations, "groups": 1}
     assert rowshifts.applies(windows.Window(ws[2:], (1, 1), tuple(pads), tuple(dilations)), 1)
-    rng = np.random.default_rng(13)
-    x, w = rng.standard_normal(xs), rng.standard_normal(ws)
-    plan = _plan(x, w, attrs)
-    y = plan.evaluate({"x": x, "w": w})["y"]
-    g = rng.standard_normal((2,) + y.shape)
-    back = plan.vjp({"x": x, "w": w}, {"y": g}).cotangents
-    for i in range(2):
-        want_y, want_x, want_w = _torch_grads(x, w, g[i], attrs)
-        assert_allclose(y, want_y, rtol=1e-11, atol=1e-11)
-        assert_allclose(back["x"][i], want_x, rtol=1e-11, atol=1e-11)
-        assert_allclose(back["w"][i], want_w, rtol=1e-11, atol=1e-11)
-    assert_allclose(y, reference("conv", [x, w], attrs), rtol=1e-11, atol=1e-11)
-    tx, tw = rng.standard_normal((3,) + xs), rng.standard_normal((3,) + ws)
-    got = plan.jvp({"x": x, "w": w}, {"x": tx, "w": tw}).tangents["y"]
-    for i in range(3):
-        assert_allclose(got[i], reference("conv", [tx[i], w], attrs)
-                        + reference("conv", [x, tw[i]], attrs), rtol=1e-10, atol=1e-10)
+    _check_values_and_both_transposes(xs, ws, attrs, seed=13)
 
 
 def test_row_shifts_jacobian_matches_finite_differences():
