@@ -154,12 +154,8 @@ class WireCounter:
                     if key >> 3 == graph:
                         count += data.count(REFERENCE_TAG, i, i + length)
                     i += length
-                elif wire == 0:
-                    _, i = _varint(data, i)
-                elif wire in (1, 5):
-                    i += 8 if wire == 1 else 4
                 else:
-                    return data.count(REFERENCE_TAG)
+                    i = _skip_scalar(data, i, wire)
         except (IndexError, ValueError):
             return data.count(REFERENCE_TAG)
         return count if i == end else data.count(REFERENCE_TAG)
@@ -218,16 +214,23 @@ def _walk(buf: bytes, i: int, end: int, level: _Level, counts: dict,
             elif inner and number in inner:
                 _walk(buf, i, i + length, *inner[number])
             i += length
-        elif wire == 0:
-            _, i = _varint(buf, i)
-        elif wire in (1, 5):
-            i += 8 if wire == 1 else 4
         else:
-            raise ValueError(f"wire type {wire}")
+            i = _skip_scalar(buf, i, wire)
     if i != end:
         raise ValueError("truncated")
     if not level.per_entry:
         counts[None] = total
+
+
+def _skip_scalar(buf: bytes, i: int, wire: int) -> int:
+    """The index past a field of wire type 0 (varint), 1 (8 bytes) or 5 (4 bytes) whose
+    value starts at buf[i]; ValueError for any other type (groups: never in these
+    messages)."""
+    if wire == 0:
+        return _varint(buf, i)[1]
+    if wire in (1, 5):
+        return i + (8 if wire == 1 else 4)
+    raise ValueError(f"wire type {wire}")
 
 
 def _refuse(counted: Counted, bound: int) -> None:
