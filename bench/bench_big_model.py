@@ -13,6 +13,14 @@ also the gradient left on the server as a handle (no transfer back). PyTorch:
 the same parameters, fwd + bwd (loss.backward()) at 1 and 2 threads, the faster
 the baseline. Rounds interleaved; median and spread of the per-round ratios.
 Target: works with default settings, <= 2x PyTorch. Never asserts on time.
+
+Two measurements beside P12, in the same rounds (not the default path):
+- the fetch alone (Client.get of a kept results handle) over one stream, and over two
+  concurrent streams on two connections (two Clients, one thread each, each getting
+  about half the bytes by name): whether client and server gain from both cores;
+- the handle path against a second server started with `--blas-threads 2` (idle
+  while the default one is measured): whether the engine gains from a second BLAS
+  thread when it has the machine to itself.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is impor
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,6 +78,36 @@ def torch_step(torch, spec, params, X, y, threads):
     return step
 
 
+def halves(sizes: dict) -> list[list[str]]:
+    """The names in two groups of about equal bytes (largest first, each to the lighter)."""
+    groups, totals = [[], []], [0, 0]
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        k = totals.index(min(totals))
+        groups[k].append(name)
+        totals[k] += sizes[name]
+    return groups
+
+
+def concurrent_get(clients, handle_id: str, groups) -> dict:
+    """Client.get of each group of names on its own client, concurrently."""
+    parts, errors = [None] * len(groups), []
+
+    def run(k):
+        try:
+            parts[k] = clients[k].get(handle_id, groups[k])
+        except Exception as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, len(groups))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {name: a for part in parts for name, a in part.items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(__doc__, argv)
     rounds = 3 if args.settings.quick else 7
@@ -93,9 +132,14 @@ def main(argv=None) -> int:
         figures.setdefault(name, []).append(time.perf_counter() - start)
         return out
 
-    with ServerProcess("--port", "0") as server:  # the defaults, one process
-        address = server.wait_serving(timeout=60)
-        with Client(address, timeout=300) as client:
+    with ServerProcess("--port", "0") as server, \
+            ServerProcess("--port", "0", "--blas-threads", "2") as server2:
+        address = server.wait_serving(timeout=60)  # the defaults, one process
+        address2 = server2.wait_serving(timeout=60)
+        own_connection = [("grpc.use_local_subchannel_pool", 1)]
+        with Client(address, timeout=300) as client, \
+                Client(address, timeout=300, options=own_connection) as second, \
+                Client(address2, timeout=300) as client2:
             limits = client.server_info().limits
             print(f"server defaults: max_message_bytes {limits.max_message_bytes:,}, "
                   f"max_store_bytes {limits.max_store_bytes:,} "
@@ -112,10 +156,23 @@ def main(argv=None) -> int:
                 r = client.differentiate(graph, inputs, wrt=names, of=[LOSS])
                 return {n: r.jacobian[LOSS, n] for n in names}
 
-            def gradient_as_handle():
+            def gradient_as_handle(client=client, inputs=inputs):
                 r = client.differentiate(graph, inputs, wrt=names, of=[LOSS],
                                          store_results=True)
                 client.delete(r.results_handle)
+
+            inputs2 = {**client2.put(params), "X": X, "Y": Y}
+            kept = client.differentiate(graph, inputs, wrt=names, of=[LOSS],
+                                        store_results=True).results_handle
+            whole = client.get(kept)
+            groups = halves({k: a.nbytes for k, a in whole.items()})
+            split = concurrent_get([client, second], kept.id, groups)
+            assert split.keys() == whole.keys() and all(
+                np.array_equal(split[k], whole[k]) for k in whole)
+            print("two streams: " + " | ".join(
+                f"{', '.join(g)} ({sum(whole[k].nbytes for k in g) / 1e6:.0f} MB)"
+                for g in groups))
+            del whole, split
 
             ours = gradient()  # warm-up, and the check against PyTorch
             steps = {}
@@ -131,9 +188,15 @@ def main(argv=None) -> int:
                 for step in steps.values():
                     step()
             gradient_as_handle()
+            gradient_as_handle(client2, inputs2)
             for _ in range(rounds):
                 timed("gradserve: gradient fetched in chunks", gradient)
                 timed("gradserve: gradient left on the server (handle)", gradient_as_handle)
+                timed("fetch alone: one stream (Client.get)", lambda: client.get(kept))
+                timed("fetch alone: two concurrent streams",
+                      lambda: concurrent_get([client, second], kept.id, groups))
+                timed("--blas-threads 2: gradient left on the server",
+                      lambda: gradient_as_handle(client2, inputs2))
                 for threads, step in steps.items():
                     timed(f"torch eager fwd+bwd, {threads} thread"
                           + ("s" if threads > 1 else ""), step)
@@ -144,6 +207,14 @@ def main(argv=None) -> int:
     print()
     records = []
     torch_names = [n for n in figures if n.startswith("torch")]
+    pairs = (("fetch alone: two concurrent streams", "fetch alone: one stream (Client.get)"),
+             ("--blas-threads 2: gradient left on the server",
+              "gradserve: gradient left on the server (handle)"))
+    for name, base in pairs:
+        per_round = [a / b for a, b in zip(figures[name], figures[base])]
+        print(f"{name} / {base}: per-round median {statistics.median(per_round):.2f}x, "
+              f"spread {min(per_round):.2f}-{max(per_round):.2f}x")
+    print()
     for name in [n for n in figures if n.startswith("gradserve")]:
         if not torch_names:
             records.append(ratio_line(f"P12 {name}", statistics.median(figures[name]), None,
