@@ -2,7 +2,7 @@
 float32 parameters, ~102 MB) through the Client, against a `gradserve serve` process
 with its default settings, vs the same forward and backward pass in local PyTorch.
 
-    python bench/bench_big_model.py [--quick] [--json PATH]
+    python bench/bench_big_model.py [--quick] [--experiments] [--json PATH]
 
 The model: an MLP 1024-4096-4096-1100 (ReLU, softmax cross-entropy), 25,486,412
 parameters, batch 32. gradserve's path: the parameters are put once in chunks
@@ -13,6 +13,15 @@ also the gradient left on the server as a handle (no transfer back). PyTorch:
 the same parameters, fwd + bwd (loss.backward()) at 1 and 2 threads, the faster
 the baseline. Rounds interleaved; median and spread of the per-round ratios.
 Target: works with default settings, <= 2x PyTorch. Never asserts on time.
+
+--experiments: then, in rounds of their own (not P12's: a server with two BLAS threads
+keeps a core busy after each call, ~0.1 s of OpenBLAS's threads spinning), two ideas
+measured against the default path, same-round ratios:
+- the fetch alone (Client.get of a kept results handle) over one stream vs over two
+  concurrent streams on two connections (two Clients, one thread each, each getting
+  about half the bytes by name): whether client and server gain from both cores;
+- the handle path vs the same against a second server started with
+  `--blas-threads 2`: whether the engine gains from a second BLAS thread.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is impor
 
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,8 +79,84 @@ def torch_step(torch, spec, params, X, y, threads):
     return step
 
 
+def halves(sizes: dict) -> list[list[str]]:
+    """The names in two groups of about equal bytes (largest first, each to the lighter)."""
+    groups, totals = [[], []], [0, 0]
+    for name in sorted(sizes, key=sizes.get, reverse=True):
+        k = totals.index(min(totals))
+        groups[k].append(name)
+        totals[k] += sizes[name]
+    return groups
+
+
+def concurrent_get(clients, handle_id: str, groups) -> dict:
+    """Client.get of each group of names over its own client, concurrently."""
+    parts, errors = [None] * len(groups), []
+
+    def run(k):
+        try:
+            parts[k] = clients[k].get(handle_id, groups[k])
+        except Exception as err:  # noqa: BLE001 - raised below, in this thread
+            errors.append(err)
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(1, len(groups))]
+    for t in threads:
+        t.start()
+    run(0)
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return {name: a for part in parts for name, a in part.items()}
+
+
+def experiments(address, client, graph, inputs, names, params, rounds) -> tuple[dict, str]:
+    """--experiments (see the docstring): ({figure name: seconds per round}, how the
+    tensors were split over the two streams)."""
+    figures: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        fn()
+        figures.setdefault(name, []).append(time.perf_counter() - start)
+
+    def as_handle(c, named):
+        r = c.differentiate(graph, named, wrt=names, of=[LOSS], store_results=True)
+        c.delete(r.results_handle)
+
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    with ServerProcess("--port", "0", "--blas-threads", "2") as server2, \
+            Client(address, timeout=300, options=own_connection) as second, \
+            Client(server2.wait_serving(timeout=60), timeout=300) as client2:
+        inputs2 = {**client2.put({k: params[k] for k in names}),
+                   **{k: v for k, v in inputs.items() if k not in names}}
+        kept = client.differentiate(graph, inputs, wrt=names, of=[LOSS],
+                                    store_results=True).results_handle
+        whole = client.get(kept)
+        groups = halves({k: a.nbytes for k, a in whole.items()})
+        split = concurrent_get([client, second], kept.id, groups)
+        assert split.keys() == whole.keys() and all(
+            np.array_equal(split[k], whole[k]) for k in whole)
+        split_note = "two streams: " + " | ".join(
+            f"{', '.join(g)} ({sum(whole[k].nbytes for k in g) / 1e6:.0f} MB)"
+            for g in groups)
+        del whole, split
+        as_handle(client2, inputs2)
+        time.sleep(0.5)
+        for _ in range(rounds):
+            timed("fetch alone: one stream (Client.get)", lambda: client.get(kept))
+            timed("fetch alone: two concurrent streams",
+                  lambda: concurrent_get([client, second], kept.id, groups))
+            timed("handle, default server (1 BLAS thread)", lambda: as_handle(client, inputs))
+            timed("handle, --blas-threads 2 server", lambda: as_handle(client2, inputs2))
+            time.sleep(0.5)  # its BLAS threads spin a while after a call
+        client.delete(kept)
+    return figures, split_note
+
+
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=lambda parser: parser.add_argument(
+        "--experiments", action="store_true",
+        help="then measure two fetches over two streams and a --blas-threads 2 server"))
     rounds = 3 if args.settings.quick else 7
     for line in environment_lines():
         print(line)
@@ -137,6 +223,9 @@ def main(argv=None) -> int:
                 for threads, step in steps.items():
                     timed(f"torch eager fwd+bwd, {threads} thread"
                           + ("s" if threads > 1 else ""), step)
+            trials, split_note = (
+                experiments(address, client, graph, inputs, names, params, rounds)
+                if args.experiments else ({}, ""))
     print()
     for name, seconds in figures.items():
         print(f"{name:50} median {fmt_ms(statistics.median(seconds)):>9}, "
@@ -157,9 +246,22 @@ def main(argv=None) -> int:
             baseline, TARGET, fmt=fmt_ms,
             note=(f"per-round ratios: median {statistics.median(per_round):.2f}x, spread "
                   f"{min(per_round):.2f}-{max(per_round):.2f}x")))
+    if trials:
+        print(f"\n== --experiments (rounds of their own); {split_note}\n")
+        for name, seconds in trials.items():
+            print(f"{name:50} median {fmt_ms(statistics.median(seconds)):>9}, "
+                  f"spread {fmt_ms(min(seconds))}-{fmt_ms(max(seconds))}")
+        for a, b in (("fetch alone: two concurrent streams",
+                      "fetch alone: one stream (Client.get)"),
+                     ("handle, --blas-threads 2 server",
+                      "handle, default server (1 BLAS thread)")):
+            per_round = [x / y for x, y in zip(trials[a], trials[b])]
+            print(f"{a} / {b}: per-round median {statistics.median(per_round):.2f}x, "
+                  f"spread {min(per_round):.2f}-{max(per_round):.2f}x")
     if args.json:
         write_json(args.json, {"environment": environment_lines(), "put_seconds": put_seconds,
-                               "seconds": figures, "p12": records})
+                               "seconds": figures, "p12": records,
+                               "experiments": trials})
     return 0
 
 
