@@ -131,9 +131,19 @@ def reduction(shapes, out, values=None, axes=None, keepdims=False, **_):
     shape = tuple(shapes[0])
     axes = tuple(range(len(shape))) if axes is None else tuple(a % len(shape) for a in axes)
     kept = [a for a in range(len(shape)) if a not in axes]
-    src = _index(shape).transpose(kept + list(axes)).reshape(prod(shape[a] for a in kept), -1)
+    # sizes spelled out: with an empty shape, -1 does not say how many (a zero-size
+    # input whose kept or reduced axes are empty)
+    src = _index(shape).transpose(kept + list(axes)).reshape(
+        prod(shape[a] for a in kept), prod(shape[a] for a in axes))
     dst = np.repeat(np.arange(src.shape[0], dtype=np.int64), src.shape[1])
     return [(dst, src.ravel())]
+
+
+def _slices(shape: tuple, axis: int) -> np.ndarray:
+    """The flat indices of `shape`'s elements as rows along `axis`: (slices, length),
+    the count of slices spelled out (reshape's -1 cannot infer it from an empty shape)."""
+    slices = prod(n for a, n in enumerate(shape) if a != axis)
+    return np.moveaxis(_index(shape), axis, -1).reshape(slices, shape[axis])
 
 
 def along_axis(shapes, out, values=None, axis=-1, **_):
@@ -141,7 +151,7 @@ def along_axis(shapes, out, values=None, axis=-1, **_):
     shape = tuple(shapes[0])
     axis %= len(shape)
     length = shape[axis]
-    idx = np.moveaxis(_index(shape), axis, -1).reshape(-1, length)  # (slices, L)
+    idx = _slices(shape, axis)  # (slices, L)
     cube = (idx.shape[0], length, length)
     dst = np.broadcast_to(idx[:, :, None], cube).ravel()
     src = np.broadcast_to(idx[:, None, :], cube).ravel()
@@ -159,7 +169,7 @@ def cumsum_pattern(shapes, out, values=None, axis=0, reverse=False, exclusive=Fa
     i, j = np.tril_indices(length, -1 if exclusive else 0)  # out position i sums inputs j
     if reverse:
         i, j = length - 1 - i, length - 1 - j
-    idx = np.moveaxis(_index(shape), axis, -1).reshape(-1, length)  # (rows, L)
+    idx = _slices(shape, axis)  # (rows, L)
     dst = idx[:, i].ravel()
     src = idx[:, j].ravel()
     return [(dst, src)]

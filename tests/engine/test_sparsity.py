@@ -16,6 +16,7 @@ from hypothesis import given
 from numpy.testing import assert_allclose
 
 from gradserve.engine import OPS, Graph, Input, Node, compile
+from gradserve.engine.errors import EngineError
 from gradserve.engine import sparse, sparsity as sp
 from support.graphs import SETTINGS, valid_graphs
 from support.op_table import TABLE, setup
@@ -278,3 +279,35 @@ def test_unknown_sparsity_is_refused_naming_the_field():
     with pytest.raises(DifferentiationError) as info:
         plan.jacobian({"x": np.ones(10)}, sparsity="sometimes")
     assert info.value.field == "sparsity"
+
+
+# Zero-size inputs: each rule that lays an input out as rows of a slice (reductions,
+# softmax's and cumsum's axis) once asked reshape for -1 of an empty array, which numpy
+# cannot infer (found by bench/fuzz_server.py: a sparse Jacobian of a reduction over an
+# input with an empty axis was an internal error). The sparse path answers as the dense.
+EMPTY_SLICES = [(op, shape, attrs)
+                for op in ("sum", "mean", "max", "min", "prod", "cumsum", "softmax",
+                           "log_softmax")
+                for shape, attrs in (((0, 3), {"axes": [1]}), ((3, 0), {"axes": [0]}),
+                                     ((3, 0), {"axes": [1]}), ((0,), {}), ((2, 0, 3), {}))]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("op, shape, attrs", EMPTY_SLICES,
+                         ids=[f"{op}-{shape}-{attrs}" for op, shape, attrs in EMPTY_SLICES])
+def test_zero_size_inputs_take_the_sparse_path_as_the_dense(op, shape, attrs):
+    if op in ("cumsum", "softmax", "log_softmax"):  # one axis, not a list
+        attrs = {"axis": attrs["axes"][0]} if "axes" in attrs else {}
+    try:
+        plan = compile(Graph(inputs=[Input("x", "float64", list(shape))],
+                             nodes=[Node("y", op, ["x"], attrs)], outputs=["y"]))
+        x = {"x": np.zeros(shape)}
+        dense = plan.jacobian(x, sparsity="dense").jacobian
+    except EngineError:  # refused by the op's own rule (an empty softmax, max of nothing)
+        return
+    got = plan.jacobian(x, sparsity="sparse").jacobian
+    for key, block in dense.items():
+        found = got[key]
+        found = found.todense() if hasattr(found, "todense") else found  # (rows, columns)
+        assert np.size(found) == np.size(block)
+        assert_allclose(np.ravel(found), np.ravel(block))
