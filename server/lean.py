@@ -559,22 +559,17 @@ class ReplyTemplate:
         """The template of a DifferentiateResponse's bytes `data` holding these outputs and
         Jacobian blocks, a mode, planner, graph_id and request_id only (else None)."""
         answer = {"outputs": outputs, "jacobian": jacobian}
-        pieces, holes, at, i, end = [], [], 0, 0, len(data)
-        while i < end:
-            start = i
-            key, i = _varint(data, i)
-            number, wire = key >> 3, key & 7
+        pieces, holes, at, end = [], [], 0, len(data)
+        for start, number, wire, i, length in _fields(data, 0, end):
             kind = _TEMPLATE_FIELDS.get(number)
             if wire == 0 and kind == "":  # the mode
-                _, i = _varint(data, i)
                 continue
-            if wire != 2:
+            if wire != 2 or i + length > end:
                 return None
-            length, i = _varint(data, i)
             if number == _REQUEST_ID:
                 if i + length != end:
                     return None
-                end = i = start  # cut off: written per request
+                end = start  # cut off: written per request
                 break
             if kind is None:
                 return None
@@ -591,9 +586,6 @@ class ReplyTemplate:
                     holes.append((len(pieces), kind, name, b - a, array.dtype))
                     pieces.append(None)
                     at = b
-            i += length
-        if i > end:
-            return None
         pieces.append(data[at:end])
         return cls(pieces, tuple(holes))
 
@@ -639,18 +631,13 @@ class RequestTemplate:
         """The template of a request's bytes `data` whose `inputs` (arrays) were read
         from them; None if it holds a bool input, a name twice, or a field after its
         request_id."""
-        holes, fixed, i, end, body = [], {}, 0, len(data), len(data)
-        while i < end:
-            start = i
-            key, i = _varint(data, i)
-            number, wire = key >> 3, key & 7
+        holes, fixed, end, body = [], {}, len(data), len(data)
+        for start, number, wire, i, length in _fields(data, 0, end):
             if wire == 0:
-                _, i = _varint(data, i)
                 continue
             if wire != 2:
                 return None
-            length, i = _varint(data, i)
-            if key == _REQUEST_ID_TAG:
+            if (number << 3 | wire) == _REQUEST_ID_TAG:
                 if i + length != end:
                     return None
                 body = start
@@ -662,7 +649,6 @@ class RequestTemplate:
                     return None
                 fixed[name] = found[1:]
                 holes.append(found)
-            i += length
         if len(fixed) != len(inputs) or any(a.dtype == bool for a in inputs.values()):
             return None
         pieces, at = [], 0
@@ -702,12 +688,9 @@ def _data_of(data: bytes, i: int, end: int, kind: str):
     names, value = ((_ENTRY["key"].number,), _ENTRY["value"].number) if kind == "outputs" \
         else ((_BLOCK["of"].number, _BLOCK["wrt"].number), _BLOCK["value"].number)
     found, span = [], (None,)
-    while i < end:
-        key, i = _varint(data, i)
-        number, wire = key >> 3, key & 7
+    for _, number, wire, i, length in _fields(data, i, end):
         if wire != 2:
             return None
-        length, i = _varint(data, i)
         if number in names:
             found.append(data[i:i + length].decode())
         elif number == value:
@@ -716,7 +699,6 @@ def _data_of(data: bytes, i: int, end: int, kind: str):
                 return None
         else:
             return None
-        i += length
     if len(found) != len(names) or span[0] is None:
         return None if len(found) != len(names) else (None,)
     return (found[0] if kind == "outputs" else tuple(found), *span)
@@ -725,16 +707,32 @@ def _data_of(data: bytes, i: int, end: int, kind: str):
 def _tensor_data(data: bytes, i: int, end: int):
     """(start, end) of a Tensor's data field in data[i:end], (None,) without one."""
     span = (None,)
+    for _, number, wire, i, length in _fields(data, i, end):
+        if wire == 0:
+            continue
+        if wire != 2:
+            return None
+        if number == _TENSOR["data"].number:
+            span = (i, i + length)
+    return span
+
+
+def _fields(data: bytes, i: int, end: int):
+    """(start, number, wire type, value's offset, length) of each field of the message
+    at data[i:end]: a varint's value is already read (offset past it, length 0); a
+    field of another type than varint or length-delimited ends the walk (its offset
+    and length not known: the caller gives up on it)."""
     while i < end:
+        start = i
         key, i = _varint(data, i)
         number, wire = key >> 3, key & 7
         if wire == 0:
             _, i = _varint(data, i)
-            continue
-        if wire != 2:
-            return None
-        length, i = _varint(data, i)
-        if number == _TENSOR["data"].number:
-            span = (i, i + length)
-        i += length
-    return span
+            yield start, number, 0, i, 0
+        elif wire == 2:
+            length, i = _varint(data, i)
+            yield start, number, 2, i, length
+            i += length
+        else:
+            yield start, number, wire, i, None
+            return
