@@ -17,8 +17,10 @@ for each. No timed assertion.
 CPU cost, beside the times: on a shared 2-core machine a server in its own process
 gets its own share of the CPUs, which flatters it against PyTorch in one process; so
 each call through a server process also counts the CPU seconds it took, the client's
-(this process) and the server's (/proc/PID/stat, summed over the calls), against
-torch's own CPU seconds per step, a ratio that other load does not move much.
+(this process, less its OpenBLAS workers' spinning after the in-process rows' products:
+the Client runs no product, and the spin is printed apart) and the server's
+(/proc/PID/stat, summed over the calls), against torch's own CPU seconds per step, a
+ratio that other load does not move much.
 
 Where the time goes: the engine alone (Plan.vjp on the same graph, in this
 process, which sets the allocator as `gradserve serve` does) against the whole call,
@@ -44,10 +46,16 @@ import contextlib
 import dataclasses
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+# numpy starts OpenBLAS's worker threads when it loads (in _timing, above), before gRPC,
+# torch or a server start any: every thread but this one is a BLAS worker.
+_BLAS_WORKERS = (frozenset(int(t) for t in os.listdir("/proc/self/task"))
+                 - {threading.get_native_id()})
 
 from _timing import (environment_lines, fmt_time, load_torch, measure, noise_note, parse_args,
                      print_table, ratio_line, torch_skip_message, write_json)
@@ -77,29 +85,50 @@ def server_process(**env):
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
+def _stat_cpu(path: str) -> float:
+    """CPU seconds (user + system) in a /proc stat file."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds process `pid` has used, all its threads."""
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
+def blas_workers_cpu() -> float:
+    """CPU seconds this process's OpenBLAS workers have used. After a multi-threaded
+    product they spin (OpenBLAS's thread timeout, ~0.1 s) before they sleep: a call
+    measured just after the in-process rows' products would be charged that spinning."""
+    return sum(_stat_cpu(f"/proc/self/task/{t}/stat") for t in _BLAS_WORKERS)
+
+
 class CpuCount:
     """CPU seconds per call of the functions it wraps: this process's, and a server
-    process's (clock ticks: exact only summed over many calls)."""
+    process's (clock ticks: exact only summed over many calls). A call that runs no
+    product on this process's OpenBLAS (a call through a server process: the Client
+    multiplies nothing; torch: its own BLAS and threads) counts this process's CPU less
+    what those workers used meanwhile (their spinning after another row's products),
+    which `spin` keeps apart."""
 
     def __init__(self):
         self.totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
+        self.spin = collections.Counter()
 
-    def wrap(self, name, f, pid=None, clock=time.process_time):
+    def wrap(self, name, f, pid=None, clock=time.process_time, numpy_blas=False):
         """`clock`: this process's CPU seconds, or time.thread_time for work that runs on
-        the calling thread alone (the engine at one BLAS thread)."""
+        the calling thread alone (the engine at one BLAS thread). `numpy_blas`: f runs
+        products on numpy's OpenBLAS in this process (their workers' CPU is f's)."""
         totals = self.totals[name]
 
         def call():
             c0, s0 = clock(), process_cpu(pid) if pid else 0.0
+            b0 = 0.0 if numpy_blas else blas_workers_cpu()
             f()
-            totals[0] += clock() - c0
+            spin = 0.0 if numpy_blas else blas_workers_cpu() - b0
+            totals[0] += clock() - c0 - spin
+            self.spin[name] += spin
             if pid:
                 totals[1] += process_cpu(pid) - s0
             totals[2] += 1
@@ -108,6 +137,9 @@ class CpuCount:
     def per_call(self, name) -> tuple[float, float]:
         here, server, calls = self.totals[name]
         return here / calls, server / calls
+
+    def spin_per_call(self, name) -> float:
+        return self.spin[name] / self.totals[name][2]
 
 
 _CONTROLLERS: list = []  # one threadpoolctl controller, made on first use
@@ -237,7 +269,8 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
             client = Client(address, timeout=60)
             clients.append(client)
             worst = case.check(client)
-            funcs[f"gradserve, {where}"] = cpu.wrap(where, case.gradserve_step(client), pid)
+            funcs[f"gradserve, {where}"] = cpu.wrap(where, case.gradserve_step(client), pid,
+                                                    numpy_blas=pid is None)
             funcs[f"gradserve, {where}, parameters sent each call"] = case.resending_step(client)
             if where == "in-process server":
                 funcs[f"gradserve, {where}, 1 BLAS thread"] = one_blas_thread(
@@ -248,7 +281,8 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
         # (its CPU counted inside the BLAS limit, on this thread: threadpoolctl's own
         # work per call is no part of the engine's)
         funcs["engine alone, 1 BLAS thread"] = one_blas_thread(
-            cpu.wrap("engine", case.engine_step(plan), clock=time.thread_time))
+            cpu.wrap("engine", case.engine_step(plan), clock=time.thread_time,
+                     numpy_blas=True))
         thread_counts = sorted({1, torch.get_num_threads()})
         for n in thread_counts:
             def step(n=n):
@@ -273,18 +307,25 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
         records.append(ratio_line(f"{label} {name} gradient ({call[11:]})", t.median,
                                   torch_best.median, TARGET,
                                   note=noise_note(t, torch_best)))
-    torch_cpu = min(cpu.per_call(k)[0] for k in timings if k.startswith("torch"))
-    print(f"\n   CPU per call (torch's least: {fmt_time(torch_cpu)} a step):")
+    torch_label = min((k for k in timings if k.startswith("torch")),
+                      key=lambda k: cpu.per_call(k)[0])
+    torch_cpu = cpu.per_call(torch_label)[0]
+    print(f"\n   CPU per call (torch's least: {fmt_time(torch_cpu)} a step, {torch_label}; not "
+          f"counted: numpy's BLAS workers spinning meanwhile "
+          f"{fmt_time(cpu.spin_per_call(torch_label))}):")
     for where in addresses:
         here, server = cpu.per_call(where)
         total = here + server
-        split = (f"client {fmt_time(here)} + server {fmt_time(server)}" if addresses[where][1]
+        split = (f"client {fmt_time(here)} + server {fmt_time(server)}; not counted: this "
+                 f"process's BLAS workers spinning from earlier rows "
+                 f"{fmt_time(cpu.spin_per_call(where))}" if addresses[where][1]
                  else "client and server in this process")
         print(f"   {where}: {fmt_time(total)} ({split}) = {total / torch_cpu:.2f}x torch's")
         records.append({"name": f"P9 {name} CPU per call ({where})", "value": total,
                         "baseline": torch_cpu, "ratio": total / torch_cpu,
                         "target": TARGET, "met": total / torch_cpu <= TARGET,
-                        "client_cpu": here, "server_cpu": server})
+                        "client_cpu": here, "server_cpu": server,
+                        "blas_spin_cpu": cpu.spin_per_call(where)})
     engine_cpu = cpu.per_call("engine")[0]
     for where in [w for w in addresses if addresses[w][1]]:
         here, server = cpu.per_call(where)
