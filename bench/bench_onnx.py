@@ -106,11 +106,11 @@ def blas_workers_cpu() -> float:
 
 class CpuCount:
     """CPU seconds per call of the functions it wraps: this process's, and a server
-    process's (clock ticks: exact only summed over many calls). A call that runs no
-    product on this process's OpenBLAS (a call through a server process: the Client
-    multiplies nothing; torch: its own BLAS and threads) counts this process's CPU less
-    what those workers used meanwhile (their spinning after another row's products),
-    which `spin` keeps apart."""
+    process's (clock ticks: exact only summed over many calls), from the second call on.
+    A call that runs no product on this process's OpenBLAS (a call through a server
+    process: the Client multiplies nothing; torch: its own BLAS and threads) counts this
+    process's CPU less what those workers used meanwhile (their spinning after another
+    row's products), which `spin` keeps apart."""
 
     def __init__(self):
         self.totals = collections.defaultdict(lambda: [0.0, 0.0, 0])
@@ -120,9 +120,12 @@ class CpuCount:
         """`clock`: this process's CPU seconds, or time.thread_time for work that runs on
         the calling thread alone (the engine at one BLAS thread). `numpy_blas`: f runs
         products on numpy's OpenBLAS in this process (their workers' CPU is f's)."""
-        totals = self.totals[name]
+        totals, first = self.totals[name], [True]
 
         def call():
+            if first:  # the warm-up call (plans compiled, parameters put): not counted
+                first.clear()
+                return f()
             c0, s0 = clock(), process_cpu(pid) if pid else 0.0
             b0 = 0.0 if numpy_blas else blas_workers_cpu()
             f()
