@@ -396,7 +396,8 @@ def test_the_pytorch_bridge_takes_big_parameters_through_the_store(start_server)
         w.grad = None
         (torch.sin(x) * w).sum().backward()
         torch.testing.assert_close(ours, w.grad, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(float(out.detach()), float((torch.sin(x) * w).sum()), rtol=1e-4)
+        np.testing.assert_allclose(float(out.detach()), float((torch.sin(x) * w).sum().detach()),
+                                   rtol=1e-4)
         assert len(server.servicer.store) == 0  # what the client put for the calls is freed
 
 
