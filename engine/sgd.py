@@ -76,9 +76,6 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
                              f"parameter's {params[name].dtype}{list(params[name].shape)}",
                              node=name, field="velocity")
         velocity[name] = v
-    for name, p in params.items():
-        if name not in velocity:
-            velocity[name] = np.zeros_like(p)
     step = LossGradient(plan, names, loss, budget)
     update = MomentumUpdate(params, velocity, learning_rate, momentum)
     losses = []
@@ -103,18 +100,20 @@ class MomentumUpdate:
     def __init__(self, params: dict, velocity: dict, learning_rate: float, momentum: float):
         self.groups = []  # (lr, mu, flat parameters, flat buffers, flat lr * v, buffer views)
         self.params, self.velocity = dict.fromkeys(params), dict.fromkeys(params)
-        dtypes = [p.dtype for p in params.values()]
-        for dtype in dict.fromkeys(dtypes):
-            group = [(i, n, p) for i, (n, p) in enumerate(params.items()) if p.dtype == dtype]
-            flat_p = np.concatenate([p.reshape(-1) for _, _, p in group])  # (a new array)
-            flat_v = np.concatenate([velocity[n].reshape(-1) for _, n, _ in group])
-            views, at = [], 0
-            for i, n, p in group:
-                end = at + p.size
-                self.params[n] = _view(flat_p, at, end, p.shape)
-                self.velocity[n] = v = _view(flat_v, at, end, p.shape)
+        for dtype, group in _layout(params).items():
+            flat_p = np.concatenate([params[n] for _, n, _, _ in group], axis=None)
+            if all(n in velocity for _, n, _, _ in group):
+                flat_v = np.concatenate([velocity[n] for _, n, _, _ in group], axis=None)
+            else:  # a buffer not given is zeros
+                flat_v = np.zeros_like(flat_p)
+                for _, n, part, shape in group:
+                    if n in velocity:
+                        flat_v[part] = velocity[n].reshape(-1)
+            views = []
+            for i, n, part, shape in group:
+                self.params[n] = flat_p[part].reshape(shape)
+                self.velocity[n] = v = flat_v[part].reshape(shape)
                 views.append((i, v))
-                at = end
             self.groups.append((dtype.type(learning_rate), dtype.type(momentum), flat_p,
                                 flat_v, np.empty_like(flat_p), views))
 
@@ -127,9 +126,14 @@ class MomentumUpdate:
             p -= lr_v
 
 
-def _view(flat: np.ndarray, start: int, end: int, shape: tuple) -> np.ndarray:
-    part = flat[start:end]
-    return part if len(shape) == 1 else part.reshape(shape)
+def _layout(params: dict) -> dict:
+    """dtype -> [(position, name, slice of the flat array, shape)] of the parameters."""
+    groups: dict = {}
+    for i, (name, p) in enumerate(params.items()):
+        group = groups.setdefault(p.dtype, [])
+        start = group[-1][2].stop if group else 0
+        group.append((i, name, slice(start, start + p.size), p.shape))
+    return groups
 
 
 class Binding(NamedTuple):
