@@ -236,7 +236,7 @@ class LossGradient:
             sweep = loss_sweep_steps(plan, loss, shapes)
             all_needs = plan.needs(setup.wrt)
             needs = [all_needs[j] for j in sweep.index]
-            compiled = compiled_sweep(plan, loss, sweep, needs, self.names)
+            compiled = compiled_sweep(plan, loss, sweep, needs, self.names, shapes)
         template = bound.vals[:]
         template[:len(plan.input_names)] = [None] * len(plan.input_names)
         forms = tuple((name, plan.slot[name], value.shape, value.dtype)

@@ -247,3 +247,49 @@ def test_the_compiled_sweep_is_the_reverse_sweep():
                 assert g is None
             else:
                 np.testing.assert_array_equal(g, cots[s])
+
+
+@pytest.mark.parametrize("op, attrs, shapes", [
+    ("matmul", {}, [(6, 5), (5, 3)]),
+    ("matmul", {}, [(1, 5), (5, 1)]),
+    ("add", {}, [(6, 3), (3,)]),
+    ("add", {}, [(6, 3), (1, 3)]),
+    ("add", {}, [(6, 1), (6, 3)]),
+    ("add", {}, [(2, 6, 3), (6, 1)]),
+    ("add", {}, [(6, 3), (6, 3)]),
+    ("relu", {}, [(6, 3)]),
+    ("log_softmax", {"axis": 1}, [(6, 3)]),
+    ("log_softmax", {"axis": 0}, [(6, 3)]),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_kernels_are_their_rows_bitwise(op, attrs, shapes, dtype):
+    """engine/direct.py's kernels (a compiled training sweep's eval and vjps at known
+    shapes) compute what the op's row computes, bit for bit, for one seed direction."""
+    from gradserve.engine import direct
+    from gradserve.engine.ops import OPS
+
+    row = OPS[op]
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    if op == "relu":
+        xs[0][0] = 0  # the kink: relu'(0) = 0 in both
+    ans = row.eval(*xs, **attrs)
+    g = rng.standard_normal((1,) + ans.shape).astype(dtype)
+    found = direct.kernels(op, attrs, shapes, ans.shape)
+    assert found is not None
+    names = {f"x{i}": x for i, x in enumerate(xs)}
+
+    def run(src):
+        code = src.format(*names, g="g", ans="ans")
+        return eval(code, dict(direct.ENV), {**names, "g": g, "ans": ans})  # noqa: S307
+
+    if found.eval is not None:
+        value = run(found.eval)
+        assert value.dtype == ans.dtype
+        np.testing.assert_array_equal(value, ans)
+    assert found.vjps
+    for pos, src in found.vjps.items():
+        expected = row.vjp(pos, g, tuple(xs), ans, **attrs)
+        pulled = run(src)
+        assert pulled.shape == expected.shape and pulled.dtype == expected.dtype
+        np.testing.assert_array_equal(pulled, expected)
