@@ -47,12 +47,37 @@ def loss_steps(plan, loss: str) -> LossSteps:
 
 
 # A training call's sweep is compiled (engine/sweeps.py's compiled_reverse) for plans of
-# at most this many steps; longer ones run in the interpreter. Compiling takes ~30 KB a
-# step while it runs (measured: 7.8 MB for 256 steps, once per plan, loss, parameter
-# names and input shapes) and keeps ~700 bytes a step, counted in Plan.cache_bytes as
-# COMPILED_STEP_BYTES per entry of the plan's `loss_tails`.
+# at most this many steps and input references; longer ones run in the interpreter.
+# Compiling takes memory while it runs (Python's parser and compiler over the generated
+# source: measured ~40 KB a step of a dense layer's, ~18 KB more per input reference;
+# 10 MB for 254 steps), declared as COMPILE_STEP_BYTES per step plus
+# COMPILE_REFERENCE_BYTES per reference on the call that compiles (compile_bytes), and
+# keeps ~700 bytes a step, counted in Plan.cache_bytes as COMPILED_STEP_BYTES per entry
+# of the plan's `loss_tails`.
 COMPILED_MAX_STEPS = 256
+COMPILED_MAX_REFERENCES = 1024
+COMPILE_STEP_BYTES = 32 << 10
+COMPILE_REFERENCE_BYTES = 24 << 10
 COMPILED_STEP_BYTES = 1024
+
+
+def _compiles(tail: LossSteps) -> bool:
+    return (len(tail.steps) <= COMPILED_MAX_STEPS
+            and sum(len(st.ins) for st in tail.steps) <= COMPILED_MAX_REFERENCES)
+
+
+def _compiled_key(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) -> tuple:
+    return ("compiled", loss, bool(tail.fused), names,
+            tuple(shapes[n] for n in plan.input_names))
+
+
+def compile_bytes(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) -> int:
+    """The memory compiled_sweep takes while it compiles these steps (0: nothing to
+    compile, kept from an earlier call or run in the interpreter)."""
+    if not _compiles(tail) or _compiled_key(plan, loss, tail, names, shapes) in plan.loss_tails:
+        return 0
+    return (COMPILE_STEP_BYTES * len(tail.steps)
+            + COMPILE_REFERENCE_BYTES * sum(len(st.ins) for st in tail.steps))
 
 
 def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, shapes: dict):
@@ -60,10 +85,9 @@ def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, 
     the same]) for a training step's reverse sweep over `tail`'s steps at these shapes
     (engine/direct.py's kernels where a row has one; cached per plan, loss, tail,
     parameter names and input shapes), or None for a plan too long to compile."""
-    if len(tail.steps) > COMPILED_MAX_STEPS:
+    if not _compiles(tail):
         return None
-    key = ("compiled", loss, bool(tail.fused), names,
-           tuple(shapes[n] for n in plan.input_names))
+    key = _compiled_key(plan, loss, tail, names, shapes)
     found = plan.loss_tails.get(key)
     if found is None:
         wanted = [plan.slot[loss]] + [plan.slot[n] for n in names]

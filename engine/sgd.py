@@ -23,7 +23,7 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
-from .losses import compiled_sweep, keep as keep_binding, sweep_steps as loss_sweep_steps
+from .losses import compile_bytes, compiled_sweep, keep as keep_binding, sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
@@ -227,13 +227,15 @@ class LossGradient:
         setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
         if setup.decision.mode != "reverse":
             return None
-        if budget.limited:
-            jacobian.admit(plan, shapes, setup, budget)
         b = self.binding
-        if b is not None and shapes is b.shapes and setup is b.setup:
-            sweep, needs, compiled = b.sweep, b.needs, b.compiled
+        reuse = b is not None and shapes is b.shapes and setup is b.setup
+        sweep = b.sweep if reuse else loss_sweep_steps(plan, loss, shapes)
+        if budget.limited:  # with the compiling's own memory, when this call compiles
+            jacobian.admit(plan, shapes, setup, budget, extra=0 if reuse else compile_bytes(
+                plan, loss, sweep, self.names, shapes))
+        if reuse:
+            needs, compiled = b.needs, b.compiled
         else:
-            sweep = loss_sweep_steps(plan, loss, shapes)
             all_needs = plan.needs(setup.wrt)
             needs = [all_needs[j] for j in sweep.index]
             compiled = compiled_sweep(plan, loss, sweep, needs, self.names, shapes)

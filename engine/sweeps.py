@@ -340,14 +340,15 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted, kernels=None, stu
             continue
         names = [f"v{i}" for i in st.ins]
         vjps = kernels[j].vjps if kernels[j] is not None else {}
-        xs = "(" + "".join(f"{n}, " for n in names) + ")"
         lines += [f"    g = c{st.out}", "    if g is not None:", f"        c{st.out} = None"]
+        if any(pos not in vjps for pos in needs[j]):  # the inputs' tuple, once per step
+            lines.append("        xs = (" + "".join(f"{n}, " for n in names) + ")")
         for pos in needs[j]:
             i = st.ins[pos]
             if pos in vjps:
                 pulled = vjps[pos].format(*names, g="g", ans=f"v{st.out}")
             else:
-                pulled = f"b{j}({pos}, g, {xs}, v{st.out})"
+                pulled = f"b{j}({pos}, g, xs, v{st.out})"
             lines += [f"        gi = {pulled}",
                       f"        c{i} = gi if c{i} is None else c{i} + gi"]
     lines.append("    return [" + ", ".join(f"v{s}" for s in wanted) + "], ["
