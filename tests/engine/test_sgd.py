@@ -63,9 +63,10 @@ def one_jacobian_at_a_time(plan, params, steps, velocity=None):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stacked", [True, False])
-def test_k_steps_equal_k_jacobians_bitwise(dtype, stacked):
+@pytest.mark.parametrize("k", [5, 1])  # (one step: updated parameter by parameter)
+def test_k_steps_equal_k_jacobians_bitwise(dtype, stacked, k):
     plan = mlp_plan(np.dtype(dtype).name)
-    params, steps = start(dtype)
+    params, steps = start(dtype, k=k)
     before = {n: p.copy() for n, p in params.items()}
     velocity = {"W1": np.full((5, 4), 0.5, dtype)}  # one buffer given, the others zeros
     batches = ({n: np.stack([s[n] for s in steps]) for n in ("X", "Y")} if stacked
