@@ -52,13 +52,20 @@ def loss_steps(plan, loss: str) -> LossSteps:
 # source: measured ~40 KB a step of a dense layer's, ~18 KB more per input reference;
 # 10 MB for 254 steps), declared as COMPILE_STEP_BYTES per step plus
 # COMPILE_REFERENCE_BYTES per reference on the call that compiles (compile_bytes), and
-# keeps ~700 bytes a step, counted in Plan.cache_bytes as COMPILED_STEP_BYTES per entry
-# of the plan's `loss_tails`.
+# keeps ~700 bytes a step and ~550 a reference, counted in Plan.cache_bytes as
+# COMPILED_STEP_BYTES and COMPILED_REFERENCE_BYTES per entry of the plan's `loss_tails`.
 COMPILED_MAX_STEPS = 256
 COMPILED_MAX_REFERENCES = 1024
 COMPILE_STEP_BYTES = 32 << 10
 COMPILE_REFERENCE_BYTES = 24 << 10
 COMPILED_STEP_BYTES = 1024
+COMPILED_REFERENCE_BYTES = 1024
+
+
+def kept_bytes(plan) -> int:
+    """What one entry of a plan's `loss_tails` may keep (a compiled sweep, the most)."""
+    return (COMPILED_STEP_BYTES * len(plan.steps)
+            + COMPILED_REFERENCE_BYTES * plan.references)
 
 
 def _compiles(tail: LossSteps) -> bool:

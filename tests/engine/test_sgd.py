@@ -323,7 +323,9 @@ def test_compiling_a_training_sweep_takes_at_most_its_declared_memory(make, size
     compiling takes: measured by tracemalloc over the whole call, under the figure its
     admission adds; over a limit below that figure it is refused before compiling, and
     a later call that finds the sweep compiled is not charged for it. (A concat of 1000
-    parameters took ~900 MB to compile when each of its vjp calls listed all 1000.)"""
+    parameters took ~900 MB to compile when each of its vjp calls listed all 1000.) What it
+    keeps, the graph cache counts (it counted 7 KB for the 1000 references' 0.5 MB)."""
+    import gc
     import tracemalloc
 
     from gradserve.engine import losses
@@ -348,14 +350,20 @@ def test_compiling_a_training_sweep_takes_at_most_its_declared_memory(make, size
         sgd_steps(plan, params, batch, learning_rate=LR, max_bytes=declared - 1)
     assert not any(k[0] == "compiled" for k in plan.loss_tails)  # refused before compiling
 
+    counted = plan.cache_bytes
+    gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        first = sgd_steps(plan, params, batch, learning_rate=LR)
+        first = sgd_steps(plan, params, batch, learning_rate=LR).losses
         peak = tracemalloc.get_traced_memory()[1] - base
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - base  # (the result's arrays are gone)
     finally:
         tracemalloc.stop()
     assert 0 < peak <= declared, (peak, declared)
+    # what the compiled sweep keeps, as the graph cache counts it (Plan.cache_bytes)
+    assert 0 < kept <= plan.cache_bytes - counted, (kept, plan.cache_bytes - counted)
     assert losses.compile_bytes(plan, "loss", tail, tuple(params), shapes) == 0
     again = sgd_steps(plan, params, batch, learning_rate=LR, max_bytes=declared - 1)
-    assert again.losses == first.losses
+    assert again.losses == first
