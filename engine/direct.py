@@ -20,7 +20,9 @@ import numpy as np
 
 from .blocked import unblocked
 
-ENV = {"matmul": np.matmul, "add": np.add, "maximum": np.maximum, "exp": np.exp}
+# (add.reduce: what ndarray.sum calls, without its Python wrapper)
+ENV = {"matmul": np.matmul, "add": np.add, "maximum": np.maximum, "exp": np.exp,
+       "add_reduce": np.add.reduce}
 
 
 class Kernels(NamedTuple):
@@ -52,11 +54,11 @@ def _unbroadcast(shape, out) -> str:
         return "{g}"
     src, extra = "{g}", len(out) - len(shape)
     if extra > 0:
-        src += f".sum(axis={tuple(range(1, 1 + extra))})"
+        src = f"add_reduce({src}, {tuple(range(1, 1 + extra))})"
     kept = out[extra:]
     axes = tuple(i + 1 for i, d in enumerate(shape) if d == 1 and kept[i] != 1)
     if axes:
-        src += f".sum(axis={axes}, keepdims=True)"
+        src = f"add_reduce({src}, {axes}, None, None, True)"
     return src
 
 
@@ -71,7 +73,8 @@ def _relu(attrs, shapes, out):
 
 def _log_softmax(attrs, shapes, out):
     axis = int(attrs["axis"]) + 1
-    return Kernels(None, {0: f"{{g}} - exp({{ans}}) * {{g}}.sum(axis={axis}, keepdims=True)"})
+    return Kernels(None, {0: f"{{g}} - exp({{ans}}) * add_reduce({{g}}, {axis}, None, None, "
+                             "True)"})
 
 
 _FORMS = {"matmul": _matmul, "add": _add, "relu": _relu, "log_softmax": _log_softmax}

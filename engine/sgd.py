@@ -23,7 +23,8 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
-from .losses import compile_bytes, compiled_sweep, keep as keep_binding, sweep_steps as loss_sweep_steps
+from .losses import compile_bytes, compiled_sweep, keep as keep_binding
+from .losses import sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
