@@ -10,10 +10,11 @@ factor, in the same float arithmetic as the four rows' vjps (the same bits). Its
 are at most the four rows' (the same forward values, fewer backward arrays), so a
 plan's declared costs still bound it.
 
-`compiled_sweep` gives those steps' reverse sweep as one generated function
-(engine/sweeps.py's compiled_reverse: the same sweep without per-step dispatch). The
-plan's `loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no
-arrays.
+`compiled_sweep` gives those steps' reverse sweep at one set of input shapes as one
+generated function (engine/sweeps.py's compiled_reverse: the same sweep without
+per-step dispatch), with engine/direct.py's kernels where a row has them and the fused
+tail's own, and the values dropped to their shapes as Stubs made once. The plan's
+`loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no arrays.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def loss_steps(plan, loss: str) -> LossSteps:
 # A training call's sweep is compiled (engine/sweeps.py's compiled_reverse) for plans of
 # at most this many steps and input references; longer ones run in the interpreter.
 # Compiling takes memory while it runs (Python's parser and compiler over the generated
-# source: measured ~40 KB a step of a dense layer's, ~18 KB more per input reference;
-# 10 MB for 254 steps), declared as COMPILE_STEP_BYTES per step plus
+# source: measured ~40 KB a step of dense layers, their references included, ~18 KB a
+# reference of a concat's; 10 MB for 254 steps), declared as COMPILE_STEP_BYTES per step plus
 # COMPILE_REFERENCE_BYTES per reference on the call that compiles (compile_bytes), and
 # keeps ~700 bytes a step and ~550 a reference, counted in Plan.cache_bytes as
 # COMPILED_STEP_BYTES and COMPILED_REFERENCE_BYTES per entry of the plan's `loss_tails`.
