@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from math import prod
+
 import numpy as np
 
 from .sweeps import checkpoint
@@ -36,3 +38,13 @@ def matmul(a, b):
         else:
             np.matmul(a[..., start:stop, :], b, out=out[..., start:stop])
     return out
+
+
+def unblocked(a_shape: tuple, b_shape: tuple) -> bool:
+    """Whether matmul(a, b) at these shapes is one np.matmul (no blocks): its own test."""
+    if len(a_shape) < 2:
+        return True
+    m = a_shape[-2]
+    work = 2 * max(prod(a_shape) * (b_shape[-1] if len(b_shape) > 1 else 1),
+                   prod(b_shape) * m)
+    return work <= BLOCK_FLOPS or m < 2

@@ -174,6 +174,7 @@ class Plan:
                       for st, f, d in zip(steps, free, drop)]
         # A cancelled call is noticed before each heavy op (matmul, or a value of 64K+
         # elements or of a size known only at run time) and at least every 64 ops.
+        self.references = sum(len(st.ins) for st in self.steps)  # (for cache_bytes)
         self.points = check_points([_heavy(op, self.shapes[node.name])
                                     for node, op, _ in self.nodes])
 
@@ -279,7 +280,7 @@ class Plan:
                        + len(self._points_cache))
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
-                + len(self.loss_tails) * len(self.steps) * losses.COMPILED_STEP_BYTES
+                + len(self.loss_tails) * losses.kept_bytes(self)
                 + len(self.jacobian_setups) * _SETUP_BYTES
                 + sum(a.nbytes for a in self.patterns.values()))
 

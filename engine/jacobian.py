@@ -151,13 +151,14 @@ def setup_for(plan, bound, wrt, of, mode, ratio) -> JacobianSetup:
     return setup
 
 
-def admit(plan, shapes, setup: JacobianSetup, budget: Budget) -> None:
-    """The budget's refusal, before any work, of a Jacobian over a bound."""
+def admit(plan, shapes, setup: JacobianSetup, budget: Budget, extra: int = 0) -> None:
+    """The budget's refusal, before any work, of a Jacobian over a bound (`extra`: bytes
+    its caller needs beside it)."""
     d = setup.decision
     reply = plan.nbytes(shapes, plan.output_names) + setup.result_bytes
     budget.admit(plan, shapes, Need(
         d.n if d.mode == "forward" else d.m, reply, "outputs and Jacobian blocks", "of",
-        extra=setup.result_bytes + setup.seed_bytes, block=setup.largest_block,
+        extra=setup.result_bytes + setup.seed_bytes + extra, block=setup.largest_block,
         block_hint="ask for fewer `of`/`wrt` or use JVPs/VJPs"))
 
 

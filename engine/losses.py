@@ -10,18 +10,22 @@ factor, in the same float arithmetic as the four rows' vjps (the same bits). Its
 are at most the four rows' (the same forward values, fewer backward arrays), so a
 plan's declared costs still bound it.
 
-`compiled_sweep` gives those steps' reverse sweep as one generated function
-(engine/sweeps.py's compiled_reverse: the same sweep without per-step dispatch). The
-plan's `loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no
-arrays.
+`compiled_sweep` gives those steps' reverse sweep at one set of input shapes as one
+generated function (engine/sweeps.py's compiled_reverse: the same sweep without
+per-step dispatch), with engine/direct.py's kernels where a row has them and the fused
+tail's own, and the values dropped to their shapes as Stubs made once. The plan's
+`loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no arrays.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from .ops.reductions import _count, _expand
-from .sweeps import Step, compiled_reverse
+import numpy as np
+
+from . import direct
+from .ops.reductions import _count, _expand, _mean
+from .sweeps import Step, Stub, compiled_reverse
 
 _TAIL = ("mul", "sum", "mean", "neg")
 
@@ -31,6 +35,7 @@ class LossSteps(NamedTuple):
     points: tuple  # where the sweep checks, as in the plan's
     index: tuple  # per step, the plan's step whose needs (input positions) it has
     fused: tuple  # the names of the product's two factors when the tail was fused, else ()
+    chain: tuple = ()  # the tail's four node names (neg, mean, sum, mul) when fused
 
 
 def loss_steps(plan, loss: str) -> LossSteps:
@@ -43,25 +48,71 @@ def loss_steps(plan, loss: str) -> LossSteps:
 
 
 # A training call's sweep is compiled (engine/sweeps.py's compiled_reverse) for plans of
-# at most this many steps; longer ones run in the interpreter. Compiling takes ~30 KB a
-# step while it runs (measured: 7.8 MB for 256 steps, once per plan, loss and parameter
-# names) and keeps ~700 bytes a step, counted in Plan.cache_bytes as COMPILED_STEP_BYTES
-# per entry of the plan's `loss_tails`.
+# at most this many steps and input references; longer ones run in the interpreter.
+# Compiling takes memory while it runs (Python's parser and compiler over the generated
+# source: measured ~40 KB a step of dense layers, their references included, ~18 KB a
+# reference of a concat's; 10 MB for 254 steps), declared as COMPILE_STEP_BYTES per step plus
+# COMPILE_REFERENCE_BYTES per reference on the call that compiles (compile_bytes), and
+# keeps ~700 bytes a step and ~550 a reference, counted in Plan.cache_bytes as
+# COMPILED_STEP_BYTES and COMPILED_REFERENCE_BYTES per entry of the plan's `loss_tails`.
 COMPILED_MAX_STEPS = 256
+COMPILED_MAX_REFERENCES = 1024
+COMPILE_STEP_BYTES = 32 << 10
+COMPILE_REFERENCE_BYTES = 24 << 10
 COMPILED_STEP_BYTES = 1024
+COMPILED_REFERENCE_BYTES = 1024
 
 
-def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple):
+def kept_bytes(plan) -> int:
+    """What one entry of a plan's `loss_tails` may keep (a compiled sweep, the most)."""
+    return (COMPILED_STEP_BYTES * len(plan.steps)
+            + COMPILED_REFERENCE_BYTES * plan.references)
+
+
+def _compiles(tail: LossSteps) -> bool:
+    return (len(tail.steps) <= COMPILED_MAX_STEPS
+            and sum(len(st.ins) for st in tail.steps) <= COMPILED_MAX_REFERENCES)
+
+
+def _compiled_key(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) -> tuple:
+    return ("compiled", loss, bool(tail.fused), names,
+            tuple(shapes[n] for n in plan.input_names))
+
+
+def compile_bytes(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) -> int:
+    """The memory compiled_sweep takes while it compiles these steps (0: nothing to
+    compile, kept from an earlier call or run in the interpreter)."""
+    if not _compiles(tail) or _compiled_key(plan, loss, tail, names, shapes) in plan.loss_tails:
+        return 0
+    return (COMPILE_STEP_BYTES * len(tail.steps)
+            + COMPILE_REFERENCE_BYTES * sum(len(st.ins) for st in tail.steps))
+
+
+def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, shapes: dict):
     """run(vals, seeds, check) -> ([loss value, parameter values...], [cotangents of
-    the same]) for a training step's reverse sweep over `tail`'s steps (cached per plan,
-    loss, tail and parameter names), or None for a plan too long to compile."""
-    if len(tail.steps) > COMPILED_MAX_STEPS:
+    the same]) for a training step's reverse sweep over `tail`'s steps at these shapes
+    (engine/direct.py's kernels where a row has one; cached per plan, loss, tail,
+    parameter names and input shapes), or None for a plan too long to compile."""
+    if not _compiles(tail):
         return None
-    key = (loss, bool(tail.fused), names)
+    key = _compiled_key(plan, loss, tail, names, shapes)
     found = plan.loss_tails.get(key)
     if found is None:
         wanted = [plan.slot[loss]] + [plan.slot[n] for n in names]
-        found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted)
+        slot_names = list(plan.slot)
+        kernels = []
+        for st, j in zip(tail.steps, tail.index):
+            node, op, attrs = plan.nodes[j]
+            if st.op == "mean_product":
+                kernels.append(_tail_kernels(plan, tail, shapes))
+            else:
+                kernels.append(direct.kernels(op.name, attrs, [shapes[n] for n in node.inputs],
+                                              shapes[node.name]))
+        stubs = {s: Stub(shapes[slot_names[s]], plan.np_dtypes[slot_names[s]],
+                         len(shapes[slot_names[s]]))
+                 for st in tail.steps for s in st.drop}
+        found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted,
+                                 kernels, stubs, {**direct.ENV, **_TAIL_ENV})
         keep(plan, key, found)
     return found
 
@@ -126,7 +177,8 @@ def _loss_steps(plan, loss_slot: int) -> LossSteps:
         index.append(chain[3] if j == chain[0] else j)
     points = tuple(sorted({min(at[j], len(new_steps) - 1) for j in plan.points}))
     names = list(plan.slot)
-    return LossSteps(new_steps, points, tuple(index), tuple(names[s] for s in mul.ins))
+    return LossSteps(new_steps, points, tuple(index), tuple(names[s] for s in mul.ins),
+                     tuple(steps[j].node for j in chain))
 
 
 def _without(chain, steps, field) -> tuple:
@@ -157,3 +209,34 @@ def _pull(sum_attrs, mean_attrs):
         g = _expand(-g, mean_axes, mean_keep) / _count(summed, mean_axes)
         return _expand(g, sum_axes, sum_keep) * x[1 - i]
     return vjp
+
+
+_TAIL_ENV = {"negative": np.negative, "multiply": np.multiply, "add_reduce": np.add.reduce,
+             "mean_": _mean}
+
+
+def _tail_kernels(plan, tail: LossSteps, shapes) -> direct.Kernels:
+    """The fused tail's eval and pull as direct kernels at these shapes: the four rows'
+    calls (mul, sum, mean, neg) and _pull's, its shapes and count worked out once."""
+    _, mean, total, _ = tail.chain
+    attrs = {node.name: a for node, _, a in plan.nodes}
+    sum_axes, sum_keep = attrs[total]["axes"], attrs[total]["keepdims"]
+    mean_axes, mean_keep = attrs[mean]["axes"], attrs[mean]["keepdims"]
+    evaluate = (f"negative(mean_(add_reduce(multiply({{0}}, {{1}}), axis={sum_axes}, "
+                f"keepdims={sum_keep}, dtype={{0}}.dtype), {mean_axes}, {mean_keep}))")
+    g_shape, pulled = (1,) + shapes[mean], "(-{g})"
+    if not mean_keep and mean_axes:
+        g_shape = _inserted(g_shape, mean_axes)
+        pulled += f".reshape({g_shape})"
+    pulled = f"({pulled} / {_count(shapes[total], mean_axes)})"
+    if not sum_keep and sum_axes:
+        pulled += f".reshape({_inserted(g_shape, sum_axes)})"
+    return direct.Kernels(evaluate, {0: pulled + " * {1}", 1: pulled + " * {0}"})
+
+
+def _inserted(shape: tuple, axes) -> tuple:
+    """_expand's shape: a unit axis after the direction axis for each reduced axis."""
+    shape = list(shape)
+    for a in sorted(axes):
+        shape.insert(a + 1, 1)
+    return tuple(shape)

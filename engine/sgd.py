@@ -23,7 +23,8 @@ from . import jacobian
 from .budget import Budget
 from .errors import DifferentiationError, InputError, ResourceLimitError
 from .ir import FLOAT_DTYPES
-from .losses import compiled_sweep, keep as keep_binding, sweep_steps as loss_sweep_steps
+from .losses import compile_bytes, compiled_sweep, keep as keep_binding
+from .losses import sweep_steps as loss_sweep_steps
 from .sweeps import reverse_sweep
 
 
@@ -76,11 +77,9 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
                              f"parameter's {params[name].dtype}{list(params[name].shape)}",
                              node=name, field="velocity")
         velocity[name] = v
-    for name, p in params.items():
-        if name not in velocity:
-            velocity[name] = np.zeros_like(p)
     step = LossGradient(plan, names, loss, budget)
-    update = MomentumUpdate(params, velocity, learning_rate, momentum)
+    update = (MomentumUpdate if steps > 1 else OneUpdate)(params, velocity, learning_rate,
+                                                          momentum)
     losses = []
     for k in range(steps):
         if check is not None:
@@ -103,18 +102,20 @@ class MomentumUpdate:
     def __init__(self, params: dict, velocity: dict, learning_rate: float, momentum: float):
         self.groups = []  # (lr, mu, flat parameters, flat buffers, flat lr * v, buffer views)
         self.params, self.velocity = dict.fromkeys(params), dict.fromkeys(params)
-        dtypes = [p.dtype for p in params.values()]
-        for dtype in dict.fromkeys(dtypes):
-            group = [(i, n, p) for i, (n, p) in enumerate(params.items()) if p.dtype == dtype]
-            flat_p = np.concatenate([p.reshape(-1) for _, _, p in group])  # (a new array)
-            flat_v = np.concatenate([velocity[n].reshape(-1) for _, n, _ in group])
-            views, at = [], 0
-            for i, n, p in group:
-                end = at + p.size
-                self.params[n] = _view(flat_p, at, end, p.shape)
-                self.velocity[n] = v = _view(flat_v, at, end, p.shape)
+        for dtype, group in _layout(params).items():
+            flat_p = np.concatenate([params[n] for _, n, _, _ in group], axis=None)
+            if all(n in velocity for _, n, _, _ in group):
+                flat_v = np.concatenate([velocity[n] for _, n, _, _ in group], axis=None)
+            else:  # a buffer not given is zeros
+                flat_v = np.zeros_like(flat_p)
+                for _, n, part, shape in group:
+                    if n in velocity:
+                        flat_v[part] = velocity[n].reshape(-1)
+            views = []
+            for i, n, part, shape in group:
+                self.params[n] = flat_p[part].reshape(shape)
+                self.velocity[n] = v = flat_v[part].reshape(shape)
                 views.append((i, v))
-                at = end
             self.groups.append((dtype.type(learning_rate), dtype.type(momentum), flat_p,
                                 flat_v, np.empty_like(flat_p), views))
 
@@ -127,9 +128,36 @@ class MomentumUpdate:
             p -= lr_v
 
 
-def _view(flat: np.ndarray, start: int, end: int, shape: tuple) -> np.ndarray:
-    part = flat[start:end]
-    return part if len(shape) == 1 else part.reshape(shape)
+class OneUpdate:
+    """MomentumUpdate for a call of one step: the same arithmetic parameter by
+    parameter into new arrays (four NumPy calls each), without the flat arrays' copies
+    and views, which cost more than they save over one step."""
+
+    def __init__(self, params: dict, velocity: dict, learning_rate: float, momentum: float):
+        self.params, self.given, self.velocity = params, velocity, {}
+        self.rates = {dtype: (dtype.type(learning_rate), dtype.type(momentum))
+                      for dtype in {p.dtype for p in params.values()}}
+
+    def __call__(self, gradients: list) -> None:
+        params, rates, given = {}, self.rates, self.given
+        for (name, p), g in zip(self.params.items(), gradients):
+            lr, mu = rates[p.dtype]
+            v = given.get(name)
+            v = np.zeros_like(p) if v is None else np.multiply(v, mu)  # (mu * 0 is 0)
+            v += g
+            self.velocity[name] = v
+            params[name] = p - np.multiply(lr, v)
+        self.params = params
+
+
+def _layout(params: dict) -> dict:
+    """dtype -> [(position, name, slice of the flat array, shape)] of the parameters."""
+    groups: dict = {}
+    for i, (name, p) in enumerate(params.items()):
+        group = groups.setdefault(p.dtype, [])
+        start = group[-1][2].stop if group else 0
+        group.append((i, name, slice(start, start + p.size), p.shape))
+    return groups
 
 
 class Binding(NamedTuple):
@@ -223,16 +251,18 @@ class LossGradient:
         setup = jacobian.setup_for(plan, bound, self.names, self.of, "auto", None)
         if setup.decision.mode != "reverse":
             return None
-        if budget.limited:
-            jacobian.admit(plan, shapes, setup, budget)
         b = self.binding
-        if b is not None and shapes is b.shapes and setup is b.setup:
-            sweep, needs, compiled = b.sweep, b.needs, b.compiled
+        reuse = b is not None and shapes is b.shapes and setup is b.setup
+        sweep = b.sweep if reuse else loss_sweep_steps(plan, loss, shapes)
+        if budget.limited:  # with the compiling's own memory, when this call compiles
+            jacobian.admit(plan, shapes, setup, budget, extra=0 if reuse else compile_bytes(
+                plan, loss, sweep, self.names, shapes))
+        if reuse:
+            needs, compiled = b.needs, b.compiled
         else:
-            sweep = loss_sweep_steps(plan, loss, shapes)
             all_needs = plan.needs(setup.wrt)
             needs = [all_needs[j] for j in sweep.index]
-            compiled = compiled_sweep(plan, loss, sweep, needs, self.names)
+            compiled = compiled_sweep(plan, loss, sweep, needs, self.names, shapes)
         template = bound.vals[:]
         template[:len(plan.input_names)] = [None] * len(plan.input_names)
         forms = tuple((name, plan.slot[name], value.shape, value.dtype)

@@ -291,15 +291,23 @@ def _backward(steps, vals, seeds, needs, check, points, record):
     return cots
 
 
-def compiled_reverse(steps, needs, points, seed_slots, wanted):
+def compiled_reverse(steps, needs, points, seed_slots, wanted, kernels=None, stubs=None,
+                     env=None):
     """reverse_sweep over these steps as one generated Python function, for a caller that
     runs the same sweep many times (a training call's steps): the same evals and vjps in
     the same order, the same values reduced to Stubs, the same checks before the same
     steps of both passes, cotangents summed in the same order; no per-step dispatch.
     Returns sweep(vals, seeds, check=None) -> ([value of each slot in `wanted`],
     [cotangent of each, None where none reached it]); `vals` is read, never written.
-    (Generated, not looped: the one reverse sweep's semantics in straight-line code.)"""
-    lines, env, points = [], {"Stub": Stub}, frozenset(points)
+    (Generated, not looped: the one reverse sweep's semantics in straight-line code.)
+
+    At known shapes a caller may give, per step, `kernels` (engine/direct.py's: source
+    for the row's eval or vjps at those shapes, over the names in `env`) and, per slot
+    reduced to its shape, its Stub made once (`stubs`)."""
+    lines, points = [], frozenset(points)
+    env = {"Stub": Stub, **(env or {})}
+    kernels = kernels or [None] * len(steps)
+    stubs = stubs or {}
     made = {st.out for st in steps}
     read = sorted({i for st in steps for i in st.ins if i not in made}
                   | {s for s in wanted if s not in made})
@@ -308,9 +316,18 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted):
         env[f"e{j}"], env[f"b{j}"] = st.eval, st.vjp
         if j in points:
             lines.append("    if check is not None: check()")
-        args = ", ".join(f"v{i}" for i in st.ins)
-        lines.append(f"    v{st.out} = e{j}({args})")
-        lines += [f"    v{s} = Stub(v{s}.shape, v{s}.dtype, v{s}.ndim)" for s in st.drop]
+        names = [f"v{i}" for i in st.ins]
+        direct = kernels[j]
+        if direct is not None and direct.eval is not None:
+            lines.append(f"    v{st.out} = " + direct.eval.format(*names))
+        else:
+            lines.append(f"    v{st.out} = e{j}({', '.join(names)})")
+        for s in st.drop:
+            if s in stubs:
+                env[f"s{s}"] = stubs[s]
+                lines.append(f"    v{s} = s{s}")
+            else:
+                lines.append(f"    v{s} = Stub(v{s}.shape, v{s}.dtype, v{s}.ndim)")
     cots = sorted({i for st in steps for i in st.ins} | {st.out for st in steps}
                   | set(seed_slots) | set(wanted))
     lines.append("    " + " = ".join(f"c{s}" for s in cots) + " = None")
@@ -321,11 +338,18 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted):
             lines.append("    if check is not None: check()")
         if not needs[j]:
             continue
-        xs = "(" + "".join(f"v{i}, " for i in st.ins) + ")"
+        names = [f"v{i}" for i in st.ins]
+        vjps = kernels[j].vjps if kernels[j] is not None else {}
         lines += [f"    g = c{st.out}", "    if g is not None:", f"        c{st.out} = None"]
+        if any(pos not in vjps for pos in needs[j]):  # the inputs' tuple, once per step
+            lines.append("        xs = (" + "".join(f"{n}, " for n in names) + ")")
         for pos in needs[j]:
             i = st.ins[pos]
-            lines += [f"        gi = b{j}({pos}, g, {xs}, v{st.out})",
+            if pos in vjps:
+                pulled = vjps[pos].format(*names, g="g", ans=f"v{st.out}")
+            else:
+                pulled = f"b{j}({pos}, g, xs, v{st.out})"
+            lines += [f"        gi = {pulled}",
                       f"        c{i} = gi if c{i} is None else c{i} + gi"]
     lines.append("    return [" + ", ".join(f"v{s}" for s in wanted) + "], ["
                  + ", ".join(f"c{s}" for s in wanted) + "]")

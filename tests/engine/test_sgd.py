@@ -63,9 +63,10 @@ def one_jacobian_at_a_time(plan, params, steps, velocity=None):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("stacked", [True, False])
-def test_k_steps_equal_k_jacobians_bitwise(dtype, stacked):
+@pytest.mark.parametrize("k", [5, 1])  # (one step: updated parameter by parameter)
+def test_k_steps_equal_k_jacobians_bitwise(dtype, stacked, k):
     plan = mlp_plan(np.dtype(dtype).name)
-    params, steps = start(dtype)
+    params, steps = start(dtype, k=k)
     before = {n: p.copy() for n, p in params.items()}
     velocity = {"W1": np.full((5, 4), 0.5, dtype)}  # one buffer given, the others zeros
     batches = ({n: np.stack([s[n] for s in steps]) for n in ("X", "Y")} if stacked
@@ -247,3 +248,122 @@ def test_the_compiled_sweep_is_the_reverse_sweep():
                 assert g is None
             else:
                 np.testing.assert_array_equal(g, cots[s])
+
+
+@pytest.mark.parametrize("op, attrs, shapes", [
+    ("matmul", {}, [(6, 5), (5, 3)]),
+    ("matmul", {}, [(1, 5), (5, 1)]),
+    ("add", {}, [(6, 3), (3,)]),
+    ("add", {}, [(6, 3), (1, 3)]),
+    ("add", {}, [(6, 1), (6, 3)]),
+    ("add", {}, [(2, 6, 3), (6, 1)]),
+    ("add", {}, [(6, 3), (6, 3)]),
+    ("relu", {}, [(6, 3)]),
+    ("log_softmax", {"axis": 1}, [(6, 3)]),
+    ("log_softmax", {"axis": 0}, [(6, 3)]),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_direct_kernels_are_their_rows_bitwise(op, attrs, shapes, dtype):
+    """engine/direct.py's kernels (a compiled training sweep's eval and vjps at known
+    shapes) compute what the op's row computes, bit for bit, for one seed direction."""
+    from gradserve.engine import direct
+    from gradserve.engine.ops import OPS
+
+    row = OPS[op]
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    if op == "relu":
+        xs[0][0] = 0  # the kink: relu'(0) = 0 in both
+    ans = row.eval(*xs, **attrs)
+    g = rng.standard_normal((1,) + ans.shape).astype(dtype)
+    found = direct.kernels(op, attrs, shapes, ans.shape)
+    assert found is not None
+    names = {f"x{i}": x for i, x in enumerate(xs)}
+
+    def run(src):
+        code = src.format(*names, g="g", ans="ans")
+        return eval(code, dict(direct.ENV), {**names, "g": g, "ans": ans})  # noqa: S307
+
+    if found.eval is not None:
+        value = run(found.eval)
+        assert value.dtype == ans.dtype
+        np.testing.assert_array_equal(value, ans)
+    assert found.vjps
+    for pos, src in found.vjps.items():
+        expected = row.vjp(pos, g, tuple(xs), ans, **attrs)
+        pulled = run(src)
+        assert pulled.shape == expected.shape and pulled.dtype == expected.dtype
+        np.testing.assert_array_equal(pulled, expected)
+
+
+def _deep_plan(layers):
+    """An MLP of `layers` dense layers of 4 (three steps each) and the usual loss tail."""
+    inputs = [Input("X", "float32", [-1, 4]), Input("Y", "float32", [-1, 4])]
+    nodes, h = [], "X"
+    for k in range(layers):
+        inputs += [Input(f"W{k}", "float32", [4, 4]), Input(f"b{k}", "float32", [4])]
+        nodes += [Node(f"m{k}", "matmul", [h, f"W{k}"]), Node(f"a{k}", "add", [f"m{k}", f"b{k}"]),
+                  Node(f"h{k}", "tanh", [f"a{k}"])]
+        h = f"h{k}"
+    return inputs, nodes, h
+
+
+def _concat_plan(n):
+    """n scalar parameters concatenated: one step of n input references."""
+    inputs = [Input("Y", "float32", [-1, 4])] + [Input(f"p{k}", "float32", [1])
+                                                  for k in range(n)]
+    nodes = [Node("c", "concat", [f"p{k}" for k in range(n)], {"axis": 0}),
+             Node("r", "reshape", ["c"], {"shape": [-1, 4]})]
+    return inputs, nodes, "r"
+
+
+@pytest.mark.parametrize("make, size", [(_deep_plan, 83), (_concat_plan, 1000)])
+def test_compiling_a_training_sweep_takes_at_most_its_declared_memory(make, size):
+    """The call that compiles a training sweep (engine/losses.py) declares the memory the
+    compiling takes: measured by tracemalloc over the whole call, under the figure its
+    admission adds; over a limit below that figure it is refused before compiling, and
+    a later call that finds the sweep compiled is not charged for it. (A concat of 1000
+    parameters took ~900 MB to compile when each of its vjp calls listed all 1000.) What it
+    keeps, the graph cache counts (it counted 7 KB for the 1000 references' 0.5 MB)."""
+    import gc
+    import tracemalloc
+
+    from gradserve.engine import losses
+
+    inputs, nodes, h = make(size)
+    nodes += [Node("lp", "log_softmax", [h], {"axis": -1}), Node("yl", "mul", ["Y", "lp"]),
+              Node("s", "sum", ["yl"], {"axes": [-1]}), Node("ms", "mean", ["s"]),
+              Node("loss", "neg", ["ms"])]
+    plan = compile(Graph(inputs, nodes, ["loss"]))
+    rng = np.random.default_rng(0)
+    params = {i.name: (rng.standard_normal([d for d in i.shape]) * 0.3).astype(np.float32)
+              for i in inputs[2 if make is _deep_plan else 1:]}
+    rows = 2 if make is _deep_plan else size // 4  # (the concat's values, 4 a row)
+    batch = {"Y": np.eye(4, dtype=np.float32)[rng.integers(0, 4, rows)][None]}
+    if make is _deep_plan:
+        batch["X"] = rng.standard_normal((1, rows, 4)).astype(np.float32)
+    shapes = plan.bind({**{n: b[0] for n, b in batch.items()}, **params}).shapes
+    tail = losses.sweep_steps(plan, "loss", shapes)
+    declared = losses.compile_bytes(plan, "loss", tail, tuple(params), shapes)
+    assert declared > 0
+    with pytest.raises(ResourceLimitError, match="bytes of intermediates"):
+        sgd_steps(plan, params, batch, learning_rate=LR, max_bytes=declared - 1)
+    assert not any(k[0] == "compiled" for k in plan.loss_tails)  # refused before compiling
+
+    counted = plan.cache_bytes
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        first = sgd_steps(plan, params, batch, learning_rate=LR).losses
+        peak = tracemalloc.get_traced_memory()[1] - base
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - base  # (the result's arrays are gone)
+    finally:
+        tracemalloc.stop()
+    assert 0 < peak <= declared, (peak, declared)
+    # what the compiled sweep keeps, as the graph cache counts it (Plan.cache_bytes)
+    assert 0 < kept <= plan.cache_bytes - counted, (kept, plan.cache_bytes - counted)
+    assert losses.compile_bytes(plan, "loss", tail, tuple(params), shapes) == 0
+    again = sgd_steps(plan, params, batch, learning_rate=LR, max_bytes=declared - 1)
+    assert again.losses == first
