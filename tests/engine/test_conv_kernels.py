@@ -215,9 +215,10 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
 
 
 # engine/rowshifts.py (2-d, stride 1, one group, no dilation down the columns): the
-# values, and the input's transpose (as its own kernel, or as a row-shift convolution
-# where windows.stride_one_transpose takes it). The 2-d FLAT_ROWS cases above reach them
-# too in values; their weight's transpose is the flat rows'.
+# values, the input's transpose (as its own kernel, or as a row-shift convolution
+# where windows.stride_one_transpose takes it) and the weight's (g laid with its outputs
+# last, or first for fewer than rowshifts.COLUMNS_AT_LEAST). The 2-d FLAT_ROWS cases
+# above reach them too in values and the weight's transpose (the flat rows' serve 3-d).
 # name -> (x shape, w shape, pads, dilations)
 ROW_SHIFTS = {
     "lenet conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1]),
@@ -228,6 +229,9 @@ ROW_SHIFTS = {
     "a tall kernel, one column": ((2, 2, 11, 4), (4, 2, 6, 1), [1, 0, 3, 0], [1, 1]),
     "fewer outputs: the transpose a row-shift convolution": ((2, 7, 8, 8), (5, 7, 3, 3),
                                                              [1, 1, 1, 1], [1, 1]),
+    # the weight's transpose in passes of output rows (rowshifts.weight_pass)
+    "many outputs: the weight's transpose in passes": ((1, 64, 8, 8), (256, 64, 3, 3),
+                                                       [1, 1, 1, 1], [1, 1]),
 }
 
 
@@ -235,7 +239,10 @@ ROW_SHIFTS = {
 def test_row_shifts_match_pytorch_in_values_and_both_transposes(case):
     xs, ws, pads, dilations = ROW_SHIFTS[case]
     attrs = {"strides": [1, 1], "pads": pads, "dilations": dilations, "groups": 1}
-    assert rowshifts.applies(windows.Window(ws[2:], (1, 1), tuple(pads), tuple(dilations)), 1)
+    win = windows.Window(ws[2:], (1, 1), tuple(pads), tuple(dilations))
+    assert rowshifts.applies(win, 1)
+    if case.startswith("many outputs"):  # two cotangents: 1 < rows a pass < Ho
+        assert 1 < rowshifts.weight_pass(8, 64 * 9, 8, 2 * 256) < 8
     _check_values_and_both_transposes(xs, ws, attrs, seed=13)
 
 
@@ -252,7 +259,7 @@ def test_row_shifts_jacobian_matches_finite_differences():
 ])
 def test_flat_rows_float32_is_as_accurate_as_pytorchs_against_float64(xs, ws, pads):
     """float32 in, float32 out, no float64 on the way: the values and both transposes
-    (row shifts in values and the input's transpose, flat rows in the weight's) as close
+    (row shifts in all three) as close
     to float64's as PyTorch's own float32 convolution."""
     attrs = {"strides": [1, 1], "pads": pads, "dilations": [1, 1], "groups": 1}
     assert windows.flat_rows(xs, windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1,
