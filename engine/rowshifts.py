@@ -25,8 +25,8 @@ faster (ResNet's 3x3 "same": 311 against 416 us) and runs as row shifts in value
 The weight's transpose gathers the rows again and pairs output row r's view with g's
 row r laid (B Wo, O): one product per output row, batched over a pass of rows and
 summed. Against the flat rows' product per image (windows.py: an im2col copy kh times
-larger, and the padding's columns computed): LeNet's conv2 455 -> 265 us, ResNet's
-16-channel 3x3 445 -> 300, its stem 109 -> 97, LeNet's conv1 221 -> 170. g laid (B Wo,
+larger, and the padding's columns computed): LeNet's conv2 454 -> 267 us, ResNet's
+16-channel 3x3 442 -> 307, its stem 108 -> 102, LeNet's conv1 242 -> 177. g laid (B Wo,
 O) rather than (O, B Wo) matters: the products run 1.5x faster that way round (for 16
 outputs or more: COLUMNS_AT_LEAST).
 
@@ -119,6 +119,16 @@ def input_grad(g, w, spatial, win):
         ..., left:left + wd].transpose(2, 1, 0, 3))
 
 
+def weight_applies(x_shape, win, groups, itemsize) -> bool:
+    """Whether windows.py's conv_weight_grad runs here: where conv does, each output
+    row's product runs over at least WEIGHT_POSITIONS positions (B Wo), and an output
+    plane (Ho Wo) is at most PLANE_BYTES."""
+    if not applies(win, groups):
+        return False
+    ho, wo = win.out(x_shape[2:])
+    return x_shape[0] * wo >= WEIGHT_POSITIONS and ho * wo * itemsize <= PLANE_BYTES
+
+
 def weight_grad(g, x, win):
     """The transpose of conv in w: g (k, B, O, Ho, Wo), x (B, C, H, W) -> (k, O, C, kh,
     kw)."""
@@ -144,7 +154,15 @@ def weight_grad(g, x, win):
     return np.ascontiguousarray(dw.reshape(kh, c, kw, k, n_out).transpose(3, 4, 1, 0, 2))
 
 
-PASS_ELEMENTS = 1 << 20  # as windows.GROUP_PASS_ELEMENTS
+# A pass's products land in one array before they are summed: at most PASS_ELEMENTS
+# (256 KiB of float32, cache-sized). Products over fewer than WEIGHT_POSITIONS positions
+# cost more in per-product overhead than the smaller gather saves (16 and 24 positions:
+# 2.4x and 1.8x the flat rows' time; 64: 0.76-0.82x). Past PLANE_BYTES a plane, laying g
+# with its outputs last reads a new page per element (a 224x224 image with 64 outputs:
+# 14 ms for g's copy, where the im2col path takes 9 ms in all): the gathered paths serve.
+PASS_ELEMENTS = 1 << 16
+WEIGHT_POSITIONS = 64
+PLANE_BYTES = 4096
 # g's rows laid (B Wo, k O) when that is at least a vector register of float32 columns
 # (AVX-512: 16); LeNet's conv1 (6 outputs): 129 + 112 us that way, 35 + 81 us read
 # transposed from (k O, B Wo)
@@ -191,7 +209,7 @@ def weight_grad_cost(x_shape, n_out, win, groups, isz):
     (its FLOPs are the values' product's, plus a sum of the passes' parts): the gathered
     rows, g laid out, a pass's parts and their sum, the result and its transposed copy (a
     product split into blocks holds a block beside the whole)."""
-    if not applies(win, groups):
+    if not weight_applies(x_shape, win, groups, isz):
         return 0, 0
     b, c = x_shape[:2]
     kh, kw = win.kernel

@@ -369,7 +369,7 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
                          groups):
         return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
     win = Window(tuple(kernel), strides, pads, dilations)
-    if rowshifts.applies(win, groups):
+    if rowshifts.weight_applies(x.shape, win, groups, x.dtype.itemsize):
         return rowshifts.weight_grad(g, x, win)
     found = flat_rows(x.shape, win, groups, k * n_out)
     if found:
@@ -618,7 +618,7 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
     found = flat_rows((b, c) + spatial, win, groups, n_out)
     weight_passes = max(passes, 1)
-    if rowshifts.applies(win, groups):
+    if rowshifts.weight_applies((b, c) + spatial, win, groups, isz):
         weight, weight_passes = rowshifts.weight_grad_cost((b, c) + spatial, n_out, win,
                                                            groups, isz)
     elif found:  # _flat_rows_weight_grad (k seeds may take the gathered path)
