@@ -17,7 +17,7 @@ used before).
 
 Then, per phase (windows.conv, conv_input_grad, conv_weight_grad called directly) for
 P9's stride-1 layers: the numpy kernels with engine/rowshifts.py (2-d stride-1
-values and input transposes) against the same kernels with them turned off (the
+values and both transposes) against the same kernels with them turned off (the
 dispatch before them: flat rows, the scatter), interleaved, with the same-round ratio.
 All providers and torch are timed round by round, interleaved; each ratio is the
 median over rounds of that round's engine / torch time, with its interquartile range.

@@ -1,4 +1,4 @@
-"""2-d stride-1 convolution by row shifts: windows.py's conv and its input's transpose
+"""2-d stride-1 convolution by row shifts: windows.py's conv and both its transposes
 for one group, stride 1 and no dilation down the columns (LeNet's and ResNet's
 stride-1 layers).
 
@@ -22,7 +22,16 @@ LeNet's conv2 516 -> 404 us. Where the transpose is itself a convolution
 (windows.stride_one_transpose: fewer output channels than input ones) that stays
 faster (ResNet's 3x3 "same": 311 against 416 us) and runs as row shifts in values.
 
-Every loop runs once per kernel column or padded row and calls costs.iteration().
+The weight's transpose gathers the rows again and pairs output row r's view with g's
+row r laid (B Wo, O): one product per output row, batched over a pass of rows and
+summed. Against the flat rows' product per image (windows.py: an im2col copy kh times
+larger, and the padding's columns computed): LeNet's conv2 454 -> 267 us, ResNet's
+16-channel 3x3 442 -> 307, its stem 108 -> 102, LeNet's conv1 242 -> 177. g laid (B Wo,
+O) rather than (O, B Wo) matters: the products run 1.5x faster that way round (for 16
+outputs or more: COLUMNS_AT_LEAST).
+
+Every loop runs once per kernel column, padded row or pass of output rows and calls
+costs.iteration().
 """
 
 from __future__ import annotations
@@ -110,6 +119,63 @@ def input_grad(g, w, spatial, win):
         ..., left:left + wd].transpose(2, 1, 0, 3))
 
 
+def weight_applies(x_shape, win, groups, itemsize) -> bool:
+    """Whether windows.py's conv_weight_grad runs here: where conv does, each output
+    row's product runs over at least WEIGHT_POSITIONS positions (B Wo), and an output
+    plane (Ho Wo) is at most PLANE_BYTES."""
+    if not applies(win, groups):
+        return False
+    ho, wo = win.out(x_shape[2:])
+    return x_shape[0] * wo >= WEIGHT_POSITIONS and ho * wo * itemsize <= PLANE_BYTES
+
+
+def weight_grad(g, x, win):
+    """The transpose of conv in w: g (k, B, O, Ho, Wo), x (B, C, H, W) -> (k, O, C, kh,
+    kw)."""
+    k, b, n_out, ho, wo = g.shape
+    c = x.shape[1]
+    kh, kw = win.kernel
+    rows = _rows(x, win, (ho, wo))
+    st = rows.strides
+    view = _view(rows, (ho, kh * c * kw, b * wo), (st[0], st[2], st[4]))
+    if k * n_out >= COLUMNS_AT_LEAST:  # (Ho, B Wo, k O)
+        gt = np.ascontiguousarray(g.transpose(3, 1, 4, 0, 2)).reshape(ho, b * wo, k * n_out)
+    else:  # laid (Ho, k O, B Wo), read transposed: few columns copy slowly the other way
+        gt = np.ascontiguousarray(g.transpose(3, 0, 2, 1, 4)).reshape(
+            ho, k * n_out, b * wo).transpose(0, 2, 1)
+    step = weight_pass(ho, kh * c * kw, b * wo, k * n_out)
+    dw = None
+    for r0 in range(0, ho, step):
+        iteration()
+        part = (matmul(view[r0], gt[r0]) if step == 1  # blocked: a deadline stops it
+                else np.matmul(view[r0:r0 + step], gt[r0:r0 + step]).sum(axis=0))
+        dw = part if dw is None else np.add(dw, part, out=dw)  # (kh C kw, k O)
+    del rows, view, gt
+    return np.ascontiguousarray(dw.reshape(kh, c, kw, k, n_out).transpose(3, 4, 1, 0, 2))
+
+
+# A pass's products land in one array before they are summed: at most PASS_ELEMENTS
+# (256 KiB of float32, cache-sized). Products over fewer than WEIGHT_POSITIONS positions
+# cost more in per-product overhead than the smaller gather saves (16 and 24 positions:
+# 2.4x and 1.8x the flat rows' time; 64: 0.76-0.82x). Past PLANE_BYTES a plane, laying g
+# with its outputs last reads a new page per element (a 224x224 image with 64 outputs:
+# 14 ms for g's copy, where the im2col path takes 9 ms in all): the gathered paths serve.
+PASS_ELEMENTS = 1 << 16
+WEIGHT_POSITIONS = 64
+PLANE_BYTES = 4096
+# g's rows laid (B Wo, k O) when that is at least a vector register of float32 columns
+# (AVX-512: 16); LeNet's conv1 (6 outputs): 129 + 112 us that way, 35 + 81 us read
+# transposed from (k O, B Wo)
+COLUMNS_AT_LEAST = 16
+
+
+def weight_pass(ho, rows, positions, n_out) -> int:
+    """Output rows per pass of weight_grad: their products (rows x n_out each) within
+    PASS_ELEMENTS and their work within BLOCK_FLOPS, at least one."""
+    return max(1, min(ho, PASS_ELEMENTS // max(rows * n_out, 1),
+                      BLOCK_FLOPS // max(2 * rows * positions * n_out, 1)))
+
+
 # --- declared costs (windows.conv_cost adds them; tests/engine/test_costs.py measures) ---
 
 def conv_cost(x_shape, rows_out, win, groups, isz):
@@ -136,3 +202,19 @@ def input_grad_cost(g_shape, c, win, spatial, isz):
     held = ((ho + 2 * (kh - 1)) * n_out * b * wp + n_out * c * kh * kw
             + (hp + 2) * c * kw * b * wp + hp * c * (b * wp + (kw - 1) * win.dilations[1]))
     return held * isz, 2 * c * kw * kh * n_out * ho * b * wp, hp + kw
+
+
+def weight_grad_cost(x_shape, n_out, win, groups, isz):
+    """(bytes, loop passes) of weight_grad per seed direction, 0s where it does not apply
+    (its FLOPs are the values' product's, plus a sum of the passes' parts): the gathered
+    rows, g laid out, a pass's parts and their sum, the result and its transposed copy (a
+    product split into blocks holds a block beside the whole)."""
+    if not weight_applies(x_shape, win, groups, isz):
+        return 0, 0
+    b, c = x_shape[:2]
+    kh, kw = win.kernel
+    (hp, _), (ho, wo) = win.padded(x_shape[2:]), win.out(x_shape[2:])
+    w_size = n_out * c * kh * kw
+    step = weight_pass(ho, kh * c * kw, b * wo, n_out)
+    held = hp * c * kw * b * wo + ho * b * wo * n_out + (2 * step + 3) * w_size
+    return held * isz, kw + -(-ho // step)

@@ -12,18 +12,15 @@ folded into the batch (input directions) or into the weight rows (weight
 directions). Its input cotangent scatters back with one strided add per kernel
 offset (col2im). A stride-1 convolution with short rows gathers whole flat rows of
 the padded input instead (a kernel offset is a shift along the row; the outputs of the
-padding's columns are computed and dropped), in values and both transposes (FlatRows
-below); a 2-d one with no dilation down the columns runs its values and input transpose
-by row shifts instead (engine/rowshifts.py: a gather per kernel column, a product per
-output row over a view of kernel-height rows). A depthwise convolution (a channel per
-group) runs instead as shifted elementwise products (engine/depthwise.py), in values
-and both transposes, or as numba's compiled loops when that provider is active
-(engine/kernels.py).
-Pooling walks the kernel offsets, each a strided view of the
-padded input; no Python loop runs over pixels or single groups, and every loop
-whose trip count the request sets calls costs.iteration() between passes (the
-deadline check). Each kernel's declared cost (`*_cost`, bottom) is what its op
-row hands to engine/costs.py.
+padding's columns are computed and dropped: FlatRows below); a 2-d one with no dilation
+down the columns runs by row shifts instead, in values and both transposes
+(engine/rowshifts.py). A depthwise convolution (a channel per group) runs as shifted
+elementwise products (engine/depthwise.py), in values and both transposes, or as
+numba's compiled loops when that provider is active (engine/kernels.py).
+Pooling walks the kernel offsets, each a strided view of the padded input; no Python
+loop runs over pixels or single groups, and every loop whose trip count the request
+sets calls costs.iteration() between passes (the deadline check). Each kernel's
+declared cost (`*_cost`, bottom) is what its op row hands to engine/costs.py.
 """
 
 from __future__ import annotations
@@ -258,12 +255,11 @@ def _flat_rows_conv(x, w, win: Window, out, flat: FlatRows):
 
 
 def _flat_rows_weight_grad(g, x, win: Window, flat: FlatRows):
-    """conv_weight_grad by flat rows: g (k, N, O, *out), x (N, C, *S) -> (k, O, C,
-    *kernel). Each image's windows gathered as the forward gathers them (rows copied
-    whole), g laid out alike (zero in the columns the forward drops), a product per image
-    batched over a pass of images and summed (measured against one product over every
-    image, channel-major: LeNet's conv1 0.45x, its conv2 and ResNet's 3x3 0.95x);
-    costs.iteration() between passes."""
+    """conv_weight_grad by flat rows where row shifts do not apply: g (k, N, O, *out), x
+    (N, C, *S) -> (k, O, C, *kernel). Each image's windows gathered as the forward does, g
+    laid out alike (zero in the columns the forward drops), a product per image batched
+    over a pass of images and summed (against one product over every image, channel-major,
+    0.45-0.95x on 2-d layers); costs.iteration() between passes."""
     k, b, n_out = g.shape[:3]
     c, computed, kp = x.shape[1], flat.computed, prod(win.kernel)
     out = g.shape[3:]
@@ -372,12 +368,13 @@ def conv_weight_grad(g, x, kernel, strides, pads, dilations, groups):
     if depthwise.applies(x.shape, (n_out, x.shape[1] // groups) + tuple(kernel), strides,
                          groups):
         return kernels.depthwise().weight_grad(g, x, kernel, strides, pads, dilations)
-    out = g.shape[3:]
     win = Window(tuple(kernel), strides, pads, dilations)
+    if rowshifts.weight_applies(x.shape, win, groups, x.dtype.itemsize):
+        return rowshifts.weight_grad(g, x, win)
     found = flat_rows(x.shape, win, groups, k * n_out)
     if found:
         return _flat_rows_weight_grad(g, x, win, found)
-    cg = x.shape[1] // groups
+    out, cg = g.shape[3:], x.shape[1] // groups
     p, kp, og = prod(out), prod(win.kernel), n_out // groups
     view = _columns(pad(x, win), win, out)  # (C, *kernel, N, *out)
     g4 = g.reshape(k, n, n_out, p)
@@ -621,7 +618,10 @@ def conv_cost(mode, shapes, out, dtype, strides, pads, dilations, groups):
     weight = (_padded_bytes(b * c, spatial, win, isz) + (cols + out_size + 2 * w_size) * isz)
     found = flat_rows((b, c) + spatial, win, groups, n_out)
     weight_passes = max(passes, 1)
-    if found:  # _flat_rows_weight_grad (k seeds may take the gathered path)
+    if rowshifts.weight_applies((b, c) + spatial, win, groups, isz):
+        weight, weight_passes = rowshifts.weight_grad_cost((b, c) + spatial, n_out, win,
+                                                           groups, isz)
+    elif found:  # _flat_rows_weight_grad (k seeds may take the gathered path)
         _, n, tail, computed, _ = found
         step = flat_weight_pass(b, c * kp, n_out, computed)
         weight = max(weight, (c * b * (n + tail) + (c * kp + n_out) * b * computed

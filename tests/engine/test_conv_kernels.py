@@ -217,7 +217,8 @@ def test_flat_row_gather_matches_pytorch_in_values_and_both_transposes(case):
 # engine/rowshifts.py (2-d, stride 1, one group, no dilation down the columns): the
 # values, and the input's transpose (as its own kernel, or as a row-shift convolution
 # where windows.stride_one_transpose takes it). The 2-d FLAT_ROWS cases above reach them
-# too in values; their weight's transpose is the flat rows'.
+# too in values; their weight's transpose is the flat rows' (too few positions a row for
+# rowshifts.weight_applies: WEIGHT_ROW_SHIFTS below reach it).
 # name -> (x shape, w shape, pads, dilations)
 ROW_SHIFTS = {
     "lenet conv2": ((3, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1]),
@@ -239,10 +240,41 @@ def test_row_shifts_match_pytorch_in_values_and_both_transposes(case):
     _check_values_and_both_transposes(xs, ws, attrs, seed=13)
 
 
+# rowshifts.weight_grad (the weight's transpose by row shifts: B Wo positions a row or
+# more, small planes), with two cotangents: g laid with its outputs last, or first for
+# fewer than rowshifts.COLUMNS_AT_LEAST; all output rows in one pass, several passes, or
+# a (blocked) product per pass. name -> (x shape, w shape, pads, dilations, rows a pass)
+WEIGHT_ROW_SHIFTS = {
+    "lenet conv2, 8 images": ((8, 6, 14, 14), (16, 6, 5, 5), [0, 0, 0, 0], [1, 1], 10),
+    "lenet conv1 padded, few outputs": ((6, 1, 12, 12), (6, 1, 5, 5), [2, 2, 2, 2], [1, 1],
+                                        12),
+    "asymmetric pads, dilated columns": ((8, 3, 9, 13), (5, 3, 3, 2), [2, 0, 1, 3], [1, 3],
+                                         10),
+    "passes of output rows": ((8, 32, 8, 8), (16, 32, 3, 3), [1, 1, 1, 1], [1, 1], 7),
+    "a product per pass": ((8, 64, 8, 8), (64, 64, 3, 3), [1, 1, 1, 1], [1, 1], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WEIGHT_ROW_SHIFTS))
+def test_weight_row_shifts_match_pytorch(case):
+    xs, ws, pads, dilations, step = WEIGHT_ROW_SHIFTS[case]
+    attrs = {"strides": [1, 1], "pads": pads, "dilations": dilations, "groups": 1}
+    win = windows.Window(ws[2:], (1, 1), tuple(pads), tuple(dilations))
+    assert rowshifts.weight_applies(xs, win, 1, 8)
+    ho, wo = win.out(xs[2:])
+    assert rowshifts.weight_pass(ho, ws[1] * ws[2] * ws[3], xs[0] * wo, 2 * ws[0]) == step
+    _check_values_and_both_transposes(xs, ws, attrs, seed=15)
+
+
 def test_row_shifts_jacobian_matches_finite_differences():
     attrs = {"strides": [1, 1], "pads": [1, 2, 0, 1], "dilations": [1, 2], "groups": 1}
     rng = np.random.default_rng(14)
     inputs = {"x": rng.standard_normal((2, 2, 4, 5)), "w": rng.standard_normal((3, 2, 2, 2))}
+    _jacobian_matches_finite_differences(inputs, attrs)
+    # eight images: the weight's transpose by row shifts too (one cotangent per output)
+    inputs = {"x": rng.standard_normal((8, 2, 4, 9)), "w": rng.standard_normal((3, 2, 2, 2))}
+    assert rowshifts.weight_applies((8, 2, 4, 9), windows.Window((2, 2), (1, 1), (1, 2, 0, 1),
+                                                                 (1, 2)), 1, 8)
     _jacobian_matches_finite_differences(inputs, attrs)
 
 
@@ -252,12 +284,13 @@ def test_row_shifts_jacobian_matches_finite_differences():
 ])
 def test_flat_rows_float32_is_as_accurate_as_pytorchs_against_float64(xs, ws, pads):
     """float32 in, float32 out, no float64 on the way: the values and both transposes
-    (row shifts in values and the input's transpose, flat rows in the weight's) as close
+    (row shifts in all three) as close
     to float64's as PyTorch's own float32 convolution."""
     attrs = {"strides": [1, 1], "pads": pads, "dilations": [1, 1], "groups": 1}
     assert windows.flat_rows(xs, windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1,
                              ws[0])
-    assert rowshifts.applies(windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)), 1)
+    assert rowshifts.weight_applies(xs, windows.Window(ws[2:], (1, 1), tuple(pads), (1, 1)),
+                                    1, 4)
     rng = np.random.default_rng(12)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
     out = tuple(s + pads[i] + pads[2 + i] - k + 1

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from gradserve.engine import Graph, Input, Node, ResourceLimitError, compile
-from gradserve.engine import costs, kernels
+from gradserve.engine import costs, kernels, rowshifts, windows
 from gradserve.engine.ops import OPS
 from gradserve.engine.ops.table import no_cotangent
 
@@ -387,6 +387,15 @@ CONV_KERNEL_CASES = {
                                                 [4, 0, 4, 0], [1, 1], 1),
     "row shifts, many channels in (the transpose a row-shift convolution)": (
         (2, 64, 5, 5), (8, 64, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 1),
+    # the weight's transpose by row shifts (rowshifts.weight_applies)
+    "row shifts, the weight's transpose in passes of output rows": (
+        (8, 32, 8, 8), (16, 32, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 1),
+    "row shifts, the weight's transpose, a product per pass": (
+        (8, 64, 8, 8), (64, 64, 3, 3), [1, 1], [1, 1, 1, 1], [1, 1], 1),
+    "row shifts, few outputs (g read transposed in the weight's transpose)": (
+        (10, 2, 9, 7), (3, 2, 4, 2), [1, 1], [2, 1, 0, 1], [1, 2], 1),
+    "row shifts, a wide kernel row over many channels (the weight's rows the most held)": (
+        (2, 16, 2, 256), (1, 16, 1, 64), [1, 1], [0, 0, 0, 0], [1, 1], 1),
 }
 
 
@@ -423,6 +432,30 @@ def test_declared_costs_bound_the_shape_specific_conv_kernels(case, dtype, provi
     finally:
         kernels.use(before)
 
+
+
+WEIGHT_ROW_SHIFT_CASES = [c for c in sorted(CONV_KERNEL_CASES)
+                          if c.startswith("row shifts") and "weight's" in c]
+
+
+@pytest.mark.parametrize("case", WEIGHT_ROW_SHIFT_CASES)
+@pytest.mark.parametrize("directions", [1, 3])
+def test_row_shifts_weight_transpose_holds_what_it_declares(case, directions):
+    """The weight's transpose alone (the whole op's declaration above also counts the
+    forward's rows, which hide this term): its peak beyond g, x and its result, and its
+    loop passes, within rowshifts.weight_grad_cost per direction times the directions."""
+    xs, ws, strides, pads, dilations, _ = CONV_KERNEL_CASES[case]
+    win = windows.Window(tuple(ws[2:]), tuple(strides), tuple(pads), tuple(dilations))
+    rng = np.random.default_rng(len(case))
+    for dtype in (np.float32, np.float64):
+        assert rowshifts.weight_applies(xs, win, 1, np.dtype(dtype).itemsize)
+        x = rng.standard_normal(xs).astype(dtype)
+        g = rng.standard_normal((directions, xs[0], ws[0]) + win.out(xs[2:])).astype(dtype)
+        held, loops = rowshifts.weight_grad_cost(xs, ws[0], win, 1, np.dtype(dtype).itemsize)
+        peak, passes = _measure(lambda: rowshifts.weight_grad(g, x, win))
+        result = directions * prod(ws) * np.dtype(dtype).itemsize
+        assert peak - result <= directions * held + SLACK, (case, dtype, peak, held)
+        assert passes <= directions * loops, (case, passes, loops)
 
 
 # max_pool's masked path (windows that do not overlap; engine/windows.py _first_maxima):
