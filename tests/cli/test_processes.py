@@ -80,9 +80,12 @@ def test_a_client_with_four_channels_reaches_both_processes(two_processes, seed_
             check_seed(client.differentiate(graph, seed_inputs()))
     counts = [served(port, i) for i in (0, 1)]
     assert sum(counts) == 40  # one scrape sees every call, whichever process served it
-    # Four connections land on one process with probability 2 * 2**-4: retry once
-    # with fresh connections before calling it a failure.
-    if 0 in counts:
+    # Four connections land on one process with probability 2 * 2**-4 (the kernel
+    # hashes each to a process): fresh connections up to three more times before calling
+    # it a failure (a false failure then 1 in 4,096; one retry failed a whole-suite run).
+    for _ in range(3):
+        if 0 not in counts:
+            break
         with Client(two_processes.wait_serving(), channels=4) as client:
             for _ in range(40):
                 check_seed(client.differentiate(seed_builder(), seed_inputs()))
