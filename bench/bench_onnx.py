@@ -32,7 +32,7 @@ process, OPENBLAS_NUM_THREADS=1 for the server process): these models' matrix
 products are small, and on a busy 2-core machine a multi-threaded product waits
 for its descheduled helper thread.
 
-    .venv/bin/python bench/bench_onnx.py [--quick] [--json PATH]
+    .venv/bin/python bench/bench_onnx.py [--quick] [--json PATH] [--models encoder,...]
 """
 
 from __future__ import annotations
@@ -315,7 +315,13 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=lambda parser: parser.add_argument(
+        "--models", default=",".join(MODELS),
+        help="the models to measure, comma-separated (default: %(default)s)"))
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"bench_onnx.py: unknown models {unknown} (known: {', '.join(MODELS)})")
     for line in environment_lines():
         print(line)
     print()
@@ -332,7 +338,7 @@ def main(argv=None) -> int:
                      "server process": stack.enter_context(server_process()),
                      "server process, OPENBLAS_NUM_THREADS=1": stack.enter_context(
                          server_process(OPENBLAS_NUM_THREADS=1))}
-        for name in MODELS:
+        for name in names:
             results.append(measure_case(torch, name, args.settings, addresses, profile_steps))
             print()
     print("P9 summary (goal <= 1.5x torch eager):")
