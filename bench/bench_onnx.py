@@ -14,6 +14,12 @@ baseline is the same forward and backward in PyTorch eager in this process
 (zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
 for each. No timed assertion.
 
+Which path a call takes: a `gradserve serve` process runs one BLAS thread, and its lean
+path (server/lean.py) answers a call estimated within its inline budget on the event
+loop (the encoder's, with its parameters stored); the in-process server runs in this
+process, whose BLAS has more threads, so its estimate counts matrix products at the
+elementwise rate and its calls go to a worker thread (the hand-off included).
+
 CPU cost, beside the times: on a shared 2-core machine a server in its own process
 gets its own share of the CPUs, which flatters it against PyTorch in one process; so
 each call through a server process also counts the CPU seconds it took, the client's

@@ -564,7 +564,8 @@ def _directions(plan, shapes, request, present, seeds: dict) -> int:
     """Seed directions the request's differentiation sweeps at these shapes: the seeds'
     leading axis (k) when tangents or cotangents are given (`seeds`, stored ones
     included), else the smaller side of the Jacobian (the planner sweeps the cheaper
-    way). A seed that names no value counts one direction (the engine refuses it)."""
+    way). A seed naming no value counts each of its elements a direction (the engine
+    refuses it, and the general path answers with its error)."""
     if seeds:
         return max(a.size // max(1, prod(shapes.get(name, ()))) for name, a in seeds.items())
     wrt = tuple(request.wrt) if "wrt" in present else plan.float_inputs
