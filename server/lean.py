@@ -82,6 +82,11 @@ _TEMPLATE_BYTES = 4 << 20
 _TEMPLATE_MAX_BYTES = 64 << 10
 _PREFIX_BYTES = 64  # request bytes a RequestTemplate is looked up by (a graph id's, mostly)
 _FORMS_PER_PREFIX = 8  # RequestTemplates kept per prefix (the oldest dropped)
+# Differentiate requests found over the budget, by their first _PREFIX_BYTES (the graph id
+# and the first input's shape, mostly) and length: the next of the same goes to a worker
+# at once (a 50 KB ResNet request took ~90 us on the loop to be found over it again). A
+# request that matches but would fit only misses the loop, never gets a wrong answer.
+_OVER_BUDGET_KEPT = 1024  # (then forgotten, all at once)
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
@@ -196,6 +201,7 @@ class LeanPath:
         self.templated = 0
         self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
         self._train_estimates: dict = {}  # see _train_gate
+        self._over_budget: set = set()  # see _OVER_BUDGET_KEPT
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -287,6 +293,10 @@ class LeanPath:
                 if reply is not None:
                     return reply
                 break
+        seen = (data[:_PREFIX_BYTES], len(data))
+        if seen in self._over_budget:
+            self._count("over_budget")
+            return None
         found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS, static=False)
         if found is None:
             return None
@@ -314,6 +324,7 @@ class LeanPath:
         model, nodes = self.model, len(plan.graph.nodes)
         # the node count first: FLOPs take a pass over the nodes (once per shapes)
         if not self._within_budget(model.differentiate_us(nodes, 0)):
+            self._remember_over_budget(seen)
             return None
         inputs = self._tensors(request, present, "inputs")
         tangents = self._tensors(request, present, "tangents")
@@ -323,6 +334,7 @@ class LeanPath:
         shapes = plan.shapes if plan.static else plan.bind(inputs).shapes
         directions = _directions(plan, shapes, request, present, tangents or cotangents)
         if not self._within_budget(self._differentiate_us(plan, shapes, directions)):
+            self._remember_over_budget(seen)
             return None
         result = plan.differentiate(
             inputs, wrt=tuple(request.wrt) if "wrt" in present else None,
@@ -346,6 +358,11 @@ class LeanPath:
             self._keep_template(form, data, inputs, reply_data, result,
                                 request.request_id.encode())
         return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+
+    def _remember_over_budget(self, seen) -> None:
+        if len(self._over_budget) >= _OVER_BUDGET_KEPT:
+            self._over_budget.clear()
+        self._over_budget.add(seen)
 
     def _keep_template(self, form, data: bytes, inputs: dict, reply_data: bytes, result,
                        request_id: bytes) -> None:

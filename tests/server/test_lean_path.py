@@ -482,9 +482,11 @@ def test_a_large_stored_input_is_estimated_at_its_own_shape(pair, stored):
                                            "stored_cotangents": {"y": (h, "huge_g")}},
                             wrt=["b"]) for h in stored]
     assert len(requests[0]) < 1000
-    before = lean.counts
-    fast, slow = lean("Differentiate", requests[0]), general("Differentiate", requests[1])
-    assert isinstance(fast, bytes) and fast == slow
-    after = lean.counts
-    assert after["over_budget"] == before["over_budget"] + 1
-    assert after["inline"] == before["inline"]
+    slow = general("Differentiate", requests[1])
+    for _ in range(2):  # the second time known over the budget by its bytes' prefix
+        before = lean.counts
+        fast = lean("Differentiate", requests[0])
+        assert isinstance(fast, bytes) and fast == slow
+        after = lean.counts
+        assert after["over_budget"] == before["over_budget"] + 1
+        assert after["inline"] == before["inline"]
