@@ -14,6 +14,12 @@ baseline is the same forward and backward in PyTorch eager in this process
 (zero_grad, forward, backward), at torch's faster thread setting. Goal: <= 1.5x
 for each. No timed assertion.
 
+Which path a call takes: a `gradserve serve` process runs one BLAS thread, and its lean
+path (server/lean.py) answers a call estimated within its inline budget on the event
+loop (the encoder's, with its parameters stored); the in-process server runs in this
+process, whose BLAS has more threads, so its estimate counts matrix products at the
+elementwise rate and its calls go to a worker thread (the hand-off included).
+
 CPU cost, beside the times: on a shared 2-core machine a server in its own process
 gets its own share of the CPUs, which flatters it against PyTorch in one process; so
 each call through a server process also counts the CPU seconds it took, the client's
@@ -34,7 +40,7 @@ process, OPENBLAS_NUM_THREADS=1 for the server process): these models' matrix
 products are small, and on a busy 2-core machine a multi-threaded product waits
 for its descheduled helper thread.
 
-    .venv/bin/python bench/bench_onnx.py [--quick] [--json PATH]
+    .venv/bin/python bench/bench_onnx.py [--quick] [--json PATH] [--models encoder,...]
 """
 
 from __future__ import annotations
@@ -359,7 +365,13 @@ def measure_case(torch, name, settings, addresses, profile_steps) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(__doc__, argv)
+    args = parse_args(__doc__, argv, extra=lambda parser: parser.add_argument(
+        "--models", default=",".join(MODELS),
+        help="the models to measure, comma-separated (default: %(default)s)"))
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"bench_onnx.py: unknown models {unknown} (known: {', '.join(MODELS)})")
     for line in environment_lines():
         print(line)
     print()
@@ -376,7 +388,7 @@ def main(argv=None) -> int:
                      "server process": stack.enter_context(server_process()),
                      "server process, OPENBLAS_NUM_THREADS=1": stack.enter_context(
                          server_process(OPENBLAS_NUM_THREADS=1))}
-        for name in MODELS:
+        for name in names:
             results.append(measure_case(torch, name, args.settings, addresses, profile_steps))
             print()
     print("P9 summary (goal <= 1.5x torch eager):")

@@ -149,11 +149,22 @@ def _from_residuals(plan, inputs, residuals, wrt, of, mode, tangents, cotangents
                                          " (from kept residuals)"))
 
 
+_VJP_DECISIONS: dict = {}  # (n, m, how) -> the PlannerDecision (immutable: shared)
+_VJP_DECISIONS_KEPT = 1024  # (then forgotten, all at once)
+
+
 def _vjp_decision(plan, shapes, wrt, result, cotangents, how) -> PlannerDecision:
     n = sum(prod(shapes[name]) for name in plan.wrt_names(wrt))
     m = sum(result.outputs[name].size for name in cotangents)
-    return replace(plan_mode(n, m, forced="reverse"),
-                   reason=f"cotangents given: a VJP is reverse mode{how}")
+    key = (n, m, how)
+    decision = _VJP_DECISIONS.get(key)
+    if decision is None:  # (dataclasses.replace and the reason's text: ~8 us a call)
+        if len(_VJP_DECISIONS) >= _VJP_DECISIONS_KEPT:
+            _VJP_DECISIONS.clear()
+        decision = _VJP_DECISIONS[key] = replace(
+            plan_mode(n, m, forced="reverse"),
+            reason=f"cotangents given: a VJP is reverse mode{how}")
+    return decision
 
 
 def _same_names(seeds, names, field, names_field):

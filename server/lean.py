@@ -9,9 +9,12 @@ cache, computed, and its reply built by the generated code (the same bytes as th
 general path's: deterministic serialization of the same message).
 
 What qualifies: the request is at most LEAN_MAX_BYTES, names a cached graph by id
-with static shapes, uses no field but those of a plain evaluation or differentiation
-(no trace, residuals, second order or inline graph), and its estimated time is within
-the server's inline budget (TimeModel). Anything else, and every request that fails
+(an evaluation: with static shapes; a differentiation: its FLOPs estimated at the
+inputs' shapes), uses no field but those of a plain evaluation or differentiation
+(no trace, residuals, second order, store_results or inline graph; a
+differentiation's tensors may be stored ones, looked up as the general path looks
+them up), and its estimated time is within the server's inline budget (TimeModel).
+Anything else, and every request that fails
 on the way (bad bytes, unknown graph, a bad tensor, an engine error), is answered by
 the general path in a worker: so errors are the general path's, by construction, and
 the request's outcome (metrics, request log, cache lookup) is recorded once, by the
@@ -20,6 +23,11 @@ path that answered it.
 The budget bounds how long the event loop (and so health checks and every other
 call's I/O) can be held by one request; it is an estimate of time, not of FLOPs:
 a 2,000-op scalar chain has few FLOPs and takes milliseconds of per-op Python.
+The default, 2 ms, takes medium requests too (a transformer encoder layer's gradient
+at batch 16 x 7, parameters stored: estimated 1.7 ms, ~0.8-1 ms of engine), where
+the hand-off to a worker cost ~200 us of server CPU and wall time a call; a request
+computing in a worker already delays health checks by 4-13 ms (the GIL,
+PERF-NOTES.md), so a loop held up to 2 ms is within what health sees anyway.
 
 A Jacobian request (no seeds) of a form answered here before (same graph id, `wrt`,
 `of` and mode) is answered by its sweep alone: the engine remembers the request as
@@ -62,9 +70,10 @@ from .convert import fill_decision
 from .training import Declined
 from .wire import wire_counter
 
-# Larger requests go to a worker (tensor_wire reads them without copies there).
-LEAN_MAX_BYTES = 16384
-DEFAULT_INLINE_BUDGET_US = 500.0
+# Larger requests go to a worker (tensor_wire reads them without copies there); the
+# generated code's copies of 64 KiB cost a few microseconds.
+LEAN_MAX_BYTES = 65536
+DEFAULT_INLINE_BUDGET_US = 2000.0
 _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
 # Reply templates of Jacobian requests (ReplyTemplate), by request form: at most this
 # many and these many bytes in all (then forgotten, all at once); a larger one is not kept.
@@ -73,13 +82,19 @@ _TEMPLATE_BYTES = 4 << 20
 _TEMPLATE_MAX_BYTES = 64 << 10
 _PREFIX_BYTES = 64  # request bytes a RequestTemplate is looked up by (a graph id's, mostly)
 _FORMS_PER_PREFIX = 8  # RequestTemplates kept per prefix (the oldest dropped)
+# Differentiate requests found over the budget, by their first _PREFIX_BYTES (the graph id
+# and the first input's shape, mostly) and length: the next of the same goes to a worker
+# at once (a 50 KB ResNet request took ~90 us on the loop to be found over it again). A
+# request that matches but would fit only misses the loop, never gets a wrong answer.
+_OVER_BUDGET_KEPT = 1024  # (then forgotten, all at once)
 
 # The fields a lean request may set; any other (trace, residuals, second_order,
 # keep_residuals, an inline graph, fields added later) sends it to the general path.
 _EVALUATE_FIELDS = frozenset({"graph_id", "inputs"})
 _DIFFERENTIATE_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "tangents",
-                                   "cotangents", "request_id"})
-_JACOBIAN_FIELDS = _DIFFERENTIATE_FIELDS - {"tangents", "cotangents"}
+                                   "cotangents", "request_id", "stored_inputs",
+                                   "stored_tangents", "stored_cotangents"})
+_JACOBIAN_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "request_id"})
 # Ops whose FLOPs are a BLAS product's (TimeModel.dense_mflop_us), far cheaper per FLOP
 # than an elementwise op's.
 DENSE_OPS = frozenset({"matmul"})
@@ -129,9 +144,10 @@ class TimeModel:
     def evaluate_us(self, nodes: int, flops: int) -> float:
         return self.fixed_us + self.evaluate_node_us * nodes + self.mflop_us * flops * 1e-6
 
-    def differentiate_us(self, nodes: int, flops: int) -> float:
+    def differentiate_us(self, nodes: int, flops: int, dense_flops: int = 0) -> float:
+        """`flops` those of other ops, `dense_flops` those of DENSE_OPS."""
         return (self.fixed_us + self.differentiate_node_us * nodes
-                + self.mflop_us * flops * 1e-6)
+                + (self.mflop_us * flops + self.dense_mflop_us * dense_flops) * 1e-6)
 
     def train_us(self, nodes: int, parameters: int, steps: int, flops: int = 0,
                  dense_flops: int = 0, evaluated: bool = False, gathered: int = 0) -> float:
@@ -185,6 +201,7 @@ class LeanPath:
         self.templated = 0
         self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
         self._train_estimates: dict = {}  # see _train_gate
+        self._over_budget: set = set()  # see _OVER_BUDGET_KEPT
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -209,16 +226,17 @@ class LeanPath:
             child = self._children[path] = self._metric.labels(path)
         child.inc()
 
-    def _plan(self, request_type, data, fields):
+    def _plan(self, request_type, data, fields, static=True):
         """(request, the names of its fields set, plan) if the request qualifies so far,
-        else None; bytes that do not parse raise DecodeError (the general path says why)."""
+        else None; bytes that do not parse raise DecodeError (the general path says why).
+        `static`: only a plan with static shapes qualifies."""
         self._counters[request_type].check(data)
         request = request_type.FromString(data)
         present = {field.name for field, _ in request.ListFields()}
         if not present <= fields or "graph_id" not in present:
             return None
         plan = self.servicer.registry.cache.peek(request.graph_id)
-        if plan is None or not plan.static:
+        if plan is None or (static and not plan.static):
             return None
         return request, present, plan
 
@@ -230,6 +248,16 @@ class LeanPath:
         limit = self._max_elements
         return {key: array_from(t.dtype, tuple(t.shape), t.data, f"{field}['{key}']", limit)
                 for key, t in getattr(request, field).items()}
+
+    def _tensors(self, request, present, field: str) -> dict:
+        """_arrays with the stored tensors its stored_<field> names, as the general path
+        reads them (servicer._stored: a lost handle or a key given twice raises, and the
+        general path answers with its error)."""
+        arrays = self._arrays(request, present, field)
+        stored = "stored_" + field
+        if stored not in present:
+            return arrays
+        return self.servicer.store.tensors(getattr(request, stored), stored, arrays)
 
     def _within_budget(self, estimate_us: float) -> bool:
         if estimate_us > self.budget_us:
@@ -265,7 +293,11 @@ class LeanPath:
                 if reply is not None:
                     return reply
                 break
-        found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS)
+        seen = (data[:_PREFIX_BYTES], len(data))
+        if seen in self._over_budget:
+            self._count("over_budget")
+            return None
+        found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS, static=False)
         if found is None:
             return None
         request, present, plan = found
@@ -274,7 +306,7 @@ class LeanPath:
         if mode is None:
             return None
         form = template = None
-        if present <= _JACOBIAN_FIELDS:  # a Jacobian request: answered by a template?
+        if plan.static and present <= _JACOBIAN_FIELDS:  # a Jacobian request: by a template?
             form = (graph_id, tuple(request.wrt) or None, tuple(request.of) or None,
                     request.mode)
             template = self._templates.get(form)
@@ -290,19 +322,24 @@ class LeanPath:
                                               graph_id, reply)
                     template = None  # it no longer fits: made again below
         model, nodes = self.model, len(plan.graph.nodes)
-        # the node count first: FLOPs take a pass over the nodes (once per plan)
+        # the node count first: FLOPs take a pass over the nodes (once per shapes)
         if not self._within_budget(model.differentiate_us(nodes, 0)):
+            self._remember_over_budget(seen)
             return None
-        directions = _directions(plan, request, present)
-        if not self._within_budget(model.differentiate_us(
-                nodes, plan.estimate_flops(plan.shapes, directions))):
+        inputs = self._tensors(request, present, "inputs")
+        tangents = self._tensors(request, present, "tangents")
+        cotangents = self._tensors(request, present, "cotangents")
+        # (a plan with dynamic shapes: its FLOPs at the inputs' shapes; an input that does
+        # not bind raises, and the general path says why)
+        shapes = plan.shapes if plan.static else plan.bind(inputs).shapes
+        directions = _directions(plan, shapes, request, present, tangents or cotangents)
+        if not self._within_budget(self._differentiate_us(plan, shapes, directions)):
+            self._remember_over_budget(seen)
             return None
-        inputs = self._arrays(request, present, "inputs")
         result = plan.differentiate(
             inputs, wrt=tuple(request.wrt) if "wrt" in present else None,
             of=tuple(request.of) if "of" in present else None, mode=mode,
-            tangents=self._arrays(request, present, "tangents"),
-            cotangents=self._arrays(request, present, "cotangents"), trace=False,
+            tangents=tangents, cotangents=cotangents, trace=False,
             residuals=None, budget=self._budget)
         decision = result.decision
         reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
@@ -321,6 +358,11 @@ class LeanPath:
             self._keep_template(form, data, inputs, reply_data, result,
                                 request.request_id.encode())
         return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+
+    def _remember_over_budget(self, seen) -> None:
+        if len(self._over_budget) >= _OVER_BUDGET_KEPT:
+            self._over_budget.clear()
+        self._over_budget.add(seen)
 
     def _keep_template(self, form, data: bytes, inputs: dict, reply_data: bytes, result,
                        request_id: bytes) -> None:
@@ -437,6 +479,29 @@ class LeanPath:
             flops, dense = flops + plan.estimate_flops(shapes) - d, dense + d
         return model.train_us(nodes, count, steps, flops, dense, evaluated, gathered)
 
+    def _differentiate_us(self, plan, shapes, directions: int) -> float:
+        """TimeModel.differentiate_us of a differentiation at these shapes with these seed
+        directions, the FLOPs of DENSE_OPS at their own rate: those of the values' sweep
+        and, per direction, the fewer of their forward and reverse FLOPs (the rest of
+        the engine's estimate, which counts the costlier mode, stays at the other ops'
+        rate: never a shorter estimate than that split). The split is remembered per
+        shapes, as _step_flops's."""
+        key = (id(plan), id(shapes), "differentiate")
+        known = self._step_costs.get(key)
+        if known is not None and known[0] is plan and known[1] is shapes:
+            values, per_direction = known[2]
+        else:
+            values = _dense_flops(plan, shapes, ("values",))
+            per_direction = min(_dense_flops(plan, shapes, (mode,))
+                                for mode in ("forward", "reverse"))
+            if len(self._step_costs) >= _STEP_COSTS_KEPT:
+                self._step_costs.clear()
+            self._step_costs[key] = (plan, shapes, (values, per_direction))
+        dense = values + directions * per_direction
+        return self.model.differentiate_us(len(plan.graph.nodes),
+                                           plan.estimate_flops(shapes, directions) - dense,
+                                           dense)
+
     def _step_flops(self, plan, shapes) -> tuple[int, int]:
         """A training step's FLOPs at these shapes (the values' sweep and one reverse
         direction): (those of other ops, those of DENSE_OPS); remembered per shapes (a
@@ -512,15 +577,14 @@ def _dense_flops(plan, shapes, modes) -> int:
     return total
 
 
-def _directions(plan, request, present) -> int:
-    """Seed directions the request's differentiation sweeps: the seeds' leading axis
-    (k) when tangents or cotangents are given, else the smaller side of the Jacobian
-    (the planner sweeps the cheaper way)."""
-    shapes = plan.shapes
-    for field in ("tangents", "cotangents"):
-        if field in present:
-            return max(prod(t.shape) // max(1, prod(shapes[name]))
-                       for name, t in getattr(request, field).items())
+def _directions(plan, shapes, request, present, seeds: dict) -> int:
+    """Seed directions the request's differentiation sweeps at these shapes: the seeds'
+    leading axis (k) when tangents or cotangents are given (`seeds`, stored ones
+    included), else the smaller side of the Jacobian (the planner sweeps the cheaper
+    way). A seed naming no value counts each of its elements a direction (the engine
+    refuses it, and the general path answers with its error)."""
+    if seeds:
+        return max(a.size // max(1, prod(shapes.get(name, ()))) for name, a in seeds.items())
     wrt = tuple(request.wrt) if "wrt" in present else plan.float_inputs
     of = tuple(request.of) if "of" in present else plan.float_outputs
     return min(sum(prod(shapes[n]) for n in wrt), sum(prod(shapes[n]) for n in of))

@@ -17,6 +17,17 @@ from ..errors import RuleError
 from ..shapes import broadcast_shapes, fill_seed, fmt_shape, lift, num_elements, unbroadcast
 from .table import OpDef, row
 
+def _product(a, b):
+    """a @ b. A stack of matrices times one matrix is one product over the stack's rows
+    (NumPy runs one per matrix of the stack: 16 products of 7 rows took 24 us against 8
+    for the one of 112 rows); the rows are a copy when the stack is not contiguous (as
+    the output, within the row's declared temporaries)."""
+    if b.ndim == 2 and a.ndim > 2:
+        rows = a.reshape(prod(a.shape[:-1]), a.shape[-1])
+        return _mm(rows, b).reshape(a.shape[:-1] + b.shape[1:])
+    return _mm(a, b)
+
+
 def _matmul_flops(shapes, out, **_):
     a = shapes[0]
     return 2 * num_elements(out) * (a[-1] or 1)
@@ -103,7 +114,8 @@ def _matmul_vjp(i, g, x, ans):
     a2 = a[None, :] if a.ndim == 1 else a
     b2 = b[:, None] if b.ndim == 1 else b
     if i == 0:
-        ga = _mm(g2, b2.swapaxes(-1, -2))  # (the method: np.swapaxes's wrapper costs more)
+        # (the method: np.swapaxes's wrapper costs more)
+        ga = _product(g2, b2.swapaxes(-1, -2))
         ga = ga[..., 0, :] if a.ndim == 1 else ga
         return unbroadcast(ga, a.shape)
     if b.ndim == 2 and a2.ndim > 2:
@@ -198,7 +210,7 @@ def _matvec_joint(i, g, gdot, x, ans, t, t_ans):
     return out[:1], out[1:]
 
 
-row(OpDef("matmul", 2, _matmul_rule, _mm, _matmul_jvp, _matmul_vjp,
+row(OpDef("matmul", 2, _matmul_rule, _product, _matmul_jvp, _matmul_vjp,
           saves=frozenset({"x"}), float_only=False, flops=_matmul_flops,
           description="NumPy matmul: 1-D operands promoted, leading axes broadcast",
           curvature=_matmul_curvature, joint=_matvec_joint,

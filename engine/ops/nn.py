@@ -26,19 +26,38 @@ def _logsumexp(x, axis, keepdims):
     return out if keepdims else np.squeeze(out, axis)
 
 
+# A last axis at most this long, over at least this many rows, is reduced across rows
+# (_reduce_along).
+_SHORT_AXIS = 16
+_MANY_ROWS = 64
+
+
+def _reduce_along(ufunc, x, axis):
+    """ufunc.reduce(x, axis, keepdims=True). NumPy reduces a short last axis row by row
+    (~40 ns a row: 19 us for an attention's 448 rows of 7 in float32); moved to the front
+    as one contiguous copy (an array of x's size, within the row's declared temporaries)
+    it is reduced across the rows in a few vector passes (~6 us), adding in the same
+    order as the row by row loop for under 8 elements (NumPy's pairwise sum starts at 8)."""
+    n = x.shape[axis]
+    if axis == x.ndim - 1 and 1 < n <= _SHORT_AXIS and x.size >= _MANY_ROWS * n:
+        front = x.reshape(-1, n).T.copy()
+        return ufunc.reduce(front, axis=0).reshape(x.shape[:-1] + (1,))
+    return ufunc.reduce(x, axis=axis, keepdims=True)
+
+
 def _softmax(x, axis):
-    # in place on the one new array, by the methods (np.max and np.sum's Python wrappers
-    # cost more than the passes themselves on an attention's small rows)
-    e = x - x.max(axis=axis, keepdims=True)
+    # in place on the one new array (np.max and np.sum's Python wrappers cost more than
+    # the passes themselves on an attention's small rows)
+    e = x - _reduce_along(np.maximum, x, axis)
     np.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
+    e /= _reduce_along(np.add, e, axis)
     return e
 
 
 def _softmax_map(s, ans, axis):
     """The softmax Jacobian (symmetric) applied to a seed: ans s - ans sum(ans s)."""
     out = s * ans
-    out -= ans * out.sum(axis=axis + 1, keepdims=True)
+    out -= ans * _reduce_along(np.add, out, axis + 1)
     return out
 
 

@@ -15,8 +15,9 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client import GraphBuilder
+from gradserve.client import Client, GraphBuilder
 from gradserve.server.app import create_server
+from gradserve.server.lean import LEAN_MAX_BYTES
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors, from_tensor, to_tensor
@@ -354,11 +355,13 @@ def test_the_time_gate_sends_a_long_scalar_chain_to_a_worker(pair):
 def test_large_tensors_and_inline_graphs_take_the_general_path(pair):
     lean, general = pair
     g = GraphBuilder()
-    x = g.input("x", "float32", [8192])
+    size = LEAN_MAX_BYTES // 4 + 1  # float32 elements: a request over LEAN_MAX_BYTES
+    x = g.input("x", "float32", [size])
     g.output("loss", g.sum(x * x))
     graph_id = registered(pair, g)
     before = lean.counts["inline"]
-    big = differentiate(graph_id, {"x": np.linspace(0, 1, 8192, dtype=np.float32)})
+    big = differentiate(graph_id, {"x": np.linspace(0, 1, size, dtype=np.float32)})
+    assert len(big) > LEAN_MAX_BYTES
     inline = pb.DifferentiateRequest(graph=seed_graph().build())
     fill_tensors(inline.inputs, {"x": PI, "y": PI})
     for method, data in (("Differentiate", big),
@@ -366,3 +369,124 @@ def test_large_tensors_and_inline_graphs_take_the_general_path(pair):
         fast = lean(method, data)
         assert isinstance(fast, bytes) and fast == general(method, data)
     assert lean.counts["inline"] == before
+
+
+def dense_model(batch_dims=(-1,)):
+    """tanh(x @ W + b) @ V: a small model whose batch is dynamic by default."""
+    g = GraphBuilder()
+    x = g.input("x", "float32", list(batch_dims) + [3])
+    w, b, v = (g.input("W", "float32", [3, 4]), g.input("b", "float32", [4]),
+               g.input("V", "float32", [4, 2]))
+    g.output("y", g.tanh(x @ w + b) @ v)
+    return g
+
+
+PARAMETERS = {"W": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+              "b": np.float32([0.1, -0.2, 0.3, 0.0]),
+              "V": np.linspace(0.5, -0.5, 8, dtype=np.float32).reshape(4, 2)}
+
+
+def with_stored(graph_id, inputs, stored: dict, **fields) -> bytes:
+    """A Differentiate request naming stored tensors: stored = {field: {key: (handle,
+    name)}} for stored_inputs, stored_tangents and stored_cotangents."""
+    request = pb.DifferentiateRequest(graph_id=graph_id, **fields)
+    fill_tensors(request.inputs, inputs)
+    for field, refs in stored.items():
+        for key, (handle, name) in refs.items():
+            entry = getattr(request, field)[key]
+            entry.handle, entry.name = handle, name
+    return request.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def stored(pair):
+    """The same tensors put on both servers: (lean's handle, general's handle)."""
+    tensors = {**PARAMETERS, "big": np.ones((512, 3), np.float32),
+               "huge": np.ones((100_000, 3), np.float32),
+               "huge_g": np.ones((100_000, 2), np.float32),
+               "g": np.float32([[1.0, -1.0]] * 5)}
+    handles = []
+    for raw in pair:
+        with Client(f"127.0.0.1:{raw.server.port}") as client:
+            handles.append(client.put(tensors).id)
+    return tuple(handles)
+
+
+def test_stored_tensors_and_dynamic_shapes_are_answered_inline_as_by_a_worker(pair, stored):
+    """A model's gradient with its parameters in the tensor store and a dynamic batch
+    (what an ONNX import's vjp sends): the same bytes as the general path's, inline."""
+    lean, general = pair
+    graph_id = registered(pair, dense_model())
+    x = np.linspace(-2, 2, 15, dtype=np.float32).reshape(5, 3)
+    params = {k: k for k in PARAMETERS}
+    cases = {
+        "vjp, stored parameters": ({"x": x}, {"stored_inputs": params},
+                                   {"cotangents": {"y": to_tensor(np.float32([[0.5, 2]] * 5))}}),
+        "vjp, stored cotangents": ({"x": x}, {"stored_inputs": params,
+                                              "stored_cotangents": {"y": "g"}}, {}),
+        "batched jvp": ({"x": x}, {"stored_inputs": params},
+                        {"tangents": {"W": to_tensor(np.ones((2, 3, 4), np.float32))}}),
+        "jacobian, stored x of another batch": (
+            {}, {"stored_inputs": {**params, "x": "big"}}, {"wrt": ["b"]}),
+        "jacobian, inline": ({"x": x, **PARAMETERS}, {}, {"mode": WIRE_MODES["reverse"]}),
+    }
+    for name, (inputs, refs, fields) in cases.items():
+        requests = [with_stored(graph_id, inputs, {f: {k: (handle, n) for k, n in r.items()}
+                                                   for f, r in refs.items()}, **fields)
+                    for handle in stored]
+        before = lean.counts["inline"]
+        fast, slow = lean("Differentiate", requests[0]), general("Differentiate", requests[1])
+        assert isinstance(fast, bytes) and isinstance(slow, bytes), (name, fast, slow)
+        assert fast == slow, name
+        assert lean.counts["inline"] == before + 1, f"{name}: not answered inline"
+
+
+def test_stored_inputs_that_fail_get_the_general_paths_errors(pair, stored):
+    lean, general = pair
+    graph_id = registered(pair, dense_model())
+    x = np.zeros((2, 3), np.float32)
+    cot = {"cotangents": {"y": to_tensor(np.ones((2, 2), np.float32))}}
+    params = {k: k for k in PARAMETERS}
+    cases = {
+        "lost handle": lambda h: with_stored(graph_id, {"x": x}, {
+            "stored_inputs": {k: ("no-such-handle", n) for k, n in params.items()}}, **cot),
+        "no such name": lambda h: with_stored(graph_id, {"x": x}, {
+            "stored_inputs": {**{k: (h, n) for k, n in params.items()}, "V": (h, "nope")}},
+            **cot),
+        "given twice": lambda h: with_stored(graph_id, {"x": x, "W": PARAMETERS["W"]}, {
+            "stored_inputs": {k: (h, n) for k, n in params.items()}}, **cot),
+        "a stored input of the wrong shape": lambda h: with_stored(graph_id, {"x": x}, {
+            "stored_inputs": {**{k: (h, n) for k, n in params.items()}, "b": (h, "W")}},
+            **cot),
+    }
+    for name, request in cases.items():
+        before = lean.counts["inline"]
+        fast, slow = lean("Differentiate", request(stored[0])), general(
+            "Differentiate", request(stored[1]))
+        assert isinstance(fast, grpc.RpcError) and isinstance(slow, grpc.RpcError), name
+        assert (fast.code(), fast.details()) == (slow.code(), slow.details()), name
+        assert fast.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+        assert lean.counts["inline"] == before, name
+
+
+def test_a_large_stored_input_is_estimated_at_its_own_shape(pair, stored):
+    """The request is small, but its stored x and cotangent have 100,000 rows: the
+    estimate at the bound shapes is over the budget, and a worker answers it (the same
+    bytes)."""
+    lean, general = pair
+    graph_id = registered(pair, dense_model())
+    params = {k: k for k in PARAMETERS}
+    requests = [with_stored(graph_id, {}, {"stored_inputs": {**{k: (h, n) for k, n in
+                                                                 params.items()},
+                                                              "x": (h, "huge")},
+                                           "stored_cotangents": {"y": (h, "huge_g")}},
+                            wrt=["b"]) for h in stored]
+    assert len(requests[0]) < 1000
+    slow = general("Differentiate", requests[1])
+    for _ in range(2):  # the second time known over the budget by its bytes' prefix
+        before = lean.counts
+        fast = lean("Differentiate", requests[0])
+        assert isinstance(fast, bytes) and fast == slow
+        after = lean.counts
+        assert after["over_budget"] == before["over_budget"] + 1
+        assert after["inline"] == before["inline"]

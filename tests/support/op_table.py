@@ -112,6 +112,9 @@ TABLE = [
         row(op, (2, 3), axis=0),
         row(op, (2, 3, 4), axis=1),
         row(op, (4,), axis=-1),
+        # many short rows along the last axis (softmax reduces them across the rows)
+        row(op, (70, 5)),
+        row(op, (3, 30, 4), axis=-1),
     )],
     row("logsumexp", (2, 3)),
     row("logsumexp", (2, 3), axis=0, keepdims=True),
