@@ -98,6 +98,14 @@ _JACOBIAN_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "reques
 # Ops whose FLOPs are a BLAS product's (TimeModel.dense_mflop_us), far cheaper per FLOP
 # than an elementwise op's.
 DENSE_OPS = frozenset({"matmul"})
+# What BLAS's rate leaves out of a matrix product's time (measured at one BLAS thread:
+# a stack of 1x1, 2x2 and 4x4 products 4, 30 and 45 ns a product; (4096, 1) @ (1, 1)
+# 2.4 ns an output element, (1, 1) @ (1, 4096) 1.6): ~58 ns a product and ~5 ns an
+# output element of a product with an inner dimension under DENSE_MIN_DIM, in FLOPs at
+# the other ops' rate (TimeModel.mflop_us, 0.6 ns a FLOP), rounded up.
+DENSE_MIN_DIM = 32
+SMALL_PRODUCT = 96
+SMALL_OUTPUT = 8
 _STEP_COSTS_KEPT = 1024  # (plan, shapes) -> a training step's FLOPs, then forgotten at once
 
 
@@ -125,7 +133,13 @@ class TimeModel:
     holds for one BLAS thread, as `gradserve serve` runs by default (`for_blas`): with
     more, a small product waits on BLAS's helper threads, descheduled on a busy machine
     (a 64-wide MLP step at batch 64 took 0.9-1.4 ms with two against 0.33-0.35 with
-    one), and dense FLOPs are costed as any other."""
+    one), and dense FLOPs are costed as any other.
+
+    A differentiation's dense FLOPs (differentiate_dense_mflop_us) go through the
+    general sweeps, not a training call's compiled one: a (256, 64) @ (64, 64) layer's
+    VJP ran at 14 us per MFLOP (Plan.vjp, one BLAS thread, load ~2); rounded up. Small
+    products carry more than their FLOPs (_products, measured by
+    tests/server/test_lean_path.py against the engine's CPU time)."""
 
     fixed_us: float = 60.0
     evaluate_node_us: float = 1.6
@@ -135,11 +149,13 @@ class TimeModel:
     step_node_us: float = 9.0
     step_parameter_us: float = 16.0
     dense_mflop_us: float = 10.0
+    differentiate_dense_mflop_us: float = 20.0
     gather_mb_us: float = 500.0
 
     def for_blas(self, threads: int | None) -> "TimeModel":
         """This model for BLAS running `threads` threads (None: unknown)."""
-        return self if threads == 1 else replace(self, dense_mflop_us=self.mflop_us)
+        return self if threads == 1 else replace(self, dense_mflop_us=self.mflop_us,
+                                                 differentiate_dense_mflop_us=self.mflop_us)
 
     def evaluate_us(self, nodes: int, flops: int) -> float:
         return self.fixed_us + self.evaluate_node_us * nodes + self.mflop_us * flops * 1e-6
@@ -147,7 +163,8 @@ class TimeModel:
     def differentiate_us(self, nodes: int, flops: int, dense_flops: int = 0) -> float:
         """`flops` those of other ops, `dense_flops` those of DENSE_OPS."""
         return (self.fixed_us + self.differentiate_node_us * nodes
-                + (self.mflop_us * flops + self.dense_mflop_us * dense_flops) * 1e-6)
+                + (self.mflop_us * flops + self.differentiate_dense_mflop_us * dense_flops)
+                * 1e-6)
 
     def train_us(self, nodes: int, parameters: int, steps: int, flops: int = 0,
                  dense_flops: int = 0, evaluated: bool = False, gathered: int = 0) -> float:
@@ -475,8 +492,8 @@ class LeanPath:
         if evaluated:
             data = self.servicer.store.entry(request.evaluate_data, "evaluate_data").tensors
             shapes = plan.bind({**data, **parameters}).shapes
-            d = _dense_flops(plan, shapes, ("values",))
-            flops, dense = flops + plan.estimate_flops(shapes) - d, dense + d
+            d, small = _products(plan, shapes, ("values",))
+            flops, dense = flops + plan.estimate_flops(shapes) - d + small, dense + d
         return model.train_us(nodes, count, steps, flops, dense, evaluated, gathered)
 
     def _differentiate_us(self, plan, shapes, directions: int) -> float:
@@ -491,16 +508,18 @@ class LeanPath:
         if known is not None and known[0] is plan and known[1] is shapes:
             values, per_direction = known[2]
         else:
-            values = _dense_flops(plan, shapes, ("values",))
-            per_direction = min(_dense_flops(plan, shapes, (mode,))
-                                for mode in ("forward", "reverse"))
+            values = _products(plan, shapes, ("values",))
+            modes = [_products(plan, shapes, (mode,)) for mode in ("forward", "reverse")]
+            # (the fewer dense FLOPs, the more small products' time: never shorter)
+            per_direction = (min(d for d, _ in modes), max(s for _, s in modes))
             if len(self._step_costs) >= _STEP_COSTS_KEPT:
                 self._step_costs.clear()
             self._step_costs[key] = (plan, shapes, (values, per_direction))
-        dense = values + directions * per_direction
-        return self.model.differentiate_us(len(plan.graph.nodes),
-                                           plan.estimate_flops(shapes, directions) - dense,
-                                           dense)
+        dense = values[0] + directions * per_direction[0]
+        small = values[1] + directions * per_direction[1]
+        return self.model.differentiate_us(
+            len(plan.graph.nodes), plan.estimate_flops(shapes, directions) - dense + small,
+            dense)
 
     def _step_flops(self, plan, shapes) -> tuple[int, int]:
         """A training step's FLOPs at these shapes (the values' sweep and one reverse
@@ -510,9 +529,9 @@ class LeanPath:
         known = self._step_costs.get(key)
         if known is not None and known[0] is plan and known[1] is shapes:
             return known[2]
-        dense = _dense_flops(plan, shapes, ("values", "reverse"))
+        dense, small = _products(plan, shapes, ("values", "reverse"))
         # (the engine's estimate counts the costliest mode per direction: >= reverse's)
-        found = (plan.estimate_flops(shapes, 1) - dense, dense)
+        found = (plan.estimate_flops(shapes, 1) - dense + small, dense)
         if len(self._step_costs) >= _STEP_COSTS_KEPT:
             self._step_costs.clear()
         self._step_costs[key] = (plan, shapes, found)
@@ -561,20 +580,36 @@ def _placeholders(inputs: dict) -> dict:
             for name, (shape, dtype) in inputs.items()}
 
 
-def _dense_flops(plan, shapes, modes) -> int:
-    """FLOPs the DENSE_OPS nodes of a plan declare at these shapes, summed over `modes`
-    (one direction each past "values")."""
-    total = 0
+def _products(plan, shapes, modes) -> tuple[int, int]:
+    """(dense, small) of the DENSE_OPS nodes of a plan at these shapes, summed over
+    `modes` (one direction each past "values"): `dense` their FLOPs (costed at BLAS's
+    rate, TimeModel.dense_mflop_us), `small` what BLAS's rate leaves out, in FLOPs at
+    the other ops' rate: SMALL_PRODUCT a product made (a stack of tiny matrices is one
+    product each) and SMALL_OUTPUT an output element of a product whose inner dimension
+    is under DENSE_MIN_DIM (a stack of 2x2 products ran at ~1,900 us per MFLOP, a
+    column times a 1x1 matrix at ~1,200, where BLAS's rate is 10)."""
+    dense = small = 0
     for node, op, attrs in plan.nodes:
         if op.name not in DENSE_OPS:
             continue
         ins = [tuple(shapes[r]) for r in node.inputs]
-        kwargs = {k: v for k, v in attrs.items() if k != "node"} if attrs else {}
+        out = tuple(shapes[node.name])
+        kwargs = {key: v for key, v in attrs.items() if key != "node"} if attrs else {}
+        a = ins[0] if len(ins[0]) > 1 else (1,) + ins[0]
+        b = ins[1] if len(ins[1]) > 1 else ins[1] + (1,)
+        m, k, n = a[-2], a[-1], b[-1]
+        # (a second operand of two dimensions: one product over the stacked rows)
+        count = prod(out[:-2]) if len(b) > 2 else 1
         for mode in modes:
-            cost = op_cost(op, mode, ins, tuple(shapes[node.name]), plan.np_dtypes[node.name],
-                           kwargs)
-            total += cost.flops + LOOP_FLOPS * cost.loops
-    return total
+            cost = op_cost(op, mode, ins, out, plan.np_dtypes[node.name], kwargs)
+            dense += cost.flops + LOOP_FLOPS * cost.loops
+            # the products the mode makes: (count, output elements, inner dimension)
+            made = ([(count, prod(out), k)] if mode == "values" else
+                    [(count, prod(a), n), (count, prod(b), m)] if mode == "reverse" else
+                    [(count, prod(out), k)] * 2)
+            small += sum(SMALL_PRODUCT * c + (SMALL_OUTPUT * o if inner < DENSE_MIN_DIM
+                                              else 0) for c, o, inner in made)
+    return dense, small
 
 
 def _directions(plan, shapes, request, present, seeds: dict) -> int:

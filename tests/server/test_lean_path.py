@@ -8,6 +8,7 @@ sends work estimated over the budget (a 2,000-op scalar chain) to the worker poo
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
 from collections import Counter
 
@@ -490,3 +491,53 @@ def test_a_large_stored_input_is_estimated_at_its_own_shape(pair, stored):
         after = lean.counts
         assert after["over_budget"] == before["over_budget"] + 1
         assert after["inline"] == before["inline"]
+
+
+PRODUCTS = {  # (a's shape, b's shape): stacks of tiny matrices, outer products, layers
+    "stack of 2x2": ((20_000, 2, 2), (20_000, 2, 2)),
+    "stack of 1x1": ((20_000, 1, 1), (20_000, 1, 1)),
+    "stack of 7x8 by 8x7 (attention's)": ((2_000, 7, 8), (2_000, 8, 7)),
+    "column by 1x1": ((4_096, 1), (1, 1)),
+    "1x1 by row": ((1, 1), (1, 4_096)),
+    "dense layer to 10 classes": ((64, 64), (64, 10)),
+    "dense layer": ((256, 64), (64, 64)),
+}
+
+
+@pytest.fixture(scope="module")
+def one_blas_thread_estimates(pair):
+    """A lean path costing as `gradserve serve` does at one BLAS thread, on the server
+    without one (its metric can be registered once there)."""
+    from gradserve.server.lean import LeanPath, TimeModel
+    return LeanPath(pair[1].server.servicer, model=TimeModel())
+
+
+@pytest.mark.parametrize("case", PRODUCTS)
+def test_a_products_estimate_bounds_its_engine_time(one_blas_thread_estimates, case):
+    """The lean path's estimate of a matrix product's gradient call (at one BLAS thread,
+    as `gradserve serve` runs) is above the engine's CPU time for it (the least of three
+    runs): BLAS's rate alone would put a stack of 20,000 2x2 products, named by a small
+    request whose tensors are stored, at ~70 us against ~2 ms on the event loop."""
+    from threadpoolctl import threadpool_limits
+
+    from gradserve import engine
+    from gradserve.server.convert import graph_from_proto
+
+    a_shape, b_shape = PRODUCTS[case]
+    g = GraphBuilder()
+    g.output("o", g.input("a", "float32", a_shape) @ g.input("b", "float32", b_shape))
+    plan = engine.compile(graph_from_proto(g.build()))
+    rng = np.random.default_rng(0)
+    values = {"a": rng.standard_normal(a_shape).astype(np.float32),
+              "b": rng.standard_normal(b_shape).astype(np.float32)}
+    cotangent = {"o": np.ones(np.broadcast_shapes(a_shape[:-2], b_shape[:-2])
+                              + (a_shape[-2], b_shape[-1]), np.float32)}
+    estimate_us = one_blas_thread_estimates._differentiate_us(plan, plan.bind(values).shapes,
+                                                              1)
+    with threadpool_limits(1, "blas"):
+        spent = []
+        for _ in range(3):
+            start = time.thread_time()
+            plan.vjp(values, cotangent)
+            spent.append(time.thread_time() - start)
+    assert min(spent) * 1e6 < estimate_us, (case, min(spent) * 1e6, estimate_us)
