@@ -16,7 +16,7 @@ from gradserve.v1.tensor_wire import TensorMessage
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
-from .lean import DEFAULT_INLINE_BUDGET_US, LeanPath
+from .lean import DEFAULT_INLINE_BUDGET_US, LEAN_MAX_BYTES, LeanPath
 from .limits import Limits
 from .registry import GraphRegistry
 from .residuals import ResidualStore
@@ -112,6 +112,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             max_pattern_entries=engine.MAX_PATTERN_ENTRIES)
         reply.max_connection_age_seconds, reply.max_connection_age_grace_seconds = \
             self.connection_age
+        if self.lean is not None:
+            reply.inline_budget_us, reply.lean_max_bytes = self.lean.budget_us, LEAN_MAX_BYTES
         return reply
 
     def _differentiate(self, request, check, context=None) -> TensorMessage:

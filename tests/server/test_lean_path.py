@@ -541,3 +541,25 @@ def test_a_products_estimate_bounds_its_engine_time(one_blas_thread_estimates, c
             plan.vjp(values, cotangent)
             spent.append(time.thread_time() - start)
     assert min(spent) * 1e6 < estimate_us, (case, min(spent) * 1e6, estimate_us)
+
+
+def test_the_inline_budget_is_in_server_info(pair):
+    """GetServerInfo says how long a request may hold the event loop and how large a
+    request the lean path takes; a server without the lean path says 0."""
+    from gradserve.server.lean import DEFAULT_INLINE_BUDGET_US
+
+    lean, general = pair
+    infos = [pb.GetServerInfoResponse.FromString(raw("GetServerInfo", b"")) for raw in pair]
+    assert (infos[0].inline_budget_us, infos[0].lean_max_bytes) == (DEFAULT_INLINE_BUDGET_US,
+                                                                   LEAN_MAX_BYTES)
+    assert (infos[1].inline_budget_us, infos[1].lean_max_bytes) == (0, 0)
+    # a request just over lean_max_bytes goes to a worker whatever its estimate
+    n = LEAN_MAX_BYTES // 8  # x, y and o's cotangent: 1.5 times lean_max_bytes
+    seed_id = registered(pair, seed_graph(shape=(n,)))
+    x = np.full(n, np.pi, np.float32)
+    data = differentiate(seed_id, {"x": x, "y": x},
+                         cotangents={"o": to_tensor(np.ones(n, np.float32))})
+    assert len(data) > infos[0].lean_max_bytes
+    before = lean.counts["inline"]
+    assert lean("Differentiate", data) == general("Differentiate", data)
+    assert lean.counts["inline"] == before
