@@ -100,11 +100,12 @@ _JACOBIAN_FIELDS = frozenset({"graph_id", "inputs", "wrt", "of", "mode", "reques
 DENSE_OPS = frozenset({"matmul"})
 # What BLAS's rate leaves out of a matrix product's time (measured at one BLAS thread:
 # a stack of 1x1, 2x2 and 4x4 products 4, 30 and 45 ns a product; (4096, 1) @ (1, 1)
-# 2.4 ns an output element, (1, 1) @ (1, 4096) 1.6): ~58 ns a product and ~5 ns an
-# output element of a product with an inner dimension under DENSE_MIN_DIM, in FLOPs at
-# the other ops' rate (TimeModel.mflop_us, 0.6 ns a FLOP), rounded up.
+# 2.4 ns an output element, (1, 1) @ (1, 4096) 1.6; the same calls ran up to 1.6x
+# slower minutes later on the shared box): ~115 ns a product and ~5 ns an output
+# element of a product with an inner dimension under DENSE_MIN_DIM, in FLOPs at the
+# other ops' rate (TimeModel.mflop_us, 0.6 ns a FLOP).
 DENSE_MIN_DIM = 32
-SMALL_PRODUCT = 96
+SMALL_PRODUCT = 192
 SMALL_OUTPUT = 8
 _STEP_COSTS_KEPT = 1024  # (plan, shapes) -> a training step's FLOPs, then forgotten at once
 
