@@ -89,10 +89,11 @@ def compile_bytes(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) 
 
 
 def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, shapes: dict):
-    """run(vals, seeds, check) -> ([loss value, parameter values...], [cotangents of
-    the same]) for a training step's reverse sweep over `tail`'s steps at these shapes
-    (engine/direct.py's kernels where a row has one; cached per plan, loss, tail,
-    parameter names and input shapes), or None for a plan too long to compile."""
+    """run(vals, seeds, check) -> ([loss value, parameter values...], [the loss's
+    cotangent, then each parameter's gradient in its shape, 0 where none]) for a
+    training step's reverse sweep over `tail`'s steps at these shapes (engine/direct.py's
+    kernels where a row has one; cached per plan, loss, tail, parameter names and input
+    shapes), or None for a plan too long to compile."""
     if not _compiles(tail):
         return None
     key = _compiled_key(plan, loss, tail, names, shapes)
@@ -111,8 +112,9 @@ def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, 
         stubs = {s: Stub(shapes[slot_names[s]], plan.np_dtypes[slot_names[s]],
                          len(shapes[slot_names[s]]))
                  for st in tail.steps for s in st.drop}
+        shaped = {plan.slot[n]: tuple(int(d) for d in shapes[n]) for n in names}
         found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted,
-                                 kernels, stubs, {**direct.ENV, **_TAIL_ENV})
+                                 kernels, stubs, {**direct.ENV, **_TAIL_ENV}, shaped)
         keep(plan, key, found)
     return found
 
