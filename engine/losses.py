@@ -14,7 +14,8 @@ plan's declared costs still bound it.
 generated function (engine/sweeps.py's compiled_reverse: the same sweep without
 per-step dispatch), with engine/direct.py's kernels where a row has them and the fused
 tail's own, and the values dropped to their shapes as Stubs made once. The plan's
-`loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no arrays.
+`loss_tails` cache holds both, and sgd.py's Bindings and Knowns (a call's checked
+names and forms), 16 entries in all, no arrays.
 """
 
 from __future__ import annotations

@@ -245,9 +245,10 @@ class LossGradient:
 
     A step's batch of the same dtypes and shapes as the step before it is bound without
     Plan.bind's checks (the parameters are this call's own arrays after the first step,
-    of the shapes and dtypes the first step checked); any other is bound in full, unless
-    an earlier call bound the same forms (batch and parameters) under the same limits
-    (its Binding, kept on the plan)."""
+    of the shapes and dtypes the first step checked); so is the first step's, given an
+    earlier call's Binding whose parameter forms sgd_steps matched (Known); any other is
+    bound in full, unless an earlier call bound the same forms (batch and parameters)
+    under the same limits (its Binding, kept on the plan)."""
 
     def __init__(self, plan, names: tuple, loss: str, budget: Budget,
                  binding: Binding | None = None):
