@@ -201,9 +201,12 @@ def echo_server(reply_size: int):
 
 def train_call_sizes(spec, data, config) -> tuple[int, int]:
     """The bytes of a K=1 TrainSteps request and its reply as `gradserve train` sends
-    and gets them (the median over one epoch's calls, on the stored state)."""
+    and gets them (the median over one epoch's calls, on the stored state; read on the
+    lean path, which answers them at one BLAS thread, as `gradserve serve` runs)."""
+    from threadpoolctl import threadpool_limits
+
     sizes = []
-    with create_server("127.0.0.1:0") as server:
+    with threadpool_limits(limits=1, user_api="blas"), create_server("127.0.0.1:0") as server:
         lean = server.servicer.lean
         answer = lean.answer
 
