@@ -23,7 +23,7 @@ from .blocked import unblocked
 _add_reduce, _max_reduce = np.add.reduce, np.maximum.reduce
 
 
-def _log_softmax(x, axis):
+def _log_softmax_eval(x, axis):
     """ops/nn.py's _log_softmax: the same reductions (what ndarray.max and .sum call),
     without the methods' Python wrappers."""
     z = x - _max_reduce(x, axis, None, None, True)
@@ -32,7 +32,7 @@ def _log_softmax(x, axis):
 
 # (add.reduce: what ndarray.sum calls, without its Python wrapper)
 ENV = {"matmul": np.matmul, "add": np.add, "maximum": np.maximum, "exp": np.exp,
-       "add_reduce": _add_reduce, "log_softmax_": _log_softmax}
+       "add_reduce": _add_reduce, "log_softmax_": _log_softmax_eval}
 
 
 class Kernels(NamedTuple):
