@@ -15,6 +15,9 @@ the shared machine hits every row alike:
     torch.optim.SGD), with 1 thread and with torch's default; the faster of the
     two is the baseline.
 Also `--steps-per-call 16` (16 SGD steps per TrainSteps call). Momentum 0.9.
+gRPC's own floor in the same rounds: a bare echo (grpc.aio server in its own process,
+answering on its event loop; the sync client) of a K=1 TrainSteps call's request and
+reply sizes (measured from `gradserve train`'s calls), one call per step.
 The unary rows train on a state kept in the server's tensor store (the Trainer's
 default against one server: TrainSteps by rows of the stored data set, the short
 last batch and the evaluation in the epoch's last call); the stream rows send the
@@ -147,6 +150,102 @@ class TorchRun:
                 test_loss = F.cross_entropy(logits, self.y_test).item()
                 accuracy = (logits.argmax(1) == self.y_test).float().mean().item()
         return test_loss, accuracy
+
+
+# --- gRPC's own round trip at a K=1 call's sizes -----------------------------------------------
+
+ECHO_METHOD = "/bench.Echo/Call"
+
+
+def _echo_serve(reply_size: int, conn) -> None:
+    """Child process: a grpc.aio server (gradserve's server model) whose one method
+    answers any request with `reply_size` bytes on the event loop: no protobuf, no work."""
+    import asyncio
+    import grpc
+
+    async def serve():
+        reply = bytes(reply_size)
+
+        async def call(request, context):
+            return reply
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Call": grpc.unary_unary_rpc_method_handler(call)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        conn.send(port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # "stop"
+        await server.stop(1.0)
+    asyncio.run(serve())
+
+
+@contextlib.contextmanager
+def echo_server(reply_size: int):
+    """A bare echo server in a spawned process; yields its address."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    conn, child = ctx.Pipe()
+    process = ctx.Process(target=_echo_serve, args=(reply_size, child), daemon=True)
+    process.start()
+    try:
+        if not conn.poll(60):
+            raise RuntimeError("the echo server did not start")
+        yield f"127.0.0.1:{conn.recv()}"
+    finally:
+        conn.send("stop")
+        process.join(10)
+        if process.is_alive():
+            process.terminate()
+
+
+def train_call_sizes(spec, data, config) -> tuple[int, int]:
+    """The bytes of a K=1 TrainSteps request and its reply as `gradserve train` sends
+    and gets them (the median over one epoch's calls, on the stored state; read on the
+    lean path, which answers them at one BLAS thread, as `gradserve serve` runs)."""
+    from threadpoolctl import threadpool_limits
+
+    sizes = []
+    with threadpool_limits(limits=1, user_api="blas"), create_server("127.0.0.1:0") as server:
+        lean = server.servicer.lean
+        answer = lean.answer
+
+        def recorded(method, data, *args, **kwargs):
+            reply = answer(method, data, *args, **kwargs)
+            if method.endswith("TrainSteps") and reply is not None:
+                sizes.append((len(data), len(reply)))
+            return reply
+        lean.answer = recorded
+        gradient = remote_gradient([f"127.0.0.1:{server.port}"], spec.build_graph(),
+                                   spec.param_names)
+        trainer = Trainer(spec, data, gradient, replace(config, epochs=1))
+        trainer.run(trainer.initial_state())
+        gradient.close()
+    if not sizes:
+        raise RuntimeError("no TrainSteps call reached the lean path")
+    return (int(statistics.median(r for r, _ in sizes)),
+            int(statistics.median(a for _, a in sizes)))
+
+
+class EchoRun:
+    """One round trip per step through a bare gRPC echo (sync client, as the Client's):
+    what gRPC alone costs a K=1 training loop of the same number of calls."""
+
+    def __init__(self, address: str, request_size: int, steps: int):
+        import grpc
+
+        self.channel = grpc.insecure_channel(address)
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        self.call = self.channel.unary_unary(ECHO_METHOD, _registered_method=True)
+        self.request, self.steps = bytes(request_size), steps
+
+    def __call__(self):
+        call, request = self.call, self.request
+        for _ in range(self.steps):
+            call(request, timeout=30.0)
+
+    def close(self):
+        self.channel.close()
 
 
 # --- measurement ----------------------------------------------------------------------------
@@ -496,6 +595,11 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> di
             stack.callback(run.close)
             runs[f"gradserve, {where}, {STEPS_PER_CALL} steps per call"] = run
         trainer = next(iter(runs.values())).trainer
+        request_size, reply_size = train_call_sizes(spec, data, config)
+        echo = EchoRun(stack.enter_context(echo_server(reply_size)), request_size,
+                       trainer.total_steps)
+        stack.callback(echo.close)
+        runs[f"bare gRPC echo, {request_size} B in, {reply_size} B out, a call a step"] = echo
         if torch is not None:
             for threads in sorted({1, torch.get_num_threads()}):
                 runs[f"torch eager, local, {threads} thread{'s' if threads > 1 else ''}"] = \
@@ -509,6 +613,19 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> di
                   f"{r / baseline:.2f}x" if baseline else "-") for loop, r in rates.items()],
                 title="Training steps per second (median of rounds; an epoch-end "
                       "evaluation included)")
+    echo_loop = next(loop for loop in rates if loop.startswith("bare gRPC echo"))
+    for where in addresses:
+        ours = f"gradserve, {where}, unary"
+        over = [1e6 / g - 1e6 / e for g, e in zip(per_round[ours], per_round[echo_loop])]
+        print(f"{ours}: {1e6 / rates[ours]:,.0f} us a step, of which the bare echo's round "
+              f"trip {1e6 / rates[echo_loop]:,.0f} us; the rest (engine, both sides' Python, "
+              f"gRPC's per-call Python over the echo's) {statistics.median(over):,.0f} us "
+              f"(rounds {min(over):,.0f}-{max(over):,.0f})")
+    if baseline:
+        print(f"the echo alone is {rates[echo_loop] / baseline:.2f}x torch's steps/s (round "
+              f"ratios {spread_note(round_ratios(per_round, echo_loop))})")
+    print()
+
     def note(loop):
         return spread_note(round_ratios(per_round, loop)) if torch else None
 

@@ -20,9 +20,19 @@ import numpy as np
 
 from .blocked import unblocked
 
+_add_reduce, _max_reduce = np.add.reduce, np.maximum.reduce
+
+
+def _log_softmax_eval(x, axis):
+    """ops/nn.py's _log_softmax: the same reductions (what ndarray.max and .sum call),
+    without the methods' Python wrappers."""
+    z = x - _max_reduce(x, axis, None, None, True)
+    return z - np.log(_add_reduce(np.exp(z), axis, None, None, True))
+
+
 # (add.reduce: what ndarray.sum calls, without its Python wrapper)
 ENV = {"matmul": np.matmul, "add": np.add, "maximum": np.maximum, "exp": np.exp,
-       "add_reduce": np.add.reduce}
+       "add_reduce": _add_reduce, "log_softmax_": _log_softmax_eval}
 
 
 class Kernels(NamedTuple):
@@ -72,9 +82,10 @@ def _relu(attrs, shapes, out):
 
 
 def _log_softmax(attrs, shapes, out):
-    axis = int(attrs["axis"]) + 1
-    return Kernels(None, {0: f"{{g}} - exp({{ans}}) * add_reduce({{g}}, {axis}, None, None, "
-                             "True)"})
+    axis = int(attrs["axis"])
+    return Kernels(f"log_softmax_({{0}}, {axis})",
+                   {0: f"{{g}} - exp({{ans}}) * add_reduce({{g}}, {axis + 1}, None, None, "
+                       "True)"})
 
 
 _FORMS = {"matmul": _matmul, "add": _add, "relu": _relu, "log_softmax": _log_softmax}

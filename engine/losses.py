@@ -14,7 +14,8 @@ plan's declared costs still bound it.
 generated function (engine/sweeps.py's compiled_reverse: the same sweep without
 per-step dispatch), with engine/direct.py's kernels where a row has them and the fused
 tail's own, and the values dropped to their shapes as Stubs made once. The plan's
-`loss_tails` cache holds both, and sgd.py's Bindings, 16 entries in all, no arrays.
+`loss_tails` cache holds both, and sgd.py's Bindings and Knowns (a call's checked
+names and forms), 16 entries in all, no arrays.
 """
 
 from __future__ import annotations
@@ -89,10 +90,11 @@ def compile_bytes(plan, loss: str, tail: LossSteps, names: tuple, shapes: dict) 
 
 
 def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, shapes: dict):
-    """run(vals, seeds, check) -> ([loss value, parameter values...], [cotangents of
-    the same]) for a training step's reverse sweep over `tail`'s steps at these shapes
-    (engine/direct.py's kernels where a row has one; cached per plan, loss, tail,
-    parameter names and input shapes), or None for a plan too long to compile."""
+    """run(vals, seeds, check) -> ([loss value, parameter values...], [the loss's
+    cotangent, then each parameter's gradient in its shape, 0 where none]) for a
+    training step's reverse sweep over `tail`'s steps at these shapes (engine/direct.py's
+    kernels where a row has one; cached per plan, loss, tail, parameter names and input
+    shapes), or None for a plan too long to compile."""
     if not _compiles(tail):
         return None
     key = _compiled_key(plan, loss, tail, names, shapes)
@@ -111,8 +113,9 @@ def compiled_sweep(plan, loss: str, tail: LossSteps, needs: list, names: tuple, 
         stubs = {s: Stub(shapes[slot_names[s]], plan.np_dtypes[slot_names[s]],
                          len(shapes[slot_names[s]]))
                  for st in tail.steps for s in st.drop}
+        shaped = {plan.slot[n]: tuple(int(d) for d in shapes[n]) for n in names}
         found = compiled_reverse(tail.steps, needs, tail.points, (plan.slot[loss],), wanted,
-                                 kernels, stubs, {**direct.ENV, **_TAIL_ENV})
+                                 kernels, stubs, {**direct.ENV, **_TAIL_ENV}, shaped)
         keep(plan, key, found)
     return found
 

@@ -49,8 +49,16 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
     check = budget.check
     names = tuple(parameters)
     stacked = not isinstance(batches, (list, tuple))  # (an ABC check costs ~100 us)
-    _check_names(plan, names, batches if stacked else (batches[0] if batches else {}))
-    loss = _loss_name(plan, loss)
+    first = batches if stacked else (batches[0] if batches else {})
+    last_key = ("last", names, loss, budget.admission if budget.limited else None)
+    known = plan.loss_tails.get(last_key)
+    if known is not None and not _fits(known, first, parameters, velocity):
+        known = None
+    if known is None:  # the names and every form checked in full
+        _check_names(plan, names, first)
+        loss = _loss_name(plan, loss)
+    else:
+        loss = known.loss
     if not (isfinite(learning_rate) and learning_rate > 0):
         raise DifferentiationError(f"learning_rate must be a finite number > 0, got "
                                    f"{learning_rate!r}", field="learning_rate")
@@ -61,11 +69,68 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
     if max_steps is not None and steps > max_steps:
         raise ResourceLimitError(f"{steps} steps in one call, over the limit of {max_steps} "
                                  "(max_steps_per_call)", field="batches")
-    params = {n: p if type(p) is np.ndarray else np.asarray(p)  # never written
+    if known is None:
+        params, velocity = _checked_arrays(parameters, velocity)
+        step = LossGradient(plan, names, loss, budget)
+    else:  # arrays of the forms an earlier call checked (_fits)
+        params, velocity = parameters, velocity or {}
+        step = LossGradient(plan, names, loss, budget, known.binding)
+    update = (MomentumUpdate if steps > 1 else OneUpdate)(params, velocity, learning_rate,
+                                                          momentum)
+    losses = []
+    for k in range(steps):
+        if check is not None:
+            check()
+        batch = {n: b[k] for n, b in batches.items()} if stacked else batches[k]
+        value, gradients = step(batch, update.params)
+        losses.append(value)
+        update(gradients)
+        if k == 0 and known is None and step.binding is not None:  # for the next call
+            keep_binding(plan, last_key, Known(loss, tuple(first), step.binding,
+                                               _param_forms(params)))
+    return SGDResult(update.params, update.velocity, losses)
+
+
+class Known(NamedTuple):
+    """A training call's checked names and forms, kept on the plan (engine/losses.py's
+    cache) under its parameter names, loss and limits: a later call whose batch names
+    and parameter and buffer forms are the same needs none of sgd_steps' checks again
+    (its batch's forms are checked against the binding as the step binds it)."""
+
+    loss: str  # the loss's name, resolved
+    batch_names: tuple  # the batch inputs' names, in the order given
+    binding: "Binding"  # the first step's
+    param_forms: tuple  # ((shape, dtype), ...) of the parameters, in order
+
+
+def _param_forms(params: dict) -> tuple:
+    return tuple((p.shape, p.dtype) for p in params.values())
+
+
+def _fits(known: Known, first, parameters, velocity) -> bool:
+    """Whether a call passes every check the call that kept `known` passed: the same
+    batch names, parameters of the same forms (arrays), buffers of their parameters'."""
+    if tuple(first) != known.batch_names:
+        return False
+    for p, (shape, dtype) in zip(parameters.values(), known.param_forms):
+        if type(p) is not np.ndarray or p.shape != shape or p.dtype != dtype:
+            return False
+    if velocity:
+        for name, v in velocity.items():
+            p = parameters.get(name)
+            if (p is None or type(v) is not np.ndarray or v.shape != p.shape
+                    or v.dtype != p.dtype):
+                return False
+    return True
+
+
+def _checked_arrays(parameters, given) -> tuple[dict, dict]:
+    """The parameters as arrays (never written) and the momentum buffers, each checked
+    against its parameter."""
+    params = {n: p if type(p) is np.ndarray else np.asarray(p)
               for n, p in parameters.items()}
-    given = velocity or {}
     velocity = {}
-    for name, v in given.items():
+    for name, v in (given or {}).items():
         p = params.get(name)
         if p is None:
             raise InputError("has a momentum buffer but is not a parameter", node=name,
@@ -77,18 +142,7 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
                              f"parameter's {params[name].dtype}{list(params[name].shape)}",
                              node=name, field="velocity")
         velocity[name] = v
-    step = LossGradient(plan, names, loss, budget)
-    update = (MomentumUpdate if steps > 1 else OneUpdate)(params, velocity, learning_rate,
-                                                          momentum)
-    losses = []
-    for k in range(steps):
-        if check is not None:
-            check()
-        batch = {n: b[k] for n, b in batches.items()} if stacked else batches[k]
-        value, gradients = step(batch, update.params)
-        losses.append(value)
-        update(gradients)
-    return SGDResult(update.params, update.velocity, losses)
+    return params, velocity
 
 
 class MomentumUpdate:
@@ -130,23 +184,30 @@ class MomentumUpdate:
 
 class OneUpdate:
     """MomentumUpdate for a call of one step: the same arithmetic parameter by
-    parameter into new arrays (four NumPy calls each), without the flat arrays' copies
-    and views, which cost more than they save over one step."""
+    parameter into new arrays (four NumPy calls each, p - lr * v written over lr * v),
+    without the flat arrays' copies and views, which cost more than they save over one
+    step."""
 
     def __init__(self, params: dict, velocity: dict, learning_rate: float, momentum: float):
         self.params, self.given, self.velocity = params, velocity, {}
-        self.rates = {dtype: (dtype.type(learning_rate), dtype.type(momentum))
-                      for dtype in {p.dtype for p in params.values()}}
+        self.learning_rate, self.momentum = learning_rate, momentum
 
     def __call__(self, gradients: list) -> None:
-        params, rates, given = {}, self.rates, self.given
+        params, rates, given = {}, {}, self.given
+        multiply, subtract = np.multiply, np.subtract
         for (name, p), g in zip(self.params.items(), gradients):
-            lr, mu = rates[p.dtype]
+            dtype = p.dtype
+            rate = rates.get(dtype)
+            if rate is None:
+                rate = rates[dtype] = (dtype.type(self.learning_rate),
+                                       dtype.type(self.momentum))
+            lr, mu = rate
             v = given.get(name)
-            v = np.zeros_like(p) if v is None else np.multiply(v, mu)  # (mu * 0 is 0)
+            v = np.zeros_like(p) if v is None else multiply(v, mu)  # (mu * 0 is 0)
             v += g
             self.velocity[name] = v
-            params[name] = p - np.multiply(lr, v)
+            lr_v = multiply(lr, v)
+            params[name] = subtract(p, lr_v, out=lr_v) if lr_v.ndim else p - lr_v
         self.params = params
 
 
@@ -173,6 +234,7 @@ class Binding(NamedTuple):
     compiled: object  # the sweep compiled (engine/sweeps.py's compiled_reverse), or None
     template: list  # the slot list: constants, no inputs
     forms: tuple  # ((name, slot, shape, dtype), ...) of the batch inputs
+    slots: tuple  # the parameters' slots, in order
 
 
 class LossGradient:
@@ -183,16 +245,19 @@ class LossGradient:
 
     A step's batch of the same dtypes and shapes as the step before it is bound without
     Plan.bind's checks (the parameters are this call's own arrays after the first step,
-    of the shapes and dtypes the first step checked); any other is bound in full, unless
-    an earlier call bound the same forms (batch and parameters) under the same limits
-    (its Binding, kept on the plan)."""
+    of the shapes and dtypes the first step checked); so is the first step's, given an
+    earlier call's Binding whose parameter forms sgd_steps matched (Known); any other is
+    bound in full, unless an earlier call bound the same forms (batch and parameters)
+    under the same limits (its Binding, kept on the plan)."""
 
-    def __init__(self, plan, names: tuple, loss: str, budget: Budget):
+    def __init__(self, plan, names: tuple, loss: str, budget: Budget,
+                 binding: Binding | None = None):
         self.plan, self.names, self.of, self.budget = plan, names, (loss,), budget
-        self.slots = [plan.slot[n] for n in names]
         self.loss_slot = plan.slot[loss]
         self.check = budget.check
-        self.binding: Binding | None = None  # of the batch last bound
+        # of the batch last bound; one given is an earlier call's, of these parameters'
+        # forms, under these limits (sgd_steps' Known)
+        self.binding: Binding | None = binding
 
     def __call__(self, batch: Mapping, params: Mapping) -> tuple[float, list]:
         vals = self._bind_again(batch, params)
@@ -202,20 +267,16 @@ class LossGradient:
                 return self._forward({**batch, **params})
         b = self.binding
         seeds = jacobian.seeds_for(self.plan, b.setup, b.shapes)
-        if b.compiled is not None:
+        if b.compiled is not None:  # (its gradients shaped as their parameters, 0 for none)
             values, cots = b.compiled(vals, seeds, self.check)
-            loss = values[0]
-            cots = cots[1:]
-        else:
-            cots = reverse_sweep(b.sweep.steps, vals, seeds, b.needs, self.check,
-                                 b.sweep.points)
-            loss = vals[self.loss_slot]
-            cots = [cots[s] for s in self.slots]
+            return float(values[0].reshape(())), cots[1:]
+        cots = reverse_sweep(b.sweep.steps, vals, seeds, b.needs, self.check, b.sweep.points)
         gradients = []
         shapes = b.shapes
-        for name, g in zip(self.names, cots):
+        for name, s in zip(self.names, b.slots):
+            g = cots[s]
             gradients.append(0 if g is None else g.reshape(shapes[name]))
-        return float(loss.reshape(())), gradients
+        return float(vals[self.loss_slot].reshape(())), gradients
 
     def _bind_again(self, batch, params) -> list | None:
         """The slot list for a batch of the forms bound last (None: bind it in full)."""
@@ -228,7 +289,7 @@ class LossGradient:
             if type(value) is not np.ndarray or value.shape != shape or value.dtype != dtype:
                 return None
             vals[slot] = value
-        for s, p in zip(self.slots, params.values()):
+        for s, p in zip(b.slots, params.values()):
             vals[s] = p
         return vals
 
@@ -267,7 +328,8 @@ class LossGradient:
         template[:len(plan.input_names)] = [None] * len(plan.input_names)
         forms = tuple((name, plan.slot[name], value.shape, value.dtype)
                       for name in batch for value in (bound.vals[plan.slot[name]],))
-        self.binding = Binding(shapes, setup, sweep, needs, compiled, template, forms)
+        self.binding = Binding(shapes, setup, sweep, needs, compiled, template, forms,
+                               tuple(plan.slot[n] for n in self.names))
         if key is not None:
             keep_binding(plan, key, self.binding)
         return bound.vals

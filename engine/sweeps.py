@@ -292,7 +292,7 @@ def _backward(steps, vals, seeds, needs, check, points, record):
 
 
 def compiled_reverse(steps, needs, points, seed_slots, wanted, kernels=None, stubs=None,
-                     env=None):
+                     env=None, shaped=None):
     """reverse_sweep over these steps as one generated Python function, for a caller that
     runs the same sweep many times (a training call's steps): the same evals and vjps in
     the same order, the same values reduced to Stubs, the same checks before the same
@@ -303,7 +303,8 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted, kernels=None, stu
 
     At known shapes a caller may give, per step, `kernels` (engine/direct.py's: source
     for the row's eval or vjps at those shapes, over the names in `env`) and, per slot
-    reduced to its shape, its Stub made once (`stubs`)."""
+    reduced to its shape, its Stub made once (`stubs`), and, per slot of `wanted`, the
+    shape its cotangent is returned in (`shaped`: reshaped, 0 where none reached it)."""
     lines, points = [], frozenset(points)
     env = {"Stub": Stub, **(env or {})}
     kernels = kernels or [None] * len(steps)
@@ -351,8 +352,11 @@ def compiled_reverse(steps, needs, points, seed_slots, wanted, kernels=None, stu
                 pulled = f"b{j}({pos}, g, xs, v{st.out})"
             lines += [f"        gi = {pulled}",
                       f"        c{i} = gi if c{i} is None else c{i} + gi"]
+    shaped = shaped or {}
+    returned = [f"(0 if c{s} is None else c{s}.reshape({tuple(shaped[s])}))" if s in shaped
+                else f"c{s}" for s in wanted]
     lines.append("    return [" + ", ".join(f"v{s}" for s in wanted) + "], ["
-                 + ", ".join(f"c{s}" for s in wanted) + "]")
+                 + ", ".join(returned) + "]")
     source = "def run(vals, seeds, check):\n" + "\n".join(lines) + "\n"
     exec(compile(source, "<gradserve compiled reverse sweep>", "exec"), env)  # noqa: S102
     run = env["run"]

@@ -161,6 +161,70 @@ def test_the_budget_is_admitted_before_any_step_and_checked_inside_each():
         sgd_steps(plan, params, steps, learning_rate=LR, loss="loss", deadline=0.0)
 
 
+def _outcome(plan, params, batches, **kwargs):
+    """An sgd_steps call's error (type, message, field), or None when it steps."""
+    try:
+        sgd_steps(plan, params, batches, learning_rate=LR, momentum=MU, loss="loss", **kwargs)
+    except Exception as err:  # noqa: BLE001  (compared whole against a fresh plan's)
+        return type(err), str(err), getattr(err, "field", None)
+    return None
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_later_call_of_the_same_forms_steps_and_checks_as_a_fresh_plan(k):
+    """A call of the forms an earlier call checked reuses what it kept (no checks
+    again): its steps equal one Jacobian at a time bitwise, calls of other forms get a
+    fresh plan's errors, and the limits, the deadline and the checks still apply."""
+    plan = mlp_plan()
+    params, steps = start(k=3 * k)
+    velocity = {"W1": np.full((5, 4), 0.5, np.float32)}
+    expected, expected_velocity, expected_losses = one_jacobian_at_a_time(
+        mlp_plan(), params, steps, velocity)
+    losses = []
+    for call in range(3):  # each call from the last one's parameters and buffers
+        chunk = steps[call * k:(call + 1) * k]
+        result = sgd_steps(plan, params, {n: np.stack([s[n] for s in chunk]) for n in "XY"},
+                           learning_rate=LR, momentum=MU, velocity=velocity, loss="loss")
+        params, velocity, losses = result.parameters, result.velocity, losses + result.losses
+    assert losses == expected_losses
+    for name in params:
+        np.testing.assert_array_equal(params[name], expected[name])
+        np.testing.assert_array_equal(velocity[name], expected_velocity[name])
+    assert any(key[0] == "last" for key in plan.loss_tails)  # (what the later calls reused)
+
+    batch = {n: np.stack([s[n] for s in steps[:k]]) for n in "XY"}
+    short = {n: a[:, :3] for n, a in batch.items()}
+    wrong = [
+        (params, batch, {"velocity": {"W1": np.zeros((4, 5), np.float32)}}),
+        (params, batch, {"velocity": {"W9": np.zeros((5, 4), np.float32)}}),
+        (params, batch, {"velocity": {"W1": np.zeros((5, 4), np.float64)}}),
+        ({**params, "W1": params["W1"].astype(np.float64)}, batch, {}),
+        ({**params, "W1": params["W1"][:4]}, batch, {}),
+        ({**params, "W1": params["W1"].tolist()}, batch, {}),
+        (params, {**batch, "Z": batch["X"]}, {}),
+        (params, {"Y": batch["Y"], "X": batch["X"][..., :4]}, {}),
+        (params, {**batch, "W1": batch["X"]}, {}),
+        (params, {"X": batch["X"]}, {}),
+        (params, short, {}),
+        (params, batch, {"max_flops": 10}),
+        (params, batch, {"deadline": 0.0}),
+    ]
+    for case in wrong:
+        fresh = mlp_plan()
+        assert _outcome(plan, *case[:2], **case[2]) == _outcome(fresh, *case[:2], **case[2])
+    # (a fresh plan's figure counts compiling the sweep too)
+    refused = _outcome(plan, params, batch, max_bytes=1000)
+    assert refused[0] is ResourceLimitError and "over the limit of 1,000" in refused[1]
+    assert refused[::2] == _outcome(mlp_plan(), params, batch, max_bytes=1000)[::2]
+    assert _outcome(plan, params, batch, max_flops=10)[0] is ResourceLimitError
+    assert _outcome(plan, params, batch, deadline=0.0)[0] is DeadlineExceeded
+    assert _outcome(plan, params, short) is None  # a short batch steps
+    checks = []
+    sgd_steps(plan, params, batch, learning_rate=LR, loss="loss",
+              check=lambda: checks.append(1))
+    assert len(checks) >= 2 * k  # between steps and inside each sweep
+
+
 @pytest.mark.parametrize("sum_attrs, mean_attrs, y_shape", [
     ({"axes": [-1]}, {}, [-1, 3]),  # the usual loss: row sums, their mean
     ({"axes": [0], "keepdims": True}, {"axes": [1, 0]}, [-1, 3]),
