@@ -36,29 +36,6 @@ def both_jacobians(plan, inputs, **kwargs):
     return forward
 
 
-# --- relu on large float32 arrays (maximum against an array of zeros) -----------------
-
-
-@pytest.mark.parametrize("size", [100, 1 << 15])
-def test_relu_float32_values_and_derivative_by_definition(size):
-    """Small and large float32 arrays (the large ones take the kernel against zeros):
-    values max(x, 0) elementwise with NaN kept and -0.0 sent to a zero, the VJP the
-    cotangent where x > 0 and 0 elsewhere (relu'(0) = 0, as PyTorch)."""
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal(size).astype(np.float32)
-    x[:8] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-45, -1e-45, 3.0]
-    plan = plan_of([("y", "relu", ["x"], {})], {"x": x})
-    y = plan.evaluate({"x": x})["y"]
-    assert y.dtype == np.float32
-    want = np.array([v if v > 0 or math.isnan(v) else 0.0 for v in x.tolist()], np.float32)
-    assert_array_equal(y, want)
-    assert not np.signbit(y[:2]).any()
-    g = rng.standard_normal(size).astype(np.float32)
-    back = plan.vjp({"x": x}, {"y": g}).cotangents["x"]
-    assert_array_equal(back, np.array([gi if xi > 0 else 0.0 for gi, xi in
-                                       zip(g.tolist(), x.tolist())], np.float32))
-
-
 # --- erf -----------------------------------------------------------------------------
 
 
