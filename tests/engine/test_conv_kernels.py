@@ -229,6 +229,10 @@ ROW_SHIFTS = {
     "a tall kernel, one column": ((2, 2, 11, 4), (4, 2, 6, 1), [1, 0, 3, 0], [1, 1]),
     "fewer outputs: the transpose a row-shift convolution": ((2, 7, 8, 8), (5, 7, 3, 3),
                                                              [1, 1, 1, 1], [1, 1]),
+    # as wide out as in (rowshifts._rows shifts flat rows), two kernel columns wholly in
+    # the padding
+    "same width, columns past the image": ((3, 2, 3, 2), (3, 2, 2, 5), [1, 2, 0, 2],
+                                           [1, 1]),
 }
 
 
