@@ -332,14 +332,18 @@ class LeanPath:
                     request.mode)
             template = self._templates.get(form)
             if template is not None:
-                answer = repeat(plan, self._arrays(request, present, "inputs"), wrt=form[1],
-                                of=form[2], mode=mode, budget=self._budget)
+                arrays = self._arrays(request, present, "inputs")
+                answer = repeat(plan, arrays, wrt=form[1], of=form[2], mode=mode,
+                                budget=self._budget)
                 if answer is not None:
                     reply = template.fill({"outputs": answer.outputs,
                                            "jacobian": answer.jacobian},
                                           request.request_id.encode())
                     if reply is not None:
                         self.templated += 1
+                        # (by its bytes next time: a request id of a new length, say)
+                        self._keep_request(RequestTemplate.of(data, {"inputs": arrays}, form,
+                                                              template), data)
                         return self._answered(method, started, request, answer.decision.mode,
                                               graph_id, reply)
                     template = None  # it no longer fits: made again below
@@ -428,9 +432,23 @@ class LeanPath:
             self._templates[form] = template
         self._template_bytes += size
         if known is not None:
-            same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
-            same[:] = [t for t in same if t.form != form][-(_FORMS_PER_PREFIX - 1):]
-            same.append(known)
+            self._keep_request(known, data, counted=True)
+
+    def _keep_request(self, known: "RequestTemplate | None", data: bytes,
+                      counted: bool = False) -> None:
+        """Keep a RequestTemplate of `data` (replacing its form's), its bytes counted
+        among the templates' unless `counted` already."""
+        if known is None:
+            return
+        same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
+        kept = [t for t in same if t.form != known.form][-(_FORMS_PER_PREFIX - 1):]
+        freed = sum(t.nbytes for t in same) - sum(t.nbytes for t in kept)
+        if not counted:
+            if self._template_bytes - freed + known.nbytes > _TEMPLATE_BYTES:
+                return
+            self._template_bytes += known.nbytes
+        self._template_bytes -= freed
+        same[:] = kept + [known]
 
     def _repeat(self, method, started, known: "RequestTemplate", tensors: dict,
                 request_id: bytes) -> bytes | None:

@@ -205,6 +205,14 @@ def test_repeated_jacobian_requests_are_answered_by_a_template_byte_identically(
     known = {t.graph_id for forms in lean.server.servicer.lean._requests.values()
              for t in forms if t.seeded is None}
     assert seed_id in known and not {mixed_id, compressed_id} & known
+    # a request id of a new length (a client's count passing 9, 99...): answered by the
+    # form's reply template, and the next one of that length by its bytes again
+    inputs = {"x": rng.standard_normal(1), "y": rng.standard_normal(1)}
+    longer = [differentiate(seed_id, inputs, request_id=i) for i in ("10", "11")]
+    for data in longer:
+        assert lean("Differentiate", data) == general("Differentiate", data)
+    assert any(t.match(longer[1]) is not None
+               for forms in lean.server.servicer.lean._requests.values() for t in forms)
 
 
 def test_the_seed_gradient_on_the_lean_path_matches_the_closed_form(pair):
