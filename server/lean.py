@@ -76,8 +76,8 @@ from .wire import wire_counter
 LEAN_MAX_BYTES = 65536
 DEFAULT_INLINE_BUDGET_US = 2000.0
 _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
-# Reply templates of Jacobian requests (ReplyTemplate), by request form: at most this
-# many and these many bytes in all (then forgotten, all at once); a larger one is not kept.
+# Reply templates (ReplyTemplate), by request form: at most this many and these many bytes
+# in all (then forgotten, all at once); a larger one is not kept.
 _TEMPLATES_KEPT = 1024
 _TEMPLATE_BYTES = 4 << 20
 _TEMPLATE_MAX_BYTES = 64 << 10
@@ -217,6 +217,7 @@ class LeanPath:
         # the first _PREFIX_BYTES of a request's bytes -> RequestTemplates of its forms
         self._requests: dict = {}
         self._template_bytes = 0
+        self._seeded_kept = 0  # seeded forms' templates made (kept in _requests only)
         self.templated = 0
         self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
         self._train_estimates: dict = {}  # see _train_gate
@@ -423,13 +424,15 @@ class LeanPath:
         if known is None and seeded is not None:
             return
         size = template.nbytes + (known.nbytes if known is not None else 0)
-        if (len(self._templates) >= _TEMPLATES_KEPT
+        if (len(self._templates) + self._seeded_kept >= _TEMPLATES_KEPT
                 or self._template_bytes + size > _TEMPLATE_BYTES):
             self._templates.clear()
             self._requests.clear()
-            self._template_bytes = 0
+            self._template_bytes = self._seeded_kept = 0
         if seeded is None:
             self._templates[form] = template
+        else:
+            self._seeded_kept += 1
         self._template_bytes += size
         if known is not None:
             self._keep_request(known, data, counted=True)

@@ -18,6 +18,7 @@ import pytest
 
 from gradserve.client import Client, GraphBuilder
 from gradserve.server.app import create_server
+from gradserve.server import lean as lean_module
 from gradserve.server.lean import LEAN_MAX_BYTES
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
@@ -496,6 +497,23 @@ def test_repeated_requests_with_seeds_or_stored_tensors_are_answered_by_a_templa
             assert isinstance(fast, bytes) and fast == slow, (name, request_id)
             assert lean.counts["inline"] == inline + 1, (name, request_id)
         assert lean.templated == before + 2, name
+
+
+def test_seeded_templates_are_bounded_in_number(pair, stored, monkeypatch):
+    """Templates of seeded forms count against the same bound as Jacobian ones: past
+    it, all are forgotten at once."""
+    lean, _ = pair
+    monkeypatch.setattr(lean_module, "_TEMPLATES_KEPT", 3)
+    graph_id = registered(pair, dense_model())
+    path = lean.server.servicer.lean
+    cot = {"cotangents": {"y": to_tensor(np.ones((2, 2), np.float32))}}
+    for wrt in (["W"], ["b"], ["V"], ["W", "b"], ["b", "V"], ["W", "V"], ["x"]):
+        data = with_stored(graph_id, {"x": np.ones((2, 3), np.float32)},
+                           {"stored_inputs": {k: (stored[0], k) for k in PARAMETERS}},
+                           wrt=wrt, **cot)
+        assert isinstance(lean("Differentiate", data), bytes)
+        kept = sum(t.seeded is not None for forms in path._requests.values() for t in forms)
+        assert kept + len(path._templates) <= 3
 
 
 def test_a_templated_request_whose_stored_tensors_are_gone_gets_the_general_paths_error(
