@@ -74,6 +74,8 @@ def _take(data, indices, axis, node=None):
             valid = f"valid: {-size} to {size - 1}" if size else "it is empty"
             raise InputError(f"index {bad} is out of range for axis {axis} of size {size} "
                              f"({valid})", node=node, op="take", field="inputs[1]")
+    if indices.ndim == 0:  # one index (q, k and v from one tensor): a view, no copy
+        return data[(slice(None),) * axis + (low if low >= 0 else low + size,)]
     return np.take(data, indices, axis=axis)
 
 
@@ -89,10 +91,12 @@ def _take_vjp(i, g, x, ans, axis, node=None):
     k = g.shape[0]
     before, after = prod(data.shape[:axis]), prod(data.shape[axis + 1:])
     if indices.size == 1:  # one index (ONNX's Gather of a scalar: q, k, v from one tensor)
-        out = np.zeros((k, before, size, after), g.dtype)
+        out = np.zeros((k,) + data.shape, g.dtype)
         index = int(indices.reshape(-1)[0])
-        out[:, :, index if index >= 0 else index + size] = g.reshape(k, before, after)
-        return out.reshape((k,) + data.shape)
+        # g written straight into its slice (g may be a strided view: no copy of it first)
+        out[(slice(None),) * (axis + 1) + (index if index >= 0 else index + size,)] = \
+            g.reshape(out.shape[:axis + 1] + out.shape[axis + 2:])
+        return out
     out = np.zeros(k * before * size * after, g.dtype)
     if indices.size and out.size:
         flat = indices.reshape(-1).astype(np.intp)

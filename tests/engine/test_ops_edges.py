@@ -201,6 +201,25 @@ def test_take_vjp_of_several_directions_equals_the_transposed_copy_matrix(axis, 
     assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-6)
 
 
+@pytest.mark.parametrize("index", [1, -1])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_of_one_index_from_a_strided_value(axis, index):
+    """ONNX's Gather of a scalar (q, k and v from one transposed tensor): the value is
+    np.take's, the VJP puts each direction's seed in the index's slice, zeros elsewhere
+    (checked against a finite-difference Jacobian)."""
+    rng = np.random.default_rng(axis)
+    x = rng.standard_normal((4, 3, 5))
+    i = np.array(index, np.int64)
+    plan = plan_of([("t", "transpose", ["x"], {"perm": [2, 0, 1]}),
+                    ("y", "take", ["t", "i"], {"axis": axis})], {"x": x, "i": i})
+    want = np.take(x.transpose(2, 0, 1), index, axis=axis)
+    assert_array_equal(plan.evaluate({"x": x, "i": i})["y"], want)
+    jac = both_jacobians(plan, {"x": x, "i": i}, wrt=["x"])["y", "x"]
+    numeric = numeric_jacobian(
+        lambda xs: {"y": np.take(xs["x"].transpose(2, 0, 1), index, axis=axis)}, {"x": x})
+    assert_allclose(jac, numeric["y", "x"], atol=1e-8)
+
+
 @pytest.mark.parametrize("bad", [4, -5])
 def test_take_index_out_of_range_names_node_and_field(bad):
     plan, inputs = embedding(np.array([0, bad]))
