@@ -493,8 +493,8 @@ class LeanPath:
                                     mode=mode_name(wire_mode), tangents=tensors["tangents"],
                                     cotangents=tensors["cotangents"], trace=False,
                                     residuals=None, budget=self._budget)
-        reply = (known.reply.fill(_answer(result), request_id)
-                 if result.decision == seeded.decision else None)
+        same = result.decision is seeded.decision or result.decision == seeded.decision
+        reply = known.reply.fill(_answer(result), request_id) if same else None
         if reply is None:  # (not expected: the same shapes make the same decision)
             reply = self._reply(graph_id, request_id.decode(), result)
         else:
