@@ -398,11 +398,19 @@ class Client:
         `Result.results_handle` (keys "jacobian/OF/WRT", "cotangents/WRT", ...; fetch
         with `get`, or name them in later requests); False: always in the reply.
         """
-        if (tangents is None and cotangents is None and not trace and sparsity is None
-                and not store_results):
-            small = self._small_request(graph, inputs, wrt, of, mode)
-            if small is not None:
-                return self._small_differentiate(graph, inputs, wrt, of, mode, *small)
+        if not trace and sparsity is None and not store_results:
+            if tangents is None and cotangents is None:
+                small = self._small_request(graph, inputs, wrt, of, mode)
+                if small is not None:
+                    return self._small_differentiate(graph, inputs, wrt, of, mode, *small)
+            elif tangents is None or cotangents is None:
+                seeded = self._seeded_request(graph, inputs, wrt, of, mode,
+                                              "cotangents" if tangents is None else "tangents",
+                                              cotangents if tangents is None else tangents)
+                if seeded is not None:
+                    result = self._seeded_differentiate(*seeded)
+                    if result is not None:
+                        return result
         inputs, auto_put, big = self._fit(inputs, tangents, cotangents)
         try:
             fetch = store_results is None and big
@@ -837,6 +845,95 @@ class Client:
         parts.append(_REQUEST_ID_KEY + bytes([len(request_id)]) + request_id.encode())
         return b"".join(parts), request_id, key, form
 
+    def _seeded_request(self, graph, inputs, wrt, of, mode, field: str, seeds):
+        """(request bytes, request id, form, stub) of a JVP or VJP request by graph id
+        whose inputs are arrays or stored tensors and whose seeds (`field`: "tangents" or
+        "cotangents") are arrays, small enough not to be big (_fit: at most
+        STORE_CHECK_BYTES of tensors, stored ones included), or None: the general path
+        sends it. Its bytes are the generated code's (deterministic) from pieces written
+        once per form: the graph id; wrt, of and the mode; the stored tensors' map (their
+        handles' current ids); each tensor's header by field, name, dtype and shape."""
+        if isinstance(wrt, str) or isinstance(of, str) or mode not in WIRE_MODES \
+                or not isinstance(seeds, Mapping) or not seeds:
+            return None
+        heads = self._small_heads
+        parts = [b""]
+        total = 0
+        stored = []
+        for name in self._small_order(inputs):
+            value = inputs[name]
+            if type(value) is store.StoredTensor:
+                stored.append((name, value))
+                total += value.nbytes
+                continue
+            if type(value) is not np.ndarray:  # a list, a scalar: the general path
+                return None
+            head = heads.get(("inputs", name, value.dtype, value.shape))
+            if head is None:
+                head = _input_head(name, value)
+                if head is None:
+                    return None
+                _remember(heads, ("inputs", name, value.dtype, value.shape), head)
+            total += value.nbytes
+            parts.append(head)
+            parts.append(value.tobytes())
+        middle = len(parts)
+        parts.append(b"")  # wrt, of and the mode
+        for name in self._small_order(seeds):
+            value = seeds[name]
+            if type(value) is not np.ndarray:
+                return None
+            head = heads.get((field, name, value.dtype, value.shape))
+            if head is None:
+                head = _input_head(name, value, field)
+                if head is None:
+                    return None
+                _remember(heads, (field, name, value.dtype, value.shape), head)
+            total += value.nbytes
+            parts.append(head)
+            parts.append(value.tobytes())
+        if total > STORE_CHECK_BYTES:
+            return None
+        if isinstance(graph, str):
+            graph_id = graph
+        else:
+            key = _serialized(graph)[1]
+            with self._lock:
+                graph_id = self._ids.get(key)
+                if graph_id is None or self._inline_left.get(key, 0):
+                    return None
+        refs = tuple((name, ref.handle.id, ref.name) for name, ref in stored)
+        form = (graph_id, tuple(wrt or ()), tuple(of or ()), mode, field, refs)
+        frame = self._small_frames.get(form)
+        if frame is None:
+            named = pb.DifferentiateRequest()
+            store.fill(named.stored_inputs, dict(stored))
+            frame = _remember(self._small_frames, form, (
+                pb.DifferentiateRequest(graph_id=graph_id).SerializeToString(),
+                pb.DifferentiateRequest(wrt=form[1], of=form[2], mode=WIRE_MODES[mode])
+                .SerializeToString(deterministic=True),
+                named.SerializeToString(deterministic=True)))
+        request_id = str(next(self._request_ids))
+        parts[0] = frame[0]
+        parts[middle] = frame[1]
+        parts.append(_REQUEST_ID_KEY + bytes([len(request_id)]) + request_id.encode())
+        parts.append(frame[2])
+        stub = next((ref.handle._stub for _, ref in stored if ref.handle._stub is not None),
+                    None)
+        return b"".join(parts), request_id, form, stub
+
+    def _seeded_differentiate(self, data, request_id, form, stub) -> Result | None:
+        """The Result of a _seeded_request, or None after a NOT_FOUND (an unknown graph or
+        a lost handle: the general path sends the request again, and puts the graph or
+        the handle's tensors again as it does)."""
+        try:
+            reply = self._call("DifferentiateBytes", data, stub)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None
+        return self._small_result(form, request_id, reply)
+
     def _small_order(self, inputs) -> tuple:
         """The input names in the order of the generated code's deterministic maps."""
         names = tuple(inputs)
@@ -881,7 +978,7 @@ class Client:
             if result is not None:
                 return result
         result = _small_result(data)
-        if len(data) < SMALL_TENSOR_BYTES:  # (a layout that no longer fits: replaced)
+        if len(data) <= STORE_CHECK_BYTES:  # (a layout that no longer fits: replaced)
             layout = _ReplyLayout.of(data, result)
             if layout is not None:
                 _remember(self._small_layouts, form, layout)
@@ -1156,14 +1253,15 @@ def _map_order(key: str) -> bytes:
     return key.encode() + b"\xff"
 
 
-def _input_head(name: str, array: np.ndarray) -> bytes | None:
-    """The bytes of an `inputs` map entry of `array`'s name, dtype and shape, up to its
-    data (the entry's last bytes), as the generated code writes them; None for a dtype
-    the wire does not carry as it is (the general path converts or refuses it)."""
+def _input_head(name: str, array: np.ndarray, field: str = "inputs") -> bytes | None:
+    """The bytes of a `field` (inputs, tangents or cotangents) map entry of `array`'s
+    name, dtype and shape, up to its data (the entry's last bytes), as the generated code
+    writes them; None for a dtype the wire does not carry as it is (the general path
+    converts or refuses it)."""
     if array.dtype not in _WIRE_CODES:
         return None
     request = pb.DifferentiateRequest()
-    tensor = request.inputs[name]
+    tensor = getattr(request, field)[name]
     tensor.dtype = _WIRE_CODES[array.dtype]
     tensor.shape.extend(array.shape)
     tensor.data = bytes(array.nbytes)
@@ -1181,28 +1279,30 @@ def _small_result(data: bytes) -> Result:
 
 _REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
 _REPLY_REQUEST_ID_KEY = bytes([_REPLY["request_id"].number << 3 | 2])
-# The fields of a reply a _ReplyLayout reads, by number: "outputs", "jacobian", or ""
-# (the mode, planner and graph_id: the same in every reply of a form)
+# The fields of a reply a _ReplyLayout reads, by number: "outputs", "jacobian", "tangents",
+# "cotangents", or "" (the mode, planner and graph_id: the same in every reply of a form)
 _LAYOUT_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                  _REPLY["tangents"].number: "tangents",
+                  _REPLY["cotangents"].number: "cotangents",
                   _REPLY["mode"].number: "", _REPLY["planner"].number: "",
                   _REPLY["graph_id"].number: ""}
 
 
 class _ReplyLayout:
-    """A small Jacobian reply's bytes as a server writes them for every request of one
-    form: the same bytes but for its arrays' data and its request_id (the last field).
-    A reply that matches them outside those holes is read without parsing: its arrays
-    are views of its bytes (dtypes and shapes as in the first reply, whose tensors were
-    checked), its mode, planner and graph id the first reply's. Replies with bool,
-    empty or sparse blocks have no layout."""
+    """A Jacobian, JVP or VJP reply's bytes as a server writes them for every request of
+    one form: the same bytes but for its arrays' data and its request_id (the last
+    field). A reply that matches them outside those holes is read without parsing: its
+    arrays are views of its bytes (dtypes and shapes as in the first reply, whose
+    tensors were checked), its mode, planner and graph id the first reply's. Replies
+    with bool, empty or sparse blocks have no layout."""
 
     __slots__ = ("pieces", "arrays", "body", "first")
 
-    def __init__(self, pieces, arrays, body, first: Result):
+    def __init__(self, pieces, arrays, body, first: tuple):
         self.pieces = pieces  # (offset, bytes) of the fixed stretches
-        self.arrays = arrays  # ("outputs" or "jacobian", key, offset, dtype, count, shape)
+        self.arrays = arrays  # (kind, key, offset, dtype, count, shape)
         self.body = body  # the bytes before the request_id
-        self.first = first
+        self.first = first  # the first reply's mode, planner and graph id
 
     @classmethod
     def of(cls, data: bytes, result: Result) -> "_ReplyLayout | None":
@@ -1225,18 +1325,18 @@ class _ReplyLayout:
                 return None
             elif _LAYOUT_FIELDS[number]:
                 kind = _LAYOUT_FIELDS[number]
-                found = _array_span(data, i, i + length, 2 if kind == "outputs" else 3)
+                found = _array_span(data, i, i + length, 3 if kind == "jacobian" else 2)
                 if found is None:
                     return None
                 names, a, b = found
-                name = names[0] if kind == "outputs" else tuple(names)
+                name = tuple(names) if kind == "jacobian" else names[0]
                 array = getattr(result, kind).get(name)
                 if array is None or array.dtype == bool or array.nbytes != b - a or not b - a:
                     return None
                 holes.append((kind, name, a, b, array.dtype, array.size, array.shape))
             i += length
-        if len(holes) != len(result.outputs) + len(result.jacobian) or result.tangents \
-                or result.cotangents or result.trace is not None or result.results_handle:
+        if (len(holes) != len(result.outputs) + len(result.jacobian) + len(result.tangents)
+                + len(result.cotangents) or result.trace is not None or result.results_handle):
             return None
         pieces, at = [], 0
         for _, _, a, b, *_ in holes:
@@ -1244,7 +1344,7 @@ class _ReplyLayout:
             at = b
         pieces.append((at, data[at:body]))
         return cls(tuple(pieces), tuple((k, n, a, d, c, s) for k, n, a, _, d, c, s in holes),
-                   body, result)
+                   body, (result.mode, result.planner, result.graph_id))
 
     def read(self, data: bytes, request_id: str) -> Result | None:
         """The Result of `data` if it is this reply with other arrays and `request_id`."""
@@ -1256,12 +1356,12 @@ class _ReplyLayout:
         for at, piece in self.pieces:
             if not data.startswith(piece, at):
                 return None
-        found = {"outputs": {}, "jacobian": {}}
+        found = {"outputs": {}, "jacobian": {}, "tangents": {}, "cotangents": {}}
         for kind, name, at, dtype, count, shape in self.arrays:
             found[kind][name] = np.frombuffer(data, dtype, count, at).reshape(shape)
-        first = self.first
-        return Result(found["outputs"], found["jacobian"], {}, {}, first.mode, first.planner,
-                      first.graph_id, request_id)
+        mode, planner, graph_id = self.first
+        return Result(found["outputs"], found["jacobian"], found["tangents"],
+                      found["cotangents"], mode, planner, graph_id, request_id)
 
 
 def _array_span(data: bytes, i: int, end: int, value: int):

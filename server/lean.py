@@ -53,6 +53,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from math import prod
+from typing import NamedTuple
 
 import numpy as np
 from prometheus_client import Counter as Metric
@@ -75,8 +76,8 @@ from .wire import wire_counter
 LEAN_MAX_BYTES = 65536
 DEFAULT_INLINE_BUDGET_US = 2000.0
 _PLANNERS_KEPT = 1024  # planner decisions kept as messages (then forgotten, all at once)
-# Reply templates of Jacobian requests (ReplyTemplate), by request form: at most this
-# many and these many bytes in all (then forgotten, all at once); a larger one is not kept.
+# Reply templates (ReplyTemplate), by request form: at most this many and these many bytes
+# in all (then forgotten, all at once); a larger one is not kept.
 _TEMPLATES_KEPT = 1024
 _TEMPLATE_BYTES = 4 << 20
 _TEMPLATE_MAX_BYTES = 64 << 10
@@ -216,6 +217,7 @@ class LeanPath:
         # the first _PREFIX_BYTES of a request's bytes -> RequestTemplates of its forms
         self._requests: dict = {}
         self._template_bytes = 0
+        self._seeded_kept = 0  # seeded forms' templates made (kept in _requests only)
         self.templated = 0
         self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
         self._train_estimates: dict = {}  # see _train_gate
@@ -267,11 +269,12 @@ class LeanPath:
         return {key: array_from(t.dtype, tuple(t.shape), t.data, f"{field}['{key}']", limit)
                 for key, t in getattr(request, field).items()}
 
-    def _tensors(self, request, present, field: str) -> dict:
-        """_arrays with the stored tensors its stored_<field> names, as the general path
-        reads them (servicer._stored: a lost handle or a key given twice raises, and the
-        general path answers with its error)."""
-        arrays = self._arrays(request, present, field)
+    def _tensors(self, request, present, field: str, arrays: dict | None = None) -> dict:
+        """_arrays (or `arrays`, read already) with the stored tensors its stored_<field>
+        names, as the general path reads them (servicer._stored: a lost handle or a key
+        given twice raises, and the general path answers with its error)."""
+        if arrays is None:
+            arrays = self._arrays(request, present, field)
         stored = "stored_" + field
         if stored not in present:
             return arrays
@@ -307,7 +310,8 @@ class LeanPath:
         for known in self._requests.get(data[:_PREFIX_BYTES], ()):
             found = known.match(data)
             if found is not None:
-                reply = self._repeat(method, started, known, *found)
+                repeat_ = self._repeat if known.seeded is None else self._repeat_seeded
+                reply = repeat_(method, started, known, *found)
                 if reply is not None:
                     return reply
                 break
@@ -329,13 +333,18 @@ class LeanPath:
                     request.mode)
             template = self._templates.get(form)
             if template is not None:
-                answer = repeat(plan, self._arrays(request, present, "inputs"), wrt=form[1],
-                                of=form[2], mode=mode, budget=self._budget)
+                arrays = self._arrays(request, present, "inputs")
+                answer = repeat(plan, arrays, wrt=form[1], of=form[2], mode=mode,
+                                budget=self._budget)
                 if answer is not None:
-                    reply = template.fill(answer.outputs, answer.jacobian,
+                    reply = template.fill({"outputs": answer.outputs,
+                                           "jacobian": answer.jacobian},
                                           request.request_id.encode())
                     if reply is not None:
                         self.templated += 1
+                        # (by its bytes next time: a request id of a new length, say)
+                        self._keep_request(RequestTemplate.of(data, {"inputs": arrays}, form,
+                                                              template), data)
                         return self._answered(method, started, request, answer.decision.mode,
                                               graph_id, reply)
                     template = None  # it no longer fits: made again below
@@ -344,9 +353,12 @@ class LeanPath:
         if not self._within_budget(model.differentiate_us(nodes, 0)):
             self._remember_over_budget(seen)
             return None
-        inputs = self._tensors(request, present, "inputs")
-        tangents = self._tensors(request, present, "tangents")
-        cotangents = self._tensors(request, present, "cotangents")
+        given = {field: self._arrays(request, present, field)
+                 for field in ("inputs", "tangents", "cotangents")}
+        tensors = {field: self._tensors(request, present, field, given[field])
+                   for field in given}
+        inputs, tangents, cotangents = (tensors["inputs"], tensors["tangents"],
+                                        tensors["cotangents"])
         # (a plan with dynamic shapes: its FLOPs at the inputs' shapes; an input that does
         # not bind raises, and the general path says why)
         shapes = plan.shapes if plan.static else plan.bind(inputs).shapes
@@ -354,13 +366,33 @@ class LeanPath:
         if not self._within_budget(self._differentiate_us(plan, shapes, directions)):
             self._remember_over_budget(seen)
             return None
-        result = plan.differentiate(
-            inputs, wrt=tuple(request.wrt) if "wrt" in present else None,
-            of=tuple(request.of) if "of" in present else None, mode=mode,
-            tangents=tangents, cotangents=cotangents, trace=False,
-            residuals=None, budget=self._budget)
+        wrt = tuple(request.wrt) if "wrt" in present else None
+        of = tuple(request.of) if "of" in present else None
+        result = plan.differentiate(inputs, wrt=wrt, of=of, mode=mode, tangents=tangents,
+                                    cotangents=cotangents, trace=False, residuals=None,
+                                    budget=self._budget)
         decision = result.decision
-        reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request.request_id,
+        reply_data = self._reply(graph_id, request.request_id, result)
+        # (kept once per form: a form the engine does not repeat keeps its first one)
+        if decision.sparsity != "sparse":
+            if form is not None and template is None and result.jacobian:
+                self._keep_template(form, data, {"inputs": inputs}, reply_data, result,
+                                    request.request_id.encode())
+            elif form is None:
+                # a request with seeds or stored tensors: by its bytes next time, its
+                # stored tensors looked up again (SeededForm)
+                stored = {field: {key: StoredRef(ref.handle, ref.name) for key, ref in
+                                  getattr(request, "stored_" + field).items()}
+                          for field in given if "stored_" + field in present}
+                seeded = SeededForm(stored, _stored_signature(stored, tensors), decision)
+                self._keep_template((graph_id, wrt, of, request.mode, "seeded"), data, given,
+                                    reply_data, result, request.request_id.encode(), seeded)
+        return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+
+    def _reply(self, graph_id: str, request_id: str, result) -> bytes:
+        """The reply's bytes, by the generated code (deterministic serialization)."""
+        decision = result.decision
+        reply = pb.DifferentiateResponse(graph_id=graph_id, request_id=request_id,
                                          mode=WIRE_MODES[decision.mode],
                                          planner=self._planner(decision))
         for name in ("outputs", "tangents", "cotangents"):
@@ -369,58 +401,105 @@ class LeanPath:
                 fill_tensors(getattr(reply, name), arrays)
         for (of, wrt), block in (result.jacobian or {}).items():
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
-        reply_data = reply.SerializeToString(deterministic=True)
-        # (kept once per form: a form the engine does not repeat keeps its first one)
-        if (form is not None and template is None and result.jacobian
-                and decision.sparsity != "sparse"):
-            self._keep_template(form, data, inputs, reply_data, result,
-                                request.request_id.encode())
-        return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+        return reply.SerializeToString(deterministic=True)
 
     def _remember_over_budget(self, seen) -> None:
         if len(self._over_budget) >= _OVER_BUDGET_KEPT:
             self._over_budget.clear()
         self._over_budget.add(seen)
 
-    def _keep_template(self, form, data: bytes, inputs: dict, reply_data: bytes, result,
-                       request_id: bytes) -> None:
+    def _keep_template(self, form, data: bytes, tensors: dict, reply_data: bytes, result,
+                       request_id: bytes, seeded: "SeededForm | None" = None) -> None:
         """Keep the reply's template for the next requests of its form, if it gives back
-        the reply's own bytes (see ReplyTemplate), and the request's (RequestTemplate)."""
-        template = ReplyTemplate.of(reply_data, result.outputs, result.jacobian)
+        the reply's own bytes (see ReplyTemplate), and the request's (RequestTemplate;
+        `tensors` the arrays read from its bytes, by field). A Jacobian request's reply
+        template is also kept by form (its request's bytes may differ next time); a
+        seeded one's only with its request's."""
+        answer = _answer(result)
+        template = ReplyTemplate.of(reply_data, answer)
         if template is None or template.nbytes > _TEMPLATE_MAX_BYTES or template.fill(
-                result.outputs, result.jacobian, request_id) != reply_data:
+                answer, request_id) != reply_data:
             return
-        known = RequestTemplate.of(data, inputs, form, template)
+        known = RequestTemplate.of(data, tensors, form, template, seeded)
+        if known is None and seeded is not None:
+            return
         size = template.nbytes + (known.nbytes if known is not None else 0)
-        if (len(self._templates) >= _TEMPLATES_KEPT
+        if (len(self._templates) + self._seeded_kept >= _TEMPLATES_KEPT
                 or self._template_bytes + size > _TEMPLATE_BYTES):
             self._templates.clear()
             self._requests.clear()
-            self._template_bytes = 0
-        self._templates[form] = template
+            self._template_bytes = self._seeded_kept = 0
+        if seeded is None:
+            self._templates[form] = template
+        else:
+            self._seeded_kept += 1
         self._template_bytes += size
         if known is not None:
-            same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
-            same[:] = [t for t in same if t.form != form][-(_FORMS_PER_PREFIX - 1):]
-            same.append(known)
+            self._keep_request(known, data, counted=True)
 
-    def _repeat(self, method, started, known: "RequestTemplate", inputs: dict,
+    def _keep_request(self, known: "RequestTemplate | None", data: bytes,
+                      counted: bool = False) -> None:
+        """Keep a RequestTemplate of `data` (replacing its form's), its bytes counted
+        among the templates' unless `counted` already."""
+        if known is None:
+            return
+        same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
+        kept = [t for t in same if t.form != known.form][-(_FORMS_PER_PREFIX - 1):]
+        freed = sum(t.nbytes for t in same) - sum(t.nbytes for t in kept)
+        if not counted:
+            if self._template_bytes - freed + known.nbytes > _TEMPLATE_BYTES:
+                return
+            self._template_bytes += known.nbytes
+        self._template_bytes -= freed
+        same[:] = kept + [known]
+
+    def _repeat(self, method, started, known: "RequestTemplate", tensors: dict,
                 request_id: bytes) -> bytes | None:
-        """The reply to a request matching `known` (RequestTemplate), or None (the
-        request is parsed and answered as any other)."""
+        """The reply to a Jacobian request matching `known` (RequestTemplate), or None
+        (the request is parsed and answered as any other)."""
         graph_id, wrt, of, wire_mode = known.form
         plan = self.servicer.registry.cache.peek(graph_id)
         if plan is None:
             return None
-        answer = repeat(plan, inputs, wrt=wrt, of=of, mode=mode_name(wire_mode),
+        answer = repeat(plan, tensors["inputs"], wrt=wrt, of=of, mode=mode_name(wire_mode),
                         budget=self._budget)
         if answer is None:
             return None
-        reply = known.reply.fill(answer.outputs, answer.jacobian, request_id)
+        reply = known.reply.fill({"outputs": answer.outputs, "jacobian": answer.jacobian},
+                                 request_id)
         if reply is None:
             return None
         self.templated += 1
         return self._answered(method, started, known, answer.decision.mode, graph_id, reply)
+
+    def _repeat_seeded(self, method, started, known: "RequestTemplate", tensors: dict,
+                       request_id: bytes) -> bytes | None:
+        """The reply to a request with seeds or stored tensors matching `known`, or None
+        (the request is parsed and answered as any other). Its stored tensors are looked
+        up as the first request's were (a lost handle raises: the general path answers
+        with its error); while they have the same shapes and dtypes, its estimate is the
+        first request's (within the budget) and so is its decision."""
+        graph_id, wrt, of, wire_mode, _ = known.form
+        plan = self.servicer.registry.cache.peek(graph_id)
+        if plan is None:
+            return None
+        seeded = known.seeded
+        store = self.servicer.store
+        for field, refs in seeded.stored.items():
+            tensors[field] = store.tensors(refs, "stored_" + field, tensors[field])
+        if _stored_signature(seeded.stored, tensors) != seeded.signature:
+            return None
+        result = plan.differentiate(tensors["inputs"], wrt=wrt, of=of,
+                                    mode=mode_name(wire_mode), tangents=tensors["tangents"],
+                                    cotangents=tensors["cotangents"], trace=False,
+                                    residuals=None, budget=self._budget)
+        same = result.decision is seeded.decision or result.decision == seeded.decision
+        reply = known.reply.fill(_answer(result), request_id) if same else None
+        if reply is None:  # (not expected: the same shapes make the same decision)
+            reply = self._reply(graph_id, request_id.decode(), result)
+        else:
+            self.templated += 1
+        return self._answered(method, started, known, result.decision.mode, graph_id, reply)
 
     def _train_steps(self, method: str, data: bytes, started: float) -> bytes | None:
         """A TrainSteps call by graph id, run by the general path's own code (TrainState
@@ -631,8 +710,11 @@ _REPLY = pb.DifferentiateResponse.DESCRIPTOR.fields_by_name
 _BLOCK = _REPLY["jacobian"].message_type.fields_by_name
 _ENTRY = _REPLY["outputs"].message_type.fields_by_name
 _TENSOR = _ENTRY["value"].message_type.fields_by_name
-# The reply fields a Jacobian request's template holds, by number: their kind
+# The reply fields a template holds, by number: their kind (arrays by name, or
+# Jacobian blocks by (of, wrt)), "" for a field kept as it is
 _TEMPLATE_FIELDS = {_REPLY["outputs"].number: "outputs", _REPLY["jacobian"].number: "jacobian",
+                    _REPLY["tangents"].number: "tangents",
+                    _REPLY["cotangents"].number: "cotangents",
                     _REPLY["mode"].number: "", _REPLY["planner"].number: "",
                     _REPLY["graph_id"].number: ""}
 _REQUEST_ID = _REPLY["request_id"].number
@@ -640,25 +722,26 @@ _REQUEST_ID_KEY = bytes([_REQUEST_ID << 3 | 2])
 
 
 class ReplyTemplate:
-    """A Jacobian request's reply bytes as the generated code writes them
-    (deterministically: fields by number, map entries by key) with a hole for each
-    array's data: `fill` puts another answer's arrays of the same sizes and dtypes in
-    the holes, and the request's request_id (the last field such a reply holds) at the
-    end. Every length prefix stays as it was, since the arrays' sizes do; an array
-    with no data (no elements) has no hole and none in any answer of the same form."""
+    """A reply's bytes as the generated code writes them (deterministically: fields by
+    number, map entries by key) with a hole for each array's data: `fill` puts another
+    answer's arrays of the same sizes and dtypes in the holes, and the request's
+    request_id (the last field such a reply holds) at the end. Every length prefix
+    stays as it was, since the arrays' sizes do; an array with no data (no elements)
+    has no hole and none in any answer of the same form. The answer is a dict by kind
+    ("outputs", "jacobian", "tangents", "cotangents") of arrays by name (by (of, wrt)
+    for "jacobian")."""
 
     __slots__ = ("pieces", "holes", "nbytes")
 
     def __init__(self, pieces: list, holes: tuple):
         self.pieces = pieces  # bytes, or None where an array's data goes
-        self.holes = holes  # (index in pieces, "outputs" or "jacobian", key, nbytes, dtype)
+        self.holes = holes  # (index in pieces, kind, key, nbytes, dtype)
         self.nbytes = sum(len(p) for p in pieces if p is not None)
 
     @classmethod
-    def of(cls, data: bytes, outputs: dict, jacobian: dict) -> "ReplyTemplate | None":
-        """The template of a DifferentiateResponse's bytes `data` holding these outputs and
-        Jacobian blocks, a mode, planner, graph_id and request_id only (else None)."""
-        answer = {"outputs": outputs, "jacobian": jacobian}
+    def of(cls, data: bytes, answer: dict) -> "ReplyTemplate | None":
+        """The template of a DifferentiateResponse's bytes `data` holding these arrays
+        (`answer`), a mode, planner, graph_id and request_id only (else None)."""
         pieces, holes, at, end = [], [], 0, len(data)
         for start, number, wire, i, length in _fields(data, 0, end):
             kind = _TEMPLATE_FIELDS.get(number)
@@ -679,7 +762,7 @@ class ReplyTemplate:
                     return None
                 if found[0] is not None:
                     name, a, b = found
-                    array = answer[kind].get(name)
+                    array = answer.get(kind, {}).get(name)
                     if array is None or array.nbytes != b - a:
                         return None
                     pieces.append(data[at:a])
@@ -689,12 +772,12 @@ class ReplyTemplate:
         pieces.append(data[at:end])
         return cls(pieces, tuple(holes))
 
-    def fill(self, outputs: dict, jacobian: dict, request_id: bytes) -> bytes | None:
+    def fill(self, answer: dict, request_id: bytes) -> bytes | None:
         """The reply with these arrays and request_id (UTF-8); None if an array is not of
         the template's size and dtype."""
         pieces = self.pieces[:]
         for at, kind, name, nbytes, dtype in self.holes:
-            array = (outputs if kind == "outputs" else jacobian).get(name)
+            array = answer[kind].get(name)
             if array is None or array.nbytes != nbytes or array.dtype != dtype:
                 return None
             pieces[at] = array.tobytes()
@@ -703,89 +786,133 @@ class ReplyTemplate:
         return b"".join(pieces)
 
 
-_INPUTS = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["inputs"].number
-_REQUEST_ID_TAG = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name["request_id"].number << 3 | 2
+_REQUEST = pb.DifferentiateRequest.DESCRIPTOR.fields_by_name
+# The request's maps of tensors whose data are holes of a RequestTemplate, by number
+_SEEDED_FIELDS = {_REQUEST[f].number: f for f in ("inputs", "tangents", "cotangents")}
+_REQUEST_ID_TAG = _REQUEST["request_id"].number << 3 | 2
 
 
 class RequestTemplate:
-    """A Jacobian request's bytes as a client sends them call after call: the same
-    fields but for its inputs' data and its request_id (the last field). Bytes that
-    match it outside those holes parse to the same request with other arrays and
-    another id, so they need no parsing, no count of their fields and no checks of
-    their tensors (all as for the first request); `match` reads their arrays (views of
-    the bytes, as the codec's) and request_id. Bool inputs are left out (their bytes
-    are checked one by one)."""
+    """A request's bytes as a client sends them call after call: the same fields but for
+    its tensors' data (inputs, tangents, cotangents) and its request_id, each of the same
+    size. Bytes of the same length that match it outside those holes parse to the same
+    request with other arrays and another id, so they need no parsing, no count of their
+    fields and no checks of their tensors (all as for the first request); `match` reads
+    their arrays (views of the bytes, as the codec's) and request_id. Bool tensors are
+    left out (their bytes are checked one by one). `seeded`: what a request with seeds
+    or stored tensors keeps beside (SeededForm; None for a Jacobian request's)."""
 
-    __slots__ = ("pieces", "inputs", "body", "form", "reply", "graph_id", "nbytes")
+    __slots__ = ("pieces", "arrays", "id_span", "size", "form", "reply", "graph_id",
+                 "nbytes", "seeded")
 
-    def __init__(self, pieces, inputs, body, form, reply):
+    def __init__(self, pieces, arrays, id_span, size, form, reply, seeded=None):
         self.pieces = pieces  # (offset, bytes) of the fixed stretches
-        self.inputs = inputs  # (name, offset, dtype, count, shape), or a constant array
-        self.body = body  # the bytes before the request_id
+        self.arrays = arrays  # (field, name, offset, dtype, count, shape)
+        self.id_span = id_span  # (start, end) of the request_id's UTF-8, or None
+        self.size = size
         self.form, self.reply = form, reply  # (graph_id, wrt, of, wire mode), ReplyTemplate
         self.graph_id = form[0]  # read by the request log
         self.nbytes = sum(len(p) for _, p in pieces)
+        self.seeded = seeded
 
     @classmethod
-    def of(cls, data: bytes, inputs: dict, form, reply) -> "RequestTemplate | None":
-        """The template of a request's bytes `data` whose `inputs` (arrays) were read
-        from them; None if it holds a bool input, a name twice, or a field after its
-        request_id."""
-        holes, fixed, end, body = [], {}, len(data), len(data)
-        for start, number, wire, i, length in _fields(data, 0, end):
+    def of(cls, data: bytes, tensors: dict, form, reply,
+           seeded=None) -> "RequestTemplate | None":
+        """The template of a request's bytes `data` whose tensors (`tensors`: by field,
+        arrays by name) were read from them; None if it holds a bool tensor or a name
+        twice."""
+        holes, fixed, id_span = [], set(), None
+        for start, number, wire, i, length in _fields(data, 0, len(data)):
             if wire == 0:
                 continue
             if wire != 2:
                 return None
             if (number << 3 | wire) == _REQUEST_ID_TAG:
-                if i + length != end:
-                    return None
-                body = start
-            elif number == _INPUTS:
-                # an entry as the reply's outputs' (a name without data: no template)
-                found = _data_of(data, i, i + length, "outputs")
-                name = found[0] if found is not None else None
-                if name is None or name in fixed or name not in inputs:
-                    return None
-                fixed[name] = found[1:]
-                holes.append(found)
-        if len(fixed) != len(inputs) or any(a.dtype == bool for a in inputs.values()):
+                id_span = (i, i + length)
+                holes.append(id_span)
+                continue
+            field = _SEEDED_FIELDS.get(number)
+            if field is None:
+                continue
+            # an entry as the reply's outputs' (a name without data: no template)
+            found = _data_of(data, i, i + length, "outputs")
+            name = found[0] if found is not None else None
+            given = tensors.get(field, {})
+            if name is None or (field, name) in fixed or name not in given \
+                    or given[name].dtype == bool:
+                return None
+            fixed.add((field, name))
+            holes.append((found[1], found[2], field, name))
+        if len(fixed) != sum(len(a) for a in tensors.values()):
             return None
         pieces, at = [], 0
-        for _, a, b in sorted(holes, key=lambda h: h[1]):
-            pieces.append((at, data[at:a]))
-            at = b
-        pieces.append((at, data[at:body]))
-        spec = tuple((name, a, inputs[name].dtype, inputs[name].size, inputs[name].shape)
-                     for name, a, _ in holes)
-        return cls(tuple(pieces), spec, body, form, reply)
+        for hole in sorted(holes):
+            pieces.append((at, data[at:hole[0]]))
+            at = hole[1]
+        pieces.append((at, data[at:]))
+        spec = tuple((field, name, a, tensors[field][name].dtype, tensors[field][name].size,
+                      tensors[field][name].shape) for a, _, field, name in
+                     (h for h in holes if len(h) == 4))
+        return cls(tuple(p for p in pieces if p[1]), spec, id_span, len(data), form, reply,
+                   seeded)
 
     def match(self, data: bytes):
-        """(inputs, request_id) if `data` is this request with other arrays and id."""
-        size, body = len(data), self.body
-        if size == body:
-            request_id = b""
-        elif 0 < size - body - 2 < 128 and data[body] == _REQUEST_ID_TAG \
-                and data[body + 1] == size - body - 2:
-            request_id = data[body + 2:]
-            try:
-                request_id.decode()  # what the generated code would check
-            except UnicodeDecodeError:
-                return None
-        else:
+        """(arrays by field, request_id) if `data` is this request with other arrays and
+        id, else None."""
+        if len(data) != self.size:
             return None
         for at, piece in self.pieces:
             if not data.startswith(piece, at):
                 return None
-        return {name: np.frombuffer(data, dtype, count, at).reshape(shape)
-                for name, at, dtype, count, shape in self.inputs}, request_id
+        request_id = b""
+        if self.id_span is not None:
+            request_id = data[self.id_span[0]:self.id_span[1]]
+            try:
+                request_id.decode()  # what the generated code would check
+            except UnicodeDecodeError:
+                return None
+        found = {"inputs": {}, "tangents": {}, "cotangents": {}}
+        for field, name, at, dtype, count, shape in self.arrays:
+            found[field][name] = np.frombuffer(data, dtype, count, at).reshape(shape)
+        return found, request_id
+
+
+class SeededForm:
+    """What a RequestTemplate of a request with seeds (a JVP or VJP) or stored tensors
+    keeps beside its bytes: the stored tensors it names (by field: key -> StoredRef),
+    their shapes and dtypes when it was answered (its estimate holds for as long as
+    they are the same), and its decision (that of every answer at those shapes)."""
+
+    __slots__ = ("stored", "signature", "decision")
+
+    def __init__(self, stored: dict, signature: tuple, decision):
+        self.stored, self.signature, self.decision = stored, signature, decision
+
+
+class StoredRef(NamedTuple):
+    """A StoredTensor of a request, as TensorStore.tensors reads it."""
+
+    handle: str
+    name: str
+
+
+def _answer(result) -> dict:
+    """A Differentiation's arrays by kind, as ReplyTemplate reads them."""
+    return {"outputs": result.outputs, "jacobian": result.jacobian or {},
+            "tangents": result.tangents or {}, "cotangents": result.cotangents or {}}
+
+
+def _stored_signature(stored: dict, tensors: dict) -> tuple:
+    """The shapes and dtypes of the stored tensors a request names, field by field."""
+    return tuple((tensors[field][key].shape, tensors[field][key].dtype)
+                 for field, refs in stored.items() for key in refs)
 
 
 def _data_of(data: bytes, i: int, end: int, kind: str):
-    """In an outputs map entry or a Jacobian block at data[i:end]: (its key, the start and
+    """In a map entry of tensors (outputs, inputs, seeds) or a Jacobian block at data[i:end]: (its key, the start and
     end of its tensor's data), (None,) when the tensor has no data, None when it holds a
     field other than its names and tensor (a sparse block)."""
-    names, value = ((_ENTRY["key"].number,), _ENTRY["value"].number) if kind == "outputs" \
+    names, value = ((_ENTRY["key"].number,), _ENTRY["value"].number) if kind != "jacobian" \
         else ((_BLOCK["of"].number, _BLOCK["wrt"].number), _BLOCK["value"].number)
     found, span = [], (None,)
     for _, number, wire, i, length in _fields(data, i, end):
@@ -801,7 +928,7 @@ def _data_of(data: bytes, i: int, end: int, kind: str):
             return None
     if len(found) != len(names) or span[0] is None:
         return None if len(found) != len(names) else (None,)
-    return (found[0] if kind == "outputs" else tuple(found), *span)
+    return (found[0] if kind != "jacobian" else tuple(found), *span)
 
 
 def _tensor_data(data: bytes, i: int, end: int):

@@ -179,6 +179,47 @@ def test_take_negative_and_repeated_indices_scatter_add():
     assert_array_equal(grad["w"], [[1.0] * 3, [2.0] * 3, [0.0] * 3, [1.0] * 3])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_vjp_of_several_directions_equals_the_transposed_copy_matrix(axis, dtype):
+    """A gather is a 0/1 matrix; its VJP is that matrix transposed applied to each
+    seed direction: repeated and negative indices summed, on any axis."""
+    rng = np.random.default_rng(axis)
+    data = rng.standard_normal((3, 5, 4)).astype(dtype)
+    size = data.shape[axis]
+    indices = np.array([[0, -1, 2], [size - 1, 0, 0]], np.int64)
+    plan = plan_of([("y", "take", ["w", "i"], {"axis": axis})], {"w": data, "i": indices})
+    out_shape = plan.evaluate({"w": data, "i": indices})["y"].shape
+    copy = np.zeros((math.prod(out_shape), data.size))
+    positions = np.arange(data.size).reshape(data.shape)
+    for row, column in enumerate(np.take(positions, indices, axis=axis).reshape(-1)):
+        copy[row, column] = 1.0
+    seeds = rng.standard_normal((4,) + out_shape).astype(dtype)
+    got = plan.vjp({"w": data, "i": indices}, {"y": seeds}).cotangents["w"]
+    want = (seeds.reshape(4, -1).astype(np.float64) @ copy).reshape((4,) + data.shape)
+    assert got.dtype == dtype
+    assert_allclose(got, want, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("index", [1, -1])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_of_one_index_from_a_strided_value(axis, index):
+    """ONNX's Gather of a scalar (q, k and v from one transposed tensor): the value is
+    np.take's, the VJP puts each direction's seed in the index's slice, zeros elsewhere
+    (checked against a finite-difference Jacobian)."""
+    rng = np.random.default_rng(axis)
+    x = rng.standard_normal((4, 3, 5))
+    i = np.array(index, np.int64)
+    plan = plan_of([("t", "transpose", ["x"], {"perm": [2, 0, 1]}),
+                    ("y", "take", ["t", "i"], {"axis": axis})], {"x": x, "i": i})
+    want = np.take(x.transpose(2, 0, 1), index, axis=axis)
+    assert_array_equal(plan.evaluate({"x": x, "i": i})["y"], want)
+    jac = both_jacobians(plan, {"x": x, "i": i}, wrt=["x"])["y", "x"]
+    numeric = numeric_jacobian(
+        lambda xs: {"y": np.take(xs["x"].transpose(2, 0, 1), index, axis=axis)}, {"x": x})
+    assert_allclose(jac, numeric["y", "x"], atol=1e-8)
+
+
 @pytest.mark.parametrize("bad", [4, -5])
 def test_take_index_out_of_range_names_node_and_field(bad):
     plan, inputs = embedding(np.array([0, bad]))

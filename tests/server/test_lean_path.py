@@ -18,6 +18,7 @@ import pytest
 
 from gradserve.client import Client, GraphBuilder
 from gradserve.server.app import create_server
+from gradserve.server import lean as lean_module
 from gradserve.server.lean import LEAN_MAX_BYTES
 from gradserve.server.limits import Limits
 from gradserve.v1 import gradient_service_pb2 as pb
@@ -200,10 +201,19 @@ def test_repeated_jacobian_requests_are_answered_by_a_template_byte_identically(
             assert isinstance(fast, bytes) and fast == slow, (name, request_id)
         assert lean.templated == before + (0 if name == "compressed" else 3), name
     # ... the requests with a short id by their bytes, without parsing (RequestTemplate;
-    # not those with an empty input, as the mixed graph's)
+    # not those with an empty input, as the mixed graph's; JVPs and VJPs of these graphs,
+    # which earlier tests sent, have templates of their own)
     known = {t.graph_id for forms in lean.server.servicer.lean._requests.values()
-             for t in forms}
+             for t in forms if t.seeded is None}
     assert seed_id in known and not {mixed_id, compressed_id} & known
+    # a request id of a new length (a client's count passing 9, 99...): answered by the
+    # form's reply template, and the next one of that length by its bytes again
+    inputs = {"x": rng.standard_normal(1), "y": rng.standard_normal(1)}
+    longer = [differentiate(seed_id, inputs, request_id=i) for i in ("10", "11")]
+    for data in longer:
+        assert lean("Differentiate", data) == general("Differentiate", data)
+    assert any(t.match(longer[1]) is not None
+               for forms in lean.server.servicer.lean._requests.values() for t in forms)
 
 
 def test_the_seed_gradient_on_the_lean_path_matches_the_closed_form(pair):
@@ -440,6 +450,101 @@ def test_stored_tensors_and_dynamic_shapes_are_answered_inline_as_by_a_worker(pa
         assert isinstance(fast, bytes) and isinstance(slow, bytes), (name, fast, slow)
         assert fast == slow, name
         assert lean.counts["inline"] == before + 1, f"{name}: not answered inline"
+
+
+def test_repeated_requests_with_seeds_or_stored_tensors_are_answered_by_a_template(pair,
+                                                                                   stored):
+    """A request with seeds or stored tensors (an ONNX import's vjp, call after call)
+    is answered by templates of its request's and reply's bytes once one of its form
+    was answered: new arrays of the same shapes and request ids of the same length are
+    read from the bytes without parsing, its stored tensors looked up again. Every
+    reply is the general path's bytes; a request id of another length, or another
+    form, is answered the long way and makes the template again."""
+    lean, general = pair
+    graph_id = registered(pair, dense_model())
+    rng = np.random.default_rng(11)
+    params = {k: k for k in PARAMETERS}
+
+    def x():
+        return rng.standard_normal((5, 3)).astype(np.float32)
+    cases = {
+        "vjp, stored parameters": lambda: ({"x": x()}, {"stored_inputs": params}, {
+            "cotangents": {"y": to_tensor(rng.standard_normal((5, 2)).astype(np.float32))},
+            "wrt": ["W", "b", "V"]}),
+        "vjp, stored cotangents": lambda: ({"x": x()}, {"stored_inputs": params,
+                                                        "stored_cotangents": {"y": "g"}}, {}),
+        "batched jvp": lambda: ({"x": x()}, {"stored_inputs": params}, {
+            "tangents": {"W": to_tensor(rng.standard_normal((2, 3, 4)).astype(np.float32))}}),
+        "jacobian, stored parameters": lambda: ({"x": x()}, {"stored_inputs": params},
+                                                {"wrt": ["b"]}),
+        "vjp, inline parameters": lambda: ({"x": x(), **PARAMETERS}, {}, {
+            "cotangents": {"y": to_tensor(np.ones((5, 2), np.float32))}}),
+    }
+    # ids: none; one byte (long way), one byte (template); 200 bytes, a 2-byte length
+    # (long way), 200 bytes (template)
+    ids = ("", "7", "8", "r" * 200, "s" * 200)
+    for name, case in cases.items():
+        before = lean.templated
+        for request_id in ids:
+            inputs, refs, fields = case()
+            requests = [with_stored(graph_id, inputs,
+                                    {f: {k: (handle, n) for k, n in r.items()}
+                                     for f, r in refs.items()},
+                                    request_id=request_id, **fields) for handle in stored]
+            inline = lean.counts["inline"]
+            fast = lean("Differentiate", requests[0])
+            slow = general("Differentiate", requests[1])
+            assert isinstance(fast, bytes) and fast == slow, (name, request_id)
+            assert lean.counts["inline"] == inline + 1, (name, request_id)
+        assert lean.templated == before + 2, name
+
+
+def test_seeded_templates_are_bounded_in_number(pair, stored, monkeypatch):
+    """Templates of seeded forms count against the same bound as Jacobian ones: past
+    it, all are forgotten at once."""
+    lean, _ = pair
+    monkeypatch.setattr(lean_module, "_TEMPLATES_KEPT", 3)
+    graph_id = registered(pair, dense_model())
+    path = lean.server.servicer.lean
+    cot = {"cotangents": {"y": to_tensor(np.ones((2, 2), np.float32))}}
+    for wrt in (["W"], ["b"], ["V"], ["W", "b"], ["b", "V"], ["W", "V"], ["x"]):
+        data = with_stored(graph_id, {"x": np.ones((2, 3), np.float32)},
+                           {"stored_inputs": {k: (stored[0], k) for k in PARAMETERS}},
+                           wrt=wrt, **cot)
+        assert isinstance(lean("Differentiate", data), bytes)
+        kept = sum(t.seeded is not None for forms in path._requests.values() for t in forms)
+        assert kept + len(path._templates) <= 3
+
+
+def test_a_templated_request_whose_stored_tensors_are_gone_gets_the_general_paths_error(
+        pair):
+    """Its handle is looked up on every call: deleted after the template was made, the
+    next request's error is the general path's (NOT_FOUND, naming the field)."""
+    lean, general = pair
+    graph_id = registered(pair, dense_model())
+    handles = []
+    for raw in pair:
+        with Client(f"127.0.0.1:{raw.server.port}") as client:
+            handles.append(client.put(PARAMETERS).id)
+    x = np.ones((4, 3), np.float32)
+    cot = {"cotangents": {"y": to_tensor(np.ones((4, 2), np.float32))}}
+    requests = [with_stored(graph_id, {"x": x}, {"stored_inputs": {k: (h, k)
+                                                                   for k in PARAMETERS}},
+                            request_id="5", **cot) for h in handles]
+    for _ in range(2):  # the second one by the template
+        assert lean("Differentiate", requests[0]) == general("Differentiate", requests[1])
+    templated = lean.templated
+    assert lean("Differentiate", requests[0]) == general("Differentiate", requests[1])
+    assert lean.templated == templated + 1
+    for raw, handle in zip(pair, handles):
+        with Client(f"127.0.0.1:{raw.server.port}") as client:
+            assert client.delete(handle)
+    fast, slow = lean("Differentiate", requests[0]), general("Differentiate", requests[1])
+    assert isinstance(fast, grpc.RpcError) and isinstance(slow, grpc.RpcError)
+    assert fast.code() == slow.code() == grpc.StatusCode.NOT_FOUND
+    # (each server's own handle)
+    assert fast.details().replace(handles[0], "H") == slow.details().replace(handles[1], "H")
+    assert handles[0] in fast.details()
 
 
 def test_stored_inputs_that_fail_get_the_general_paths_errors(pair, stored):
