@@ -7,6 +7,7 @@ exception in on_step leaves the Trainer where one call at a time leaves it."""
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import Future
 from dataclasses import replace
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
+from gradserve import cli
 from gradserve.client import Client
 from gradserve.client.datasets import load_dataset
 from gradserve.client.gradients import remote_gradient
@@ -210,3 +212,25 @@ def test_the_state_read_in_on_step_is_a_state_of_the_run(spec, digits, address, 
         assert state.step in (step, step + 1)
         assert_same_state(state, seen_at[state.step])
     assert_same_state(got, every)
+
+
+def test_the_train_command_pipelines_against_a_server_and_says_so(address, capsys):
+    """`gradserve train --server`: pipelined by default, --no-pipeline one call at a
+    time, the same history bitwise; without --server (the in-process server, one
+    interpreter lock for both sides) one call at a time; --pipeline with --stream is
+    a usage error."""
+    argv = ["train", "--hidden", "16", "--epochs", "2", "--momentum", "0.9", "--json"]
+    summaries = {}
+    for extra in ([], ["--no-pipeline"], ["--pipeline"]):
+        assert cli.main([*argv, "--server", address, *extra]) == 0
+        summaries[tuple(extra)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [s["pipeline"] for s in summaries.values()] == [True, False, True]
+    histories = [s["history"] for s in summaries.values()]
+    assert histories[0] == histories[1] == histories[2]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["pipeline"] is False
+    assert cli.main(["train", "--hidden", "16", "--epochs", "1", "--server", address,
+                     "--pipeline"]) == 0
+    assert "calls pipelined (two in flight)" in capsys.readouterr().out
+    assert cli.main([*argv, "--server", address, "--stream", "--pipeline"]) == 2
+    assert "--pipeline pipelines the TrainSteps calls" in capsys.readouterr().err
