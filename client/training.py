@@ -117,7 +117,11 @@ class Trainer:
 
     `on_step(state, gradient)` is called after each step has been applied.
     `self.state` is always the state after the last applied step (save it on an
-    interrupt to lose nothing).
+    interrupt to lose nothing). When the state is stored on the server and run()
+    ends with an error (or an interrupt) mid-epoch, `self.state` is the last state
+    whose parameters this side holds (the epoch's start or the last checkpoint):
+    the server's copy is deleted on the way out, and a resume from it replays the
+    steps since to the same result.
     """
 
     step_in_rounds = False  # True: single steps go through _steps too (local SGD)
@@ -141,7 +145,8 @@ class Trainer:
     @property
     def state(self) -> TrainState | None:
         """The state after the last applied step (its parameters fetched from the server
-        when they live there; if that fails, the last state fetched)."""
+        when they live there, after the calls in flight that stepped are applied; if
+        that fails, the last state fetched)."""
         if self._stale and self._stored is not None and self._calls is not None:
             self._calls.settle()  # the server's state is then this side's (see _StoredCalls)
         if self._stale and self._stored is not None:
@@ -275,6 +280,8 @@ class Trainer:
         finally:
             if self._calls is not None:
                 self._calls.drain()  # a call in flight ahead: waited for, discarded
+            if self._stale:  # ended by an error mid-epoch: see the class's docstring
+                self._state, self._stale = stored.synced, False
             self._calls = self._stored = None
             stored.close()
 
@@ -479,10 +486,11 @@ class _StoredCalls:
             self._send(call)
         if not self.sent:
             return False
-        call, version, future, ahead = self.sent.popleft()
+        call, version, future, ahead = self.sent[0]  # (drain() waits for it if interrupted)
         try:
             result = future.result()
         except grpc.RpcError as err:
+            self.sent.popleft()
             behind = self.drain()
             if not (ahead and _ahead(err)):
                 raise
@@ -490,6 +498,7 @@ class _StoredCalls:
             for again in (call, *behind):
                 self._send(again)
             return True
+        self.sent.popleft()
         if result.state_version != version + 1:
             raise RuntimeError(f"TrainSteps from state version {version} replied version "
                                f"{result.state_version}, not {version + 1}")

@@ -22,7 +22,7 @@ from gradserve.client import Client
 from gradserve.client.datasets import load_dataset
 from gradserve.client.gradients import remote_gradient
 from gradserve.client.models import ModelSpec
-from gradserve.client.training import Trainer, TrainConfig, load_checkpoint
+from gradserve.client.training import Trainer, TrainConfig, load_checkpoint, save_checkpoint
 
 pytest.importorskip("sklearn", reason="the digits data set needs the train extra")
 
@@ -234,3 +234,31 @@ def test_the_train_command_pipelines_against_a_server_and_says_so(address, capsy
     assert "calls pipelined (two in flight)" in capsys.readouterr().out
     assert cli.main([*argv, "--server", address, "--stream", "--pipeline"]) == 2
     assert "--pipeline pipelines the TrainSteps calls" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["one-at-a-time", "pipelined"])
+def test_a_state_saved_after_an_interrupt_resumes_to_the_same_result(spec, digits, address,
+                                                                     sequential, tmp_path,
+                                                                     pipeline):
+    """run() ended by an exception mid-epoch (Ctrl-C: the command saves trainer.state):
+    the state is the last one whose parameters this side holds (the epoch's start,
+    step 23 here), never a later step with older parameters; a resume from it ends
+    with the uninterrupted run's parameters, bitwise."""
+    want, _ = sequential
+
+    def interrupt_at_30(trainer, state, g):
+        if state.step == 30:
+            raise Stop
+    config = replace(CONFIG, pipeline=pipeline)
+    outcome, trainer, heard = run(spec, digits, config, address, interrupt_at_30)
+    assert isinstance(outcome, Stop) and heard[-1][0] == 30
+    saved = trainer.state
+    assert (saved.step, saved.epoch) == (23, 1)
+    path = str(tmp_path / "interrupted.ckpt")
+    save_checkpoint(path, saved, trainer.run_identity())
+    gradient = remote_gradient([address], spec.build_graph(), spec.param_names)
+    try:
+        resumed = Trainer(spec, digits, gradient, replace(config, checkpoint=path))
+        assert_same_state(resumed.run(resumed.start(resume=True)), want)
+    finally:
+        gradient.close()
