@@ -39,7 +39,7 @@ import math
 import os
 import re
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, NamedTuple, Protocol
 
@@ -531,7 +531,7 @@ class _StoredCalls:
             call, _, future, _ = self.sent.popleft()
             try:
                 future.exception()
-            except BaseException:  # (cancelled: nothing to wait for)
+            except CancelledError:  # nothing to wait for
                 pass
             calls.append(call)
         return calls
