@@ -22,6 +22,11 @@ The unary rows train on a state kept in the server's tensor store (the Trainer's
 default against one server: TrainSteps by rows of the stored data set, the short
 last batch and the evaluation in the epoch's last call); the stream rows send the
 parameters with every step, as before.
+The unary and K=16 rows send their calls as `gradserve train` does: against the
+server process pipelined (two in flight: call n+1 sent before n's reply is read),
+against the in-process server one at a time (client and server share one interpreter
+lock there). The other way is one more row of each, in the same rounds, and the
+pipelined calls' gain over one at a time is printed per round.
 Targets (P8, the MLP 64-64-64-10): gradserve steps/s >= 0.5x torch's with one step
 per call, >= 1.0x with 16 steps per call; each round's ratio is taken against that
 round's faster torch, and the lines give their median and spread (min-max).
@@ -65,6 +70,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from support.server_process import ServerProcess  # noqa: E402  (tests/: the one subprocess helper)
 
 TARGET = 0.5
+SEQUENTIAL = "one call at a time"  # TrainConfig(pipeline=False): each call waits for the last
+# `gradserve train`'s default: calls pipelined against a --server, one at a time against
+# its in-process server (one interpreter lock for both sides: nothing to overlap)
+CLI_PIPELINE = {"in-process server": False, "server process": True}
+OTHER = {"in-process server": "pipelined", "server process": SEQUENTIAL}
 STEPS_PER_CALL = 16  # `gradserve train --steps-per-call 16` (the TrainSteps RPC)
 TARGET_STEPS_PER_CALL = 1.0
 EPOCHS_PER_ROUND = 2
@@ -88,11 +98,12 @@ def server_process():
 class GradserveRun:
     """`gradserve train`'s loop; each call trains EPOCHS_PER_ROUND epochs from the start."""
 
-    def __init__(self, spec, data, config, address, stream, steps_per_call=1):
+    def __init__(self, spec, data, config, address, stream, steps_per_call=1, pipeline=True):
         self.gradient = remote_gradient([address], spec.build_graph(), spec.param_names,
                                         stream=stream)
         self.trainer = Trainer(spec, data, self.gradient,
-                               replace(config, steps_per_call=steps_per_call))
+                               replace(config, steps_per_call=steps_per_call,
+                                       pipeline=pipeline))
 
     def __call__(self):
         return self.trainer.run(self.trainer.initial_state())
@@ -462,7 +473,9 @@ def step_breakdown(spec, data, config, epochs: int) -> list[tuple[str, float]]:
             training_module.run_steps = timers.wrap("engine", saved[2][2])
             gradient = remote_gradient([f"127.0.0.1:{server.port}"], spec.build_graph(),
                                        spec.param_names)
-            trainer = Trainer(spec, data, gradient, replace(config, epochs=epochs))
+            # one call at a time: a pipelined call's reply completes on grpc's thread
+            trainer = Trainer(spec, data, gradient, replace(config, epochs=epochs,
+                                                            pipeline=False))
             trainer.run(trainer.initial_state())  # warm-up
             timers.seconds.clear()
             cpu, main, wall = time.process_time(), time.thread_time(), time.perf_counter()
@@ -587,13 +600,19 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> di
         addresses = {"in-process server": in_process,
                      "server process": stack.enter_context(server_process())}
         for where, address in addresses.items():
-            for stream in (False, True):
-                run = GradserveRun(spec, data, config, address, stream)
+            for stream in (False, True):  # unary: pipelined as `gradserve train` has it
+                run = GradserveRun(spec, data, config, address, stream,
+                                   pipeline=CLI_PIPELINE[where])
                 stack.callback(run.close)
                 runs[f"gradserve, {where}, {'stream' if stream else 'unary'}"] = run
-            run = GradserveRun(spec, data, config, address, False, STEPS_PER_CALL)
+            run = GradserveRun(spec, data, config, address, False, STEPS_PER_CALL,
+                               pipeline=CLI_PIPELINE[where])
             stack.callback(run.close)
             runs[f"gradserve, {where}, {STEPS_PER_CALL} steps per call"] = run
+            run = GradserveRun(spec, data, config, address, False,
+                               pipeline=not CLI_PIPELINE[where])
+            stack.callback(run.close)
+            runs[f"gradserve, {where}, unary, {OTHER[where]}"] = run
         trainer = next(iter(runs.values())).trainer
         request_size, reply_size = train_call_sizes(spec, data, config)
         echo = EchoRun(stack.enter_context(echo_server(reply_size)), request_size,
@@ -621,6 +640,13 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> di
               f"trip {1e6 / rates[echo_loop]:,.0f} us; the rest (engine, both sides' Python, "
               f"gRPC's per-call Python over the echo's) {statistics.median(over):,.0f} us "
               f"(rounds {min(over):,.0f}-{max(over):,.0f})")
+    for where in addresses:  # the pipelined calls over the same calls one at a time
+        unary, other = f"gradserve, {where}, unary", f"gradserve, {where}, unary, {OTHER[where]}"
+        piped, one = (unary, other) if CLI_PIPELINE[where] else (other, unary)
+        gains = [a / b for a, b in zip(per_round[piped], per_round[one])]
+        print(f"gradserve, {where}: unary calls pipelined (two in flight) over {SEQUENTIAL}: "
+              f"steps/s {statistics.median(gains):.2f}x (rounds {min(gains):.2f}-"
+              f"{max(gains):.2f}x)")
     if baseline:
         print(f"the echo alone is {rates[echo_loop] / baseline:.2f}x torch's steps/s (round "
               f"ratios {spread_note(round_ratios(per_round, echo_loop))})")
@@ -653,7 +679,8 @@ def measure_model(hidden, data, torch, rounds: int, breakdown_epochs: int) -> di
                 + [("total CPU", f"{total * 1e6:,.0f}", "100%"),
                    ("wall time", f"{wall * 1e6:,.0f}", "")],
                 title="Where one step goes (`gradserve train`, one step per call: TrainSteps "
-                      "on the stored state; in-process server; CPU timers around each part; "
+                      "on the stored state, one call at a time; in-process server; CPU "
+                      "timers around each part; "
                       "the per-epoch evaluation spread over the epoch's steps)")
     return {"model": name, "steps_per_second": rates, "p8": records, "engine_step": steps,
             "breakdown_seconds": dict(parts)}

@@ -145,6 +145,11 @@ class TrainStepsResult:
     evaluation: dict = field(default_factory=dict)
 
 
+def _train_steps_result(reply) -> TrainStepsResult:
+    return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses),
+                            reply.state_version, reply.state_steps, reply.evaluation)
+
+
 def result_from_proto(reply) -> Result:
     """The Result of a DifferentiateResponse: a generated message, or a TensorMessage
     as the Client receives it. Arrays are read-only, checked as tensor_wire checks
@@ -561,6 +566,61 @@ class Client:
         evaluates the graph after the steps, outputs `evaluate_outputs` (default all)
         in `result.evaluation`; `return_state` returns the stored state's parameters and
         buffers too."""
+        request, refs = self._train_steps_request(parameters, batches, learning_rate,
+                                                  momentum, velocity, loss, state_version,
+                                                  data, rows, batch_sizes, evaluate_data,
+                                                  evaluate_outputs, return_state)
+        return _train_steps_result(self._stored_call("TrainSteps", graph, request, refs))
+
+    def train_steps_async(self, graph, parameters: Mapping[str, np.ndarray] | TensorHandle,
+                          batches: Mapping[str, np.ndarray] | None = None, *,
+                          learning_rate: float, momentum: float = 0.0,
+                          velocity: Mapping[str, np.ndarray] | None = None,
+                          loss: str | None = None, state_version: int = 0,
+                          data: TensorHandle | None = None, rows=None, batch_sizes=None,
+                          evaluate_data: TensorHandle | None = None,
+                          evaluate_outputs=None, return_state: bool = False) -> Future:
+        """As `train_steps`, without waiting: a concurrent.futures.Future of the
+        TrainStepsResult (or of the grpc.RpcError once retries are spent), as
+        differentiate_async. On a stored state, a call may be sent before the previous
+        one's reply has come, with the version that reply will carry (previous + 1): a
+        call arriving before its predecessor stepped is refused (FAILED_PRECONDITION,
+        state_version) without stepping, to be sent again; the server keeps the last
+        two calls' replies for retries. A lost state is NOT_FOUND (never put again from
+        the handle's arrays: the state has moved on from them)."""
+        request, refs = self._train_steps_request(parameters, batches, learning_rate,
+                                                  momentum, velocity, loss, state_version,
+                                                  data, rows, batch_sizes, evaluate_data,
+                                                  evaluate_outputs, return_state)
+        self._bind(request.message, refs)
+        if "state" not in refs:  # stored batches or data sets are put again if lost
+            return self._by_id_async("TrainSteps", graph, request, _train_steps_result)
+        future: Future = Future()
+        future.set_running_or_notify_cancel()
+        try:
+            key = self._address_graph(graph, request)
+        except BaseException as exc:  # e.g. registering the graph failed
+            future.set_exception(exc)
+            return future
+        stub, resent = refs["state"]._stub, []
+
+        def graph_not_found(err) -> bool:  # the graph inline once (as _by_id); else err
+            if resent or not self._resend_inline(err, key, graph, request):
+                return False
+            resent.append(err)
+            self._call_async("TrainSteps", request, future, _train_steps_result,
+                             graph_not_found, stub=stub)
+            return True
+        self._call_async("TrainSteps", request, future, _train_steps_result, graph_not_found,
+                         stub=stub)
+        return future
+
+    @staticmethod
+    def _train_steps_request(parameters, batches, learning_rate, momentum, velocity, loss,
+                             state_version, data, rows, batch_sizes, evaluate_data,
+                             evaluate_outputs, return_state) -> tuple:
+        """A TrainSteps request (a TensorMessage) and its stored references (refs of
+        _stored_call)."""
         batches, batch_refs = store.split(batches or {})
         message = pb.TrainStepsRequest(loss=loss or "", learning_rate=learning_rate,
                                        momentum=momentum, return_state=return_state)
@@ -580,11 +640,8 @@ class Client:
             message.rows.extend(np.asarray(rows, dtype=np.int64).tolist())
             message.batch_sizes.extend(int(n) for n in batch_sizes)
         message.evaluate_outputs.extend(evaluate_outputs or ())
-        request = TensorMessage(message, {"parameters": parameters, "batches": batches,
-                                          "velocity": velocity or None})
-        reply = self._stored_call("TrainSteps", graph, request, refs)
-        return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses),
-                                reply.state_version, reply.state_steps, reply.evaluation)
+        return TensorMessage(message, {"parameters": parameters, "batches": batches,
+                                       "velocity": velocity or None}), refs
 
     # --- the tensor store -----------------------------------------------------------
 

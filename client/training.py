@@ -14,7 +14,15 @@ only its minibatches' row numbers and K, and the epoch's short last batch, its
 evaluation and the parameters ride in the epoch's last call (and in a checkpoint's;
 `state` read in between fetches them). A server that lost the state (restarted)
 gets the last state known put again and the steps since are replayed, each
-reported to `on_step` once.
+reported to `on_step` once. Those calls are pipelined (TrainConfig.pipeline, on by
+default): call n+1, whose rows and version are known in advance, is sent before
+n's reply has come, so that the server steps n+1 while this side reads n's reply
+and reports its steps (_StoredCalls). Results are applied in order, so the
+losses, evaluations, checkpoints and parameters are those of one call at a time,
+bitwise; an error, or an exception in on_step, leaves the Trainer where one call
+at a time would (the call in flight is waited for and discarded). `state` read
+in on_step applies the call in flight first when it has stepped: it may be a
+step (a call) ahead of the one reported, and is always one state of the run.
 
 A step's update is applied only after its gradient has arrived, and the state
 (parameters, optimizer state, step, epoch, the sampler's RNG state, the epoch's
@@ -29,8 +37,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections import deque
+from concurrent.futures import CancelledError, Future
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import grpc
 import numpy as np
@@ -63,6 +74,10 @@ class TrainConfig:
     checkpoint: str | None = None  # a path; None: no checkpoints
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of each epoch
     steps_per_call: int = 1  # SGD steps the server runs per call (TrainSteps when > 1)
+    # Against one server (the state stored there): send each call before the previous
+    # one's reply has come (two in flight), so that the server's work and this side's
+    # overlap. The same calls, steps and results as one call at a time.
+    pipeline: bool = True
 
     def __post_init__(self):
         problems = [f"{name} must be {rule}, got {getattr(self, name)}"
@@ -102,7 +117,11 @@ class Trainer:
 
     `on_step(state, gradient)` is called after each step has been applied.
     `self.state` is always the state after the last applied step (save it on an
-    interrupt to lose nothing).
+    interrupt to lose nothing). When the state is stored on the server and run()
+    ends with an error (or an interrupt) mid-epoch, `self.state` is the last state
+    whose parameters this side holds (the epoch's start or the last checkpoint):
+    the server's copy is deleted on the way out, and a resume from it replays the
+    steps since to the same result.
     """
 
     step_in_rounds = False  # True: single steps go through _steps too (local SGD)
@@ -120,12 +139,16 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         self._state: TrainState | None = None
         self._stored: StoredTraining | None = None  # while run() trains on the server
+        self._calls: _StoredCalls | None = None  # its calls (in flight), meanwhile
         self._stale = False  # _state's parameters are older than its step (on the server)
 
     @property
     def state(self) -> TrainState | None:
         """The state after the last applied step (its parameters fetched from the server
-        when they live there; if that fails, the last state fetched)."""
+        when they live there, after the calls in flight that stepped are applied; if
+        that fails, the last state fetched)."""
+        if self._stale and self._stored is not None and self._calls is not None:
+            self._calls.settle()  # the server's state is then this side's (see _StoredCalls)
         if self._stale and self._stored is not None:
             try:
                 self._state = self._stored.fetch(self._state)
@@ -229,66 +252,85 @@ class Trainer:
 
     def _run_stored(self, state: TrainState, on_step) -> TrainState:
         """run() with the state on the server (see the module's docstring)."""
-        X, batch, spe = self.data.X_train, self.config.batch_size, self.steps_per_epoch
-        stored = self._stored = StoredTraining(self.gradient, X, self.Y_train,
+        stored = self._stored = StoredTraining(self.gradient, self.data.X_train, self.Y_train,
                                                self.data.X_test, self.Y_test, self.config)
+        depth = 2 if self.config.pipeline else 1
         reported = state.step  # on_step has heard of every step up to here
         try:
             stored.start(state)
             self.state = state
-            while state.epoch < self.config.epochs:
-                order, next_epoch_rng_state = _epoch_order(state.batch_rng_state, len(X))
-                last, b = spe - 1, state.step - state.epoch * spe
-                while b <= last:
-                    k = min(self.config.steps_per_call, last - b + 1)
-                    every = self.config.checkpoint_every
-                    if every and self.config.checkpoint:
-                        k = min(k, every - state.step % every)
-                    rows = [order[i * batch:(i + 1) * batch] for i in range(b, b + k)]
-                    ends_epoch = b + k - 1 == last
-                    due = self._checkpoint_due_at(state.step + k, ends_epoch)
-                    try:  # the parameters come back at an epoch's end and at checkpoints
-                        result = stored.steps(rows, ends_epoch, ends_epoch or due)
-                    except grpc.RpcError as err:
-                        if not stored_gone(err):
-                            raise
-                        state = stored.restore()  # a server that lost it: replay from there
-                        break
-                    losses, evaluation = result.losses, result.evaluation
-                    done, loss_sum = [], state.epoch_loss_sum
-                    for i, (loss, r) in enumerate(zip(losses, rows)):
-                        loss_sum += loss * len(r)
-                        done.append((replace(state, step=state.step + i + 1,
-                                             epoch_loss_sum=loss_sum),
-                                     Gradient(loss, {}, "reverse", None)))
-                    state = done[-1][0]
-                    b += k
-                    if b > last:
-                        test_loss = float(evaluation[LOSS])
-                        accuracy = float(np.mean(np.argmax(evaluation[LOGITS], axis=1)
-                                                 == self.data.y_test))
-                        record = EpochRecord(state.epoch + 1,
-                                             state.epoch_loss_sum / len(self.data.y_train),
-                                             test_loss, accuracy)
-                        state = replace(state, epoch=state.epoch + 1, epoch_loss_sum=0.0,
-                                        batch_rng_state=next_epoch_rng_state,
-                                        history=state.history + (record,))
-                    if b > last or due:  # the parameters, as of this step
-                        state = stored.with_state(state, result.parameters, result.velocity)
-                        stored.synced = state
-                    done[-1] = (state, done[-1][1])
-                    self._state, self._stale = state, state is not stored.synced
-                    if due:
-                        save_checkpoint(self.config.checkpoint, state, self.run_identity())
-                    if on_step is not None:
-                        for step_state, gradient in done:
-                            if step_state.step > reported:
+            calls = self._calls = _StoredCalls(self, stored, state, depth)
+            while True:
+                try:
+                    more = calls.advance()
+                except grpc.RpcError as err:
+                    if not stored_gone(err):
+                        raise
+                    state = stored.restore()  # a server that lost it: replay from there
+                    calls = self._calls = _StoredCalls(self, stored, state, depth)
+                    continue
+                while calls.applied:  # (a read of `state` in on_step may apply the next)
+                    for step_state, gradient in calls.applied.popleft():
+                        if step_state.step > reported:
+                            reported = step_state.step
+                            if on_step is not None:
                                 on_step(step_state, gradient)
-                    reported = max(reported, state.step)
-            return self.state
+                if not more:
+                    return self.state
         finally:
-            self._stored = None
+            if self._calls is not None:
+                self._calls.drain()  # a call in flight ahead: waited for, discarded
+            if self._stale:  # ended by an error mid-epoch: see the class's docstring
+                self._state, self._stale = stored.synced, False
+            self._calls = self._stored = None
             stored.close()
+
+    def _stored_calls(self, state: TrainState):
+        """The TrainSteps calls of a stored run from `state` to its end, in order: the
+        steps' rows, whether the call ends an epoch (its evaluation) and whether a
+        checkpoint is due after it (both return the parameters). All known in advance,
+        so a call can be sent before the previous one's reply has come."""
+        n, batch, spe = len(self.data.X_train), self.config.batch_size, self.steps_per_epoch
+        step, rng_state = state.step, state.batch_rng_state
+        for epoch in range(state.epoch, self.config.epochs):
+            order, next_epoch_rng_state = _epoch_order(rng_state, n)
+            last, b = spe - 1, step - epoch * spe
+            while b <= last:
+                k = min(self.config.steps_per_call, last - b + 1)
+                every = self.config.checkpoint_every
+                if every and self.config.checkpoint:
+                    k = min(k, every - step % every)
+                rows = [order[i * batch:(i + 1) * batch] for i in range(b, b + k)]
+                ends_epoch = b + k - 1 == last
+                yield _Call(rows, ends_epoch, self._checkpoint_due_at(step + k, ends_epoch),
+                            next_epoch_rng_state)
+                b, step = b + k, step + k
+            rng_state = next_epoch_rng_state
+
+    def _stored_result(self, state: TrainState, call: "_Call", result,
+                       stored: "StoredTraining") -> tuple[TrainState, list]:
+        """The state after `call` and (state, gradient) per step it made."""
+        done, loss_sum = [], state.epoch_loss_sum
+        for i, (loss, r) in enumerate(zip(result.losses, call.rows)):
+            loss_sum += loss * len(r)
+            done.append((replace(state, step=state.step + i + 1, epoch_loss_sum=loss_sum),
+                         Gradient(loss, {}, "reverse", None)))
+        state = done[-1][0]
+        if call.ends_epoch:
+            evaluation = result.evaluation
+            test_loss = float(evaluation[LOSS])
+            accuracy = float(np.mean(np.argmax(evaluation[LOGITS], axis=1)
+                                     == self.data.y_test))
+            record = EpochRecord(state.epoch + 1, state.epoch_loss_sum / len(self.data.y_train),
+                                 test_loss, accuracy)
+            state = replace(state, epoch=state.epoch + 1, epoch_loss_sum=0.0,
+                            batch_rng_state=call.next_epoch_rng_state,
+                            history=state.history + (record,))
+        if call.ends_epoch or call.due:  # the parameters, as of this step
+            state = stored.with_state(state, result.parameters, result.velocity)
+            stored.synced = state
+        done[-1] = (state, done[-1][1])
+        return state, done
 
     def evaluate(self, params) -> tuple[float, float]:
         """(loss, accuracy) on the held-out split."""
@@ -357,17 +399,28 @@ class StoredTraining:
         self.start(self.synced)
         return self.synced
 
-    def steps(self, rows: list, evaluate: bool, sync: bool):
-        """len(rows) steps, one minibatch of rows each: the TrainStepsResult (with the
-        parameters and buffers when `sync`)."""
-        result = self.client.train_steps(
-            self.graph, self.handle, learning_rate=self.config.lr,
-            momentum=self.config.momentum, loss=LOSS, state_version=self.version,
-            data=self._train, rows=np.concatenate(rows), batch_sizes=[len(r) for r in rows],
-            evaluate_data=self._test if evaluate else None,
-            evaluate_outputs=[LOSS, LOGITS] if evaluate else None, return_state=sync)
-        self.version = result.state_version
-        return result
+    def send(self, call: "_Call", version: int, wait: bool) -> Future:
+        """TrainSteps for `call` from state `version`: a Future of its TrainStepsResult
+        (with the parameters and buffers at an epoch's end or a checkpoint; the
+        evaluation at an epoch's end). `wait`: the blocking call, its outcome in a done
+        Future."""
+        sync = call.ends_epoch or call.due
+        evaluate = call.ends_epoch
+        send = self.client.train_steps if wait else self.client.train_steps_async
+        kwargs = dict(learning_rate=self.config.lr, momentum=self.config.momentum, loss=LOSS,
+                      state_version=version, data=self._train,
+                      rows=np.concatenate(call.rows), batch_sizes=[len(r) for r in call.rows],
+                      evaluate_data=self._test if evaluate else None,
+                      evaluate_outputs=[LOSS, LOGITS] if evaluate else None,
+                      return_state=sync)
+        if not wait:
+            return send(self.graph, self.handle, **kwargs)
+        future: Future = Future()
+        try:
+            future.set_result(send(self.graph, self.handle, **kwargs))
+        except grpc.RpcError as err:
+            future.set_exception(err)
+        return future
 
     @staticmethod
     def with_state(state: TrainState, params: dict, velocity: dict) -> TrainState:
@@ -387,6 +440,109 @@ class StoredTraining:
                 self.client.delete(self.handle)
             except grpc.RpcError:
                 pass  # the server is gone: so are its handles
+
+
+class _Call(NamedTuple):
+    """One TrainSteps call of a stored run (Trainer._stored_calls)."""
+
+    rows: list  # the row numbers of each step's minibatch
+    ends_epoch: bool  # the epoch's last call: the evaluation, the parameters back
+    due: bool  # a checkpoint after it: the parameters back
+    next_epoch_rng_state: dict  # the sampler's state for the next epoch
+
+
+# StateConflict's text (server/training.py): the server's version, then the call's
+_VERSIONS = re.compile(r"the state is at version (\d+), this call steps from (\d+)")
+
+
+class _StoredCalls:
+    """A stored run's calls, up to `depth` in flight: call n+1 is sent, with the version
+    n's reply will carry (n's + 1), before n's reply is waited for, so that the server
+    steps n+1 while this side reads n's reply and reports its steps. Results are
+    applied one at a time, in order, as one call at a time would apply them.
+
+    A call that reaches the server before its predecessor stepped is refused without
+    stepping (FAILED_PRECONDITION: the state is at an earlier version); it and the calls
+    behind it are sent again, in order, once the calls ahead of them are in. Any other
+    error of call n is raised after the calls sent behind it have ended, their results
+    discarded: the Trainer is then where one call at a time leaves it (they may have
+    stepped the server's state, which the run then deletes or replaces)."""
+
+    def __init__(self, trainer: Trainer, stored: StoredTraining, state: TrainState,
+                 depth: int):
+        self.trainer, self.stored, self.depth, self.state = trainer, stored, depth, state
+        self.planned = trainer._stored_calls(state)
+        self.sent: deque = deque()  # (call, version, Future, sent ahead), oldest first
+        self.applied: deque = deque()  # per call applied: (state, gradient) per step
+        self.sent_again = 0  # calls refused as ahead of the state, then sent again
+
+    def advance(self, send: bool = True) -> bool:
+        """Send calls up to the depth (`send`), wait for the oldest and apply its result;
+        False when no call is left."""
+        while send and len(self.sent) < self.depth:
+            call = next(self.planned, None)
+            if call is None:
+                break
+            self._send(call)
+        if not self.sent:
+            return False
+        call, version, future, ahead = self.sent[0]  # (drain() waits for it if interrupted)
+        try:
+            result = future.result()
+        except grpc.RpcError as err:
+            self.sent.popleft()
+            behind = self.drain()
+            if not (ahead and _ahead(err)):
+                raise
+            self.sent_again += 1
+            for again in (call, *behind):
+                self._send(again)
+            return True
+        self.sent.popleft()
+        if result.state_version != version + 1:
+            raise RuntimeError(f"TrainSteps from state version {version} replied version "
+                               f"{result.state_version}, not {version + 1}")
+        self.stored.version = result.state_version
+        trainer = self.trainer
+        self.state, done = trainer._stored_result(self.state, call, result, self.stored)
+        trainer._state, trainer._stale = self.state, self.state is not self.stored.synced
+        if call.due:
+            save_checkpoint(trainer.config.checkpoint, self.state, trainer.run_identity())
+        self.applied.append(done)
+        return True
+
+    def _send(self, call: _Call) -> None:
+        version = self.stored.version + len(self.sent)
+        self.sent.append((call, version, self.stored.send(call, version, self.depth == 1),
+                          bool(self.sent)))
+
+    def settle(self) -> None:
+        """Apply the calls in flight that succeeded (sending none), so that the server's
+        state is the Trainer's (a read of Trainer.state fetches it): the state read may
+        then be a step or a call ahead of the one being reported. A failed call is left
+        for advance()."""
+        while self.sent and self.sent[0][2].exception() is None:
+            self.advance(send=False)
+
+    def drain(self) -> list:
+        """Wait for the calls in flight and discard their outcomes: their calls, in order."""
+        calls = []
+        while self.sent:
+            call, _, future, _ = self.sent.popleft()
+            try:
+                future.exception()
+            except CancelledError:  # nothing to wait for
+                pass
+            calls.append(call)
+        return calls
+
+
+def _ahead(err: grpc.RpcError) -> bool:
+    """A call refused because the state had not reached its version yet."""
+    if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return False
+    versions = _VERSIONS.search(err.details() or "")
+    return versions is not None and int(versions[1]) < int(versions[2])
 
 
 def _epoch_order(rng_state: dict, n: int) -> tuple[np.ndarray, dict]:

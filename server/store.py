@@ -47,8 +47,8 @@ def tensor_nbytes(tensors: dict) -> int:
 @dataclass(eq=False)
 class Entry:
     """One handle's tensors. `lock` serializes the TrainSteps calls stepping it;
-    `version` counts its updates; `replies` holds the last update's reply (by the
-    version it stepped from) for a retry of that call."""
+    `version` counts its updates; `replies` holds the last two updates' replies (by
+    the version each stepped from) for a retry of either call (server.training)."""
 
     handle: str
     owner: str
@@ -57,7 +57,7 @@ class Entry:
     expires: float
     version: int = 0
     steps: int = 0
-    last_reply: tuple | None = None  # (version stepped from, reply)
+    replies: tuple = ()  # the last two updates' (version stepped from, reply), newest last
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 

@@ -5,11 +5,18 @@ the steps use them, cast to each parameter's dtype), and the stored training sta
 only its minibatches (or rows of a stored data set) and returns the losses and the
 state's new version.
 
-Exactly once: a call names the version it steps from; the state keeps the reply of
-the call that made its current version, so a retry of that call (its reply lost)
-gets the same reply without stepping again, and any other version is refused
-(FAILED_PRECONDITION). Calls on one state run one at a time (its lock); a call that
-fails changes nothing (the new arrays replace the old only once all steps are done).
+Exactly once: a call names the version it steps from; the state keeps the replies of
+the last two calls (KEPT_REPLIES), so a retry of either (its reply lost) gets its own
+reply without stepping again, and any other version is refused (FAILED_PRECONDITION
+naming state_version). Two, because a client may send call n+1 before n's reply has
+come (client.training pipelines its calls, versions n + 1 and n + 2): if n's reply is
+lost after n+1 stepped, n's retry still gets n's losses, evaluation and (when it
+asked for them) n's parameters. A call ahead of the state's version (n+1 arriving
+before n) is refused the same way, without stepping; the client sends it again once
+n's reply is in. The kept replies' bytes (evaluations, and the state of an older call
+that returned its state) count in the store's accounting with the state's. Calls on
+one state run one at a time (its lock); a call that fails changes nothing (the new
+arrays replace the old only once all steps are done).
 
 The lean path (server.lean) runs small calls through the same code on the event loop,
 with a `gate`: called with the parameters before the minibatches are gathered
@@ -31,10 +38,13 @@ from gradserve.v1.tensor_wire import TensorMessage
 
 from .errors import BadRequest, LimitExceeded, StateConflict
 from .limits import Limits
-from .store import VELOCITY, TensorStore, tensor_nbytes
+from .store import STORE_BYTES_PER_TENSOR, VELOCITY, TensorStore, tensor_nbytes
 
 # A reply tensor's framing beyond its data and name: tags, lengths, dtype, shape.
 TENSOR_FRAMING_BYTES = 64
+# Replies a stored state keeps for retries: the last call's and the one before (a
+# client's call in flight ahead of the one it waits for, see the docstring).
+KEPT_REPLIES = 2
 
 
 class Declined(Exception):
@@ -147,6 +157,21 @@ def split_state(tensors: dict) -> tuple[dict, dict]:
     return params, velocity
 
 
+def kept_bytes(replies: tuple, current: dict) -> int:
+    """What a state's kept replies hold beyond its current tensors, counted as the
+    store counts tensors: each reply's message and evaluation, and a state kept with
+    an older reply."""
+    def held(arrays) -> int:
+        return sum(STORE_BYTES_PER_TENSOR + a.nbytes for a in arrays.values())
+
+    total = 0
+    for _, message, evaluation, tensors in replies:
+        total += message.ByteSize() + held(evaluation or {})
+        if tensors is not None and tensors is not current:
+            total += held(tensors)
+    return total
+
+
 class TrainState:
     def __init__(self, store: TensorStore, limits: Limits):
         self.store, self.limits = store, limits
@@ -243,14 +268,9 @@ class TrainState:
     def _steps(self, entry, request, graph_id, plan, check, run_limits, gate):
         """steps() with the state's lock held."""
         version = request.state_version
-        if entry.last_reply is not None and entry.last_reply[0] == version:
-            # a retry of the call that made this version: its reply again (the
-            # state it returns is the current one)
-            message, evaluation = entry.last_reply[1]
-            state = {}
-            if request.return_state:
-                state = dict(zip(("parameters", "velocity"), split_state(entry.tensors)))
-            return TensorMessage(message, {"evaluation": evaluation, **state})
+        kept = next((r for r in entry.replies if r[0] == version), None)
+        if kept is not None:
+            return self._again(entry, kept, request)
         if version != entry.version:
             raise StateConflict(
                 f"the state is at version {entry.version}, this call steps from "
@@ -282,11 +302,36 @@ class TrainState:
             evaluation = {name: outputs[name] for name in names}
         tensors = dict(result.parameters)
         tensors.update({VELOCITY + n: v for n, v in result.velocity.items()})
-        self.store.resize(entry, tensor_nbytes(tensors), "state")
+        message = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses,
+                                        state_version=entry.version + 1,
+                                        state_steps=entry.steps + len(result.losses))
+        # the state it returned is kept with the reply (for a retry after the next call)
+        replies = (*entry.replies, (version, message, evaluation,
+                                    tensors if request.return_state else None))
+        replies = replies[-KEPT_REPLIES:]
+        self.store.resize(entry, tensor_nbytes(tensors) + kept_bytes(replies, tensors),
+                          "state")
         entry.tensors = tensors
         entry.version += 1
         entry.steps += len(result.losses)
-        message = pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses,
-                                        state_version=entry.version, state_steps=entry.steps)
-        entry.last_reply = (version, (message, evaluation))
+        entry.replies = replies
+        return TensorMessage(message, {"evaluation": evaluation, **state})
+
+    @staticmethod
+    def _again(entry, kept: tuple, request) -> TensorMessage:
+        """A retry of a call that stepped (one of entry.replies): its reply again, and,
+        if asked, the state it made (the current one for the last call; for the one
+        before, the state kept when it asked for it)."""
+        version, message, evaluation, tensors = kept
+        state = {}
+        if request.return_state:
+            if version + 1 == entry.version:
+                tensors = entry.tensors
+            elif tensors is None:
+                raise StateConflict(
+                    f"the call from version {version} stepped, and the state has moved on "
+                    f"to version {entry.version}: the parameters it made are no longer "
+                    "held (its first attempt did not ask for them, return_state)",
+                    field="state_version")
+            state = dict(zip(("parameters", "velocity"), split_state(tensors)))
         return TensorMessage(message, {"evaluation": evaluation, **state})

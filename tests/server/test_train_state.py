@@ -11,6 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from gradserve.server.store import tensor_nbytes
 from gradserve.v1 import gradient_service_pb2 as pb
 from support.regression import data, initial, model
 
@@ -113,11 +114,73 @@ def test_a_retried_call_does_not_step_twice(client, channel):
     request.return_state = False
     request.state_version = 1
     assert stub.TrainSteps(request, timeout=10).state_version == 2
-    request.state_version = 0  # two versions back: not a retry
+    # the call before the last (a client's call in flight ahead, then a lost reply):
+    # its own reply, and no step
+    request.state_version = 0
+    assert stub.TrainSteps(request, timeout=10) == once
+    request.return_state = True  # its parameters were not kept (it did not ask for them)
     with pytest.raises(grpc.RpcError) as info:
         stub.TrainSteps(request, timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert field_of(info.value) == "state_version"
+    assert field_of(info.value) == "state_version" and "no longer held" in info.value.details()
+    request.return_state = False
+    request.state_version = 2
+    assert stub.TrainSteps(request, timeout=10).state_version == 3
+    for version in (0, 4):  # three versions back, or one ahead: not a retry, no step
+        request.state_version = version
+        with pytest.raises(grpc.RpcError) as info:
+            stub.TrainSteps(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert field_of(info.value) == "state_version"
+        assert "the state is at version 3" in info.value.details()
+    request.state_version = 3
+    assert stub.TrainSteps(request, timeout=10).state_steps == 8
+
+
+def test_a_lost_reply_after_the_next_call_stepped_gets_its_own_reply(server, client, channel):
+    """Call n (an epoch's end: an evaluation and its state returned) and call n+1 sent
+    before n's reply came: a retry of n after n+1 stepped gets n's own reply (losses,
+    evaluation, the parameters n made) and steps nothing; what the two kept replies hold
+    is counted in the store with the state."""
+    g, params, d = model(), initial(), data()
+    state, train, test = client.put(params), client.put(d), client.put(data(20, seed=9))
+    graph_id = client.register(g)
+
+    def request(version, rows, **fields):
+        r = pb.TrainStepsRequest(graph_id=graph_id, loss="loss", learning_rate=0.1,
+                                 momentum=0.9, state=state.id, state_version=version,
+                                 data=train.id, rows=rows, batch_sizes=[len(rows)], **fields)
+        return r
+    end_of_epoch = request(0, list(range(16)), evaluate_data=test.id,
+                           evaluate_outputs=["loss"], return_state=True)
+    nxt = request(1, list(range(16, 32)))
+    stub = _stub(channel)
+    entry = server.servicer.store.entry(state.id, "state")
+    first = stub.TrainSteps(end_of_epoch, timeout=10)
+    # counted beyond the state: n's evaluation (20 values), then n's state too
+    assert entry.nbytes - tensor_nbytes(entry.tensors) >= 20 * 4
+    stub.TrainSteps(nxt, timeout=10)
+    state_bytes = sum(a.nbytes for a in params.values()) * 2
+    assert entry.nbytes - tensor_nbytes(entry.tensors) >= 20 * 4 + state_bytes
+    assert server.servicer.store.owner_bytes(entry.owner) >= entry.nbytes
+    again = stub.TrainSteps(end_of_epoch, timeout=10)
+    assert again == first  # its losses, evaluation and parameters, byte for byte
+    expected, velocity, losses = oracle(client, g, params, [
+        {n: a[:16] for n, a in d.items()}, {n: a[16:32] for n, a in d.items()}], 0.1, 0.9)
+    from gradserve.v1.codec import from_tensor
+    assert list(again.losses) == losses[:1] and again.state_version == 1
+    n_params, _, _ = oracle(client, g, params, [{n: a[:16] for n, a in d.items()}], 0.1, 0.9)
+    for name in params:
+        np.testing.assert_array_equal(from_tensor(again.parameters[name]), n_params[name])
+    np.testing.assert_array_equal(
+        from_tensor(again.evaluation["loss"]),
+        client.evaluate(g, {**data(20, seed=9), **n_params})["loss"])
+    stored = client.get(state)  # n+1's state, stepped once each
+    for name in params:
+        np.testing.assert_array_equal(stored[name], expected[name])
+        np.testing.assert_array_equal(stored["velocity/" + name], velocity[name])
+    assert entry.version == 2 and entry.steps == 2
+    client.delete(state)
 
 
 def test_a_lost_state_is_not_found(client):
