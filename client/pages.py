@@ -1,0 +1,86 @@
+"""Pages for the arrays a Client fetches (Client.get), used again once the program has
+dropped them.
+
+A large fetched tensor is assembled on pages of its own (gradserve.v1.chunks.empty).
+Fresh pages cost the kernel's zeroing on first touch: ~10 ms of a 102 MB get's
+~60 ms of client CPU on the 2-core box, paid again every step by a training loop
+that fetches the same gradient shapes each time. A pool keeps the mappings of
+dropped arrays and assembles the next tensor of the same size into one of them.
+
+A mapping goes back to the pool only when nothing references it any more: the
+array, every view of it, and numpy's memoryview of the mapping (the pool watches
+that memoryview, the one object every view keeps alive). The pool keeps at most
+as many bytes as the program ever held of such arrays at once (its peak), so a
+process that dropped N bytes of fetched tensors keeps at most those N; `clear`
+(Client.close) gives them back to the system.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import threading
+import weakref
+
+import numpy as np
+
+from gradserve.v1.chunks import OWN_PAGES_BYTES, own_pages
+
+
+class PagePool:
+    """`empty(shape, dtype)` for an Assembler: from OWN_PAGES_BYTES up, an array on a
+    mapping of its own, taken from the pool when one of exactly its size is free."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []  # oldest first
+        self._free_bytes = self._in_use = self.peak = 0
+        self._closed = False
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < OWN_PAGES_BYTES:
+            return np.empty(shape, dtype)
+        with self._lock:
+            pages = next((p for p in self._free if len(p) == nbytes), None)
+            if pages is not None:
+                self._free.remove(pages)
+                self._free_bytes -= nbytes
+            self._in_use += nbytes
+            self.peak = max(self.peak, self._in_use)
+        if pages is None:
+            pages = own_pages(nbytes)
+        flat = np.frombuffer(pages, np.uint8)
+        # flat.base: numpy's memoryview of the mapping, released before this runs
+        weakref.finalize(flat.base, self._give_back, pages).atexit = False
+        return flat.view(dtype).reshape(shape)
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of mappings kept for the next arrays."""
+        return self._free_bytes
+
+    def _give_back(self, pages: mmap.mmap) -> None:
+        with self._lock:
+            self._in_use -= len(pages)
+            if self._closed:
+                surplus = [pages]
+            else:
+                self._free.append(pages)
+                self._free_bytes += len(pages)
+                surplus = []
+                while self._free_bytes > self.peak:  # sizes no array asked for again
+                    oldest = self._free.pop(0)
+                    self._free_bytes -= len(oldest)
+                    surplus.append(oldest)
+        for p in surplus:
+            p.close()
+
+    def clear(self) -> None:
+        """Give every kept mapping back to the system; later ones too."""
+        with self._lock:
+            surplus, self._free, self._free_bytes = self._free, [], 0
+            self._closed = True
+        for p in surplus:
+            p.close()

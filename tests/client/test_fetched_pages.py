@@ -1,0 +1,86 @@
+"""Client.get assembles large tensors on pages that a later get uses again once the
+program has dropped every reference to them (client/pages.py), over a real server:
+values always those put, pages never reused while an array or a view of it lives,
+the kept bytes bounded by the program's peak and given back on close."""
+
+from __future__ import annotations
+
+import gc
+import mmap
+
+import numpy as np
+
+from gradserve.client import Client
+from gradserve.v1.chunks import OWN_PAGES_BYTES
+
+BIG = 3 * OWN_PAGES_BYTES // 4  # float32 elements: 3 MiB, over OWN_PAGES_BYTES
+
+
+def mapping(array: np.ndarray) -> mmap.mmap:
+    """The mapping an array's pages belong to."""
+    base = array
+    while not isinstance(base, mmap.mmap):
+        assert base is not None, "the array is not on a mapping of its own"
+        base = base.obj if isinstance(base, memoryview) else base.base
+    return base
+
+
+def test_a_dropped_arrays_pages_assemble_the_next_get(address):
+    rng = np.random.default_rng(0)
+    first, second = (rng.standard_normal(BIG).astype(np.float32) for _ in range(2))
+    with Client(address, timeout=30) as c:
+        one, two = c.put({"w": first}), c.put({"w": second})
+        got = c.get(one)["w"]
+        np.testing.assert_array_equal(got, first)
+        pages = mapping(got)  # holding the mapping object keeps nothing from reuse
+        del got
+        gc.collect()
+        got = c.get(two)["w"]  # the same size: the pages of the array just dropped
+        assert mapping(got) is pages
+        np.testing.assert_array_equal(got, second)
+        assert not got.flags.writeable
+
+
+def test_pages_a_view_still_holds_are_not_reused(address):
+    rng = np.random.default_rng(1)
+    first, second = (rng.standard_normal(BIG).astype(np.float32) for _ in range(2))
+    with Client(address, timeout=30) as c:
+        one, two = c.put({"w": first}), c.put({"w": second})
+        view = c.get(one)["w"].reshape(-1, 4)[::2].T  # the array itself is dropped
+        gc.collect()
+        got = c.get(two)["w"]
+        np.testing.assert_array_equal(got, second)
+        np.testing.assert_array_equal(view, first.reshape(-1, 4)[::2].T)
+        assert mapping(got) is not mapping(view)
+        held = memoryview(got)  # a buffer of the array keeps its pages too
+        del got
+        gc.collect()
+        again = c.get(two)["w"]
+        assert mapping(again) is not mapping(np.asarray(held))
+        np.testing.assert_array_equal(again, second)
+        np.testing.assert_array_equal(np.frombuffer(held, np.float32), second)
+
+
+def test_kept_pages_are_bounded_by_the_peak_and_given_back_on_close(address):
+    rng = np.random.default_rng(2)
+    sizes = (BIG, BIG + 1024, BIG + 2048)  # three sizes: no get reuses another's pages
+    tensors = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    with Client(address, timeout=30) as c:
+        handles = [c.put({"w": t}) for t in tensors]
+        held = [c.get(h)["w"] for h in handles[:2]]  # peak: two arrays at once
+        peak = sum(a.nbytes for a in held)
+        del held
+        gc.collect()
+        assert c._pages.free_bytes == peak
+        got = c.get(handles[2])["w"]  # a third size: new pages
+        np.testing.assert_array_equal(got, tensors[2])
+        del got
+        gc.collect()
+        assert c._pages.free_bytes <= peak  # the oldest size went back to the system
+        kept = c.get(handles[1])["w"]
+        np.testing.assert_array_equal(kept, tensors[1])
+    assert c._pages.free_bytes == 0
+    np.testing.assert_array_equal(kept, tensors[1])  # an array alive at close stays valid
+    del kept
+    gc.collect()
+    assert c._pages.free_bytes == 0
