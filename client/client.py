@@ -586,7 +586,7 @@ class Client:
     def put(self, tensors: Mapping[str, np.ndarray], *,
             chunk_bytes: int | None = None) -> TensorHandle:
         """Keep `tensors` on the server (PutTensors, in chunks of `chunk_bytes`, by
-        default 4 MiB or half the server's message limit if less): a TensorHandle, whose
+        default 1 MiB or half the server's message limit if less): a TensorHandle, whose
         entries requests take in place of arrays (`{**handle, "x": x}`). The handle
         keeps references to the arrays, to put them again if the server loses them (do
         not change them in place meanwhile)."""
