@@ -10,13 +10,14 @@ dropped arrays and assembles the next tensor of the same size into one of them.
 A mapping goes back to the pool only when nothing references it any more: the
 array, every view of it, and numpy's memoryview of the mapping (the pool watches
 that memoryview, the one object every view keeps alive). The pool keeps at most
-as many bytes as the program ever held of such arrays at once (its peak), so a
-process that dropped N bytes of fetched tensors keeps at most those N; `clear`
-(Client.close) gives them back to the system.
+as many bytes as the program ever held of such arrays at once (its peak; checked
+as the next array is made), so a process that dropped N bytes of fetched tensors
+keeps at most those N; `clear` (Client.close) gives them back to the system.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import mmap
 import threading
@@ -33,7 +34,11 @@ class PagePool:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._free: list[mmap.mmap] = []  # oldest first
+        # Mappings whose arrays died, appended by _returning, which takes no lock: it
+        # runs wherever the last reference goes, a collection inside a locked section
+        # of this pool included.
+        self._returned: collections.deque = collections.deque()
+        self._free: list[mmap.mmap] = []  # sorted in by _settle; oldest first
         self._free_bytes = self._in_use = self.peak = 0
         self._closed = False
 
@@ -43,6 +48,7 @@ class PagePool:
         if nbytes < OWN_PAGES_BYTES:
             return np.empty(shape, dtype)
         with self._lock:
+            self._settle()
             pages = next((p for p in self._free if len(p) == nbytes), None)
             if pages is not None:
                 self._free.remove(pages)
@@ -53,34 +59,38 @@ class PagePool:
             pages = own_pages(nbytes)
         flat = np.frombuffer(pages, np.uint8)
         # flat.base: numpy's memoryview of the mapping, released before this runs
-        weakref.finalize(flat.base, self._give_back, pages).atexit = False
+        weakref.finalize(flat.base, self._returning, pages).atexit = False
         return flat.view(dtype).reshape(shape)
+
+    def _returning(self, pages: mmap.mmap) -> None:
+        if self._closed:
+            pages.close()
+        else:
+            self._returned.append(pages)
 
     @property
     def free_bytes(self) -> int:
         """Bytes of mappings kept for the next arrays."""
-        return self._free_bytes
-
-    def _give_back(self, pages: mmap.mmap) -> None:
         with self._lock:
-            self._in_use -= len(pages)
-            if self._closed:
-                surplus = [pages]
-            else:
-                self._free.append(pages)
-                self._free_bytes += len(pages)
-                surplus = []
-                while self._free_bytes > self.peak:  # sizes no array asked for again
-                    oldest = self._free.pop(0)
-                    self._free_bytes -= len(oldest)
-                    surplus.append(oldest)
-        for p in surplus:
-            p.close()
+            self._settle()
+            return self._free_bytes
 
     def clear(self) -> None:
-        """Give every kept mapping back to the system; later ones too."""
+        """Give every kept mapping back to the system; later ones as they come back."""
         with self._lock:
-            surplus, self._free, self._free_bytes = self._free, [], 0
             self._closed = True
-        for p in surplus:
-            p.close()
+            self._settle()
+
+    def _settle(self) -> None:
+        """Sort the returned mappings in; close what is over the peak (or all, once
+        cleared). Called with the lock held."""
+        while self._returned:
+            pages = self._returned.popleft()
+            self._in_use -= len(pages)
+            self._free.append(pages)
+            self._free_bytes += len(pages)
+        limit = 0 if self._closed else self.peak
+        while self._free_bytes > limit:  # sizes no array asked for again go first
+            oldest = self._free.pop(0)
+            self._free_bytes -= len(oldest)
+            oldest.close()

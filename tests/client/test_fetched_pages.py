@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gc
 import mmap
+import threading
 
 import numpy as np
 
 from gradserve.client import Client
+from gradserve.client.pages import PagePool
 from gradserve.v1.chunks import OWN_PAGES_BYTES
 
 BIG = 3 * OWN_PAGES_BYTES // 4  # float32 elements: 3 MiB, over OWN_PAGES_BYTES
@@ -81,6 +83,28 @@ def test_kept_pages_are_bounded_by_the_peak_and_given_back_on_close(address):
         np.testing.assert_array_equal(kept, tensors[1])
     assert c._pages.free_bytes == 0
     np.testing.assert_array_equal(kept, tensors[1])  # an array alive at close stays valid
+    pages = mapping(kept)
     del kept
     gc.collect()
-    assert c._pages.free_bytes == 0
+    assert c._pages.free_bytes == 0 and pages.closed  # dropped after close: unmapped
+
+
+def test_an_array_dying_inside_the_pools_locked_section_does_not_deadlock():
+    """The last reference may go anywhere, a garbage collection that runs while the pool
+    holds its lock (making the next array) included: giving pages back takes no lock."""
+    pool = PagePool()
+    array = pool.empty((OWN_PAGES_BYTES,), np.uint8)
+    cycle = [array]
+    cycle.append(cycle)  # freed only by the cyclic collector
+    del array, cycle
+
+    def collect_while_locked():
+        with pool._lock:
+            gc.collect()
+    thread = threading.Thread(target=collect_while_locked, daemon=True)
+    thread.start()
+    thread.join(60)  # a guard against hanging the run, not a measure of speed
+    assert not thread.is_alive(), "the pool deadlocked on its own lock"
+    assert pool.free_bytes == OWN_PAGES_BYTES
+    again = pool.empty((OWN_PAGES_BYTES,), np.uint8)
+    assert pool.free_bytes == 0 and len(mapping(again)) == OWN_PAGES_BYTES
