@@ -239,6 +239,7 @@ def main(argv=None) -> int:
                       "largest entry, over the weight matrices")
                 for step in steps.values():
                     step()
+            del ours  # as a training loop drops each gradient once applied
             gradient_as_handle()
             for _ in range(rounds):
                 timed("gradserve: gradient fetched in chunks", gradient, pid)
