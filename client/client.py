@@ -607,7 +607,7 @@ class Client:
             try:
                 return store.assemble(stub.GetTensors(request, timeout=self.timeout,
                                                       metadata=self._metadata),
-                                      self._pages.empty)
+                                      self._pages.fetch())
             except grpc.RpcError as err:
                 delay = self._retry_delay(err, started, attempt)
                 if delay is None:

@@ -10,9 +10,10 @@ dropped arrays and assembles the next tensor of the same size into one of them.
 A mapping goes back to the pool only when nothing references it any more: the
 array, every view of it, and numpy's memoryview of the mapping (the pool watches
 that memoryview, the one object every view keeps alive). The pool keeps at most
-as many bytes as the program ever held of such arrays at once (its peak; checked
-as the next array is made), so a process that dropped N bytes of fetched tensors
-keeps at most those N; `clear` (Client.close) gives them back to the system.
+the bytes of the largest fetch's such arrays (checked as the next array is made):
+enough for a loop that fetches the same tensors every step, whether or not it still
+holds the last step's while fetching; a program that gathered many fetches and
+dropped them keeps one fetch's worth. `clear` (Client.close) gives them back.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from gradserve.v1.chunks import OWN_PAGES_BYTES, own_pages
 
 
 class PagePool:
-    """`empty(shape, dtype)` for an Assembler: from OWN_PAGES_BYTES up, an array on a
-    mapping of its own, taken from the pool when one of exactly its size is free."""
+    """`fetch()`: an allocate function for one fetch's Assembler; from OWN_PAGES_BYTES
+    up, an array on a mapping of its own, taken from the pool when one of exactly its
+    size is free."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -39,22 +41,32 @@ class PagePool:
         # of this pool included.
         self._returned: collections.deque = collections.deque()
         self._free: list[mmap.mmap] = []  # sorted in by _settle; oldest first
-        self._free_bytes = self._in_use = self.peak = 0
+        self._free_bytes = 0
+        self.largest = 0  # the most bytes one fetch took on pages of their own
         self._closed = False
 
-    def empty(self, shape, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < OWN_PAGES_BYTES:
-            return np.empty(shape, dtype)
+    def fetch(self):
+        """allocate(shape, dtype) for one fetch (its bytes count toward `largest`)."""
+        taken = 0
+
+        def allocate(shape, dtype) -> np.ndarray:
+            nonlocal taken
+            dtype = np.dtype(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes < OWN_PAGES_BYTES:
+                return np.empty(shape, dtype)
+            taken += nbytes
+            return self._empty(shape, dtype, nbytes, taken)
+        return allocate
+
+    def _empty(self, shape, dtype, nbytes: int, taken: int) -> np.ndarray:
         with self._lock:
+            self.largest = max(self.largest, taken)
             self._settle()
             pages = next((p for p in self._free if len(p) == nbytes), None)
             if pages is not None:
                 self._free.remove(pages)
                 self._free_bytes -= nbytes
-            self._in_use += nbytes
-            self.peak = max(self.peak, self._in_use)
         if pages is None:
             pages = own_pages(nbytes)
         flat = np.frombuffer(pages, np.uint8)
@@ -82,15 +94,14 @@ class PagePool:
             self._settle()
 
     def _settle(self) -> None:
-        """Sort the returned mappings in; close what is over the peak (or all, once
-        cleared). Called with the lock held."""
+        """Sort the returned mappings in; close what is over the largest fetch (or all,
+        once cleared), oldest first. Called with the lock held."""
         while self._returned:
             pages = self._returned.popleft()
-            self._in_use -= len(pages)
             self._free.append(pages)
             self._free_bytes += len(pages)
-        limit = 0 if self._closed else self.peak
-        while self._free_bytes > limit:  # sizes no array asked for again go first
+        limit = 0 if self._closed else self.largest
+        while self._free_bytes > limit:
             oldest = self._free.pop(0)
             self._free_bytes -= len(oldest)
             oldest.close()

@@ -1,7 +1,7 @@
 """Client.get assembles large tensors on pages that a later get uses again once the
 program has dropped every reference to them (client/pages.py), over a real server:
 values always those put, pages never reused while an array or a view of it lives,
-the kept bytes bounded by the program's peak and given back on close."""
+the kept bytes bounded by the largest fetch and given back on close."""
 
 from __future__ import annotations
 
@@ -63,26 +63,30 @@ def test_pages_a_view_still_holds_are_not_reused(address):
         np.testing.assert_array_equal(np.frombuffer(held, np.float32), second)
 
 
-def test_kept_pages_are_bounded_by_the_peak_and_given_back_on_close(address):
+def test_kept_pages_are_bounded_by_the_largest_fetch_and_given_back_on_close(address):
     rng = np.random.default_rng(2)
-    sizes = (BIG, BIG + 1024, BIG + 2048)  # three sizes: no get reuses another's pages
-    tensors = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    small, large = (rng.standard_normal(n).astype(np.float32) for n in (BIG, BIG + 1024))
     with Client(address, timeout=30) as c:
-        handles = [c.put({"w": t}) for t in tensors]
-        held = [c.get(h)["w"] for h in handles[:2]]  # peak: two arrays at once
-        peak = sum(a.nbytes for a in held)
-        del held
+        one, two, both = c.put({"w": small}), c.put({"w": large}), c.put({"a": small,
+                                                                        "b": large})
+        first, second = c.get(one)["w"], c.get(two)["w"]  # two fetches held at once
+        large_pages = mapping(second)
+        del first
         gc.collect()
-        assert c._pages.free_bytes == peak
-        got = c.get(handles[2])["w"]  # a third size: new pages
-        np.testing.assert_array_equal(got, tensors[2])
-        del got
+        del second
         gc.collect()
-        assert c._pages.free_bytes <= peak  # the oldest size went back to the system
-        kept = c.get(handles[1])["w"]
-        np.testing.assert_array_equal(kept, tensors[1])
+        assert c._pages.free_bytes == large.nbytes  # one fetch's worth: the oldest went
+        fetched = c.get(both)  # a larger fetch: the large pages again, new small ones
+        assert mapping(fetched["b"]) is large_pages
+        np.testing.assert_array_equal(fetched["a"], small)
+        np.testing.assert_array_equal(fetched["b"], large)
+        assert c._pages.free_bytes == 0
+        kept = fetched["b"]
+        del fetched
+        gc.collect()
+        assert c._pages.free_bytes == small.nbytes
     assert c._pages.free_bytes == 0
-    np.testing.assert_array_equal(kept, tensors[1])  # an array alive at close stays valid
+    np.testing.assert_array_equal(kept, large)  # an array alive at close stays valid
     pages = mapping(kept)
     del kept
     gc.collect()
@@ -93,7 +97,7 @@ def test_an_array_dying_inside_the_pools_locked_section_does_not_deadlock():
     """The last reference may go anywhere, a garbage collection that runs while the pool
     holds its lock (making the next array) included: giving pages back takes no lock."""
     pool = PagePool()
-    array = pool.empty((OWN_PAGES_BYTES,), np.uint8)
+    array = pool.fetch()((OWN_PAGES_BYTES,), np.uint8)
     cycle = [array]
     cycle.append(cycle)  # freed only by the cyclic collector
     del array, cycle
@@ -106,5 +110,5 @@ def test_an_array_dying_inside_the_pools_locked_section_does_not_deadlock():
     thread.join(60)  # a guard against hanging the run, not a measure of speed
     assert not thread.is_alive(), "the pool deadlocked on its own lock"
     assert pool.free_bytes == OWN_PAGES_BYTES
-    again = pool.empty((OWN_PAGES_BYTES,), np.uint8)
+    again = pool.fetch()((OWN_PAGES_BYTES,), np.uint8)
     assert pool.free_bytes == 0 and len(mapping(again)) == OWN_PAGES_BYTES
