@@ -34,9 +34,10 @@ class Limits:
     max_store_bytes_per_client: int = 512 * MiB  # held by one client address
     max_store_handles: int = 1024  # handles held (least recently used evicted)
     store_seconds: int = 600  # a handle unused this long expires
-    # data in one GetTensors chunk; a client's copies of 1 MiB messages reuse its
-    # malloc'd memory, of 4 MiB ones take fresh pages (~7,000 faults a 102 MB get)
-    store_chunk_bytes: int = 1 * MiB
+    # data in one GetTensors chunk: grpc's Python copies of larger messages take the
+    # client fresh pages more often (4 MiB: ~1,400 faults a 102 MB get), more messages
+    # cost the server (1 MiB: +8 ms of its CPU a 102 MB get over 2 MiB)
+    store_chunk_bytes: int = 2 * MiB
     max_rss_bytes: int = 0  # server process RSS over which new requests are refused (0: off)
     max_references: int = 1_000_000  # Node.inputs entries of one graph, all nodes together
 
