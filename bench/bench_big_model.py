@@ -13,6 +13,9 @@ also the gradient left on the server as a handle (no transfer back). PyTorch:
 the same parameters, fwd + bwd (loss.backward()) at 1 and 2 threads, the faster
 the baseline. Rounds interleaved; median and spread of the per-round ratios.
 Target: works with default settings, <= 2x PyTorch. Never asserts on time.
+Also per gradserve call: the client's CPU and minor page faults (this process) and the
+server's (/proc/PID/stat), medians over the rounds but the server's CPU, a mean (it
+counts in clock ticks of 10 ms); and the fetch's share (fetched less left on the server).
 
 --experiments: then, in rounds of their own (not P12's: a server with two BLAS threads
 keeps a core busy after each call, ~0.1 s of OpenBLAS's threads spinning), two ideas
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import _timing  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch is imported)
 
+import os
+import resource
 import statistics
 import sys
 import threading
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _timing import environment_lines, load_torch, parse_args, ratio_line, write_json
+from _timing import RunClock, environment_lines, load_torch, parse_args, ratio_line, write_json
 from gradserve.client import Client
 from gradserve.client.models import LOSS, ModelSpec, one_hot
 
@@ -50,6 +55,16 @@ WIDTHS = (1024, 4096, 4096, 1100)
 
 def fmt_ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.0f} ms"
+
+
+def counters(pid: int | None = None) -> tuple[float, int]:
+    """(CPU seconds, minor page faults) of this process, or of process `pid`."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime, usage.ru_minflt
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # from field 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
 def torch_step(torch, spec, params, X, y, threads):
@@ -171,16 +186,24 @@ def main(argv=None) -> int:
           f"({nbytes / 1e6:.1f} MB), batch {BATCH}, {rounds} rounds\n")
     graph = spec.build_graph()
     torch = load_torch()
+    clock = RunClock()
     figures: dict[str, list[float]] = {}
+    costs: dict[str, list[tuple]] = {}  # per call: client CPU, faults; server CPU, faults
 
-    def timed(name, fn):
+    def timed(name, fn, server_pid=None):
+        before = (counters(), counters(server_pid)) if server_pid else None
         start = time.perf_counter()
         out = fn()
         figures.setdefault(name, []).append(time.perf_counter() - start)
+        if before:
+            (c0, f0), (s0, g0) = before
+            (c1, f1), (s1, g1) = counters(), counters(server_pid)
+            costs.setdefault(name, []).append((c1 - c0, f1 - f0, s1 - s0, g1 - g0))
         return out
 
     with ServerProcess("--port", "0") as server:  # the defaults, one process
         address = server.wait_serving(timeout=60)
+        pid = server.proc.pid
         with Client(address, timeout=300) as client:
             limits = client.server_info().limits
             print(f"server defaults: max_message_bytes {limits.max_message_bytes:,}, "
@@ -216,10 +239,12 @@ def main(argv=None) -> int:
                       "largest entry, over the weight matrices")
                 for step in steps.values():
                     step()
+            del ours  # as a training loop drops each gradient once applied
             gradient_as_handle()
             for _ in range(rounds):
-                timed("gradserve: gradient fetched in chunks", gradient)
-                timed("gradserve: gradient left on the server (handle)", gradient_as_handle)
+                timed("gradserve: gradient fetched in chunks", gradient, pid)
+                timed("gradserve: gradient left on the server (handle)", gradient_as_handle,
+                      pid)
                 for threads, step in steps.items():
                     timed(f"torch eager fwd+bwd, {threads} thread"
                           + ("s" if threads > 1 else ""), step)
@@ -246,6 +271,18 @@ def main(argv=None) -> int:
             baseline, TARGET, fmt=fmt_ms,
             note=(f"per-round ratios: median {statistics.median(per_round):.2f}x, spread "
                   f"{min(per_round):.2f}-{max(per_round):.2f}x")))
+    print("\nper call: client CPU, page faults | server CPU (mean), page faults")
+    means = {name: [statistics.mean(c) if i == 2 else statistics.median(c)
+                    for i, c in enumerate(zip(*rows))]
+             for name, rows in costs.items()}
+    for name, (cpu, faults, server_cpu, server_faults) in means.items():
+        print(f"{name:50} {cpu * 1e3:6.1f} ms, {faults:8,.0f} | "
+              f"{server_cpu * 1e3:6.1f} ms, {server_faults:8,.0f}")
+    if len(means) == 2:
+        (cpu, faults, server_cpu, server_faults) = (
+            a - b for a, b in zip(*means.values()))
+        print(f"{'the fetch (fetched less left on the server)':50} {cpu * 1e3:6.1f} ms, "
+              f"{faults:8,.0f} | {server_cpu * 1e3:6.1f} ms, {server_faults:8,.0f}")
     if trials:
         print(f"\n== --experiments (rounds of their own); {split_note}\n")
         for name, seconds in trials.items():
@@ -258,10 +295,12 @@ def main(argv=None) -> int:
             per_round = [x / y for x, y in zip(trials[a], trials[b])]
             print(f"{a} / {b}: per-round median {statistics.median(per_round):.2f}x, "
                   f"spread {min(per_round):.2f}-{max(per_round):.2f}x")
+    print()
+    run = clock.print_summary()
     if args.json:
         write_json(args.json, {"environment": environment_lines(), "put_seconds": put_seconds,
-                               "seconds": figures, "p12": records,
-                               "experiments": trials})
+                               "seconds": figures, "p12": records, "costs_per_call": costs,
+                               "experiments": trials, "run": run})
     return 0
 
 

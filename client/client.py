@@ -43,6 +43,7 @@ from gradserve.v1.tensor_wire import read_varint as _varint
 
 from . import store
 from .builder import GraphBuilder
+from .pages import PagePool
 from .render import trace_dot
 from .sparse import block_value
 from .store import TensorHandle
@@ -333,6 +334,7 @@ class Client:
         self._handles: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         self._request_ids = itertools.count(1)
+        self._pages = PagePool()  # get's large arrays: pages used again once dropped
         self._server_message_bytes: int | None = None  # learned when a request is large
         # pieces of small requests' bytes (_small_request), each bounded by _SMALL_KEPT
         self._small_heads: dict = {}  # (name, dtype, shape) -> an input's header
@@ -345,6 +347,7 @@ class Client:
     def close(self) -> None:
         for channel in [*self._channels, *(c for c, _ in self._pinned.values())]:
             channel.close()
+        self._pages.clear()
 
     def __enter__(self) -> "Client":
         return self
@@ -648,7 +651,7 @@ class Client:
     def put(self, tensors: Mapping[str, np.ndarray], *,
             chunk_bytes: int | None = None) -> TensorHandle:
         """Keep `tensors` on the server (PutTensors, in chunks of `chunk_bytes`, by
-        default 4 MiB or half the server's message limit if less): a TensorHandle, whose
+        default 1 MiB or half the server's message limit if less): a TensorHandle, whose
         entries requests take in place of arrays (`{**handle, "x": x}`). The handle
         keeps references to the arrays, to put them again if the server loses them (do
         not change them in place meanwhile)."""
@@ -668,7 +671,8 @@ class Client:
             started = time.monotonic()
             try:
                 return store.assemble(stub.GetTensors(request, timeout=self.timeout,
-                                                      metadata=self._metadata))
+                                                      metadata=self._metadata),
+                                      self._pages.fetch())
             except grpc.RpcError as err:
                 delay = self._retry_delay(err, started, attempt)
                 if delay is None:

@@ -150,9 +150,10 @@ def put_chunks(method, arrays: Mapping, chunk_bytes: int, timeout: float, metada
     return method(write_chunks(arrays, None, chunk_bytes), timeout=timeout, metadata=metadata)
 
 
-def assemble(replies) -> dict:
-    """GetTensors' stream of chunk bytes as arrays (read-only), by name."""
-    assembler = Assembler()
+def assemble(replies, allocate=None) -> dict:
+    """GetTensors' stream of chunk bytes as arrays (read-only), by name; `allocate(shape,
+    dtype)` makes each array (a PagePool's `empty`)."""
+    assembler = Assembler(allocate=allocate)
     for data in replies:
         assembler.add(data)
     return assembler.finish() if assembler.tensors else {}

@@ -133,7 +133,8 @@ def test_a_model_over_the_message_limit_keeps_its_parameters_on_the_server(proxi
 
 def test_parameters_between_the_limit_and_a_chunk_are_put_in_chunks_under_the_limit(proxied):
     """1.5 MiB of parameters against a 1 MiB limit: more than half the limit, so inputs;
-    less than the Client's 4 MiB chunk, which must shrink to the server's limit."""
+    a message of the Client's 1 MiB chunk (and its header) is over the limit, so the
+    chunks must shrink to the server's limit."""
     _, proxy = proxied
     torch.manual_seed(2)
     module = nn.Sequential(nn.Linear(64, 4096), nn.Tanh(), nn.Linear(4096, 32)).eval()
