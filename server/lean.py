@@ -37,6 +37,14 @@ checked against the generated serialization when made). Its estimate of time, it
 checks and its decision are those of the first answer: none of them depends on
 anything else.
 
+A Differentiate request with seeds or stored tensors that goes to a worker (over the
+budget: a ResNet's gradient, ~5 ms of engine) is answered there by the same code and
+templates (`answer_in_worker`, under the call's cancellation): its first request of a
+form the long way, the next ones read from their bytes and filled into the reply's
+template, without the general path's parse and reply (~0.3 ms a call). Such a form's
+templates are marked as over the budget, and the event loop sends its requests on to a
+worker at once. Any failure there, too, leaves the request to the general path.
+
 A TrainSteps call (by graph id: on a stored state, or on the parameters it carries) is
 run by the general path's own code (server.training, TrainState.call), with a gate
 before its minibatches are gathered: its estimated time (TimeModel.train_us: K steps
@@ -553,7 +561,8 @@ class LeanPath:
         result = plan.differentiate(tensors["inputs"], wrt=wrt, of=of,
                                     mode=mode_name(wire_mode), tangents=tensors["tangents"],
                                     cotangents=tensors["cotangents"], trace=False,
-                                    residuals=None, budget=self._budget if budget is None else budget)
+                                    residuals=None,
+                                    budget=self._budget if budget is None else budget)
         same = result.decision is seeded.decision or result.decision == seeded.decision
         reply = known.reply.fill(_answer(result), request_id) if same else None
         if reply is None:  # (not expected: the same shapes make the same decision)
