@@ -194,9 +194,10 @@ class TimeModel:
 class LeanPath:
     """Answers qualifying requests inline (see the module's docstring); `counts` says
     how many were answered inline ("inline"), how many went to a worker over the time
-    budget ("over_budget") or past their deadline ("expired"), also as the
-    gradserve_lean_requests metric; `templated` how many of the inline ones a
-    ReplyTemplate answered."""
+    budget ("over_budget") or past their deadline ("expired"), how many a worker
+    answered by this code (answer_in_worker: "worker"), also as the
+    gradserve_lean_requests metric; `templated` how many of these a ReplyTemplate
+    answered."""
 
     def __init__(self, servicer, budget_us: float = DEFAULT_INLINE_BUDGET_US,
                  model: TimeModel | None = None):
@@ -214,7 +215,8 @@ class LeanPath:
         self._metric = Metric("gradserve_lean_requests",
                               "small requests answered on the event loop (inline), or sent "
                               "to a worker over the time budget (over_budget) or past "
-                              "their deadline (expired)",
+                              "their deadline (expired), or answered in a worker by the "
+                              "same code and templates (worker)",
                               ["path"], registry=servicer.telemetry.registry)
         self._children: dict = {}
         self._planners: dict = {}  # engine.PlannerDecision -> its message
