@@ -230,9 +230,17 @@ class Calls:
 
 
 def _run(method, name: str, request_type, self, data, call: CallState, started: float):
-    """In a worker: parse, call the method, record the outcome; the reply's bytes."""
+    """In a worker: parse, call the method, record the outcome; the reply's bytes. A
+    Differentiate request of a form the lean path keeps templates of is answered by
+    them (server.lean: LeanPath.answer_in_worker), the same bytes without the parse and
+    the general reply's building."""
     request = data
     size = len(data) if isinstance(data, bytes) else 0
+    lean = getattr(self, "lean", None)
+    if lean is not None and size:
+        reply = lean.answer_in_worker(name, data, started, call)
+        if reply is not None:
+            return reply
     try:
         request = parse(request_type, data, self.limits)
         reply = method(self, request, call)

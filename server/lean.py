@@ -37,6 +37,14 @@ checked against the generated serialization when made). Its estimate of time, it
 checks and its decision are those of the first answer: none of them depends on
 anything else.
 
+A Differentiate request with seeds or stored tensors that goes to a worker (over the
+budget: a ResNet's gradient, ~5 ms of engine) is answered there by the same code and
+templates (`answer_in_worker`, under the call's cancellation): its first request of a
+form the long way, the next ones read from their bytes and filled into the reply's
+template, without the general path's parse and reply (~0.3 ms a call). Such a form's
+templates are marked as over the budget, and the event loop sends its requests on to a
+worker at once. Any failure there, too, leaves the request to the general path.
+
 A TrainSteps call (by graph id: on a stored state, or on the parameters it carries) is
 run by the general path's own code (server.training, TrainState.call), with a gate
 before its minibatches are gathered: its estimated time (TimeModel.train_us: K steps
@@ -50,6 +58,7 @@ store's bounds and max_request_flops are the same code's.
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass, replace
 from math import prod
@@ -68,6 +77,7 @@ from gradserve.v1.tensor_wire import _varint_bytes, decode
 from gradserve.v1.tensor_wire import read_varint as _varint
 
 from .convert import fill_decision
+from .errors import stop_when_ended
 from .training import Declined
 from .wire import wire_counter
 
@@ -184,9 +194,10 @@ class TimeModel:
 class LeanPath:
     """Answers qualifying requests inline (see the module's docstring); `counts` says
     how many were answered inline ("inline"), how many went to a worker over the time
-    budget ("over_budget") or past their deadline ("expired"), also as the
-    gradserve_lean_requests metric; `templated` how many of the inline ones a
-    ReplyTemplate answered."""
+    budget ("over_budget") or past their deadline ("expired"), how many a worker
+    answered by this code (answer_in_worker: "worker"), also as the
+    gradserve_lean_requests metric; `templated` how many of these a ReplyTemplate
+    answered."""
 
     def __init__(self, servicer, budget_us: float = DEFAULT_INLINE_BUDGET_US,
                  model: TimeModel | None = None):
@@ -204,7 +215,8 @@ class LeanPath:
         self._metric = Metric("gradserve_lean_requests",
                               "small requests answered on the event loop (inline), or sent "
                               "to a worker over the time budget (over_budget) or past "
-                              "their deadline (expired)",
+                              "their deadline (expired), or answered in a worker by the "
+                              "same code and templates (worker)",
                               ["path"], registry=servicer.telemetry.registry)
         self._children: dict = {}
         self._planners: dict = {}  # engine.PlannerDecision -> its message
@@ -222,6 +234,11 @@ class LeanPath:
         self._step_costs: dict = {}  # (id(plan), id(shapes)) -> (plan, shapes, FLOPs)
         self._train_estimates: dict = {}  # see _train_gate
         self._over_budget: set = set()  # see _OVER_BUDGET_KEPT
+        # the same, of requests answer_in_worker leaves to the general path (a Jacobian
+        # request's form, fields the lean path does not take)
+        self._not_in_worker: set = set()
+        # Templates are kept from the event loop and from workers (answer_in_worker)
+        self._keeping = threading.RLock()
 
     def answer(self, method: str, data, started: float,
                time_remaining: float | None = None) -> bytes | None:
@@ -236,6 +253,24 @@ class LeanPath:
             return None
         try:
             return answer(method, data, started)
+        except Exception:  # noqa: BLE001 - the general path answers, with its own error
+            return None
+
+    def answer_in_worker(self, method: str, data, started: float, call) -> bytes | None:
+        """In a worker: the reply's bytes to a Differentiate request with seeds or stored
+        tensors that went to a worker (over the inline budget, mostly), by the lean path's
+        code and templates, under the call's cancellation (`call`: server.calls.CallState),
+        or None: the general path answers it, and says why if it fails. The first request
+        of a form is parsed and answered the long way and its templates kept, marked for
+        a worker when its estimate is over the budget (the event loop then sends the next
+        of its form to a worker at once); the next ones are read from their bytes and
+        answered by the reply's template, as on the event loop."""
+        if method != "Differentiate" or not isinstance(data, bytes) \
+                or len(data) > LEAN_MAX_BYTES:
+            return None
+        try:
+            return self._differentiate(method, data, started,
+                                       Budget.of(self._budget, stop_when_ended(call)))
         except Exception:  # noqa: BLE001 - the general path answers, with its own error
             return None
 
@@ -306,21 +341,36 @@ class LeanPath:
         return self._answered(method, started, request, None, graph_id,
                               reply.SerializeToString(deterministic=True))
 
-    def _differentiate(self, method: str, data: bytes, started: float) -> bytes | None:
-        for known in self._requests.get(data[:_PREFIX_BYTES], ()):
+    def _differentiate(self, method: str, data: bytes, started: float,
+                       budget: Budget | None = None) -> bytes | None:
+        """On the event loop (`budget` None: the lean path's own, no cancellation) or in
+        a worker (`budget` with the call's cancellation: answer_in_worker, seeded forms
+        only, whatever their estimate)."""
+        in_worker = budget is not None
+        for known in tuple(self._requests.get(data[:_PREFIX_BYTES], ())):
             found = known.match(data)
             if found is not None:
-                repeat_ = self._repeat if known.seeded is None else self._repeat_seeded
-                reply = repeat_(method, started, known, *found)
+                if known.seeded is None:
+                    if in_worker:
+                        break
+                    reply = self._repeat(method, started, known, *found)
+                elif not (in_worker or known.seeded.inline):
+                    self._count("over_budget")
+                    return None
+                else:
+                    reply = self._repeat_seeded(method, started, known, *found, budget)
                 if reply is not None:
                     return reply
                 break
         seen = (data[:_PREFIX_BYTES], len(data))
-        if seen in self._over_budget:
-            self._count("over_budget")
+        if seen in (self._not_in_worker if in_worker else self._over_budget):
+            if not in_worker:
+                self._count("over_budget")
             return None
         found = self._plan(pb.DifferentiateRequest, data, _DIFFERENTIATE_FIELDS, static=False)
         if found is None:
+            if in_worker:
+                self._remember(self._not_in_worker, seen)
             return None
         request, present, plan = found
         graph_id = request.graph_id
@@ -329,6 +379,9 @@ class LeanPath:
             return None
         form = template = None
         if plan.static and present <= _JACOBIAN_FIELDS:  # a Jacobian request: by a template?
+            if in_worker:
+                self._remember(self._not_in_worker, seen)
+                return None
             form = (graph_id, tuple(request.wrt) or None, tuple(request.of) or None,
                     request.mode)
             template = self._templates.get(form)
@@ -350,8 +403,10 @@ class LeanPath:
                     template = None  # it no longer fits: made again below
         model, nodes = self.model, len(plan.graph.nodes)
         # the node count first: FLOPs take a pass over the nodes (once per shapes)
-        if not self._within_budget(model.differentiate_us(nodes, 0)):
-            self._remember_over_budget(seen)
+        inline = model.differentiate_us(nodes, 0) <= self.budget_us
+        if not (inline or in_worker):
+            self._count("over_budget")
+            self._remember(self._over_budget, seen)
             return None
         given = {field: self._arrays(request, present, field)
                  for field in ("inputs", "tangents", "cotangents")}
@@ -361,16 +416,19 @@ class LeanPath:
                                         tensors["cotangents"])
         # (a plan with dynamic shapes: its FLOPs at the inputs' shapes; an input that does
         # not bind raises, and the general path says why)
-        shapes = plan.shapes if plan.static else plan.bind(inputs).shapes
-        directions = _directions(plan, shapes, request, present, tangents or cotangents)
-        if not self._within_budget(self._differentiate_us(plan, shapes, directions)):
-            self._remember_over_budget(seen)
-            return None
+        if inline:
+            shapes = plan.shapes if plan.static else plan.bind(inputs).shapes
+            directions = _directions(plan, shapes, request, present, tangents or cotangents)
+            inline = self._differentiate_us(plan, shapes, directions) <= self.budget_us
+            if not (inline or in_worker):
+                self._count("over_budget")
+                self._remember(self._over_budget, seen)
+                return None
         wrt = tuple(request.wrt) if "wrt" in present else None
         of = tuple(request.of) if "of" in present else None
         result = plan.differentiate(inputs, wrt=wrt, of=of, mode=mode, tangents=tangents,
                                     cotangents=cotangents, trace=False, residuals=None,
-                                    budget=self._budget)
+                                    budget=self._budget if budget is None else budget)
         decision = result.decision
         reply_data = self._reply(graph_id, request.request_id, result)
         # (kept once per form: a form the engine does not repeat keeps its first one)
@@ -384,10 +442,12 @@ class LeanPath:
                 stored = {field: {key: StoredRef(ref.handle, ref.name) for key, ref in
                                   getattr(request, "stored_" + field).items()}
                           for field in given if "stored_" + field in present}
-                seeded = SeededForm(stored, _stored_signature(stored, tensors), decision)
+                seeded = SeededForm(stored, _stored_signature(stored, tensors), decision,
+                                    inline)
                 self._keep_template((graph_id, wrt, of, request.mode, "seeded"), data, given,
                                     reply_data, result, request.request_id.encode(), seeded)
-        return self._answered(method, started, request, decision.mode, graph_id, reply_data)
+        return self._answered(method, started, request, decision.mode, graph_id, reply_data,
+                              "worker" if in_worker else "inline")
 
     def _reply(self, graph_id: str, request_id: str, result) -> bytes:
         """The reply's bytes, by the generated code (deterministic serialization)."""
@@ -403,13 +463,20 @@ class LeanPath:
             fill_tensor(reply.jacobian.add(of=of, wrt=wrt).value, block, "jacobian")
         return reply.SerializeToString(deterministic=True)
 
-    def _remember_over_budget(self, seen) -> None:
-        if len(self._over_budget) >= _OVER_BUDGET_KEPT:
-            self._over_budget.clear()
-        self._over_budget.add(seen)
+    @staticmethod
+    def _remember(requests: set, seen) -> None:
+        if len(requests) >= _OVER_BUDGET_KEPT:
+            requests.clear()
+        requests.add(seen)
 
     def _keep_template(self, form, data: bytes, tensors: dict, reply_data: bytes, result,
                        request_id: bytes, seeded: "SeededForm | None" = None) -> None:
+        with self._keeping:
+            self._keep_template_locked(form, data, tensors, reply_data, result, request_id,
+                                       seeded)
+
+    def _keep_template_locked(self, form, data, tensors, reply_data, result, request_id,
+                              seeded) -> None:
         """Keep the reply's template for the next requests of its form, if it gives back
         the reply's own bytes (see ReplyTemplate), and the request's (RequestTemplate;
         `tensors` the arrays read from its bytes, by field). A Jacobian request's reply
@@ -443,6 +510,10 @@ class LeanPath:
         among the templates' unless `counted` already."""
         if known is None:
             return
+        with self._keeping:
+            self._keep_request_locked(known, data, counted)
+
+    def _keep_request_locked(self, known, data, counted) -> None:
         same = self._requests.setdefault(data[:_PREFIX_BYTES], [])
         kept = [t for t in same if t.form != known.form][-(_FORMS_PER_PREFIX - 1):]
         freed = sum(t.nbytes for t in same) - sum(t.nbytes for t in kept)
@@ -473,7 +544,7 @@ class LeanPath:
         return self._answered(method, started, known, answer.decision.mode, graph_id, reply)
 
     def _repeat_seeded(self, method, started, known: "RequestTemplate", tensors: dict,
-                       request_id: bytes) -> bytes | None:
+                       request_id: bytes, budget: Budget | None = None) -> bytes | None:
         """The reply to a request with seeds or stored tensors matching `known`, or None
         (the request is parsed and answered as any other). Its stored tensors are looked
         up as the first request's were (a lost handle raises: the general path answers
@@ -492,14 +563,16 @@ class LeanPath:
         result = plan.differentiate(tensors["inputs"], wrt=wrt, of=of,
                                     mode=mode_name(wire_mode), tangents=tensors["tangents"],
                                     cotangents=tensors["cotangents"], trace=False,
-                                    residuals=None, budget=self._budget)
+                                    residuals=None,
+                                    budget=self._budget if budget is None else budget)
         same = result.decision is seeded.decision or result.decision == seeded.decision
         reply = known.reply.fill(_answer(result), request_id) if same else None
         if reply is None:  # (not expected: the same shapes make the same decision)
             reply = self._reply(graph_id, request_id.decode(), result)
         else:
             self.templated += 1
-        return self._answered(method, started, known, result.decision.mode, graph_id, reply)
+        return self._answered(method, started, known, result.decision.mode, graph_id, reply,
+                              "inline" if budget is None else "worker")
 
     def _train_steps(self, method: str, data: bytes, started: float) -> bytes | None:
         """A TrainSteps call by graph id, run by the general path's own code (TrainState
@@ -627,13 +700,14 @@ class LeanPath:
             message = self._planners[decision] = fill_decision(pb.PlannerDecision(), decision)
         return message
 
-    def _answered(self, method, started, request, mode, graph_id, data: bytes) -> bytes:
+    def _answered(self, method, started, request, mode, graph_id, data: bytes,
+                  path: str = "inline") -> bytes:
         # Answered: the lookup is counted (and the graph made most recent) as the general
         # path's would be; a request that fails on the way is counted by that path only.
         self.servicer.registry.cache.get(graph_id)
         # (the request log reads the reply's graph_id: the request's, here)
         self.servicer.telemetry.record(method, "OK", started, request, request, mode)
-        self._count("inline")
+        self._count(path)
         return data
 
 
@@ -881,12 +955,16 @@ class SeededForm:
     """What a RequestTemplate of a request with seeds (a JVP or VJP) or stored tensors
     keeps beside its bytes: the stored tensors it names (by field: key -> StoredRef),
     their shapes and dtypes when it was answered (its estimate holds for as long as
-    they are the same), and its decision (that of every answer at those shapes)."""
+    they are the same), its decision (that of every answer at those shapes), and
+    whether its estimate is within the inline budget (`inline`; if not, the event loop
+    sends the next of its form to a worker, where LeanPath.answer_in_worker answers it
+    by the templates)."""
 
-    __slots__ = ("stored", "signature", "decision")
+    __slots__ = ("stored", "signature", "decision", "inline")
 
-    def __init__(self, stored: dict, signature: tuple, decision):
+    def __init__(self, stored: dict, signature: tuple, decision, inline: bool = True):
         self.stored, self.signature, self.decision = stored, signature, decision
+        self.inline = inline
 
 
 class StoredRef(NamedTuple):
