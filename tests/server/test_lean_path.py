@@ -25,7 +25,7 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors, from_tensor, to_tensor
 from gradserve.v1.modes import WIRE_MODES
 
-SERVICE = "/gradserve.v1.GradientService/"
+from support.requests import SERVICE, RawServer
 PI = np.float32([np.pi])
 
 
@@ -48,41 +48,13 @@ def chain_graph(nodes: int):
     return g
 
 
-class Raw:
-    """Raw request bytes in, raw reply bytes (or the RpcError) out, on one server."""
-
-    def __init__(self, server):
-        self.server = server
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-
-    def __call__(self, method: str, data: bytes, timeout: float = 30.0):
-        call = self.channel.unary_unary(SERVICE + method, _registered_method=True)
-        try:
-            return call(data, timeout=timeout)
-        except grpc.RpcError as err:
-            return err
-
-    def register(self, graph) -> str:
-        data = pb.RegisterGraphRequest(graph=graph.build()).SerializeToString()
-        return pb.RegisterGraphResponse.FromString(self("RegisterGraph", data)).graph_id
-
-    @property
-    def counts(self):
-        lean = self.server.servicer.lean
-        return Counter(lean.counts) if lean is not None else None
-
-    @property
-    def templated(self) -> int:
-        return self.server.servicer.lean.templated
-
-
 @pytest.fixture(scope="module")
 def pair():
     """(lean, general): a server with the default inline budget and one with none."""
     lean = create_server("127.0.0.1:0").start(("127.0.0.1", 0))
     general = create_server("127.0.0.1:0", inline_budget_us=0).start()
     try:
-        yield Raw(lean), Raw(general)
+        yield RawServer(lean), RawServer(general)
     finally:
         lean.stop(grace=0)
         general.stop(grace=0)
@@ -278,8 +250,8 @@ def test_errors_are_those_of_the_general_path(pair):
 
 def test_limits_are_those_of_the_general_path(start_server):
     limits = Limits(max_inputs=1)  # both inputs of the seed graph are one too many
-    lean = Raw(create_server("127.0.0.1:0", limits).start())
-    general = Raw(create_server("127.0.0.1:0", limits, inline_budget_us=0).start())
+    lean = RawServer(create_server("127.0.0.1:0", limits).start())
+    general = RawServer(create_server("127.0.0.1:0", limits, inline_budget_us=0).start())
     try:
         data = differentiate("0" * 64, {"x": PI, "y": PI})
         fast, slow = lean("Differentiate", data), general("Differentiate", data)

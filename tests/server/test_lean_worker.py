@@ -8,7 +8,6 @@ the general path's, and the call's cancellation reaches its engine.
 from __future__ import annotations
 
 import time
-from collections import Counter
 
 import grpc
 import numpy as np
@@ -19,7 +18,7 @@ from gradserve.server.app import create_server
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors, to_tensor
 
-SERVICE = "/gradserve.v1.GradientService/"
+from support.requests import RawServer
 PARAMETERS = {"W": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
               "b": np.float32([0.1, -0.2, 0.3, 0.0]),
               "V": np.linspace(0.5, -0.5, 8, dtype=np.float32).reshape(4, 2)}
@@ -35,33 +34,13 @@ def dense_model():
     return g
 
 
-class Raw:
-    """Raw request bytes in, raw reply bytes (or the RpcError) out, on one server."""
+class Raw(RawServer):
+    """A RawServer whose client put PARAMETERS once (`handle`)."""
 
     def __init__(self, server):
-        self.server = server
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        super().__init__(server)
         with Client(f"127.0.0.1:{server.port}") as client:
             self.handle = client.put(PARAMETERS).id
-
-    def __call__(self, method: str, data: bytes, timeout: float = 30.0):
-        call = self.channel.unary_unary(SERVICE + method, _registered_method=True)
-        try:
-            return call(data, timeout=timeout)
-        except grpc.RpcError as err:
-            return err
-
-    def register(self, graph) -> str:
-        data = pb.RegisterGraphRequest(graph=graph.build()).SerializeToString()
-        return pb.RegisterGraphResponse.FromString(self("RegisterGraph", data)).graph_id
-
-    @property
-    def lean(self):
-        return self.server.servicer.lean
-
-    @property
-    def counts(self) -> Counter:
-        return Counter(self.lean.counts)
 
     def vjp(self, graph_id, x, g, request_id="", handle=None, names=None) -> bytes:
         """A VJP request's bytes: x and the cotangent g sent, the parameters stored."""

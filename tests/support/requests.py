@@ -5,6 +5,8 @@ server still answering the worked example."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import grpc
 import numpy as np
 import pytest
@@ -107,6 +109,39 @@ def check_status(err, code, says=(), field=""):
 
 
 SERVICE = "/gradserve.v1.GradientService/"
+
+
+class RawServer:
+    """An in-process server (server.app.Server) called with raw request bytes: the raw
+    reply bytes, or the grpc.RpcError, come back; `counts` and `templated` read its lean
+    path's counters (None without one)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+
+    def __call__(self, method: str, data: bytes, timeout: float = 30.0):
+        call = self.channel.unary_unary(SERVICE + method, _registered_method=True)
+        try:
+            return call(data, timeout=timeout)
+        except grpc.RpcError as err:
+            return err
+
+    def register(self, graph) -> str:
+        data = pb.RegisterGraphRequest(graph=graph.build()).SerializeToString()
+        return pb.RegisterGraphResponse.FromString(self("RegisterGraph", data)).graph_id
+
+    @property
+    def lean(self):
+        return self.server.servicer.lean
+
+    @property
+    def counts(self):
+        return Counter(self.lean.counts) if self.lean is not None else None
+
+    @property
+    def templated(self) -> int:
+        return self.lean.templated
 
 
 def call_raw(channel, method: str, data: bytes, timeout=60):
