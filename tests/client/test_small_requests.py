@@ -15,6 +15,7 @@ from gradserve.client import Client, GraphBuilder, store
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors
 from gradserve.v1.modes import WIRE_MODES
+from support.models import dense_model
 
 
 def mixed_graph():
@@ -157,16 +158,6 @@ def test_small_futures_equal_blocking_calls(address, channels):
 
 # --- JVPs and VJPs with stored tensors (an ONNX import's call) ---------------------------
 
-def dense_model():
-    """y = tanh(x @ W + b) @ V, a dynamic batch."""
-    g = GraphBuilder()
-    x = g.input("x", "float64", [-1, 3])
-    w, b, v = (g.input("W", "float64", [3, 4]), g.input("b", "float64", [4]),
-               g.input("V", "float64", [4, 2]))
-    g.output("y", g.tanh(x @ w + b) @ v)
-    return g
-
-
 def dense_parameters(rng) -> dict:
     return {"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4),
             "V": rng.standard_normal((4, 2))}
@@ -213,7 +204,7 @@ def test_seeded_requests_with_stored_parameters_answer_as_the_chain_rule(address
     the form's layout after the first, answers those of the chain rule by hand; a handle
     the server lost is put again and the call answered the same."""
     rng = np.random.default_rng(5)
-    graph = dense_model()
+    graph = dense_model("float64")
     parameters = dense_parameters(rng)
     with Client(address) as client:
         client.register(graph)

@@ -25,7 +25,9 @@ from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors, from_tensor, to_tensor
 from gradserve.v1.modes import WIRE_MODES
 
+from support.models import DENSE_PARAMETERS as PARAMETERS, dense_model
 from support.requests import SERVICE, RawServer
+
 PI = np.float32([np.pi])
 
 
@@ -352,21 +354,6 @@ def test_large_tensors_and_inline_graphs_take_the_general_path(pair):
         fast = lean(method, data)
         assert isinstance(fast, bytes) and fast == general(method, data)
     assert lean.counts["inline"] == before
-
-
-def dense_model(batch_dims=(-1,)):
-    """tanh(x @ W + b) @ V: a small model whose batch is dynamic by default."""
-    g = GraphBuilder()
-    x = g.input("x", "float32", list(batch_dims) + [3])
-    w, b, v = (g.input("W", "float32", [3, 4]), g.input("b", "float32", [4]),
-               g.input("V", "float32", [4, 2]))
-    g.output("y", g.tanh(x @ w + b) @ v)
-    return g
-
-
-PARAMETERS = {"W": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
-              "b": np.float32([0.1, -0.2, 0.3, 0.0]),
-              "V": np.linspace(0.5, -0.5, 8, dtype=np.float32).reshape(4, 2)}
 
 
 def with_stored(graph_id, inputs, stored: dict, **fields) -> bytes:

@@ -13,25 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from gradserve.client import Client, GraphBuilder
+from gradserve.client import Client
 from gradserve.server.app import create_server
 from gradserve.v1 import gradient_service_pb2 as pb
 from gradserve.v1.codec import fill_tensors, to_tensor
 
+from support.models import DENSE_PARAMETERS as PARAMETERS, dense_model
 from support.requests import RawServer
-PARAMETERS = {"W": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
-              "b": np.float32([0.1, -0.2, 0.3, 0.0]),
-              "V": np.linspace(0.5, -0.5, 8, dtype=np.float32).reshape(4, 2)}
-
-
-def dense_model():
-    """tanh(x @ W + b) @ V with a dynamic batch (what an ONNX import sends)."""
-    g = GraphBuilder()
-    x = g.input("x", "float32", [-1, 3])
-    w, b, v = (g.input("W", "float32", [3, 4]), g.input("b", "float32", [4]),
-               g.input("V", "float32", [4, 2]))
-    g.output("y", g.tanh(x @ w + b) @ v)
-    return g
 
 
 class Raw(RawServer):

@@ -1,11 +1,29 @@
-"""Reference models: the hand-written NumPy model the client's model graphs are checked
+"""Reference models: a small dense model with a dynamic batch (the shape of an ONNX
+import's call), the hand-written NumPy model the client's model graphs are checked
 against, and ONNX models built with onnx.helper (the op cases, the digits CNN)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from gradserve.client import GraphBuilder
 from gradserve.client.models import ModelSpec
+
+
+def dense_model(dtype: str = "float32", batch_dims=(-1,)) -> GraphBuilder:
+    """y = tanh(x @ W + b) @ V, x (batch..., 3), a batch dynamic by default: what an ONNX
+    import sends, with W, b and V as inputs (stored on the server by the tests)."""
+    g = GraphBuilder()
+    x = g.input("x", dtype, list(batch_dims) + [3])
+    w, b, v = (g.input("W", dtype, [3, 4]), g.input("b", dtype, [4]),
+               g.input("V", dtype, [4, 2]))
+    g.output("y", g.tanh(x @ w + b) @ v)
+    return g
+
+
+DENSE_PARAMETERS = {"W": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4),
+                    "b": np.float32([0.1, -0.2, 0.3, 0.0]),
+                    "V": np.linspace(0.5, -0.5, 8, dtype=np.float32).reshape(4, 2)}
 
 
 ACTIVATION_AND_DERIVATIVE = {  # f(z), and f'(z) written in terms of a = f(z) and z
