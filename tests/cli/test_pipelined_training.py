@@ -8,7 +8,6 @@ exception in on_step leaves the Trainer where one call at a time leaves it."""
 from __future__ import annotations
 
 import json
-import threading
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -111,26 +110,40 @@ def test_pipelined_equals_one_call_at_a_time_bitwise(spec, digits, address, sequ
 
 def test_a_call_that_arrives_ahead_of_its_predecessor_is_sent_again(spec, digits, address,
                                                                     sequential, monkeypatch):
-    """Each epoch's last call (its evaluation) is held back 0.2 s on this side, so the
-    next epoch's first call reaches the server first: refused (FAILED_PRECONDITION),
-    sent again after, stepped once. Results bitwise those of one call at a time."""
+    """Each epoch's last call (its evaluation) is held back on this side until the next
+    call has been answered, so the next epoch's first call reaches the server first:
+    refused (FAILED_PRECONDITION), sent again after, stepped once. Results bitwise those
+    of one call at a time. (The order is forced, not timed: on a busy machine a timer
+    could let the held call through first.)"""
     real = Client.train_steps_async
     refused = []
+    held = []  # the held call's send, run once the call sent after it is answered
+    evaluations = 0
 
     def held_back(self, graph, state, **kwargs):
+        nonlocal evaluations
         if not kwargs.get("evaluate_data"):
+            release = held[:]  # a held call is let go by the call sent after it
+            held.clear()
             future = real(self, graph, state, **kwargs)
-            future.add_done_callback(lambda f: refused.append(
-                f.exception() is not None
-                and f.exception().code() == grpc.StatusCode.FAILED_PRECONDITION))
+
+            def answered(f):
+                refused.append(f.exception() is not None
+                               and f.exception().code() == grpc.StatusCode.FAILED_PRECONDITION)
+                for send in release:
+                    send()
+            future.add_done_callback(answered)
             return future
+        evaluations += 1
+        if evaluations == CONFIG.epochs:  # the run's last call: no call comes after it
+            return real(self, graph, state, **kwargs)
         late: Future = Future()
 
         def send():
             outcome = real(self, graph, state, **kwargs)
             outcome.add_done_callback(lambda f: late.set_exception(f.exception())
                                       if f.exception() else late.set_result(f.result()))
-        threading.Timer(0.2, send).start()
+        held.append(send)
         return late
     monkeypatch.setattr(Client, "train_steps_async", held_back)
     want, want_heard = sequential
