@@ -17,14 +17,17 @@ Also per gradserve call: the client's CPU and minor page faults (this process) a
 server's (/proc/PID/stat), medians over the rounds but the server's CPU, a mean (it
 counts in clock ticks of 10 ms); and the fetch's share (fetched less left on the server).
 
---experiments: then, in rounds of their own (not P12's: a server with two BLAS threads
-keeps a core busy after each call, ~0.1 s of OpenBLAS's threads spinning), two ideas
-measured against the default path, same-round ratios:
+The server's defaults include its BLAS widths (server/blas.py): products at one thread
+while requests share it, at every CPU for a large request alone on uncontended CPUs,
+as each of these calls is; the run prints how many calls ran wide (its metric).
+
+--experiments: then, in rounds of their own, two comparisons, same-round ratios:
 - the fetch alone (Client.get of a kept results handle) over one stream vs over two
   concurrent streams on two connections (two Clients, one thread each, each getting
   about half the bytes by name): whether client and server gain from both cores;
-- the handle path vs the same against a second server started with
-  `--blas-threads 2`: whether the engine gains from a second BLAS thread.
+- the handle path against the default server vs against a second server started with
+  `--blas-threads-alone 1` (one BLAS thread always, the default before): what
+  widening a lone large request gains.
 """
 
 from __future__ import annotations
@@ -46,9 +49,12 @@ from gradserve.client import Client
 from gradserve.client.models import LOSS, ModelSpec, one_hot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from support.server_process import ServerProcess  # noqa: E402  (tests/support)
+from support.metrics import samples  # noqa: E402  (tests/support)
+from support.server_process import ServerProcess  # noqa: E402
 
 TARGET = 2.0
+DEFAULT_HANDLE = "handle, default server (wide when alone)"
+NARROW_HANDLE = "handle, --blas-threads-alone 1 server"
 BATCH = 32
 WIDTHS = (1024, 4096, 4096, 1100)
 
@@ -139,7 +145,7 @@ def experiments(address, client, graph, inputs, names, params, rounds) -> tuple[
         c.delete(r.results_handle)
 
     own_connection = [("grpc.use_local_subchannel_pool", 1)]
-    with ServerProcess("--port", "0", "--blas-threads", "2") as server2, \
+    with ServerProcess("--port", "0", "--blas-threads-alone", "1") as server2, \
             Client(address, timeout=300, options=own_connection) as second, \
             Client(server2.wait_serving(timeout=60), timeout=300) as client2:
         inputs2 = {**client2.put({k: params[k] for k in names}),
@@ -161,9 +167,8 @@ def experiments(address, client, graph, inputs, names, params, rounds) -> tuple[
             timed("fetch alone: one stream (Client.get)", lambda: client.get(kept))
             timed("fetch alone: two concurrent streams",
                   lambda: concurrent_get([client, second], kept.id, groups))
-            timed("handle, default server (1 BLAS thread)", lambda: as_handle(client, inputs))
-            timed("handle, --blas-threads 2 server", lambda: as_handle(client2, inputs2))
-            time.sleep(0.5)  # its BLAS threads spin a while after a call
+            timed(DEFAULT_HANDLE, lambda: as_handle(client, inputs))
+            timed(NARROW_HANDLE, lambda: as_handle(client2, inputs2))
         client.delete(kept)
     return figures, split_note
 
@@ -201,14 +206,20 @@ def main(argv=None) -> int:
             costs.setdefault(name, []).append((c1 - c0, f1 - f0, s1 - s0, g1 - g0))
         return out
 
-    with ServerProcess("--port", "0") as server:  # the defaults, one process
+    # the defaults, one process (its metrics read for how many calls ran wide)
+    with ServerProcess("--port", "0", "--metrics-port", "0") as server:
         address = server.wait_serving(timeout=60)
         pid = server.proc.pid
         with Client(address, timeout=300) as client:
-            limits = client.server_info().limits
+            info = client.server_info()
+            limits = info.limits
             print(f"server defaults: max_message_bytes {limits.max_message_bytes:,}, "
                   f"max_store_bytes {limits.max_store_bytes:,} "
-                  f"(per client {limits.max_store_bytes_per_client:,})")
+                  f"(per client {limits.max_store_bytes_per_client:,}); BLAS "
+                  f"{info.blas_threads} thread(s), a request of "
+                  f"{info.blas_alone_min_flops:,} FLOPs or more alone "
+                  f"{info.blas_threads_alone or info.blas_threads} (CPU pressure at most "
+                  f"{info.blas_alone_max_pressure:g}%)")
             start = time.perf_counter()
             stored = client.put(params)
             put_seconds = time.perf_counter() - start
@@ -248,6 +259,12 @@ def main(argv=None) -> int:
                 for threads, step in steps.items():
                     timed(f"torch eager fwd+bwd, {threads} thread"
                           + ("s" if threads > 1 else ""), step)
+            wide = {event: sum(x.value for x in samples(
+                server.metrics_port(), "gradserve_blas_wide_requests_total", event=event))
+                for event in ("wide", "narrowed", "contended")}
+            print(f"\ncalls run wide: {wide['wide']:.0f} of {2 * rounds + 2} (narrowed "
+                  f"{wide['narrowed']:.0f}, kept narrow by CPU pressure "
+                  f"{wide['contended']:.0f})")
             trials, split_note = (
                 experiments(address, client, graph, inputs, names, params, rounds)
                 if args.experiments else ({}, ""))
@@ -290,8 +307,7 @@ def main(argv=None) -> int:
                   f"spread {fmt_ms(min(seconds))}-{fmt_ms(max(seconds))}")
         for a, b in (("fetch alone: two concurrent streams",
                       "fetch alone: one stream (Client.get)"),
-                     ("handle, --blas-threads 2 server",
-                      "handle, default server (1 BLAS thread)")):
+                     (DEFAULT_HANDLE, NARROW_HANDLE)):
             per_round = [x / y for x, y in zip(trials[a], trials[b])]
             print(f"{a} / {b}: per-round median {statistics.median(per_round):.2f}x, "
                   f"spread {min(per_round):.2f}-{max(per_round):.2f}x")

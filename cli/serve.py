@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import time
@@ -13,6 +12,7 @@ from dataclasses import fields
 from gradserve.server.allocator import keep_freed_memory
 from gradserve.server.app import EVENT_LOOPS, TLSConfig, create_server
 from gradserve.server.auth import TokenFileError, read_token
+from gradserve.server.blas import MAX_PRESSURE, MIN_FLOPS, BlasPolicy, usable_cpus
 from gradserve.server.kernels import CHOICES as KERNEL_CHOICES
 from gradserve.server.kernels import KernelProviderError, check_kernels, start_kernels
 from gradserve.server.lean import DEFAULT_INLINE_BUDGET_US
@@ -91,8 +91,24 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
                             "library's default (one per core). Calls already run in parallel "
                             "on the worker threads: more BLAS threads oversubscribe the cores "
                             "and, on a busy machine, wait for descheduled helpers (10x "
-                            "slower here). Raise it for one client with large products "
-                            "(default: %(default)s)")
+                            "slower here). A large request alone on the server runs wider: "
+                            "see --blas-threads-alone (default: %(default)s)")
+    serve.add_argument("--blas-threads-alone", type=int,
+                       default=int(env("BLAS_THREADS_ALONE", usable_cpus())), metavar="N",
+                       help="threads the BLAS products of a large request (estimated at "
+                            f"{MIN_FLOPS:,} floating-point operations or more) may use "
+                            "while it is the only request in progress and the CPUs are not "
+                            "contended (--blas-alone-max-pressure); a request admitted "
+                            "meanwhile narrows them back to --blas-threads. At most "
+                            "--blas-threads turns it off "
+                            "(default: the CPUs this process may use, %(default)s)")
+    serve.add_argument("--blas-alone-max-pressure", type=float,
+                       default=float(env("BLAS_ALONE_MAX_PRESSURE", MAX_PRESSURE)),
+                       metavar="PERCENT",
+                       help="a large request alone runs wide only while, in the last 10 s, "
+                            "tasks waited for a CPU at most this share of the time (Linux's "
+                            "CPU pressure, of the container's cgroup or else the machine); "
+                            "100 does not read it (default: %(default)s)")
     serve.add_argument("--event-loop", default=env("EVENT_LOOP", "auto"), choices=EVENT_LOOPS,
                        help="the server's event loop: uvloop is installed with gradserve (not on "
                             "Windows); auto takes it when it can be imported, else asyncio's "
@@ -169,22 +185,17 @@ def add_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def default_processes() -> int:
-    """The CPUs this process may run on (its affinity), fewer under a cgroup v2 CPU
-    limit (a container's --cpus, a pod's limits.cpu), rounded up."""
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cpus
+    """The CPUs this process may use (server.blas.usable_cpus)."""
+    return usable_cpus()
 
 
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    if args.blas_threads < 0:
-        raise SystemExit("gradserve serve: --blas-threads must be >= 0")
+    if args.blas_threads < 0 or args.blas_threads_alone < 0:
+        raise SystemExit("gradserve serve: --blas-threads and --blas-threads-alone must "
+                         "be >= 0")
+    if not 0 <= args.blas_alone_max_pressure <= 100:
+        raise SystemExit("gradserve serve: --blas-alone-max-pressure must be within 0-100")
     if args.max_connection_age < 0 or args.max_connection_age_grace < 0:
         raise SystemExit("gradserve serve: --max-connection-age and "
                          "--max-connection-age-grace must be >= 0")
@@ -233,7 +244,9 @@ def serve_one(args, token, port: int | None = None, stop: StopRequest | None = N
                                reuse_port=process is not None,
                                max_connection_age=args.max_connection_age,
                                max_connection_age_grace=args.max_connection_age_grace,
-                               inline_budget_us=args.inline_budget_us)
+                               inline_budget_us=args.inline_budget_us,
+                               blas=BlasPolicy(args.blas_threads_alone,
+                                               max_pressure=args.blas_alone_max_pressure))
     except OSError as err:
         raise SystemExit(f"gradserve serve: cannot serve on {address}: {err}") from None
     metrics_port = args.metrics_port

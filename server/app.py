@@ -21,6 +21,7 @@ from gradserve.v1 import gradient_service_pb2 as pb
 
 from .auth import TokenAuthInterceptor
 from .calls import method_handler
+from .blas import BlasPolicy
 from .lean import DEFAULT_INLINE_BUDGET_US
 from .limits import Limits
 from .servicer import GradientServicer
@@ -220,7 +221,7 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
                   event_loop: str = "auto", max_connection_age: float = 0.0,
                   max_connection_age_grace: float = 0.0,
                   inline_budget_us: float = DEFAULT_INLINE_BUDGET_US,
-                  reuse_port: bool = False) -> Server:
+                  reuse_port: bool = False, blas: BlasPolicy | None = None) -> Server:
     """A gradserve server bound to `address` (port 0 picks a free port), not started.
 
     With `auth_token`, every call but health checks needs `authorization: Bearer
@@ -228,7 +229,9 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     `max_workers` threads compute requests; `event_loop` is "asyncio", "uvloop" (a
     dependency, not on Windows) or "auto" (uvloop if installed). Small requests whose estimated
     time is within `inline_budget_us` are answered on the event loop (server.lean; 0:
-    every request in a worker).
+    every request in a worker). A large request alone on the server may run its BLAS
+    products on more threads, as `blas` says (server.blas.BlasPolicy; it needs
+    OPENBLAS_THREAD_TIMEOUT set before NumPy was imported).
 
     With `max_connection_age` > 0 seconds the server sends each connection an HTTP/2
     GOAWAY once it is that old (grpc adds +-10% jitter): the client reconnects and
@@ -246,7 +249,7 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
     age = (max_connection_age, max_connection_age_grace)
     try:
         return loop.run(_build(address, limits, max_workers, reflection_enabled, auth_token,
-                               tls, loop, age, inline_budget_us, reuse_port))
+                               tls, loop, age, inline_budget_us, reuse_port, blas))
     except BaseException:
         loop.close()
         raise
@@ -254,7 +257,7 @@ def create_server(address: str = "127.0.0.1:0", limits: Limits | None = None,
 
 async def _build(address, limits, max_workers, reflection_enabled, auth_token, tls,
                  loop, age=(0.0, 0.0), inline_budget_us=DEFAULT_INLINE_BUDGET_US,
-                 reuse_port=False) -> Server:
+                 reuse_port=False, blas=None) -> Server:
     """The server, built on its own loop (grpc.aio binds a server to the running loop)."""
     options = [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -271,7 +274,7 @@ async def _build(address, limits, max_workers, reflection_enabled, auth_token, t
     # too; the servicer admits requests itself (server.calls.Calls.admit).
     server = grpc.aio.server(options=options,
                              interceptors=[TokenAuthInterceptor(auth_token)] if auth_token else [])
-    servicer = GradientServicer(limits, max_workers, inline_budget_us)
+    servicer = GradientServicer(limits, max_workers, inline_budget_us, blas)
     servicer.connection_age = age  # reported by GetServerInfo
     server.add_generic_rpc_handlers((service_handler(servicer),))
     health_servicer = Health()

@@ -140,6 +140,7 @@ class Calls:
         self._working = 0  # requests running in a worker (their calls may have ended)
         self._working_lock = threading.Lock()
         self.memory = MemoryGuard(limits.max_rss_bytes)
+        self.blas = None  # the servicer's server.blas.BlasWidth
 
     @property
     def working(self) -> int:
@@ -172,6 +173,8 @@ class Calls:
                                 f"{self.limits.max_rss_bytes:,} (max_rss_bytes): retry with "
                                 "backoff or on another replica")
         self.in_progress += 1
+        if self.blas is not None:
+            self.blas.narrow()  # a large request running wide no longer runs alone
 
     def done(self) -> None:
         self.in_progress -= 1

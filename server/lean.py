@@ -57,9 +57,9 @@ store's bounds and max_request_flops are the same code's.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from math import prod
 from typing import NamedTuple
@@ -76,6 +76,7 @@ from gradserve.v1.modes import WIRE_MODES, mode_name
 from gradserve.v1.tensor_wire import _varint_bytes, decode
 from gradserve.v1.tensor_wire import read_varint as _varint
 
+from .blas import blas_threads
 from .convert import fill_decision
 from .errors import stop_when_ended
 from .training import Declined
@@ -426,9 +427,10 @@ class LeanPath:
                 return None
         wrt = tuple(request.wrt) if "wrt" in present else None
         of = tuple(request.of) if "of" in present else None
-        result = plan.differentiate(inputs, wrt=wrt, of=of, mode=mode, tangents=tangents,
-                                    cotangents=cotangents, trace=False, residuals=None,
-                                    budget=self._budget if budget is None else budget)
+        with self._blas(budget, plan, inputs):
+            result = plan.differentiate(inputs, wrt=wrt, of=of, mode=mode, tangents=tangents,
+                                        cotangents=cotangents, trace=False, residuals=None,
+                                        budget=self._budget if budget is None else budget)
         decision = result.decision
         reply_data = self._reply(graph_id, request.request_id, result)
         # (kept once per form: a form the engine does not repeat keeps its first one)
@@ -448,6 +450,11 @@ class LeanPath:
                                     reply_data, result, request.request_id.encode(), seeded)
         return self._answered(method, started, request, decision.mode, graph_id, reply_data,
                               "worker" if in_worker else "inline")
+
+    def _blas(self, budget: Budget | None, plan, inputs):
+        """In a worker (`budget` given), the BLAS width the general path would give the
+        request (server.blas); on the event loop, one thread as ever."""
+        return nullcontext() if budget is None else self.servicer.blas_for(plan, inputs, 1)
 
     def _reply(self, graph_id: str, request_id: str, result) -> bytes:
         """The reply's bytes, by the generated code (deterministic serialization)."""
@@ -560,11 +567,12 @@ class LeanPath:
             tensors[field] = store.tensors(refs, "stored_" + field, tensors[field])
         if _stored_signature(seeded.stored, tensors) != seeded.signature:
             return None
-        result = plan.differentiate(tensors["inputs"], wrt=wrt, of=of,
-                                    mode=mode_name(wire_mode), tangents=tensors["tangents"],
-                                    cotangents=tensors["cotangents"], trace=False,
-                                    residuals=None,
-                                    budget=self._budget if budget is None else budget)
+        with self._blas(budget, plan, tensors["inputs"]):
+            result = plan.differentiate(tensors["inputs"], wrt=wrt, of=of,
+                                        mode=mode_name(wire_mode), tangents=tensors["tangents"],
+                                        cotangents=tensors["cotangents"], trace=False,
+                                        residuals=None,
+                                        budget=self._budget if budget is None else budget)
         same = result.decision is seeded.decision or result.decision == seeded.decision
         reply = known.reply.fill(_answer(result), request_id) if same else None
         if reply is None:  # (not expected: the same shapes make the same decision)
@@ -709,22 +717,6 @@ class LeanPath:
         self.servicer.telemetry.record(method, "OK", started, request, request, mode)
         self._count(path)
         return data
-
-
-def blas_threads() -> int | None:
-    """The threads NumPy's BLAS runs now, None if not known (the most of the BLAS
-    libraries loaded when none is NumPy's own: another package's, e.g. SciPy's, is not
-    the engine's)."""
-    try:
-        from threadpoolctl import threadpool_info
-        pools = [pool for pool in threadpool_info() if pool.get("user_api") == "blas"]
-    except Exception:  # noqa: BLE001 - unknown: costed as if more than one
-        return None
-    root = os.path.dirname(np.__file__)  # (a wheel's own BLAS is under numpy.libs beside it)
-    counts = [pool["num_threads"] for pool in pools
-              if str(pool.get("filepath", "")).startswith(root)] or [
-        pool["num_threads"] for pool in pools]
-    return max(counts) if counts else None
 
 
 def _placeholders(inputs: dict) -> dict:

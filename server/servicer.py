@@ -13,6 +13,7 @@ from gradserve.v1.codec import WIRE_DTYPES
 from gradserve.v1.modes import mode_name, sparsity_name
 from gradserve.v1.tensor_wire import TensorMessage
 
+from .blas import BlasPolicy, BlasWidth, blas_threads, usable_cpus
 from .calls import Calls, rpc, stream_rpc
 from .convert import differentiate_response, op_info, second_order_response
 from .errors import BadRequest, stop_when_ended
@@ -34,12 +35,18 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     event loop by `lean` (server.lean), with the same replies and errors."""
 
     def __init__(self, limits: Limits | None = None, max_workers: int = 16,
-                 inline_budget_us: float = DEFAULT_INLINE_BUDGET_US):
+                 inline_budget_us: float = DEFAULT_INLINE_BUDGET_US,
+                 blas: BlasPolicy | None = None):
         self.limits = limits or Limits()
         self.connection_age = (0.0, 0.0)  # seconds: max connection age and its grace
         self.calls = Calls(self.limits, max_workers)
         self.registry = GraphRegistry(self.limits)
         self.telemetry = Telemetry(self.registry.cache)
+        blas, cpus = blas or BlasPolicy(), usable_cpus()
+        self.calls.blas = BlasWidth(blas_threads() or cpus,
+                                    cpus if blas.alone is None else blas.alone, cpus,
+                                    blas.min_flops, blas.max_pressure,
+                                    registry=self.telemetry.registry)
         self.residuals = ResidualStore(self.limits.max_residual_sets,
                                        self.limits.max_residual_bytes,
                                        self.limits.residual_seconds)
@@ -69,10 +76,12 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             # Kept inputs are copied: a view would pin the whole request (an inline graph
             # too) while the store counts only the array's bytes.
             inputs = {name: a.copy() for name, a in inputs.items()}
-            kept = plan.residuals(inputs, check=check, **self._run_limits)
+            with self.blas_for(plan, inputs, 0):
+                kept = plan.residuals(inputs, check=check, **self._run_limits)
             outputs, reply.residuals = kept.outputs, self.residuals.keep(graph_id, kept)
         else:
-            outputs = plan.evaluate(inputs, check=check, **self._run_limits)
+            with self.blas_for(plan, inputs, 0):
+                outputs = plan.evaluate(inputs, check=check, **self._run_limits)
         return TensorMessage(reply, {"outputs": outputs})
 
     @rpc
@@ -89,7 +98,8 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
     def TrainSteps(self, request, context):
         check = stop_when_ended(context)
         graph_id, plan = self.registry.resolve(request, check)
-        return self.training.call(request, graph_id, plan, check, self._run_limits)
+        return self.training.call(request, graph_id, plan, check, self._run_limits,
+                                  width=self.blas_width)
 
     async def PutTensors(self, requests, context):
         return await put_tensors(self, requests, context)
@@ -114,6 +124,10 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             self.connection_age
         if self.lean is not None:
             reply.inline_budget_us, reply.lean_max_bytes = self.lean.budget_us, LEAN_MAX_BYTES
+        blas = self.calls.blas
+        reply.blas_threads, reply.blas_threads_alone = blas.threads, blas.alone
+        reply.blas_alone_min_flops, reply.blas_alone_max_pressure = \
+            blas.min_flops, blas.max_pressure
         return reply
 
     def _differentiate(self, request, check, context=None) -> TensorMessage:
@@ -128,16 +142,19 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
             raise BadRequest(f"unknown sparsity {request.sparsity}", field="sparsity") from None
         if request.HasField("second_order"):
             return self._second_order(request, graph_id, plan, mode, sparsity, check, context)
-        result = plan.differentiate(
-            self._stored(request, "inputs"), wrt=tuple(request.wrt) or None,
-            of=tuple(request.of) or None, mode=mode,
-            tangents=self._stored(request, "tangents"),
-            cotangents=self._stored(request, "cotangents"),
-            trace=request.trace, check=check, **self._limits_for(request),
-            residuals=(self.residuals.get(request.residuals, graph_id)
-                       if request.residuals else None),
-            max_block_elements=limit, max_trace_elements=self.limits.max_trace_elements or None,
-            sparsity=sparsity)
+        inputs = self._stored(request, "inputs")
+        with self.blas_for(plan, inputs, 1):
+            result = plan.differentiate(
+                inputs, wrt=tuple(request.wrt) or None,
+                of=tuple(request.of) or None, mode=mode,
+                tangents=self._stored(request, "tangents"),
+                cotangents=self._stored(request, "cotangents"),
+                trace=request.trace, check=check, **self._limits_for(request),
+                residuals=(self.residuals.get(request.residuals, graph_id)
+                           if request.residuals else None),
+                max_block_elements=limit,
+                max_trace_elements=self.limits.max_trace_elements or None,
+                sparsity=sparsity)
         reply = differentiate_response(result, graph_id, request.request_id)
         return self._store_results(request, reply, context)
 
@@ -150,13 +167,26 @@ class GradientServicer(pb_grpc.GradientServiceServicer):
         vectors = self.store.tensors(request.second_order.stored_vectors,
                                      "second_order.stored_vectors",
                                      request.second_order.vectors)
-        result = plan.second_order(
-            self._stored(request, "inputs"), vectors=vectors,
-            hessian=request.second_order.hessian, of=tuple(request.of) or None,
-            wrt=tuple(request.wrt) or None, mode=mode, check=check, max_block_elements=limit,
-            sparsity=sparsity, **self._limits_for(request))
+        inputs = self._stored(request, "inputs")
+        with self.blas_for(plan, inputs, 1):
+            result = plan.second_order(
+                inputs, vectors=vectors, hessian=request.second_order.hessian,
+                of=tuple(request.of) or None, wrt=tuple(request.wrt) or None, mode=mode,
+                check=check, max_block_elements=limit, sparsity=sparsity,
+                **self._limits_for(request))
         reply = second_order_response(result, graph_id, request.request_id)
         return self._store_results(request, reply, context)
+
+    def blas_for(self, plan, inputs, directions: int):
+        """The block run at the BLAS width this request may have (server.blas): its
+        estimated work that of the values' sweep and `directions` more, a lower bound."""
+        return self.blas_width(lambda: plan.estimate_flops(
+            plan.shapes if plan.static else plan.bind(inputs).shapes, directions))
+
+    def blas_width(self, flops):
+        """The block run at the BLAS width a request of `flops()` estimated work may have."""
+        calls = self.calls
+        return calls.blas.run(lambda: calls.in_progress, flops)
 
     def _stored(self, request, name: str) -> dict:
         """A request's tensor map `name` with the tensors its stored_<name> names."""

@@ -28,6 +28,7 @@ too, never waited for on the loop.
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -130,19 +131,36 @@ def is_flops_refusal(err: Exception) -> bool:
 
 
 def run_steps(plan, parameters, batches, velocity, request, steps, check, run_limits: dict,
-              limits: Limits):
-    """The engine's K steps, max_request_flops bounding the whole call (K x one step)."""
+              limits: Limits, width=None):
+    """The engine's K steps, max_request_flops bounding the whole call (K x one step);
+    `width(flops)`, if given, the BLAS width to run them at (server.blas), `flops()` the
+    call's estimated work."""
     budget = engine.Budget(**{**run_limits, "max_flops": flops_per_step(steps, limits)},
                            max_block_elements=limits.max_tensor_elements, cancel=check)
     try:
-        return engine.sgd_steps(
-            plan, parameters, batches, velocity=velocity,
-            learning_rate=request.learning_rate, momentum=request.momentum,
-            loss=request.loss or None, max_steps=limits.max_steps_per_call, budget=budget)
+        with nullcontext() if width is None else width(
+                lambda: steps_flops(plan, parameters, batches)):
+            return engine.sgd_steps(
+                plan, parameters, batches, velocity=velocity,
+                learning_rate=request.learning_rate, momentum=request.momentum,
+                loss=request.loss or None, max_steps=limits.max_steps_per_call,
+                budget=budget)
     except engine.ResourceLimitError as err:
         if steps and steps > 1 and is_flops_refusal(err):
             raise call_over_flops(err, steps, limits) from None
         raise
+
+
+def steps_flops(plan, parameters, batches) -> int:
+    """The steps' estimated work: each step's values sweep and one direction."""
+    if not isinstance(batches, list):  # stacked: K steps of one minibatch shape
+        k = steps_of(batches) or 0
+        batches = [{name: b[0] for name, b in batches.items()}] if k else []
+        counts = [k]
+    else:
+        counts = [1] * len(batches)
+    return sum(k * plan.estimate_flops(plan.bind({**parameters, **batch}).shapes, 1)
+               for k, batch in zip(counts, batches))
 
 
 def split_state(tensors: dict) -> tuple[dict, dict]:
@@ -177,13 +195,14 @@ class TrainState:
         self.store, self.limits = store, limits
 
     def call(self, request, graph_id: str, plan, check, run_limits: dict,
-             gate=None) -> TensorMessage:
+             gate=None, width=None) -> TensorMessage:
         """A TrainSteps call: on a stored state, or on the parameters it carries (bounded
         before any step: the reply, the call's FLOPs, the hyperparameters as the steps'
         dtype holds them). `gate(plan, parameters, request)`, if given, runs before the
-        minibatches are gathered (see the module's docstring)."""
+        minibatches are gathered (see the module's docstring); `width` as run_steps
+        takes it."""
         if request.state:
-            return self.steps(request, graph_id, plan, check, run_limits, gate)
+            return self.steps(request, graph_id, plan, check, run_limits, gate, width)
         if gate is not None:
             gate(plan, request.parameters, request)
         batches = self.batches(request)
@@ -192,7 +211,7 @@ class TrainState:
         if steps is not None:
             check_reply(request.parameters, steps, self.limits)
         result = run_steps(plan, request.parameters, batches, request.velocity, request,
-                           steps, check, run_limits, self.limits)
+                           steps, check, run_limits, self.limits, width)
         return TensorMessage(pb.TrainStepsResponse(graph_id=graph_id, losses=result.losses),
                              {"parameters": result.parameters, "velocity": result.velocity})
 
@@ -253,7 +272,7 @@ class TrainState:
         return steps
 
     def steps(self, request, graph_id: str, plan, check, run_limits: dict,
-              gate=None) -> TensorMessage:
+              gate=None, width=None) -> TensorMessage:
         if request.parameters or request.velocity:
             raise BadRequest("with a stored state, parameters and velocity come from it: "
                              "send neither", field="parameters")
@@ -261,11 +280,11 @@ class TrainState:
         if not entry.lock.acquire(blocking=gate is None):
             raise Declined("the state is busy: its call waits in a worker")
         try:
-            return self._steps(entry, request, graph_id, plan, check, run_limits, gate)
+            return self._steps(entry, request, graph_id, plan, check, run_limits, gate, width)
         finally:
             entry.lock.release()
 
-    def _steps(self, entry, request, graph_id, plan, check, run_limits, gate):
+    def _steps(self, entry, request, graph_id, plan, check, run_limits, gate, width=None):
         """steps() with the state's lock held."""
         version = request.state_version
         kept = next((r for r in entry.replies if r[0] == version), None)
@@ -284,7 +303,7 @@ class TrainState:
         if steps is not None and request.return_state:
             check_reply(params, steps, self.limits)
         result = run_steps(plan, params, batches, velocity, request, steps, check,
-                           run_limits, self.limits)
+                           run_limits, self.limits, width)
         evaluation = None
         if request.return_state:
             state = {"parameters": result.parameters, "velocity": result.velocity}

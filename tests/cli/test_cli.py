@@ -207,9 +207,14 @@ def test_serve_refuses_an_unusable_token_file(tmp_path):
 
 def test_blas_threads_flag():
     """--blas-threads limits BLAS's threads in the server process (threadpoolctl); a
-    negative count is refused with a one-line message."""
-    done = run("serve", "--port", "0", "--blas-threads", "-1", timeout=60)
-    assert done.returncode == 1 and "--blas-threads must be >= 0" in done.stderr
+    negative count, or a pressure outside 0-100, is refused with a one-line message."""
+    for flag, value, message in (
+            ("--blas-threads", "-1", "--blas-threads and --blas-threads-alone must be >= 0"),
+            ("--blas-threads-alone", "-2", "--blas-threads-alone must be >= 0"),
+            ("--blas-alone-max-pressure", "101", "must be within 0-100")):
+        done = run("serve", "--port", "0", flag, value, timeout=60)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
     with ServerProcess("--port", "0", "--blas-threads", "1") as server:
         with Client(server.wait_serving()) as client:
             a = np.arange(400.0).reshape(20, 20)

@@ -545,7 +545,7 @@ class Limits(_message.Message):
     def __init__(self, max_message_bytes: _Optional[int] = ..., max_nodes: _Optional[int] = ..., max_tensor_elements: _Optional[int] = ..., max_intermediate_bytes: _Optional[int] = ..., max_cached_graphs: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_trace_elements: _Optional[int] = ..., max_inputs: _Optional[int] = ..., max_constants: _Optional[int] = ..., max_request_flops: _Optional[int] = ..., max_residual_sets: _Optional[int] = ..., max_residual_bytes: _Optional[int] = ..., residual_seconds: _Optional[int] = ..., max_steps_per_call: _Optional[int] = ..., stream_idle_seconds: _Optional[int] = ..., max_streams_per_client: _Optional[int] = ..., max_streams: _Optional[int] = ..., max_rss_bytes: _Optional[int] = ..., max_references: _Optional[int] = ..., max_store_bytes: _Optional[int] = ..., max_store_bytes_per_client: _Optional[int] = ..., max_store_handles: _Optional[int] = ..., store_seconds: _Optional[int] = ..., store_chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds", "max_pattern_entries", "inline_budget_us", "lean_max_bytes")
+    __slots__ = ("version", "ops", "limits", "dtypes", "planner_ratio", "planner_hvp_ratio", "max_connection_age_seconds", "max_connection_age_grace_seconds", "max_pattern_entries", "inline_budget_us", "lean_max_bytes", "blas_threads", "blas_threads_alone", "blas_alone_min_flops", "blas_alone_max_pressure")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OPS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -557,6 +557,10 @@ class GetServerInfoResponse(_message.Message):
     MAX_PATTERN_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     INLINE_BUDGET_US_FIELD_NUMBER: _ClassVar[int]
     LEAN_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLAS_THREADS_FIELD_NUMBER: _ClassVar[int]
+    BLAS_THREADS_ALONE_FIELD_NUMBER: _ClassVar[int]
+    BLAS_ALONE_MIN_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    BLAS_ALONE_MAX_PRESSURE_FIELD_NUMBER: _ClassVar[int]
     version: str
     ops: _containers.RepeatedCompositeFieldContainer[OpInfo]
     limits: Limits
@@ -568,7 +572,11 @@ class GetServerInfoResponse(_message.Message):
     max_pattern_entries: int
     inline_budget_us: float
     lean_max_bytes: int
-    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ..., max_pattern_entries: _Optional[int] = ..., inline_budget_us: _Optional[float] = ..., lean_max_bytes: _Optional[int] = ...) -> None: ...
+    blas_threads: int
+    blas_threads_alone: int
+    blas_alone_min_flops: int
+    blas_alone_max_pressure: float
+    def __init__(self, version: _Optional[str] = ..., ops: _Optional[_Iterable[_Union[OpInfo, _Mapping]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., dtypes: _Optional[_Iterable[_Union[_tensor_pb2.DataType, str]]] = ..., planner_ratio: _Optional[float] = ..., planner_hvp_ratio: _Optional[float] = ..., max_connection_age_seconds: _Optional[float] = ..., max_connection_age_grace_seconds: _Optional[float] = ..., max_pattern_entries: _Optional[int] = ..., inline_budget_us: _Optional[float] = ..., lean_max_bytes: _Optional[int] = ..., blas_threads: _Optional[int] = ..., blas_threads_alone: _Optional[int] = ..., blas_alone_min_flops: _Optional[int] = ..., blas_alone_max_pressure: _Optional[float] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "data")
