@@ -147,8 +147,9 @@ class TrainStepsResult:
 
 
 def _train_steps_result(reply) -> TrainStepsResult:
-    return TrainStepsResult(reply.parameters, reply.velocity, list(reply.losses),
-                            reply.state_version, reply.state_steps, reply.evaluation)
+    message = reply.message  # (its other fields: the generated message's own)
+    return TrainStepsResult(reply.parameters, reply.velocity, list(message.losses),
+                            message.state_version, message.state_steps, reply.evaluation)
 
 
 def result_from_proto(reply) -> Result:

@@ -112,13 +112,15 @@ def _fits(known: Known, first, parameters, velocity) -> bool:
     batch names, parameters of the same forms (arrays), buffers of their parameters'."""
     if tuple(first) != known.batch_names:
         return False
+    ndarray = np.ndarray
     for p, (shape, dtype) in zip(parameters.values(), known.param_forms):
-        if type(p) is not np.ndarray or p.shape != shape or p.dtype != dtype:
+        if type(p) is not ndarray or p.shape != shape or p.dtype != dtype:
             return False
     if velocity:
+        get = parameters.get
         for name, v in velocity.items():
-            p = parameters.get(name)
-            if (p is None or type(v) is not np.ndarray or v.shape != p.shape
+            p = get(name)
+            if (p is None or type(v) is not ndarray or v.shape != p.shape
                     or v.dtype != p.dtype):
                 return False
     return True
@@ -392,6 +394,8 @@ def _loss_name(plan, loss) -> str:
 def _listed_steps(batches) -> int:
     if not batches:
         raise InputError("no steps: the list of minibatches is empty", field="batches")
+    if len(batches) == 1:  # (nothing to compare)
+        return 1
     keys = set(batches[0])
     for k, batch in enumerate(batches):
         if set(batch) != keys:

@@ -130,13 +130,35 @@ def is_flops_refusal(err: Exception) -> bool:
     return "(max_request_flops)" in str(err)
 
 
+def step_budget(steps, check, run_limits: dict, limits: Limits) -> engine.Budget:
+    """The engine's budget for each of K steps: max_request_flops bounds the whole call
+    (K x one step). Without a cancellation (the lean path's calls) it is the same
+    frozen Budget call after call: kept by its limits."""
+    max_flops = flops_per_step(steps, limits)
+    if check is not None:
+        return engine.Budget(**{**run_limits, "max_flops": max_flops},
+                             max_block_elements=limits.max_tensor_elements, cancel=check)
+    key = (max_flops, limits.max_tensor_elements, *run_limits.items())
+    budget = _BUDGETS.get(key)
+    if budget is None:
+        if len(_BUDGETS) >= _BUDGETS_KEPT:
+            _BUDGETS.clear()
+        budget = _BUDGETS[key] = engine.Budget(
+            **{**run_limits, "max_flops": max_flops},
+            max_block_elements=limits.max_tensor_elements)
+    return budget
+
+
+_BUDGETS: dict = {}  # step_budget's, by their limits
+_BUDGETS_KEPT = 64
+
+
 def run_steps(plan, parameters, batches, velocity, request, steps, check, run_limits: dict,
               limits: Limits, width=None):
     """The engine's K steps, max_request_flops bounding the whole call (K x one step);
     `width(flops)`, if given, the BLAS width to run them at (server.blas), `flops()` the
     call's estimated work."""
-    budget = engine.Budget(**{**run_limits, "max_flops": flops_per_step(steps, limits)},
-                           max_block_elements=limits.max_tensor_elements, cancel=check)
+    budget = step_budget(steps, check, run_limits, limits)
     try:
         with nullcontext() if width is None else width(
                 lambda: steps_flops(plan, parameters, batches)):
@@ -245,7 +267,7 @@ class TrainState:
     def _rows(self, request) -> list:
         data = self.store.entry(request.data, "data").tensors
         sizes = list(request.batch_sizes)
-        rows = np.fromiter(request.rows, np.int64, len(request.rows))
+        rows = np.array(request.rows, np.int64)
         limit = self.limits.max_steps_per_call
         if limit and len(sizes) > limit:
             raise engine.ResourceLimitError(f"{len(sizes)} steps in one call, over the limit "

@@ -127,6 +127,8 @@ class TensorMessage:
                          if value is not None}
         self._raw, self._max_elements = {}, None
         self._written = self._small = None
+        if not self._tensors:  # no tensors: the message's own bytes (SerializeToString)
+            return
         if by_generated_code(*_nbytes(self._tensors)):  # the tensors in a generated message
             self._small = _generated(type(message)(), self._fields, self._tensors)
         else:
@@ -175,6 +177,8 @@ class TensorMessage:
             full.CopyFrom(self.message)
             full.MergeFrom(self._small)
             return full.SerializeToString(deterministic=True)
+        if self._written is None and not self._tensors and not self._raw:  # no tensors
+            return self.message.SerializeToString(deterministic=True)
         if self._written is None:  # a decoded message: write what it holds
             fields = self._fields
             for name in fields.by_name:
