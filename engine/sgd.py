@@ -52,7 +52,7 @@ def sgd_steps(plan, parameters: Mapping[str, np.ndarray],
     first = batches if stacked else (batches[0] if batches else {})
     last_key = ("last", names, loss, budget.admission if budget.limited else None)
     known = plan.loss_tails.get(last_key)
-    if known is not None and not _fits(known, first, parameters, velocity):
+    if known is not None and not _fits(known, names, first, parameters, velocity):
         known = None
     if known is None:  # the names and every form checked in full
         _check_names(plan, names, first)
@@ -107,7 +107,7 @@ def _param_forms(params: dict) -> tuple:
     return tuple((p.shape, p.dtype) for p in params.values())
 
 
-def _fits(known: Known, first, parameters, velocity) -> bool:
+def _fits(known: Known, names: tuple, first, parameters, velocity) -> bool:
     """Whether a call passes every check the call that kept `known` passed: the same
     batch names, parameters of the same forms (arrays), buffers of their parameters'."""
     if tuple(first) != known.batch_names:
@@ -116,13 +116,18 @@ def _fits(known: Known, first, parameters, velocity) -> bool:
     for p, (shape, dtype) in zip(parameters.values(), known.param_forms):
         if type(p) is not ndarray or p.shape != shape or p.dtype != dtype:
             return False
-    if velocity:
-        get = parameters.get
-        for name, v in velocity.items():
-            p = get(name)
-            if (p is None or type(v) is not ndarray or v.shape != p.shape
-                    or v.dtype != p.dtype):
+    if not velocity:
+        return True
+    if tuple(velocity) == names:  # (a buffer for each parameter, in order: their forms)
+        for v, (shape, dtype) in zip(velocity.values(), known.param_forms):
+            if type(v) is not ndarray or v.shape != shape or v.dtype != dtype:
                 return False
+        return True
+    get = parameters.get
+    for name, v in velocity.items():
+        p = get(name)
+        if p is None or type(v) is not ndarray or v.shape != p.shape or v.dtype != p.dtype:
+            return False
     return True
 
 
@@ -271,7 +276,7 @@ class LossGradient:
         seeds = jacobian.seeds_for(self.plan, b.setup, b.shapes)
         if b.compiled is not None:  # (its gradients shaped as their parameters, 0 for none)
             values, cots = b.compiled(vals, seeds, self.check)
-            return float(values[0].reshape(())), cots[1:]
+            return values[0].item(), cots[1:]  # (the one element, as a Python float)
         cots = reverse_sweep(b.sweep.steps, vals, seeds, b.needs, self.check, b.sweep.points)
         gradients = []
         shapes = b.shapes
