@@ -642,8 +642,9 @@ class Client:
                 refs[name] = handle
         if rows is not None:
             message.rows.extend(np.asarray(rows, dtype=np.int64).tolist())
-            message.batch_sizes.extend(int(n) for n in batch_sizes)
-        message.evaluate_outputs.extend(evaluate_outputs or ())
+            message.batch_sizes.extend([int(n) for n in batch_sizes])
+        if evaluate_outputs:
+            message.evaluate_outputs.extend(evaluate_outputs)
         return TensorMessage(message, {"parameters": parameters, "batches": batches,
                                        "velocity": velocity or None}), refs
 
