@@ -399,11 +399,11 @@ class StoredTraining:
         self.start(self.synced)
         return self.synced
 
-    def send(self, call: "_Call", version: int, wait: bool) -> Future:
+    def send(self, call: "_Call", version: int, wait: bool) -> "Future | _Done":
         """TrainSteps for `call` from state `version`: a Future of its TrainStepsResult
         (with the parameters and buffers at an epoch's end or a checkpoint; the
-        evaluation at an epoch's end). `wait`: the blocking call, its outcome in a done
-        Future."""
+        evaluation at an epoch's end). `wait`: the blocking call, its outcome read as a
+        done Future's (_Done)."""
         sync = call.ends_epoch or call.due
         evaluate = call.ends_epoch
         send = self.client.train_steps if wait else self.client.train_steps_async
@@ -415,12 +415,10 @@ class StoredTraining:
                       return_state=sync)
         if not wait:
             return send(self.graph, self.handle, **kwargs)
-        future: Future = Future()
         try:
-            future.set_result(send(self.graph, self.handle, **kwargs))
+            return _Done(send(self.graph, self.handle, **kwargs))
         except grpc.RpcError as err:
-            future.set_exception(err)
-        return future
+            return _Done(error=err)
 
     @staticmethod
     def with_state(state: TrainState, params: dict, velocity: dict) -> TrainState:
@@ -440,6 +438,22 @@ class StoredTraining:
                 self.client.delete(self.handle)
             except grpc.RpcError:
                 pass  # the server is gone: so are its handles
+
+
+class _Done(NamedTuple):
+    """A blocking call's outcome, read as the Future of a call that ended is read (a
+    Future's lock and condition cost more than the rest of a step's bookkeeping)."""
+
+    value: object = None
+    error: BaseException | None = None
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def exception(self):
+        return self.error
 
 
 class _Call(NamedTuple):
