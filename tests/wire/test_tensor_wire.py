@@ -163,7 +163,7 @@ def test_written_bytes_equal_the_generated_deterministic_serialization(message_t
 
 @pytest.mark.parametrize("message_type", TYPES, ids=lambda t: t.DESCRIPTOR.name)
 def test_a_message_without_tensors_is_written_as_the_generated_code_writes_it(message_type):
-    """No tensors given (or None each: a training call's request and most of its
+    """No tensors given (None or empty each: a training call's request and most of its
     replies): the message's own deterministic bytes, with a repeated field of many
     values; decoded and written again, the same bytes."""
     message = small_message(message_type)
@@ -171,8 +171,12 @@ def test_a_message_without_tensors_is_written_as_the_generated_code_writes_it(me
         message.rows.extend(range(0, 6400, 100))
         message.batch_sizes.append(64)
     want = message.SerializeToString(deterministic=True)
-    none = dict.fromkeys(LAYOUTS[message_type].maps)
-    for written in (TensorMessage(message), TensorMessage(message, none)):
+    layout = LAYOUTS[message_type]
+    none = dict.fromkeys(layout.maps)
+    empty = {**{name: {} for name in layout.maps}, **{name: [] for name in layout.blocks},
+             **{name: {} for name, _ in layout.nested}}
+    for written in (TensorMessage(message), TensorMessage(message, none),
+                    TensorMessage(message, empty)):
         assert written.SerializeToString() == want
     for small_by_protobuf in (False, True):
         decoded = decode(message_type, want, small_by_protobuf=small_by_protobuf)

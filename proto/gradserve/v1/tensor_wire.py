@@ -127,7 +127,7 @@ class TensorMessage:
                          if value is not None}
         self._raw, self._max_elements = {}, None
         self._written = self._small = None
-        if not self._tensors:  # no tensors: the message's own bytes (SerializeToString)
+        if not any(self._tensors.values()):  # no tensors: the message's own bytes
             return
         if by_generated_code(*_nbytes(self._tensors)):  # the tensors in a generated message
             self._small = _generated(type(message)(), self._fields, self._tensors)
@@ -177,8 +177,8 @@ class TensorMessage:
             full.CopyFrom(self.message)
             full.MergeFrom(self._small)
             return full.SerializeToString(deterministic=True)
-        if self._written is None and not self._tensors and not self._raw:  # no tensors
-            return self.message.SerializeToString(deterministic=True)
+        if self._written is None and not self._raw and not any(self._tensors.values()):
+            return self.message.SerializeToString(deterministic=True)  # no tensors
         if self._written is None:  # a decoded message: write what it holds
             fields = self._fields
             for name in fields.by_name:
@@ -407,8 +407,10 @@ def _parts_of(message, fields: _Fields) -> dict:
     raw = {}
     for number, (kind, name, detail) in fields.by_number.items():
         if kind == "map":
-            raw[name] = {k: (t.dtype, tuple(t.shape), t.data)
-                         for k, t in getattr(message, name).items()}
+            tensors = getattr(message, name)
+            if not tensors:  # (read as empty: nothing to take out)
+                continue
+            raw[name] = {k: (t.dtype, tuple(t.shape), t.data) for k, t in tensors.items()}
         elif kind == "block":
             blocks = []
             for block in getattr(message, name):
