@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import numpy as np
 
@@ -197,18 +198,29 @@ def split_state(tensors: dict) -> tuple[dict, dict]:
     return params, velocity
 
 
+class Kept(NamedTuple):
+    """A call's reply, kept with its state for a retry (TrainState._again)."""
+
+    version: int  # the state's version the call stepped from
+    message: object  # its TrainStepsResponse
+    evaluation: dict | None
+    tensors: dict | None  # the state it made, when it returned it (return_state)
+    nbytes: int  # the message and the evaluation, as the store counts tensors
+
+
+def held(arrays: dict) -> int:
+    return sum(STORE_BYTES_PER_TENSOR + a.nbytes for a in arrays.values())
+
+
 def kept_bytes(replies: tuple, current: dict) -> int:
     """What a state's kept replies hold beyond its current tensors, counted as the
     store counts tensors: each reply's message and evaluation, and a state kept with
     an older reply."""
-    def held(arrays) -> int:
-        return sum(STORE_BYTES_PER_TENSOR + a.nbytes for a in arrays.values())
-
     total = 0
-    for _, message, evaluation, tensors in replies:
-        total += message.ByteSize() + held(evaluation or {})
-        if tensors is not None and tensors is not current:
-            total += held(tensors)
+    for kept in replies:
+        total += kept.nbytes
+        if kept.tensors is not None and kept.tensors is not current:
+            total += held(kept.tensors)
     return total
 
 
@@ -309,9 +321,9 @@ class TrainState:
     def _steps(self, entry, request, graph_id, plan, check, run_limits, gate, width=None):
         """steps() with the state's lock held."""
         version = request.state_version
-        kept = next((r for r in entry.replies if r[0] == version), None)
-        if kept is not None:
-            return self._again(entry, kept, request)
+        for kept in entry.replies:
+            if kept.version == version:
+                return self._again(entry, kept, request)
         if version != entry.version:
             raise StateConflict(
                 f"the state is at version {entry.version}, this call steps from "
@@ -347,8 +359,9 @@ class TrainState:
                                         state_version=entry.version + 1,
                                         state_steps=entry.steps + len(result.losses))
         # the state it returned is kept with the reply (for a retry after the next call)
-        replies = (*entry.replies, (version, message, evaluation,
-                                    tensors if request.return_state else None))
+        replies = (*entry.replies, Kept(version, message, evaluation,
+                                        tensors if request.return_state else None,
+                                        message.ByteSize() + held(evaluation or {})))
         replies = replies[-KEPT_REPLIES:]
         self.store.resize(entry, tensor_nbytes(tensors) + kept_bytes(replies, tensors),
                           "state")
@@ -359,11 +372,11 @@ class TrainState:
         return TensorMessage(message, {"evaluation": evaluation, **state})
 
     @staticmethod
-    def _again(entry, kept: tuple, request) -> TensorMessage:
+    def _again(entry, kept: Kept, request) -> TensorMessage:
         """A retry of a call that stepped (one of entry.replies): its reply again, and,
         if asked, the state it made (the current one for the last call; for the one
         before, the state kept when it asked for it)."""
-        version, message, evaluation, tensors = kept
+        version, message, evaluation, tensors, _ = kept
         state = {}
         if request.return_state:
             if version + 1 == entry.version:
