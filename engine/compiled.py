@@ -39,6 +39,7 @@ from .validate import infer_shapes, validate
 # in all), so what a compiled graph may grow to is known when it is cached.
 _SPECIALIZATION_CACHE = 64  # distinct input-shape signatures remembered per plan
 _ACTIVITY_CACHE = 16  # distinct `wrt` sets whose active steps are remembered per plan
+_NAMES_CACHE = 64  # name tuples checked (Plan.names), remembered per plan
 # What one entry of a plan's caches holds (measured: a dict entry with its shape tuple
 # per node, a positions tuple per step, a Jacobian setup's records), for cache_bytes.
 _SPECIALIZATION_BYTES = 200
@@ -134,6 +135,10 @@ class Plan:
         self.jacobian_setups: dict = {}  # engine/jacobian.py's, per request shape
         self.patterns: dict = {}  # engine/sparse.py's analyses, bounded in bytes
         self._activity: dict = {}
+        self._checked_names: dict = {}  # (names, what, of inputs, of outputs) -> True
+        # at most one entry's bytes: a key and a tuple of each name once (its string too)
+        self._names_entry_bytes = 200 + sum(64 + len(n) for n in
+                                            {*self.input_names, *self.output_names})
         self._cost_cache: dict = {}  # id(shapes) -> (shapes, costs at those shapes)
         self._points_cache: dict = {}  # id(shapes) -> (shapes, check points at them)
         self.second_order_steps = None  # engine/second.py's, made on its first call
@@ -292,6 +297,7 @@ class Plan:
                        + len(self._points_cache))
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
+                + len(self._checked_names) * self._names_entry_bytes
                 + (len(self.loss_tails) + len(self.vjp_sweeps)) * losses.kept_bytes(self)
                 + len(self.jacobian_setups) * _SETUP_BYTES
                 + sum(a.nbytes for a in self.patterns.values()))
@@ -299,7 +305,18 @@ class Plan:
     # --- names, seeds, results ----------------------------------------------------
 
     def names(self, names, allowed, default, what, field) -> tuple:
-        return arguments.names(self, names, allowed, default, what, field)
+        """arguments.names; a tuple of this plan's input or output names checked once is
+        not checked again (a repeated request's `wrt` and seeds: ~1.5 us each)."""
+        if names is None:
+            return default
+        names = tuple(names)
+        key = (names, what, allowed is self.input_names, allowed is self.output_names)
+        if key in self._checked_names:
+            return names
+        checked = arguments.names(self, names, allowed, default, what, field)
+        if key[2] or key[3]:
+            remember(self._checked_names, key, True, _NAMES_CACHE)
+        return checked
 
     def wrt_names(self, wrt) -> tuple:
         return self.names(wrt, self.input_names, self.float_inputs, "input", "wrt")

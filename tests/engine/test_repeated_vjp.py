@@ -151,3 +151,20 @@ def test_the_forms_kept_are_bounded_and_counted():
         plan.vjp(values(), seeds(), wrt=wrt)
     assert len(plan.vjp_sweeps) == _VJP_SWEEPS_KEPT
     assert kept_sweeps_bytes(plan) == _VJP_SWEEPS_KEPT * losses.kept_bytes(plan)
+
+
+def test_names_checked_before_are_taken_and_bad_ones_still_refused():
+    plan = fanning_plan()
+    for _ in range(3):
+        plan.vjp(values(), seeds(), wrt=["x", "w"])
+    fresh = compile_plan(plan.graph)
+    for wrt, cot in ((["x", "nope"], seeds()), (["w", "w"], seeds()), (["x", "w"], {"s": 1.0}),
+                     (["y"], seeds())):
+        with pytest.raises(Exception) as got:
+            plan.vjp(values(), cot, wrt=wrt)
+        with pytest.raises(Exception) as expected:
+            fresh.vjp(values(), cot, wrt=wrt)
+        assert type(got.value) is type(expected.value)
+        assert str(got.value) == str(expected.value)
+    assert plan.wrt_names(("w", "x")) == ("w", "x")
+    assert plan.wrt_names(None) == plan.float_inputs
