@@ -846,7 +846,8 @@ class ReplyTemplate:
             array = answer[kind].get(name)
             if array is None or array.nbytes != nbytes or array.dtype != dtype:
                 return None
-            pieces[at] = array.tobytes()
+            # (a C-contiguous array joined as it is: one copy of its bytes, not two)
+            pieces[at] = array if array.flags.c_contiguous else array.tobytes()
         if request_id:
             pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(request_id)) + request_id)
         return b"".join(pieces)
