@@ -280,7 +280,7 @@ class LeanPath:
         child = self._children.get(path)
         if child is None:  # labels() takes a lock and a lookup: once per path
             child = self._children[path] = self._metric.labels(path)
-        child.inc()
+        self.servicer.telemetry.count(child)  # (counted with the requests: Telemetry.record)
 
     def _plan(self, request_type, data, fields, static=True):
         """(request, the names of its fields set, plan) if the request qualifies so far,
