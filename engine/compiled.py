@@ -54,7 +54,7 @@ _SMALL_BYTES = 256  # a value this small is kept by a reverse sweep: a Stub is a
 # that a training sweep compiles (losses.COMPILED_MAX_STEPS, _REFERENCES). The compile's
 # memory is declared on the call that compiles (a budget without room for it runs the
 # interpreter); at most _VJP_SWEEPS_KEPT forms per plan are remembered, each counted in
-# cache_bytes as a compiled training sweep (losses.kept_bytes), seen once or compiled.
+# cache_bytes (Plan._vjp_sweeps_bytes), a compiled one as a training sweep.
 _VJP_SWEEPS_KEPT = 8
 
 
@@ -298,9 +298,18 @@ class Plan:
         return (seeds + shape_dicts * len(self.nodes) * _SPECIALIZATION_BYTES
                 + len(self._activity) * len(self.steps) * _ACTIVITY_BYTES
                 + len(self._checked_names) * self._names_entry_bytes
-                + (len(self.loss_tails) + len(self.vjp_sweeps)) * losses.kept_bytes(self)
+                + len(self.loss_tails) * losses.kept_bytes(self)
+                + self._vjp_sweeps_bytes()
                 + len(self.jacobian_setups) * _SETUP_BYTES
                 + sum(a.nbytes for a in self.patterns.values()))
+
+    def _vjp_sweeps_bytes(self) -> int:
+        """What the VJP forms kept hold: each a key (its names, a check point per step at
+        most) and, once compiled, a sweep as large as a training one."""
+        forms = list(self.vjp_sweeps.values())  # (a copy taken at once: other threads add)
+        compiled = sum(1 for sweep in forms if sweep)
+        return (len(forms) * (len(self.steps) * _ACTIVITY_BYTES + self._names_entry_bytes)
+                + compiled * losses.kept_bytes(self))
 
     # --- names, seeds, results ----------------------------------------------------
 
@@ -382,9 +391,10 @@ class Plan:
         seeds, k, batched = self.seeds(cotangents, shapes, "cotangents")
         points = self.points_at(shapes)
         kept = isinstance(bound, Residuals)
-        form = None if kept else (wrt, tuple(sorted(seeds)), points)
-        sweep = None if kept else self.vjp_sweeps.get(form)
-        compiling = sweep is False and losses.plan_compiles(self)
+        form = None if kept or not losses.plan_compiles(self) else (
+            wrt, tuple(sorted(seeds)), points)
+        sweep = None if form is None else self.vjp_sweeps.get(form)
+        compiling = sweep is False
         if budget.limited:
             reply = self.nbytes(shapes, self.output_names) + self.nbytes(shapes, wrt, k)
             need = Need(k, reply, "outputs and cotangents", "cotangents")
@@ -404,8 +414,11 @@ class Plan:
         if compiling:
             wanted = [self.slot[n] for n in self.output_names + wrt]
             sweep = compiled_reverse(self.steps, self.needs(wrt), points, form[1], wanted)
-            remember(self.vjp_sweeps, form, sweep, _VJP_SWEEPS_KEPT)
-        elif sweep is None:
+            if form in self.vjp_sweeps:  # (in its place: no other form evicted for it)
+                self.vjp_sweeps[form] = sweep
+            else:
+                remember(self.vjp_sweeps, form, sweep, _VJP_SWEEPS_KEPT)
+        elif sweep is None and form is not None:
             remember(self.vjp_sweeps, form, False, _VJP_SWEEPS_KEPT)
         if sweep:
             values, found = sweep(bound.vals, seeds, budget.check)

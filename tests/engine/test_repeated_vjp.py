@@ -13,7 +13,7 @@ import pytest
 
 from gradserve.engine import DeadlineExceeded, Graph, Input, Node, compile as compile_plan
 from gradserve.engine import losses
-from gradserve.engine.compiled import _VJP_SWEEPS_KEPT
+from gradserve.engine.compiled import _ACTIVITY_BYTES, _VJP_SWEEPS_KEPT
 
 
 def fanning_plan():
@@ -140,17 +140,28 @@ def kept_sweeps_bytes(plan) -> int:
 
 def test_the_forms_kept_are_bounded_and_counted():
     plan = fanning_plan()
+    form = len(plan.steps) * _ACTIVITY_BYTES + plan._names_entry_bytes
     plan.vjp(values(), seeds(), wrt=["x"])
-    assert kept_sweeps_bytes(plan) == losses.kept_bytes(plan)  # seen once
+    assert kept_sweeps_bytes(plan) == form  # seen once
     plan.vjp(values(), seeds(), wrt=["x"])
-    assert kept_sweeps_bytes(plan) == losses.kept_bytes(plan)  # compiled
+    assert kept_sweeps_bytes(plan) == form + losses.kept_bytes(plan)  # compiled
     wrts = [["x"], ["w"], ["u"], ["x", "w"], ["w", "x"], ["x", "u"], ["u", "w"],
             ["x", "w", "u"], ["w", "u", "x"], ["u", "x", "w"]]
     assert len(wrts) > _VJP_SWEEPS_KEPT
     for wrt in wrts:
-        plan.vjp(values(), seeds(), wrt=wrt)
+        for _ in range(2):
+            plan.vjp(values(), seeds(), wrt=wrt)
     assert len(plan.vjp_sweeps) == _VJP_SWEEPS_KEPT
-    assert kept_sweeps_bytes(plan) == _VJP_SWEEPS_KEPT * losses.kept_bytes(plan)
+    assert kept_sweeps_bytes(plan) == _VJP_SWEEPS_KEPT * (form + losses.kept_bytes(plan))
+
+
+def test_a_plan_too_long_to_compile_keeps_no_forms(monkeypatch):
+    monkeypatch.setattr(losses, "COMPILED_MAX_STEPS", 3)
+    plan = fanning_plan()
+    first = plan.vjp(values(), seeds(), wrt=["x", "w"])
+    again = plan.vjp(values(), seeds(), wrt=["x", "w"])
+    assert plan.vjp_sweeps == {} and kept_sweeps_bytes(plan) == 0
+    np.testing.assert_array_equal(again.cotangents["w"], first.cotangents["w"])
 
 
 def test_names_checked_before_are_taken_and_bad_ones_still_refused():
