@@ -151,18 +151,20 @@ class Telemetry:
             self.flush()
 
     def flush(self) -> None:
-        """Count every pending request in the metrics."""
-        pending = self._pending
+        """Count every pending request in the metrics (each counter once, by how many)."""
+        pending, counts = self._pending, {}
         while True:
             try:
                 latency, seconds, counter, mode = pending.popleft()
             except IndexError:
-                return
+                break
             if latency is not None:
                 latency.observe(seconds)
-            counter.inc()
+            counts[counter] = counts.get(counter, 0) + 1
             if mode is not None:
-                mode.inc()
+                counts[mode] = counts.get(mode, 0) + 1
+        for counter, n in counts.items():
+            counter.inc(n)
 
 
 MAX_CONNECTIONS = 8  # connections to /metrics served at once; more are closed at once
