@@ -70,6 +70,17 @@ def kept_bytes(plan) -> int:
             + COMPILED_REFERENCE_BYTES * plan.references)
 
 
+def plan_compiles(plan) -> bool:
+    """Whether a plan's whole reverse sweep is short enough to compile (Plan.run_vjp)."""
+    return (len(plan.steps) <= COMPILED_MAX_STEPS
+            and plan.references <= COMPILED_MAX_REFERENCES)
+
+
+def plan_compile_bytes(plan) -> int:
+    """The memory compiling a plan's whole reverse sweep takes while it runs."""
+    return COMPILE_STEP_BYTES * len(plan.steps) + COMPILE_REFERENCE_BYTES * plan.references
+
+
 def _compiles(tail: LossSteps) -> bool:
     return (len(tail.steps) <= COMPILED_MAX_STEPS
             and sum(len(st.ins) for st in tail.steps) <= COMPILED_MAX_REFERENCES)

@@ -280,7 +280,7 @@ class LeanPath:
         child = self._children.get(path)
         if child is None:  # labels() takes a lock and a lookup: once per path
             child = self._children[path] = self._metric.labels(path)
-        child.inc()
+        self.servicer.telemetry.count(child)  # (counted with the requests: Telemetry.record)
 
     def _plan(self, request_type, data, fields, static=True):
         """(request, the names of its fields set, plan) if the request qualifies so far,
@@ -349,15 +349,18 @@ class LeanPath:
         only, whatever their estimate)."""
         in_worker = budget is not None
         for known in tuple(self._requests.get(data[:_PREFIX_BYTES], ())):
+            seeded = known.seeded
+            if not in_worker and seeded is not None and not seeded.inline:
+                if known.same(data):  # (its arrays are read in the worker, not here)
+                    self._count("over_budget")
+                    return None
+                continue
             found = known.match(data)
             if found is not None:
-                if known.seeded is None:
+                if seeded is None:
                     if in_worker:
                         break
                     reply = self._repeat(method, started, known, *found)
-                elif not (in_worker or known.seeded.inline):
-                    self._count("over_budget")
-                    return None
                 else:
                     reply = self._repeat_seeded(method, started, known, *found, budget)
                 if reply is not None:
@@ -846,7 +849,8 @@ class ReplyTemplate:
             array = answer[kind].get(name)
             if array is None or array.nbytes != nbytes or array.dtype != dtype:
                 return None
-            pieces[at] = array.tobytes()
+            # (a C-contiguous array joined as it is: one copy of its bytes, not two)
+            pieces[at] = array if array.flags.c_contiguous else array.tobytes()
         if request_id:
             pieces.append(_REQUEST_ID_KEY + _varint_bytes(len(request_id)) + request_id)
         return b"".join(pieces)
@@ -921,6 +925,21 @@ class RequestTemplate:
                      (h for h in holes if len(h) == 4))
         return cls(tuple(p for p in pieces if p[1]), spec, id_span, len(data), form, reply,
                    seeded)
+
+    def same(self, data: bytes) -> bool:
+        """Whether `data` is this request with other arrays and id (as `match` finds it,
+        its request_id's UTF-8 included), without reading them."""
+        if len(data) != self.size:
+            return False
+        for at, piece in self.pieces:
+            if not data.startswith(piece, at):
+                return False
+        if self.id_span is not None:
+            try:
+                data[self.id_span[0]:self.id_span[1]].decode()
+            except UnicodeDecodeError:
+                return False
+        return True
 
     def match(self, data: bytes):
         """(arrays by field, request_id) if `data` is this request with other arrays and

@@ -286,7 +286,8 @@ def _runs(op, inputs, attrs, rng, refs=None):
 
 
 def _measure(run):
-    run()  # warm: the plan's caches fill outside the measurement
+    run()  # warm: the plan's caches fill outside the measurement (a VJP's form is seen
+    run()  # once, then its sweep compiled: engine/compiled.py's run_vjp)
     tracemalloc.start()
     try:
         with costs.counting() as passes:

@@ -80,3 +80,36 @@ def test_request_logs_are_quiet_by_default(caplog, seed_builder, seed_inputs, st
         with Client(f"127.0.0.1:{server.port}") as client:
             client.differentiate(seed_builder(), seed_inputs())
     assert not [r for r in caplog.records if r.name == "gradserve.requests"]
+
+
+def test_requests_recorded_from_many_threads_are_all_counted():
+    """Telemetry.record leaves a request's counts pending until the metrics are read (or
+    _PENDING_MAX wait): none is lost or counted twice, whichever thread records it."""
+    import threading
+    import time
+
+    from gradserve.server import telemetry as telemetry_module
+    from gradserve.server.registry import GraphCache
+
+    telemetry = telemetry_module.Telemetry(GraphCache(8, 1 << 20))
+    lean = telemetry.requests.labels("Evaluate", "OK")  # a counter of the same registry
+
+    def work(n):
+        for i in range(n):
+            telemetry.record("Differentiate", "OK", time.perf_counter() - 0.002, mode="reverse")
+            if i % 3 == 0:
+                telemetry.count(lean)
+    threads = [threading.Thread(target=work, args=(700,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(telemetry._pending) < telemetry_module._PENDING_MAX  # bounded
+    value = telemetry.registry.get_sample_value
+    assert value("gradserve_requests_total", {"method": "Differentiate", "code": "OK"}) == 2800
+    assert value("gradserve_differentiations_total", {"mode": "reverse"}) == 2800
+    assert value("gradserve_request_seconds_count", {"method": "Differentiate"}) == 2800
+    assert value("gradserve_request_seconds_bucket",
+                 {"method": "Differentiate", "le": "0.001"}) == 0  # each took >= 2 ms
+    assert value("gradserve_requests_total", {"method": "Evaluate", "code": "OK"}) == 4 * 234
+    assert not telemetry._pending
