@@ -14,13 +14,13 @@ these hold as its work starts (`BlasWidth.run`):
   products here; the estimate is the plan's declared FLOPs of one sweep and one
   direction, a lower bound of any derivative's work);
 - it is the only request in progress in this server (admitted and not answered);
-- the CPUs are not contended: in the last 10 s, tasks of this cgroup (a container's)
-  or else of the machine waited for a CPU at most `max_pressure` percent of the time
-  (Linux's pressure stall information, PSI; --blas-alone-max-pressure). A quiet
-  2-CPU machine reads 1-5%; without PSI this is taken to hold. A machine whose other
-  processes keep its CPUs busy without contending reads low too: the wide request's
-  helpers then contend, the pressure rises within 2-3 s, and later requests run at
-  `threads`. (With two busy-looping processes on 2 CPUs, a NumPy replay of that
+- the CPUs are not contended: lately (`CpuPressure`: over the last 0.5-10 s, else the
+  last 10 s), tasks of this cgroup (a container's) or else of the machine waited for a
+  CPU at most `max_pressure` percent of the time (Linux's pressure stall information,
+  PSI; --blas-alone-max-pressure). A quiet 2-CPU machine reads 1-5%; without PSI this
+  is taken to hold. A machine whose other processes keep its CPUs busy without
+  contending reads low too: the wide request's helpers then contend, the pressure
+  rises, and later requests run at `threads`. (With two busy-looping processes on 2 CPUs, a NumPy replay of that
   gradient's products took 148-247 ms at two threads against 137-153 ms at one.)
 A request admitted meanwhile narrows BLAS back to `threads` at once (`narrow`, from
 Calls.admit): the large request's next products run at one thread, and the new one's
@@ -41,6 +41,8 @@ import logging
 import math
 import os
 import threading
+import time
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -107,21 +109,55 @@ def usable_cpus() -> int:
     return cpus
 
 
-def cpu_pressure() -> float | None:
-    """The share of the last 10 s, in percent, in which some task of this cgroup (a
-    container's) or of the machine waited for a CPU (Linux's pressure stall
-    information, "some avg10"), None if not known (no PSI: before Linux 4.20, or off)."""
+def read_psi() -> tuple[float, int] | None:
+    """(the "some avg10" percentage, the "some total" microseconds) of this cgroup's CPU
+    pressure (a container's) or else the machine's (Linux's pressure stall information:
+    time in which some task waited for a CPU), None if not known (no PSI: before Linux
+    4.20, or off)."""
     for path in ("/sys/fs/cgroup/cpu.pressure", "/proc/pressure/cpu"):
         try:
             with open(path, "rb") as f:
-                some = f.readline().split()
+                some = dict(field.split(b"=") for field in f.readline().split()[1:])
+            return float(some[b"avg10"]), int(some[b"total"])
         except OSError:
             continue
-        try:
-            return float(some[1].partition(b"=")[2])
-        except (IndexError, ValueError):
+        except (KeyError, ValueError):
             return None
     return None
+
+
+class CpuPressure:
+    """The recent CPU pressure, in percent: over the time since the newest of its own
+    readings at least WINDOW[0] s old (at most WINDOW[1] s), from the stall counter's
+    microseconds; else (no such reading: the first request, or one after a quiet spell)
+    Linux's own 10-s average, which it updates every 2 s. So contention that ended a
+    moment ago does not keep a request narrow for 10-20 s, nor does new contention
+    wait 2 s to show. Calling it returns None where PSI is not known."""
+
+    WINDOW = (0.5, 10.0)
+
+    def __init__(self, read=read_psi, clock=time.monotonic):
+        self._read, self._clock = read, clock
+        self._readings: deque = deque(maxlen=64)  # (time, total), oldest first
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float | None:
+        found = self._read()
+        if found is None:
+            return None
+        avg10, total = found
+        now = self._clock()
+        shortest, longest = self.WINDOW
+        with self._lock:
+            readings = self._readings
+            while readings and now - readings[0][0] > longest:
+                readings.popleft()
+            then = next(((t, n) for t, n in reversed(readings) if now - t >= shortest), None)
+            if not readings or now - readings[-1][0] >= shortest / 4:
+                readings.append((now, total))
+        if then is None:
+            return avg10
+        return min(100.0, max(0.0, (total - then[1]) / ((now - then[0]) * 1e4)))
 
 
 @dataclass(frozen=True)
@@ -147,7 +183,7 @@ class BlasWidth:
     gradserve_blas_wide_requests metric."""
 
     def __init__(self, threads: int, alone: int, cpus: int, min_flops: int = MIN_FLOPS,
-                 max_pressure: float = MAX_PRESSURE, registry=None, pressure=cpu_pressure):
+                 max_pressure: float = MAX_PRESSURE, registry=None, pressure=None):
         self.threads = max(1, threads)
         self.min_flops = min_flops
         self.max_pressure = max_pressure
@@ -163,7 +199,7 @@ class BlasWidth:
         if self.alone <= self.threads:
             self.alone = 0
         self.cpus = cpus
-        self._pressure = pressure
+        self._pressure = pressure or CpuPressure()
         self._lock = threading.Lock()
         self._wide = False
         self.counts = {"wide": 0, "narrowed": 0, "contended": 0}

@@ -15,8 +15,8 @@ from numpy.testing import assert_allclose
 from threadpoolctl import threadpool_limits
 
 from gradserve.client import Client, GraphBuilder
-from gradserve.server.blas import (MIN_FLOPS, SPIN_VARIABLE, BlasWidth, blas_threads,
-                                   setters, usable_cpus)
+from gradserve.server.blas import (MIN_FLOPS, SPIN_VARIABLE, BlasWidth, CpuPressure,
+                                   blas_threads, setters, usable_cpus)
 
 from support.metrics import samples
 from support.server_process import ServerProcess
@@ -89,6 +89,24 @@ def test_a_request_admitted_meanwhile_narrows_at_once(width):
     with width.run(lambda: next(admitted), lambda: LARGE):
         assert blas_threads() == 1
     assert width.counts == {"wide": 2, "narrowed": 2, "contended": 0}
+
+
+def test_the_pressure_is_the_recent_one():
+    """CpuPressure: Linux's 10-s average until a reading of its own is 0.5-10 s old,
+    then the stall counter's share of the time since that reading; None without PSI."""
+    now, psi = [0.0], [(40.0, 0)]
+    pressure = CpuPressure(read=lambda: psi[0], clock=lambda: now[0])
+    assert pressure() == 40.0  # no earlier reading: the 10-s average
+    now[0], psi[0] = 0.3, (40.0, 150_000)
+    assert pressure() == 40.0  # the earlier one is under 0.5 s old
+    now[0], psi[0] = 1.0, (40.0, 500_000)  # 0.35 s stalled in the 0.7 s since 0.3
+    assert pressure() == pytest.approx(50.0)
+    now[0], psi[0] = 1.6, (40.0, 500_000)  # none since the reading at 1.0
+    assert pressure() == pytest.approx(0.0)
+    now[0] = 30.0  # every reading over 10 s old: the 10-s average again
+    psi[0] = (3.0, 500_000)
+    assert pressure() == 3.0
+    assert CpuPressure(read=lambda: None)() is None
 
 
 def test_a_failing_request_leaves_one_thread(width):
