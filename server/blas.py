@@ -20,8 +20,9 @@ these hold as its work starts (`BlasWidth.run`):
   PSI; --blas-alone-max-pressure). A quiet 2-CPU machine reads 1-5%; without PSI this
   is taken to hold. A machine whose other processes keep its CPUs busy without
   contending reads low too: the wide request's helpers then contend, the pressure
-  rises, and later requests run at `threads`. (With two busy-looping processes on 2 CPUs, a NumPy replay of that
-  gradient's products took 148-247 ms at two threads against 137-153 ms at one.)
+  rises, and later requests run at `threads`. (With two busy-looping processes on 2
+  CPUs, a NumPy replay of that gradient's products took 148-247 ms at two threads
+  against 137-153 ms at one.)
 A request admitted meanwhile narrows BLAS back to `threads` at once (`narrow`, from
 Calls.admit): the large request's next products run at one thread, and the new one's
 never run wide. OpenBLAS has one thread count for the process, so only one request
@@ -198,7 +199,6 @@ class BlasWidth:
                      "threads would spin after each product")
         if self.alone <= self.threads:
             self.alone = 0
-        self.cpus = cpus
         self._pressure = pressure or CpuPressure()
         self._lock = threading.Lock()
         self._wide = False
